@@ -1,0 +1,16 @@
+"""Typed errors of the cryptographic engines.
+
+Each carries the HTTP status a node answers with when the error reaches its API.
+"""
+
+
+class MpcError(Exception):
+    """Base of every error raised by `mpc`."""
+
+    http_status: int = 400
+
+
+class MalformedInput(MpcError):
+    """A token, ciphertext, share or key that does not decode or is out of range."""
+
+    http_status = 422

@@ -1,0 +1,138 @@
+"""Build a node's FastAPI app: identity, request ids, typed errors, role routes.
+
+The runtime is the same for every node; what differs is the role behaviour's
+router, mounted by `build_node_app`.
+"""
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from governance.errors import GovernanceError
+from mpc.errors import MpcError
+from parties.access import Caller, CallerPolicy
+from parties.context import NodeContext
+from parties.errors import IdentityMismatch, NodeError, NotAuthenticated, UnknownNode
+from parties.node_log import NODE_HEADER, REQUEST_ID_HEADER, current_request_id, new_request_id
+
+# Errors of these families carry `http_status` and are answered as typed refusals;
+# anything else is a bug and becomes a 500 without details.
+TYPED_ERROR_BASES: tuple[type[Exception], ...] = (NodeError, GovernanceError, MpcError)
+
+
+class Health(BaseModel):
+    node: str
+    role: str
+    domain: str
+    status: str
+    schema_versions: dict[str, int]
+
+
+class Pong(BaseModel):
+    node: str
+    role: str
+    domain: str
+    caller: str
+    caller_domain: str
+
+
+def _error_body(error: str, detail: str, request_id: str | None) -> dict:
+    return {"error": error, "detail": detail, "request_id": request_id}
+
+
+def _identify(request: Request, ctx: NodeContext) -> Caller:
+    peer = (request.scope.get("extensions") or {}).get("tls")
+    if not peer:
+        raise NotAuthenticated("no verified federation certificate")
+    name = peer["node"]
+    if not ctx.topology.has_node(name):
+        raise UnknownNode(f"certificate subject {name!r} is not a node of this federation")
+    claimed = request.headers.get(NODE_HEADER)
+    if claimed is not None and claimed != name:
+        raise IdentityMismatch(
+            f"caller claims to be {claimed!r} but its certificate names {name!r}"
+        )
+    return Caller(ctx.topology.node(name))
+
+
+def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
+    spec = ctx.spec
+    app = FastAPI(
+        title=f"cogov node {spec.name}",
+        description=f"Role `{spec.role.value}` in trust domain `{spec.domain}`. "
+        "Every call needs a federation client certificate (mutual TLS 1.3).",
+        version="0.1.0",
+    )
+    app.state.node_name = ctx.name
+    app.state.topology = ctx.topology
+    app.state.ctx = ctx
+
+    def refuse(request: Request, exc: Exception, status: int) -> JSONResponse:
+        rid = current_request_id.get()
+        caller = getattr(request.state, "caller", None)
+        caller_name = caller.name if caller else None
+        error = type(exc).__name__
+        ctx.log.event(
+            "refused", route=request.url.path, method=request.method, caller=caller_name,
+            error=error, detail=str(exc), status=status,
+        )
+        ctx.store.record_refusal(rid, caller_name, request.url.path, error, str(exc))
+        return JSONResponse(_error_body(error, str(exc), rid), status_code=status)
+
+    @app.middleware("http")
+    async def identity_and_request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        token = current_request_id.set(rid)
+        started = time.perf_counter()
+        try:
+            try:
+                request.state.caller = _identify(request, ctx)
+            except NodeError as exc:
+                return refuse(request, exc, exc.http_status)
+            response = await call_next(request)
+            response.headers[REQUEST_ID_HEADER] = rid
+            ctx.log.event(
+                "request", method=request.method, route=request.url.path,
+                caller=request.state.caller.name, status=response.status_code,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            return response
+        finally:
+            current_request_id.reset(token)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return refuse(request, ValueError(fields), 422)
+
+    async def typed_error(request: Request, exc: Exception) -> JSONResponse:
+        return refuse(request, exc, exc.http_status)  # type: ignore[attr-defined]
+
+    for base in TYPED_ERROR_BASES:
+        app.add_exception_handler(base, typed_error)
+
+    @app.get("/v1/health", response_model=Health, tags=["runtime"])
+    def health(caller: Caller = Depends(CallerPolicy("ping"))) -> Health:
+        return Health(
+            node=spec.name, role=spec.role.value, domain=spec.domain, status="ok",
+            schema_versions=ctx.store.versions,
+        )
+
+    @app.get("/v1/ping", response_model=Pong, tags=["runtime"])
+    def ping(caller: Caller = Depends(CallerPolicy("ping"))) -> Pong:
+        return Pong(
+            node=spec.name, role=spec.role.value, domain=spec.domain,
+            caller=caller.name, caller_domain=caller.spec.domain,
+        )
+
+    for router in routers:
+        app.include_router(router)
+    return app

@@ -1,0 +1,122 @@
+"""Call other nodes as this node: mutual TLS, request ids, typed errors.
+
+The client checks the topology before sending (a forbidden flow never leaves
+the node) and checks that the server's certificate names the node it meant to
+reach, not merely some federation member.
+"""
+
+import ssl
+from typing import Any
+
+import httpx
+from cryptography import x509
+
+from parties.errors import (
+    FlowNotAllowed,
+    NodeUnavailable,
+    PeerIdentityMismatch,
+    RemoteError,
+)
+from parties.node_log import (
+    NODE_HEADER,
+    REQUEST_ID_HEADER,
+    NodeLog,
+    current_request_id,
+    new_request_id,
+)
+from parties.pki import certificate_node_name
+from parties.state import StateDir
+from parties.tls import client_context
+from parties.topology import Topology
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class NodeClient:
+    """An HTTPS client holding `me`'s certificate."""
+
+    def __init__(
+        self,
+        state: StateDir,
+        topology: Topology,
+        me: str,
+        *,
+        log: NodeLog | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.me = me
+        self.topology = topology
+        self.log = log
+        self._http = httpx.Client(
+            verify=context or client_context(state, me), timeout=timeout
+        )
+
+    def __enter__(self) -> "NodeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        check_flow: bool = True,
+    ) -> httpx.Response:
+        """Send one request to node `target`; raise the remote's typed error on refusal."""
+        spec = self.topology.node(target)
+        if check_flow and target != self.me and not self.topology.allows(self.me, target, kind):
+            if self.log:
+                self.log.event("refused_outbound", target=target, kind=kind, path=path)
+            raise FlowNotAllowed(
+                f"the topology does not allow {self.me} to make {kind!r} calls to {target}"
+            )
+        rid = current_request_id.get() or new_request_id()
+        sent = {NODE_HEADER: self.me, REQUEST_ID_HEADER: rid, **(headers or {})}
+        try:
+            response = self._http.request(
+                method, spec.url + path, json=json, content=content, headers=sent
+            )
+        except httpx.TransportError as exc:
+            if self.log:
+                self.log.event("call_failed", target=target, path=path, error=repr(exc))
+            raise NodeUnavailable(f"{target} at {spec.url}: {exc}") from exc
+        self._check_server_identity(response, target)
+        if self.log:
+            self.log.event("call", target=target, path=path, status=response.status_code,
+                           request_id=rid)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                error, detail = body.get("error", "Error"), body.get("detail", "")
+            except ValueError:
+                error, detail = "Error", response.text[:200]
+            raise RemoteError(response.status_code, str(error), str(detail))
+        return response
+
+    def get(self, target: str, path: str, *, kind: str, **kw: Any) -> httpx.Response:
+        return self.request(target, "GET", path, kind=kind, **kw)
+
+    def post(self, target: str, path: str, *, kind: str, **kw: Any) -> httpx.Response:
+        return self.request(target, "POST", path, kind=kind, **kw)
+
+    @staticmethod
+    def _check_server_identity(response: httpx.Response, target: str) -> None:
+        stream = response.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        if ssl_object is None:
+            raise PeerIdentityMismatch(f"no TLS session information for {target}")
+        der = ssl_object.getpeercert(True)
+        name = certificate_node_name(x509.load_der_x509_certificate(der))
+        if name != target:
+            raise PeerIdentityMismatch(f"expected node {target!r}, the server is {name!r}")

@@ -1,0 +1,211 @@
+"""The federation's PKI: one CA, one certificate per node, a revocation list.
+
+Keys are ECDSA P-256 (accepted by every TLS 1.3 stack the nodes and Flower use).
+A node certificate names the node in its subject CN and carries the node's host
+as a subjectAltName, so clients check both the host and the node identity.
+"""
+
+import datetime as dt
+import ipaddress
+import json
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from parties.state import StateDir, write_private, write_public
+from parties.topology import Topology
+
+CA_VALIDITY = dt.timedelta(days=3650)
+NODE_VALIDITY = dt.timedelta(days=365)
+CRL_VALIDITY = dt.timedelta(days=30)
+
+
+class PkiError(ValueError):
+    """The PKI cannot do what was asked (no CA yet, unknown node, ...)."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def init_ca(state: StateDir, federation: str, *, force: bool = False) -> x509.Certificate:
+    """Create the federation CA and an empty revocation list."""
+    paths = state.ca
+    if paths.cert.exists() and not force:
+        raise PkiError(f"a CA already exists in {paths.root}; pass force to replace it")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cogov federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} federation CA"),
+        ]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    write_private(paths.key, _key_pem(key))
+    write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_public(paths.issued, b"{}")
+    _write_crl(state, key, cert, revoked={})
+    return cert
+
+
+def _load_ca(state: StateDir) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    paths = state.ca
+    if not paths.key.exists():
+        raise PkiError(f"no CA in {paths.root}: run `cogov pki init` first")
+    key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key, x509.load_pem_x509_certificate(paths.cert.read_bytes())
+
+
+def _san_for(host: str, name: str) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    if host != "127.0.0.1":
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    return x509.SubjectAlternativeName(names)
+
+
+def issue_node_certificate(
+    state: StateDir,
+    name: str,
+    host: str,
+    *,
+    not_before: dt.datetime | None = None,
+    validity: dt.timedelta = NODE_VALIDITY,
+) -> x509.Certificate:
+    """Issue a fresh key and certificate for node `name` into its state directory."""
+    ca_key, ca_cert = _load_ca(state)
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = not_before or (_now() - dt.timedelta(minutes=5))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cogov federation"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san_for(host, name), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = state.node(name)
+    write_private(paths.key, _key_pem(key))
+    write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    issued = json.loads(state.ca.issued.read_text())
+    issued.setdefault(name, []).append(format(cert.serial_number, "x"))
+    write_public(state.ca.issued, json.dumps(issued, indent=2).encode())
+    return cert
+
+
+def init_federation(state: StateDir, topology: Topology, *, force: bool = False) -> None:
+    """Create the CA and issue a certificate for every node of the topology."""
+    init_ca(state, topology.name, force=force)
+    for node in topology.nodes:
+        issue_node_certificate(state, node.name, node.host)
+
+
+def revoke_node(state: StateDir, name: str) -> list[str]:
+    """Revoke every certificate issued to `name`; return the revoked serials (hex)."""
+    ca_key, ca_cert = _load_ca(state)
+    issued = json.loads(state.ca.issued.read_text())
+    if name not in issued:
+        raise PkiError(f"no certificate was issued to {name!r}")
+    revoked = _revoked_serials(state)
+    for serial in issued[name]:
+        revoked.setdefault(serial, _now().isoformat())
+    _write_crl(state, ca_key, ca_cert, revoked)
+    return issued[name]
+
+
+def _revoked_serials(state: StateDir) -> dict[str, str]:
+    crl = x509.load_pem_x509_crl(state.ca.crl.read_bytes())
+    return {
+        format(r.serial_number, "x"): r.revocation_date_utc.isoformat() for r in crl
+    }
+
+
+def _write_crl(
+    state: StateDir,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: dict[str, str],
+) -> None:
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + CRL_VALIDITY)
+    )
+    for serial, when in revoked.items():
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(serial, 16))
+            .revocation_date(dt.datetime.fromisoformat(when))
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    write_public(state.ca.crl, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def certificate_node_name(cert: x509.Certificate) -> str:
+    """The node name a certificate was issued to (its subject CN)."""
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        raise PkiError("certificate has no common name")
+    return str(attrs[0].value)
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())

@@ -1,0 +1,63 @@
+"""Run one node: open its store, mount its role behaviour, serve it over mutual TLS."""
+
+import os
+from pathlib import Path
+
+import uvicorn
+
+from parties.app import build_node_app
+from parties.context import NodeContext
+from parties.mtls_server import mutual_tls_protocol
+from parties.node_log import NodeLog
+from parties.roles import behaviour_for
+from parties.state import StateDir
+from parties.store import NodeStore
+from parties.tls import ReloadingServerContext
+from parties.topology import Topology
+
+
+def open_node(state: StateDir, topology: Topology, name: str) -> NodeContext:
+    """The context of node `name`: its store migrated, its log open."""
+    spec = topology.node(name)
+    paths = state.node(name)
+    if not paths.cert.exists():
+        raise FileNotFoundError(
+            f"{paths.cert} is missing: run `cogov pki init` (or `cogov pki issue {name}`)"
+        )
+    behaviour = behaviour_for(spec.role)
+    store = NodeStore(paths.db, behaviour.components)
+    return NodeContext(name, topology, state, store, NodeLog(paths.log, name))
+
+
+def serve_node(state: StateDir, topology: Topology, name: str) -> None:
+    """Serve node `name` until SIGTERM/SIGINT; the PID file lives as long as the process."""
+    ctx = open_node(state, topology, name)
+    spec = ctx.spec
+    app = build_node_app(ctx, behaviour_for(spec.role).routers(ctx))
+    tls = ReloadingServerContext(state, name)
+
+    def on_refused(peer: str, reason: str) -> None:
+        ctx.log.event("tls_refused", peer=peer, reason=reason)
+
+    config = uvicorn.Config(
+        app,
+        host=spec.host,
+        port=spec.port,
+        http=mutual_tls_protocol(tls.current, on_refused),  # type: ignore[arg-type]
+        loop="asyncio",  # see parties.mtls_server
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=512,
+    )
+    pid_file: Path = ctx.paths.pid
+    pid_file.write_text(str(os.getpid()))
+    ctx.log.event("node_started", role=spec.role.value, domain=spec.domain, url=spec.url)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        ctx.log.event("node_stopped")
+        if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink()
+        ctx.store.close()

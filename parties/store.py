@@ -1,0 +1,64 @@
+"""A node's embedded store: one SQLite database in WAL mode with versioned migrations.
+
+Components (the ledger, consent registry, ...) bring their own migration lists;
+the runtime's own tables are the component `node`.
+"""
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from governance.migrations import apply_migrations
+
+NODE_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE node_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE refusals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL DEFAULT (datetime('now')),
+        request_id TEXT, caller TEXT, route TEXT, error TEXT NOT NULL, detail TEXT
+    )
+    """,
+)
+
+Component = tuple[str, Sequence[str]]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the store with the settings every connection must share."""
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    # isolation_level=None would mean autocommit; restore Python's implicit BEGIN
+    # so `with conn:` wraps each unit of work in one transaction.
+    conn.isolation_level = ""
+    return conn
+
+
+class NodeStore:
+    """The node's database, migrated on open; one shared connection guarded by a lock."""
+
+    def __init__(self, path: Path, components: Iterable[Component] = ()) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = connect(path)
+        self.lock = threading.RLock()
+        self.versions = {"node": apply_migrations(self.conn, "node", NODE_MIGRATIONS)}
+        for name, migrations in components:
+            self.versions[name] = apply_migrations(self.conn, name, migrations)
+
+    def record_refusal(
+        self, request_id: str | None, caller: str | None, route: str, error: str, detail: str
+    ) -> None:
+        with self.lock, self.conn:
+            self.conn.execute(
+                "INSERT INTO refusals (request_id, caller, route, error, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (request_id, caller, route, error, detail),
+            )
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,72 @@
+"""Helpers to run real node processes on free loopback ports in a temp dir."""
+
+import socket
+import tomllib
+from pathlib import Path
+
+from parties import pki, supervisor
+from parties.state import StateDir
+from parties.topology import Topology, load_topology
+
+REPO = Path(__file__).resolve().parents[1]
+SUZHOU = REPO / "topologies" / "suzhou.toml"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_topology(dest: Path, nodes: list[str] | None = None) -> Path:
+    """The Suzhou topology on free ports, optionally restricted to some nodes."""
+    raw = tomllib.loads(SUZHOU.read_text())
+    if nodes is not None:
+        raw["nodes"] = [n for n in raw["nodes"] if n["name"] in nodes]
+        keep = set(nodes)
+        raw["flows"] = [
+            f for f in raw["flows"]
+            if (f["source"].startswith("role:") or f["source"] in keep)
+            and (f["target"].startswith("role:") or f["target"] in keep)
+        ]
+    for node, port in zip(raw["nodes"], free_ports(len(raw["nodes"])), strict=True):
+        node["port"] = port
+    lines = [f'name = "{raw["name"]}"']
+    for d in raw["domains"]:
+        lines += ["[[domains]]", f'name = "{d["name"]}"']
+    for n in raw["nodes"]:
+        lines += ["[[nodes]]"] + [f'{k} = {v!r}'.replace("'", '"') for k, v in n.items()]
+    for f in raw["flows"]:
+        kinds = ", ".join(f'"{k}"' for k in f["kinds"])
+        lines += ["[[flows]]", f'source = "{f["source"]}"', f'target = "{f["target"]}"',
+                  f"kinds = [{kinds}]"]
+    path = dest / "topology.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Federation:
+    """Real node processes of a topology, started with the supervisor."""
+
+    def __init__(self, root: Path, nodes: list[str] | None = None) -> None:
+        self.state = StateDir(root / "state")
+        self.topology_path = write_topology(root, nodes)
+        self.topology: Topology = load_topology(self.topology_path)
+        pki.init_federation(self.state, self.topology)
+
+    def up(self) -> list[supervisor.NodeStatus]:
+        rows = supervisor.up(self.state, self.topology, self.topology_path)
+        bad = [r for r in rows if r.status != "ok"]
+        if bad:
+            logs = {r.name: self.state.node(r.name).stdout.read_text()[-2000:] for r in bad}
+            raise RuntimeError(f"nodes failed to start: {bad}\n{logs}")
+        return rows
+
+    def down(self) -> dict[str, str]:
+        return supervisor.down(self.state, self.topology, grace=5.0)
