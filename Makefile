@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint clean-state
 
 $(STAMP): pyproject.toml
+	# The secure room runs algorithm packages under bubblewrap (Debian package).
+	command -v bwrap >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first, so nothing later pulls a CUDA build.

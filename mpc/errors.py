@@ -14,3 +14,15 @@ class MalformedInput(MpcError):
     """A token, ciphertext, share or key that does not decode or is out of range."""
 
     http_status = 422
+
+
+class IntersectionTooSmall(MpcError):
+    """A private-intersection result was refused: the intersection is below the agreed minimum."""
+
+    http_status = 403
+
+
+class ProtocolStateError(MpcError):
+    """A protocol message arrived out of order, for another session, or under another policy."""
+
+    http_status = 409

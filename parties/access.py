@@ -39,9 +39,13 @@ class CallerPolicy:
     the node's own key).
     """
 
-    def __init__(self, kind: str, roles: tuple[Role, ...] | None = None) -> None:
+    def __init__(
+        self, kind: str, roles: tuple[Role, ...] | None = None, *, second_factor: bool = True
+    ) -> None:
         self.kind = kind
         self.roles = roles
+        # Admin routes of an operator also need a TOTP-opened admin session.
+        self.second_factor = second_factor
 
     def describe_roles(self) -> list[str]:
         if self.kind == "admin":
@@ -55,6 +59,8 @@ class CallerPolicy:
         node: str = request.app.state.node_name
         topology: Topology = request.app.state.topology
         if caller.name == node:
+            if self.kind == "admin" and self.second_factor:
+                _require_admin_session(request)
             return caller
         if self.kind == "admin" or not topology.allows(caller.name, node, self.kind):
             raise FlowNotAllowed(
@@ -64,6 +70,18 @@ class CallerPolicy:
         if self.roles is not None and caller.role not in self.roles:
             raise RoleNotAllowed(f"role {caller.role.value} may not call {request.url.path}")
         return caller
+
+
+def _require_admin_session(request: Request) -> None:
+    from parties.admin_session import (
+        ROLES_REQUIRING_SECOND_FACTOR,
+        SESSION_HEADER,
+        check_session,
+    )
+
+    ctx = request.app.state.ctx
+    if ctx.spec.role in ROLES_REQUIRING_SECOND_FACTOR:
+        check_session(ctx, request.headers.get(SESSION_HEADER))
 
 
 def route_policies(routes: list) -> list[tuple[str, str, CallerPolicy]]:

@@ -40,6 +40,15 @@ class Pong(BaseModel):
     caller_domain: str
 
 
+class Refusal(BaseModel):
+    at: str
+    request_id: str | None
+    caller: str | None
+    route: str
+    error: str
+    detail: str | None
+
+
 def _error_body(error: str, detail: str, request_id: str | None) -> dict:
     return {"error": error, "detail": detail, "request_id": request_id}
 
@@ -132,6 +141,19 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
             node=spec.name, role=spec.role.value, domain=spec.domain,
             caller=caller.name, caller_domain=caller.spec.domain,
         )
+
+    @app.get("/v1/admin/refusals", response_model=list[Refusal], tags=["runtime"])
+    def refusals(
+        limit: int = 100, caller: Caller = Depends(CallerPolicy("admin"))
+    ) -> list[Refusal]:
+        """The most recent refused requests recorded in this node's store."""
+        with ctx.store.lock:
+            rows = ctx.store.conn.execute(
+                "SELECT at, request_id, caller, route, error, detail FROM refusals"
+                " ORDER BY id DESC LIMIT ?", (max(1, min(limit, 1000)),),
+            ).fetchall()
+        return [Refusal(at=r[0], request_id=r[1], caller=r[2], route=r[3], error=r[4],
+                        detail=r[5]) for r in rows]
 
     for router in routers:
         app.include_router(router)

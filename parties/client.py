@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from cryptography import x509
 
+from parties.admin_session import SESSION_HEADER, saved_session
 from parties.errors import (
     FlowNotAllowed,
     NodeUnavailable,
@@ -48,6 +49,8 @@ class NodeClient:
         self.me = me
         self.topology = topology
         self.log = log
+        # A local administrator's second-factor session, sent only to this node itself.
+        self._admin_session = saved_session(state.node(me))
         self._http = httpx.Client(
             verify=context or client_context(state, me), timeout=timeout
         )
@@ -83,6 +86,8 @@ class NodeClient:
             )
         rid = current_request_id.get() or new_request_id()
         sent = {NODE_HEADER: self.me, REQUEST_ID_HEADER: rid, **(headers or {})}
+        if target == self.me and self._admin_session:
+            sent.setdefault(SESSION_HEADER, self._admin_session)
         try:
             response = self._http.request(
                 method, spec.url + path, json=json, content=content, headers=sent

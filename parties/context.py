@@ -7,7 +7,11 @@ against the server, so the same behaviour runs under any runtime.
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from parties.node_log import NodeLog
+from parties.pki import federation_signing_keys, load_signing_key
+from parties.secrets import NodeSecrets
 from parties.state import NodePaths, StateDir
 from parties.store import NodeStore
 from parties.topology import NodeSpec, Topology
@@ -32,6 +36,33 @@ class NodeContext:
     @property
     def paths(self) -> NodePaths:
         return self.state.node(self.name)
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        """This node's Ed25519 signing key (log entries, approvals, signatures)."""
+        key = self.extras.get("signing_key")
+        if key is None:
+            key = self.extras["signing_key"] = load_signing_key(self.state, self.name)
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+    def signing_public_keys(self) -> dict[str, bytes]:
+        """Every node's CA-certified signing public key, by node name."""
+        keys = self.extras.get("signing_public_keys")
+        if keys is None:
+            names = [n.name for n in self.topology.nodes]
+            keys = self.extras["signing_public_keys"] = federation_signing_keys(self.state, names)
+        assert isinstance(keys, dict)
+        return keys
+
+    @property
+    def secrets(self) -> NodeSecrets:
+        """The node's KEK-protected keys (data keys, xID keys)."""
+        secrets = self.extras.get("secrets")
+        if secrets is None:
+            secrets = self.extras["secrets"] = NodeSecrets(self.paths, self.store)
+        assert isinstance(secrets, NodeSecrets)
+        return secrets
 
     def client(self) -> "NodeClient":
         """A mutual-TLS client that calls other nodes as this node."""

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from parties.state import StateDir, write_private, write_public
 from parties.topology import Topology
@@ -21,6 +23,12 @@ from parties.topology import Topology
 CA_VALIDITY = dt.timedelta(days=3650)
 NODE_VALIDITY = dt.timedelta(days=365)
 CRL_VALIDITY = dt.timedelta(days=30)
+
+# The node's Ed25519 signing key (log entries, approvals, contract signatures) is
+# separate from its TLS key; its public half rides in the node certificate under
+# this private-arc OID, so the CA vouches for it and verifiers need only the
+# CA certificate and the node certificates.
+SIGNING_KEY_OID = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")
 
 
 class PkiError(ValueError):
@@ -31,7 +39,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -107,9 +115,13 @@ def issue_node_certificate(
     not_before: dt.datetime | None = None,
     validity: dt.timedelta = NODE_VALIDITY,
 ) -> x509.Certificate:
-    """Issue a fresh key and certificate for node `name` into its state directory."""
+    """Issue a fresh TLS key, signing key and certificate for node `name`."""
     ca_key, ca_cert = _load_ca(state)
     key = ec.generate_private_key(ec.SECP256R1())
+    signing_key = Ed25519PrivateKey.generate()
+    signing_public = signing_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     start = not_before or (_now() - dt.timedelta(minutes=5))
     cert = (
         x509.CertificateBuilder()
@@ -137,10 +149,12 @@ def issue_node_certificate(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
+        .add_extension(x509.UnrecognizedExtension(SIGNING_KEY_OID, signing_public), False)
         .sign(ca_key, hashes.SHA256())
     )
     paths = state.node(name)
     write_private(paths.key, _key_pem(key))
+    write_private(paths.signing_key, _key_pem(signing_key))
     write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
     issued = json.loads(state.ca.issued.read_text())
     issued.setdefault(name, []).append(format(cert.serial_number, "x"))
@@ -209,3 +223,45 @@ def certificate_node_name(cert: x509.Certificate) -> str:
 
 def load_certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def certificate_signing_key(cert: x509.Certificate) -> bytes:
+    """The raw Ed25519 signing public key the CA bound to this node certificate."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(SIGNING_KEY_OID)
+    except x509.ExtensionNotFound as exc:
+        raise PkiError("certificate carries no signing key") from exc
+    value = ext.value
+    assert isinstance(value, x509.UnrecognizedExtension)
+    return value.value
+
+
+def load_signing_key(state: StateDir, name: str) -> Ed25519PrivateKey:
+    """Node `name`'s Ed25519 signing key (only on the node's own machine)."""
+    key = serialization.load_pem_private_key(
+        state.node(name).signing_key.read_bytes(), password=None
+    )
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PkiError(f"{name}: signing key is not Ed25519")
+    return key
+
+
+def verified_node_certificate(ca_cert: x509.Certificate, cert: x509.Certificate) -> str:
+    """Check that the CA issued `cert`; return the node name it certifies."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PkiError("certificate was not issued by the federation CA") from exc
+    return certificate_node_name(cert)
+
+
+def federation_signing_keys(state: StateDir, names: list[str]) -> dict[str, bytes]:
+    """node -> signing public key, read from CA-verified node certificates."""
+    ca_cert = load_certificate(state.ca.cert)
+    keys = {}
+    for name in names:
+        cert = load_certificate(state.node(name).cert)
+        if verified_node_certificate(ca_cert, cert) != name:
+            raise PkiError(f"{state.node(name).cert} does not certify {name}")
+        keys[name] = certificate_signing_key(cert)
+    return keys

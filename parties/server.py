@@ -1,6 +1,7 @@
 """Run one node: open its store, mount its role behaviour, serve it over mutual TLS."""
 
 import os
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -9,7 +10,9 @@ from parties.app import build_node_app
 from parties.context import NodeContext
 from parties.mtls_server import mutual_tls_protocol
 from parties.node_log import NodeLog
-from parties.roles import behaviour_for
+from parties.secrets import COMPONENT as SECRETS
+from parties.secrets import MIGRATIONS as SECRETS_MIGRATIONS
+from parties.services import services_for
 from parties.state import StateDir
 from parties.store import NodeStore
 from parties.tls import ReloadingServerContext
@@ -24,8 +27,10 @@ def open_node(state: StateDir, topology: Topology, name: str) -> NodeContext:
         raise FileNotFoundError(
             f"{paths.cert} is missing: run `cogov pki init` (or `cogov pki issue {name}`)"
         )
-    behaviour = behaviour_for(spec.role)
-    store = NodeStore(paths.db, behaviour.components)
+    components = [(SECRETS, SECRETS_MIGRATIONS)]
+    for service in services_for(spec.role):
+        components.extend(service.components)
+    store = NodeStore(paths.db, components)
     return NodeContext(name, topology, state, store, NodeLog(paths.log, name))
 
 
@@ -33,7 +38,8 @@ def serve_node(state: StateDir, topology: Topology, name: str) -> None:
     """Serve node `name` until SIGTERM/SIGINT; the PID file lives as long as the process."""
     ctx = open_node(state, topology, name)
     spec = ctx.spec
-    app = build_node_app(ctx, behaviour_for(spec.role).routers(ctx))
+    services = services_for(spec.role)
+    app = build_node_app(ctx, [r for s in services for r in s.routers(ctx)])
     tls = ReloadingServerContext(state, name)
 
     def on_refused(peer: str, reason: str) -> None:
@@ -53,7 +59,13 @@ def serve_node(state: StateDir, topology: Topology, name: str) -> None:
     )
     pid_file: Path = ctx.paths.pid
     pid_file.write_text(str(os.getpid()))
-    ctx.log.event("node_started", role=spec.role.value, domain=spec.domain, url=spec.url)
+    ctx.log.event("node_started", role=spec.role.value, domain=spec.domain, url=spec.url,
+                  services=[s.name for s in services])
+    for service in services:
+        if service.background is not None:
+            threading.Thread(
+                target=service.background, args=(ctx,), name=service.name, daemon=True
+            ).start()
     try:
         uvicorn.Server(config).run()
     finally:

@@ -5,7 +5,8 @@
     <state>/ca/crl.pem           certificate revocation list (public)
     <state>/ca/issued.json       serials issued, per node
     <state>/<node>/tls.key       the node's private key (0600)
-    <state>/<node>/tls.crt       the node's certificate
+    <state>/<node>/tls.crt       the node's certificate (carries its signing public key)
+    <state>/<node>/signing.key   the node's Ed25519 signing key (0600)
     <state>/<node>/node.db       the node's SQLite store
     <state>/<node>/node.log      the node's structured log (JSON lines)
     <state>/<node>/node.pid      the PID of the running node process
@@ -34,6 +35,10 @@ class NodePaths:
     @property
     def cert(self) -> Path:
         return self.root / "tls.crt"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "signing.key"
 
     @property
     def db(self) -> Path:

@@ -25,16 +25,21 @@ NODE_MIGRATIONS: tuple[str, ...] = (
 Component = tuple[str, Sequence[str]]
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the store with the settings every connection must share."""
+def connect(path: Path, *, explicit_transactions: bool = False) -> sqlite3.Connection:
+    """Open the store with the settings every connection must share.
+
+    With `explicit_transactions` the caller issues BEGIN/COMMIT itself (the
+    ledger's `BEGIN IMMEDIATE`); otherwise `with conn:` wraps a transaction.
+    """
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    # Overwrite deleted content, so destroyed keys and shredded rows do not linger.
+    conn.execute("PRAGMA secure_delete=ON")
     conn.execute("PRAGMA busy_timeout=30000")
-    # isolation_level=None would mean autocommit; restore Python's implicit BEGIN
-    # so `with conn:` wraps each unit of work in one transaction.
-    conn.isolation_level = ""
+    if not explicit_transactions:
+        conn.isolation_level = ""
     return conn
 
 

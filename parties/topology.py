@@ -44,6 +44,8 @@ class NodeSpec(_Strict):
     domain: str
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)]
+    # The secret-sharing engine's own mutual-TLS listener (computing nodes and dealer).
+    mpc_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
     @property
     def url(self) -> str:
@@ -81,7 +83,9 @@ class Topology(_Strict):
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ValueError("nodes: names must be unique")
-        addresses = [(n.host, n.port) for n in self.nodes]
+        addresses = [(n.host, n.port) for n in self.nodes] + [
+            (n.host, n.mpc_port) for n in self.nodes if n.mpc_port is not None
+        ]
         if len(set(addresses)) != len(addresses):
             raise ValueError("nodes: two nodes share a host and port")
         for i, node in enumerate(self.nodes):

@@ -2,7 +2,11 @@
 
 import typer
 
+from parties.admin_cli import register as register_admin
+from parties.agreements_cli import register as register_agreements
 from parties.cli import register as register_parties
+from parties.govern_cli import register as register_govern
+from parties.ledger_cli import register as register_ledger
 from scenarios.foundation_demo import demo
 
 app = typer.Typer(
@@ -11,6 +15,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 register_parties(app)
+register_ledger(app)
+register_admin(app)
+register_agreements(app)
+register_govern(app)
 app.command("demo")(demo)
 
 

@@ -1,6 +1,7 @@
 """Helpers to run real node processes on free loopback ports in a temp dir."""
 
 import socket
+import time
 import tomllib
 from pathlib import Path
 
@@ -35,8 +36,11 @@ def write_topology(dest: Path, nodes: list[str] | None = None) -> Path:
             if (f["source"].startswith("role:") or f["source"] in keep)
             and (f["target"].startswith("role:") or f["target"] in keep)
         ]
-    for node, port in zip(raw["nodes"], free_ports(len(raw["nodes"])), strict=True):
-        node["port"] = port
+    ports = iter(free_ports(2 * len(raw["nodes"])))
+    for node in raw["nodes"]:
+        node["port"] = next(ports)
+        if "mpc_port" in node:
+            node["mpc_port"] = next(ports)
     lines = [f'name = "{raw["name"]}"']
     for d in raw["domains"]:
         lines += ["[[domains]]", f'name = "{d["name"]}"']
@@ -66,7 +70,26 @@ class Federation:
         if bad:
             logs = {r.name: self.state.node(r.name).stdout.read_text()[-2000:] for r in bad}
             raise RuntimeError(f"nodes failed to start: {bad}\n{logs}")
+        if any(n.role.value == "operator" for n in self.topology.nodes):
+            self.admin_login()
         return rows
+
+    def admin_login(self, node: str = "operator") -> None:
+        """Enroll the operator's second factor (once) and open an admin session."""
+        from parties.admin_cli import login_with_saved_secret, secret_file
+        from parties.admin_session import saved_session
+        from parties.client import NodeClient
+        from parties.state import write_private
+
+        token = saved_session(self.state.node(node))
+        if token and int(token.split(".")[0]) > time.time() + 60:
+            return
+
+        if not secret_file(self.state, node).exists():
+            with NodeClient(self.state, self.topology, node) as client:
+                body = client.post(node, "/v1/admin/second-factor", kind="admin").json()
+            write_private(secret_file(self.state, node), body["secret"].encode())
+        login_with_saved_secret(self.state, self.topology, node)
 
     def down(self) -> dict[str, str]:
         return supervisor.down(self.state, self.topology, grace=5.0)

@@ -1,0 +1,81 @@
+"""The tamper-evident log (RFC 6962 / RFC 9162 design): the paper's "blockchain evidence".
+
+Front door: build an event (`make_event`), the actor signs it (`sign_event`),
+the operator appends batches (`MerkleLog.append`), witnesses countersign heads
+(`Witness.cosign`), anyone verifies offline (`verify_log`,
+`check_inclusion_proof`). Tree arithmetic lives one level down in `merkle`.
+"""
+
+from governance.ledger.errors import (
+    EntryInvalid,
+    EntrySignatureInvalid,
+    InclusionProofInvalid,
+    LedgerError,
+    LogInconsistent,
+    PersonalDataInPayload,
+    ProofUnavailable,
+    StaleTreeHead,
+    TreeHeadInvalid,
+    UnknownActor,
+    UnknownEventKind,
+)
+from governance.ledger.events import (
+    EventKind,
+    LogEvent,
+    LogLeaf,
+    SignedEntry,
+    decode_leaf,
+    encode_leaf,
+    make_event,
+    register_event_kind,
+    sha256_hex,
+    sign_event,
+    validate_event,
+)
+from governance.ledger.signing import private_key_from_hex, public_key_hex
+from governance.ledger.store import AppendResult, InclusionProof, MerkleLog
+from governance.ledger.tree_head import Cosignature, SignedTreeHead
+from governance.ledger.verify import (
+    Finding,
+    VerificationReport,
+    check_inclusion_proof,
+    verify_log,
+)
+from governance.ledger.witness import Witness
+
+__all__ = [
+    "AppendResult",
+    "Cosignature",
+    "EntryInvalid",
+    "EntrySignatureInvalid",
+    "EventKind",
+    "Finding",
+    "InclusionProof",
+    "InclusionProofInvalid",
+    "LedgerError",
+    "LogEvent",
+    "LogInconsistent",
+    "LogLeaf",
+    "MerkleLog",
+    "PersonalDataInPayload",
+    "ProofUnavailable",
+    "SignedEntry",
+    "SignedTreeHead",
+    "StaleTreeHead",
+    "TreeHeadInvalid",
+    "UnknownActor",
+    "UnknownEventKind",
+    "VerificationReport",
+    "Witness",
+    "check_inclusion_proof",
+    "decode_leaf",
+    "encode_leaf",
+    "make_event",
+    "private_key_from_hex",
+    "public_key_hex",
+    "register_event_kind",
+    "sha256_hex",
+    "sign_event",
+    "validate_event",
+    "verify_log",
+]

@@ -1,0 +1,179 @@
+"""Witnesses (regulator, health authority) that countersign the log's tree heads.
+
+A witness remembers every head it cosigned. Shown a newer head with a
+consistency proof from the latest one it holds, it checks the proof and
+countersigns; a head that contradicts its memory (same size with another
+root, a failed consistency proof, time running backwards) is recorded as an
+incident with its evidence and refused with `LogInconsistent`. This is what
+turns a silent rewrite or a split view (two different logs shown to two
+parties) into evidence.
+"""
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from governance.ledger.errors import LogInconsistent, StaleTreeHead, TreeHeadInvalid
+from governance.ledger.merkle import verify_consistency
+from governance.ledger.signing import PublicKeyLike, public_key_bytes, public_key_hex
+from governance.ledger.transactions import write_transaction
+from governance.ledger.tree_head import Cosignature, SignedTreeHead, cosign_tree_head
+from governance.migrations import apply_migrations
+
+COMPONENT = "ledger_witness"
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE witness_heads (
+        log_id TEXT NOT NULL,
+        tree_size INTEGER NOT NULL,
+        root_hash TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        tree_head TEXT NOT NULL,
+        cosignature TEXT NOT NULL,
+        PRIMARY KEY (log_id, tree_size)
+    );
+    CREATE TABLE witness_incidents (
+        incident_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        log_id TEXT NOT NULL,
+        detected_at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT NOT NULL
+    );
+    """,
+)
+
+
+class Witness:
+    """Checks and countersigns tree heads of the logs it watches, remembering each."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        signing_key: Ed25519PrivateKey,
+        log_keys: Mapping[str, PublicKeyLike],
+    ) -> None:
+        apply_migrations(conn, COMPONENT, MIGRATIONS)
+        self._conn = conn
+        self.name = name
+        self._key = signing_key
+        self._log_keys = {log_id: public_key_bytes(k) for log_id, k in log_keys.items()}
+
+    @property
+    def public_key_hex(self) -> str:
+        return public_key_hex(self._key)
+
+    def latest(self, log_id: str) -> SignedTreeHead | None:
+        """The largest head of `log_id` this witness cosigned, if any."""
+        row = self._conn.execute(
+            "SELECT tree_head FROM witness_heads WHERE log_id = ? ORDER BY tree_size DESC LIMIT 1",
+            (log_id,),
+        ).fetchone()
+        return None if row is None else SignedTreeHead.model_validate_json(row[0])
+
+    def incidents(self, log_id: str | None = None) -> list[dict]:
+        """Recorded inconsistencies, oldest first."""
+        cursor = self._conn.execute(
+            "SELECT incident_id, log_id, detected_at_ms, reason, evidence"
+            " FROM witness_incidents WHERE ? IS NULL OR log_id = ? ORDER BY incident_id",
+            (log_id, log_id),
+        )
+        return [
+            {
+                "incident_id": r[0],
+                "log_id": r[1],
+                "detected_at_ms": r[2],
+                "reason": r[3],
+                "evidence": json.loads(r[4]),
+            }
+            for r in cursor
+        ]
+
+    def cosign(
+        self,
+        head: SignedTreeHead,
+        consistency_proof: Sequence[bytes] = (),
+        *,
+        now_ms: int | None = None,
+    ) -> Cosignature:
+        """Countersign `head` given a consistency proof from the latest head witnessed."""
+        log_key = self._log_keys.get(head.log_id)
+        if log_key is None:
+            raise TreeHeadInvalid(f"witness {self.name} does not watch log {head.log_id!r}")
+        if not head.signature_valid(log_key):
+            raise TreeHeadInvalid(f"tree head of size {head.tree_size} has a bad signature")
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        with write_transaction(self._conn):
+            stored = self._conn.execute(
+                "SELECT tree_head, cosignature FROM witness_heads"
+                " WHERE log_id = ? AND tree_size = ?",
+                (head.log_id, head.tree_size),
+            ).fetchone()
+            if stored is not None:
+                seen = SignedTreeHead.model_validate_json(stored[0])
+                if seen.root_hash == head.root_hash:
+                    return Cosignature.model_validate_json(stored[1])
+                problem = _Problem("two roots for one tree size", seen)
+            else:
+                problem = self._problem_with(head, consistency_proof)
+            if problem is None:
+                cosignature = cosign_tree_head(head, self.name, now_ms, self._key)
+                self._conn.execute(
+                    "INSERT INTO witness_heads VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        head.log_id,
+                        head.tree_size,
+                        head.root_hash,
+                        head.timestamp_ms,
+                        head.model_dump_json(),
+                        cosignature.model_dump_json(),
+                    ),
+                )
+                return cosignature
+            # The incident is committed with this transaction; the head is not stored.
+            evidence = {
+                "witnessed": problem.seen.model_dump(mode="json"),
+                "shown": head.model_dump(mode="json"),
+                "proof": [bytes(p).hex() for p in consistency_proof],
+            }
+            self._conn.execute(
+                "INSERT INTO witness_incidents (log_id, detected_at_ms, reason, evidence)"
+                " VALUES (?, ?, ?, ?)",
+                (head.log_id, now_ms, problem.reason, json.dumps(evidence, sort_keys=True)),
+            )
+        raise LogInconsistent(
+            f"{problem.reason} (witnessed size {problem.seen.tree_size} root "
+            f"{problem.seen.root_hash[:16]}..., shown size {head.tree_size} root "
+            f"{head.root_hash[:16]}...)"
+        )
+
+    def _problem_with(self, head: SignedTreeHead, proof: Sequence[bytes]) -> "_Problem | None":
+        latest = self.latest(head.log_id)
+        if latest is None:
+            return None  # first head seen: trust on first use
+        if head.tree_size < latest.tree_size:
+            raise StaleTreeHead(
+                f"head of size {head.tree_size} is older than the witnessed {latest.tree_size}"
+            )
+        if latest.tree_size == 0:
+            return None  # every tree extends the empty one; RFC 9162 has no proof for it
+        if head.tree_size > latest.tree_size and not proof:
+            raise TreeHeadInvalid(
+                f"a consistency proof from size {latest.tree_size} to {head.tree_size} is required"
+            )
+        if head.timestamp_ms < latest.timestamp_ms:
+            return _Problem("tree head timestamp went backwards", latest)
+        if not verify_consistency(
+            latest.tree_size, head.tree_size, latest.root, head.root, list(proof)
+        ):
+            return _Problem("consistency proof fails: the log was rewritten or forked", latest)
+        return None
+
+
+class _Problem(NamedTuple):
+    reason: str
+    seen: SignedTreeHead

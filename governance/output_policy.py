@@ -1,0 +1,165 @@
+"""What an algorithm package's output may disclose.
+
+Three rules, applied to every output before anyone sees it:
+- the output has exactly the declared columns and types (a verdict, exactly its verdict
+  columns);
+- aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
+  are suppressed: their rows are dropped and counted;
+- row-level output is refused unless the manifest declares it and the contract allows it;
+  without that, no output cell may equal an identifier value of the inputs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection
+from dataclasses import dataclass
+from decimal import Decimal
+
+import pandas as pd
+from pandas.api import types as ptypes
+
+from governance.errors import GovernanceError
+from governance.packages import DEFAULT_MIN_GROUP_SIZE, OutputColumn, PackageOutput
+
+
+class OutputRefused(GovernanceError):
+    """The output breaks the disclosure policy and is not released."""
+
+    http_status = 403
+
+
+class OutputSchemaMismatch(OutputRefused):
+    """The output's columns or types differ from the manifest's declaration."""
+
+    http_status = 422
+
+
+class VerdictColumnsMismatch(OutputSchemaMismatch):
+    """A verdict output does not have exactly the declared verdict columns."""
+
+
+class RowLevelOutputRefused(OutputRefused):
+    """Row-level output was not declared by the manifest or not allowed by the contract."""
+
+
+class IdentifierInOutput(OutputRefused):
+    """An output cell equals an identifier value of the inputs."""
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The releasable output and what the policy removed from it."""
+
+    table: pd.DataFrame
+    disclosure: str
+    k: int
+    suppressed_groups: int
+
+
+def _is_date(value: object) -> bool:
+    return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+
+
+def _conform_column(series: pd.Series, column: OutputColumn) -> pd.Series:
+    name, kind = column.name, column.type
+    if series.isna().any():
+        raise OutputSchemaMismatch(f"column '{name}': missing values are not allowed")
+    if kind == "string":
+        if not series.map(lambda v: isinstance(v, str)).all():
+            raise OutputSchemaMismatch(f"column '{name}': expected strings")
+        return series.astype(object)
+    if kind == "int64":
+        if not ptypes.is_integer_dtype(series) or ptypes.is_bool_dtype(series):
+            raise OutputSchemaMismatch(f"column '{name}': expected integers, got {series.dtype}")
+        return series.astype("int64")
+    if kind == "float64":
+        if not ptypes.is_numeric_dtype(series) or ptypes.is_bool_dtype(series):
+            raise OutputSchemaMismatch(f"column '{name}': expected numbers, got {series.dtype}")
+        return series.astype("float64")
+    if kind == "bool":
+        if not ptypes.is_bool_dtype(series):
+            raise OutputSchemaMismatch(f"column '{name}': expected booleans, got {series.dtype}")
+        return series.astype(bool)
+    if kind == "date":
+        if ptypes.is_datetime64_dtype(series):
+            if not (series == series.dt.normalize()).all():
+                raise OutputSchemaMismatch(f"column '{name}': timestamps are not whole dates")
+            return series.dt.date.astype(object)
+        if not series.map(_is_date).all():
+            raise OutputSchemaMismatch(f"column '{name}': expected dates")
+        return series.astype(object)
+    # decimal: exact values with at most `scale` places, never floats.
+    scale = column.scale or 0
+
+    def fits(value: object) -> bool:
+        if not isinstance(value, Decimal) or not value.is_finite():
+            return False
+        exponent = value.normalize().as_tuple().exponent
+        return isinstance(exponent, int) and -exponent <= scale
+
+    if not series.map(fits).all():
+        raise OutputSchemaMismatch(
+            f"column '{name}': expected Decimal values with at most {scale} places")
+    quantum = Decimal(1).scaleb(-scale)
+    return series.map(lambda v: v.quantize(quantum)).astype(object)
+
+
+def conform_to_schema(table: pd.DataFrame, output: PackageOutput) -> pd.DataFrame:
+    """Return `table` with exactly the declared columns, in order, with canonical types."""
+    if not isinstance(table, pd.DataFrame):
+        raise OutputSchemaMismatch(f"output must be a DataFrame, got {type(table).__name__}")
+    declared = output.column_names
+    actual = [str(c) for c in table.columns]
+    if sorted(actual) != sorted(declared) or len(set(actual)) != len(actual):
+        error = VerdictColumnsMismatch if output.disclosure == "verdict" else OutputSchemaMismatch
+        missing = sorted(set(declared) - set(actual))
+        extra = sorted(set(actual) - set(declared))
+        raise error(f"output columns differ from the declaration: missing {missing}, "
+                    f"undeclared {extra}")
+    conformed = {c.name: _conform_column(table[c.name], c) for c in output.columns}
+    return pd.DataFrame(conformed, columns=declared).reset_index(drop=True)
+
+
+def _refuse_identifiers(table: pd.DataFrame, identifiers: Collection[str]) -> None:
+    if not identifiers:
+        return
+    lookup = identifiers if isinstance(identifiers, set | frozenset) else set(identifiers)
+    for name in table.columns:
+        column = table[name]
+        if ptypes.is_bool_dtype(column) or ptypes.is_numeric_dtype(column):
+            continue
+        if column.map(lambda v: isinstance(v, str) and v in lookup).any():
+            raise IdentifierInOutput(f"column '{name}' carries identifier values of the inputs")
+
+
+def apply_output_policy(
+    table: pd.DataFrame,
+    output: PackageOutput,
+    *,
+    row_level_allowed: bool,
+    k: int = DEFAULT_MIN_GROUP_SIZE,
+    identifier_values: Collection[str] = (),
+) -> PolicyResult:
+    """Conform `table` to the declaration and apply the disclosure rules.
+
+    `row_level_allowed` is the contract's word; `identifier_values` are the inputs'
+    identifier values (national IDs, names, phones, tokens...) that a non-row-level
+    output must never contain.
+    """
+    if output.row_level and not row_level_allowed:
+        raise RowLevelOutputRefused("the manifest declares row-level output; the contract "
+                                    "does not allow it")
+    conformed = conform_to_schema(table, output)
+    if not output.row_level:
+        _refuse_identifiers(conformed, identifier_values)
+    floor = k
+    suppressed = 0
+    if output.disclosure == "aggregate":
+        floor = max(k, output.group_size_floor)
+        counts = conformed[output.count_column]
+        keep = counts >= floor
+        suppressed = int((~keep).sum())
+        conformed = conformed[keep].reset_index(drop=True)
+    return PolicyResult(table=conformed, disclosure=output.disclosure, k=floor,
+                        suppressed_groups=suppressed)

@@ -1,0 +1,183 @@
+"""The claim check: one API, three engines (`plain`, `ss`, `he`).
+
+Insurer side::
+
+    insurer = InsurerClaims(mode, k=4)             # he: InsurerClaims("he", he_key=...)
+    query = insurer.encode_claims(claims_df)       # query.payloads: destination -> bytes
+    ... send each payload to its destination, collect the answers ...
+    bits = insurer.decode_verdicts(query, answers) # [claim_id, visit_found, amount_consistent,
+                                                   #  diagnosis_match]
+    verdicts = finish_verdicts(claims_df, policies_df, bits)
+
+Destinations: `plain` and `he` -> "server" (the node holding the anonymized rows);
+`ss` -> "operator" and "regulator" (one additive share each; the node layer seals
+each payload to its node). Server side, per batch, after planning candidate slots
+(`plan_candidate_slots`): `evaluate_plain`, `evaluate_he`, or for `ss` the leader's
+`evaluate_ss_leader` and, on the follower, `ss_follower_inputs` inside
+`SsSession.serve_forever`. Every answer is bytes for the insurer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from mpc.claim import ss_shares
+from mpc.claim.candidates import (
+    DEFAULT_K,
+    CandidateIndex,
+    CandidateSlots,
+    gather_rows,
+    plan_candidate_slots,
+)
+from mpc.claim.encoding import EncodedClaims, encode_claims, encode_visit_rows
+from mpc.claim.errors import EngineMismatch, MalformedInput, TooManyCandidates
+from mpc.claim.plain import (
+    PRIVATE_BITS,
+    VERDICT_COLUMNS,
+    finish_verdicts,
+    plain_engine_bits,
+    plain_verdicts,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from mpc.he import HeClaimKey, HePublicContext
+    from mpc.ss.session import BatchRequest, SsSession
+
+MODES = ("plain", "ss", "he")
+OPERATOR, REGULATOR, SERVER = "operator", "regulator", "server"
+
+__all__ = [
+    "DEFAULT_K", "MODES", "PRIVATE_BITS", "VERDICT_COLUMNS", "CandidateIndex", "CandidateSlots",
+    "ClaimQuery",
+    "EncodedClaims", "EngineMismatch", "InsurerClaims", "MalformedInput", "TooManyCandidates",
+    "encode_claims", "encode_visit_rows", "evaluate_he", "evaluate_plain",
+    "evaluate_ss_leader", "finish_verdicts", "gather_rows", "plain_verdicts",
+    "plan_candidate_slots", "share_visit_rows", "ss_follower_inputs",
+]
+
+
+@dataclass(frozen=True)
+class ClaimQuery:
+    """An encoded batch of claims: one payload per destination."""
+
+    mode: str
+    claim_ids: tuple[str, ...]
+    k: int
+    payloads: dict[str, bytes] = field(repr=False)
+
+
+class InsurerClaims:
+    """The insurer's side of one mode: encode claims, decode the private bits."""
+
+    def __init__(self, mode: str, k: int = DEFAULT_K, he_key: HeClaimKey | None = None):
+        if mode not in MODES:
+            raise MalformedInput(f"unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "he" and he_key is None:
+            from mpc.he import HeClaimKey
+
+            he_key = HeClaimKey.generate()
+        self.mode, self.k, self.he_key = mode, k, he_key
+
+    def encode_claims(self, claims: pd.DataFrame) -> ClaimQuery:
+        encoded = encode_claims(claims)
+        if self.mode == "plain":
+            payloads = {SERVER: ss_shares.pack(ss_shares.KIND_CLAIMS, encoded.values)}
+        elif self.mode == "ss":
+            share_op, share_reg = ss_shares.split(encoded.values)
+            payloads = {
+                OPERATOR: ss_shares.pack(ss_shares.KIND_CLAIMS, share_op),
+                REGULATOR: ss_shares.pack(ss_shares.KIND_CLAIMS, share_reg),
+            }
+        else:
+            payloads = {SERVER: self.he_key.encrypt_claims(encoded.values, self.k)}
+        return ClaimQuery(self.mode, encoded.claim_ids, self.k, payloads)
+
+    def decode_verdicts(self, query: ClaimQuery, answers: dict[str, bytes]) -> pd.DataFrame:
+        n = len(query.claim_ids)
+        if query.mode != self.mode:
+            raise EngineMismatch(f"query of mode {query.mode} given to a {self.mode} decoder")
+        try:
+            if self.mode == "plain":
+                counts = ss_shares.unpack(answers[SERVER], ss_shares.KIND_RESULT, (n, 3))
+            elif self.mode == "ss":
+                counts = ss_shares.combine(
+                    ss_shares.unpack(answers[OPERATOR], ss_shares.KIND_RESULT, (n, 3)),
+                    ss_shares.unpack(answers[REGULATOR], ss_shares.KIND_RESULT, (n, 3)),
+                )
+            else:
+                counts = self.he_key.decrypt_verdicts(answers[SERVER], n, query.k)
+        except KeyError as exc:
+            raise MalformedInput(f"missing answer from {exc.args[0]}") from None
+        return bits_frame(query.claim_ids, counts)
+
+    def public_context(self) -> bytes:
+        """`he` only: the serialized public context the server needs (send once)."""
+        if self.he_key is None:
+            raise EngineMismatch("only the he mode has a public context")
+        return self.he_key.public_context()
+
+
+def bits_frame(claim_ids: tuple[str, ...], counts: np.ndarray) -> pd.DataFrame:
+    """Private-bit counts -> booleans (a count of matching visits >= 1 means true)."""
+    frame = pd.DataFrame({"claim_id": list(claim_ids)})
+    for j, name in enumerate(PRIVATE_BITS):
+        frame[name] = counts[:, j] >= 1
+    return frame
+
+
+def share_visit_rows(visits: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The health authority's step: two int64 [n, 3] share tables (operator, regulator)."""
+    return ss_shares.split(encode_visit_rows(visits))
+
+
+# -- server side --------------------------------------------------------------------------
+def evaluate_plain(payload: bytes, rows: np.ndarray, slots: CandidateSlots) -> bytes:
+    """`plain`: the circuit on plaintext claims and plaintext rows (no privacy)."""
+    claims = ss_shares.unpack(payload, ss_shares.KIND_CLAIMS, (len(slots), 3))
+    counts = plain_engine_bits(claims, gather_rows(rows, slots), slots.valid)
+    return ss_shares.pack(ss_shares.KIND_RESULT, counts)
+
+
+def evaluate_he(
+    public: HePublicContext, payload: bytes, rows: np.ndarray, slots: CandidateSlots
+) -> bytes:
+    """`he`: the encrypted verdict against plaintext anonymized rows."""
+    from mpc.he import evaluate_encrypted
+
+    return evaluate_encrypted(public, payload, gather_rows(rows, slots), slots.valid)
+
+
+def evaluate_ss_leader(
+    session: SsSession, batch_id: str, payload: bytes, row_shares: np.ndarray,
+    slots: CandidateSlots,
+) -> bytes:
+    """`ss`, at the operator: run one batch with the regulator; this party's result share."""
+    import torch
+
+    claims = ss_shares.unpack(payload, ss_shares.KIND_CLAIMS, (len(slots), 3))
+    rows = gather_rows(row_shares, slots)
+    result = session.evaluate(batch_id, torch.from_numpy(claims), torch.from_numpy(rows),
+                              slots.valid, slots.row_index)
+    return ss_shares.pack(ss_shares.KIND_RESULT, result.numpy())
+
+
+def ss_follower_inputs(
+    request: BatchRequest, payload: bytes, row_shares: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ss`, at the regulator: its input shares for the batch the operator announced."""
+    import torch
+
+    claims = ss_shares.unpack(payload, ss_shares.KIND_CLAIMS, (request.n_claims, 3))
+    rows = gather_rows(row_shares, CandidateSlots(request.row_index, None))
+    return torch.from_numpy(claims), torch.from_numpy(rows)
+
+
+def ss_result_payload(result: torch.Tensor) -> bytes:
+    """A party's result shares as the bytes it answers the insurer with."""
+    return ss_shares.pack(ss_shares.KIND_RESULT, result.numpy())

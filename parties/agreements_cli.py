@@ -1,0 +1,209 @@
+"""`cogov contract ...`, `cogov consent revoke`, `cogov billing statement`."""
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from governance.billing import statement
+from governance.consent import Consent, revoke_consent
+from governance.contracts import (
+    ContractError,
+    SignedContract,
+    load_contract,
+    sign_contract,
+    terminate_contract,
+)
+from governance.ledger import decode_leaf
+from governance.ledger.signing import private_key_from_hex
+from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.client import NodeClient
+from parties.errors import NodeError
+from parties.pki import load_signing_key
+from parties.server import open_node
+from parties.services.ledger import record_event
+from parties.state import StateDir, default_state_dir
+from parties.topology import Role, Topology
+
+console = Console()
+contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",
+                           no_args_is_help=True)
+consent_app = typer.Typer(help="Consumer consents.", no_args_is_help=True)
+billing_app = typer.Typer(help="Metering, bills and revenue sharing.", no_args_is_help=True)
+
+AsOption = Annotated[str, typer.Option("--as", help="The node acting (it signs or calls).")]
+
+
+def _serving_node(topo: Topology) -> str:
+    return topo.nodes_with_role(Role.REGULATOR)[0].name
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+    return typer.Exit(1)
+
+
+def load_signed(path: Path) -> SignedContract:
+    """A contract document (TOML/JSON terms) or a signed contract JSON."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if "terms" in data:
+            return SignedContract.model_validate(data)
+    return SignedContract(terms=load_contract(path))
+
+
+@contract_app.command("sign")
+def sign(
+    document: Annotated[Path, typer.Argument(help="Contract terms (.toml/.json) or signed JSON.")],
+    node: AsOption,
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    out: Annotated[Path | None, typer.Option(help="Default: <document>.signed.json")] = None,
+) -> None:
+    """Add NODE's signature (its CA-certified signing key) to the contract."""
+    _, topo = resolve_topology(state, topology)
+    if not topo.has_node(node):
+        raise _fail(ValueError(f"{node!r} is not a node of topology {topo.name!r}"))
+    try:
+        signed = sign_contract(load_signed(document), node, load_signing_key(StateDir(state), node))
+    except (ContractError, OSError, ValueError) as exc:
+        raise _fail(exc) from exc
+    target = out or document.with_name(document.stem.removesuffix(".signed") + ".signed.json")
+    target.write_text(signed.model_dump_json(indent=2))
+    missing = signed.missing_signatures()
+    console.print(f"{node} signed {signed.contract_id}; "
+                  + (f"still to sign: {', '.join(missing)}" if missing else "all parties signed"))
+
+
+def post_contract(state: StateDir, topo: Topology, signed: SignedContract, node: str) -> str:
+    serving = _serving_node(topo)
+    with NodeClient(state, topo, node) as client:
+        body = client.post(serving, "/v1/contracts", kind="contract",
+                           json=signed.model_dump(mode="json")).json()
+    return str(body["status"])
+
+
+@contract_app.command("register")
+def register_contract(
+    document: Annotated[Path, typer.Argument(help="Signed contract JSON.")],
+    node: AsOption = "regulator",
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Register the signed contract at the serving node."""
+    _, topo = resolve_topology(state, topology)
+    try:
+        status = post_contract(StateDir(state), topo, load_signed(document), node)
+    except (ContractError, NodeError, ValueError) as exc:
+        raise _fail(exc) from exc
+    console.print(f"contract registered: {status}")
+
+
+@contract_app.command("terminate")
+def terminate(
+    contract_id: str,
+    node: AsOption,
+    reason: str = "notice",
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """End a contract now, as NODE (a party allowed to terminate); service stops at once."""
+    _, topo = resolve_topology(state, topology)
+    st = StateDir(state)
+    termination = terminate_contract(
+        contract_id, node, datetime.now(UTC), load_signing_key(st, node), reason
+    )
+    try:
+        with NodeClient(st, topo, node) as client:
+            client.post(_serving_node(topo), f"/v1/contracts/{contract_id}/termination",
+                        kind="contract", json=termination.model_dump(mode="json"))
+    except NodeError as exc:
+        raise _fail(exc) from exc
+    console.print(f"contract {contract_id} terminated by {node}")
+
+
+@contract_app.command("show")
+def show(
+    contract_id: str,
+    node: AsOption = "regulator",
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Print a registered contract and its signatures."""
+    _, topo = resolve_topology(state, topology)
+    try:
+        with NodeClient(StateDir(state), topo, node) as client:
+            body = client.get(_serving_node(topo), f"/v1/contracts/{contract_id}",
+                              kind="contract").json()
+    except NodeError as exc:
+        raise _fail(exc) from exc
+    console.print_json(json.dumps(body))
+
+
+@consent_app.command("revoke")
+def revoke(
+    consent_file: Annotated[Path, typer.Argument(help="The consent document (JSON).")],
+    key_hex: Annotated[str, typer.Option("--key", help="The consumer's private key (hex).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Withdraw a consent with the consumer's key; refused from the next query on."""
+    _, topo = resolve_topology(state, topology)
+    st = StateDir(state)
+    consent = Consent.parse(consent_file.read_text())
+    revocation = revoke_consent(consent, private_key_from_hex(key_hex), datetime.now(UTC))
+    serving = _serving_node(topo)
+    try:
+        with NodeClient(st, topo, serving) as client:
+            client.post(serving, "/v1/admin/consents/revocations", kind="admin",
+                        json=revocation.model_dump(mode="json"))
+    except NodeError as exc:
+        raise _fail(exc) from exc
+    console.print(f"consent {consent.consent_id} revoked")
+
+
+@billing_app.command("statement")
+def billing_statement(
+    contract: Annotated[str, typer.Option("--contract", help="Contract id.")],
+    period: Annotated[str, typer.Option(help="Month, YYYY-MM.")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    issue: Annotated[bool, typer.Option(help="Record the bill in the log (bill_issued).")] = True,
+) -> None:
+    """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen)."""
+    _, topo = resolve_topology(state, topology)
+    st = StateDir(state)
+    serving = _serving_node(topo)
+    operator = topo.nodes_with_role(Role.OPERATOR)[0].name
+    try:
+        with NodeClient(st, topo, serving) as client:
+            signed = SignedContract.model_validate(
+                client.get(serving, f"/v1/contracts/{contract}", kind="contract").json()
+            )
+    except NodeError as exc:
+        raise _fail(exc) from exc
+    conn = sqlite3.connect(f"file:{st.node(operator).db}?mode=ro", uri=True)
+    leaves = [decode_leaf(bytes(r[0])) for r in
+              conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+    conn.close()
+    try:
+        result = statement(signed.terms, period, leaves)
+    except (ContractError, ValueError) as exc:
+        raise _fail(exc) from exc
+    if issue:
+        record_event(open_node(st, topo, operator), "bill_issued", result.log_payload())
+    if as_json:
+        print(result.to_json())
+    else:
+        console.print(result.render())
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(contract_app, name="contract")
+    app.add_typer(consent_app, name="consent")
+    app.add_typer(billing_app, name="billing")

@@ -1,0 +1,160 @@
+"""`cogov ledger verify|prove|check-proof`: check the federation's log with public keys only."""
+
+import base64
+import json
+import sqlite3
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from governance.ledger import (
+    InclusionProofInvalid,
+    SignedTreeHead,
+    check_inclusion_proof,
+    verify_log,
+)
+from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.client import NodeClient
+from parties.errors import NodeError
+from parties.pki import federation_signing_keys
+from parties.server import open_node
+from parties.services.ledger import WITNESS_ROLES, inclusion_bundle, latest_cosignatures
+from parties.state import StateDir, default_state_dir
+from parties.topology import Role, Topology
+
+console = Console()
+ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is_help=True)
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    if not db.exists():
+        console.print(f"[red]no log store at {db}[/red]")
+        raise typer.Exit(2)
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+
+
+@ledger_app.command("verify")
+def verify(
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    witness_now: Annotated[
+        bool, typer.Option(help="Ask running witness nodes to countersign the latest head first.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every entry signature, the signed tree head and the witness cosignatures.
+
+    Reads the operator's store read-only and trusts only public keys: the node
+    signing keys certified by the federation CA.
+    """
+    _, topo = resolve_topology(state, topology)
+    st = StateDir(state)
+    operator = log_node_name(topo)
+    witnesses = [n.name for n in topo.nodes if n.role in WITNESS_ROLES]
+    if witness_now:
+        for name in witnesses:
+            try:
+                with NodeClient(st, topo, name, timeout=10) as client:
+                    client.post(name, "/v1/witness/poll", kind="admin")
+            except NodeError as exc:
+                console.print(f"[yellow]{name} did not witness now: {exc}[/yellow]")
+    keys = federation_signing_keys(st, [n.name for n in topo.nodes])
+    conn = _read_only(st.node(operator).db)
+    leaves = [
+        bytes(r[0]) for r in conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")
+    ]
+    heads = [
+        SignedTreeHead(log_id=r[1], tree_size=r[0], root_hash=bytes(r[2]).hex(),
+                       timestamp_ms=r[3], signature=bytes(r[4]).hex())
+        for r in conn.execute(
+            "SELECT tree_size, log_id, root_hash, timestamp_ms, signature"
+            " FROM ledger_tree_heads ORDER BY tree_size"
+        )
+    ]
+    cosignatures = latest_cosignatures(conn)
+    conn.close()
+    if not heads:
+        console.print("[red]the log has no signed tree head[/red]")
+        raise typer.Exit(1)
+    witnessed = [c.tree_size for c in cosignatures]
+    # Verify at the largest head every witness has countersigned, and the rest of
+    # the entries against the latest head; both must hold.
+    head = heads[-1]
+    common = min(witnessed) if len(witnessed) == len(witnesses) and witnessed else None
+    target = next((h for h in heads if h.tree_size == common), head)
+    report = verify_log(
+        leaves[: target.tree_size] if target is not head else leaves, target,
+        [c for c in cosignatures if c.tree_size == target.tree_size], keys,
+        checkpoints=[h for h in heads if h.tree_size <= target.tree_size],
+        required_witnesses=witnesses,
+    )
+    latest = verify_log(leaves, head, [], keys, checkpoints=heads) if target is not head else None
+    if as_json:
+        out = {"witnessed": report.to_dict(), "latest": latest.to_dict() if latest else None}
+        console.print_json(json.dumps(out, default=str))
+    else:
+        console.print(report.summary())
+        if latest is not None:
+            console.print(f"entries after the witnessed head: {latest.summary()}")
+    if not report.ok or (latest is not None and not latest.ok):
+        raise typer.Exit(1)
+
+
+@ledger_app.command("prove")
+def prove(
+    entry: Annotated[int, typer.Argument(help="Index of the log entry.")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    out: Annotated[Path | None, typer.Option(help="Write the proof bundle here.")] = None,
+) -> None:
+    """Print an inclusion proof of ENTRY that a third party checks with `check-proof`."""
+    _, topo = resolve_topology(state, topology)
+    ctx = open_node(StateDir(state), topo, log_node_name(topo))
+    try:
+        bundle = inclusion_bundle(ctx, entry)
+    except Exception as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    text = bundle.model_dump_json(indent=2)
+    if out:
+        out.write_text(text)
+        console.print(f"proof of entry {entry} written to {out} ({len(bundle.proof)} bytes)")
+    else:
+        print(text)
+
+
+def log_node_name(topo: Topology) -> str:
+    return topo.nodes_with_role(Role.OPERATOR)[0].name
+
+
+@ledger_app.command("check-proof")
+def check_proof(
+    bundle_file: Annotated[Path, typer.Argument(help="A bundle written by `cogov ledger prove`.")],
+    log_key: Annotated[
+        str | None,
+        typer.Option(help="The log's Ed25519 public key (hex), pinned by the checker. Default: "
+                     "the key in the bundle, which only proves self-consistency."),
+    ] = None,
+) -> None:
+    """Check an inclusion proof offline: needs only the bundle and the log's public key."""
+    try:
+        bundle = json.loads(bundle_file.read_text())
+        head = SignedTreeHead.model_validate(bundle["tree_head"])
+        key = log_key or bundle["log_public_key"]
+        index = check_inclusion_proof(
+            bundle["proof"], head, key, leaf=base64.b64decode(bundle["entry"])
+        )
+    except (InclusionProofInvalid, KeyError, ValueError) as exc:
+        console.print(f"[red]proof rejected:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if log_key is None:
+        console.print("[yellow]no --log-key given: checked against the bundle's own key[/yellow]")
+    console.print(f"[green]entry {index} is in the log of size {head.tree_size}[/green] "
+                  f"(root {head.root_hash[:16]}...)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ledger_app, name="ledger")
+

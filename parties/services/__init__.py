@@ -1,0 +1,58 @@
+"""Role behaviours: what each kind of party does, separate from the runtime.
+
+A service is a set of routes (and optional background work) hosted by the
+nodes of some roles, plus the store components it needs. The runtime hosts
+services; a service never sees sockets, certificates or processes. Services
+are listed by module path and imported only by the nodes that host them, so a
+hospital node does not load the MPC engines.
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter
+
+from parties.context import NodeContext
+from parties.store import Component
+from parties.topology import Role
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    roles: tuple[Role, ...]
+    routers: Callable[[NodeContext], list[APIRouter]]
+    components: tuple[Component, ...] = field(default_factory=tuple)
+    # Started once the node serves (e.g. a witness polling the log); runs in a thread.
+    background: Callable[[NodeContext], None] | None = None
+
+
+# "module:attribute" of every service, in mounting order.
+SERVICE_PATHS: tuple[str, ...] = (
+    "parties.services.admin:SERVICE",
+    "parties.services.agreements:SERVICE",
+    "parties.services.ledger:OPERATOR_SERVICE",
+    "parties.services.ledger:WITNESS_SERVICE",
+    "parties.services.hospital_export:HOSPITAL_EXPORT_SERVICE",
+    "parties.services.health_authority:HEALTH_AUTHORITY_SERVICE",
+    "parties.services.circulation:OPERATOR_CIRCULATION_SERVICE",
+    "parties.services.operator_domains:OPERATOR_DOMAINS_SERVICE",
+    "parties.insurer_oprf:REGULATOR_OPRF_SERVICE",
+    "parties.services.claims:REGULATOR_PRODUCT_SERVICE",
+    "parties.services.claim_compute:OPERATOR_COMPUTE_SERVICE",
+    "parties.services.claim_compute:REGULATOR_FOLLOWER_SERVICE",
+    "parties.services.claim_compute:DEALER_SERVICE",
+)
+
+
+def _load(path: str) -> Service:
+    module, attr = path.split(":")
+    service = getattr(importlib.import_module(module), attr)
+    assert isinstance(service, Service), path
+    return service
+
+
+def services_for(role: Role) -> list[Service]:
+    """The services hosted by nodes of `role`."""
+    return [s for s in map(_load, SERVICE_PATHS) if role in s.roles]

@@ -1,0 +1,180 @@
+"""Consents and contracts at the serving node (the regulator, which serves the product).
+
+Insurers register the consumers' signed consents; consumers' revocations and
+the parties' signed contracts and terminations are registered here too. Each
+registration is recorded in the federation's log. The claim product enforces
+both through `consent_registry(ctx)` and `contract_book(ctx)` before it
+touches any data.
+"""
+
+import hashlib
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from governance import consent as consent_lib
+from governance import contracts as contract_lib
+from governance.consent import (
+    Consent,
+    ConsentConflict,
+    ConsentExpired,
+    ConsentMismatch,
+    ConsentRegistry,
+    ConsentRevocation,
+    ConsentSignatureInvalid,
+)
+from governance.contracts import ContractBook, ContractTermination, SignedContract
+from parties.access import Caller, CallerPolicy
+from parties.context import NodeContext
+from parties.errors import IdentityMismatch
+from parties.services import Service
+from parties.services.ledger import record_event
+from parties.store import connect
+from parties.topology import Role
+
+SERVING_ROLE = Role.REGULATOR
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def consent_registry(ctx: NodeContext) -> ConsentRegistry:
+    found = ctx.extras.get("consent_registry")
+    if found is None:
+        pepper = hashlib.sha256(b"cogov-consent-pepper|" + ctx.secrets.kek).digest()
+        conn = connect(ctx.paths.db, explicit_transactions=True)
+        found = ctx.extras["consent_registry"] = ConsentRegistry(conn, pepper)
+    assert isinstance(found, ConsentRegistry)
+    return found
+
+
+def contract_book(ctx: NodeContext) -> ContractBook:
+    found = ctx.extras.get("contract_book")
+    if found is None:
+        conn = connect(ctx.paths.db, explicit_transactions=True)
+        found = ctx.extras["contract_book"] = ContractBook(conn, ctx.signing_public_keys())
+    assert isinstance(found, ContractBook)
+    return found
+
+
+def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:
+    """Store a consent given to `insurer` (its signature, addressee and window checked).
+
+    The person binding is checked per query: the insurer proves it names the
+    person of the commitment, and the operator checks that the consent's key
+    is the key delivered for the person behind the queried token.
+    """
+    if not consent.signature_valid():
+        raise ConsentSignatureInvalid(f"consent {consent.consent_id}: bad signature")
+    if consent.terms.insurer != insurer:
+        raise ConsentMismatch(f"consent is given to {consent.terms.insurer}, not {insurer}")
+    if consent.terms.not_after <= _now():
+        raise ConsentExpired(f"consent {consent.consent_id} ended at {consent.terms.not_after}")
+    registry = consent_registry(ctx)
+    known = registry.get(consent.consent_id)
+    if known is not None:
+        if known.document_sha256() != consent.document_sha256():
+            raise ConsentConflict(f"consent id {consent.consent_id} is already taken")
+        return
+    terms = consent.terms
+    conn = registry._conn  # the registry's own connection: one transaction with its tables
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (consent.consent_id, consent.model_dump_json(), consent.document_sha256(),
+             terms.insurer, terms.purpose, terms.not_before.isoformat(),
+             terms.not_after.isoformat(), _now().isoformat()),
+        )
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+    record_event(ctx, "consent_given", consent.log_payload())
+
+
+class Registered(BaseModel):
+    id: str
+    status: str
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter(prefix="/v1", tags=["agreements"])
+
+    @router.post("/consents", response_model=Registered)
+    def post_consent(
+        consent: Consent, caller: Caller = Depends(CallerPolicy("claim", (Role.INSURER,)))
+    ) -> Registered:
+        """Register a consumer's signed consent given to the calling insurer."""
+        register_consent(ctx, consent, caller.name)
+        return Registered(id=consent.consent_id, status="registered")
+
+    @router.post("/admin/consents/revocations", response_model=Registered)
+    def post_revocation(
+        revocation: ConsentRevocation, caller: Caller = Depends(CallerPolicy("admin"))
+    ) -> Registered:
+        """Register a consumer's signed revocation; it applies from the next query."""
+        consent_registry(ctx).revoke(revocation, _now())
+        record_event(ctx, "consent_revoked", revocation.log_payload())
+        return Registered(id=revocation.consent_id, status="revoked")
+
+    @router.post("/contracts", response_model=Registered)
+    def post_contract(
+        contract: SignedContract, caller: Caller = Depends(CallerPolicy("contract"))
+    ) -> Registered:
+        """Register a contract with the signatures it carries; in force once all parties sign."""
+        book = contract_book(ctx)
+        before = book.get(contract.contract_id).missing_signatures() if _known(
+            book, contract.contract_id) else contract.terms.parties
+        stored = book.register(contract, _now())
+        missing = stored.missing_signatures()
+        if before and not missing:
+            record_event(ctx, "contract_signed", stored.log_payload())
+        status = "in force" if not missing else f"awaiting {', '.join(missing)}"
+        return Registered(id=stored.contract_id, status=status)
+
+    @router.get("/contracts/{contract_id}", response_model=SignedContract)
+    def get_contract(
+        contract_id: str, caller: Caller = Depends(CallerPolicy("contract"))
+    ) -> SignedContract:
+        return contract_book(ctx).get(contract_id)
+
+    @router.post("/contracts/{contract_id}/termination", response_model=Registered)
+    def post_termination(
+        contract_id: str,
+        termination: ContractTermination,
+        caller: Caller = Depends(CallerPolicy("contract")),
+    ) -> Registered:
+        """End a contract at once; the product refuses its queries from now on."""
+        if termination.contract_id != contract_id:
+            raise IdentityMismatch("the termination names another contract")
+        if caller.name not in (termination.party, ctx.name):
+            raise IdentityMismatch(f"{caller.name} cannot file {termination.party}'s termination")
+        contract_book(ctx).terminate(termination, _now())
+        record_event(ctx, "contract_terminated", {
+            "contract_id": contract_id, "party": termination.party, "reason": termination.reason,
+        })
+        return Registered(id=contract_id, status="terminated")
+
+    return [router]
+
+
+def _known(book: ContractBook, contract_id: str) -> bool:
+    try:
+        book.get(contract_id)
+    except contract_lib.ContractUnknown:
+        return False
+    return True
+
+
+SERVICE = Service(
+    name="agreements",
+    roles=(SERVING_ROLE,),
+    routers=_routes,
+    components=(
+        (consent_lib.COMPONENT, consent_lib.MIGRATIONS),
+        (contract_lib.COMPONENT, contract_lib.MIGRATIONS),
+    ),
+)

@@ -1,0 +1,518 @@
+"""Entry into circulation: what the health authority publishes and the operator keeps.
+
+The health authority publishes per visit an opaque `visit_ref` (HMAC of the
+visit id under a key of its own), the person's level-1 token `p1 = k1·H(id)`,
+the hospital and the fields the claim check needs. Fields of the top grade
+travel sealed with AES-256-GCM under a per-batch data key, itself sealed
+(libsodium SealedBox) to the operator's X25519 key, which is derived from the
+operator's CA-certified Ed25519 signing key. The operator opens them and seals
+them again under its own keyring before they touch its store.
+
+Each person's consumer public key travels in a separate stream keyed by p1 and
+lands in `circ_persons`, never in a per-domain table (it would link domains).
+
+Operator tables:
+
+    circ_visits(visit_ref BLOB PK, p1 BLOB, hospital_id, admission_date, discharge_date,
+                diagnosis_code (sealed BLOB), total_fen, covered_fen, self_pay_fen, stream)
+    circ_persons(p1 BLOB PK, public_key BLOB)
+    circ_registrations(stream PK, owner, rows, digest, persons, persons_digest, grades, at)
+"""
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any
+
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+import pandas as pd
+import pyarrow as pa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, Field
+
+from governance.at_rest import open_value, seal_value
+from governance.errors import GovernanceError
+from parties import batches
+from parties.access import Caller, CallerPolicy
+from parties.batches import (
+    DIGEST_HEADER,
+    BatchReceipt,
+    BatchReceiver,
+    ReceivedBatches,
+    digest,
+    read_limited_body,
+    table_to_ipc,
+)
+from parties.client import NodeClient
+from parties.context import NodeContext
+from parties.services import Service
+from parties.services.ledger import record_event
+from parties.topology import Role
+
+VISITS_TABLE = "circ_visits"
+PERSONS_TABLE = "circ_persons"
+#: the fields of a published visit, in order (visit_ref and p1 are 32-byte binaries)
+CIRCULATION_FIELDS: tuple[str, ...] = (
+    "visit_ref", "p1", "hospital_id", "admission_date", "discharge_date", "diagnosis_code",
+    "total_fen", "covered_fen", "self_pay_fen",
+)
+DATE_FIELDS = ("admission_date", "discharge_date")
+INT_FIELDS = ("total_fen", "covered_fen", "self_pay_fen")
+META_SEALED_KEY = b"cogov.sealed_key"
+META_SEALED_COLUMNS = b"cogov.sealed_columns"
+META_GRADES = b"cogov.grades"
+STREAM_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
+
+COMPONENT = "circulation"
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE circ_visits (
+        visit_ref BLOB PRIMARY KEY, p1 BLOB NOT NULL, hospital_id TEXT NOT NULL,
+        admission_date TEXT, discharge_date TEXT, diagnosis_code ANY,
+        total_fen ANY, covered_fen ANY, self_pay_fen ANY, stream TEXT NOT NULL
+    );
+    CREATE INDEX circ_visits_p1 ON circ_visits (p1);
+    CREATE TABLE circ_persons (p1 BLOB PRIMARY KEY, public_key BLOB NOT NULL, stream TEXT);
+    CREATE TABLE circ_registrations (
+        stream TEXT PRIMARY KEY, owner TEXT NOT NULL, rows INTEGER NOT NULL,
+        digest TEXT NOT NULL, persons INTEGER NOT NULL, persons_digest TEXT NOT NULL,
+        grades TEXT NOT NULL, registered_at TEXT NOT NULL DEFAULT (datetime('now'))
+    )
+    """,
+)
+
+
+class CirculationError(GovernanceError):
+    http_status = 400
+
+
+class TransportSealInvalid(CirculationError):
+    """A published batch's sealed key or field does not open: tampered, moved or misaddressed."""
+
+    http_status = 422
+
+
+class RegistrationMismatch(CirculationError):
+    """What the operator holds differs from what the health authority says it published."""
+
+    http_status = 409
+
+
+# --- the operator's X25519 key, from its certified Ed25519 signing key ------------------
+
+
+def sealing_public_key(ed25519_public: bytes) -> nacl.public.PublicKey:
+    """The X25519 public key matching a node's Ed25519 signing key (from its certificate)."""
+    return nacl.signing.VerifyKey(ed25519_public).to_curve25519_public_key()
+
+
+def sealing_private_key(signing_key: Ed25519PrivateKey) -> nacl.public.PrivateKey:
+    """The X25519 private key matching this node's Ed25519 signing key."""
+    return nacl.signing.SigningKey(signing_key.private_bytes_raw()).to_curve25519_private_key()
+
+
+def field_aad(stream: str, idx: int, column: str, visit_ref: bytes) -> bytes:
+    """Associated data binding a sealed field to its publication, batch, column and visit."""
+    parts = [b"cogov/circulation/v1", stream.encode(), str(idx).encode(), column.encode(),
+             visit_ref]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _encode_field(value: Any) -> bytes:
+    if isinstance(value, dt.date):
+        value = value.isoformat()
+    return json.dumps(value).encode()
+
+
+def seal_batch(
+    frame: pd.DataFrame, sealed_columns: Sequence[str], operator_key: nacl.public.PublicKey,
+    stream: str, idx: int, grades: dict[str, str],
+) -> pa.Table:
+    """One publication batch: top-grade columns sealed under a fresh key sealed to the operator."""
+    key = AESGCM.generate_key(bit_length=256)
+    aead = AESGCM(key)
+    refs = frame["visit_ref"].tolist()
+    columns: dict[str, pa.Array] = {}
+    for name in CIRCULATION_FIELDS:
+        values = frame[name].tolist()
+        if name in sealed_columns:
+            sealed = []
+            for value, ref in zip(values, refs, strict=True):
+                nonce = os.urandom(12)
+                aad = field_aad(stream, idx, name, ref)
+                sealed.append(nonce + aead.encrypt(nonce, _encode_field(value), aad))
+            columns[name] = pa.array(sealed, type=pa.binary())
+        else:
+            columns[name] = pa.array(values, type=_arrow_type(name))
+    metadata = {
+        META_SEALED_KEY: base64.b64encode(nacl.public.SealedBox(operator_key).encrypt(key)),
+        META_SEALED_COLUMNS: json.dumps(list(sealed_columns)).encode(),
+        META_GRADES: json.dumps(grades).encode(),
+    }
+    return pa.table(columns).replace_schema_metadata(metadata)
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name in ("visit_ref", "p1"):
+        return pa.binary(32)
+    if name in DATE_FIELDS:
+        return pa.date32()
+    if name in INT_FIELDS:
+        return pa.int64()
+    return pa.string()
+
+
+def open_batch(
+    table: pa.Table, private_key: nacl.public.PrivateKey, stream: str, idx: int
+) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """The plaintext rows of a publication batch, its sealed columns and the field grades."""
+    meta = table.schema.metadata or {}
+    missing = [f for f in CIRCULATION_FIELDS if f not in table.column_names]
+    if missing or META_SEALED_KEY not in meta:
+        raise TransportSealInvalid(f"batch lacks {missing or 'its sealed key'}")
+    try:
+        key = nacl.public.SealedBox(private_key).decrypt(base64.b64decode(meta[META_SEALED_KEY]))
+        sealed_columns = [str(c) for c in json.loads(meta.get(META_SEALED_COLUMNS, b"[]"))]
+        grades = {str(k): str(v) for k, v in json.loads(meta.get(META_GRADES, b"{}")).items()}
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise TransportSealInvalid(f"batch key does not open for this node: {exc}") from None
+    aead = AESGCM(key)
+    frame = pd.DataFrame({f: table[f].to_pylist() for f in CIRCULATION_FIELDS})
+    bad_refs = [r for r in frame["visit_ref"] if not isinstance(r, bytes) or len(r) != 32]
+    bad_p1 = [p for p in frame["p1"] if not isinstance(p, bytes) or len(p) != 32]
+    if bad_refs or bad_p1:
+        raise TransportSealInvalid("visit_ref and p1 must be 32-byte values")
+    for name in sealed_columns:
+        if name not in CIRCULATION_FIELDS:
+            raise TransportSealInvalid(f"unknown sealed column {name!r}")
+        opened = []
+        for blob, ref in zip(frame[name].tolist(), frame["visit_ref"].tolist(), strict=True):
+            try:
+                plain = aead.decrypt(blob[:12], blob[12:], field_aad(stream, idx, name, ref))
+            except (InvalidTag, TypeError, ValueError):
+                raise TransportSealInvalid(
+                    f"sealed {name} of a visit in batch {stream}/{idx} fails authentication"
+                ) from None
+            value = json.loads(plain)
+            opened.append(dt.date.fromisoformat(value) if name in DATE_FIELDS else value)
+        frame[name] = opened
+    return frame, sealed_columns, grades
+
+
+# --- digests shared by both ends ---------------------------------------------------------
+
+
+def circulation_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 over the plaintext circulation rows, ordered by visit_ref (hex)."""
+    if frame.empty:
+        return hashlib.sha256(b"").hexdigest()
+    text = pd.DataFrame({
+        "visit_ref": [bytes(v).hex() for v in frame["visit_ref"]],
+        "p1": [bytes(v).hex() for v in frame["p1"]],
+        **{f: frame[f].map(_canonical_text) for f in CIRCULATION_FIELDS[2:]},
+    }).sort_values("visit_ref")
+    lines = text[list(CIRCULATION_FIELDS)].agg("\x1f".join, axis=1)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def persons_digest(p1s: Iterable[bytes], keys: Iterable[bytes]) -> str:
+    lines = sorted(f"{bytes(p).hex()}\x1f{bytes(k).hex()}" for p, k in zip(p1s, keys, strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _canonical_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        value = value.item()
+    return str(value)
+
+
+# --- sending publication batches (health authority side) ---------------------------------
+
+
+def send_sealed_batches(
+    client: NodeClient,
+    target: str,
+    base_path: str,
+    stream: str,
+    frame: pd.DataFrame,
+    build: Callable[[pd.DataFrame, int], pa.Table],
+    *,
+    kind: str,
+    batch_rows: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Like `parties.batches.send_batches`, but each batch is built (sealed) when it is sent.
+
+    The split is deterministic (rows in a fixed order), so a resumed transfer numbers
+    batches the same way and sends only those the receiver lacks.
+    """
+    already = set(client.get(target, f"{base_path}/{stream}", kind=kind).json()["received"])
+    total = max(1, -(-len(frame) // batch_rows))
+    sent = skipped = rows_sent = 0
+    for idx in range(total):
+        chunk = frame.iloc[idx * batch_rows:(idx + 1) * batch_rows]
+        if idx in already:
+            skipped += 1
+        else:
+            data = table_to_ipc(build(chunk, idx))
+            client.request(
+                target, "PUT", f"{base_path}/{stream}/{idx}", kind=kind, content=data,
+                headers={DIGEST_HEADER: digest(data),
+                         "Content-Type": "application/vnd.apache.arrow.stream"},
+            )
+            sent += 1
+            rows_sent += len(chunk)
+        if on_batch:
+            on_batch(idx + 1, total)
+    return {"batches": total, "sent": sent, "skipped": skipped, "rows_sent": rows_sent}
+
+
+# --- the operator's store ------------------------------------------------------------------
+
+
+def _operator_private_key(ctx: NodeContext) -> nacl.public.PrivateKey:
+    found = ctx.extras.get("sealing_private_key")
+    if found is None:
+        found = ctx.extras["sealing_private_key"] = sealing_private_key(ctx.signing_key)
+    assert isinstance(found, nacl.public.PrivateKey)
+    return found
+
+
+def _apply_visits(ctx: NodeContext, stream: str, idx: int) -> Callable[[sqlite3.Connection,
+                                                                        pa.Table], int]:
+    from parties.services.operator_domains import index_visits
+
+    def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
+        frame, sealed_columns, _grades = open_batch(table, _operator_private_key(ctx), stream, idx)
+        keyring = ctx.secrets.data_key_for(VISITS_TABLE)
+        refs = frame["visit_ref"].tolist()
+        stored: dict[str, list[Any]] = {}
+        for name in CIRCULATION_FIELDS[2:]:
+            values = frame[name].tolist()
+            if name in sealed_columns:
+                values = [seal_value(v, keyring, VISITS_TABLE, name, r.hex())
+                          for v, r in zip(values, refs, strict=True)]
+            elif name in DATE_FIELDS:
+                values = [v.isoformat() if v is not None else None for v in values]
+            stored[name] = values
+        rows = [
+            (refs[i], frame["p1"].iat[i], *(stored[n][i] for n in CIRCULATION_FIELDS[2:]), stream)
+            for i in range(len(frame))
+        ]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in (*CIRCULATION_FIELDS[1:], "stream"))
+        conn.executemany(
+            f"INSERT INTO {VISITS_TABLE} ({', '.join(CIRCULATION_FIELDS)}, stream) "
+            f"VALUES ({', '.join('?' * (len(CIRCULATION_FIELDS) + 1))}) "
+            f"ON CONFLICT(visit_ref) DO UPDATE SET {updates}",
+            rows,
+        )
+        index_visits(ctx, conn, refs, frame["p1"].tolist())
+        return len(rows)
+
+    return apply
+
+
+def _apply_persons(stream: str) -> Callable[[sqlite3.Connection, pa.Table], int]:
+    def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
+        if table.column_names != ["p1", "public_key"]:
+            raise TransportSealInvalid("a persons batch has exactly the columns p1, public_key")
+        p1s, keys = table["p1"].to_pylist(), table["public_key"].to_pylist()
+        if any(not isinstance(v, bytes) or len(v) != 32 for v in (*p1s, *keys)):
+            raise TransportSealInvalid("p1 and public_key must be 32-byte values")
+        conn.executemany(
+            f"INSERT INTO {PERSONS_TABLE} (p1, public_key, stream) VALUES (?, ?, ?) "
+            "ON CONFLICT(p1) DO UPDATE SET public_key = excluded.public_key, "
+            "stream = excluded.stream",
+            [(p, k, stream) for p, k in zip(p1s, keys, strict=True)],
+        )
+        return len(p1s)
+
+    return apply
+
+
+def read_visits(ctx: NodeContext, visit_refs: Sequence[bytes] | None = None) -> pd.DataFrame:
+    """The operator's circulation rows (top-grade fields opened), all or those of `visit_refs`.
+
+    Raises `governance.at_rest.CiphertextInvalid` if a stored ciphertext was altered.
+    """
+    cols = ", ".join(CIRCULATION_FIELDS)
+    with ctx.store.lock:
+        if visit_refs is None:
+            rows = ctx.store.conn.execute(f"SELECT {cols} FROM {VISITS_TABLE}").fetchall()
+        else:
+            rows = []
+            refs = list(visit_refs)
+            for start in range(0, len(refs), 500):
+                part = refs[start:start + 500]
+                rows += ctx.store.conn.execute(
+                    f"SELECT {cols} FROM {VISITS_TABLE} WHERE visit_ref IN "
+                    f"({', '.join('?' * len(part))})", part,
+                ).fetchall()
+    frame = pd.DataFrame(rows, columns=list(CIRCULATION_FIELDS))
+    if frame.empty:
+        return frame
+    keyring = ctx.secrets.keyring
+    ciphers: dict = {}
+    for name in CIRCULATION_FIELDS[2:]:
+        values = frame[name].tolist()
+        if any(isinstance(v, bytes) for v in values):
+            values = [open_value(v, keyring, VISITS_TABLE, name, bytes(r).hex(), ciphers)
+                      if isinstance(v, bytes) else v
+                      for v, r in zip(values, frame["visit_ref"], strict=True)]
+        if name in DATE_FIELDS:
+            values = [dt.date.fromisoformat(v) if isinstance(v, str) else v for v in values]
+        frame[name] = values
+    frame["visit_ref"] = frame["visit_ref"].map(bytes)
+    frame["p1"] = frame["p1"].map(bytes)
+    return frame
+
+
+def consumer_public_key(ctx: NodeContext, p1: bytes) -> bytes | None:
+    """The consumer signing public key of the person with level-1 token `p1`, if known."""
+    with ctx.store.lock:
+        row = ctx.store.conn.execute(
+            f"SELECT public_key FROM {PERSONS_TABLE} WHERE p1 = ?", (p1,)
+        ).fetchone()
+    return bytes(row[0]) if row else None
+
+
+class CirculationSummary(BaseModel):
+    rows: int
+    digest: str
+    persons: int
+    persons_digest: str
+    by_hospital: dict[str, int]
+    sealed_columns: list[str]
+
+
+def circulation_summary(ctx: NodeContext) -> CirculationSummary:
+    """Counts and digests of what the operator holds (opening every sealed field)."""
+    frame = read_visits(ctx)
+    with ctx.store.lock:
+        persons = ctx.store.conn.execute(f"SELECT p1, public_key FROM {PERSONS_TABLE}").fetchall()
+        sealed = [name for name in CIRCULATION_FIELDS[2:] if ctx.store.conn.execute(
+            f"SELECT 1 FROM {VISITS_TABLE} WHERE typeof({name}) = 'blob' LIMIT 1").fetchone()]
+    return CirculationSummary(
+        rows=len(frame),
+        digest=circulation_digest(frame),
+        persons=len(persons),
+        persons_digest=persons_digest([p for p, _ in persons], [k for _, k in persons]),
+        by_hospital=frame.groupby("hospital_id").size().astype(int).to_dict() if len(frame) else {},
+        sealed_columns=sealed,
+    )
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+class Registration(BaseModel):
+    stream: Annotated[str, Field(pattern=STREAM_PATTERN)]
+    rows: Annotated[int, Field(ge=0)]
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    persons: Annotated[int, Field(ge=0)]
+    persons_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    grades: dict[str, Annotated[str, Field(pattern=r"^L\d$")]]
+
+
+StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter(prefix="/v1/circulation", tags=["circulation"])
+    publisher = CallerPolicy("ingest", (Role.HEALTH_AUTHORITY,))
+    receiver = BatchReceiver(ctx.store)
+
+    def internal(kind: str, caller: Caller, stream: str) -> str:
+        return f"circ-{kind}:{caller.name}:{stream}"
+
+    @router.get("/visits/{stream}", response_model=ReceivedBatches)
+    def visits_received(stream: StreamName, caller: Caller = Depends(publisher)) -> ReceivedBatches:
+        """Which batches of a visit publication arrived."""
+        got = receiver.received(internal("visits", caller, stream))
+        return ReceivedBatches(stream=stream, received=got.received)
+
+    @router.put("/visits/{stream}/{idx}", response_model=BatchReceipt)
+    async def put_visits(
+        stream: StreamName, idx: Annotated[int, Path(ge=0, lt=10**7)], request: Request,
+        caller: Caller = Depends(publisher),
+    ) -> BatchReceipt:
+        """One batch of published visits (Arrow IPC); applied exactly once."""
+        data = await read_limited_body(request)
+        return receiver.accept(internal("visits", caller, stream), idx,
+                               request.headers.get(DIGEST_HEADER), data,
+                               _apply_visits(ctx, stream, idx))
+
+    @router.get("/persons/{stream}", response_model=ReceivedBatches)
+    def persons_received(stream: StreamName,
+                         caller: Caller = Depends(publisher)) -> ReceivedBatches:
+        got = receiver.received(internal("persons", caller, stream))
+        return ReceivedBatches(stream=stream, received=got.received)
+
+    @router.put("/persons/{stream}/{idx}", response_model=BatchReceipt)
+    async def put_persons(
+        stream: StreamName, idx: Annotated[int, Path(ge=0, lt=10**7)], request: Request,
+        caller: Caller = Depends(publisher),
+    ) -> BatchReceipt:
+        """One batch of (p1, consumer public key) pairs."""
+        data = await read_limited_body(request)
+        return receiver.accept(internal("persons", caller, stream), idx,
+                               request.headers.get(DIGEST_HEADER), data, _apply_persons(stream))
+
+    @router.post("/register", response_model=CirculationSummary)
+    def register(body: Registration, caller: Caller = Depends(publisher)) -> CirculationSummary:
+        """Check the whole holding against the publisher's digests, then register it."""
+        summary = circulation_summary(ctx)
+        if (summary.rows, summary.digest) != (body.rows, body.digest):
+            raise RegistrationMismatch(
+                f"operator holds {summary.rows} visits (digest {summary.digest[:12]}), "
+                f"publisher says {body.rows} (digest {body.digest[:12]})"
+            )
+        if (summary.persons, summary.persons_digest) != (body.persons, body.persons_digest):
+            raise RegistrationMismatch(
+                f"operator holds {summary.persons} consumer keys, publisher says {body.persons}"
+            )
+        with ctx.store.lock, ctx.store.conn as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO circ_registrations (stream, owner, rows, digest, persons,"
+                " persons_digest, grades) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (body.stream, caller.name, body.rows, body.digest, body.persons,
+                 body.persons_digest, json.dumps(body.grades)),
+            )
+        record_event(ctx, "data_registered", {
+            "dataset": "claim_check.visits", "owner": caller.name, "stream": body.stream,
+            "rows": summary.rows, "digest": summary.digest, "persons": summary.persons,
+            "persons_digest": summary.persons_digest,
+            "sealed_columns": summary.sealed_columns,
+            "grades": [f"{k}={v}" for k, v in sorted(body.grades.items())],
+        })
+        ctx.log.event("data_registered", owner=caller.name, rows=summary.rows,
+                      persons=summary.persons)
+        return summary
+
+    @router.get("/summary", response_model=CirculationSummary)
+    def summary(caller: Caller = Depends(CallerPolicy("admin"))) -> CirculationSummary:
+        """Counts and digests of the operator's holding (its local operator only)."""
+        return circulation_summary(ctx)
+
+    return [router]
+
+
+OPERATOR_CIRCULATION_SERVICE = Service(
+    name="circulation",
+    roles=(Role.OPERATOR,),
+    routers=_routes,
+    components=((COMPONENT, MIGRATIONS), (batches.COMPONENT, batches.MIGRATIONS)),
+)

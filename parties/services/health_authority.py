@@ -1,0 +1,563 @@
+"""The health authority: governs hospital exports and publishes them into circulation.
+
+1. Hospitals send their raw exports in batches (`/v1/exports`, kind `export`).
+   Each batch is staged sealed whole (AES-256-GCM under the staging table's
+   data key), so not even the staging holds a raw value in the clear.
+2. When an export is complete the authority governs it: asset scan,
+   classification and grading (policy file), standardization to the common
+   model (overrides file), level-1 tokens P1 = k1·H(national id), an opaque
+   `visit_ref` = HMAC(visit id), and encryption at rest of every field graded
+   `SEAL_FROM_LEVEL` or above (the top grade always) under the `ha_visits` data
+   key wrapped by the node's KEK. The staged raw batches are then dropped.
+3. `publish` aligns patients across hospitals and sends the operator only
+   tokens, refs and the fields the claim check needs, top grade sealed to the
+   operator (see `parties.services.circulation`), then has it register the data.
+4. The level-1 OPRF step: the operator relays blinded points; k1 never leaves.
+"""
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import pandas as pd
+import pyarrow as pa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastapi import APIRouter, Depends, Path, Request
+from pydantic import BaseModel, Field
+
+from governance.at_rest import Keyring, open_value, seal_value
+from governance.classify import classify_table, load_policy
+from governance.errors import GovernanceError
+from governance.scan import scan_frame
+from governance.standardize import (
+    COMMON_FIELDS,
+    align_patients,
+    apply_mapping,
+    infer_mapping,
+    load_overrides,
+)
+from mpc import xid
+from parties import batches
+from parties.access import Caller, CallerPolicy
+from parties.batches import (
+    DIGEST_HEADER,
+    BatchReceipt,
+    BatchReceiver,
+    ReceivedBatches,
+    ipc_to_table,
+    read_limited_body,
+    send_batches,
+    table_to_ipc,
+)
+from parties.client import NodeClient
+from parties.context import NodeContext
+from parties.services import Service
+from parties.services.circulation import (
+    CIRCULATION_FIELDS,
+    STREAM_PATTERN,
+    circulation_digest,
+    persons_digest,
+    seal_batch,
+    sealing_public_key,
+    send_sealed_batches,
+)
+from parties.services.ledger import record_event
+from parties.topology import Role
+
+K1_NAME = "xid:k1"
+VISIT_REF_KEY_TABLE = "hmac:visit_ref"  # a keyring entry used as the visit_ref HMAC key
+STAGING_TABLE = "ha_staged_batches"
+VISITS_TABLE = "ha_visits"
+SEAL_FROM_LEVEL = 3  # seal fields graded L3 and above; the top grade is always sealed
+ROW_KEY_FIELDS = ("visit_id", "hospital_id")  # identify the record, never sealed
+PUBLISH_BATCH_ROWS = 5000
+LONG_CALL_S = 600.0
+
+COMPONENT = "health_authority"
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE ha_staged_batches (
+        stream TEXT NOT NULL, idx INTEGER NOT NULL, hospital_id TEXT NOT NULL,
+        rows INTEGER NOT NULL, sealed BLOB NOT NULL, PRIMARY KEY (stream, idx)
+    );
+    CREATE TABLE ha_exports (
+        stream TEXT PRIMARY KEY, hospital_id TEXT NOT NULL, rows INTEGER NOT NULL,
+        persons INTEGER NOT NULL, digest TEXT NOT NULL, mapping TEXT NOT NULL,
+        scan TEXT NOT NULL, grades TEXT NOT NULL, sealed_fields TEXT NOT NULL,
+        governed_at TEXT NOT NULL DEFAULT (datetime('now'))
+    );
+    CREATE TABLE ha_visits (
+        visit_id TEXT PRIMARY KEY, hospital_id TEXT NOT NULL, visit_ref BLOB NOT NULL UNIQUE,
+        p1 BLOB NOT NULL, national_id ANY, name ANY, phone ANY, address ANY, birth_date ANY,
+        sex ANY, admission_date ANY, discharge_date ANY, diagnosis_code ANY, total_fen ANY,
+        covered_fen ANY, self_pay_fen ANY, export_stream TEXT NOT NULL
+    );
+    CREATE TABLE ha_consumer_keys (p1 BLOB PRIMARY KEY, public_key BLOB NOT NULL)
+    """,
+)
+_DATA_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ROW_KEY_FIELDS)
+
+
+class AuthorityError(GovernanceError):
+    http_status = 400
+
+
+class ExportIncomplete(AuthorityError):
+    """Not every batch of the export has arrived (resend the missing ones)."""
+
+    http_status = 409
+
+
+class NothingToPublish(AuthorityError):
+    http_status = 409
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def level1_key(ctx: NodeContext) -> xid.XidKey:
+    """k1: generated on first use, sealed under the node's KEK, never sent anywhere."""
+    return ctx.secrets.xid_key(K1_NAME, create=True)
+
+
+def _visit_ref_key(ctx: NodeContext) -> bytes:
+    keyring = ctx.secrets.data_key_for(VISIT_REF_KEY_TABLE)
+    return keyring.data_key(keyring.active_key_id(VISIT_REF_KEY_TABLE))
+
+
+def visit_refs(ctx: NodeContext, visit_ids: list[str]) -> list[bytes]:
+    """Opaque, stable per-visit references: HMAC-SHA256 of the visit id under an HA key."""
+    key = _visit_ref_key(ctx)
+    return [hmac.new(key, v.encode(), hashlib.sha256).digest() for v in visit_ids]
+
+
+# --- digests -----------------------------------------------------------------------------
+
+
+def visits_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 over common-model rows ordered by visit id (dates ISO, amounts integer fen)."""
+    def text(value: Any) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return ""
+        if isinstance(value, dt.date):
+            return value.isoformat()
+        return str(value.item() if hasattr(value, "item") else value)
+
+    if frame.empty:
+        return hashlib.sha256(b"").hexdigest()
+    ordered = frame.sort_values("visit_id")
+    cols = [ordered[f].map(text) for f in COMMON_FIELDS]
+    lines = pd.concat(cols, axis=1).agg("\x1f".join, axis=1)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# --- sealing helpers ------------------------------------------------------------------------
+
+
+def _seal_column(keyring: Keyring, column: str, values: list, row_keys: list[str]) -> list:
+    key_id = keyring.active_key_id(VISITS_TABLE)
+    cipher = (bytes.fromhex(key_id), AESGCM(keyring.data_key(key_id)))
+    return [seal_value(v, keyring, VISITS_TABLE, column, k, cipher)
+            for v, k in zip(values, row_keys, strict=True)]
+
+
+def _open_column(keyring: Keyring, column: str, values: list, row_keys: list[str],
+                 ciphers: dict) -> list:
+    return [open_value(v, keyring, VISITS_TABLE, column, k, ciphers)
+            if isinstance(v, bytes) else v for v, k in zip(values, row_keys, strict=True)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+# --- governing an export ------------------------------------------------------------------
+
+
+class GovernedExport(BaseModel):
+    stream: str
+    hospital_id: str
+    rows: int
+    persons: int
+    digest: str
+    mapped: dict[str, str]  # common field -> raw column
+    flagged: dict[str, str]  # raw column -> sensitive type found by content
+    raw_grades: dict[str, str]  # raw column -> level
+    grades: dict[str, str]  # common field -> level
+    sealed_fields: list[str]
+
+
+def _staged_frame(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pd.DataFrame]:
+    keyring = ctx.secrets.data_key_for(STAGING_TABLE)
+    with ctx.store.lock:
+        rows = ctx.store.conn.execute(
+            "SELECT idx, hospital_id, sealed FROM ha_staged_batches WHERE stream = ? ORDER BY idx",
+            (stream,),
+        ).fetchall()
+    have = [r[0] for r in rows]
+    if have != list(range(batches)):
+        missing = sorted(set(range(batches)) - set(have))
+        raise ExportIncomplete(f"export {stream} lacks batches {missing[:20]}")
+    tables = [ipc_to_table(open_value(bytes(s), keyring, STAGING_TABLE, "batch", f"{stream}/{i}"))
+              for i, _h, s in rows]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return rows[0][1], table.to_pandas()
+
+
+def govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExport:
+    """Scan, classify, standardize, tokenize and seal a complete export; drop its staging."""
+    with ctx.store.lock:
+        done = ctx.store.conn.execute(
+            "SELECT stream FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
+    if done:
+        return exported(ctx, stream)
+    hospital, raw = _staged_frame(ctx, stream, batches)
+    policy = load_policy()
+    profile = scan_frame(raw, hospital)
+    mapping = infer_mapping(raw.head(2000), hospital, load_overrides().for_hospital(hospital),
+                            profile=None)
+    raw_grades = {g.column: g.level for g in classify_table(profile, policy, mapping.columns())}
+    std = apply_mapping(raw, mapping).to_pandas()
+    digest = visits_digest(std)
+    common_profile = scan_frame(std.head(2000).astype(object), "common_model")
+    grades = {g.column: g.level for g in classify_table(
+        common_profile, policy, {f: f for f in COMMON_FIELDS})}
+    top = max(int(level[1:]) for level in policy.levels)
+    sealed = [f for f in _DATA_FIELDS
+              if int(grades[f][1:]) >= min(SEAL_FROM_LEVEL, top)]
+    ids = std["national_id"].tolist()
+    distinct = list(dict.fromkeys(ids))
+    p1_of = dict(zip(distinct, xid.tokenize(level1_key(ctx), distinct), strict=True))
+    visit_ids = std["visit_id"].tolist()
+    refs = visit_refs(ctx, visit_ids)
+    keyring = ctx.secrets.data_key_for(VISITS_TABLE)
+    stored = {}
+    for f in _DATA_FIELDS:
+        values = [_plain(v) for v in std[f].tolist()]
+        values = [None if (isinstance(v, float) and v != v) else v for v in values]
+        stored[f] = _seal_column(keyring, f, values, visit_ids) if f in sealed else values
+    rows = [(visit_ids[i], hospital, refs[i], p1_of[ids[i]],
+             *(stored[f][i] for f in _DATA_FIELDS), stream) for i in range(len(std))]
+    result = GovernedExport(
+        stream=stream, hospital_id=hospital, rows=len(std), persons=len(distinct), digest=digest,
+        mapped={f: m.column for f, m in mapping.fields.items()},
+        flagged={c.name: c.sensitive_type for c in profile.columns if c.sensitive_type},
+        raw_grades=raw_grades, grades=grades, sealed_fields=sealed,
+    )
+    columns = ("visit_id", "hospital_id", "visit_ref", "p1", *_DATA_FIELDS, "export_stream")
+    with ctx.store.lock, ctx.store.conn as conn:
+        conn.executemany(
+            f"INSERT OR REPLACE INTO {VISITS_TABLE} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})", rows,
+        )
+        conn.execute("DELETE FROM ha_staged_batches WHERE stream = ?", (stream,))
+        conn.execute(
+            "INSERT INTO ha_exports (stream, hospital_id, rows, persons, digest, mapping, scan,"
+            " grades, sealed_fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (stream, hospital, result.rows, result.persons, digest,
+             json.dumps(result.mapped, ensure_ascii=False), profile.model_dump_json(),
+             json.dumps({"raw": raw_grades, "common": grades}), json.dumps(sealed)),
+        )
+    record_event(ctx, "data_registered", {
+        "dataset": "hospital_export", "owner": hospital, "stream": stream, "rows": result.rows,
+        "persons": result.persons, "digest": digest, "sealed_fields": sealed,
+        "flagged_columns": len(result.flagged), "stage": "governed",
+    })
+    ctx.log.event("export_governed", hospital=hospital, stream=stream, rows=result.rows,
+                  persons=result.persons)
+    return result
+
+
+def exported(ctx: NodeContext, stream: str) -> GovernedExport:
+    with ctx.store.lock:
+        row = ctx.store.conn.execute(
+            "SELECT hospital_id, rows, persons, digest, mapping, scan, grades, sealed_fields"
+            " FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
+    if row is None:
+        raise AuthorityError(f"no governed export {stream}")
+    hospital, rows, persons, digest, mapping, scan, grades, sealed = row
+    profile = json.loads(scan)
+    both = json.loads(grades)
+    return GovernedExport(
+        stream=stream, hospital_id=hospital, rows=rows, persons=persons, digest=digest,
+        mapped=json.loads(mapping),
+        flagged={c["name"]: c["sensitive_type"] for c in profile["columns"]
+                 if c["sensitive_type"]},
+        raw_grades=both["raw"], grades=both["common"], sealed_fields=json.loads(sealed),
+    )
+
+
+def governed_visits(ctx: NodeContext, fields: tuple[str, ...] = _DATA_FIELDS) -> pd.DataFrame:
+    """The governed copy with `fields` opened (visit_id, hospital_id, visit_ref, p1 always)."""
+    cols = ("visit_id", "hospital_id", "visit_ref", "p1", *fields)
+    with ctx.store.lock:
+        rows = ctx.store.conn.execute(
+            f"SELECT {', '.join(cols)} FROM {VISITS_TABLE} ORDER BY visit_id").fetchall()
+    frame = pd.DataFrame(rows, columns=list(cols))
+    keyring, ciphers = ctx.secrets.keyring, {}
+    keys = frame["visit_id"].tolist()
+    for f in fields:
+        values = _open_column(keyring, f, frame[f].tolist(), keys, ciphers)
+        if f in ("birth_date", "admission_date", "discharge_date"):
+            values = [dt.date.fromisoformat(v) if isinstance(v, str) else v for v in values]
+        frame[f] = values
+    frame["visit_ref"] = frame["visit_ref"].map(bytes)
+    frame["p1"] = frame["p1"].map(bytes)
+    return frame
+
+
+class HospitalDigest(BaseModel):
+    rows: int
+    persons: int
+    digest: str
+
+
+class GovernanceSummary(BaseModel):
+    hospitals: dict[str, HospitalDigest]
+    rows: int
+    consumer_keys: int
+
+
+def governance_summary(ctx: NodeContext) -> GovernanceSummary:
+    """Per hospital: rows, persons and the digest of the stored governed copy (reopened)."""
+    frame = governed_visits(ctx)
+    out = {}
+    for hospital, part in frame.groupby("hospital_id"):
+        out[str(hospital)] = HospitalDigest(rows=len(part), persons=part["p1"].nunique(),
+                                            digest=visits_digest(part[list(COMMON_FIELDS)]))
+    with ctx.store.lock:
+        keys = ctx.store.conn.execute("SELECT COUNT(*) FROM ha_consumer_keys").fetchone()[0]
+    return GovernanceSummary(hospitals=out, rows=len(frame), consumer_keys=keys)
+
+
+# --- consumer public keys ------------------------------------------------------------------
+
+
+def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.Table], int]:
+    def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
+        if sorted(table.column_names) != ["national_id", "public_key"]:
+            raise AuthorityError("consumer key batches have exactly national_id, public_key")
+        ids = [str(v) for v in table["national_id"].to_pylist()]
+        keys = [bytes.fromhex(str(k)) for k in table["public_key"].to_pylist()]
+        if any(len(k) != 32 for k in keys):
+            raise AuthorityError("public keys are 32-byte Ed25519 keys (hex)")
+        p1s = xid.tokenize(level1_key(ctx), ids)
+        # Only the token is kept: the authority needs no second copy of the id.
+        conn.executemany(
+            "INSERT OR REPLACE INTO ha_consumer_keys (p1, public_key) VALUES (?, ?)",
+            list(zip(p1s, keys, strict=True)),
+        )
+        return len(ids)
+
+    return apply
+
+
+# --- publishing to the operator --------------------------------------------------------------
+
+
+class Publication(BaseModel):
+    stream: str
+    rows: int
+    digest: str
+    persons: int
+    persons_digest: str
+    batches: int
+    sent: int
+    skipped: int
+    sealed_fields: list[str]
+    alignment: dict[str, int]
+    registered_rows: int
+
+
+def _operator(ctx: NodeContext) -> str:
+    return ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+
+
+def publish(
+    ctx: NodeContext, *, batch_rows: int = PUBLISH_BATCH_ROWS,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Publication:
+    """Send the governed visits (tokenized, graded, top grade sealed) and keys to the operator."""
+    frame = governed_visits(ctx)
+    if frame.empty:
+        raise NothingToPublish("no governed visits yet: export from the hospitals first")
+    # Alignment runs in memory at the authority; only its counts leave this function.
+    aligned = align_patients(pa.Table.from_pandas(
+        frame[["visit_id", "hospital_id", "national_id", "name", "phone", "sex", "birth_date",
+               "address"]], preserve_index=False))
+    with ctx.store.lock:
+        levels = [json.loads(r[0])["common"] for r in ctx.store.conn.execute(
+            "SELECT grades FROM ha_exports").fetchall()]
+        persons = ctx.store.conn.execute(
+            "SELECT p1, public_key FROM ha_consumer_keys ORDER BY p1").fetchall()
+    grades = {f: max((lv[f] for lv in levels if f in lv), key=lambda x: int(x[1:]))
+              for f in CIRCULATION_FIELDS[2:]}
+    top = max(int(g[1:]) for lv in levels for g in lv.values())
+    sealed = [f for f, g in grades.items() if int(g[1:]) >= top]
+    view = frame[list(CIRCULATION_FIELDS)].sort_values(
+        "visit_ref", key=lambda s: s.map(bytes.hex)).reset_index(drop=True)
+    digest = circulation_digest(view)
+    stream = f"v-{digest[:32]}"
+    operator = _operator(ctx)
+    operator_key = sealing_public_key(ctx.signing_public_keys()[operator])
+    p1s = [bytes(p) for p, _ in persons]
+    keys = [bytes(k) for _, k in persons]
+    pdigest = persons_digest(p1s, keys)
+    with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
+        sent = send_sealed_batches(
+            client, operator, "/v1/circulation/visits", stream, view,
+            lambda chunk, idx: seal_batch(chunk, sealed, operator_key, stream, idx, grades),
+            kind="ingest", batch_rows=batch_rows, on_batch=on_batch,
+        )
+        if p1s:
+            send_batches(
+                client, operator, "/v1/circulation/persons", f"p-{pdigest[:32]}",
+                pa.table({"p1": pa.array(p1s, pa.binary(32)),
+                          "public_key": pa.array(keys, pa.binary(32))}),
+                kind="ingest", batch_rows=20_000,
+            )
+        registered = client.post(operator, "/v1/circulation/register", kind="ingest", json={
+            "stream": stream, "rows": len(view), "digest": digest, "persons": len(p1s),
+            "persons_digest": pdigest, "grades": grades,
+        }).json()
+    alignment = {
+        "persons": aligned.persons,
+        "persons_in_several_hospitals": aligned.persons_in_several_hospitals,
+        "attribute_conflicts": len(aligned.conflicts),
+        "id_inconsistent_visits": len(aligned.id_inconsistent),
+    }
+    record_event(ctx, "data_registered", {
+        "dataset": "claim_check.visits", "owner": ctx.name, "stream": stream, "rows": len(view),
+        "digest": digest, "persons": len(p1s), "persons_digest": pdigest,
+        "recipient": operator, "stage": "published", "sealed_fields": sealed,
+    })
+    ctx.log.event("published", stream=stream, rows=len(view), **sent)
+    return Publication(
+        stream=stream, rows=len(view), digest=digest, persons=len(p1s), persons_digest=pdigest,
+        batches=sent["batches"], sent=sent["sent"], skipped=sent["skipped"],
+        sealed_fields=sealed, alignment=alignment, registered_rows=registered["rows"],
+    )
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+class ExportComplete(BaseModel):
+    batches: Annotated[int, Field(ge=1, le=10**6)]
+    rows: Annotated[int, Field(ge=0)]
+
+
+class PublishRequest(BaseModel):
+    batch_rows: Annotated[int, Field(ge=10, le=200_000)] = PUBLISH_BATCH_ROWS
+
+
+class Points(BaseModel):
+    points: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]],
+                      Field(min_length=1, max_length=1000)]
+
+
+StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
+BatchIndex = Annotated[int, Path(ge=0, lt=10**7)]
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    exports = APIRouter(prefix="/v1/exports", tags=["health authority"])
+    hospitals = CallerPolicy("export", (Role.HOSPITAL,))
+    admin = CallerPolicy("admin")
+    receiver = BatchReceiver(ctx.store)
+    staging = ctx.secrets.data_key_for(STAGING_TABLE)
+
+    def internal(caller: Caller, stream: str) -> str:
+        # Streams are per hospital: one hospital can never add to another's export.
+        return f"export:{caller.name}:{stream}"
+
+    @exports.get("/{stream}", response_model=ReceivedBatches)
+    def export_received(stream: StreamName, caller: Caller = Depends(hospitals)) -> ReceivedBatches:
+        got = receiver.received(internal(caller, stream))
+        return ReceivedBatches(stream=stream, received=got.received)
+
+    @exports.put("/{stream}/{idx}", response_model=BatchReceipt)
+    async def put_export(stream: StreamName, idx: BatchIndex, request: Request,
+                         caller: Caller = Depends(hospitals)) -> BatchReceipt:
+        """One batch of a hospital's raw export (Arrow IPC), staged sealed."""
+        data = await read_limited_body(request)
+        key = internal(caller, stream)
+
+        def stage(conn: sqlite3.Connection, table: pa.Table) -> int:
+            sealed = seal_value(table_to_ipc(table), staging, STAGING_TABLE, "batch",
+                                f"{key}/{idx}")
+            conn.execute(
+                "INSERT OR REPLACE INTO ha_staged_batches (stream, idx, hospital_id, rows, sealed)"
+                " VALUES (?, ?, ?, ?, ?)", (key, idx, caller.name, table.num_rows, sealed))
+            return table.num_rows
+
+        return receiver.accept(key, idx, request.headers.get(DIGEST_HEADER), data, stage)
+
+    @exports.post("/{stream}/complete", response_model=GovernedExport)
+    def complete_export(stream: StreamName, body: ExportComplete,
+                        caller: Caller = Depends(hospitals)) -> GovernedExport:
+        """All batches sent: govern the export (idempotent)."""
+        key = internal(caller, stream)
+        with ctx.store.lock:
+            staged = ctx.store.conn.execute(
+                "SELECT COALESCE(SUM(rows), 0) FROM ha_staged_batches WHERE stream = ?",
+                (key,)).fetchone()[0]
+            governed = ctx.store.conn.execute(
+                "SELECT 1 FROM ha_exports WHERE stream = ?", (key,)).fetchone()
+        if not governed and staged != body.rows:
+            raise ExportIncomplete(f"export {stream}: {staged} rows staged, {body.rows} announced")
+        return govern_export(ctx, key, body.batches)
+
+    governance = APIRouter(prefix="/v1/governance", tags=["health authority"])
+
+    @governance.get("/summary", response_model=GovernanceSummary)
+    def get_summary(caller: Caller = Depends(admin)) -> GovernanceSummary:
+        """Rows, persons and digests of the governed copy, per hospital."""
+        return governance_summary(ctx)
+
+    @governance.put("/consumer-keys/{stream}/{idx}", response_model=BatchReceipt)
+    async def put_consumer_keys(stream: StreamName, idx: BatchIndex, request: Request,
+                                caller: Caller = Depends(admin)) -> BatchReceipt:
+        """Consumers' public keys (national_id, public_key hex); only p1 -> key is kept."""
+        data = await read_limited_body(request)
+        return receiver.accept(f"keys:{stream}", idx, request.headers.get(DIGEST_HEADER), data,
+                               _apply_consumer_keys(ctx))
+
+    @governance.get("/consumer-keys/{stream}", response_model=ReceivedBatches)
+    def consumer_keys_received(stream: StreamName,
+                               caller: Caller = Depends(admin)) -> ReceivedBatches:
+        got = receiver.received(f"keys:{stream}")
+        return ReceivedBatches(stream=stream, received=got.received)
+
+    @governance.post("/publish", response_model=Publication)
+    def post_publish(body: PublishRequest, caller: Caller = Depends(admin)) -> Publication:
+        """Publish the governed visits into circulation at the operator (resumable)."""
+        return publish(ctx, batch_rows=body.batch_rows)
+
+    oprf = APIRouter(prefix="/v1/oprf", tags=["oprf"])
+
+    @oprf.post("/level1", response_model=Points)
+    def level1(body: Points,
+               caller: Caller = Depends(CallerPolicy("oprf", (Role.OPERATOR,)))) -> Points:
+        """k1·P for blinded points relayed by the operator (the authority never sees an id)."""
+        out = xid.evaluate_blinded(level1_key(ctx), [bytes.fromhex(p) for p in body.points])
+        ctx.log.event("oprf_level1", caller=caller.name, points=len(out))
+        return Points(points=[p.hex() for p in out])
+
+    return [exports, governance, oprf]
+
+
+HEALTH_AUTHORITY_SERVICE = Service(
+    name="health-authority",
+    roles=(Role.HEALTH_AUTHORITY,),
+    routers=_routes,
+    components=((COMPONENT, MIGRATIONS), (batches.COMPONENT, batches.MIGRATIONS)),
+)

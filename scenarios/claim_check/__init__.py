@@ -1,0 +1,1 @@
+"""The Suzhou commercial medical-insurance fast-claim scenario."""

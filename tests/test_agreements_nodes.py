@@ -1,0 +1,147 @@
+"""Contracts, consents and bills through real nodes, recorded in the log."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from governance.consent import issue_consent
+from governance.contracts import SignedContract, load_contract, sign_contract
+from governance.ledger import decode_leaf
+from parties.client import NodeClient
+from parties.errors import RemoteError
+from parties.pki import load_signing_key
+from parties.server import open_node
+from parties.services.ledger import record_event
+from scenarios.cli import app
+from tests.federation import Federation
+
+runner = CliRunner()
+CONTRACT = Path(__file__).resolve().parents[1] / (
+    "scenarios/claim_check/contracts/claim-check-insurer-a.toml"
+)
+NODES = ["health-authority", "operator", "regulator", "insurer-a"]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("agreements"), nodes=NODES)
+    fed.up()
+    yield fed
+    fed.down()
+
+
+def _cli(fed: Federation, *args: str):
+    return runner.invoke(
+        app, [*args, "--state", str(fed.state.root), "--topology", str(fed.topology_path)]
+    )
+
+
+def _kinds(fed: Federation) -> list[str]:
+    ctx = open_node(fed.state, fed.topology, "operator")
+    from parties.services.ledger import operator_log
+
+    return [decode_leaf(leaf).entry.event.kind for leaf in operator_log(ctx).log.leaves()]
+
+
+def test_contract_in_force_only_when_every_party_signed(fed, tmp_path):
+    doc = tmp_path / "contract.toml"
+    doc.write_text(CONTRACT.read_text())
+    for party in ("insurer-a", "regulator", "operator"):
+        assert _cli(fed, "contract", "sign", str(doc), "--as", party).exit_code == 0
+        doc = tmp_path / "contract.signed.json"
+    partial = _cli(fed, "contract", "register", str(doc))
+    assert partial.exit_code == 0 and "awaiting health-authority" in partial.output
+    assert "contract_signed" not in _kinds(fed)
+    assert _cli(fed, "contract", "sign", str(doc), "--as", "health-authority").exit_code == 0
+    done = _cli(fed, "contract", "register", str(doc))
+    assert "in force" in done.output, done.output
+    assert _kinds(fed).count("contract_signed") == 1
+
+
+def test_forged_party_signature_is_refused(fed):
+    terms = load_contract(CONTRACT).model_copy(update={"contract_id": "forged-1"})
+    forged = sign_contract(terms, "operator", Ed25519PrivateKey.generate())
+    with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.post("regulator", "/v1/contracts", kind="contract",
+                    json=forged.model_dump(mode="json"))
+    assert refused.value.error == "ContractSignatureInvalid"
+
+
+def _consent(insurer: str = "insurer-a", days: int = 30):
+    key = Ed25519PrivateKey.generate()
+    now = datetime.now(UTC)
+    consent = issue_consent(
+        key, "320505199001011234", insurer=insurer, purpose="claim_settlement",
+        columns=["admission_date"], outputs=["visit_found"],
+        not_before=now - timedelta(minutes=1), not_after=now + timedelta(days=days),
+    )
+    return key, consent
+
+
+def test_consent_registration_and_revocation_are_logged(fed, tmp_path):
+    key, consent = _consent()
+    with NodeClient(fed.state, fed.topology, "insurer-a") as client:
+        body = client.post("regulator", "/v1/consents", kind="claim",
+                           json=consent.model_dump(mode="json")).json()
+    assert body["status"] == "registered"
+    path = tmp_path / "consent.json"
+    path.write_text(consent.model_dump_json())
+    revoked = _cli(fed, "consent", "revoke", str(path), "--key",
+                   key.private_bytes_raw().hex())
+    assert revoked.exit_code == 0, revoked.output
+    kinds = _kinds(fed)
+    assert "consent_given" in kinds and "consent_revoked" in kinds
+
+
+def test_consent_for_another_insurer_is_refused(fed):
+    _, consent = _consent(insurer="insurer-b")
+    with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.post("regulator", "/v1/consents", kind="claim",
+                    json=consent.model_dump(mode="json"))
+    assert refused.value.error == "ConsentMismatch"
+
+
+def test_billing_statement_traces_to_log_and_reconciles(fed):
+    regulator = open_node(fed.state, fed.topology, "regulator")
+    for i in range(3):
+        record_event(regulator, "query_answered", {
+            "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
+            "records_touched": 10 + i, "rows_returned": 10 + i, "compute_ms": 5,
+        })
+    period = datetime.now(UTC).astimezone().strftime("%Y-%m")
+    result = _cli(fed, "billing", "statement", "--contract", "claim-check-insurer-a-2026",
+                  "--period", period, "--json")
+    assert result.exit_code == 0, result.output
+    bill = json.loads(result.output)
+    assert bill["total_fen"] == sum(line["amount_fen"] for line in bill["lines"])
+    assert bill["total_fen"] == bill["risk_reserve_fen"] + sum(
+        s["amount_fen"] for s in bill["shares"])
+    assert all(line["entry_indices"] for line in bill["lines"])
+    assert "bill_issued" in _kinds(fed)
+
+
+def test_termination_stops_the_contract(fed, tmp_path):
+    doc = tmp_path / "c.toml"
+    doc.write_text(CONTRACT.read_text().replace("claim-check-insurer-a-2026", "to-end-1"))
+    signed = SignedContract(terms=load_contract(doc))
+    for party in ("insurer-a", "regulator", "operator", "health-authority"):
+        signed = sign_contract(signed, party, load_signing_key(fed.state, party))
+    with NodeClient(fed.state, fed.topology, "regulator") as client:
+        client.post("regulator", "/v1/contracts", kind="contract",
+                    json=signed.model_dump(mode="json"))
+    assert _cli(fed, "contract", "terminate", "to-end-1", "--as", "insurer-a").exit_code == 0
+    from parties.services.agreements import contract_book
+
+    book = contract_book(open_node(fed.state, fed.topology, "regulator"))
+    assert book.terminated_at("to-end-1") is not None
+    with pytest.raises(Exception) as refused:
+        book.authorize("to-end-1", "insurer-a", ["admission_date"], ["visit_found"],
+                       datetime.now(UTC), 1)
+    assert type(refused.value).__name__ == "ContractTerminated"
+    assert "contract_terminated" in _kinds(fed)

@@ -1,0 +1,208 @@
+"""Metering from the log, statements traced to entries, exact revenue split."""
+
+import io
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from governance.billing import (
+    MeteringError,
+    Statement,
+    split_largest_remainder,
+    statement,
+)
+from governance.contracts import ContractTerms, QueryMeter, parse_contract
+from governance.ledger import LogLeaf, MerkleLog, make_event, sign_event
+
+KEY = Ed25519PrivateKey.generate()
+CID = "claim-check-2026-insurer-a"
+
+
+def _terms(**changes) -> ContractTerms:
+    document = {
+        "contract_id": CID,
+        "parties": ["operator", "regulator", "health-authority", "insurer-a"],
+        "data_users": ["insurer-a"],
+        "scenario": "claim_check",
+        "purpose": "claim_settlement",
+        "allowed_columns": ["amount_fen"],
+        "allowed_outputs": ["verdict"],
+        "quota": {"queries_per_day": 1000, "rows_per_query": 10, "rows_per_day": 10000},
+        "validity": {
+            "not_before": "2026-10-01T00:00:00+08:00",
+            "not_after": "2027-10-01T00:00:00+08:00",
+        },
+        "price": {"per_query_fen": 150, "per_record_fen": 20, "subscription_fen_per_month": 100000},
+        "revenue_split_bp": {"operator": 3333, "regulator": 3333, "health-authority": 3334},
+        "risk_reserve_bp": 500,
+        "termination": {"notice_days": 30, "may_terminate": ["insurer-a"]},
+    }
+    document.update(changes)
+    return parse_contract(document)
+
+
+def _ms(*args) -> int:
+    return int(datetime(*args, tzinfo=UTC).timestamp() * 1000)
+
+
+def _event(kind, request_id, at_ms, **payload):
+    return sign_event(make_event(kind, "regulator", request_id, payload, timestamp_ms=at_ms), KEY)
+
+
+def _answered(request_id, at_ms, records, contract_id=CID, rows=1, compute_ms=25):
+    meter = QueryMeter(
+        contract_id=contract_id,
+        party="insurer-a",
+        records_touched=records,
+        rows_returned=rows,
+        compute_ms=compute_ms,
+    )
+    return _event("query_answered", request_id, at_ms, **meter.payload())
+
+
+@pytest.fixture
+def leaves(tmp_path):
+    log = MerkleLog(
+        sqlite3.connect(tmp_path / "log.db"),
+        "operator",
+        Ed25519PrivateKey.generate(),
+        {"regulator": KEY.public_key()},
+    )
+    log.append(
+        [
+            _event("contract_signed", "sign-1", _ms(2026, 10, 1), contract_id=CID),  # 0
+            _answered("q-1", _ms(2026, 10, 31, 15, 59), records=9),  # 1 Oct 31 local
+            _answered("q-2", _ms(2026, 10, 31, 16, 0), records=3),  # 2 Nov 1 local
+            _answered("q-3", _ms(2026, 11, 1, 3, 0), records=4),  # 3 Nov 1
+            _answered("q-3", _ms(2026, 11, 1, 3, 0), records=4),  # 4 duplicate
+            _event("query_refused", "q-4", _ms(2026, 11, 2), contract_id=CID),  # 5
+            _answered("q-5", _ms(2026, 11, 2, 8, 0), records=2, contract_id="other-deal"),  # 6
+            _answered("q-6", _ms(2026, 11, 20, 1, 0), records=5, rows=2, compute_ms=40),  # 7 Nov 20
+            _answered("q-7", _ms(2026, 11, 30, 16, 0), records=7),  # 8 Dec 1 local
+        ]
+    )
+    return list(log.events())
+
+
+def test_statement_lines_trace_to_log_entries(leaves):
+    bill = statement(_terms(), "2026-11", leaves)
+    by_item = {(line.item, line.day.isoformat() if line.day else None): line for line in bill.lines}
+    nov1_queries = by_item[("queries answered", "2026-11-01")]
+    assert nov1_queries.quantity == 2 and nov1_queries.entry_indices == (2, 3, 4)
+    assert by_item[("records touched", "2026-11-01")].amount_fen == (3 + 4) * 20
+    assert by_item[("queries answered", "2026-11-20")].entry_indices == (7,)
+    assert by_item[("subscription", None)].entry_indices == (0,)
+    assert bill.meters.queries == 3 and bill.meters.records_touched == 12
+    assert bill.meters.rows_returned == 4 and bill.meters.compute_ms == 90
+    assert bill.total_fen == 3 * 150 + 12 * 20 + 100000
+    assert bill.risk_reserve_fen + sum(s.amount_fen for s in bill.shares) == bill.total_fen
+    assert bill.risk_reserve_fen == bill.total_fen * 500 // 10000
+    assert {s.party for s in bill.shares} == {"operator", "regulator", "health-authority"}
+
+
+def test_json_rich_and_log_payload(leaves):
+    bill = statement(_terms(), "2026-11", leaves)
+    assert Statement.model_validate(json.loads(bill.to_json())) == bill
+    console = Console(file=io.StringIO(), width=140)
+    console.print(bill.render())
+    text = console.file.getvalue()
+    assert (
+        "Statement claim-check-2026-insurer-a" in text and "2-4" in text and "Revenue split" in text
+    )
+    event = make_event("bill_issued", "operator", "bill-2026-11", bill.log_payload())
+    assert event.payload["total_fen"] == bill.total_fen
+
+
+def test_termination_with_notice_bounds_the_subscription(leaves):
+    terminated = _event("contract_terminated", "t-1", _ms(2026, 10, 10), contract_id=CID)
+    extra = [*leaves, LogLeaf(index=9, entry=terminated)]
+    assert any(line.item == "subscription" for line in statement(_terms(), "2026-11", extra).lines)
+    no_notice = _terms(termination={"notice_days": 0, "may_terminate": ["insurer-a"]})
+    assert not any(
+        line.item == "subscription" for line in statement(no_notice, "2026-11", extra).lines
+    )
+    unsigned = [leaf for leaf in leaves if leaf.entry.event.kind != "contract_signed"]
+    assert not any(
+        line.item == "subscription" for line in statement(_terms(), "2026-11", unsigned).lines
+    )
+
+
+def test_malformed_meter_names_the_entry():
+    bad = _event("query_answered", "q-x", _ms(2026, 11, 5), contract_id=CID, records_touched=3)
+    with pytest.raises(MeteringError, match="entry 4"):
+        statement(_terms(), "2026-11", [LogLeaf(index=4, entry=bad)])
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        statement(_terms(), "2026-13", [])
+
+
+def test_largest_remainder_examples():
+    assert split_largest_remainder(100, {"a": 1, "b": 1, "c": 1}) == {"a": 34, "b": 33, "c": 33}
+    assert split_largest_remainder(0, {"a": 0}) == {"a": 0}
+    assert split_largest_remainder(7, {"a": 3, "b": 0}) == {"a": 7, "b": 0}
+    with pytest.raises(ValueError):
+        split_largest_remainder(-1, {"a": 1})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(0, 10**12),
+    weights=st.dictionaries(
+        st.text("abcdef", min_size=1, max_size=3), st.integers(0, 10**8), min_size=1, max_size=8
+    ).filter(lambda w: sum(w.values()) > 0),
+)
+def test_split_sums_exactly_and_is_within_one_fen(total, weights):
+    parts = split_largest_remainder(total, weights)
+    assert sum(parts.values()) == total
+    weight_sum = sum(weights.values())
+    for name, weight in weights.items():
+        exact = total * weight / weight_sum
+        assert abs(parts[name] - exact) < 1 + 1e-6 * max(1, exact)
+        assert parts[name] >= 0
+
+
+split_bp = st.lists(st.integers(0, 10_000), min_size=1, max_size=5).map(
+    lambda xs: [*xs, 10_000 - sum(xs)] if sum(xs) <= 10_000 else [10_000]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    records=st.lists(st.integers(0, 1_000), min_size=0, max_size=30),
+    per_query=st.integers(0, 10_000),
+    per_record=st.integers(0, 1_000),
+    subscription=st.integers(0, 10**7),
+    reserve=st.integers(0, 10_000),
+    shares=split_bp,
+)
+def test_statement_totals_reconcile_exactly(
+    records, per_query, per_record, subscription, reserve, shares
+):
+    parties = [f"p{i}" for i in range(len(shares))]
+    terms = _terms(
+        parties=[*parties, "insurer-a"],
+        revenue_split_bp=dict(zip(parties, shares, strict=True)),
+        risk_reserve_bp=reserve,
+        price={
+            "per_query_fen": per_query,
+            "per_record_fen": per_record,
+            "subscription_fen_per_month": subscription,
+        },
+        termination={"notice_days": 0, "may_terminate": ["insurer-a"]},
+    )
+    leaves = [LogLeaf(0, _event("contract_signed", "s", _ms(2026, 10, 1), contract_id=CID))]
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    for i, count in enumerate(records):
+        at = int((start + timedelta(hours=7 * i)).timestamp() * 1000)
+        leaves.append(LogLeaf(i + 1, _answered(f"q-{i}", at, records=count)))
+    bill = statement(terms, "2026-11", leaves)
+    assert bill.total_fen == sum(line.amount_fen for line in bill.lines)
+    assert bill.total_fen == len(records) * per_query + sum(records) * per_record + subscription
+    assert bill.risk_reserve_fen + sum(s.amount_fen for s in bill.shares) == bill.total_fen
+    traced = sorted({i for line in bill.lines if line.day for i in line.entry_indices})
+    assert traced == list(range(1, len(records) + 1)) or not (per_query or per_record)

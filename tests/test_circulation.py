@@ -1,0 +1,294 @@
+"""Hospitals -> health authority -> operator on real node processes over mutual TLS.
+
+The module's federation starts empty: hospitals export, the authority governs,
+a first publication is interrupted halfway and then resumed; the CLI's
+`cogov govern ingest` then runs the whole chain again (idempotent).
+"""
+
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from governance.scan import scan_path
+from parties.client import NodeClient
+from parties.errors import RemoteError
+from parties.server import open_node
+from parties.services.circulation import VISITS_TABLE, seal_batch, sealing_public_key
+from parties.services.health_authority import governed_visits, publish, visits_digest
+from scenarios.claim_check.generator import generate
+from tests.federation import Federation
+
+ALL_NODES = ["hospital-1", "hospital-2", "hospital-3", "health-authority", "operator",
+             "regulator", "insurer-a", "insurer-b"]
+PATIENTS = 400
+
+
+@dataclass
+class Ingested:
+    fed: Federation
+    data: Path
+    exports: dict[str, dict] = field(default_factory=dict)
+    interrupted_rows: int = 0
+    interrupted_batches: int = 0
+    resumed: dict = field(default_factory=dict)
+
+    def client(self, node: str) -> NodeClient:
+        return NodeClient(self.fed.state, self.fed.topology, node, timeout=300)
+
+    def cli(self, *args: str) -> str:
+        from scenarios.cli import app
+
+        result = CliRunner().invoke(app, [*args, "--state", str(self.fed.state.root),
+                                          "--topology", str(self.fed.topology_path)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def db(self, node: str) -> Path:
+        return self.fed.state.node(node).db
+
+
+class Interrupted(Exception):
+    pass
+
+
+def export_all(ing: Ingested) -> None:
+    for raw in sorted((ing.data / "raw").iterdir()):
+        with ing.client(raw.stem) as client:
+            ing.exports[raw.stem] = client.post(
+                raw.stem, "/v1/hospital/export", kind="admin",
+                json={"path": str(raw), "batch_rows": 100}).json()
+
+
+def start(tmp_path_factory, env: dict[str, str] | None = None, *, cli_ingest: bool) -> Ingested:
+    """A federation with generated data; with `cli_ingest`, `cogov govern ingest` already ran."""
+    root = tmp_path_factory.mktemp("circ")
+    generate(root / "data", patients=PATIENTS, claims=30, seed=11, progress=False)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        fed = Federation(root, nodes=ALL_NODES)
+        fed.up()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    ing = Ingested(fed, root / "data")
+    if cli_ingest:
+        ing.cli("govern", "ingest", "--data", str(ing.data), "--batch-rows", "200")
+    return ing
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    ing = start(tmp_path_factory, cli_ingest=False)
+    try:
+        export_all(ing)
+        # A first publication, interrupted after half of its batches, as the authority runs it.
+        ha = open_node(ing.fed.state, ing.fed.topology, "health-authority")
+
+        def stop_halfway(done: int, total: int) -> None:
+            if done == total // 2:
+                ing.interrupted_batches = done
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            publish(ha, batch_rows=100, on_batch=stop_halfway)
+        ha.store.close()
+        with sqlite3.connect(ing.db("operator")) as conn:
+            ing.interrupted_rows = conn.execute(f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()[0]
+        with ing.client("health-authority") as client:
+            ing.resumed = client.post("health-authority", "/v1/governance/publish",
+                                      kind="admin", json={"batch_rows": 100}).json()
+        yield ing
+    finally:
+        ing.fed.down()
+
+
+def truth(ing: Ingested):
+    return pq.read_table(ing.data / "ground_truth" / "visits.parquet").to_pandas()
+
+
+def test_governed_copy_at_the_authority_matches_the_ground_truth(ingested):
+    gt = truth(ingested)
+    with ingested.client("health-authority") as client:
+        summary = client.get("health-authority", "/v1/governance/summary", kind="admin").json()
+    assert set(summary["hospitals"]) == set(gt["hospital_id"])
+    for hospital, part in gt.groupby("hospital_id"):
+        held = summary["hospitals"][hospital]
+        assert held["rows"] == len(part)
+        assert held["persons"] == part["national_id"].nunique()
+        assert held["digest"] == visits_digest(part)  # reopened from the sealed store
+        assert ingested.exports[hospital]["governed"]["digest"] == held["digest"]
+    assert summary["consumer_keys"] == 0  # keys came with the CLI only
+
+
+def test_export_is_scanned_and_graded_by_content(ingested):
+    governed = ingested.exports["hospital-3"]["governed"]
+    # Innocuous column names, sensitive content: found by the scan, not by the name.
+    assert governed["flagged"]["cust_ref"] == "national_id"
+    assert governed["flagged"]["holder"] == "name"
+    assert governed["raw_grades"]["cust_ref"] == "L4"
+    assert governed["grades"]["diagnosis_code"] == "L4"
+    assert {"national_id", "diagnosis_code"} <= set(governed["sealed_fields"])
+
+
+def test_interrupted_publication_resumes_without_duplicates(ingested):
+    gt = truth(ingested)
+    resumed = ingested.resumed
+    assert 0 < ingested.interrupted_rows < len(gt)
+    assert ingested.interrupted_rows == ingested.interrupted_batches * 100
+    assert resumed["skipped"] == ingested.interrupted_batches
+    assert resumed["sent"] == resumed["batches"] - ingested.interrupted_batches
+    with ingested.client("operator") as client:
+        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
+    assert held["rows"] == resumed["rows"] == resumed["registered_rows"] == len(gt)
+    assert held["digest"] == resumed["digest"]
+    assert held["by_hospital"] == gt.groupby("hospital_id").size().to_dict()
+    assert held["sealed_columns"] == ["diagnosis_code"]
+
+
+def test_resent_batches_add_nothing(ingested):
+    with ingested.client("health-authority") as client:
+        again = client.post("health-authority", "/v1/governance/publish", kind="admin",
+                            json={"batch_rows": 100}).json()
+    assert again["sent"] == 0 and again["skipped"] == again["batches"]
+    # The same visits under a new stream (sealed afresh) only update rows in place.
+    ha = open_node(ingested.fed.state, ingested.fed.topology, "health-authority")
+    try:
+        frame = governed_visits(ha).head(50)
+        key = sealing_public_key(ha.signing_public_keys()["operator"])
+        batch = seal_batch(frame, ["diagnosis_code"], key, "v-replay", 0, {})
+        from parties.batches import DIGEST_HEADER, digest, table_to_ipc
+
+        data = table_to_ipc(batch)
+        with ingested.client("health-authority") as client:
+            first = client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
+                                   kind="ingest", content=data,
+                                   headers={DIGEST_HEADER: digest(data)}).json()
+            second = client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
+                                    kind="ingest", content=data,
+                                    headers={DIGEST_HEADER: digest(data)}).json()
+            other = table_to_ipc(seal_batch(frame, ["diagnosis_code"], key, "v-replay", 0, {}))
+            with pytest.raises(RemoteError) as conflict:
+                client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
+                               kind="ingest", content=other)
+    finally:
+        ha.store.close()
+    assert first["duplicate"] is False and second["duplicate"] is True
+    assert conflict.value.http_status == 409 and conflict.value.error == "BatchConflict"
+    with ingested.client("operator") as client:
+        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
+    assert held["rows"] == len(truth(ingested))
+    assert held["digest"] == again["digest"]
+
+
+def test_batch_sealed_for_the_operator_cannot_be_moved_to_another_batch(ingested):
+    ha = open_node(ingested.fed.state, ingested.fed.topology, "health-authority")
+    try:
+        frame = governed_visits(ha).head(5)
+        key = sealing_public_key(ha.signing_public_keys()["operator"])
+        from parties.batches import table_to_ipc
+
+        data = table_to_ipc(seal_batch(frame, ["diagnosis_code"], key, "v-moved", 0, {}))
+    finally:
+        ha.store.close()
+    with ingested.client("health-authority") as client, pytest.raises(RemoteError) as moved:
+        client.request("operator", "PUT", "/v1/circulation/visits/v-moved/1", kind="ingest",
+                       content=data)
+    assert moved.value.http_status == 422 and moved.value.error == "TransportSealInvalid"
+
+
+def _clear_text_values(ing: Ingested) -> list[str]:
+    gt = truth(ing)
+    return (gt["national_id"].head(50).tolist() + gt["phone"].dropna().head(50).tolist()
+            + gt["name"].head(50).tolist())
+
+
+@pytest.mark.parametrize("node", ["operator", "health-authority"])
+def test_store_holds_no_identifier_or_top_grade_field_in_the_clear(ingested, node):
+    db = ingested.db(node)
+    report = scan_path(db, full=True)
+    assert report.tables, "the scan must see the store's tables"
+    assert report.flagged() == []
+    embedded = [(t.table, c.name, c.embedded) for t in report.tables for c in t.columns
+                if c.embedded]
+    assert embedded == []
+    raw = b"".join(p.read_bytes() for p in db.parent.glob("node.db*"))
+    for value in _clear_text_values(ingested):
+        assert value.encode() not in raw
+    if node == "operator":
+        with sqlite3.connect(db) as conn:
+            kinds = conn.execute(
+                f"SELECT DISTINCT typeof(diagnosis_code) FROM {VISITS_TABLE}").fetchall()
+        assert kinds == [("blob",)]
+
+
+def test_tampered_ciphertext_at_the_operator_fails_to_open(ingested):
+    db = ingested.db("operator")
+    with sqlite3.connect(db) as conn:
+        ref, cell = conn.execute(
+            f"SELECT visit_ref, diagnosis_code FROM {VISITS_TABLE} LIMIT 1").fetchone()
+        flipped = bytearray(cell)
+        flipped[-1] ^= 0x01
+        conn.execute(f"UPDATE {VISITS_TABLE} SET diagnosis_code = ? WHERE visit_ref = ?",
+                     (bytes(flipped), ref))
+    try:
+        with ingested.client("operator") as client, pytest.raises(RemoteError) as refused:
+            client.get("operator", "/v1/circulation/summary", kind="admin")
+        assert refused.value.http_status == 422
+        assert refused.value.error == "CiphertextInvalid"
+    finally:
+        with sqlite3.connect(db) as conn:
+            conn.execute(f"UPDATE {VISITS_TABLE} SET diagnosis_code = ? WHERE visit_ref = ?",
+                         (cell, ref))
+    with ingested.client("operator") as client:
+        assert client.get("operator", "/v1/circulation/summary", kind="admin").json()["rows"]
+
+
+def test_forbidden_flows_are_refused_and_logged(ingested):
+    with ingested.client("hospital-1") as client:
+        with pytest.raises(RemoteError) as refused:
+            client.request("operator", "PUT", "/v1/circulation/visits/v-evil/0", kind="ingest",
+                           content=b"x", check_flow=False)
+        with pytest.raises(RemoteError) as admin:
+            client.post("health-authority", "/v1/governance/publish", kind="export",
+                        json={"batch_rows": 100})
+    assert refused.value.http_status == 403 and refused.value.error == "FlowNotAllowed"
+    assert admin.value.http_status == 403 and admin.value.error == "FlowNotAllowed"
+    with ingested.client("insurer-a") as client, pytest.raises(RemoteError) as direct:
+        client.post("health-authority", "/v1/oprf/level1", kind="oprf", check_flow=False,
+                    json={"points": ["00" * 32]})
+    assert direct.value.http_status == 403
+    with sqlite3.connect(ingested.db("operator")) as conn:
+        rows = conn.execute("SELECT caller, route, error FROM refusals").fetchall()
+    assert ("hospital-1", "/v1/circulation/visits/v-evil/0", "FlowNotAllowed") in rows
+
+
+def test_governance_events_are_in_the_log(ingested):
+    with sqlite3.connect(ingested.db("operator")) as conn:
+        kinds = conn.execute(
+            "SELECT kind, actor, COUNT(*) FROM ledger_entries GROUP BY kind, actor").fetchall()
+    counted = {(k, a): n for k, a, n in kinds}
+    assert counted[("data_registered", "health-authority")] >= 3 + 1  # 3 exports, 1 publication
+    assert counted[("data_registered", "operator")] >= 1
+
+
+@pytest.mark.slow
+def test_cli_ingest_runs_the_whole_chain_again_idempotently(ingested):
+    gt = truth(ingested)
+    out = ingested.cli("govern", "ingest", "--data", str(ingested.data), "--batch-rows", "100")
+    assert f"published {len(gt):,} visits (0/" in out
+    with ingested.client("operator") as client:
+        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
+        domains = client.get("operator", "/v1/domains", kind="admin").json()
+    assert held["rows"] == len(gt)
+    assert held["persons"] == sum(1 for _ in (ingested.data / "consumer_keys.jsonl").open())
+    assert {d["data_user"] for d in domains} == {"insurer-a", "insurer-b"}
+    assert all(d["tokens"] == len(gt) for d in domains)

@@ -1,0 +1,108 @@
+"""The log through real nodes: entries from several nodes, witnesses, offline checks."""
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from parties.client import NodeClient
+from parties.errors import RemoteError
+from parties.pki import federation_signing_keys
+from parties.server import open_node
+from parties.services.ledger import record_event, signed_event
+from scenarios.cli import app
+from tests.federation import Federation
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    fed = Federation(
+        tmp_path_factory.mktemp("ledger"), nodes=["health-authority", "operator", "regulator"]
+    )
+    fed.up()
+    ha = open_node(fed.state, fed.topology, "health-authority")
+    regulator = open_node(fed.state, fed.topology, "regulator")
+    for i in range(5):
+        record_event(ha, "data_registered", {"dataset": f"visits-{i}", "rows": 100 + i})
+    record_event(regulator, "contract_signed", {"contract_id": "c-1"})
+    yield fed
+    fed.down()
+
+
+def _cli(fed: Federation, *args: str):
+    return runner.invoke(
+        app, [*args, "--state", str(fed.state.root), "--topology", str(fed.topology_path)]
+    )
+
+
+def test_verify_checks_entries_head_and_witnesses(logged):
+    result = _cli(logged, "ledger", "verify")
+    assert result.exit_code == 0, result.output
+    assert "log verified: 6 entries" in result.output
+    assert "health-authority" in result.output and "regulator" in result.output
+
+
+def test_a_node_cannot_append_another_nodes_event(logged):
+    ha = open_node(logged.state, logged.topology, "health-authority")
+    forged = signed_event(ha, "data_registered", {"dataset": "x"})
+    forged_doc = forged.model_dump(mode="json")
+    forged_doc["event"]["actor"] = "regulator"
+    with NodeClient(logged.state, logged.topology, "health-authority") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.post("operator", "/v1/ledger/entries", kind="ledger", json=[forged_doc])
+    assert refused.value.http_status == 403
+
+
+def test_inclusion_proof_checks_offline_with_the_pinned_log_key(logged, tmp_path):
+    bundle = tmp_path / "proof.json"
+    result = _cli(logged, "ledger", "prove", "3", "--out", str(bundle))
+    assert result.exit_code == 0, result.output
+    key = federation_signing_keys(logged.state, ["operator"])["operator"].hex()
+    checked = runner.invoke(app, ["ledger", "check-proof", str(bundle), "--log-key", key])
+    assert checked.exit_code == 0, checked.output
+    assert "entry 3 is in the log" in checked.output
+    doc = json.loads(bundle.read_text())
+    assert len(doc["proof"]) <= 1024
+    wrong_key = "00" * 31 + "01"
+    assert runner.invoke(
+        app, ["ledger", "check-proof", str(bundle), "--log-key", wrong_key]
+    ).exit_code == 1
+
+
+def _tamper(fed: Federation, how: str) -> None:
+    db = sqlite3.connect(fed.state.node("operator").db)
+    with db:
+        if how == "byte":
+            leaf = bytearray(db.execute("SELECT leaf FROM ledger_entries WHERE leaf_index=2")
+                             .fetchone()[0])
+            leaf[len(leaf) // 2] ^= 0x01
+            db.execute("UPDATE ledger_entries SET leaf=? WHERE leaf_index=2", (bytes(leaf),))
+        elif how == "delete":
+            db.execute("DELETE FROM ledger_entries WHERE leaf_index=2")
+        elif how == "swap":
+            a, b = (db.execute("SELECT leaf FROM ledger_entries WHERE leaf_index=?", (i,))
+                    .fetchone()[0] for i in (1, 2))
+            db.execute("UPDATE ledger_entries SET leaf=? WHERE leaf_index=1", (b,))
+            db.execute("UPDATE ledger_entries SET leaf=? WHERE leaf_index=2", (a,))
+    db.close()
+
+
+@pytest.mark.parametrize("how", ["byte", "delete", "swap"])
+def test_tampered_store_fails_verification_and_says_where(tmp_path, how):
+    fed = Federation(tmp_path, nodes=["health-authority", "operator", "regulator"])
+    fed.up()
+    try:
+        ha = open_node(fed.state, fed.topology, "health-authority")
+        for i in range(4):
+            record_event(ha, "data_registered", {"dataset": f"v{i}", "rows": i})
+        assert _cli(fed, "ledger", "verify").exit_code == 0
+    finally:
+        fed.down()
+    _tamper(fed, how)
+    result = _cli(fed, "ledger", "verify", "--no-witness-now")
+    assert result.exit_code == 1
+    assert "FAILED" in result.output
+    assert "entry 1" in result.output or "entry 2" in result.output

@@ -1,0 +1,130 @@
+"""Witnesses countersign consistent heads and catch rewrites and split views."""
+
+import sqlite3
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from governance.ledger import (
+    LogInconsistent,
+    MerkleLog,
+    StaleTreeHead,
+    TreeHeadInvalid,
+    Witness,
+    make_event,
+    sign_event,
+    verify_log,
+)
+from governance.ledger.signing import public_key_hex
+
+T0 = 1_794_000_000_000
+
+
+@pytest.fixture
+def keys():
+    names = ("operator", "hospital-1", "regulator", "health-authority")
+    return {name: Ed25519PrivateKey.generate() for name in names}
+
+
+def _log(path, keys) -> MerkleLog:
+    return MerkleLog(
+        sqlite3.connect(path),
+        "operator",
+        keys["operator"],
+        {"hospital-1": keys["hospital-1"].public_key()},
+    )
+
+
+def _append(log, keys, start, count, marker="a"):
+    entries = [
+        sign_event(
+            make_event(
+                "data_registered",
+                "hospital-1",
+                f"req-{marker}-{i}",
+                {"dataset": f"d{i}"},
+                timestamp_ms=T0 + i,
+            ),
+            keys["hospital-1"],
+        )
+        for i in range(start, start + count)
+    ]
+    return log.append(entries, timestamp_ms=T0 + start + count).tree_head
+
+
+def _witness(path, keys, name="regulator") -> Witness:
+    return Witness(
+        sqlite3.connect(path), name, keys[name], {"operator": keys["operator"].public_key()}
+    )
+
+
+def test_consistent_heads_are_cosigned_and_remembered(tmp_path, keys):
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    first = _append(log, keys, 0, 5)
+    cosig1 = witness.cosign(first)
+    assert cosig1.covers(first) and cosig1.signature_valid(keys["regulator"].public_key())
+    second = _append(log, keys, 5, 7)
+    cosig2 = witness.cosign(second, log.consistency_proof(5, 12))
+    assert witness.cosign(second, log.consistency_proof(5, 12)) == cosig2  # idempotent
+    assert witness.latest("operator") == second
+    # The memory survives a restart of the witness.
+    assert _witness(tmp_path / "w.db", keys).latest("operator") == second
+    other = _witness(tmp_path / "w2.db", keys, "health-authority")
+    cosig3 = other.cosign(second)
+    public = {name: public_key_hex(key) for name, key in keys.items()}
+    report = verify_log(
+        log.leaves(),
+        second,
+        [cosig2, cosig3],
+        public,
+        required_witnesses=["regulator", "health-authority"],
+    )
+    assert report.ok and report.witnesses_valid == ["health-authority", "regulator"]
+    report = verify_log(log.leaves(), second, [cosig1], public, required_witnesses=["regulator"])
+    assert not report.ok
+    assert {p.where for p in report.problems} == {"witness"}
+
+
+def test_a_rewritten_history_is_refused_and_recorded(tmp_path, keys):
+    honest, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    witness.cosign(_append(honest, keys, 0, 8))
+    # The operator keeps a second, rewritten copy (same key) and tries to move on from it.
+    forked = _log(tmp_path / "fork.db", keys)
+    _append(forked, keys, 0, 8, marker="b")
+    fork_head = _append(forked, keys, 8, 4, marker="b")
+    with pytest.raises(LogInconsistent, match="rewritten or forked"):
+        witness.cosign(fork_head, forked.consistency_proof(8, 12))
+    incidents = witness.incidents("operator")
+    assert len(incidents) == 1
+    assert incidents[0]["evidence"]["shown"]["root_hash"] == fork_head.root_hash
+    assert witness.latest("operator").tree_size == 8  # the bad head was not accepted
+
+
+def test_a_split_view_at_the_same_size_is_caught(tmp_path, keys):
+    honest, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    head = _append(honest, keys, 0, 6)
+    witness.cosign(head)
+    forked = _log(tmp_path / "fork.db", keys)
+    other = _append(forked, keys, 0, 6, marker="b")
+    with pytest.raises(LogInconsistent, match="two roots for one tree size"):
+        witness.cosign(other)
+    assert witness.incidents()[0]["reason"] == "two roots for one tree size"
+
+
+def test_stale_forged_and_backdated_heads(tmp_path, keys):
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    old = _append(log, keys, 0, 4)
+    new = _append(log, keys, 4, 4)
+    witness.cosign(new)
+    with pytest.raises(StaleTreeHead):
+        witness.cosign(old)
+    forged = new.model_copy(update={"tree_size": 9})
+    with pytest.raises(TreeHeadInvalid):
+        witness.cosign(forged)
+    _append(log, keys, 8, 1)
+    with pytest.raises(TreeHeadInvalid, match="proof from size 8 to 9 is required"):
+        witness.cosign(log.tree_head())  # no proof given: refused, but no incident
+    backdated = log.sign_tree_head(timestamp_ms=T0)
+    with pytest.raises(LogInconsistent, match="backwards"):
+        witness.cosign(backdated, log.consistency_proof(8, 9))
+    assert len(witness.incidents()) == 1

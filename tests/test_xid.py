@@ -1,0 +1,275 @@
+"""xID tokens: published and known-answer vectors, the blinded chain, and refusals."""
+
+import json
+from pathlib import Path
+
+import nacl.bindings as sodium
+import numpy as np
+import pytest
+
+from mpc import xid
+from mpc.errors import MalformedInput
+from mpc.hazmat import group
+from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
+
+VECTORS = Path(__file__).parent / "vectors"
+RFC = json.loads((VECTORS / "xid_rfc9380_edwards25519.json").read_text())
+KAT = json.loads((VECTORS / "xid_vectors.json").read_text(encoding="utf-8"))
+
+
+def encode_point(x_hex: str, y_hex: str) -> bytes:
+    """edwards25519 encoding of an affine point given as big-endian hex coordinates."""
+    y = bytearray(int(y_hex, 16).to_bytes(32, "little"))
+    y[31] |= (int(x_hex, 16) & 1) << 7
+    return bytes(y)
+
+
+def times_eight(point: bytes) -> bytes:
+    for _ in range(3):
+        point = sodium.crypto_core_ed25519_add(point, point)
+    return point
+
+
+def negate(point: bytes) -> bytes:
+    return sodium.crypto_core_ed25519_sub(group.IDENTITY, point)
+
+
+# ---------------------------------------------------------------- RFC 9380 (published vectors)
+
+
+@pytest.mark.parametrize("vector", RFC["ro"]["vectors"], ids=lambda v: v["msg"][:8] or "empty")
+def test_hash_to_field_matches_rfc9380_random_oracle_suite(vector):
+    u0, u1 = group.hash_to_field(vector["msg"].encode(), RFC["ro"]["dst"].encode(), 2)
+    assert (u0, u1) == (int(vector["u0"], 16), int(vector["u1"], 16))
+
+
+@pytest.mark.parametrize("vector", RFC["ro"]["vectors"], ids=lambda v: v["msg"][:8] or "empty")
+def test_map_equals_rfc9380_map_up_to_sign_and_hash_is_their_sum(vector):
+    dst = RFC["ro"]["dst"].encode()
+    u0, u1 = group.hash_to_field(vector["msg"].encode(), dst, 2)
+    q0 = times_eight(encode_point(vector["Q0_x"], vector["Q0_y"]))
+    q1 = times_eight(encode_point(vector["Q1_x"], vector["Q1_y"]))
+    m0, m1 = group.map_to_curve(u0), group.map_to_curve(u1)
+    assert m0 in (q0, negate(q0))
+    assert m1 in (q1, negate(q1))
+    h = group.hash_to_curve(vector["msg"].encode(), dst)
+    assert h == sodium.crypto_core_ed25519_add(m0, m1)
+    # The RFC's own P is 8·Q0 + 8·Q1: our reading of its vectors is right, and H differs
+    # from it only through the sign convention of each map.
+    assert sodium.crypto_core_ed25519_add(q0, q1) == encode_point(vector["P_x"], vector["P_y"])
+    assert group.is_valid_point(h)
+
+
+@pytest.mark.parametrize("vector", RFC["nu"]["vectors"], ids=lambda v: v["msg"][:8] or "empty")
+def test_encode_to_curve_matches_rfc9380_nonuniform_suite_up_to_sign(vector):
+    dst = RFC["nu"]["dst"].encode()
+    (u,) = group.hash_to_field(vector["msg"].encode(), dst, 1)
+    assert u == int(vector["u0"], 16)
+    p = encode_point(vector["P_x"], vector["P_y"])
+    assert group.encode_to_curve(vector["msg"].encode(), dst) in (p, negate(p))
+
+
+def test_montgomery_u_is_the_birational_image_of_the_edwards_point():
+    dst = b"test-dst"
+    msgs = [b"a", b"b", b"c"]
+    us = group.unpack(group.encode_to_montgomery_many(msgs, dst))
+    for msg, u in zip(msgs, us, strict=True):
+        ed = group.encode_to_curve(msg, dst)
+        # libsodium's own Edwards-to-Montgomery conversion agrees
+        assert sodium.crypto_sign_ed25519_pk_to_curve25519(ed) == u
+
+
+# ---------------------------------------------------------------- known-answer vectors
+
+
+def kat_keys():
+    k1 = xid.XidKey("k1", 1, bytes.fromhex(KAT["k1"]))
+    k2 = {d: xid.XidKey(f"k2:{d}", 1, bytes.fromhex(h)) for d, h in KAT["k2"].items()}
+    return k1, k2
+
+
+def test_known_answer_vectors_recompute():
+    assert KAT["dst"].encode() == xid.XID_DST
+    k1, k2 = kat_keys()
+    ids = [v["id"] for v in KAT["vectors"]]
+    assert [h.hex() for h in xid.hash_to_group(ids)] == [v["H"] for v in KAT["vectors"]]
+    p1 = xid.tokenize(k1, ids)
+    assert [p.hex() for p in p1] == [v["P1"] for v in KAT["vectors"]]
+    for domain, key in k2.items():
+        assert [t.hex() for t in xid.rekey(key, p1)] == [v["T"][domain] for v in KAT["vectors"]]
+
+
+def test_blinded_chain_equals_direct_path_on_vectors():
+    k1, k2 = kat_keys()
+    ids = [v["id"] for v in KAT["vectors"]]
+    blinded, state = xid.blind(ids)
+    assert all(b != bytes.fromhex(v["H"]) for b, v in zip(blinded, KAT["vectors"], strict=True))
+    step = xid.evaluate_blinded(k2["claims"], xid.evaluate_blinded(k1, blinded))
+    assert [t.hex() for t in xid.unblind(state, step)] == [v["T"]["claims"] for v in KAT["vectors"]]
+
+
+# ---------------------------------------------------------------- properties
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return xid.XidKey.generate("k1"), xid.XidKey.generate("k2:a"), xid.XidKey.generate("k2:b")
+
+
+def test_blinding_is_fresh_per_call():
+    first, _ = xid.blind(["same"])
+    second, _ = xid.blind(["same"])
+    assert first != second
+
+
+def test_two_domains_never_share_a_token(keys):
+    k1, k2a, k2b = keys
+    ids = [f"person-{i}" for i in range(200)]
+    p1 = xid.tokenize(k1, ids)
+    ta, tb = xid.rekey(k2a, p1), xid.rekey(k2b, p1)
+    assert len(set(ta)) == len(set(tb)) == 200
+    assert not set(ta) & set(tb)
+    assert not set(ta) & set(p1)
+
+
+def test_numpy_inputs_match_lists(keys):
+    k1, k2a, _ = keys
+    ids = np.array(["x1", "x2", "x3"])
+    p1 = xid.tokenize(k1, ids)
+    assert p1 == xid.tokenize(k1, ["x1", "x2", "x3"])
+    as_array = np.frombuffer(b"".join(p1), dtype=np.uint8).reshape(-1, 32)
+    assert xid.rekey(k2a, as_array) == xid.rekey(k2a, p1)
+
+
+def test_domain_key_rotation_rekeys_tokens_in_place(keys):
+    k1, k2a, _ = keys
+    ids = ["r1", "r2", "r3"]
+    p1 = xid.tokenize(k1, ids)
+    new = k2a.rotate()
+    assert (new.key_id, new.version) == (k2a.key_id, k2a.version + 1)
+    assert xid.rotate_tokens(k2a, new, xid.rekey(k2a, p1)) == xid.rekey(new, p1)
+    assert xid.rekey(new, p1) != xid.rekey(k2a, p1)
+
+
+def test_level_one_rotation_commutes_through_domain_tokens(keys):
+    k1, k2a, _ = keys
+    ids = ["r1", "r2"]
+    new_k1 = k1.rotate()
+    old_domain = xid.rekey(k2a, xid.tokenize(k1, ids))
+    assert xid.rotate_tokens(k1, new_k1, old_domain) == xid.rekey(k2a, xid.tokenize(new_k1, ids))
+
+
+def test_rotation_refuses_unrelated_keys(keys):
+    k1, k2a, _ = keys
+    with pytest.raises(MalformedInput):
+        xid.rotate_tokens(k1, k2a.rotate(), xid.tokenize(k1, ["x"]))
+    with pytest.raises(MalformedInput):
+        xid.rotate_tokens(k1.rotate(), k1, xid.tokenize(k1, ["x"]))
+
+
+def test_parallel_pool_gives_the_inline_result(keys):
+    k1, k2a, _ = keys
+    ids = [f"p{i}" for i in range(MIN_PARALLEL_ITEMS + 10)]
+    with xid.WorkerPool(workers=2) as pool:
+        blinded, state = xid.blind(ids, pool=pool)
+        step = xid.evaluate_blinded(k2a, xid.evaluate_blinded(k1, blinded, pool=pool), pool=pool)
+        tokens = xid.unblind(state, step, pool=pool)
+        assert tokens == xid.rekey(k2a, xid.tokenize(k1, ids, pool=pool), pool=pool)
+    assert tokens[:50] == xid.rekey(k2a, xid.tokenize(k1, ids[:50]))
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_key_repr_and_str_never_show_the_scalar(keys):
+    k1, _, _ = keys
+    secret_hex = k1._scalar.hex()
+    for text in (repr(k1), str(k1), f"{k1}", repr([k1])):
+        assert secret_hex not in text
+        assert "k1" in text
+
+
+def test_key_serialization_round_trips_and_refuses_garbage(keys):
+    k1, _, _ = keys
+    assert xid.XidKey.from_bytes(k1.to_bytes()) == k1
+    data = k1.to_bytes()
+    bad = [
+        b"",
+        b"nonsense",
+        data[:-1],
+        data + b"\x00",
+        data[:-32] + bytes(32),  # zero scalar
+        data[:-32] + group.GROUP_ORDER.to_bytes(32, "little"),  # non-canonical scalar
+    ]
+    for blob in bad:
+        with pytest.raises(MalformedInput):
+            xid.XidKey.from_bytes(blob)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def off_curve_encoding() -> bytes:
+    for y in range(2, 1000):
+        candidate = y.to_bytes(32, "little")
+        try:
+            sodium.crypto_core_ed25519_add(candidate, candidate)
+        except Exception:
+            return candidate
+    raise AssertionError("no off-curve encoding found")
+
+
+ORDER_2 = (group.FIELD_PRIME - 1).to_bytes(32, "little")  # (0, -1)
+ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+
+
+def malformed_points() -> dict[str, bytes]:
+    valid = group.hash_to_curve(b"x", b"test")
+    return {
+        "identity": group.IDENTITY,
+        "order 2": ORDER_2,
+        "order 8": ORDER_8,
+        "non-canonical y >= p": (group.FIELD_PRIME + 1).to_bytes(32, "little"),
+        "off the curve": off_curve_encoding(),
+        "outside the prime-order subgroup": sodium.crypto_core_ed25519_add(valid, ORDER_8),
+    }
+
+
+@pytest.mark.parametrize("name", list(malformed_points()))
+def test_every_verb_refuses_malformed_points_and_names_the_index(keys, name):
+    k1, _, _ = keys
+    good = xid.tokenize(k1, ["a", "b"])
+    bad = malformed_points()[name]
+    points = [good[0], bad, good[1]]
+    for verb in (xid.rekey, xid.evaluate_blinded):
+        with pytest.raises(MalformedInput, match="point 1"):
+            verb(k1, points)
+    _, state = xid.blind(["a", "b", "c"])
+    with pytest.raises(MalformedInput, match="point 1"):
+        xid.unblind(state, points)
+
+
+def test_wrong_shapes_and_types_are_refused(keys):
+    k1, _, _ = keys
+    good = xid.tokenize(k1, ["a"])[0]
+    for points in ([good[:31]], [good + b"\x00"], [good.hex()], good, [None]):
+        with pytest.raises(MalformedInput):
+            xid.rekey(k1, points)
+    with pytest.raises(MalformedInput):
+        xid.rekey(k1, np.zeros((2, 31), dtype=np.uint8))
+    for ids in (["ok", ""], ["ok", 7], [b""]):
+        with pytest.raises(MalformedInput):
+            xid.tokenize(k1, ids)
+
+
+def test_failed_unblind_changes_nothing_and_state_is_single_use(keys):
+    k1, _, _ = keys
+    blinded, state = xid.blind(["a", "b"])
+    evaluated = xid.evaluate_blinded(k1, blinded)
+    with pytest.raises(MalformedInput):
+        xid.unblind(state, [evaluated[0], ORDER_8])
+    with pytest.raises(MalformedInput):
+        xid.unblind(state, evaluated[:1])
+    assert xid.unblind(state, evaluated) == xid.tokenize(k1, ["a", "b"])
+    with pytest.raises(MalformedInput):
+        xid.unblind(state, evaluated)
