@@ -352,8 +352,6 @@ class ConsentRegistry:
 
     def register(self, consent: Consent, national_id: str, now: datetime) -> None:
         """Accept a consent after checking its signature and both bindings to the person."""
-        if not consent.signature_valid():
-            raise ConsentSignatureInvalid(f"consent {consent.consent_id}: bad signature")
         terms = consent.terms
         registered_key = self.subject_key(national_id)
         if registered_key is None:
@@ -361,6 +359,19 @@ class ConsentRegistry:
         if not hmac.compare_digest(registered_key, terms.subject.public_key):
             raise ConsentMismatch("consent is not signed with the key registered for this person")
         self._check_subject(consent, national_id)
+        self.store(consent, now)
+
+    def store(self, consent: Consent, now: datetime) -> bool:
+        """Keep a signed, unexpired consent whose person binding is checked elsewhere.
+
+        `register` checks the binding with the national id; a node that never
+        sees ids (the product's serving node) binds consents to the person behind
+        a query's token instead, and stores them with this. Returns whether the
+        consent is new (the same document again is accepted and changes nothing).
+        """
+        if not consent.signature_valid():
+            raise ConsentSignatureInvalid(f"consent {consent.consent_id}: bad signature")
+        terms = consent.terms
         if now >= terms.not_after:
             raise ConsentExpired(f"consent {consent.consent_id} ended at {terms.not_after}")
         document = consent.model_dump_json()
@@ -371,7 +382,7 @@ class ConsentRegistry:
             if row is not None:
                 if row[0] != consent.document_sha256():
                     raise ConsentConflict(f"consent id {consent.consent_id} is already taken")
-                return
+                return False
             self._conn.execute(
                 "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -385,6 +396,7 @@ class ConsentRegistry:
                     now.isoformat(),
                 ),
             )
+        return True
 
     def get(self, consent_id: str) -> Consent | None:
         row = self._conn.execute(

@@ -88,6 +88,10 @@ def route_policies(routes: list) -> list[tuple[str, str, CallerPolicy]]:
     """(method, path, policy) for every route guarded by a CallerPolicy."""
     table = []
     for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's lazily included router
+        if included is not None:
+            table += route_policies(included.routes)
+            continue
         if not isinstance(route, APIRoute):
             continue
         for dep in route.dependant.dependencies:

@@ -4,6 +4,7 @@ The runtime is the same for every node; what differs is the role behaviour's
 router, mounted by `build_node_app`.
 """
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -11,10 +12,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.routing import compile_path
 
 from governance.errors import GovernanceError
 from mpc.errors import MpcError
-from parties.access import Caller, CallerPolicy
+from parties.access import Caller, CallerPolicy, route_policies
 from parties.context import NodeContext
 from parties.errors import IdentityMismatch, NodeError, NotAuthenticated, UnknownNode
 from parties.node_log import NODE_HEADER, REQUEST_ID_HEADER, current_request_id, new_request_id
@@ -22,6 +24,25 @@ from parties.node_log import NODE_HEADER, REQUEST_ID_HEADER, current_request_id,
 # Errors of these families carry `http_status` and are answered as typed refusals;
 # anything else is a bug and becomes a 500 without details.
 TYPED_ERROR_BASES: tuple[type[Exception], ...] = (NodeError, GovernanceError, MpcError)
+
+# Bodies are cut off before they are read: any request may carry at most
+# MAX_BODY_BYTES, except routes of the bulk computing kinds (share tables, sealed
+# claim batches between computing nodes), which enforce their own limit as they read.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+BULK_BODY_BYTES = 512 * 1024 * 1024
+BULK_KINDS = frozenset({"mpc", "product"})
+
+
+class BodyTooLarge(NodeError):
+    """The declared body exceeds what the route accepts; refused before it is read."""
+
+    http_status = 413
+
+
+class LengthRequired(NodeError):
+    """A body sent without Content-Length (chunked) cannot be bounded before reading."""
+
+    http_status = 411
 
 
 class Health(BaseModel):
@@ -68,6 +89,20 @@ def _identify(request: Request, ctx: NodeContext) -> Caller:
     return Caller(ctx.topology.node(name))
 
 
+def _body_limit_of(bulk_paths: list[re.Pattern[str]], path: str) -> int:
+    return BULK_BODY_BYTES if any(p.match(path) for p in bulk_paths) else MAX_BODY_BYTES
+
+
+def _body_refusal(request: Request, limit: int) -> NodeError | None:
+    """Why the request's body is refused before a byte of it is read, or None."""
+    if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        return LengthRequired("request bodies must declare their Content-Length")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return BodyTooLarge(f"body of {declared} bytes exceeds {limit}")
+    return None
+
+
 def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
     spec = ctx.spec
     app = FastAPI(
@@ -102,8 +137,15 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
         try:
             try:
                 request.state.caller = _identify(request, ctx)
+                too_big = _body_refusal(request, _body_limit_of(bulk_paths, request.url.path))
+                if too_big is not None:
+                    raise too_big
             except NodeError as exc:
-                return refuse(request, exc, exc.http_status)
+                response = refuse(request, exc, exc.http_status)
+                if isinstance(exc, BodyTooLarge | LengthRequired):
+                    # The unread body is still arriving: close rather than read it.
+                    response.headers["Connection"] = "close"
+                return response
             response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = rid
             ctx.log.event(
@@ -157,4 +199,8 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
 
     for router in routers:
         app.include_router(router)
+    bulk_paths = [
+        compile_path(path)[0] for _, path, policy in route_policies(app.routes)
+        if policy.kind in BULK_KINDS
+    ]
     return app

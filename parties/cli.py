@@ -176,8 +176,41 @@ def down(
         console.print(f"{name}: {outcome}")
 
 
+docs_app = typer.Typer(help="Documents generated from the code.", no_args_is_help=True)
+
+
+@docs_app.command("routes")
+def docs_routes(
+    out: Annotated[Path, typer.Option(help="Where to write the table.")] = Path("docs/routes.md"),
+) -> None:
+    """Write the route x role table (who may call what) generated from the code."""
+    from parties.route_table import default_table
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(default_table())
+    console.print(f"route table written to {out}")
+
+
+@docs_app.command("topology")
+def docs_topology(
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    out: Annotated[Path, typer.Option(help="Where to write the SVG.")] = Path(
+        "docs/topology.svg"
+    ),
+) -> None:
+    """Draw the topology (domains, nodes, allowed flows) as SVG."""
+    from parties.topology_diagram import render_svg
+
+    _, topo = resolve_topology(state, topology)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_svg(topo))
+    console.print(f"topology diagram written to {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the federation commands to the `cogov` app."""
+    app.add_typer(docs_app, name="docs")
     app.add_typer(pki_app, name="pki")
     app.add_typer(node_app, name="node")
     app.command("up")(up)

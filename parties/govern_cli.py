@@ -199,7 +199,8 @@ def trace_leak(
     report = trace["report"]
     table = Table(title=f"leak trace: {report['leaked']} tokens, {report['unmatched']} unmatched, "
                         f"{report['unparseable']} unparseable")
-    for head in ("domain", "scenario", "data user", "matched", "share", "chance <="):
+    table.add_column("domain", no_wrap=True, min_width=20)
+    for head in ("scenario", "data user", "matched", "share", "chance <="):
         table.add_column(head)
     for a in trace["attributed"]:
         table.add_row(a["domain_id"], a["scenario"], a["data_user"], str(a["matched"]),
@@ -210,7 +211,8 @@ def trace_leak(
 
 def _domain_table(rows: list[dict]) -> Table:
     table = Table(title="anonymous shared domains")
-    for head in ("domain", "scenario", "data user", "tokens", "persons", "created", "deleted"):
+    table.add_column("domain", no_wrap=True, min_width=20)
+    for head in ("scenario", "data user", "tokens", "persons", "created", "deleted"):
         table.add_column(head)
     for d in rows:
         table.add_row(d["domain_id"], d["scenario"], d["data_user"], f"{d['tokens']:,}",

@@ -7,12 +7,18 @@ and the refusal is written to the node's log with its reason. After the
 handshake, uvicorn's HTTP/1.1 protocol takes over, and the verified peer
 certificate is handed to the app in `scope["extensions"]["tls"]`.
 
+Slow clients are cut off: a handshake must finish within HANDSHAKE_TIMEOUT_S,
+and a connection that waits for request headers (a slowloris client sending
+them byte by byte, or one that sends nothing) for HEADER_TIMEOUT_S is closed.
+uvicorn alone would wait forever: its keep-alive timer stops at the first byte.
+
 It needs the standard asyncio loop: uvloop may deliver the ClientHello to the
 protocol before `start_tls` runs, even with reading paused.
 """
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from parties.pki import certificate_node_name
 
 HANDSHAKE_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 10.0
+_WATCH_EVERY_S = 1.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -52,8 +60,13 @@ def _with_peer(app: Any, der: bytes) -> Any:
 def mutual_tls_protocol(
     context: Callable[[], ssl.SSLContext],
     on_refused: Callable[[str, str], None],
+    on_dropped: Callable[[str, str], None] | None = None,
 ) -> type[asyncio.Protocol]:
-    """A uvicorn `http=` protocol class that performs the mutual-TLS handshake itself."""
+    """A uvicorn `http=` protocol class that performs the mutual-TLS handshake itself.
+
+    `on_refused(peer, reason)` hears of failed handshakes, `on_dropped(peer, reason)`
+    of connections closed for sending their request headers too slowly.
+    """
 
     class MutualTlsProtocol(asyncio.Protocol):
         def __init__(self, **kwargs: Any) -> None:
@@ -65,6 +78,10 @@ def mutual_tls_protocol(
             # moment the coroutine resumes; it is held here until HTTP takes over.
             self._early: list[bytes] = []
             self._early_eof = False
+            self._where = "unknown"
+            self._tls: Any = None
+            self._seen_cycle: int | None = None
+            self._idle_since: float | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # Read nothing until start_tls has put the TLS layer in place, or the
@@ -72,6 +89,7 @@ def mutual_tls_protocol(
             transport.pause_reading()  # type: ignore[attr-defined]
             peer = transport.get_extra_info("peername")
             where = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+            self._where = where
             self._handshake = self._loop.create_task(self._upgrade(transport, where))
 
         async def _upgrade(self, transport: Any, where: str) -> None:
@@ -90,12 +108,36 @@ def mutual_tls_protocol(
             inner = H11Protocol(**self._kwargs)
             inner.app = _with_peer(inner.app, der)
             self._inner = inner
+            self._tls = tls
             inner.connection_made(tls)
+            self._seen_cycle = id(inner.cycle)
+            self._idle_since = time.monotonic()
+            self._loop.call_later(_WATCH_EVERY_S, self._watch_headers)
             for chunk in self._early:
                 inner.data_received(chunk)
             self._early.clear()
             if self._early_eof:
                 inner.eof_received()
+
+        def _watch_headers(self) -> None:
+            """Close the connection once it has waited HEADER_TIMEOUT_S for request headers."""
+            inner, tls = self._inner, self._tls
+            if inner is None or tls is None or tls.is_closing():
+                return
+            cycle = inner.cycle
+            now = time.monotonic()
+            if cycle is not None and not cycle.response_complete:
+                self._idle_since = None  # a request is being read or answered
+            elif id(cycle) != self._seen_cycle or self._idle_since is None:
+                self._idle_since = now  # a request finished since the last look
+            elif now - self._idle_since > HEADER_TIMEOUT_S:
+                if on_dropped is not None:
+                    on_dropped(self._where, f"no complete request headers within "
+                                            f"{HEADER_TIMEOUT_S:g} s")
+                tls.close()
+                return
+            self._seen_cycle = id(cycle)
+            self._loop.call_later(_WATCH_EVERY_S, self._watch_headers)
 
         def data_received(self, data: bytes) -> None:
             if self._inner is not None:

@@ -45,11 +45,14 @@ def serve_node(state: StateDir, topology: Topology, name: str) -> None:
     def on_refused(peer: str, reason: str) -> None:
         ctx.log.event("tls_refused", peer=peer, reason=reason)
 
+    def on_dropped(peer: str, reason: str) -> None:
+        ctx.log.event("connection_dropped", peer=peer, reason=reason)
+
     config = uvicorn.Config(
         app,
         host=spec.host,
         port=spec.port,
-        http=mutual_tls_protocol(tls.current, on_refused),  # type: ignore[arg-type]
+        http=mutual_tls_protocol(tls.current, on_refused, on_dropped),  # type: ignore[arg-type]
         loop="asyncio",  # see parties.mtls_server
         lifespan="off",
         log_config=None,

@@ -2,11 +2,13 @@
 
 import typer
 
+from bench.cli import bench_app
 from parties.admin_cli import register as register_admin
 from parties.agreements_cli import register as register_agreements
 from parties.cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger_cli import register as register_ledger
+from scenarios.claim_check.cli import data_app
 from scenarios.foundation_demo import demo
 
 app = typer.Typer(
@@ -20,6 +22,8 @@ register_admin(app)
 register_agreements(app)
 register_govern(app)
 app.command("demo")(demo)
+app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

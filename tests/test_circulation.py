@@ -6,6 +6,7 @@ a first publication is interrupted halfway and then resumed; the CLI's
 """
 
 import os
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from governance.scan import scan_path
+from governance.scan import _match_counts, scan_path
 from parties.client import NodeClient
 from parties.errors import RemoteError
 from parties.server import open_node
@@ -102,7 +103,8 @@ def ingested(tmp_path_factory):
             publish(ha, batch_rows=100, on_batch=stop_halfway)
         ha.store.close()
         with sqlite3.connect(ing.db("operator")) as conn:
-            ing.interrupted_rows = conn.execute(f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()[0]
+            (ing.interrupted_rows,) = conn.execute(
+                f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()
         with ing.client("health-authority") as client:
             ing.resumed = client.post("health-authority", "/v1/governance/publish",
                                       kind="admin", json={"batch_rows": 100}).json()
@@ -211,15 +213,42 @@ def _clear_text_values(ing: Ingested) -> list[str]:
             + gt["name"].head(50).tolist())
 
 
+_HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def _embedded_outside_hex(db: Path, table: str, column: str) -> list[str]:
+    """Values with an embedded id or phone once hex digests/signatures are cut out.
+
+    The scanner reads any 11-digit run as a phone number, and 64- or 128-digit hex
+    strings (log signatures, digests) contain such runs by chance about once per
+    hundred values; those are not personal data.
+    """
+    quoted = '"' + table.split(":", 1)[-1].replace('"', '""') + '"'
+    with sqlite3.connect(db) as conn:
+        values = [v for (v,) in conn.execute(f'SELECT "{column}" FROM {quoted}')]
+    texts = []
+    for v in values:
+        if isinstance(v, bytes):
+            try:
+                v = v.decode()
+            except UnicodeDecodeError:
+                continue
+        texts.append(_HEX_RUN.sub(" ", str(v)))
+    def embeds(text: str) -> bool:
+        counts = _match_counts([text], [])
+        return bool(counts["embedded:phone"] or counts["embedded:national_id"])
+
+    return [t for t in texts if embeds(t)]
+
+
 @pytest.mark.parametrize("node", ["operator", "health-authority"])
 def test_store_holds_no_identifier_or_top_grade_field_in_the_clear(ingested, node):
     db = ingested.db(node)
     report = scan_path(db, full=True)
     assert report.tables, "the scan must see the store's tables"
     assert report.flagged() == []
-    embedded = [(t.table, c.name, c.embedded) for t in report.tables for c in t.columns
-                if c.embedded]
-    assert embedded == []
+    embedded = [(t.table, c.name) for t in report.tables for c in t.columns if c.embedded]
+    assert [e for e in embedded if _embedded_outside_hex(db, *e)] == []
     raw = b"".join(p.read_bytes() for p in db.parent.glob("node.db*"))
     for value in _clear_text_values(ingested):
         assert value.encode() not in raw

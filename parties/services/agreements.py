@@ -17,12 +17,9 @@ from governance import consent as consent_lib
 from governance import contracts as contract_lib
 from governance.consent import (
     Consent,
-    ConsentConflict,
-    ConsentExpired,
     ConsentMismatch,
     ConsentRegistry,
     ConsentRevocation,
-    ConsentSignatureInvalid,
 )
 from governance.contracts import ContractBook, ContractTermination, SignedContract
 from parties.access import Caller, CallerPolicy
@@ -66,33 +63,10 @@ def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:
     person of the commitment, and the operator checks that the consent's key
     is the key delivered for the person behind the queried token.
     """
-    if not consent.signature_valid():
-        raise ConsentSignatureInvalid(f"consent {consent.consent_id}: bad signature")
     if consent.terms.insurer != insurer:
         raise ConsentMismatch(f"consent is given to {consent.terms.insurer}, not {insurer}")
-    if consent.terms.not_after <= _now():
-        raise ConsentExpired(f"consent {consent.consent_id} ended at {consent.terms.not_after}")
-    registry = consent_registry(ctx)
-    known = registry.get(consent.consent_id)
-    if known is not None:
-        if known.document_sha256() != consent.document_sha256():
-            raise ConsentConflict(f"consent id {consent.consent_id} is already taken")
-        return
-    terms = consent.terms
-    conn = registry._conn  # the registry's own connection: one transaction with its tables
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (consent.consent_id, consent.model_dump_json(), consent.document_sha256(),
-             terms.insurer, terms.purpose, terms.not_before.isoformat(),
-             terms.not_after.isoformat(), _now().isoformat()),
-        )
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
-    record_event(ctx, "consent_given", consent.log_payload())
+    if consent_registry(ctx).store(consent, _now()):
+        record_event(ctx, "consent_given", consent.log_payload())
 
 
 class Registered(BaseModel):

@@ -139,7 +139,8 @@ def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> DomainTabl
     visits = read_visits(ctx)
     token_of = {bytes(r): bytes(t) for r, t in tokens}
     if len(visits):
-        visits = visits[visits["visit_ref"].isin(token_of)]
+        # (pandas' isin mishandles bytes with NULs: test membership in Python)
+        visits = visits[[bytes(r) in token_of for r in visits["visit_ref"]]]
         needed = ["admission_date", "self_pay_fen", "diagnosis_code", "hospital_id"]
         complete = visits[needed].notna().all(axis=1)
         if not complete.all():
@@ -153,10 +154,19 @@ def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> DomainTabl
     row_tokens = [token_of[bytes(r)] for r in visits["visit_ref"]]
     rows = encode_visit_rows(visits) if len(visits) else np.zeros((0, 3), dtype=np.int64)
     keys = list(zip(row_tokens, visits["hospital_id"].astype(str), strict=True))
+    person_of_token = {t: bytes(p) for t, p in zip(row_tokens, visits["p1"], strict=True)}
+    key_of_person = {bytes(p): bytes(k) for p, k in persons}
+    # Persons with a delivered key but no visit held still get an answer (nothing found):
+    # their domain token is computed here, once per table, with the domain's key.
+    without_visits = sorted(set(key_of_person) - set(person_of_token.values()))
+    if without_visits:
+        from mpc import xid
+
+        key = ctx.secrets.xid_key(f"domain:{domain_id}")  # operator_domains' key name
+        person_of_token.update(zip(xid.rekey(key, without_visits), without_visits, strict=True))
     table = DomainTable(
         domain_id=domain_id, version=version, rows=rows, index=CandidateIndex(keys),
-        person_of_token={t: bytes(p) for t, p in zip(row_tokens, visits["p1"], strict=True)},
-        key_of_person={bytes(p): bytes(k) for p, k in persons},
+        person_of_token=person_of_token, key_of_person=key_of_person,
     )
     ctx.log.event("claim_table_built", domain=domain_id, rows=len(rows), table=table.table_id)
     return table

@@ -1,0 +1,360 @@
+"""The insurer's client for the fast-claim check.
+
+    with Client("insurer-a", state=".cogov", contract_id="claim-check-insurer-a-2026",
+                policies=policies_df) as client:
+        client.register_consents(consents.values())
+        verdicts = client.check(claims_df, consents, mode="ss")   # national id -> Consent
+
+The client connects as the insurer node with its own certificate from the state dir.
+Per batch it obtains the claimants' domain tokens through the blinded OPRF chain
+(cached: a token is stable for the life of the domain), computes each consent's
+subject commitment (cached per consent), encodes the claims for the mode, seals the
+operator's part to the operator's certified key, and sends one request to the
+regulator. The answer decodes here, and only here, to the verdict:
+`claim_id, visit_found, amount_consistent, diagnosis_covered, payable`.
+
+A failed batch raises `ClaimBatchFailed`; calling `check` again with the same
+`request_id` re-sends the very same request (same shares or ciphertexts), which the
+regulator answers at most once and bills at most once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.public
+import pandas as pd
+from cryptography import x509
+
+from governance.consent import Consent, subject_commitment
+from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, finish_verdicts
+from mpc.claim.plain import VERDICT_COLUMNS
+from parties.client import NodeClient
+from parties.errors import NodeError, RemoteError
+from parties.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.services.claims import (
+    ANSWER_PURPOSE,
+    DEFAULT_K,
+    ENVELOPE_PURPOSE,
+    MAX_CLAIMS,
+    MODES,
+    ClaimCheckRequest,
+    ClaimCheckResponse,
+    ClaimRef,
+    HeContextRegistered,
+    OperatorCertificate,
+    open_sealed,
+    seal,
+    x25519_public_of,
+)
+from parties.state import StateDir, default_state_dir
+from parties.topology import Role, Topology, load_topology
+
+DEFAULT_BATCH = 2000
+CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",
+                 "diagnosis_code")
+
+
+class MissingConsent(ValueError):
+    """A claim names a person for whom no consent was given to the client."""
+
+    http_status = 400
+
+
+class ClaimBatchFailed(NodeError):
+    """A batch was refused or failed; `completed` holds the verdicts of earlier batches."""
+
+    def __init__(self, request_id: str, cause: NodeError, completed: pd.DataFrame) -> None:
+        self.request_id = request_id
+        self.error = getattr(cause, "error", type(cause).__name__)
+        self.detail = getattr(cause, "detail", str(cause))
+        self.http_status = cause.http_status
+        self.completed = completed
+        super().__init__(f"claim batch {request_id}: {self.error} ({self.http_status}): "
+                         f"{self.detail}")
+
+
+@dataclass
+class _Prepared:
+    """One encoded batch, kept until answered so a retry re-sends the same bytes."""
+
+    request_id: str
+    digest: str
+    claims: pd.DataFrame
+    engine: InsurerClaims
+    query: Any
+    reply_key: nacl.public.PrivateKey
+    body: bytes
+
+
+def _claims_digest(claims: pd.DataFrame, mode: str, consent_ids: Sequence[str]) -> str:
+    h = hashlib.sha256(mode.encode())
+    h.update(pd.util.hash_pandas_object(claims[list(CLAIM_COLUMNS)].astype(str),
+                                        index=False).to_numpy().tobytes())
+    h.update("\n".join(consent_ids).encode())
+    return h.hexdigest()
+
+
+class Client:
+    """The insurer-facing client of the claim-check product."""
+
+    def __init__(
+        self,
+        insurer: str,
+        *,
+        state: StateDir | Path | str | None = None,
+        topology: Topology | Path | str | None = None,
+        contract_id: str | None = None,
+        policies: pd.DataFrame | None = None,
+        k: int = DEFAULT_K,
+        batch_size: int = DEFAULT_BATCH,
+        timeout: float = 600.0,
+    ) -> None:
+        self.state = state if isinstance(state, StateDir) else StateDir(
+            Path(state) if state is not None else default_state_dir())
+        if topology is None:
+            topology = self.state.root / "topology.toml"
+        self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
+        spec = self.topology.node(insurer)
+        if spec.role != Role.INSURER:
+            raise ValueError(f"{insurer} is not an insurer node")
+        self.insurer = insurer
+        self.contract_id = contract_id or f"claim-check-{insurer}-2026"
+        self.policies = policies[policies["insurer"] == insurer] if policies is not None \
+            and "insurer" in policies else policies
+        self.k = k
+        self.batch_size = max(1, min(batch_size, MAX_CLAIMS))
+        self.regulator = self.topology.nodes_with_role(Role.REGULATOR)[0].name
+        self._http = NodeClient(self.state, self.topology, insurer, timeout=timeout)
+        self._tokens: dict[str, bytes] = {}
+        self._commitments: dict[tuple[str, str], str] = {}
+        self._operator_key: bytes | None = None
+        self._he_key: Any = None
+        self._he_registered: str | None = None
+        self._prepared: dict[str, _Prepared] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- consents -------------------------------------------------------------------------------
+    def register_consents(self, consents: Iterable[Consent]) -> int:
+        """Register consumers' signed consents at the regulator (idempotent)."""
+        count = 0
+        for consent in consents:
+            self._http.post(self.regulator, "/v1/consents", kind="claim",
+                            json=consent.model_dump(mode="json"))
+            count += 1
+        return count
+
+    def commitment(self, consent: Consent, national_id: str) -> str:
+        """The subject commitment naming `national_id` in `consent` (scrypt; cached)."""
+        key = (consent.consent_id, national_id)
+        found = self._commitments.get(key)
+        if found is None:
+            found = self._commitments[key] = subject_commitment(
+                national_id, consent.consent_id, consent.terms.nonce)
+        return found
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokens(self, national_ids: Sequence[str]) -> list[bytes]:
+        """Domain tokens of these ids: one OPRF batch for those not cached yet."""
+        from parties.insurer_oprf import domain_tokens
+
+        missing = list(dict.fromkeys(i for i in national_ids if i not in self._tokens))
+        if missing:
+            for nid, token in zip(missing, domain_tokens(self._http, missing), strict=True):
+                self._tokens[nid] = token
+        return [self._tokens[i] for i in national_ids]
+
+    def forget_tokens(self) -> None:
+        """Drop cached tokens (after the insurer's domain was re-created)."""
+        self._tokens.clear()
+
+    # -- keys -------------------------------------------------------------------------------
+    def operator_key(self) -> bytes:
+        """The operator's X25519 sealing key, from its CA-verified certificate."""
+        if self._operator_key is None:
+            body = OperatorCertificate.model_validate(self._http.get(
+                self.regulator, "/v1/claims/operator-certificate", kind="claim").json())
+            cert = x509.load_pem_x509_certificate(body.certificate_pem.encode())
+            ca = load_certificate(self.state.ca.cert)
+            operators = {n.name for n in self.topology.nodes_with_role(Role.OPERATOR)}
+            if verified_node_certificate(ca, cert) not in operators:
+                raise ValueError("the operator certificate does not certify an operator node")
+            self._operator_key = x25519_public_of(certificate_signing_key(cert))
+        return self._operator_key
+
+    def he_key(self) -> Any:
+        """The insurer's TenSEAL key (generated once per client), its public context
+        registered with the operator through the regulator."""
+        from mpc.he import HeClaimKey
+
+        if self._he_key is None:
+            self._he_key = HeClaimKey.generate()
+        if self._he_registered != self._he_key.context_digest:
+            body = self._http.post(self.regulator, "/v1/claims/he-contexts", kind="claim", json={
+                "context": base64.b64encode(self._he_key.public_context()).decode()}).json()
+            self._he_registered = HeContextRegistered.model_validate(body).digest
+        return self._he_key
+
+    # -- the check ------------------------------------------------------------------------------
+    def check(
+        self,
+        claims: pd.DataFrame,
+        consents: Mapping[str, Consent],
+        mode: str = "ss",
+        *,
+        request_id: str | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> pd.DataFrame:
+        """Verdicts of `claims` (model columns); `consents` maps national id -> Consent."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if self.policies is None:
+            raise ValueError("the client needs the insurer's policies to finish verdicts")
+        missing = [c for c in CLAIM_COLUMNS if c not in claims.columns]
+        if missing:
+            raise ValueError(f"claims lack columns {missing}")
+        claims = claims.reset_index(drop=True).copy()
+        claims["claim_id"] = claims["claim_id"].astype(str)
+        claims["national_id"] = claims["national_id"].astype(str)
+        if "insurer" not in claims:
+            claims["insurer"] = self.insurer
+        if (claims["insurer"] != self.insurer).any():
+            raise ValueError(f"some claims are not {self.insurer}'s")
+        absent = sorted(set(claims["national_id"]) - set(consents))
+        if absent:
+            raise MissingConsent(f"{len(absent)} claimants gave no consent")
+        batches = [claims.iloc[i:i + self.batch_size]
+                   for i in range(0, len(claims), self.batch_size)]
+        base = request_id or uuid.uuid4().hex
+        done: list[pd.DataFrame] = []
+        for i, batch in enumerate(batches):
+            rid = base if len(batches) == 1 else f"{base}-{i:04d}"
+            try:
+                done.append(self._check_batch(batch, consents, mode, rid))
+            except NodeError as exc:
+                completed = pd.concat(done, ignore_index=True) if done else pd.DataFrame(
+                    columns=VERDICT_COLUMNS)
+                raise ClaimBatchFailed(rid, exc, completed) from exc
+            if on_batch is not None:
+                on_batch(i + 1, len(batches))
+        return pd.concat(done, ignore_index=True)[VERDICT_COLUMNS]
+
+    def check_one(
+        self,
+        *,
+        national_id: str,
+        hospital_id: str,
+        visit_date: str,
+        claimed_fen: int,
+        diagnosis_code: str,
+        consent: Consent,
+        mode: str = "ss",
+        claim_id: str = "C1",
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The verdict of one claim, as a dict of the verdict fields."""
+        frame = pd.DataFrame([{
+            "claim_id": claim_id, "insurer": self.insurer, "national_id": national_id,
+            "hospital_id": hospital_id, "visit_date": visit_date,
+            "claimed_fen": int(claimed_fen), "diagnosis_code": diagnosis_code,
+        }])
+        row = self.check(frame, {national_id: consent}, mode, request_id=request_id).iloc[0]
+        return {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in VERDICT_COLUMNS}
+
+    # -- one batch ------------------------------------------------------------------------------
+    def prepare(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
+                request_id: str) -> _Prepared:
+        """Encode and seal one batch (kept for retries under the same request id)."""
+        consent_of = [consents[n] for n in claims["national_id"]]
+        digest = _claims_digest(claims, mode, [c.consent_id for c in consent_of])
+        found = self._prepared.get(request_id)
+        if found is not None:
+            if found.digest != digest:
+                raise ValueError(f"request id {request_id} was prepared for other claims")
+            return found
+        tokens = self.tokens(list(claims["national_id"]))
+        refs = [ClaimRef(claim_id=cid, consent_id=c.consent_id,
+                         subject_commitment=self.commitment(c, nid))
+                for cid, c, nid in zip(claims["claim_id"], consent_of, claims["national_id"],
+                                       strict=True)]
+        engine = InsurerClaims(mode, self.k, self.he_key() if mode == "he" else None)
+        query = engine.encode_claims(claims)
+        reply_key = nacl.public.PrivateKey.generate()
+        envelope = seal(self.operator_key(), ENVELOPE_PURPOSE, {
+            "request_id": request_id, "mode": mode, "k": self.k,
+            "tokens": [t.hex() for t in tokens],
+            "hospitals": [str(h) for h in claims["hospital_id"]],
+            "reply_key": bytes(reply_key.public_key).hex(),
+        }, query.payloads[OPERATOR if mode == "ss" else SERVER])
+        request = ClaimCheckRequest(
+            contract_id=self.contract_id, mode=mode, k=self.k, claims=refs,
+            operator_envelope=base64.b64encode(envelope),
+            regulator_share=base64.b64encode(query.payloads[REGULATOR]) if mode == "ss"
+            else None,
+            he_context=self._he_key.context_digest if mode == "he" else None,
+        )
+        prepared = _Prepared(request_id, digest, claims, engine, query, reply_key,
+                             request.model_dump_json().encode())
+        self._prepared[request_id] = prepared
+        return prepared
+
+    def send(self, prepared: _Prepared) -> ClaimCheckResponse:
+        """POST one prepared batch to the regulator's product endpoint."""
+        response = self._http.post(
+            self.regulator, "/v1/claims/check", kind="claim", content=prepared.body,
+            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
+        self.bytes_sent += len(prepared.body)
+        self.bytes_received += len(response.content)
+        return ClaimCheckResponse.model_validate_json(response.content)
+
+    def decode(self, prepared: _Prepared, response: ClaimCheckResponse) -> pd.DataFrame:
+        """The verdicts a response decodes to (here, with the reply key and HE key)."""
+        query = prepared.query
+        if response.claim_ids != list(query.claim_ids) or response.mode != query.mode:
+            raise RemoteError(502, "AnswerMismatch", "the answer is for other claims")
+        head, answer = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
+        if head.get("request_id") != prepared.request_id or head.get("n") != len(
+                query.claim_ids):
+            raise RemoteError(502, "AnswerMismatch", "the operator's answer is for another request")
+        answers = {OPERATOR if query.mode == "ss" else SERVER: answer}
+        if query.mode == "ss":
+            if response.regulator_answer is None:
+                raise RemoteError(502, "AnswerMismatch", "the regulator's share is missing")
+            answers[REGULATOR] = response.regulator_answer
+        bits = prepared.engine.decode_verdicts(query, answers)
+        return finish_verdicts(prepared.claims, self.policies, bits)
+
+    def _check_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
+                     request_id: str) -> pd.DataFrame:
+        prepared = self.prepare(claims, consents, mode, request_id)
+        verdicts = self.decode(prepared, self.send(prepared))
+        self._prepared.pop(request_id, None)
+        return verdicts
+
+
+def verdicts_to_csv(verdicts: pd.DataFrame, path: Path | str) -> None:
+    """Write verdicts with exactly the verdict columns (booleans as true/false)."""
+    out = verdicts[VERDICT_COLUMNS].copy()
+    for col in ("visit_found", "amount_consistent", "diagnosis_covered"):
+        out[col] = out[col].map({True: "true", False: "false"})
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    out.to_csv(tmp, index=False)
+    tmp.replace(target)
