@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,24 @@ class Client:
                 national_id, consent.consent_id, consent.terms.nonce)
         return found
 
+    def precompute_commitments(self, pairs: Iterable[tuple[Consent, str]],
+                               workers: int | None = None) -> None:
+        """Commitments of many (consent, national id) pairs; scrypt on every core."""
+        todo = list(dict.fromkeys(
+            (c.consent_id, nid, c.terms.nonce) for c, nid in pairs
+            if (c.consent_id, nid) not in self._commitments))
+        if not todo:
+            return
+        workers = workers or os.cpu_count() or 1
+        ids, cids, nonces = ([t[1] for t in todo], [t[0] for t in todo], [t[2] for t in todo])
+        if workers > 1 and len(todo) > 16:
+            with ProcessPoolExecutor(workers) as pool:
+                values = list(pool.map(subject_commitment, ids, cids, nonces, chunksize=8))
+        else:
+            values = [subject_commitment(*t) for t in zip(ids, cids, nonces, strict=True)]
+        for (cid, nid, _), value in zip(todo, values, strict=True):
+            self._commitments[(cid, nid)] = value
+
     # -- tokens -----------------------------------------------------------------------------
     def tokens(self, national_ids: Sequence[str]) -> list[bytes]:
         """Domain tokens of these ids: one OPRF batch for those not cached yet."""
@@ -290,6 +310,7 @@ class Client:
                 raise ValueError(f"request id {request_id} was prepared for other claims")
             return found
         tokens = self.tokens(list(claims["national_id"]))
+        self.precompute_commitments(zip(consent_of, claims["national_id"], strict=True))
         refs = [ClaimRef(claim_id=cid, consent_id=c.consent_id,
                          subject_commitment=self.commitment(c, nid))
                 for cid, c, nid in zip(claims["claim_id"], consent_of, claims["national_id"],

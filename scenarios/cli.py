@@ -3,13 +3,16 @@
 import typer
 
 from bench.cli import bench_app
+from federated.cli import app as fl_app
 from parties.admin_cli import register as register_admin
 from parties.agreements_cli import register as register_agreements
+from parties.claim_cli import claim_app
 from parties.cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger_cli import register as register_ledger
+from parties.package_cli import catalogue_app, package_app
 from scenarios.claim_check.cli import data_app
-from scenarios.foundation_demo import demo
+from scenarios.claim_check.demo import demo
 
 app = typer.Typer(
     help="cogov: privacy-preserving computation across organisations under joint governance.",
@@ -24,6 +27,10 @@ register_govern(app)
 app.command("demo")(demo)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")
+app.add_typer(fl_app, name="fl")
+app.add_typer(claim_app, name="claim")
+app.add_typer(package_app, name="package")
+app.add_typer(catalogue_app, name="catalogue")
 
 
 def main() -> None:

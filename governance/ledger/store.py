@@ -171,6 +171,11 @@ class MerkleLog:
     def size(self) -> int:
         return self._compact.size
 
+    def sync(self) -> None:
+        """Catch up with entries another connection appended (e.g. a local CLI)."""
+        if self._stored_size() != self._compact.size:
+            self._compact = self._load_compact_range()
+
     def register_actor(self, name: str, public_key: PublicKeyLike) -> None:
         """Accept entries signed by `name` with `public_key` from now on."""
         self._actor_keys[name] = public_key_bytes(public_key)
@@ -219,9 +224,7 @@ class MerkleLog:
             raise ValueError("empty batch")
         event_bytes = [self._checked_event_bytes(entry) for entry in entries]
         with write_transaction(self._conn):
-            if self._stored_size() != self._compact.size:
-                # Another connection appended since we loaded; catch up first.
-                self._compact = self._load_compact_range()
+            self.sync()  # another connection may have appended since we loaded
             compact = self._compact.copy()
             first = compact.size
             rows, nodes = [], []

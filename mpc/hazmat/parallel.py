@@ -10,14 +10,18 @@ threads or locks (torch, Ray and gRPC may be loaded in a node process).
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 #: below this many items a batch runs inline: shipping it costs more than it saves
 MIN_PARALLEL_ITEMS = 2048
+#: modules each worker imports at start, so the first batch does not pay for them
+DEFAULT_PRELOAD = ("mpc.hazmat.group", "mpc.hazmat.elgamal", "mpc.xid", "mpc.psi")
 
 
 def usable_cores() -> int:
@@ -34,11 +38,17 @@ class WorkerPool:
     down at interpreter exit by `concurrent.futures`.
     """
 
-    def __init__(self, workers: int | None = None, chunks_per_worker: int = 4) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        chunks_per_worker: int = 4,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+    ) -> None:
         self.workers = workers or usable_cores()
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
         self.chunks_per_worker = chunks_per_worker
+        self.preload = tuple(preload)
         self._executor: ProcessPoolExecutor | None = None
 
     def __repr__(self) -> str:
@@ -57,8 +67,10 @@ class WorkerPool:
             self._executor = ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
             )
-            # Wait for every worker to import before timing anything.
-            list(self._executor.map(_warm_up, range(self.workers)))
+            # Every worker imports the modules it will run before the first real batch.
+            futures = [self._executor.submit(_warm_up, self.preload) for _ in range(self.workers)]
+            for f in futures:
+                f.result()
         return self
 
     def close(self) -> None:
@@ -94,7 +106,8 @@ def run_chunked(
     return pool.starmap(fn, [chunk_args(a, b) for a, b in pool.chunk_bounds(n)])
 
 
-def _warm_up(_: int) -> int:
-    import mpc.hazmat.group  # noqa: F401  (pay the import once, not inside the first timed chunk)
-
+def _warm_up(modules: Sequence[str]) -> int:
+    for name in modules:
+        importlib.import_module(name)
+    time.sleep(0.2)  # stay busy so each warm-up task lands on a different worker
     return os.getpid()

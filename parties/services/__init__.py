@@ -43,6 +43,8 @@ SERVICE_PATHS: tuple[str, ...] = (
     "parties.services.claim_compute:OPERATOR_COMPUTE_SERVICE",
     "parties.services.claim_compute:REGULATOR_FOLLOWER_SERVICE",
     "parties.services.claim_compute:DEALER_SERVICE",
+    "parties.services.secure_room:OPERATOR_SECURE_ROOM_SERVICE",
+    "parties.services.package_approval:PACKAGE_APPROVAL_SERVICE",
 )
 
 

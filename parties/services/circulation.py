@@ -215,12 +215,10 @@ def circulation_digest(frame: pd.DataFrame) -> str:
     """SHA-256 over the plaintext circulation rows, ordered by visit_ref (hex)."""
     if frame.empty:
         return hashlib.sha256(b"").hexdigest()
-    text = pd.DataFrame({
-        "visit_ref": [bytes(v).hex() for v in frame["visit_ref"]],
-        "p1": [bytes(v).hex() for v in frame["p1"]],
-        **{f: frame[f].map(_canonical_text) for f in CIRCULATION_FIELDS[2:]},
-    }).sort_values("visit_ref")
-    lines = text[list(CIRCULATION_FIELDS)].agg("\x1f".join, axis=1)
+    columns = [[bytes(v).hex() for v in frame["visit_ref"].tolist()],
+               [bytes(v).hex() for v in frame["p1"].tolist()]]
+    columns += [[_canonical_text(v) for v in frame[f].tolist()] for f in CIRCULATION_FIELDS[2:]]
+    lines = sorted("\x1f".join(row) for row in zip(*columns, strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 

@@ -283,6 +283,8 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
         raise MalformedInput("malformed token or reply key in the envelope") from exc
     if any(len(t) != 32 for t in token_bytes) or len(reply_key) != 32:
         raise MalformedInput("tokens and the reply key are 32-byte values")
+    ctx.log.event("claims_compute_started", insurer=head.insurer, mode=head.mode,
+                  claims=head.n_claims)
     table = domain_table(ctx, head.insurer)
     _check_consents(ctx, head, table, token_bytes)
     slots = table.index.plan(list(zip(token_bytes, map(str, hospitals), strict=True)), head.k)

@@ -293,6 +293,7 @@ class RequestBook:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.in_flight: set[str] = set()
+        self.metering: set[str] = set()  # answered, entry on its way to the log
         self.lock = threading.Lock()
 
     def _conn(self) -> sqlite3.Connection:
@@ -314,8 +315,11 @@ class RequestBook:
                         raise RequestIdReused(
                             f"request id {rid} was used for another request; use a fresh id")
                     if row[2] == "answered" and row[3] is not None:
-                        meter = None if row[5] else json.loads(row[4])
-                        return "answered", bytes(row[3]), meter
+                        unlogged = not row[5] and rid not in self.metering
+                        if unlogged:
+                            self.metering.add(rid)
+                        return "answered", bytes(row[3]), json.loads(row[4]) if unlogged \
+                            else None
                     if row[6] is not None:  # a crashed attempt's reservation
                         _release_usage(conn, int(row[6]))
                 conn.execute(
@@ -336,6 +340,8 @@ class RequestBook:
                          (usage_id, rid))
 
     def answered(self, rid: str, response: bytes, meter: dict) -> None:
+        with self.lock:
+            self.metering.add(rid)
         with self.ctx.store.lock, self._conn() as conn:
             conn.execute(
                 "UPDATE claim_requests SET status = 'answered', response = ?, meter = ?,"
@@ -355,9 +361,13 @@ class RequestBook:
                 " WHERE request_id = ?", (status, time.time(), rid))
         self._done(rid)
 
-    def logged(self, rid: str) -> None:
-        with self.ctx.store.lock, self._conn() as conn:
-            conn.execute("UPDATE claim_requests SET logged = 1 WHERE request_id = ?", (rid,))
+    def logged(self, rid: str, ok: bool = True) -> None:
+        if ok:
+            with self.ctx.store.lock, self._conn() as conn:
+                conn.execute("UPDATE claim_requests SET logged = 1 WHERE request_id = ?",
+                             (rid,))
+        with self.lock:
+            self.metering.discard(rid)
 
     def _done(self, rid: str) -> None:
         with self.lock:
@@ -378,6 +388,8 @@ class RequestBook:
             unlogged = conn.execute(
                 "SELECT request_id, meter FROM claim_requests"
                 " WHERE status = 'answered' AND logged = 0").fetchall()
+        with self.lock:
+            self.metering.update(rid for rid, _ in unlogged)
         return [(rid, json.loads(meter)) for rid, meter in unlogged]
 
 
@@ -545,6 +557,8 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
         if meter is not None:  # answered before a crash that kept it from the log
             background.add_task(_meter, ctx, rid, meter)
         return stored
+    ctx.log.event("claims_received", insurer=insurer, mode=body.mode, claims=len(body.claims),
+                  contract=body.contract_id)
     status = "failed"
     try:
         try:
@@ -604,6 +618,7 @@ def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
         record_event(ctx, "query_answered", meter)
         request_book(ctx).logged(rid)
     except Exception as exc:  # the entry is retried at the next start or replay
+        request_book(ctx).logged(rid, ok=False)
         ctx.log.event("metering_deferred", error=type(exc).__name__, detail=str(exc))
     finally:
         current_request_id.reset(token)

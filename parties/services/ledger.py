@@ -150,6 +150,7 @@ def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
         """The latest signed tree head."""
         holder = operator_log(ctx)
         with holder.lock:
+            holder.log.sync()
             return holder.log.tree_head()
 
     @router.get("/consistency", response_model=ConsistencyProof)
@@ -161,6 +162,7 @@ def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
         """RFC 9162 consistency proof between two tree sizes."""
         holder = operator_log(ctx)
         with holder.lock:
+            holder.log.sync()
             path = holder.log.consistency_proof(first, second)
         return ConsistencyProof(first=first, second=second, path=[p.hex() for p in path])
 
@@ -190,6 +192,7 @@ def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
 def inclusion_bundle(ctx: NodeContext, index: int) -> InclusionProofBundle:
     holder = operator_log(ctx)
     with holder.lock:
+        holder.log.sync()
         head = holder.log.tree_head()
         proof = holder.log.inclusion_proof(index, head.tree_size)
         leaf = holder.log.leaf(index)

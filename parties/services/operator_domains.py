@@ -29,6 +29,7 @@ from governance.errors import GovernanceError
 from governance.leak_tracing import LeakReport, trace_leak
 from governance.ledger.events import register_event_kind
 from mpc import xid
+from mpc.hazmat.parallel import usable_cores
 from parties.access import Caller, CallerPolicy
 from parties.context import NodeContext
 from parties.services import Service
@@ -154,6 +155,13 @@ def live_domain(ctx: NodeContext, scenario: str, data_user: str) -> str:
     return str(rows[0][0])
 
 
+def xid_pool(ctx: NodeContext) -> xid.WorkerPool | None:
+    """The node's worker processes for bulk group operations (None on one core)."""
+    if usable_cores() < 2:
+        return None
+    return ctx.extras.setdefault("xid_pool", xid.WorkerPool())  # type: ignore[return-value]
+
+
 def _key_name(domain_id: str) -> str:
     return f"domain:{domain_id}"
 
@@ -178,7 +186,8 @@ def create_domain(ctx: NodeContext, scenario: str, data_user: str) -> DomainInfo
                 " VALUES (?, ?, ?, ?)",
                 (domain_id, scenario, data_user, _key_name(domain_id)),
             )
-            _insert_tokens(conn, domain_id, key, [v[0] for v in visits], [v[1] for v in visits])
+            _insert_tokens(conn, domain_id, key, [v[0] for v in visits], [v[1] for v in visits],
+                           xid_pool(ctx))
         info = get_domain(ctx, domain_id)
     record_event(ctx, "domain_created", {
         "domain": domain_id, "scenario": scenario, "data_user": data_user,
@@ -217,13 +226,13 @@ def delete_domain(ctx: NodeContext, domain_id: str) -> DomainInfo:
 
 def _insert_tokens(
     conn: sqlite3.Connection, domain_id: str, key: xid.XidKey, refs: Sequence[bytes],
-    p1s: Sequence[bytes],
+    p1s: Sequence[bytes], pool: xid.WorkerPool | None = None,
 ) -> None:
     if not refs:
         return
     # One group operation per person, not per visit.
     distinct = list(dict.fromkeys(bytes(p) for p in p1s))
-    token_of = dict(zip(distinct, xid.rekey(key, distinct), strict=True))
+    token_of = dict(zip(distinct, xid.rekey(key, distinct, pool=pool), strict=True))
     conn.executemany(
         "INSERT OR REPLACE INTO domain_tokens (domain_id, visit_ref, token) VALUES (?, ?, ?)",
         [(domain_id, bytes(r), token_of[bytes(p)]) for r, p in zip(refs, p1s, strict=True)],
@@ -238,7 +247,7 @@ def index_visits(
         "SELECT domain_id FROM domains WHERE deleted_at IS NULL").fetchall()
     for (domain_id,) in live:
         key = ctx.secrets.xid_key(_key_name(domain_id))
-        _insert_tokens(conn, domain_id, key, refs, p1s)
+        _insert_tokens(conn, domain_id, key, refs, p1s, xid_pool(ctx))
 
 
 def lookup_tokens(

@@ -1,0 +1,569 @@
+"""The fast-claim check through real node processes (issue 5).
+
+One module-scoped federation of all eight nodes: the generated data goes hospitals ->
+health authority -> operator (`cogov govern ingest`), the insurers' contracts are
+signed by every party and registered at the regulator, the claimants' consents are
+issued with their keys and registered. Then `plain`, `he` and `ss` answer the same
+500 claims through the nodes, and refusals, retries and crashes are exercised.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from governance.consent import Consent, revoke_consent
+from governance.contracts import load_contract, parse_contract, sign_contract
+from governance.ledger import decode_leaf
+from governance.ledger.signing import private_key_from_hex
+from mpc.claim import ss_shares
+from mpc.claim.plain import VERDICT_COLUMNS
+from parties import supervisor
+from parties.claim_cli import consumer_keys, issue_consents
+from parties.client import NodeClient
+from parties.errors import FlowNotAllowed, RemoteError
+from parties.insurer import ClaimBatchFailed, Client
+from parties.node_log import read_log
+from parties.pki import load_signing_key
+from parties.services.claims import ANSWER_PURPOSE, ClaimCheckResponse, open_sealed
+from scenarios.claim_check.generator import generate
+from tests.federation import Federation
+
+ALL_NODES = ["hospital-1", "hospital-2", "hospital-3", "health-authority", "operator",
+             "regulator", "insurer-a", "insurer-b"]
+INSURERS = ("insurer-a", "insurer-b")
+CONTRACTS = Path(__file__).resolve().parents[1] / "scenarios" / "claim_check" / "contracts"
+SEED = 5
+REPEAT = 40
+
+
+@dataclass
+class ClaimFed:
+    fed: Federation
+    data: Path
+    claims: pd.DataFrame
+    policies: pd.DataFrame
+    truth: pd.DataFrame
+    keys: dict[str, str]
+    consents: dict[str, dict[str, Consent]] = field(default_factory=dict)
+    clients: dict[str, Client] = field(default_factory=dict)
+
+    def part(self, insurer: str) -> pd.DataFrame:
+        return self.claims[self.claims["insurer"] == insurer].reset_index(drop=True)
+
+    def node_client(self, node: str) -> NodeClient:
+        return NodeClient(self.fed.state, self.fed.topology, node, timeout=120)
+
+    def client(self, insurer: str, contract: str) -> Client:
+        client = Client(insurer, state=self.fed.state, topology=self.fed.topology,
+                        contract_id=contract, policies=self.policies)
+        base = self.clients[insurer]
+        client._tokens.update(base._tokens)  # same insurer, same domain: reuse its tokens
+        client._commitments.update(base._commitments)
+        return client
+
+    def ledger(self) -> list:
+        conn = sqlite3.connect(f"file:{self.fed.state.node('operator').db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index").fetchall()
+        finally:
+            conn.close()
+        return [decode_leaf(bytes(r[0])).entry.event for r in rows]
+
+    def events(self, kind: str, request_id: str) -> list:
+        return [e for e in self.ledger() if e.kind == kind and e.request_id == request_id]
+
+    def log(self, node: str, event: str, request_id: str | None = None) -> list[dict]:
+        return [e for e in read_log(self.fed.state.node(node).log) if e["event"] == event
+                and (request_id is None or e.get("request_id") == request_id)]
+
+    def usage_rows(self, request_id: str) -> int:
+        conn = sqlite3.connect(f"file:{self.fed.state.node('regulator').db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM contract_usage WHERE request_id = ?",
+                                (request_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+
+def _sign_and_register(cf: ClaimFed, terms: dict) -> str:
+    contract = parse_contract(terms)
+    signed = None
+    for party in contract.parties:
+        signed = sign_contract(signed or contract, party, load_signing_key(cf.fed.state, party))
+    assert signed is not None
+    with cf.node_client(contract.data_users[0]) as client:
+        client.post("regulator", "/v1/contracts", kind="contract",
+                    json=signed.model_dump(mode="json"))
+    return contract.contract_id
+
+
+def _terms(insurer: str, contract_id: str, **changes) -> dict:
+    terms = load_contract(CONTRACTS / f"claim-check-{insurer}.toml").model_dump(mode="json")
+    terms["contract_id"] = contract_id
+    for key, value in changes.items():
+        terms[key] = value
+    return terms
+
+
+def _wait(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def cf(tmp_path_factory) -> Iterator[ClaimFed]:
+    root = tmp_path_factory.mktemp("claims")
+    generate(root / "data", patients=150, claims=500, seed=SEED, progress=False)
+    fed = Federation(root, nodes=ALL_NODES)
+    fed.up()
+    clients: dict[str, Client] = {}
+    try:
+        from scenarios.cli import app
+
+        result = CliRunner().invoke(app, [
+            "govern", "ingest", "--data", str(root / "data"), "--batch-rows", "500",
+            "--state", str(fed.state.root), "--topology", str(fed.topology_path)])
+        assert result.exit_code == 0, result.output
+        data = root / "data"
+        claims = pd.read_csv(data / "claims.csv", dtype={"national_id": str})
+        cf = ClaimFed(
+            fed=fed, data=data, claims=claims,
+            policies=pd.read_csv(data / "policies.csv", dtype={"national_id": str}),
+            truth=pd.read_csv(data / "ground_truth" / "claims_truth.csv"),
+            keys=consumer_keys(data / "consumer_keys.jsonl"),
+        )
+        every_mode = ["visit_found", "amount_consistent", "diagnosis_covered", "payable",
+                      "mode.ss", "mode.he", "mode.plain"]
+        for insurer in INSURERS:
+            _sign_and_register(cf, _terms(insurer, f"test-{insurer}",
+                                          allowed_outputs=every_mode))
+            _sign_and_register(cf, _terms(insurer, f"claim-check-{insurer}-2026"))
+            cf.consents[insurer] = issue_consents(cf.keys, cf.part(insurer)["national_id"],
+                                                  insurer)
+            client = Client(insurer, state=fed.state, topology=fed.topology,
+                            contract_id=f"test-{insurer}", policies=cf.policies)
+            client.register_consents(cf.consents[insurer].values())
+            cf.clients[insurer] = clients[insurer] = client
+        yield cf
+    finally:
+        for client in clients.values():
+            client.close()
+        fed.down()
+
+
+@pytest.fixture(scope="module")
+def verdicts(cf) -> dict[str, pd.DataFrame]:
+    """Every claim of both insurers checked in each mode."""
+    out = {}
+    for mode in ("plain", "he", "ss"):
+        parts = [cf.clients[i].check(cf.part(i), cf.consents[i], mode) for i in INSURERS]
+        out[mode] = pd.concat(parts, ignore_index=True).sort_values("claim_id").reset_index(
+            drop=True)
+    return out
+
+
+def _as_truth(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame[VERDICT_COLUMNS].copy()
+    for col in ("visit_found", "amount_consistent", "diagnosis_covered"):
+        out[col] = out[col].map({True: "true", False: "false"})
+    return out.reset_index(drop=True)
+
+
+# -- correctness -------------------------------------------------------------------------------
+
+
+def test_three_modes_agree_with_each_other_and_the_ground_truth(cf, verdicts):
+    assert len(cf.claims) >= 500
+    assert set(cf.truth["kind"]) >= {"true", "inflated", "fabricated", "uncovered",
+                                     "date_off_by_one", "date_off_by_several"}
+    truth = cf.truth.sort_values("claim_id").reset_index(drop=True)
+    expected = truth[VERDICT_COLUMNS].copy()
+    for col in ("visit_found", "amount_consistent", "diagnosis_covered"):
+        expected[col] = expected[col].astype(str).str.lower()
+    expected["payable"] = expected["payable"].map(lambda v: f"{v:.2f}")
+    for mode, frame in verdicts.items():
+        assert list(frame.columns) == VERDICT_COLUMNS, mode
+        pd.testing.assert_frame_equal(_as_truth(frame), expected, check_dtype=False,
+                                      obj=f"{mode} verdicts")
+    pd.testing.assert_frame_equal(verdicts["ss"], verdicts["he"])
+    pd.testing.assert_frame_equal(verdicts["ss"], verdicts["plain"])
+
+
+def test_every_answer_is_metered_once_with_its_request_id(cf, verdicts):
+    answered = [e for e in cf.ledger() if e.kind == "query_answered"
+                and e.payload.get("contract_id", "").startswith("test-")]
+    assert _wait(lambda: len([e for e in cf.ledger() if e.kind == "query_answered"]) >= 6)
+    per_request = {}
+    for event in answered:
+        per_request.setdefault(event.request_id, []).append(event)
+    assert all(len(v) == 1 for v in per_request.values())
+    modes = {e.payload["mode"] for e in answered}
+    assert modes == {"plain", "he", "ss"}
+    for event in answered:
+        assert event.actor == "regulator"
+        assert event.payload["records_touched"] == 4 * event.payload["claims"]
+        assert event.payload["rows_returned"] == event.payload["claims"]
+    # one request id follows the claim through the regulator and the operator
+    rid = answered[-1].request_id
+    assert cf.log("regulator", "claims_answered", rid)
+    assert cf.log("operator", "claims_computed", rid)
+
+
+def test_ss_traffic_runs_on_the_nodes_mpc_sessions(cf, verdicts):
+    opened = cf.log("operator", "mpc_session_open")
+    assert opened and set(opened[-1]["peers"]) == {"regulator", "health-authority"}
+    assert cf.log("regulator", "share_table_kept")
+    pushed = cf.log("operator", "share_table_pushed")
+    assert pushed and all(p["rows"] > 0 for p in pushed)
+
+
+def test_cli_batch_and_single_claim(cf, tmp_path):
+    from scenarios.cli import app
+
+    common = ["--state", str(cf.fed.state.root), "--topology", str(cf.fed.topology_path),
+              "--data", str(cf.data), "--contract", "test-insurer-a"]
+    consents = tmp_path / "consents.jsonl"
+    consents.write_text("".join(
+        json.dumps({"national_id": n, "consent": c.model_dump(mode="json")}) + "\n"
+        for n, c in cf.consents["insurer-a"].items()))
+    out = tmp_path / "verdicts.csv"
+    result = CliRunner().invoke(app, ["claim", "check", "--insurer", "insurer-a", "--mode", "ss",
+                                      "--claims", str(cf.data / "claims.csv"), "--out", str(out),
+                                      "--consents", str(consents), "--batch-size", "100",
+                                      *common])
+    assert result.exit_code == 0, result.output
+    written = pd.read_csv(out, dtype=str)
+    assert list(written.columns) == VERDICT_COLUMNS
+    truth = cf.truth.set_index("claim_id")
+    assert len(written) == len(cf.part("insurer-a"))
+    for row in written.itertuples(index=False):
+        assert row.visit_found == str(truth.at[row.claim_id, "visit_found"]).lower()
+        assert row.payable == f"{truth.at[row.claim_id, 'payable']:.2f}"
+    one = tmp_path / "one.csv"
+    claim = cf.part("insurer-a").iloc[3]
+    result = CliRunner().invoke(app, ["claim", "check", "--insurer", "insurer-a", "--mode", "he",
+                                      "--claim-id", claim.claim_id, "--out", str(one),
+                                      "--consents", str(consents), *common])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(one, dtype=str).iloc[0]["claim_id"] == claim.claim_id
+
+
+def test_check_one_explicit_claim(cf):
+    claim = cf.part("insurer-b").iloc[0]
+    verdict = cf.clients["insurer-b"].check_one(
+        national_id=claim.national_id, hospital_id=claim.hospital_id,
+        visit_date=claim.visit_date, claimed_fen=int(claim.claimed_fen),
+        diagnosis_code=claim.diagnosis_code, claim_id=claim.claim_id,
+        consent=cf.consents["insurer-b"][claim.national_id], mode="ss")
+    truth = cf.truth.set_index("claim_id").loc[claim.claim_id]
+    assert set(verdict) == set(VERDICT_COLUMNS)
+    assert verdict["visit_found"] == (str(truth["visit_found"]).lower() == "true")
+    assert verdict["payable"] == f"{truth['payable']:.2f}"
+
+
+# -- what the insurer receives --------------------------------------------------------------
+
+
+def test_openapi_describes_the_product_with_typed_models(cf):
+    with cf.node_client("insurer-a") as client:
+        doc = client.get("regulator", "/openapi.json", kind="claim").json()
+    op = doc["paths"]["/v1/claims/check"]["post"]
+    ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    response = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(response["properties"]) == {"request_id", "mode", "claim_ids",
+                                           "operator_answer", "regulator_answer"}
+    assert response.get("additionalProperties") is False
+    request_ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = doc["components"]["schemas"][request_ref.rsplit("/", 1)[1]]
+    assert {"contract_id", "mode", "claims", "operator_envelope"} <= set(request["properties"])
+
+
+def test_response_holds_only_verdict_material(cf):
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").head(20)
+    for mode in ("ss", "he"):
+        prepared = client.prepare(part, cf.consents["insurer-a"], mode, f"schema-{mode}")
+        response = client._http.post(
+            "regulator", "/v1/claims/check", kind="claim", content=prepared.body,
+            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
+        body = response.json()
+        ClaimCheckResponse.model_validate(body)  # extra fields are forbidden
+        assert set(body) <= set(ClaimCheckResponse.model_fields)
+        assert body["claim_ids"] == list(part["claim_id"])
+        raw = json.dumps(body)
+        for value in part["claimed_fen"].astype(str):
+            assert f'"{value}"' not in raw and f": {value}," not in raw
+        verdict = client.decode(prepared, ClaimCheckResponse.model_validate(body))
+        assert list(verdict.columns) == VERDICT_COLUMNS
+        client._prepared.pop(prepared.request_id)
+        if mode == "ss":  # the regulator's result share alone: uniform ring elements, not bits
+            share = ss_shares.unpack(base64.b64decode(body["regulator_answer"]),
+                                     ss_shares.KIND_RESULT)
+            assert (np.abs(share) > 2**40).mean() > 0.95
+
+
+def test_he_answer_decrypts_to_the_verdict_only(cf):
+    from mpc.he import GROUP, PLAIN_MODULUS
+
+    client = cf.clients["insurer-b"]
+    part = cf.part("insurer-b").head(60)
+    prepared = client.prepare(part, cf.consents["insurer-b"], "he", "he-leakage")
+    response = client.send(prepared)
+    key = client.he_key()
+    _, answer = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
+    slots = key.decrypt_slots(answer, len(part), client.k)  # every slot the key holder sees
+    assert slots.shape == (len(part), client.k, GROUP)
+    small = (slots.astype(float) < 2.0**50).mean()
+    assert small < 0.01  # each slot alone is uniform mod t (only group sums mean anything)
+    outputs = key.decrypt_outputs(answer, len(part), client.k)
+    truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
+    found = (outputs[..., 0] == 0).any(axis=1)
+    assert list(found) == [str(v).lower() == "true" for v in truth["visit_found"]]
+    # a slot that matches nothing says nothing: its three outputs are large and random
+    unmatched = outputs[..., 0] != 0
+    assert (np.abs(outputs[..., 1][unmatched].astype(float)) > 2**40).mean() > 0.95
+    assert (np.abs(outputs[..., 0][unmatched].astype(float)) > 2**40).mean() > 0.95
+    diag = outputs[..., 1][~unmatched]
+    assert ((diag == 0) | (np.abs(diag.astype(float)) > 2**40)).all()
+    assert PLAIN_MODULUS > 2**59
+    client._prepared.pop(prepared.request_id, None)
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+def test_retried_request_is_answered_again_but_billed_once(cf):
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").head(10)
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "retry-same-id")
+    first = client.decode(prepared, client.send(prepared))
+    second = client.decode(prepared, client.send(prepared))
+    pd.testing.assert_frame_equal(first, second)
+    assert _wait(lambda: len(cf.events("query_answered", "retry-same-id")) == 1)
+    time.sleep(0.5)
+    assert len(cf.events("query_answered", "retry-same-id")) == 1
+    assert cf.usage_rows("retry-same-id") == 1
+    other = client.prepare(part.head(5), cf.consents["insurer-a"], "ss", "retry-other-body")
+    other.request_id = "retry-same-id"
+    with pytest.raises(RemoteError) as reused:
+        client.send(other)
+    assert reused.value.error == "RequestIdReused" and reused.value.http_status == 409
+
+
+# -- refusals: each is refused, logged, computes nothing, bills nothing ------------------
+
+
+def _refused(cf: ClaimFed, client: Client, claims: pd.DataFrame, consents, mode: str,
+             rid: str) -> RemoteError:
+    prepared = client.prepare(claims, consents, mode, rid)
+    with pytest.raises(RemoteError) as refused:
+        client.send(prepared)
+    client._prepared.pop(rid, None)
+    assert _wait(lambda: cf.log("regulator", "refused", rid))
+    assert not cf.events("query_answered", rid)
+    assert cf.usage_rows(rid) == 0
+    assert not cf.log("operator", "claims_computed", rid)
+    return refused.value
+
+
+def _assert_logged_refusal(cf: ClaimFed, rid: str, reason: str) -> None:
+    events = _wait(lambda: cf.events("query_refused", rid))
+    assert [e.payload["reason"] for e in events] == [reason]
+
+
+def test_claim_without_registered_consent_is_refused(cf):
+    insurer = "insurer-a"
+    claim = cf.part(insurer).head(1)
+    nid = claim.iloc[0]["national_id"]
+    unregistered = issue_consents(cf.keys, [nid], insurer, workers=1)
+    error = _refused(cf, cf.clients[insurer], claim, unregistered, "ss", "refuse-no-consent")
+    assert error.error == "ConsentMissing" and error.http_status == 403
+    _assert_logged_refusal(cf, "refuse-no-consent", "ConsentMissing")
+
+
+def test_revoked_consent_is_refused(cf):
+    insurer = "insurer-b"
+    claim = cf.part(insurer).head(1)
+    nid = claim.iloc[0]["national_id"]
+    consent = issue_consents(cf.keys, [nid], insurer, workers=1)[nid]
+    client = cf.clients[insurer]
+    client.register_consents([consent])
+    revocation = revoke_consent(consent, private_key_from_hex(cf.keys[nid]), datetime.now(UTC))
+    with cf.node_client("regulator") as admin:
+        admin.post("regulator", "/v1/admin/consents/revocations", kind="admin",
+                   json=revocation.model_dump(mode="json"))
+    error = _refused(cf, client, claim, {nid: consent}, "he", "refuse-revoked")
+    assert error.error == "ConsentRevoked"
+    _assert_logged_refusal(cf, "refuse-revoked", "ConsentRevoked")
+
+
+def test_expired_contract_is_refused(cf):
+    past = {"not_before": "2025-01-01T00:00:00+08:00", "not_after": "2025-12-31T23:59:59+08:00"}
+    contract = _sign_and_register(cf, _terms("insurer-a", "expired-insurer-a", validity=past))
+    with cf.client("insurer-a", contract) as client:
+        error = _refused(cf, client, cf.part("insurer-a").head(3), cf.consents["insurer-a"],
+                         "ss", "refuse-expired")
+    assert error.error == "ContractExpired"
+    _assert_logged_refusal(cf, "refuse-expired", "ContractExpired")
+
+
+def test_over_quota_is_refused(cf):
+    quota = {"queries_per_day": 100, "rows_per_query": 5, "rows_per_day": 50}
+    contract = _sign_and_register(cf, _terms("insurer-a", "tiny-insurer-a", quota=quota))
+    with cf.client("insurer-a", contract) as client:
+        error = _refused(cf, client, cf.part("insurer-a").head(6), cf.consents["insurer-a"],
+                         "ss", "refuse-quota")
+    assert error.error == "QuotaExceeded" and error.http_status == 429
+    _assert_logged_refusal(cf, "refuse-quota", "QuotaExceeded")
+
+
+def test_plain_is_refused_unless_the_contract_serves_it(cf):
+    with cf.client("insurer-a", "claim-check-insurer-a-2026") as client:
+        error = _refused(cf, client, cf.part("insurer-a").head(2), cf.consents["insurer-a"],
+                         "plain", "refuse-plain")
+        assert error.error == "ModeNotAllowed"
+        ok = client.check(cf.part("insurer-a").head(2), cf.consents["insurer-a"], "ss")
+        assert len(ok) == 2  # the scenario's contract serves ss
+
+
+def test_token_from_another_domain_is_refused(cf):
+    claim = cf.part("insurer-a").head(1)
+    nid = claim.iloc[0]["national_id"]
+    other_domain = cf.clients["insurer-b"].tokens([nid])[0]
+    with cf.client("insurer-a", "test-insurer-a") as client:
+        assert client.tokens([nid])[0] != other_domain  # unlinkable across domains
+        client._tokens[nid] = other_domain
+        error = _refused(cf, client, claim, cf.consents["insurer-a"], "ss", "refuse-domain")
+    assert error.error == "UnknownToken"
+    _assert_logged_refusal(cf, "refuse-domain", "UnknownToken")
+
+
+def test_consent_of_another_person_is_refused_at_the_regulator(cf):
+    part = cf.part("insurer-a")
+    a, b = part["national_id"].unique()[:2]
+    claim_b = part[part["national_id"] == b].head(1)
+    consent_a = cf.consents["insurer-a"][a]
+    error = _refused(cf, cf.clients["insurer-a"], claim_b, {b: consent_a}, "ss",
+                     "refuse-person-regulator")
+    assert error.error == "ConsentMismatch"
+    _assert_logged_refusal(cf, "refuse-person-regulator", "ConsentMismatch")
+
+
+def test_consent_of_another_person_is_refused_at_the_operator(cf):
+    """The insurer shows A's commitment (the regulator's check passes) but B's token."""
+    part = cf.part("insurer-a")
+    a, b = part["national_id"].unique()[2:4]
+    claim_b = part[part["national_id"] == b].head(1)
+    consent_a = cf.consents["insurer-a"][a]
+    with cf.client("insurer-a", "test-insurer-a") as client:
+        client._commitments[(consent_a.consent_id, b)] = client.commitment(consent_a, a)
+        error = _refused(cf, client, claim_b, {b: consent_a}, "ss", "refuse-person-operator")
+    assert error.error == "ConsentMismatch"
+    assert "person behind the token" in error.detail
+    _assert_logged_refusal(cf, "refuse-person-operator", "ConsentMismatch")
+
+
+def test_insurer_calling_the_operator_directly_is_refused(cf):
+    with cf.node_client("insurer-a") as client:
+        with pytest.raises(FlowNotAllowed):
+            client.post("operator", "/v1/claims/compute", kind="product", content=b"x")
+        with pytest.raises(RemoteError) as refused:
+            client.post("operator", "/v1/claims/compute", kind="product", content=b"x",
+                        check_flow=False, headers={"X-Request-ID": "refuse-flow"})
+    assert refused.value.error == "FlowNotAllowed" and refused.value.http_status == 403
+    assert _wait(lambda: cf.log("operator", "refused", "refuse-flow"))
+    assert not cf.log("operator", "claims_computed", "refuse-flow")
+    assert not cf.events("query_answered", "refuse-flow")
+
+
+# -- crashes ---------------------------------------------------------------------------------
+
+
+def _restart(cf: ClaimFed, node: str) -> None:
+    supervisor.start_node(cf.fed.state, cf.fed.topology_path, node)
+    status = supervisor.wait_healthy(cf.fed.state, cf.fed.topology, [node])
+    assert status[node] == "ok", status
+
+
+def _kill_mid_batch(cf: ClaimFed, node: str, mode: str, rid: str, wait_event: tuple[str, str]):
+    """Start a large batch, kill -9 `node` while it runs; return the batch's outcome."""
+    import os
+    import signal
+
+    insurer = "insurer-a"
+    client = cf.clients[insurer]
+    part = cf.part(insurer)
+    big = pd.concat([part] * REPEAT, ignore_index=True)  # same claims, new ids: 9,120
+    big["claim_id"] = [f"K{i:06d}" for i in range(len(big))]
+    client.batch_size = len(big)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["verdicts"] = client.check(big, cf.consents[insurer], mode, request_id=rid)
+        except Exception as exc:  # the outcome under test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    watched, event = wait_event
+    assert _wait(lambda: cf.log(watched, event, rid), timeout=60)
+    pid = supervisor.running_pid(cf.fed.state, node)
+    os.kill(pid, signal.SIGKILL)
+    worker.join(120)
+    return client, big, outcome
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node, mode", [("operator", "he"), ("regulator", "ss")])
+def test_killed_computing_node_fails_the_batch_then_a_retry_succeeds(cf, node, mode):
+    rid = f"crash-{node}"
+    client, big, outcome = _kill_mid_batch(cf, node, mode, rid,
+                                           ("operator", "claims_compute_started"))
+    try:
+        assert "error" in outcome, "the batch finished before the kill"
+        error = outcome["error"]
+        assert isinstance(error, ClaimBatchFailed)
+        assert error.http_status in (502, 503)
+        assert error.request_id == rid
+        assert not cf.events("query_answered", rid)
+    finally:
+        _restart(cf, node)
+    verdicts = client.check(big, cf.consents["insurer-a"], mode, request_id=rid)
+    client.batch_size = 2000
+    expected = cf.truth.set_index("claim_id").loc[
+        pd.concat([cf.part("insurer-a")] * REPEAT)["claim_id"], "payable"].map(lambda v: f"{v:.2f}")
+    assert list(verdicts["payable"]) == list(expected)
+    assert _wait(lambda: len(cf.events("query_answered", rid)) == 1, timeout=20)
+    time.sleep(0.5)
+    assert len(cf.events("query_answered", rid)) == 1
+    assert cf.usage_rows(rid) == 1
+
+
+def test_regulator_recovery_releases_reservations_of_dead_requests(cf):
+    """A request that died with the regulator keeps no quota reservation after restart."""
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('regulator').db}?mode=ro", uri=True)
+    try:
+        pending = conn.execute("SELECT COUNT(*) FROM claim_requests WHERE status = 'pending'"
+                               ).fetchone()[0]
+    finally:
+        conn.close()
+    assert pending == 0

@@ -1,0 +1,359 @@
+"""In-air development on real nodes: libraries, the secure room, approval, production, catalogue.
+
+One federation (hospital-1, health-authority, operator, regulator) as real processes over
+mutual TLS. The hospital exports, the authority governs, then builds and publishes the
+sample and test libraries; the regulator develops, submits to the operator's secure
+room; the authority approves and runs on its authorized data; the catalogue fills.
+"""
+
+import shutil
+import sqlite3
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from governance.ledger import decode_leaf
+from governance.packages import package_hash
+from parties.client import NodeClient
+from parties.errors import RemoteError
+from parties.package_cli import fetch_sample
+from parties.secure_room import sandbox_available
+from parties.server import open_node
+from parties.services.health_authority import governed_visits
+from parties.services.package_approval import authorized_visits
+from parties.services.secure_room import package_to_wire
+from scenarios.claim_check.generator import generate
+from tests.federation import Federation
+
+NODES = ["hospital-1", "health-authority", "operator", "regulator"]
+CLAIM_PACKAGE = Path(__file__).resolve().parents[1] / "scenarios/claim_check/claim_package"
+COMPARED = ("hospital_id", "birth_date", "sex", "admission_date", "discharge_date",
+            "diagnosis_code", "total_fen", "covered_fen", "self_pay_fen")
+
+PROBE_MANIFEST = """\
+name = "{name}"
+version = "0.1.0"
+entry_point = "main:run"
+
+[[inputs]]
+name = "visits"
+dataset = "visits"
+libraries = ["sample", "test", "authorized"]
+columns = ["hospital_id", "diagnosis_code", "self_pay_fen"]
+
+[output]
+disclosure = "verdict"
+
+[[output.columns]]
+name = "hospital_id"
+type = "string"
+"""
+
+AGGREGATE_MANIFEST = """\
+name = "self-pay-by-diagnosis"
+version = "0.1.0"
+entry_point = "main:run"
+
+[[inputs]]
+name = "visits"
+dataset = "visits"
+libraries = ["sample", "test", "authorized"]
+columns = ["diagnosis_code", "self_pay_fen"]
+
+[output]
+disclosure = "aggregate"
+count_column = "n"
+
+[[output.columns]]
+name = "diagnosis_code"
+type = "string"
+
+[[output.columns]]
+name = "n"
+type = "int64"
+
+[[output.columns]]
+name = "self_pay_fen"
+type = "int64"
+"""
+
+AGGREGATE_CODE = """\
+def run(tables):
+    visits = tables["visits"]
+    grouped = visits.groupby("diagnosis_code", as_index=False).agg(
+        n=("self_pay_fen", "size"), self_pay_fen=("self_pay_fen", "sum"))
+    return grouped[["diagnosis_code", "n", "self_pay_fen"]]
+"""
+
+
+class Room:
+    def __init__(self, fed: Federation, data: Path, work: Path) -> None:
+        self.fed, self.data, self.work = fed, data, work
+
+    def client(self, node: str) -> NodeClient:
+        return NodeClient(self.fed.state, self.fed.topology, node, timeout=600)
+
+    def cli(self, *args: str, code: int = 0) -> str:
+        from scenarios.cli import app
+
+        result = CliRunner().invoke(app, [*args, "--state", str(self.fed.state.root),
+                                          "--topology", str(self.fed.topology_path)])
+        assert result.exit_code == code, result.output
+        return " ".join(result.output.split())  # rich wraps lines at the terminal width
+
+    def submit(self, package: Path) -> dict:
+        with self.client("regulator") as client:
+            return client.post("operator", "/v1/secure-room/packages", kind="catalogue", json={
+                "files": [f.model_dump() for f in package_to_wire(package)]}).json()
+
+    def run(self, sha: str) -> dict:
+        with self.client("regulator") as client:
+            return client.post("operator", f"/v1/secure-room/packages/{sha}/run",
+                               kind="catalogue", json={"query": {}}).json()
+
+    def events(self, kind: str) -> list:
+        with sqlite3.connect(f"file:{self.fed.state.node('operator').db}?mode=ro",
+                             uri=True) as db:
+            leaves = [bytes(r[0]) for r in db.execute(
+                "SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+        events = [decode_leaf(leaf).entry.event for leaf in leaves]
+        return [e for e in events if e.kind == kind]
+
+    def authority(self):
+        return open_node(self.fed.state, self.fed.topology, "health-authority")
+
+
+def make_package(root: Path, manifest: str, code: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "manifest.toml").write_text(manifest)
+    (root / "main.py").write_text(textwrap.dedent(code))
+    return root
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    sandbox_available()  # fail loudly, not skip, when bubblewrap cannot run here
+    root = tmp_path_factory.mktemp("room")
+    generate(root / "data", hospitals=1, patients=300, claims=30, seed=5, progress=False)
+    fed = Federation(root, nodes=NODES)
+    fed.up()
+    try:
+        r = Room(fed, root / "data", root / "work")
+        raw = next((root / "data" / "raw").iterdir())
+        with r.client("hospital-1") as client:
+            client.post("hospital-1", "/v1/hospital/export", kind="admin",
+                        json={"path": str(raw), "batch_rows": 200})
+        r.built = r.cli("package", "libraries", "--sample-rows", "400", "--test-rows", "60")
+        yield r
+    finally:
+        fed.down()
+
+
+@pytest.fixture(scope="module")
+def approved_claim_check(room):
+    """The claim-check package submitted by the regulator and approved by the authority."""
+    package = room.work / "claim-check"
+    shutil.copytree(CLAIM_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    out = room.cli("package", "submit", str(package))
+    sha = package_hash(package)
+    assert sha in out and "sent to the data owner for review" in out
+    with room.client("regulator") as client, pytest.raises(RemoteError) as refused:
+        client.post("operator", f"/v1/secure-room/packages/{sha}/run", kind="catalogue",
+                    json={"query": {}})
+    assert (refused.value.http_status, refused.value.error) == (403, "PackageNotApproved")
+    assert [e.payload["error"] for e in room.events("package_run_refused")
+            if e.payload["package_sha256"] == sha] == ["PackageNotApproved"]
+    assert sha[:16] in room.cli("package", "reviews")
+    assert "approved claim-check 1.0.0" in room.cli("package", "approve", sha)
+    return package, sha
+
+
+def test_libraries_are_published_to_the_development_environment(room):
+    assert "sample fidelity" in room.built and "0 exact copies" in room.built
+    with room.client("regulator") as client:
+        published = client.get("operator", "/v1/secure-room/libraries", kind="catalogue").json()
+        # The test library serves the secure room only: developers get the sample.
+        with pytest.raises(RemoteError) as refused:
+            client.get("operator", "/v1/secure-room/libraries/claim_check/test",
+                       kind="catalogue")
+        assert refused.value.http_status == 404
+    by_kind = {lib["kind"]: lib for lib in published}
+    assert set(by_kind) == {"sample", "test"}
+    assert by_kind["sample"]["tables"]["visits"] == 400
+    assert by_kind["test"]["tables"]["visits"] == 60
+    report = by_kind["sample"]["reports"]["visits"]
+    assert report["exact_matches"] == 0 and report["rows_below_threshold"] == 0
+    assert set(report["fidelity"]) >= {"diagnosis_code", "self_pay_fen", "admission_date"}
+    registered = [e for e in room.events("data_registered")
+                  if e.payload.get("stage") == "library"]
+    assert {(e.actor, e.payload["library"], e.payload["library_sha256"]) for e in registered} \
+        >= {("health-authority", k, lib["sha256"]) for k, lib in by_kind.items()}
+
+
+def test_the_published_sample_holds_no_real_row(room):
+    sample_dir = fetch_sample(room.fed.state.root, room.fed.topology, "regulator", "claim_check")
+    sample = pd.read_parquet(sample_dir / "visits.parquet")
+    ha = room.authority()
+    try:
+        real = authorized_visits(ha, b"\x00" * 32)
+        ids = governed_visits(ha, ("national_id",))
+    finally:
+        ha.store.close()
+    assert len(sample) == 400 and len(real) > 400
+
+    def rows(frame: pd.DataFrame) -> set:
+        return set(frame[list(COMPARED)].astype(str).itertuples(index=False, name=None))
+
+    assert not rows(sample) & rows(real)
+    assert not set(sample["national_id"]) & (set(ids["national_id"]) | set(real["national_id"]))
+    assert not set(sample["visit_id"]) & (set(ids["visit_id"]) | set(real["visit_id"]))
+
+
+def test_package_test_runs_on_the_sample_library_fetched_from_the_operator(room):
+    package = room.work / "local-claim-check"
+    shutil.copytree(CLAIM_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    out = room.cli("package", "test", str(package), "--rows", "3")
+    assert "on the sample library" in out and ": ok" in out
+
+
+def test_claim_check_submitted_validated_approved_run_and_catalogued(room, approved_claim_check):
+    _, sha = approved_claim_check
+    with room.client("regulator") as client:
+        submission = client.get("operator", f"/v1/secure-room/packages/{sha}",
+                                kind="catalogue").json()
+    report = submission["report"]
+    assert submission["accepted"] and report["library"] == "test" and report["ran"]
+    assert report["schema_ok"] and report["disclosure_ok"] and report["output_rows"] > 0
+    assert report["wall_seconds"] > 0 and report["peak_memory_bytes"] > 0
+    submitted = [e for e in room.events("package_submitted")
+                 if e.payload["package_sha256"] == sha]
+    assert submitted[0].payload["report_sha256"] == submission["report_sha256"]
+    approved = [e for e in room.events("package_approved") if e.payload["package_sha256"] == sha]
+    assert approved and approved[0].actor == "health-authority"
+
+    # The package also reads `policies`, which the owner does not hold: refused up front.
+    out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
+                   code=1)
+    assert "QueryTablesInvalid" in out and "policies" in out
+    out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
+                   "--query", f"policies={room.data / 'policies.csv'}", "--rows", "0")
+    assert "catalogued as product" in out
+    product = out.split("catalogued as product ")[1].split(":")[0]
+    assert product in room.cli("catalogue", "list")
+    assert product in room.cli("catalogue", "show", product, "--rows", "2")
+    with room.client("regulator") as client:
+        entry = client.get("operator", f"/v1/catalogue/{product}", kind="catalogue").json()
+    assert entry["report"]["library"] == "authorized" and entry["report"]["accepted"]
+
+    # The verdicts on the authorized (pseudonymized) data equal the generator's ground truth.
+    got = pd.DataFrame(entry["output"])
+    truth = pd.read_csv(room.data / "ground_truth" / "claims_truth.csv", dtype={"claim_id": str})
+    merged = got.merge(truth, on="claim_id", suffixes=("", "_truth"))
+    assert len(merged) == len(truth) == 30
+    for column in ("visit_found", "amount_consistent", "diagnosis_covered"):
+        assert (merged[column] == merged[f"{column}_truth"]).all(), column
+    expected = merged["payable_truth"].map(lambda v: Decimal(str(v)).quantize(Decimal("0.01")))
+    assert (merged["payable"].map(Decimal) == expected).all()
+
+    runs = [e for e in room.events("package_run") if e.payload["run_id"] == product]
+    assert len(runs) == 1 and runs[0].actor == "health-authority"
+    meter = runs[0].payload
+    assert meter["output_sha256"] == entry["output_sha256"] and meter["rows_returned"] == 30
+    assert meter["records_touched"] > 400 and meter["party"] == "regulator"
+    published = [e for e in room.events("product_published")
+                 if e.payload["product_id"] == product]
+    assert published and published[0].actor == "operator"
+
+
+def test_an_approved_package_changed_by_one_byte_is_refused(room, approved_claim_check):
+    package, sha = approved_claim_check
+    changed = room.work / "claim-check-changed"
+    shutil.copytree(package, changed)
+    with open(changed / "verdict.py", "ab") as handle:
+        handle.write(b" ")
+    submission = room.submit(changed)
+    changed_sha = submission["package_sha256"]
+    assert changed_sha != sha and submission["accepted"]  # still fine on the test library
+    with room.client("regulator") as client:
+        before = len(client.get("operator", "/v1/catalogue", kind="catalogue").json())
+    with pytest.raises(RemoteError) as refused:
+        room.run(changed_sha)
+    assert (refused.value.http_status, refused.value.error) == (409, "PackageHashMismatch")
+    refusals = [e for e in room.events("package_run_refused")
+                if e.payload["package_sha256"] == changed_sha]
+    assert refusals and refusals[0].payload["error"] == "PackageHashMismatch"
+    assert refusals[0].actor == "health-authority"
+    with room.client("regulator") as client:
+        assert len(client.get("operator", "/v1/catalogue", kind="catalogue").json()) == before
+    with sqlite3.connect(room.fed.state.node("health-authority").db) as db:
+        logged = db.execute("SELECT error FROM refusals WHERE route = '/v1/packages/run'"
+                            ).fetchall()
+    assert ("PackageHashMismatch",) in logged
+
+
+def test_hostile_packages_are_stopped_and_reported_by_the_secure_room(room):
+    opens_socket = make_package(room.work / "socket", PROBE_MANIFEST.format(name="exfil"), """\
+        import socket
+
+
+        def run(tables):
+            socket.create_connection(("127.0.0.1", 9), timeout=3).sendall(b"rows")
+            return tables["visits"][["hospital_id"]]
+        """)
+    # np.fromregex reads a file by name: the static checker cannot see it, the sandbox can.
+    reads_passwd = make_package(room.work / "passwd", PROBE_MANIFEST.format(name="peek"), """\
+        import numpy as np
+        import pandas as pd
+
+
+        def run(tables):
+            lines = np.fromregex("/etc/passwd", r"(.*)\\n", [("line", "U200")])
+            return pd.DataFrame({"hospital_id": [str(x) for x in lines.tolist()]})
+        """)
+    gated = room.submit(opens_socket)
+    assert (gated["outcome"], gated["report"]["ran"], gated["accepted"]) == (
+        "static_checks_failed", False, False)
+    assert "forbidden_import" in {f["code"] for f in gated["report"]["static_findings"]}
+    stopped = room.submit(reads_passwd)
+    assert stopped["report"]["ran"] and not stopped["accepted"]
+    assert (stopped["outcome"], stopped["report"]["error_type"]) == ("error", "FileNotFoundError")
+    for sub in (gated, stopped):
+        assert not sub["forwarded_for_review"]
+        logged = [e for e in room.events("package_submitted")
+                  if e.payload["package_sha256"] == sub["package_sha256"]]
+        assert logged[0].payload["accepted"] is False
+        with pytest.raises(RemoteError) as refused:
+            room.run(sub["package_sha256"])
+        assert refused.value.error == "PackageNotValidated"
+    with room.client("health-authority") as client:
+        queued = {r["package_sha256"] for r in
+                  client.get("health-authority", "/v1/packages/reviews", kind="admin").json()}
+    assert not {gated["package_sha256"], stopped["package_sha256"]} & queued
+
+
+def test_aggregate_groups_under_k_are_suppressed_in_production(room):
+    package = make_package(room.work / "aggregate", AGGREGATE_MANIFEST, AGGREGATE_CODE)
+    submission = room.submit(package)
+    assert submission["accepted"], submission["report"]
+    sha = submission["package_sha256"]
+    room.cli("package", "approve", sha)
+    entry = room.run(sha)
+    ha = room.authority()
+    try:
+        real = authorized_visits(ha, b"\x01" * 32)
+    finally:
+        ha.store.close()
+    groups = real.groupby("diagnosis_code").agg(n=("self_pay_fen", "size"),
+                                                self_pay_fen=("self_pay_fen", "sum"))
+    small = groups[groups["n"] < 10]
+    assert len(small) > 0 and len(groups) > len(small)
+    assert entry["suppressed_groups"] == len(small) == entry["report"]["suppressed_groups"]
+    released = {r["diagnosis_code"]: (r["n"], r["self_pay_fen"]) for r in entry["output"]}
+    expected = groups[groups["n"] >= 10]
+    assert released == {code: (int(row.n), int(row.self_pay_fen))
+                        for code, row in expected.iterrows()}
+    assert all(n >= 10 for n, _ in released.values())
