@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
@@ -32,6 +32,10 @@ from federated.models import build_model, get_weights, set_weights
 from federated.training import evaluate, train_epochs
 
 LOCAL_DATA_KEY = "local-data"
+FEATURE_STATS = "query.feature_stats"
+# A hospital with fewer training rows than this declines to report feature sums:
+# the sum of one or two rows would be those rows.
+MIN_STATS_ROWS = 10
 
 
 class HospitalClient(NumPyClient):
@@ -51,7 +55,7 @@ class HospitalClient(NumPyClient):
         seed = int(config.get("seed", 0)) * 1_000_003 + server_round * 10_007 + self.stable_id
         loss = train_epochs(
             model,
-            self.data.x_train,
+            scale_features(self.data.x_train, config),
             self.data.y_train,
             epochs=int(config.get("local-epochs", 1)),
             learning_rate=float(config.get("learning-rate", 0.1)),
@@ -70,7 +74,7 @@ class HospitalClient(NumPyClient):
         x, y = self.data.x_test, self.data.y_test
         if len(y) == 0:
             x, y = self.data.x_train, self.data.y_train
-        scores = evaluate(model, x, y)
+        scores = evaluate(model, scale_features(x, config), y)
         metrics = {"accuracy": scores.accuracy}
         if scores.auc is not None:
             metrics["auc"] = scores.auc
@@ -82,6 +86,35 @@ class HospitalClient(NumPyClient):
             self.data.num_features,
             hidden=int(config.get("hidden", 32)),
         )
+
+
+def scale_features(x: np.ndarray, config: dict) -> np.ndarray:
+    """Apply the federation-wide standardization the server sends with each round."""
+    if "feature-mean" not in config:
+        return x
+    mean = np.frombuffer(config["feature-mean"], dtype=np.float32)
+    scale = np.frombuffer(config["feature-scale"], dtype=np.float32)
+    return ((x - mean) / scale).astype(np.float32)
+
+
+def feature_stats_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Answer the server's `query.feature_stats` with row count, sums and sums of squares.
+
+    These per-feature aggregates let the server standardize features for the whole
+    federation. A hospital with fewer than MIN_STATS_ROWS training rows reports a
+    count of zero and no sums.
+    """
+    if msg.metadata.message_type != FEATURE_STATS:
+        return call_next(msg, ctxt)
+    x = local_data_for(ctxt).x_train.astype(np.float64)
+    if len(x) < MIN_STATS_ROWS:
+        content = RecordDict({"feature_stats_count": MetricRecord({"count": 0})})
+    else:
+        content = RecordDict({
+            "feature_stats_count": MetricRecord({"count": len(x)}),
+            "feature_stats": ArrayRecord([x.sum(axis=0), (x * x).sum(axis=0)]),
+        })
+    return Message(content, reply_to=msg)
 
 
 @lru_cache(maxsize=8)
@@ -135,7 +168,10 @@ def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
 
 def build_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """The hospital ClientApp; `extra_mods` run outermost (e.g. simulated node config)."""
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, record_outbound_mod, privacy_mod])
+    return ClientApp(
+        client_fn=client_fn,
+        mods=[*extra_mods, record_outbound_mod, feature_stats_mod, privacy_mod],
+    )
 
 
 app = build_client_app()

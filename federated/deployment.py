@@ -172,7 +172,8 @@ def deploy(
         if not report_path.is_file():
             raise DeploymentFailed(f"run {run_id} finished without a report\n{fed.logs()}")
         server = ServerRunResult.model_validate_json(report_path.read_text())
-    centralized = train_centralized(clients, Path(eval_data), settings)
+    centralized = train_centralized(clients, Path(eval_data), settings,
+                                    Path(server.model_file))
     report = assemble_report(
         engine="deployment", task=task, server=server, centralized=centralized,
         wall_seconds=time.monotonic() - started,

@@ -45,6 +45,7 @@ class ServerRunResult(BaseModel):
     epsilon: float | None = None
     delta: float | None = None
     dp_sample_rate: float | None = None
+    feature_scaling: dict[str, int] | None = None
 
 
 class CentralizedBaseline(BaseModel):

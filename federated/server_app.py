@@ -5,7 +5,9 @@ In Flower 1.42 SecAgg+ (`SecAggPlusWorkflow`) runs inside the legacy
 run: one code path whether or not secure aggregation is on. The server evaluates
 each round's global model on a held-out Parquet file it owns (`eval-data`), meters
 the bytes exchanged with each node, and writes a `ServerRunResult` JSON to
-`report-path`, next to the final model (`.model.npz`).
+`report-path`, next to the final model (`.model.npz`, with the feature scaling).
+Before round 1 it pools per-hospital feature sums into one standardization
+(`federated.scaling`), unless `standardize` is off.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from federated.metering import MeteredGrid
 from federated.models import build_model, get_weights, set_weights
 from federated.privacy import client_level_epsilon
 from federated.report import RoundRecord, ServerRunResult, write_json_atomic
+from federated.scaling import collect_feature_scaling
 from federated.settings import RunSettings
 from federated.training import evaluate
 
@@ -69,6 +72,13 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
     model = build_model(settings.model, holdout.num_features, settings.hidden, settings.seed)
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
     sampled = sampled_per_round(settings, len(nodes))
+    metered = MeteredGrid(grid)
+    scaling = None
+    if settings.standardize:
+        scaling = collect_feature_scaling(metered, nodes, holdout.num_features,
+                                          settings.round_timeout)
+    if scaling is not None:
+        x_eval = scaling.apply(x_eval)
 
     records: dict[int, RoundRecord] = {}
 
@@ -87,7 +97,9 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
             metrics["auc"] = scores.auc
         return scores.loss, metrics
 
-    strategy = _build_strategy(settings, len(nodes), sampled, get_weights(model), evaluate_global)
+    extra_config = scaling.as_config() if scaling is not None else {}
+    strategy = _build_strategy(settings, len(nodes), sampled, get_weights(model),
+                               evaluate_global, extra_config)
     fit_workflow = None
     if settings.secagg:
         fit_workflow = SecAggPlusWorkflow(
@@ -102,7 +114,6 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
         config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.round_timeout),
         strategy=strategy,
     )
-    metered = MeteredGrid(grid)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)
 
     train_losses = dict(legacy.history.metrics_distributed_fit.get("train_loss", []))
@@ -117,8 +128,13 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
     model_file = report_path.with_suffix(".model.npz")
     final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
     model_file.parent.mkdir(parents=True, exist_ok=True)
+    if scaling is not None:
+        mean, scale = scaling.mean, scaling.scale
+    else:
+        mean = np.zeros(holdout.num_features, np.float32)
+        scale = np.ones(holdout.num_features, np.float32)
     with model_file.with_suffix(".tmp").open("wb") as handle:
-        np.savez(handle, *final)
+        np.savez(handle, *final, feature_mean=mean, feature_scale=scale)
     model_file.with_suffix(".tmp").replace(model_file)
 
     result = ServerRunResult(
@@ -128,6 +144,9 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
         history=history,
         model_file=str(model_file),
         wall_seconds=time.monotonic() - started,
+        feature_scaling=None if scaling is None else {
+            "clients_reporting": scaling.clients_reporting, "rows": scaling.rows,
+            "bytes_total": metered.rounds["feature-stats"].summary()["bytes_total"]},
     )
     if settings.dp:
         rate = sampled / len(nodes)
@@ -141,9 +160,10 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> ServerRun
     return result
 
 
-def _build_strategy(settings, nodes, sampled, initial, evaluate_fn) -> Strategy:
+def _build_strategy(settings, nodes, sampled, initial, evaluate_fn, extra_config) -> Strategy:
     def fit_config(server_round: int) -> dict:
         return {
+            **extra_config,
             "server-round": server_round,
             "model": settings.model,
             "hidden": settings.hidden,
@@ -161,6 +181,7 @@ def _build_strategy(settings, nodes, sampled, initial, evaluate_fn) -> Strategy:
         min_available_clients=settings.min_nodes,
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=fit_config,
+        on_evaluate_config_fn=fit_config,
         initial_parameters=ndarrays_to_parameters(initial),
         fit_metrics_aggregation_fn=_weighted_mean,
         accept_failures=True,

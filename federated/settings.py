@@ -25,6 +25,7 @@ class RunSettings(BaseModel):
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
     min_nodes: int = Field(2, ge=1)
     seed: int = 0
+    standardize: bool = True  # federation-wide feature scaling from per-hospital sums
 
     secagg: bool = False
     secagg_num_shares: float = Field(1.0, gt=0.0)

@@ -107,7 +107,8 @@ def simulate(
             ray_temp_dir=str(scratch / "ray"),
         )
         server = run_simulation_job(job, scratch, timeout)
-        centralized = train_centralized(files, fed_task.holdout_file, settings)
+        centralized = train_centralized(files, fed_task.holdout_file, settings,
+                                        Path(server.model_file))
     report = assemble_report(
         engine="simulation",
         task=fed_task.name,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
 from governance.errors import GovernanceError
@@ -37,6 +38,11 @@ class BodyTooLarge(NodeError):
     """The declared body exceeds what the route accepts; refused before it is read."""
 
     http_status = 413
+
+
+# The framework's own refusals (unparsable body, unknown path, wrong method) get a name
+# too, so every error a node answers is typed and recorded.
+HTTP_ERROR_NAMES = {400: "MalformedRequest", 404: "NotFound", 405: "MethodNotAllowed"}
 
 
 class LengthRequired(NodeError):
@@ -115,11 +121,13 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     app.state.topology = ctx.topology
     app.state.ctx = ctx
 
-    def refuse(request: Request, exc: Exception, status: int) -> JSONResponse:
+    def refuse(
+        request: Request, exc: Exception, status: int, error: str | None = None
+    ) -> JSONResponse:
         rid = current_request_id.get()
         caller = getattr(request.state, "caller", None)
         caller_name = caller.name if caller else None
-        error = type(exc).__name__
+        error = error or type(exc).__name__
         ctx.log.event(
             "refused", route=request.url.path, method=request.method, caller=caller_name,
             error=error, detail=str(exc), status=status,
@@ -163,6 +171,13 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return refuse(request, ValueError(fields), 422)
+
+    @app.exception_handler(HTTPException)
+    async def framework_refusal(request: Request, exc: HTTPException) -> JSONResponse:
+        name = HTTP_ERROR_NAMES.get(exc.status_code, "HttpError")
+        response = refuse(request, ValueError(exc.detail), exc.status_code, name)
+        response.headers.update(exc.headers or {})
+        return response
 
     async def typed_error(request: Request, exc: Exception) -> JSONResponse:
         return refuse(request, exc, exc.http_status)  # type: ignore[attr-defined]

@@ -89,14 +89,18 @@ class NodeClient:
         if target == self.me and self._admin_session:
             sent.setdefault(SESSION_HEADER, self._admin_session)
         try:
-            response = self._http.request(
+            # Streamed, so the server's certificate is checked while the connection is
+            # still open: a response that closes it (413, 500) would take the TLS session
+            # information with it once the body is read.
+            with self._http.stream(
                 method, spec.url + path, json=json, content=content, headers=sent
-            )
+            ) as response:
+                self._check_server_identity(response, target)
+                response.read()
         except httpx.TransportError as exc:
             if self.log:
                 self.log.event("call_failed", target=target, path=path, error=repr(exc))
             raise NodeUnavailable(f"{target} at {spec.url}: {exc}") from exc
-        self._check_server_identity(response, target)
         if self.log:
             self.log.event("call", target=target, path=path, status=response.status_code,
                            request_id=rid)

@@ -39,6 +39,7 @@ from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, finish_verdict
 from mpc.claim.plain import VERDICT_COLUMNS
 from parties.client import NodeClient
 from parties.errors import NodeError, RemoteError
+from parties.node_log import current_request_id
 from parties.pki import certificate_signing_key, load_certificate, verified_node_certificate
 from parties.services.claims import (
     ANSWER_PURPOSE,
@@ -360,12 +361,19 @@ class Client:
                 raise RemoteError(502, "AnswerMismatch", "the regulator's share is missing")
             answers[REGULATOR] = response.regulator_answer
         bits = prepared.engine.decode_verdicts(query, answers)
-        return finish_verdicts(prepared.claims, self.policies, bits)
+        ids = set(prepared.claims["national_id"])
+        policies = self.policies[[n in ids for n in self.policies["national_id"].astype(str)]]
+        return finish_verdicts(prepared.claims, policies, bits)
 
     def _check_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
                      request_id: str) -> pd.DataFrame:
-        prepared = self.prepare(claims, consents, mode, request_id)
-        verdicts = self.decode(prepared, self.send(prepared))
+        # The batch's request id also tags its OPRF calls: one id follows it through every node.
+        token = current_request_id.set(request_id)
+        try:
+            prepared = self.prepare(claims, consents, mode, request_id)
+            verdicts = self.decode(prepared, self.send(prepared))
+        finally:
+            current_request_id.reset(token)
         self._prepared.pop(request_id, None)
         return verdicts
 

@@ -80,7 +80,6 @@ def mutual_tls_protocol(
             self._early_eof = False
             self._where = "unknown"
             self._tls: Any = None
-            self._seen_cycle: int | None = None
             self._idle_since: float | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,8 +108,15 @@ def mutual_tls_protocol(
             inner.app = _with_peer(inner.app, der)
             self._inner = inner
             self._tls = tls
+            # Each finished response opens a fresh window for the next request's headers.
+            finish = inner.on_response_complete
+
+            def on_response_complete() -> None:
+                self._idle_since = time.monotonic()
+                finish()
+
+            inner.on_response_complete = on_response_complete  # type: ignore[method-assign]
             inner.connection_made(tls)
-            self._seen_cycle = id(inner.cycle)
             self._idle_since = time.monotonic()
             self._loop.call_later(_WATCH_EVERY_S, self._watch_headers)
             for chunk in self._early:
@@ -128,15 +134,14 @@ def mutual_tls_protocol(
             now = time.monotonic()
             if cycle is not None and not cycle.response_complete:
                 self._idle_since = None  # a request is being read or answered
-            elif id(cycle) != self._seen_cycle or self._idle_since is None:
-                self._idle_since = now  # a request finished since the last look
+            elif self._idle_since is None:
+                self._idle_since = now
             elif now - self._idle_since > HEADER_TIMEOUT_S:
                 if on_dropped is not None:
                     on_dropped(self._where, f"no complete request headers within "
                                             f"{HEADER_TIMEOUT_S:g} s")
                 tls.close()
                 return
-            self._seen_cycle = id(cycle)
             self._loop.call_later(_WATCH_EVERY_S, self._watch_headers)
 
         def data_received(self, data: bytes) -> None:

@@ -11,6 +11,7 @@ from parties.cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger_cli import register as register_ledger
 from parties.package_cli import catalogue_app, package_app
+from parties.stats_cli import stats_app
 from scenarios.claim_check.cli import data_app
 from scenarios.claim_check.demo import demo
 
@@ -31,6 +32,7 @@ app.add_typer(fl_app, name="fl")
 app.add_typer(claim_app, name="claim")
 app.add_typer(package_app, name="package")
 app.add_typer(catalogue_app, name="catalogue")
+app.add_typer(stats_app, name="stats")
 
 
 def main() -> None:

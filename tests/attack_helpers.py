@@ -158,10 +158,7 @@ class ClaimWorld:
 
     def __init__(self, root: Path, *, patients: int = 200, claims: int = 24,
                  env: dict[str, str] | None = None) -> None:
-        import json
         import os
-
-        import pandas as pd
 
         from scenarios.claim_check.generator import generate
 
@@ -179,6 +176,21 @@ class ClaimWorld:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+        self._load()
+
+    @classmethod
+    def attach(cls, fed: Federation, data: Path) -> "ClaimWorld":
+        """A world over an already running federation (e.g. nodes in network namespaces)."""
+        world = cls.__new__(cls)
+        world.root, world.data, world.fed = data.parent, data, fed
+        world._load()
+        return world
+
+    def _load(self) -> None:
+        import json
+
+        import pandas as pd
+
         self.claims = pd.read_csv(self.data / "claims.csv", dtype={"national_id": str})
         self.policies = pd.read_csv(self.data / "policies.csv", dtype={"national_id": str})
         self.keys = {}

@@ -120,12 +120,8 @@ def test_replayed_request_gets_the_same_answer_and_a_reused_id_is_refused(world)
     assert _answered(world, rid) == 1  # the replay was not billed again
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect in parties/services/claims.py: RequestBook.begin hands the stored answer's meter "
-    "to every replay that arrives before the first `query_answered` entry is logged "
-    "(logged=0), so each such replay schedules another _meter and the request is billed "
-    "twice or more"))
 def test_replay_racing_the_metering_is_billed_once(world):
+    """Replays that arrive while the first answer's metering is still in flight."""
     rid = f"race-{uuid.uuid4().hex}"
     with world.client() as client:
         prepared = _prepared(world, client, rid)
@@ -166,6 +162,44 @@ def test_consent_given_to_one_insurer_replayed_by_another_is_refused(world):
     assert refused.value.error == "ConsentMismatch" and refused.value.http_status == 403
     assert ("/v1/consents", "ConsentMismatch") in [
         r[1:3] for r in refusal_rows(world.fed, "regulator")]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "defect in parties/services/agreements.py contract_book(): one SQLite connection shared "
+    "by the regulator's request threads without a lock, so concurrent claim checks collide "
+    "in ContractBook.authorize (BEGIN IMMEDIATE: 'cannot start a transaction within a "
+    "transaction' / 'database is locked') and are answered with a bare 500"))
+def test_a_burst_of_concurrent_claim_checks_is_answered_without_500(world):
+    import threading
+
+    burst = 24
+    claims = world.claims_of("insurer-a", 4)
+    consents = {nid: world.consent(nid) for nid in claims["national_id"]}
+    statuses: list[int] = []
+    with world.client() as client:
+        client.register_consents(consents.values())
+        prepared = [client.prepare(claims.iloc[[i % len(claims)]], consents, MODE,
+                                   f"burst-{uuid.uuid4().hex}") for i in range(burst)]
+        go = threading.Barrier(burst)
+
+        def send(p) -> None:
+            with NodeClient(world.fed.state, world.fed.topology, "insurer-a") as http:
+                go.wait()
+                try:
+                    http.post("regulator", "/v1/claims/check", kind="claim", content=p.body,
+                              headers={"Content-Type": "application/json",
+                                       REQUEST_ID_HEADER: p.request_id})
+                    statuses.append(200)
+                except RemoteError as exc:
+                    statuses.append(exc.http_status)
+
+        threads = [threading.Thread(target=send, args=(p,)) for p in prepared]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert len(statuses) == burst
+    assert 500 not in statuses, statuses
 
 
 # --- one person's consent for another --------------------------------------------------

@@ -221,10 +221,14 @@ def test_every_answer_is_metered_once_with_its_request_id(cf, verdicts):
         assert event.actor == "regulator"
         assert event.payload["records_touched"] == 4 * event.payload["claims"]
         assert event.payload["rows_returned"] == event.payload["claims"]
-    # one request id follows the claim through the regulator and the operator
-    rid = answered[-1].request_id
+    # one request id follows a batch through every node, its OPRF calls included
+    first = next(e for e in answered if e.payload["mode"] == "plain")  # tokens fetched here
+    rid = first.request_id
     assert cf.log("regulator", "claims_answered", rid)
     assert cf.log("operator", "claims_computed", rid)
+    assert cf.log("operator", "oprf_evaluated", rid)
+    assert [e for e in cf.log("health-authority", "request", rid)
+            if e["route"] == "/v1/oprf/level1"]
 
 
 def test_ss_traffic_runs_on_the_nodes_mpc_sessions(cf, verdicts):

@@ -19,6 +19,7 @@ from federated.datasets import (
 from federated.errors import InvalidFederatedConfig, InvalidLocalData
 from federated.models import build_model, get_weights, set_weights
 from federated.privacy import client_level_epsilon
+from federated.scaling import scaling_from_rows, scaling_from_sums
 from federated.settings import RunSettings
 from federated.training import evaluate, roc_auc, train_epochs
 
@@ -35,13 +36,17 @@ def synth_claim_risk(rows: int, seed: int) -> pd.DataFrame:
     ratio = np.where(kind == "inflated", rng.uniform(1.4, 3.0, rows), rng.normal(1.0, 0.05, rows))
     visit_found = np.where(kind == "fabricated", 0.0, 1.0)
     visit_found = np.where(rng.random(rows) < 0.03, 1.0 - visit_found, visit_found)  # noise
+    days = np.where(kind == "fabricated", rng.integers(5, 60, rows), rng.integers(0, 2, rows))
+    # Raw scales on purpose (log amounts near 7, days up to 60): the federation has
+    # to standardize them itself.
     return pd.DataFrame({
-        "log_billed": np.log(billed) - 7.0,
-        "log_claimed": np.log(billed * ratio) - 7.0,
-        "claim_to_bill_ratio": ratio - 1.0,
+        "log_billed": np.log(billed),
+        "log_claimed": np.log(billed * ratio),
+        "claim_to_bill_ratio": ratio,
         "visit_found": visit_found,
-        "length_of_stay": rng.poisson(2.0, rows) / 2.0,
-        "line_items": rng.poisson(5.0, rows) / 5.0,
+        "days_from_visit": days.astype(np.float64),
+        "length_of_stay": rng.poisson(2.0, rows).astype(np.float64),
+        "line_items": rng.poisson(5.0, rows).astype(np.float64),
         "label": (kind != "honest").astype(np.int64),
         "split": np.where(rng.random(rows) < 0.2, "test", "train"),
     })
@@ -51,7 +56,7 @@ def test_load_local_data_splits_rows(tmp_path):
     frame = synth_claim_risk(200, seed=1)
     frame.to_parquet(tmp_path / "h.parquet")
     data = load_local_data(tmp_path / "h.parquet")
-    assert data.num_features == 6 and "label" not in data.feature_names
+    assert data.num_features == 7 and "label" not in data.feature_names
     assert len(data.y_train) == (frame.split == "train").sum()
     assert len(data.y_test) == (frame.split == "test").sum()
     assert data.x_train.dtype == np.float32
@@ -131,10 +136,12 @@ def test_auc_matches_scikit_learn_including_ties():
 def test_claim_risk_models_learn_anomalies(kind):
     train, test = synth_claim_risk(1500, seed=6), synth_claim_risk(500, seed=7)
     features = [c for c in train.columns if c not in ("label", "split")]
+    scaling = scaling_from_rows(train[features].to_numpy())
     model = build_model(kind, len(features), seed=1)
-    train_epochs(model, train[features].to_numpy(np.float32), train.label.to_numpy(np.float32),
+    train_epochs(model, scaling.apply(train[features].to_numpy()),
+                 train.label.to_numpy(np.float32),
                  epochs=30, learning_rate=0.2, batch_size=32, seed=1)
-    scores = evaluate(model, test[features].to_numpy(np.float32), test.label.to_numpy())
+    scores = evaluate(model, scaling.apply(test[features].to_numpy()), test.label.to_numpy())
     majority = 1 - test.label.mean()
     assert scores.accuracy > max(0.9, majority + 0.15)
     assert scores.auc > 0.9
@@ -155,7 +162,8 @@ def test_weights_round_trip_and_shape_check():
 
 def test_fedprox_term_keeps_local_model_near_the_global_one():
     frame = synth_claim_risk(300, seed=8)
-    x = frame.drop(columns=["label", "split"]).to_numpy(np.float32)
+    x = scaling_from_rows(frame.drop(columns=["label", "split"]).to_numpy()).apply(
+        frame.drop(columns=["label", "split"]).to_numpy())
     y = frame.label.to_numpy(np.float32)
 
     def drift(mu):
@@ -192,3 +200,22 @@ def test_epsilon_comes_from_the_rdp_accountant():
     assert client_level_epsilon(2.0, 0.2, 10, 1e-5) < expected < client_level_epsilon(
         1.1, 0.2, 40, 1e-5)
     assert client_level_epsilon(0.0, 0.2, 10, 1e-5) == float("inf")
+
+
+def test_pooled_sums_give_the_pooled_mean_and_std():
+    rng = np.random.default_rng(9)
+    parts = [rng.normal(loc=i, scale=1 + i, size=(20 + 7 * i, 4)) for i in range(3)]
+    for part in parts:
+        part[:, 3] = 5.0  # a constant feature keeps scale 1
+    pooled = np.concatenate(parts)
+    scaling = scaling_from_sums(
+        len(pooled),
+        sum(p.sum(axis=0) for p in parts),
+        sum((p * p).sum(axis=0) for p in parts),
+        clients=3,
+    )
+    np.testing.assert_allclose(scaling.mean, pooled.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(scaling.scale[:3], pooled.std(axis=0)[:3], rtol=1e-5)
+    assert scaling.scale[3] == 1.0
+    standardized = scaling.apply(pooled)
+    np.testing.assert_allclose(standardized[:, :3].mean(axis=0), 0.0, atol=1e-5)

@@ -28,6 +28,8 @@ ALLOWED_OUTBOUND = {
     ("config", "fitres.metrics"),
     ("metric", "fitres.num_examples"),
     ("config", "secaggplus_configs"),
+    ("array", "feature_stats"),  # per-feature sums over >= 10 rows, for standardization
+    ("metric", "feature_stats_count"),
 }
 
 
@@ -155,16 +157,18 @@ def test_detector_finds_a_planted_row(tmp_path):
 def test_no_raw_row_leaves_a_client(which, plain_run, secagg_run, tmp_path):
     root = plain_run[0] if which == "plain" else secagg_run[0]
     records = read_outbound_records(root / "audit")
-    # One fit reply per client per round in plain FedAvg; four SecAgg+ stages otherwise.
-    assert len(records) == CLIENTS * ROUNDS * (1 if which == "plain" else 4)
+    # One feature-stats answer per client, then one fit reply per client per round in
+    # plain FedAvg, four SecAgg+ stages otherwise.
+    assert len(records) == CLIENTS + CLIENTS * ROUNDS * (1 if which == "plain" else 4)
     kinds = {(e["kind"], e["record"]) for index, _ in records for e in index["entries"]}
     assert kinds <= ALLOWED_OUTBOUND
-    arrays = [(arrays[e["npz"]].shape) for index, arrays in records for e in index["entries"]
-              if e["kind"] == "array"]
+    shapes = {(e["record"], arrays[e["npz"]].shape) for index, arrays in records
+              for e in index["entries"] if e["kind"] == "array"}
+    stats = {("feature_stats", (30,))}
     if which == "plain":
-        assert set(arrays) == set(PARAMETER_SHAPES)
+        assert shapes == stats | {("fitres.parameters", s) for s in PARAMETER_SHAPES}
     else:
-        assert arrays == []  # SecAgg+ replaces plaintext parameters by masked vectors
+        assert shapes == stats  # SecAgg+ replaces plaintext parameters by masked vectors
     task = write_breast_cancer_task(tmp_path, clients=CLIENTS)  # same seed: same rows
     assert find_raw_rows(records, _raw_rows(task.client_files)) == []
 
@@ -205,6 +209,7 @@ def test_dp_claim_risk_mlp_reports_epsilon_and_clips(tmp_path):
                       fraction_fit=0.6, noise_multiplier=0.3, clipping_norm=clip,
                       learning_rate=0.3, local_epochs=5, audit_dir=tmp_path / "audit")
     assert report.server.sampled_per_round == 3
+    assert report.server.feature_scaling["clients_reporting"] == 5
     assert report.epsilon == pytest.approx(client_level_epsilon(0.3, 0.6, rounds, 1e-5))
     saved = json.loads((tmp_path / "dp.json").read_text())
     assert saved["epsilon"] == pytest.approx(report.epsilon) and saved["delta"] == 1e-5
@@ -212,8 +217,10 @@ def test_dp_claim_risk_mlp_reports_epsilon_and_clips(tmp_path):
     # returned models lie within 2 * clip of each other.
     by_round: dict[str, list[np.ndarray]] = {}
     for index, arrays in read_outbound_records(tmp_path / "audit"):
+        if index["group_id"] == "feature-stats":
+            continue
         flat = np.concatenate([arrays[e["npz"]].ravel() for e in index["entries"]
-                               if e["kind"] == "array"])
+                               if e["record"] == "fitres.parameters"])
         by_round.setdefault(index["group_id"], []).append(flat)
     assert sorted(by_round) == [str(r) for r in range(1, rounds + 1)]
     for models in by_round.values():

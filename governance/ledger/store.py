@@ -76,6 +76,18 @@ MIGRATIONS: tuple[str, ...] = (
         signature BLOB NOT NULL
     );
     """,
+    # An entry's signature identifies it (Ed25519 is deterministic): an entry posted
+    # again, as a replay or a retry after a lost response, is not stored twice.
+    """
+    CREATE TABLE ledger_signatures (
+        signature TEXT PRIMARY KEY,
+        leaf_index INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO ledger_signatures
+        SELECT substr(CAST(leaf AS TEXT), instr(CAST(leaf AS TEXT), '"signature":"') + 13, 128),
+               leaf_index
+        FROM ledger_entries;
+    """,
 )
 
 
@@ -133,6 +145,7 @@ class AppendResult:
     first_index: int
     count: int
     tree_head: SignedTreeHead
+    duplicates: int = 0  # entries already in the log, not stored again
 
 
 class MerkleLog:
@@ -219,16 +232,31 @@ class MerkleLog:
     def append(
         self, entries: Sequence[SignedEntry], *, timestamp_ms: int | None = None
     ) -> AppendResult:
-        """Append a batch in one transaction and sign the new tree head; all or nothing."""
+        """Append a batch in one transaction and sign the new tree head; all or nothing.
+
+        Entries already in the log (same signature) are skipped, so a retried or
+        replayed batch adds nothing; `AppendResult.duplicates` counts them.
+        """
         if not entries:
             raise ValueError("empty batch")
         event_bytes = [self._checked_event_bytes(entry) for entry in entries]
         with write_transaction(self._conn):
             self.sync()  # another connection may have appended since we loaded
+            fresh, seen = [], set()
+            for entry, canonical in zip(entries, event_bytes, strict=True):
+                if entry.signature in seen or self._conn.execute(
+                    "SELECT 1 FROM ledger_signatures WHERE signature = ?", (entry.signature,)
+                ).fetchone():
+                    continue
+                seen.add(entry.signature)
+                fresh.append((entry, canonical))
+            if not fresh:
+                return AppendResult(first_index=self._compact.size, count=0,
+                                    tree_head=self.tree_head(), duplicates=len(entries))
             compact = self._compact.copy()
             first = compact.size
             rows, nodes = [], []
-            for offset, (entry, canonical) in enumerate(zip(entries, event_bytes, strict=True)):
+            for offset, (entry, canonical) in enumerate(fresh):
                 leaf = encode_leaf_parts(first + offset, canonical, entry.signature)
                 nodes.extend(compact.append(leaf_hash(leaf)))
                 event = entry.event
@@ -243,10 +271,15 @@ class MerkleLog:
                     )
                 )
             self._conn.executemany("INSERT INTO ledger_entries VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(
+                "INSERT INTO ledger_signatures VALUES (?, ?)",
+                [(entry.signature, first + i) for i, (entry, _) in enumerate(fresh)],
+            )
             self._conn.executemany("INSERT INTO ledger_nodes VALUES (?, ?, ?)", nodes)
             head = self._store_tree_head(compact.size, compact.root(), timestamp_ms)
         self._compact = compact
-        return AppendResult(first_index=first, count=len(entries), tree_head=head)
+        return AppendResult(first_index=first, count=len(fresh), tree_head=head,
+                            duplicates=len(entries) - len(fresh))
 
     def _store_tree_head(self, size: int, root: bytes, timestamp_ms: int | None) -> SignedTreeHead:
         now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms

@@ -269,6 +269,7 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     from mpc.claim import evaluate_he, evaluate_plain
 
     rid = current_request_id.get()
+    t0 = time.perf_counter()
     sealed_head, payload = open_sealed(_sealing_key(ctx), ENVELOPE_PURPOSE, envelope)
     tokens, hospitals = sealed_head.get("tokens"), sealed_head.get("hospitals")
     if (sealed_head.get("request_id") != rid or sealed_head.get("mode") != head.mode
@@ -285,7 +286,9 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
         raise MalformedInput("tokens and the reply key are 32-byte values")
     ctx.log.event("claims_compute_started", insurer=head.insurer, mode=head.mode,
                   claims=head.n_claims)
+    t1 = time.perf_counter()
     table = domain_table(ctx, head.insurer)
+    t2 = time.perf_counter()
     _check_consents(ctx, head, table, token_bytes)
     slots = table.index.plan(list(zip(token_bytes, map(str, hospitals), strict=True)), head.k)
     started = time.perf_counter()
@@ -297,12 +300,20 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
         answer = evaluate_he(he_context(ctx, head.insurer, head.he_context), payload,
                              table.rows, slots)
     else:
-        answer = leader_host(ctx).evaluate(ctx, rid or "", table, payload, slots)
+        host = leader_host(ctx)
+        before = host.traffic()
+        answer = host.evaluate(ctx, rid or "", table, payload, slots)
+        mpc_bytes = {peer: host.traffic().get(peer, 0) - sent for peer, sent in before.items()}
     compute_ms = round((time.perf_counter() - started) * 1000)
     sealed = seal(reply_key, ANSWER_PURPOSE,
                   {"request_id": rid, "mode": head.mode, "n": head.n_claims}, answer)
     ctx.log.event("claims_computed", insurer=head.insurer, mode=head.mode,
-                  claims=head.n_claims, compute_ms=compute_ms, table=table.table_id)
+                  claims=head.n_claims, compute_ms=compute_ms, table=table.table_id,
+                  envelope_bytes=len(envelope), answer_bytes=len(sealed),
+                  ms={"open": round((t1 - t0) * 1000, 1), "table": round((t2 - t1) * 1000, 1),
+                      "consents_plan": round((started - t2) * 1000, 1),
+                      "seal": round((time.perf_counter() - started) * 1000 - compute_ms, 1)},
+                  mpc_bytes=mpc_bytes if head.mode == "ss" else {})
     return ComputeResult(records_touched=head.n_claims * head.k, compute_ms=compute_ms,
                          table_id=table.table_id if head.mode == "ss" else None), sealed
 
@@ -423,6 +434,13 @@ class LeaderHost(SessionHost):
         while not self.stop.is_set():
             if self.broken.wait(0.2) or _peer_gone(session):
                 return
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes exchanged so far with each session peer (sent + received, frame bytes)."""
+        session = self.session
+        if session is None:
+            return {}
+        return {peer: s["sent"] + s["received"] for peer, s in session.channel.stats().items()}
 
     def evaluate(self, ctx: NodeContext, rid: str, table: DomainTable, payload: bytes,
                  slots: Any) -> bytes:
@@ -597,8 +615,10 @@ def dealer_host(ctx: NodeContext) -> DealerHost:
 
 def _background(get: Callable[[NodeContext], SessionHost]) -> Callable[[NodeContext], None]:
     def run(ctx: NodeContext) -> None:
-        if any(ctx.topology.node(n).mpc_port is None for n in _session_nodes(ctx)):
-            ctx.log.event("mpc_session_disabled", reason="no mpc_port in the topology")
+        try:
+            _addresses(ctx)
+        except (IndexError, MpcError) as exc:  # no such node, or no mpc_port: no ss mode
+            ctx.log.event("mpc_session_disabled", reason=str(exc) or type(exc).__name__)
             return
         get(ctx).loop()
 

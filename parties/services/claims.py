@@ -43,13 +43,14 @@ import sqlite3
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import nacl.exceptions
 import nacl.public
 import nacl.signing
-from fastapi import APIRouter, BackgroundTasks, Depends
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
@@ -278,11 +279,16 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL,          -- pending | answered | failed | refused
         usage_id INTEGER,              -- the contract quota reservation
         meter TEXT,                    -- JSON metering payload once answered
-        response BLOB,                 -- the stored answer, for retries (purged after an hour)
         logged INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
-    )
+    );
+    CREATE TABLE claim_responses (      -- stored answers, for retries (purged after an hour)
+        request_id TEXT PRIMARY KEY REFERENCES claim_requests (request_id),
+        response BLOB NOT NULL,
+        stored_at REAL NOT NULL
+    );
+    CREATE INDEX claim_responses_by_age ON claim_responses (stored_at)
     """,
 )
 
@@ -295,6 +301,9 @@ class RequestBook:
         self.in_flight: set[str] = set()
         self.metering: set[str] = set()  # answered, entry on its way to the log
         self.lock = threading.Lock()
+        self.purged_at = 0.0
+        # Metering runs off the request path, in order, on one thread of its own.
+        self.meter_queue = ThreadPoolExecutor(1, thread_name_prefix="claims-meter")
 
     def _conn(self) -> sqlite3.Connection:
         return self.ctx.store.conn
@@ -308,8 +317,9 @@ class RequestBook:
                 raise RequestInProgress(f"request {rid} is being answered")
             with self.ctx.store.lock, self._conn() as conn:
                 row = conn.execute(
-                    "SELECT insurer, digest, status, response, meter, logged, usage_id"
-                    " FROM claim_requests WHERE request_id = ?", (rid,)).fetchone()
+                    "SELECT r.insurer, r.digest, r.status, a.response, r.meter, r.logged,"
+                    " r.usage_id FROM claim_requests r LEFT JOIN claim_responses a"
+                    " ON a.request_id = r.request_id WHERE r.request_id = ?", (rid,)).fetchone()
                 if row is not None:
                     if row[0] != insurer or row[1] != digest:
                         raise RequestIdReused(
@@ -327,10 +337,10 @@ class RequestBook:
                     " digest, mode, claims, status, created_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                     (rid, insurer, contract_id, digest, mode, claims, now, now))
-                conn.execute(
-                    "UPDATE claim_requests SET response = NULL WHERE status = 'answered'"
-                    " AND updated_at < ? AND response IS NOT NULL",
-                    (now - RESPONSE_RETENTION_S,))
+                if now - self.purged_at > 60:
+                    conn.execute("DELETE FROM claim_responses WHERE stored_at < ?",
+                                 (now - RESPONSE_RETENTION_S,))
+                    self.purged_at = now
             self.in_flight.add(rid)
         return "new", None, None
 
@@ -343,10 +353,12 @@ class RequestBook:
         with self.lock:
             self.metering.add(rid)
         with self.ctx.store.lock, self._conn() as conn:
+            now = time.time()
             conn.execute(
-                "UPDATE claim_requests SET status = 'answered', response = ?, meter = ?,"
-                " updated_at = ? WHERE request_id = ?",
-                (response, json.dumps(meter), time.time(), rid))
+                "UPDATE claim_requests SET status = 'answered', meter = ?, updated_at = ?"
+                " WHERE request_id = ?", (json.dumps(meter), now, rid))
+            conn.execute("INSERT OR REPLACE INTO claim_responses VALUES (?, ?, ?)",
+                         (rid, response, now))
         self._done(rid)
 
     def failed(self, rid: str, status: str) -> None:
@@ -373,9 +385,9 @@ class RequestBook:
         with self.lock:
             self.in_flight.discard(rid)
 
-    def recover(self) -> list[tuple[str, dict]]:
-        """After a restart: release reservations of requests that died with the process, and
-        return the answered requests whose metering entry never reached the log."""
+    def release_dead(self) -> int:
+        """At start, before serving: requests left pending died with the last process; give
+        back their quota reservations."""
         with self.ctx.store.lock, self._conn() as conn:
             dead = conn.execute(
                 "SELECT request_id, usage_id FROM claim_requests WHERE status = 'pending'"
@@ -385,10 +397,16 @@ class RequestBook:
                     _release_usage(conn, int(usage_id))
             conn.execute("UPDATE claim_requests SET status = 'failed', usage_id = NULL"
                          " WHERE status = 'pending'")
+        return len(dead)
+
+    def unlogged(self) -> list[tuple[str, dict]]:
+        """Answered requests whose metering entry never reached the log (not in progress)."""
+        with self.ctx.store.lock, self._conn() as conn:
             unlogged = conn.execute(
                 "SELECT request_id, meter FROM claim_requests"
                 " WHERE status = 'answered' AND logged = 0").fetchall()
         with self.lock:
+            unlogged = [(rid, m) for rid, m in unlogged if rid not in self.metering]
             self.metering.update(rid for rid, _ in unlogged)
         return [(rid, json.loads(meter)) for rid, meter in unlogged]
 
@@ -509,9 +527,10 @@ def _remote_refusal(exc: RemoteError) -> Exception:
         for cls in (UnknownToken, ModeNotAllowed, MalformedInput):
             _REMOTE_REFUSALS[cls.__name__] = cls
         from mpc.claim.errors import EngineMismatch, TooManyCandidates
+        from parties.services.claim_compute import UnknownHeContext
 
-        _REMOTE_REFUSALS["TooManyCandidates"] = TooManyCandidates
-        _REMOTE_REFUSALS["EngineMismatch"] = EngineMismatch
+        for cls in (TooManyCandidates, EngineMismatch, UnknownHeContext):
+            _REMOTE_REFUSALS[cls.__name__] = cls
     cls = _REMOTE_REFUSALS.get(exc.error)
     if cls is not None and exc.http_status < 500:
         return cls(f"operator: {exc.detail}")
@@ -542,26 +561,27 @@ def compute_at_operator(
     return unframe(ComputeResult, response.content)
 
 
-def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
-                 background: BackgroundTasks) -> bytes:
+def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
     """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
     from parties.services.claim_compute import follower_host
 
     rid = current_request_id.get() or ""
     book = request_book(ctx)
+    t0 = time.perf_counter()
     state, stored, meter = book.begin(rid, insurer, body.contract_id, request_digest(body),
                                       body.mode, len(body.claims))
     if state == "answered":
         assert stored is not None
         ctx.log.event("claims_replayed", insurer=insurer, claims=len(body.claims))
         if meter is not None:  # answered before a crash that kept it from the log
-            background.add_task(_meter, ctx, rid, meter)
+            book.meter_queue.submit(_meter, ctx, rid, meter)
         return stored
     ctx.log.event("claims_received", insurer=insurer, mode=body.mode, claims=len(body.claims),
                   contract=body.contract_id)
     status = "failed"
     try:
         try:
+            t1 = time.perf_counter()
             terms, _usage, consents = enforce(ctx, insurer, body, rid)
         except (ContractError, ConsentError, ClaimRefused, MpcError) as exc:
             status = "refused"
@@ -598,14 +618,18 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
             "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
             "scenario": terms.scenario,
         }
+        t2 = time.perf_counter()
         book.answered(rid, response, meter)
         status = "answered"
     finally:
         if status != "answered":
             book.failed(rid, status)
+    ms = {"book": (t1 - t0) * 1000, "enforce": (started - t1) * 1000, "compute": compute_ms,
+          "respond": (time.perf_counter() - t2) * 1000}
     ctx.log.event("claims_answered", insurer=insurer, mode=body.mode, claims=len(body.claims),
-                  compute_ms=compute_ms, records_touched=result.records_touched)
-    background.add_task(_meter, ctx, rid, meter)
+                  records_touched=result.records_touched,
+                  ms={k: round(v, 1) for k, v in ms.items()})
+    book.meter_queue.submit(_meter, ctx, rid, meter)
     return response
 
 
@@ -648,10 +672,9 @@ def register_he_context(ctx: NodeContext, insurer: str, context: bytes) -> HeCon
     return HeContextRegistered.model_validate(response.json())
 
 
-def recover_after_restart(ctx: NodeContext) -> None:
-    """Release reservations of requests that died with the last process; meter the answered
-    ones whose entry never reached the log."""
-    for rid, meter in request_book(ctx).recover():
+def meter_unlogged(ctx: NodeContext) -> None:
+    """Meter the answered requests whose entry never reached the log (a crash in between)."""
+    for rid, meter in request_book(ctx).unlogged():
         _meter(ctx, rid, meter)
 
 
@@ -661,20 +684,22 @@ def recover_after_restart(ctx: NodeContext) -> None:
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter(prefix="/v1/claims", tags=["claim check"])
     insurers = CallerPolicy("claim", (Role.INSURER,))
+    released = request_book(ctx).release_dead()  # before the node serves its first request
+    if released:
+        ctx.log.event("claims_released_dead_requests", requests=released)
 
     @router.post("/check", response_model=ClaimCheckResponse,
                  responses={403: {"description": "refused: contract, consent, mode or flow"},
                             409: {"description": "request id reused or in progress"},
                             429: {"description": "over the contract's quota"},
                             503: {"description": "a computing node is down; nothing billed"}})
-    def post_check(body: ClaimCheckRequest, background: BackgroundTasks,
-                   caller: Caller = Depends(insurers)) -> Response:
+    def post_check(body: ClaimCheckRequest, caller: Caller = Depends(insurers)) -> Response:
         """Check a batch of claims; the answer decodes to the verdict at the insurer only.
 
         Send `X-Request-ID`: a retry with the same id and body returns the same answer and
         is not billed again.
         """
-        return Response(check_claims(ctx, caller.name, body, background),
+        return Response(check_claims(ctx, caller.name, body),
                         media_type="application/json")
 
     @router.post("/he-contexts", response_model=HeContextRegistered)
@@ -696,7 +721,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
 def _recover_in_background(ctx: NodeContext) -> None:
     time.sleep(1.0)  # let the node serve first: metering talks to the operator's log
     try:
-        recover_after_restart(ctx)
+        meter_unlogged(ctx)
     except Exception as exc:
         ctx.log.event("claims_recovery_failed", error=type(exc).__name__, detail=str(exc))
 

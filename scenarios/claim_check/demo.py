@@ -9,9 +9,11 @@ order, so the demo is also the scenario's executable documentation:
  4. sign the contracts (consents: stage 6) `cogov contract sign|register`
  5. develop, validate, approve the package `cogov package libraries|test|submit|approve|run`
  6. claims in `ss` and `he` mode          `cogov claim check`
- 7. federated training across hospitals   `cogov fl deploy`
- 8. verdicts vs truth, bill, log check    `cogov billing statement`, `cogov ledger verify`
- 9. stop the nodes                        `cogov down`
+ 7. a regulator statistic by private      `cogov stats claimant-self-pay`
+    intersection-sum
+ 8. federated training across hospitals   `cogov fl deploy`
+ 9. verdicts vs truth, bill, log check    `cogov billing statement`, `cogov ledger verify`
+10. stop the nodes                        `cogov down`
 """
 
 import shutil
@@ -131,6 +133,13 @@ def _claims(run: DemoRun) -> None:
                       "--consents", str(run.out / f"consents-{insurer}.jsonl"))
 
 
+def _statistics(run: DemoRun) -> None:
+    # The generator's visits span 2024-07 .. 2026-03; a year keeps the group above k = 10.
+    run.cogov("stats", "claimant-self-pay", "--insurer", "insurer-a", "--hospital", "hospital-2",
+              "--month", "2025-04", "--through", "2026-03",
+              "--claims", str(run.data / "claims.csv"))
+
+
 def _federated(run: DemoRun) -> None:
     files = write_hospital_features(run.data, run.out / "fl")
     for f in files:
@@ -206,6 +215,8 @@ def demo(
         run.stage("sign the contracts", lambda: _contracts(run))
         run.stage("develop, validate, approve the claim package", lambda: _package(run))
         run.stage("check claims in ss and he mode (with consents)", lambda: _claims(run))
+        run.stage("regulator statistics by private intersection-sum",
+                  lambda: _statistics(run))
         run.stage("train the claim-risk model federatedly", lambda: _federated(run))
         run.stage("verdicts, bills and the log", lambda: _summary(run))
     except StageFailed as exc:
