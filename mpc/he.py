@@ -19,9 +19,10 @@ exactly when d is -1, 0 or 1:
     diagnosis = r4 * P + r5 * (g - g_claim)      0 iff matched and same category
     amount    = r3 * P + r1 * (s - claimed) + r2 sign is [claimed <= s] when matched
 
-with r, r5 uniform nonzero and r3, r4 uniform mod t, r1 log-uniform in [1, 2^27),
-0 <= r2 < r1, fresh per slot. P is linear in Enc(c), Enc(c^2), Enc(c^3), so the
-insurer sends those powers and the server needs only plaintext multiplications.
+with r, r5 uniform nonzero and r3, r4 uniform mod t, r1 log-uniform in
+[2^R1_LOG_MIN, 2^R1_LOG_MAX) = [2^8, 2^27), 0 <= r2 < r1, fresh per slot. P is
+linear in Enc(c), Enc(c^2), Enc(c^3), so the insurer sends those powers and the
+server needs only plaintext multiplications.
 
 To need one ciphertext in and one out per chunk (no rotations), each output is
 spread over the slots of its terms: the insurer puts the 11 inputs of a slot group
@@ -36,10 +37,12 @@ What the insurer learns (leakage statement):
   nonzero): nothing;
 - the matched slot: date = 0 (the verdict bit); diagnosis = 0 or a uniform nonzero
   value (exactly the bit); amount = r1*(s - claimed) + r2. Its sign is the bit; its
-  magnitude bounds |s - claimed| to within [|v| / 2^27 - 1, |v|]: with r1
-  log-uniform, the posterior on log2|s - claimed| is the prior cut to a window 27
-  bits wide, i.e. at most the binary magnitude of the difference (< 5 bits, since
-  |s - claimed| < 2^31) and usually far less;
+  magnitude bounds |s - claimed| to within [|v| / 2^27 - 1, |v| / 2^8]: never the
+  exact difference (r1 >= 256 with an unknown r2 < r1; an r1 allowed down to 1 would
+  hand over s - claimed exactly once in 27 slots), and with r1 log-uniform the
+  posterior on log2|s - claimed| is the prior cut to a window 19 bits wide. That
+  window is a real leak of the difference's order of magnitude when the draw of r1
+  is near an end of its range; a comparison without it needs bit decomposition;
 - the slot position of a match (slots are in random order: nothing).
 A dishonest insurer that encrypts arbitrary values instead of powers learns, per
 real slot, whether a cubic of its choice vanishes at the admission day (at most 3
@@ -80,7 +83,7 @@ PARAMETERS = {
 }
 GROUP = 11  # slots per (claim, candidate): 3 date terms, 4 diagnosis, 4 amount
 _DATE, _DIAG, _AMOUNT = slice(0, 3), slice(3, 7), slice(7, 11)
-R1_LOG_MAX = 27
+R1_LOG_MIN, R1_LOG_MAX = 8, 27
 MAGIC_REQUEST = b"CGHEQ1"
 MAGIC_RESPONSE = b"CGHER1"
 
@@ -104,9 +107,10 @@ def _uniform_mod_t(count: int, nonzero: bool = False) -> np.ndarray:
 
 
 def _log_uniform_r1(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """r1 log-uniform in [1, 2^R1_LOG_MAX) and r2 uniform in [0, r1), as Python ints."""
+    """r1 log-uniform in [2^R1_LOG_MIN, 2^R1_LOG_MAX), r2 uniform in [0, r1), as Python ints."""
     raw = np.frombuffer(os.urandom(24 * count), dtype=np.uint64).reshape(count, 3)
-    exponent = (raw[:, 0] % np.uint64(R1_LOG_MAX)).astype(np.int64)
+    span = np.uint64(R1_LOG_MAX - R1_LOG_MIN)
+    exponent = (raw[:, 0] % span + np.uint64(R1_LOG_MIN)).astype(np.int64)
     low = raw[:, 1] & ((np.uint64(1) << exponent.astype(np.uint64)) - np.uint64(1))
     r1 = (np.uint64(1) << exponent.astype(np.uint64)) + low
     r2 = raw[:, 2] % r1

@@ -54,6 +54,7 @@ __all__ = [
     "WorkerPool",
     "XidKey",
     "blind",
+    "check_points",
     "evaluate_blinded",
     "hash_to_group",
     "rekey",
@@ -257,6 +258,13 @@ def _id_bytes(ids: Ids) -> list[bytes]:
             raise MalformedInput(f"id {i}: empty id")
         out.append(value)
     return out
+
+
+def check_points(points: Sequence[bytes]) -> None:
+    """Raise `MalformedInput` naming the first point that is not a valid group element."""
+    for i, point in enumerate(points):
+        if len(point) != TOKEN_BYTES or not group.is_valid_point(point):
+            raise MalformedInput(f"point {i} is not a valid element of the prime-order group")
 
 
 def _packed_points(points: Points) -> bytes:

@@ -19,6 +19,7 @@ from governance.second_factor import COMPONENT, MIGRATIONS, SecondFactor
 from parties.context import NodeContext
 from parties.errors import NodeError
 from parties.state import NodePaths, write_private
+from parties.store import connect
 from parties.topology import Role
 
 SESSION_HEADER = "X-Cogov-Admin-Session"
@@ -45,7 +46,6 @@ def second_factor(ctx: NodeContext) -> SecondFactor:
 
 
 def _own_connection(ctx: NodeContext):
-    from parties.store import connect
 
     return connect(ctx.paths.db, explicit_transactions=True)
 

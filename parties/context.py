@@ -4,8 +4,10 @@ Role code (what a hospital does) is written against this context and never
 against the server, so the same behaviour runs under any runtime.
 """
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -18,6 +20,8 @@ from parties.topology import NodeSpec, Topology
 
 if TYPE_CHECKING:
     from parties.client import NodeClient
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +40,16 @@ class NodeContext:
     @property
     def paths(self) -> NodePaths:
         return self.state.node(self.name)
+
+    def per_thread(self, key: str, factory: Callable[[], T]) -> T:
+        """One `factory()` result per thread: for objects holding a SQLite connection,
+        which must not run two transactions at once from two request threads."""
+        local = self.extras.setdefault(f"per_thread:{key}", threading.local())
+        assert isinstance(local, threading.local)
+        found = getattr(local, "value", None)
+        if found is None:
+            found = local.value = factory()
+        return found
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:

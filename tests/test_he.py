@@ -116,8 +116,10 @@ def test_decrypted_answer_holds_only_masked_verdicts(key, server, case):
     assert ((amount_hit >= 0) == (delta >= 0)).all()
     scaled = amount_hit.astype(object)
     d = delta.astype(object)
-    assert all(dv * 1 <= v < (dv + 1) * 2**27 if dv >= 0 else (dv * 2**27) <= v < 0
+    assert all(dv * 2**8 <= v < (dv + 1) * 2**27 if dv >= 0 else (dv * 2**27) <= v < 0
                for v, dv in zip(scaled, d, strict=True))
+    # r1 >= 2^8: the amount output never hands over the difference itself
+    assert not any(v == dv for v, dv in zip(scaled, d, strict=True) if dv != 0)
     # no decrypted slot, date or diagnosis output is one of the server's plaintext fields,
     # and no amount output is its own row's self-pay
     secrets = set(rows.reshape(-1).tolist()) - {0}

@@ -108,10 +108,6 @@ def _unchanged(fed: Federation, node: str):
 # --- first, while no key exists yet ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect in parties/services/health_authority.py: POST /v1/oprf/level1 creates the "
-    "level-1 key k1 (level1_key, create=True) before it checks the points, so a refused "
-    "request with malformed points writes a new row to xid_keys"))
 def test_refused_level1_request_writes_no_key(fed):
     with _unchanged(fed, "health-authority"):
         response = fed.callers.request("operator", "health-authority", "POST",

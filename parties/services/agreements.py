@@ -38,22 +38,16 @@ def _now() -> datetime:
 
 
 def consent_registry(ctx: NodeContext) -> ConsentRegistry:
-    found = ctx.extras.get("consent_registry")
-    if found is None:
-        pepper = hashlib.sha256(b"cogov-consent-pepper|" + ctx.secrets.kek).digest()
-        conn = connect(ctx.paths.db, explicit_transactions=True)
-        found = ctx.extras["consent_registry"] = ConsentRegistry(conn, pepper)
-    assert isinstance(found, ConsentRegistry)
-    return found
+    """This thread's registry (each on its own connection: requests run in threads)."""
+    pepper = hashlib.sha256(b"cogov-consent-pepper|" + ctx.secrets.kek).digest()
+    return ctx.per_thread("consent_registry", lambda: ConsentRegistry(
+        connect(ctx.paths.db, explicit_transactions=True), pepper))
 
 
 def contract_book(ctx: NodeContext) -> ContractBook:
-    found = ctx.extras.get("contract_book")
-    if found is None:
-        conn = connect(ctx.paths.db, explicit_transactions=True)
-        found = ctx.extras["contract_book"] = ContractBook(conn, ctx.signing_public_keys())
-    assert isinstance(found, ContractBook)
-    return found
+    """This thread's contract book (each on its own connection)."""
+    return ctx.per_thread("contract_book", lambda: ContractBook(
+        connect(ctx.paths.db, explicit_transactions=True), ctx.signing_public_keys()))
 
 
 def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:

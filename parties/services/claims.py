@@ -412,7 +412,8 @@ class RequestBook:
 
 
 def _release_usage(conn: sqlite3.Connection, usage_id: int) -> None:
-    # ContractBook has no release verb yet: drop the reservation row `authorize` made.
+    # Drop the reservation row `ContractBook.authorize` made, inside the caller's
+    # transaction, so the request's status and its quota change together.
     conn.execute("DELETE FROM contract_usage WHERE usage_id = ?", (usage_id,))
 
 

@@ -41,6 +41,7 @@ from governance.standardize import (
     load_overrides,
 )
 from mpc import xid
+from mpc.errors import MalformedInput
 from mpc.hazmat.parallel import usable_cores
 from parties import batches
 from parties.access import Caller, CallerPolicy
@@ -557,8 +558,17 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     @oprf.post("/level1", response_model=Points)
     def level1(body: Points,
                caller: Caller = Depends(CallerPolicy("oprf", (Role.OPERATOR,)))) -> Points:
-        """k1·P for blinded points relayed by the operator (the authority never sees an id)."""
-        out = xid.evaluate_blinded(level1_key(ctx), [bytes.fromhex(p) for p in body.points])
+        """k1·P for blinded points relayed by the operator (the authority never sees an id).
+
+        k1 exists once data was governed; this route never creates it, so a refused
+        request leaves no key behind.
+        """
+        try:
+            points = [bytes.fromhex(p) for p in body.points]
+        except ValueError as exc:
+            raise MalformedInput(f"points must be hex: {exc}") from None
+        xid.check_points(points)
+        out = xid.evaluate_blinded(ctx.secrets.xid_key(K1_NAME), points)
         ctx.log.event("oprf_level1", caller=caller.name, points=len(out))
         return Points(points=[p.hex() for p in out])
 

@@ -92,7 +92,7 @@ def _start_and_ingest(run: DemoRun) -> None:
     run.cogov("up")
     run.cogov("admin", "enroll", "--save-secret")
     run.cogov("admin", "login")
-    run.cogov("govern", "ingest", "--data", str(run.data))
+    run.cogov("govern", "ingest", "--data", str(run.data), "--no-domains")
 
 
 def _domains(run: DemoRun) -> None:
@@ -151,7 +151,8 @@ def _federated(run: DemoRun) -> None:
     clients = [a for f in files for a in ("--client", str(f.path))]
     run.cogov("fl", "deploy", "--ca-cert", str(ca), "--server-cert", str(server / "tls.crt"),
               "--server-key", str(server / "tls.key"), *clients, "--eval-data", str(holdout),
-              "--rounds", "3", "--secagg", "--out", str(run.out / "fl" / "report.json"),
+              "--rounds", "2", "--local-epochs", "5", "--secagg",
+              "--out", str(run.out / "fl" / "report.json"),
               with_state=False)
 
 
