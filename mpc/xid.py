@@ -33,7 +33,8 @@ new·old^-1, whatever other keys the token also carries. In practice:
   its governed source (it has the ids) and sends the new P1 to the operator,
   which re-applies k2[d]. k1's holder publishes nothing; the operator never
   learns the ratio between versions. Old tokens stop matching new ones, which
-  is the point: a leak of old tokens stays traceable with the old key version.
+  is the point; the node overwrites the old version, so tokens leaked before a
+  rotation can no longer be traced to their domain.
 """
 
 from __future__ import annotations

@@ -279,6 +279,26 @@ def domain_delete(
     console.print(f"key of {domain_id} destroyed; key_destroyed and domain_deleted are logged")
 
 
+@domain_app.command("rotate")
+def domain_rotate(
+    domain_id: Annotated[str, typer.Argument(help="The domain id (dom-...).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Rotate a domain's key k2[d]: its tokens move to the new version, old tokens stop matching."""
+    _, topo = resolve_topology(state, topology)
+    operator = _one(topo, Role.OPERATOR)
+    try:
+        with _client(state, topo, operator) as client, console.status("re-keying tokens"):
+            done = client.post(operator, f"/v1/domains/{domain_id}/rotate", kind="admin").json()
+    except NodeError as exc:
+        _fail(exc)
+    console.print(
+        f"key of {done['domain_id']} rotated: version {done['old_version']} -> "
+        f"{done['new_version']}, {done['tokens']:,} tokens ({done['persons']:,} persons) re-keyed;"
+        " tokens obtained before no longer match; key_rotated is logged")
+
+
 def register(app: typer.Typer) -> None:
     """Mount `cogov govern` and `cogov domain`."""
     app.add_typer(govern_app, name="govern")

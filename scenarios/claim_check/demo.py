@@ -16,6 +16,7 @@ order, so the demo is also the scenario's executable documentation:
 10. stop the nodes                        `cogov down`
 """
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -179,6 +180,9 @@ def _summary(run: DemoRun) -> None:
                           f"{int(verdicts['diagnosis_covered'].sum()):,}",
                           f"{verdicts['payable'].sum():,.2f}")
     console.print(table)
+    report = json.loads((run.out / "fl" / "report.json").read_text())
+    console.print(f"claim-risk model: federated accuracy {report['federated_accuracy']:.3f}, "
+                  f"centralized on pooled data {report['centralized_accuracy']:.3f}")
     period = datetime.now(UTC).astimezone().strftime("%Y-%m")
     for insurer in INSURERS:
         run.cogov("billing", "statement", "--contract", f"claim-check-{insurer}-2026",

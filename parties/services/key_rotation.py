@@ -1,0 +1,93 @@
+"""Rotation of a domain key k2[d] at the operator, where it is generated, kept and used.
+
+The operator holds both versions of k2[d], so it moves every stored token of the
+domain to the new version in place: T' = (new·old^-1)·T (`mpc.xid.rotate_tokens`).
+The re-keyed tokens and the new sealed key are written in one SQLite
+transaction under the store lock (ingest and OPRF key reads wait), then
+`key_rotated` is logged. The old version is overwritten: tokens obtained before
+the rotation no longer match anything, which is the point of rotating, and a
+leak of such old tokens can no longer be traced to the domain.
+
+Not here: rotating the level-1 key k1 at the health authority (re-tokenizing
+from the governed source and re-deriving every domain's tokens).
+"""
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from governance.ledger.events import is_known_kind, register_event_kind
+from mpc import xid
+from parties.access import Caller, CallerPolicy
+from parties.context import NodeContext
+from parties.services import Service
+from parties.services.ledger import record_event
+from parties.services.operator_domains import DomainId, get_domain, xid_pool
+from parties.topology import Role
+
+KEY_ROTATED = "key_rotated" if is_known_kind("key_rotated") else register_event_kind(
+    "key_rotated")
+
+
+class DomainKeyRotated(BaseModel):
+    domain_id: str
+    key_id: str
+    old_version: int
+    new_version: int
+    tokens: int
+    persons: int
+
+
+def rotate_domain_key(ctx: NodeContext, domain_id: str) -> DomainKeyRotated:
+    """Replace k2[d] by a fresh version and re-key the domain's tokens, all or nothing.
+
+    Raises `UnknownDomain` (404) or `DomainDeleted` (410) and changes nothing for a
+    domain that does not exist or was deleted.
+    """
+    key_name = f"domain:{domain_id}"
+    with ctx.store.lock:
+        get_domain(ctx, domain_id)
+        old = ctx.secrets.xid_key(key_name)
+        new = old.rotate()
+        conn = ctx.store.conn
+        rows = conn.execute("SELECT visit_ref, token FROM domain_tokens WHERE domain_id = ?",
+                            (domain_id,)).fetchall()
+        # One group operation per person, not per visit.
+        distinct = list(dict.fromkeys(bytes(t) for _, t in rows))
+        moved = dict(zip(distinct, xid.rotate_tokens(old, new, distinct, pool=xid_pool(ctx)),
+                         strict=True))
+        with conn:
+            conn.executemany(
+                "UPDATE domain_tokens SET token = ? WHERE domain_id = ? AND visit_ref = ?",
+                [(moved[bytes(t)], domain_id, bytes(r)) for r, t in rows],
+            )
+            # Last statement of the unit: its commit is the commit of the token updates too,
+            # and a failure rolls both back.
+            ctx.secrets.replace_xid_key(key_name, new)
+    result = DomainKeyRotated(domain_id=domain_id, key_id=key_name, old_version=old.version,
+                              new_version=new.version, tokens=len(rows), persons=len(distinct))
+    record_event(ctx, KEY_ROTATED, {
+        "domain": domain_id, "key_id": key_name, "old_version": old.version,
+        "new_version": new.version, "tokens": len(rows), "persons": len(distinct),
+    })
+    ctx.log.event("key_rotated", domain=domain_id, old_version=old.version,
+                  new_version=new.version, tokens=len(rows))
+    return result
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter(prefix="/v1/domains", tags=["domains"])
+
+    @router.post("/{domain_id}/rotate", response_model=DomainKeyRotated)
+    def post_rotate(domain_id: DomainId,
+                    caller: Caller = Depends(CallerPolicy("admin"))) -> DomainKeyRotated:
+        """Rotate the domain's key k2[d]; tokens obtained before no longer match."""
+        return rotate_domain_key(ctx, domain_id)
+
+    return [router]
+
+
+OPERATOR_KEY_ROTATION_SERVICE = Service(
+    name="key_rotation",
+    roles=(Role.OPERATOR,),
+    routers=_routes,
+)
