@@ -80,7 +80,9 @@ def leaves(tmp_path):
             _answered("q-1", _ms(2026, 10, 31, 15, 59), records=9),  # 1 Oct 31 local
             _answered("q-2", _ms(2026, 10, 31, 16, 0), records=3),  # 2 Nov 1 local
             _answered("q-3", _ms(2026, 11, 1, 3, 0), records=4),  # 3 Nov 1
-            _answered("q-3", _ms(2026, 11, 1, 3, 0), records=4),  # 4 duplicate
+            # 4: the same request metered again (a retry after a crash signs a new entry;
+            # the log itself refuses a byte-identical one)
+            _answered("q-3", _ms(2026, 11, 1, 3, 1), records=4),
             _event("query_refused", "q-4", _ms(2026, 11, 2), contract_id=CID),  # 5
             _answered("q-5", _ms(2026, 11, 2, 8, 0), records=2, contract_id="other-deal"),  # 6
             _answered("q-6", _ms(2026, 11, 20, 1, 0), records=5, rows=2, compute_ms=40),  # 7 Nov 20

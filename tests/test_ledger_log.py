@@ -101,6 +101,18 @@ def test_reopening_continues_the_same_tree(tmp_path, keys, log):
     assert reopened.tree_heads()[-1] == after
 
 
+def test_an_entry_appended_again_is_stored_once(log, keys):
+    """A replayed entry, or a retry after the response was lost, adds nothing."""
+    head = log.tree_head()
+    last_batch = _entries(keys, 5, start=15)  # the fixture's last batch, resent
+    again = log.append(last_batch)
+    assert (again.count, again.duplicates) == (0, 5) and log.size == 20
+    assert log.tree_head() == head
+    mixed = log.append([last_batch[-1], *_entries(keys, 1, start=20)])  # one old, one new
+    assert (mixed.count, mixed.duplicates, mixed.first_index) == (1, 1, 20)
+    assert log.size == 21
+
+
 def test_a_bad_batch_writes_nothing(log, keys):
     good = _entries(keys, 3, start=100)
     forged = good[1].model_copy(update={"signature": good[0].signature})
