@@ -34,6 +34,7 @@ import json
 import secrets
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,8 +340,11 @@ def _addresses(ctx: NodeContext) -> dict[str, tuple[str, int]]:
     return out
 
 
-class SessionHost:
-    """Keeps this node's secret-sharing session up for the node's life (a background thread)."""
+class SessionHost(ABC):
+    """Keeps this node's secret-sharing session up for the node's life (a background thread).
+
+    Subclasses say how this node's party opens its session and what it does with it.
+    """
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
@@ -350,11 +354,13 @@ class SessionHost:
         self.generation = 0
         self.stop = threading.Event()
 
+    @abstractmethod
     def _open(self) -> Any:
-        raise NotImplementedError
+        """Open this party's session (blocks until the peers are connected)."""
 
+    @abstractmethod
     def _run(self, session: Any) -> None:
-        raise NotImplementedError
+        """Serve the session until it ends."""
 
     def loop(self) -> None:
         import torch
