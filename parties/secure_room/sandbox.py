@@ -106,6 +106,9 @@ def sandbox_command(
         "--setenv", "OPENBLAS_NUM_THREADS", "1",
         "--setenv", "MKL_NUM_THREADS", "1",
         *_system_binds(),
+        # Mounted before the Python roots: bwrap applies mounts in order, and a venv
+        # that lives under /tmp (a clone in /tmp) must stay visible above this tmpfs.
+        "--tmpfs", "/tmp",
     ]
     for root in _python_roots():
         command += ["--ro-bind", str(root), str(root)]
@@ -115,7 +118,6 @@ def sandbox_command(
         "--ro-bind", str(data_dir), "/data",
         "--ro-bind", str(job_dir), "/job",
         "--bind", str(out_dir), "/out",
-        "--tmpfs", "/tmp",
         "--proc", "/proc",
         "--dev", "/dev",
         "--chdir", "/tmp",
