@@ -20,9 +20,13 @@ from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.pki import federation_signing_keys
 from parties.server import open_node
-from parties.services.ledger import WITNESS_ROLES, inclusion_bundle, latest_cosignatures
+from parties.services.ledger import (
+    WITNESS_ROLES,
+    inclusion_bundle,
+    latest_cosignatures,
+    log_node,
+)
 from parties.state import StateDir, default_state_dir
-from parties.topology import Role, Topology
 
 console = Console()
 ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is_help=True)
@@ -51,7 +55,7 @@ def verify(
     """
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
-    operator = log_node_name(topo)
+    operator = log_node(topo)
     witnesses = [n.name for n in topo.nodes if n.role in WITNESS_ROLES]
     if witness_now:
         for name in witnesses:
@@ -111,7 +115,7 @@ def prove(
 ) -> None:
     """Print an inclusion proof of ENTRY that a third party checks with `check-proof`."""
     _, topo = resolve_topology(state, topology)
-    ctx = open_node(StateDir(state), topo, log_node_name(topo))
+    ctx = open_node(StateDir(state), topo, log_node(topo))
     try:
         bundle = inclusion_bundle(ctx, entry)
     except Exception as exc:
@@ -123,10 +127,6 @@ def prove(
         console.print(f"proof of entry {entry} written to {out} ({len(bundle.proof)} bytes)")
     else:
         print(text)
-
-
-def log_node_name(topo: Topology) -> str:
-    return topo.nodes_with_role(Role.OPERATOR)[0].name
 
 
 @ledger_app.command("check-proof")

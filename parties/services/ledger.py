@@ -33,7 +33,7 @@ from parties.errors import IdentityMismatch, NodeError
 from parties.node_log import current_request_id, new_request_id
 from parties.services import Service
 from parties.store import connect
-from parties.topology import Role
+from parties.topology import Role, Topology
 
 LOG_NODE_ROLE = Role.OPERATOR
 WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)
@@ -75,9 +75,9 @@ class LedgerUnavailable(NodeError):
     http_status = 503
 
 
-def log_node(ctx: NodeContext) -> str:
+def log_node(topology: Topology) -> str:
     """The node that keeps the federation's log."""
-    nodes = ctx.topology.nodes_with_role(LOG_NODE_ROLE)
+    nodes = topology.nodes_with_role(LOG_NODE_ROLE)
     if not nodes:
         raise LedgerUnavailable("the topology has no operator to keep the log")
     return nodes[0].name
@@ -122,7 +122,7 @@ def record_event(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> Entrie
         return append_entries(ctx, [entry])
     with ctx.client() as client:
         body = client.post(
-            log_node(ctx), "/v1/ledger/entries", kind="ledger",
+            log_node(ctx.topology), "/v1/ledger/entries", kind="ledger",
             json=[entry.model_dump(mode="json")],
         ).json()
     return EntriesAppended.model_validate(body)
@@ -214,7 +214,7 @@ def latest_cosignatures(conn: sqlite3.Connection) -> list[Cosignature]:
 
 def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
     """Fetch the log's head; countersign it if it is new and consistent."""
-    operator = log_node(ctx)
+    operator = log_node(ctx.topology)
     with ctx.client() as client:
         head = SignedTreeHead.model_validate(
             client.get(operator, "/v1/ledger/head", kind="witness").json()
@@ -243,7 +243,7 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
 def node_witness(ctx: NodeContext) -> Witness:
     found = ctx.extras.get("witness")
     if found is None:
-        operator = log_node(ctx)
+        operator = log_node(ctx.topology)
         conn = connect(ctx.paths.db, explicit_transactions=True)
         found = ctx.extras["witness"] = Witness(
             conn, ctx.name, ctx.signing_key, {operator: ctx.signing_public_keys()[operator]}
