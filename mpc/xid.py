@@ -29,10 +29,11 @@ new·old^-1, whatever other keys the token also carries. In practice:
 
 * a domain key k2[d] rotates at the operator, which holds both versions and
   re-keys that domain's tokens in place, then destroys the old version;
-* the level-1 key k1 rotates at the health authority, which re-tokenizes from
-  its governed source (it has the ids) and sends the new P1 to the operator,
-  which re-applies k2[d]. k1's holder publishes nothing; the operator never
-  learns the ratio between versions. Old tokens stop matching new ones, which
+* the level-1 key k1 rotates at the health authority, which moves every P1 it
+  holds to the new version and sends the operator the old -> new mapping; the
+  operator re-applies each k2[d] to the new P1. k1's holder publishes nothing;
+  the operator sees old and new P1 of each person but not the ratio between
+  versions (a discrete log). Old tokens stop matching new ones, which
   is the point; the node overwrites the old version, so tokens leaked before a
   rotation can no longer be traced to their domain.
 """

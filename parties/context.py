@@ -78,8 +78,9 @@ class NodeContext:
         assert isinstance(secrets, NodeSecrets)
         return secrets
 
-    def client(self) -> "NodeClient":
-        """A mutual-TLS client that calls other nodes as this node."""
-        from parties.client import NodeClient
+    def client(self, timeout: float | None = None) -> "NodeClient":
+        """A mutual-TLS client that calls other nodes as this node (default timeout if None)."""
+        from parties.client import DEFAULT_TIMEOUT_S, NodeClient
 
-        return NodeClient(self.state, self.topology, self.name, log=self.log)
+        return NodeClient(self.state, self.topology, self.name, log=self.log,
+                          timeout=timeout or DEFAULT_TIMEOUT_S)

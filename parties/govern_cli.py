@@ -299,6 +299,27 @@ def domain_rotate(
         " tokens obtained before no longer match; key_rotated is logged")
 
 
+@govern_app.command("rotate-k1")
+def rotate_k1(
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Rotate the level-1 key k1 at the health authority; the operator re-derives every token."""
+    _, topo = resolve_topology(state, topology)
+    authority = _one(topo, Role.HEALTH_AUTHORITY)
+    try:
+        with _client(state, topo, authority) as client, console.status("re-keying p1 and tokens"):
+            done = client.post(authority, "/v1/governance/level1/rotate", kind="admin").json()
+    except NodeError as exc:
+        _fail(exc)
+    op = done["operator"]
+    console.print(
+        f"k1 rotated: version {done['old_version']} -> {done['new_version']}, "
+        f"{done['persons']:,} persons ({done['visits']:,} visits) re-keyed at the authority; "
+        f"the operator moved {op['persons']:,} persons and re-derived the tokens of "
+        f"{op['domains']} domains; key_rotated and tokens_rederived are logged")
+
+
 def register(app: typer.Typer) -> None:
     """Mount `cogov govern` and `cogov domain`."""
     app.add_typer(govern_app, name="govern")

@@ -367,6 +367,19 @@ class Client:
 
     def _check_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
                      request_id: str) -> pd.DataFrame:
+        try:
+            return self._run_batch(claims, consents, mode, request_id)
+        except RemoteError as exc:
+            if exc.error != "UnknownToken":
+                raise
+        # Cached tokens go stale when a key (k1 or the domain's k2) rotates: the refusal is
+        # logged and costs nothing; fetch this batch's tokens again and retry once.
+        for nid in claims["national_id"]:
+            self._tokens.pop(nid, None)
+        return self._run_batch(claims, consents, mode, f"{request_id}-renewed")
+
+    def _run_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
+                   request_id: str) -> pd.DataFrame:
         # The batch's request id also tags its OPRF calls: one id follows it through every node.
         token = current_request_id.set(request_id)
         try:

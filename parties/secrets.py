@@ -107,6 +107,15 @@ class NodeSecrets:
                 )
             return key
 
+    def put_xid_key(self, name: str, key: XidKey) -> None:
+        """Store `key` under `name`, replacing whatever was there (live or destroyed)."""
+        with self._store.lock, self._store.conn as conn:
+            conn.execute(
+                "INSERT INTO xid_keys (name, sealed) VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
+                " SET sealed = excluded.sealed, destroyed_at = NULL",
+                (name, self._seal(name, key)),
+            )
+
     def replace_xid_key(self, name: str, key: XidKey) -> None:
         """Store a rotated version of key `name`."""
         with self._store.lock, self._store.conn as conn:
@@ -114,6 +123,11 @@ class NodeSecrets:
                 "UPDATE xid_keys SET sealed = ? WHERE name = ? AND destroyed_at IS NULL",
                 (self._seal(name, key), name),
             )
+
+    def drop_xid_key(self, name: str) -> None:
+        """Forget key `name` (a key that protects nothing stored, e.g. a pending rotation)."""
+        with self._store.lock, self._store.conn as conn:
+            conn.execute("DELETE FROM xid_keys WHERE name = ?", (name,))
 
     def destroy_xid_key(self, name: str) -> None:
         """Overwrite key `name`'s sealed form; it can never be used again."""

@@ -571,3 +571,32 @@ def test_regulator_recovery_releases_reservations_of_dead_requests(cf):
     finally:
         conn.close()
     assert pending == 0
+
+
+@pytest.mark.parametrize("rotate", ["k2", "k1"])
+def test_claims_after_a_key_rotation_renew_cached_tokens_once(cf, verdicts, rotate):
+    """After a rotation the operator rebuilds its table; a client's cached tokens are
+    refused once (logged, not billed), fetched again, and the verdicts are unchanged."""
+    from scenarios.cli import app
+
+    insurer = "insurer-a"
+    client = cf.clients[insurer]
+    claims = cf.part(insurer).head(12)
+    assert set(claims["national_id"]) <= client._tokens.keys()  # cached by earlier checks
+    args = ["govern", "rotate-k1"] if rotate == "k1" else ["domain", "rotate", _domain_of(
+        cf, insurer)]
+    result = CliRunner().invoke(app, [*args, "--state", str(cf.fed.state.root),
+                                      "--topology", str(cf.fed.topology_path)])
+    assert result.exit_code == 0, result.output
+    rid = f"after-{rotate}-rotation"
+    fresh = client.check(claims, cf.consents[insurer], "ss", request_id=rid)
+    expected = verdicts["ss"].set_index("claim_id").loc[list(claims["claim_id"])]
+    pd.testing.assert_frame_equal(fresh.set_index("claim_id"), expected)
+    _assert_logged_refusal(cf, rid, "UnknownToken")
+    assert cf.usage_rows(rid) == 0 and cf.usage_rows(f"{rid}-renewed") == 1
+
+
+def _domain_of(cf: ClaimFed, insurer: str) -> str:
+    with cf.node_client("operator") as client:
+        domains = client.get("operator", "/v1/domains", kind="admin").json()
+    return next(d["domain_id"] for d in domains if d["data_user"] == insurer)

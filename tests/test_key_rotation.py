@@ -1,4 +1,4 @@
-"""Rotation of a domain key k2[d] at the operator, on real node processes.
+"""Rotation of a domain key k2[d] at the operator and of k1 at the authority, on real nodes.
 
 The federation has ingested generated data (`cogov govern ingest`), which created
 the claim_check domains of insurer-a and insurer-b.
@@ -7,16 +7,20 @@ the claim_check domains of insurer-a and insurer-b.
 import sqlite3
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from governance.errors import GovernanceError
 from governance.ledger.events import decode_leaf
 from mpc import xid
+from parties.batches import send_batches
 from parties.errors import RemoteError
 from parties.insurer_oprf import domain_tokens
 from parties.server import open_node
 from parties.services.health_authority import K1_NAME
 from parties.services.key_rotation import rotate_domain_key
+from parties.services.level1_rotation import K1_PENDING, mapping_digest
 from tests.attack_helpers import ledger_entries, read_only, rows_checksum
 from tests.test_circulation import start
 
@@ -164,3 +168,144 @@ def test_rotation_of_an_unknown_or_deleted_domain_is_refused_and_changes_nothing
         client.post("operator", f"/v1/domains/{b}/rotate", kind="admin", check_flow=False)
     assert not_admin.value.http_status == 403
     assert _state(ing) == state
+
+
+# --- the level-1 key k1, at the health authority -------------------------------------------------
+
+
+def _operator_level1(ing) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """The operator's visit_ref -> p1 and p1 -> consumer public key."""
+    conn = read_only(ing.db("operator"))
+    try:
+        visits = {bytes(r): bytes(p) for r, p in conn.execute(
+            "SELECT visit_ref, p1 FROM circ_visits")}
+        persons = {bytes(p): bytes(k) for p, k in conn.execute(
+            "SELECT p1, public_key FROM circ_persons")}
+    finally:
+        conn.close()
+    return visits, persons
+
+
+def _operator_state(ing) -> str:
+    conn = read_only(ing.db("operator"))
+    try:
+        return rows_checksum([
+            *conn.execute("SELECT * FROM circ_visits").fetchall(),
+            *conn.execute("SELECT * FROM circ_persons").fetchall(),
+            *conn.execute("SELECT * FROM domain_tokens").fetchall(),
+            *conn.execute("SELECT domain_id, token_epoch FROM domains").fetchall(),
+        ])
+    finally:
+        conn.close()
+
+
+def test_level1_rotation_moves_the_authority_the_operator_and_every_live_domain(ing):
+    a = _domains(ing)["insurer-a"]["domain_id"]  # insurer-b's domain was deleted above
+    ids = _national_ids(ing)
+    sample = ids[:6]
+    tokens_before = _tokens(ing, a)
+    visits_before, persons_before = _operator_level1(ing)
+    with ing.client("insurer-a") as insurer:
+        oprf_before = domain_tokens(insurer, sample)
+
+    out = ing.cli("govern", "rotate-k1")
+    assert "k1 rotated: version 1 -> 2" in out
+
+    ha = open_node(ing.fed.state, ing.fed.topology, "health-authority")
+    op = open_node(ing.fed.state, ing.fed.topology, "operator")
+    try:
+        k1, k2 = ha.secrets.xid_key(K1_NAME), op.secrets.xid_key(f"domain:{a}")
+        with pytest.raises(GovernanceError):
+            ha.secrets.xid_key(K1_PENDING)  # spent once the rotation committed
+        ha_p1 = {bytes(p) for (p,) in ha.store.conn.execute("SELECT p1 FROM ha_visits")}
+    finally:
+        ha.store.close()
+        op.store.close()
+    assert k1.version == 2
+    expected_p1 = set(xid.tokenize(k1, ids))
+    # The authority and the operator hold k1'·H(id) for every person, and nothing older.
+    assert ha_p1 == expected_p1
+    visits_after, persons_after = _operator_level1(ing)
+    assert visits_after.keys() == visits_before.keys()
+    assert set(visits_after.values()) == expected_p1
+    assert set(persons_after).isdisjoint(persons_before)
+    assert sorted(persons_after.values()) == sorted(persons_before.values())
+    # The same visits still belong to one person; each person keeps its consumer key.
+    old_to_new = {visits_before[r]: visits_after[r] for r in visits_before}
+    assert len(set(old_to_new.values())) == len(old_to_new)
+    assert all(persons_after[new] == persons_before[old] for old, new in old_to_new.items()
+               if old in persons_before)
+    # Every token of the live domain is k2·k1'·H(id); the visit grouping is unchanged.
+    tokens_after = _tokens(ing, a)
+    assert set(tokens_after["token"]) == set(xid.rekey(k2, xid.tokenize(k1, ids)))
+    assert list(tokens_after["visit_ref"]) == list(tokens_before["visit_ref"])
+    assert _persons(tokens_after) == _persons(tokens_before)
+    assert set(tokens_after["token"]).isdisjoint(tokens_before["token"])
+    # The OPRF chain now yields the new tokens.
+    with ing.client("insurer-a") as insurer:
+        oprf_after = domain_tokens(insurer, sample)
+    assert set(oprf_after) <= set(tokens_after["token"]) and set(oprf_after).isdisjoint(oprf_before)
+    # Logged on both sides, with counters only.
+    entries = [decode_leaf(leaf).entry.event for kind, _, leaf in ledger_entries(ing.fed)
+               if kind in ("key_rotated", "tokens_rederived")]
+    authority = [e for e in entries if e.actor == "health-authority"]
+    operator = [e for e in entries if e.kind == "tokens_rederived"]
+    assert len(authority) == 1 and len(operator) == 1
+    assert authority[0].payload["key_id"] == K1_NAME
+    assert (authority[0].payload["old_version"], authority[0].payload["new_version"]) == (1, 2)
+    assert operator[0].actor == "operator" and operator[0].payload["domains"] == 1
+    assert operator[0].payload["persons"] == len(persons_before.keys() | visits_before.values())
+
+
+def test_level1_commit_that_is_short_or_incomplete_is_refused_and_changes_nothing(ing):
+    visits, persons = _operator_level1(ing)
+    held = sorted(set(visits.values()) | set(persons))
+    moved = xid.rotate_tokens(xid.XidKey.generate("x"), xid.XidKey.generate("x", 2), held)
+    before = _operator_state(ing)
+    with ing.client("health-authority") as client:
+        # Every pair but one: the mapping must cover every person the operator holds.
+        pairs = list(zip(held[1:], moved[1:], strict=True))
+        send_batches(client, "operator", "/v1/circulation/level1", "k1-test-missing",
+                     pa.table({"old_p1": pa.array([o for o, _ in pairs], pa.binary(32)),
+                               "new_p1": pa.array([n for _, n in pairs], pa.binary(32))}),
+                     kind="ingest", batch_rows=50)
+        commit = {"old_version": 2, "new_version": 3, "pairs": len(pairs),
+                  "digest": mapping_digest(pairs)}
+        with pytest.raises(RemoteError) as incomplete:
+            client.post("operator", "/v1/circulation/level1/k1-test-missing/commit",
+                        kind="ingest", json=commit)
+        # A count that differs from what was staged.
+        with pytest.raises(RemoteError) as short:
+            client.post("operator", "/v1/circulation/level1/k1-test-missing/commit",
+                        kind="ingest", json={**commit, "pairs": len(pairs) + 1})
+    assert (incomplete.value.http_status, incomplete.value.error) == (409, "RotationRefused")
+    assert "without a new p1" in incomplete.value.detail
+    assert short.value.error == "RotationRefused"
+    assert _operator_state(ing) == before
+    conn = read_only(ing.db("operator"))
+    try:
+        refused = conn.execute("SELECT error FROM refusals WHERE route LIKE '%level1%'").fetchall()
+    finally:
+        conn.close()
+    assert refused.count(("RotationRefused",)) >= 2
+
+
+def test_level1_commit_is_idempotent_and_only_the_authority_may_send_one(ing):
+    (stream,) = [decode_leaf(leaf).entry.event.payload["stream"]
+                 for kind, _, leaf in ledger_entries(ing.fed) if kind == "tokens_rederived"]
+    before = _operator_state(ing)
+    with ing.client("health-authority") as client:
+        again = client.post("operator", f"/v1/circulation/level1/{stream}/commit", kind="ingest",
+                            json={"old_version": 1, "new_version": 2, "pairs": 0,
+                                  "digest": "0" * 64}).json()
+    assert (again["stream"], again["old_version"], again["new_version"]) == (stream, 1, 2)
+    assert _operator_state(ing) == before
+    with ing.client("regulator") as client, pytest.raises(RemoteError) as not_authority:
+        client.post("operator", f"/v1/circulation/level1/{stream}/commit", kind="ingest",
+                    json={"old_version": 1, "new_version": 2, "pairs": 0, "digest": "0" * 64},
+                    check_flow=False)
+    assert not_authority.value.http_status == 403
+    with ing.client("operator") as client, pytest.raises(RemoteError) as not_admin:
+        client.post("health-authority", "/v1/governance/level1/rotate", kind="admin",
+                    check_flow=False)
+    assert not_admin.value.http_status == 403

@@ -39,6 +39,8 @@ SERVICE_PATHS: tuple[str, ...] = (
     "parties.services.circulation:OPERATOR_CIRCULATION_SERVICE",
     "parties.services.operator_domains:OPERATOR_DOMAINS_SERVICE",
     "parties.services.key_rotation:OPERATOR_KEY_ROTATION_SERVICE",
+    "parties.services.level1_rotation:AUTHORITY_LEVEL1_ROTATION_SERVICE",
+    "parties.services.level1_rotation:OPERATOR_LEVEL1_ROTATION_SERVICE",
     "parties.insurer_oprf:REGULATOR_OPRF_SERVICE",
     "parties.services.claims:REGULATOR_PRODUCT_SERVICE",
     "parties.services.claim_compute:OPERATOR_COMPUTE_SERVICE",

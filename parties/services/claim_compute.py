@@ -123,7 +123,8 @@ def _version(ctx: NodeContext, domain_id: str) -> tuple:
             "SELECT (SELECT COALESCE(MAX(rowid), 0) FROM circ_visits),"
             " (SELECT COUNT(*) FROM circ_registrations),"
             " (SELECT COALESCE(MAX(registered_at), '') FROM circ_registrations),"
-            " (SELECT COALESCE(MAX(rowid), 0) FROM circ_persons)").fetchone())
+            " (SELECT COALESCE(MAX(rowid), 0) FROM circ_persons),"
+            " (SELECT token_epoch FROM domains WHERE domain_id = ?)", (domain_id,)).fetchone())
 
 
 def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> DomainTable:

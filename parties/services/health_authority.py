@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import sqlite3
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -126,6 +127,11 @@ def level1_key(ctx: NodeContext) -> xid.XidKey:
     return ctx.secrets.xid_key(K1_NAME, create=True)
 
 
+def level1_lock(ctx: NodeContext) -> threading.Lock:
+    """Held by whatever derives or sends p1, so a k1 rotation never races with it."""
+    return ctx.extras.setdefault("level1_lock", threading.Lock())  # type: ignore[return-value]
+
+
 def xid_pool(ctx: NodeContext) -> xid.WorkerPool | None:
     """The node's worker processes for bulk group operations (None on one core)."""
     if usable_cores() < 2:
@@ -223,6 +229,11 @@ def _staged_frame(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pd.
 
 def govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExport:
     """Scan, classify, standardize, tokenize and seal a complete export; drop its staging."""
+    with level1_lock(ctx):
+        return _govern_export(ctx, stream, batches)
+
+
+def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExport:
     with ctx.store.lock:
         done = ctx.store.conn.execute(
             "SELECT stream FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
@@ -360,7 +371,8 @@ def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.T
         keys = [bytes.fromhex(str(k)) for k in table["public_key"].to_pylist()]
         if any(len(k) != 32 for k in keys):
             raise AuthorityError("public keys are 32-byte Ed25519 keys (hex)")
-        p1s = xid.tokenize(level1_key(ctx), ids, pool=xid_pool(ctx))
+        with level1_lock(ctx):
+            p1s = xid.tokenize(level1_key(ctx), ids, pool=xid_pool(ctx))
         # Only the token is kept: the authority needs no second copy of the id.
         conn.executemany(
             "INSERT OR REPLACE INTO ha_consumer_keys (p1, public_key) VALUES (?, ?)",
@@ -388,7 +400,7 @@ class Publication(BaseModel):
     registered_rows: int
 
 
-def _operator(ctx: NodeContext) -> str:
+def operator_name(ctx: NodeContext) -> str:
     return ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
 
 
@@ -397,6 +409,13 @@ def publish(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Publication:
     """Send the governed visits (tokenized, graded, top grade sealed) and keys to the operator."""
+    with level1_lock(ctx):
+        return _publish(ctx, batch_rows=batch_rows, on_batch=on_batch)
+
+
+def _publish(
+    ctx: NodeContext, *, batch_rows: int, on_batch: Callable[[int, int], None] | None
+) -> Publication:
     frame = governed_visits(ctx)
     if frame.empty:
         raise NothingToPublish("no governed visits yet: export from the hospitals first")
@@ -417,7 +436,7 @@ def publish(
         "visit_ref", key=lambda s: s.map(bytes.hex)).reset_index(drop=True)
     digest = circulation_digest(view)
     stream = f"v-{digest[:32]}"
-    operator = _operator(ctx)
+    operator = operator_name(ctx)
     operator_key = sealing_public_key(ctx.signing_public_keys()[operator])
     p1s = [bytes(p) for p, _ in persons]
     keys = [bytes(k) for _, k in persons]

@@ -8,8 +8,7 @@ transaction under the store lock (ingest and OPRF key reads wait), then
 the rotation no longer match anything, which is the point of rotating, and a
 leak of such old tokens can no longer be traced to the domain.
 
-Not here: rotating the level-1 key k1 at the health authority (re-tokenizing
-from the governed source and re-deriving every domain's tokens).
+The level-1 key k1 rotates at the health authority: `parties.services.level1_rotation`.
 """
 
 from fastapi import APIRouter, Depends
@@ -21,7 +20,12 @@ from parties.access import Caller, CallerPolicy
 from parties.context import NodeContext
 from parties.services import Service
 from parties.services.ledger import record_event
-from parties.services.operator_domains import DomainId, get_domain, xid_pool
+from parties.services.operator_domains import (
+    DomainId,
+    bump_token_epochs,
+    get_domain,
+    xid_pool,
+)
 from parties.topology import Role
 
 KEY_ROTATED = "key_rotated" if is_known_kind("key_rotated") else register_event_kind(
@@ -60,6 +64,7 @@ def rotate_domain_key(ctx: NodeContext, domain_id: str) -> DomainKeyRotated:
                 "UPDATE domain_tokens SET token = ? WHERE domain_id = ? AND visit_ref = ?",
                 [(moved[bytes(t)], domain_id, bytes(r)) for r, t in rows],
             )
+            bump_token_epochs(conn, domain_id)
             # Last statement of the unit: its commit is the commit of the token updates too,
             # and a failure rolls both back.
             ctx.secrets.replace_xid_key(key_name, new)

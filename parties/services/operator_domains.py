@@ -59,6 +59,8 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX domain_tokens_token ON domain_tokens (domain_id, token)
     """,
+    # Bumped whenever a domain's stored tokens change value (a k1 or k2 rotation).
+    "ALTER TABLE domains ADD COLUMN token_epoch INTEGER NOT NULL DEFAULT 1",
 )
 
 
@@ -241,13 +243,24 @@ def _insert_tokens(
 
 def index_visits(
     ctx: NodeContext, conn: sqlite3.Connection, refs: Sequence[bytes], p1s: Sequence[bytes]
-) -> None:
-    """Give newly ingested visits their token in every live domain (inside ingest's transaction)."""
+) -> int:
+    """Give visits their token in every live domain (inside the caller's transaction).
+
+    Returns the number of live domains.
+    """
     live = conn.execute(
         "SELECT domain_id FROM domains WHERE deleted_at IS NULL").fetchall()
     for (domain_id,) in live:
         key = ctx.secrets.xid_key(_key_name(domain_id))
         _insert_tokens(conn, domain_id, key, refs, p1s, xid_pool(ctx))
+    return len(live)
+
+
+def bump_token_epochs(conn: sqlite3.Connection, domain_id: str | None = None) -> None:
+    """Mark the tokens of `domain_id` (of every live domain if None) as re-derived."""
+    conn.execute(
+        "UPDATE domains SET token_epoch = token_epoch + 1 WHERE deleted_at IS NULL"
+        " AND (? IS NULL OR domain_id = ?)", (domain_id, domain_id))
 
 
 def lookup_tokens(
