@@ -10,17 +10,22 @@ import hashlib
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import pyarrow as pa
-from fastapi import Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel
 
+from parties.access import Caller, CallerPolicy
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.store import NodeStore
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 DIGEST_HEADER = "X-Batch-Digest"
+STREAM_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
+StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
+BatchIndex = Annotated[int, Path(ge=0, lt=10**7)]
 
 COMPONENT = "batches"
 MIGRATIONS: tuple[str, ...] = (
@@ -133,6 +138,40 @@ class BatchReceiver:
                 (stream, idx, actual, rows),
             )
         return BatchReceipt(stream=stream, idx=idx, rows=rows, duplicate=False)
+
+
+def mount_batch_stream(
+    router: APIRouter,
+    path: str,
+    policy: CallerPolicy,
+    receiver: BatchReceiver,
+    stream_key: Callable[[Caller, str], str],
+    applier: Callable[[Caller, str, int], Apply],
+    what: str,
+) -> None:
+    """Mount the two routes of a batch stream on `router`.
+
+    `GET {path}/{stream}` says which batches arrived; `PUT {path}/{stream}/{idx}`
+    takes one (Arrow IPC) and applies it exactly once with `applier(caller,
+    stream, idx)`. `stream_key(caller, stream)` names the stream internally, so
+    one caller's stream never mixes with another's.
+    """
+
+    @router.get(f"{path}/{{stream}}", response_model=ReceivedBatches,
+                summary=f"Which batches of {what} arrived")
+    def batches_received(stream: StreamName,
+                         caller: Caller = Depends(policy)) -> ReceivedBatches:
+        got = receiver.received(stream_key(caller, stream))
+        return ReceivedBatches(stream=stream, received=got.received)
+
+    @router.put(f"{path}/{{stream}}/{{idx}}", response_model=BatchReceipt,
+                summary=f"One batch of {what}")
+    async def put_batch(stream: StreamName, idx: BatchIndex, request: Request,
+                        caller: Caller = Depends(policy)) -> BatchReceipt:
+        data = await read_limited_body(request)
+        return receiver.accept(stream_key(caller, stream), idx,
+                               request.headers.get(DIGEST_HEADER), data,
+                               applier(caller, stream, idx))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from governance.at_rest import open_value, seal_value
@@ -45,11 +45,10 @@ from parties import batches
 from parties.access import Caller, CallerPolicy
 from parties.batches import (
     DIGEST_HEADER,
-    BatchReceipt,
+    STREAM_PATTERN,
     BatchReceiver,
-    ReceivedBatches,
     digest,
-    read_limited_body,
+    mount_batch_stream,
     table_to_ipc,
 )
 from parties.client import NodeClient
@@ -70,7 +69,6 @@ INT_FIELDS = ("total_fen", "covered_fen", "self_pay_fen")
 META_SEALED_KEY = b"cogov.sealed_key"
 META_SEALED_COLUMNS = b"cogov.sealed_columns"
 META_GRADES = b"cogov.grades"
-STREAM_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 
 COMPONENT = "circulation"
 MIGRATIONS: tuple[str, ...] = (
@@ -425,9 +423,6 @@ class Registration(BaseModel):
     grades: dict[str, Annotated[str, Field(pattern=r"^L\d$")]]
 
 
-StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
-
-
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter(prefix="/v1/circulation", tags=["circulation"])
     publisher = CallerPolicy("ingest", (Role.HEALTH_AUTHORITY,))
@@ -436,38 +431,14 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     def internal(kind: str, caller: Caller, stream: str) -> str:
         return f"circ-{kind}:{caller.name}:{stream}"
 
-    @router.get("/visits/{stream}", response_model=ReceivedBatches)
-    def visits_received(stream: StreamName, caller: Caller = Depends(publisher)) -> ReceivedBatches:
-        """Which batches of a visit publication arrived."""
-        got = receiver.received(internal("visits", caller, stream))
-        return ReceivedBatches(stream=stream, received=got.received)
-
-    @router.put("/visits/{stream}/{idx}", response_model=BatchReceipt)
-    async def put_visits(
-        stream: StreamName, idx: Annotated[int, Path(ge=0, lt=10**7)], request: Request,
-        caller: Caller = Depends(publisher),
-    ) -> BatchReceipt:
-        """One batch of published visits (Arrow IPC); applied exactly once."""
-        data = await read_limited_body(request)
-        return receiver.accept(internal("visits", caller, stream), idx,
-                               request.headers.get(DIGEST_HEADER), data,
-                               _apply_visits(ctx, stream, idx))
-
-    @router.get("/persons/{stream}", response_model=ReceivedBatches)
-    def persons_received(stream: StreamName,
-                         caller: Caller = Depends(publisher)) -> ReceivedBatches:
-        got = receiver.received(internal("persons", caller, stream))
-        return ReceivedBatches(stream=stream, received=got.received)
-
-    @router.put("/persons/{stream}/{idx}", response_model=BatchReceipt)
-    async def put_persons(
-        stream: StreamName, idx: Annotated[int, Path(ge=0, lt=10**7)], request: Request,
-        caller: Caller = Depends(publisher),
-    ) -> BatchReceipt:
-        """One batch of (p1, consumer public key) pairs."""
-        data = await read_limited_body(request)
-        return receiver.accept(internal("persons", caller, stream), idx,
-                               request.headers.get(DIGEST_HEADER), data, _apply_persons(stream))
+    mount_batch_stream(router, "/visits", publisher, receiver,
+                       lambda caller, stream: internal("visits", caller, stream),
+                       lambda caller, stream, idx: _apply_visits(ctx, stream, idx),
+                       "published visits")
+    mount_batch_stream(router, "/persons", publisher, receiver,
+                       lambda caller, stream: internal("persons", caller, stream),
+                       lambda caller, stream, idx: _apply_persons(stream),
+                       "(p1, consumer public key) pairs")
 
     @router.post("/register", response_model=CirculationSummary)
     def register(body: Registration, caller: Caller = Depends(publisher)) -> CirculationSummary:

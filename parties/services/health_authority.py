@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import pandas as pd
 import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from governance.at_rest import Keyring, open_value, seal_value
@@ -47,12 +47,10 @@ from mpc.hazmat.parallel import usable_cores
 from parties import batches
 from parties.access import Caller, CallerPolicy
 from parties.batches import (
-    DIGEST_HEADER,
-    BatchReceipt,
     BatchReceiver,
-    ReceivedBatches,
+    StreamName,
     ipc_to_table,
-    read_limited_body,
+    mount_batch_stream,
     send_batches,
     table_to_ipc,
 )
@@ -61,7 +59,6 @@ from parties.context import NodeContext
 from parties.services import Service
 from parties.services.circulation import (
     CIRCULATION_FIELDS,
-    STREAM_PATTERN,
     circulation_digest,
     persons_digest,
     seal_batch,
@@ -494,10 +491,6 @@ class Points(BaseModel):
                       Field(min_length=1, max_length=1000)]
 
 
-StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
-BatchIndex = Annotated[int, Path(ge=0, lt=10**7)]
-
-
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     exports = APIRouter(prefix="/v1/exports", tags=["health authority"])
     hospitals = CallerPolicy("export", (Role.HOSPITAL,))
@@ -509,19 +502,10 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         # Streams are per hospital: one hospital can never add to another's export.
         return f"export:{caller.name}:{stream}"
 
-    @exports.get("/{stream}", response_model=ReceivedBatches)
-    def export_received(stream: StreamName, caller: Caller = Depends(hospitals)) -> ReceivedBatches:
-        got = receiver.received(internal(caller, stream))
-        return ReceivedBatches(stream=stream, received=got.received)
-
-    @exports.put("/{stream}/{idx}", response_model=BatchReceipt)
-    async def put_export(stream: StreamName, idx: BatchIndex, request: Request,
-                         caller: Caller = Depends(hospitals)) -> BatchReceipt:
-        """One batch of a hospital's raw export (Arrow IPC), staged sealed."""
-        data = await read_limited_body(request)
+    def stage(caller: Caller, stream: str, idx: int) -> batches.Apply:
         key = internal(caller, stream)
 
-        def stage(conn: sqlite3.Connection, table: pa.Table) -> int:
+        def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
             sealed = seal_value(table_to_ipc(table), staging, STAGING_TABLE, "batch",
                                 f"{key}/{idx}")
             conn.execute(
@@ -529,7 +513,10 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                 " VALUES (?, ?, ?, ?, ?)", (key, idx, caller.name, table.num_rows, sealed))
             return table.num_rows
 
-        return receiver.accept(key, idx, request.headers.get(DIGEST_HEADER), data, stage)
+        return apply
+
+    mount_batch_stream(exports, "", hospitals, receiver, internal, stage,
+                       "a hospital's raw export (staged sealed)")
 
     @exports.post("/{stream}/complete", response_model=GovernedExport)
     def complete_export(stream: StreamName, body: ExportComplete,
@@ -553,19 +540,11 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         """Rows, persons and digests of the governed copy, per hospital."""
         return governance_summary(ctx)
 
-    @governance.put("/consumer-keys/{stream}/{idx}", response_model=BatchReceipt)
-    async def put_consumer_keys(stream: StreamName, idx: BatchIndex, request: Request,
-                                caller: Caller = Depends(admin)) -> BatchReceipt:
-        """Consumers' public keys (national_id, public_key hex); only p1 -> key is kept."""
-        data = await read_limited_body(request)
-        return receiver.accept(f"keys:{stream}", idx, request.headers.get(DIGEST_HEADER), data,
-                               _apply_consumer_keys(ctx))
-
-    @governance.get("/consumer-keys/{stream}", response_model=ReceivedBatches)
-    def consumer_keys_received(stream: StreamName,
-                               caller: Caller = Depends(admin)) -> ReceivedBatches:
-        got = receiver.received(f"keys:{stream}")
-        return ReceivedBatches(stream=stream, received=got.received)
+    mount_batch_stream(governance, "/consumer-keys", admin, receiver,
+                       lambda caller, stream: f"keys:{stream}",
+                       lambda caller, stream, idx: _apply_consumer_keys(ctx),
+                       "consumers' public keys (national_id, public_key hex; only p1 -> key "
+                       "is kept)")
 
     @governance.post("/publish", response_model=Publication)
     def post_publish(body: PublishRequest, caller: Caller = Depends(admin)) -> Publication:

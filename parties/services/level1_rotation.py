@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import pyarrow as pa
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from governance.errors import GovernanceError
@@ -44,18 +44,16 @@ from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
 from parties.access import Caller, CallerPolicy
 from parties.batches import (
-    DIGEST_HEADER,
-    BatchReceipt,
     BatchReceiver,
-    ReceivedBatches,
-    read_limited_body,
+    StreamName,
+    mount_batch_stream,
     send_batches,
 )
 from parties.context import NodeContext
 from parties.errors import RemoteError
 from parties.secrets import UnknownKey
 from parties.services import Service
-from parties.services.circulation import PERSONS_TABLE, STREAM_PATTERN, VISITS_TABLE
+from parties.services.circulation import PERSONS_TABLE, VISITS_TABLE
 from parties.services.health_authority import (
     K1_NAME,
     LONG_CALL_S,
@@ -302,29 +300,15 @@ def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorR
     return result
 
 
-StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
-
-
 def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter(prefix="/v1/circulation/level1", tags=["circulation"])
     authority = CallerPolicy("ingest", (Role.HEALTH_AUTHORITY,))
     receiver = BatchReceiver(ctx.store)
 
-    @router.get("/{stream}", response_model=ReceivedBatches)
-    def received(stream: StreamName, caller: Caller = Depends(authority)) -> ReceivedBatches:
-        """Which batches of a k1 rotation's mapping arrived."""
-        got = receiver.received(f"k1:{caller.name}:{stream}")
-        return ReceivedBatches(stream=stream, received=got.received)
-
-    @router.put("/{stream}/{idx}", response_model=BatchReceipt)
-    async def put_mapping(
-        stream: StreamName, idx: Annotated[int, Path(ge=0, lt=10**7)], request: Request,
-        caller: Caller = Depends(authority),
-    ) -> BatchReceipt:
-        """One batch of (old p1, new p1) pairs, staged until the commit."""
-        data = await read_limited_body(request)
-        return receiver.accept(f"k1:{caller.name}:{stream}", idx,
-                               request.headers.get(DIGEST_HEADER), data, _stage(stream))
+    mount_batch_stream(router, "", authority, receiver,
+                       lambda caller, stream: f"k1:{caller.name}:{stream}",
+                       lambda caller, stream, idx: _stage(stream),
+                       "(old p1, new p1) pairs, staged until the commit")
 
     @router.post("/{stream}/commit", response_model=OperatorRekey)
     def commit(stream: StreamName, body: RekeyCommit,
