@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean-state
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py mpc/hazmat/_x25519.c
 	# The secure room runs algorithm packages under bubblewrap (Debian package).
 	command -v bwrap >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap; }

@@ -17,18 +17,27 @@ as the commutative cipher and exponential ElGamal in place of Paillier::
 Choices, and why:
 
 * Commutative cipher: x -> X25519(k, x) on Montgomery u-coordinates, k fresh
-  per session. A ladder costs a third of libsodium's edwards25519 variable-base
-  multiplication, which re-proves subgroup membership on every call, and
-  Curve25519 is twist-secure: a peer's u-coordinate needs no subgroup check
-  (the clamped scalar is a multiple of the cofactor; a small-order input gives
-  0 and is refused).
-* H: RFC 9380 encode_to_curve (one Elligator 2 map, then cofactor clearing)
-  to edwards25519, moved to the Montgomery u-coordinate, DST `PSI_DST`. The
-  DDH reduction for DH-PSI only needs to program H with points of known
-  discrete log drawn from H's output distribution; Elligator 2 is invertible,
-  so the reduction samples r·g and keeps it with the map's preimage
-  probability (rejection sampling). The random-oracle variant (two maps)
-  would cost 2.6 times as much per hash here for no gain in this proof.
+  per session, computed in batches by `mpc.hazmat._x25519` (eight ladders at
+  once in AVX-512 IFMA lanes where the CPU has them). Curve25519 is
+  twist-secure: a peer's u-coordinate needs no subgroup check (the clamped
+  scalar is a multiple of the cofactor 8; a small-order input gives 0 and is
+  refused).
+* H: RFC 9380 hash_to_field, then one Elligator 2 map onto curve25519 (suite
+  curve25519_XMD:SHA-512_ELL2_NU_, DST `PSI_DST`), u-coordinate only, without
+  cofactor clearing: X25519's clamping does it. The clamped scalar is a = 8a',
+  so a·H(v) = a'·(8·H(v)) lies in the prime-order subgroup, and so does every
+  keyed value. Doubly keyed values are equal iff 8·H(v) = ±8·H(w) (x-only),
+  so two distinct ids collide only if their Elligator images differ, up to
+  sign, by a point of order dividing 8: at most 32 of the p values of t do
+  that, probability below 2^-249 per pair. The DDH reduction for DH-PSI only
+  needs to program H with points whose multiple 8·H has a known discrete log,
+  drawn from H's output distribution: it samples r and a random point T of
+  order dividing 8 and keeps Q = r·g + T with the map's preimage probability
+  (Elligator 2 is invertible; rejection sampling). The random-oracle variant
+  (two maps and an addition) needs y-coordinates and costs more for no gain in
+  this proof. An id whose image has small order (a handful of the p values of
+  t, e.g. t = 0) would be refused as a malformed point; that has negligible
+  probability.
 * Sum: exponential ElGamal on edwards25519 (`mpc.hazmat.elgamal`), the key
   owned by B, who encrypts its own values with two fixed-base
   multiplications (~50 us) each. Paillier in Python integers costs
@@ -89,8 +98,9 @@ __all__ = [
     "intersection_sum",
 ]
 
-PROTOCOL = "cogov-psi/1"
-PSI_DST = b"COGOV-PSI-V01-CS01-with-curve25519_XMD:SHA-512_ELL2_NU_"
+# Version 2: H no longer clears the cofactor (version 1 did, on edwards25519): peers must agree.
+PROTOCOL = "cogov-psi/2"
+PSI_DST = b"COGOV-PSI-V02-CS01-with-curve25519_XMD:SHA-512_ELL2_NU_"
 _P = group.POINT_BYTES
 _C = elgamal.CIPHERTEXT_BYTES
 _NOISE_TAIL = 40
@@ -133,7 +143,7 @@ class JoinRequest(BaseModel):
 
     model_config = _WIRE
 
-    protocol: Literal["cogov-psi/1"] = PROTOCOL
+    protocol: Literal["cogov-psi/2"] = PROTOCOL
     session: str = Field(pattern=r"^[0-9a-f]{32}$")
     policy: IntersectionPolicy
     with_sum: bool
@@ -150,7 +160,7 @@ class JoinResponse(BaseModel):
 
     model_config = _WIRE
 
-    protocol: Literal["cogov-psi/1"] = PROTOCOL
+    protocol: Literal["cogov-psi/2"] = PROTOCOL
     session: str = Field(pattern=r"^[0-9a-f]{32}$")
     double_keyed: bytes
     keyed: bytes
@@ -175,7 +185,7 @@ class JoinOutcome(BaseModel):
 
     model_config = _WIRE
 
-    protocol: Literal["cogov-psi/1"] = PROTOCOL
+    protocol: Literal["cogov-psi/2"] = PROTOCOL
     session: str = Field(pattern=r"^[0-9a-f]{32}$")
     size: int = Field(ge=0)
     encrypted_sum: bytes | None = Field(None, min_length=_C, max_length=_C)
@@ -426,7 +436,7 @@ def intersection_sum(
 
 
 def _hash_and_key(key: bytes, msgs: Sequence[bytes]) -> bytes:
-    return group.x25519_many(key, group.encode_to_montgomery_many(msgs, PSI_DST))
+    return group.x25519_many(key, group.elligator2_u_many(msgs, PSI_DST))
 
 
 def _expect(stage: str, wanted: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from mpc import psi
 from mpc.errors import IntersectionTooSmall, MalformedInput, ProtocolStateError
-from mpc.hazmat import elgamal, group
+from mpc.hazmat import _x25519, elgamal, group
 from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
 
 POLICY = psi.IntersectionPolicy(min_intersection=3, max_value=1000)
@@ -225,3 +225,18 @@ def test_parallel_pool_gives_the_oracle_result():
     with psi.WorkerPool(workers=2) as pool:
         result = psi.intersection_sum(ids_a, ids_b, values, policy=POLICY, pool=pool)
     assert (result.size, result.sum) == oracle(ids_a, ids_b, values)
+
+
+def test_version_2_hash_is_elligator2_without_cofactor_clearing():
+    """H(v) is the RFC 9380 Elligator 2 u-coordinate under PSI_DST; version 1 peers are refused."""
+    from pydantic import ValidationError
+
+    assert psi.PROTOCOL == "cogov-psi/2"
+    assert psi.PSI_DST == b"COGOV-PSI-V02-CS01-with-curve25519_XMD:SHA-512_ELL2_NU_"
+    key, ids = bytes(range(32)), [b"alice", b"bob", b""]
+    fields = b"".join(group.hash_to_field(i, psi.PSI_DST, 1)[0].to_bytes(32, "little") for i in ids)
+    expected = group.x25519_many(key, _x25519.elligator2_u_batch_portable(fields))
+    assert psi._hash_and_key(key, ids) == expected
+    request = psi.IdHolder(["a"], POLICY).request().model_dump()
+    with pytest.raises(ValidationError):
+        psi.JoinRequest.model_validate(request | {"protocol": "cogov-psi/1"})

@@ -1,4 +1,4 @@
-"""The edwards25519 prime-order group and X25519 ladders, through libsodium (PyNaCl).
+"""The edwards25519 prime-order group through libsodium (PyNaCl); batch X25519 in C.
 
 Points are 32-byte edwards25519 encodings; batches are "packed": the
 concatenation of n fixed-size items, so a million points is one 32 MB bytes
@@ -23,8 +23,17 @@ RFC's final P. `from_uniform` is used (not `from_hash`, which PyNaCl does not
 wrap and whose input layout changed between libsodium releases) because its
 semantics have been stable across libsodium versions.
 
-The single-map variant `encode_to_curve` (RFC 9380 NU) serves the PSI, where
-the points then move to X25519's Montgomery u-coordinate.
+The PSI works on curve25519 u-coordinates instead, with the extension
+`mpc.hazmat._x25519` (batches of eight in AVX-512 IFMA lanes where the CPU has
+them, portable C otherwise, GIL released)::
+
+    t = hash_to_field(msg, count=1)            # as above
+    u = u-coordinate of map_to_curve(t)        # RFC 9380 §6.7.1 Elligator 2 on curve25519
+    X25519(k, u)                               # RFC 7748, clamped k
+
+`elligator2_u_many` computes u for a batch of messages and `x25519_many` the
+ladders. There is no cofactor clearing: the clamped X25519 scalar is a
+multiple of 8, so the ladder does it (see `mpc.psi`).
 """
 
 from __future__ import annotations
@@ -37,6 +46,13 @@ import nacl.bindings as _na
 import nacl.exceptions as _nacl_errors
 
 from mpc.errors import MalformedInput
+
+try:
+    from mpc.hazmat import _x25519
+except ImportError as err:  # pragma: no cover - a checkout whose extension was never built
+    raise ImportError(
+        "mpc.hazmat._x25519 is not built: run `make` or `pip install --no-deps -e .`"
+    ) from err
 
 FIELD_PRIME = 2**255 - 19
 GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
@@ -82,6 +98,39 @@ def hash_to_field(msg: bytes, dst: bytes, count: int) -> list[int]:
     return [
         int.from_bytes(data[i * step : (i + 1) * step], "big") % FIELD_PRIME for i in range(count)
     ]
+
+
+def hash_to_field_packed(msgs: Sequence[bytes], dst: bytes) -> bytes:
+    """`hash_to_field(m, dst, 1)` for every message, packed as 32-byte little-endian elements.
+
+    expand_message_xmd for L = 48 needs one output block (b_1), and its first
+    SHA-512 block (Z_pad) is the same for every message: hashed once, copied.
+    """
+    if len(dst) > 255:
+        dst = hashlib.sha512(b"H2C-OVERSIZE-DST-" + dst).digest()
+    dst_prime = dst + bytes([len(dst)])
+    b0_tail = _FIELD_ELEMENT_BYTES.to_bytes(2, "big") + b"\x00" + dst_prime
+    b1_tail = b"\x01" + dst_prime
+    z_pad = hashlib.sha512(bytes(_SHA512_BLOCK))
+    sha512, p = hashlib.sha512, FIELD_PRIME
+    out = []
+    for m in msgs:
+        h = z_pad.copy()
+        h.update(m + b0_tail)
+        uniform = sha512(h.digest() + b1_tail).digest()[:_FIELD_ELEMENT_BYTES]
+        out.append((int.from_bytes(uniform, "big") % p).to_bytes(32, "little"))
+    return b"".join(out)
+
+
+def elligator2_u_many(msgs: Sequence[bytes], dst: bytes) -> bytes:
+    """Curve25519 u-coordinates of RFC 9380 `map_to_curve(hash_to_field(m))`, packed.
+
+    That is encode_to_curve of suite curve25519_XMD:SHA-512_ELL2_NU_ without
+    `clear_cofactor`: the points lie anywhere on curve25519, not only in the
+    prime-order subgroup. Fit for X25519 (whose clamped scalar clears the
+    cofactor), not for libsodium's edwards25519 functions.
+    """
+    return _x25519.elligator2_u_batch(hash_to_field_packed(msgs, dst))
 
 
 def map_to_curve(u: int) -> bytes:
@@ -266,20 +315,20 @@ def project_to_subgroup(point: bytes) -> bytes:
 
 
 def x25519_many(scalar: bytes, us: bytes, offset: int = 0) -> bytes:
-    """X25519(scalar, u) for a packed batch of canonical u-coordinates.
+    """X25519(scalar, u) for a packed batch of canonical u-coordinates (RFC 7748, clamped).
 
-    Refuses u >= p (non-canonical) and inputs whose result is all zero (small
-    order). Curve25519 is twist-secure and the clamped scalar is a multiple of
-    the cofactor, so no other check is needed.
+    Refuses u >= p (non-canonical, which includes bit 255 set) and inputs
+    whose result is all zero (small order: u in {0, 1, p - 1} and the two
+    u-coordinates of points of order 8), naming the first bad index plus `offset`. Curve25519
+    is twist-secure and the clamped scalar is a multiple of the cofactor, so no
+    other check is needed. Computed by `mpc.hazmat._x25519` without the GIL.
     """
-    ladder = _na.crypto_scalarmult
-    out = []
-    for i in range(0, len(us), POINT_BYTES):
-        u = us[i : i + POINT_BYTES]
-        if int.from_bytes(u, "little") >= FIELD_PRIME:
-            raise MalformedInput(f"point {offset + i // POINT_BYTES}: non-canonical u-coordinate")
-        try:
-            out.append(ladder(scalar, u))
-        except _SODIUM_FAILURES:
-            raise MalformedInput(f"point {offset + i // POINT_BYTES}: small-order point") from None
-    return b"".join(out)
+    if len(us) % POINT_BYTES:
+        raise MalformedInput(f"packed length {len(us)} is not a multiple of {POINT_BYTES}")
+    try:
+        return _x25519.x25519_batch(scalar, us)
+    except ValueError as err:
+        if len(err.args) != 2:  # a malformed scalar, not a refused point
+            raise
+        index, reason = err.args
+        raise MalformedInput(f"point {offset + index}: {reason}") from None

@@ -1,7 +1,10 @@
 """A reusable process pool that runs batch group operations on every core.
 
-Group operations hold the GIL (libsodium through cffi, short calls), so threads
-do not help; processes do. The pool is started once and reused: callers pass
+Most batch steps hold the GIL: hashing to the field (hashlib, a Python loop
+per id) and ElGamal and edwards25519 operations (libsodium through cffi, one
+short call per point). Only the X25519 and Elligator 2 batches of
+`mpc.hazmat._x25519` release it, so threads would not run a whole PSI step in
+parallel; processes do. The pool is started once and reused: callers pass
 it to each batch verb. Work is split into contiguous chunks whose results are
 concatenated in order, so a parallel run returns exactly what an inline run
 returns. Workers are started with "spawn" so they never inherit the parent's
