@@ -63,7 +63,6 @@ IDENTITY = bytes([1]) + bytes(31)
 _SHA512_BLOCK = 128
 _SHA512_OUT = 64
 _FIELD_ELEMENT_BYTES = 48  # RFC 9380 L = ceil((255 + 128) / 8)
-_Y_MASK = (1 << 255) - 1
 _SODIUM_FAILURES = (_nacl_errors.RuntimeError, _nacl_errors.ValueError, _nacl_errors.TypeError)
 
 
@@ -152,19 +151,6 @@ def encode_to_curve(msg: bytes, dst: bytes) -> bytes:
 
 def hash_to_curve_many(msgs: Sequence[bytes], dst: bytes) -> bytes:
     return b"".join([hash_to_curve(m, dst) for m in msgs])
-
-
-def encode_to_montgomery_many(msgs: Sequence[bytes], dst: bytes) -> bytes:
-    """`encode_to_curve` for each message, as X25519 u-coordinates (packed, 32 bytes each)."""
-    ys = [int.from_bytes(encode_to_curve(m, dst), "little") & _Y_MASK for m in msgs]
-    # u = (1 + y) / (1 - y); y = 1 would be the identity, which the map never yields.
-    inverses = invert_many([(1 - y) % FIELD_PRIME for y in ys], FIELD_PRIME)
-    return b"".join(
-        [
-            ((1 + y) * inv % FIELD_PRIME).to_bytes(32, "little")
-            for y, inv in zip(ys, inverses, strict=True)
-        ]
-    )
 
 
 # ---------------------------------------------------------------- scalars
