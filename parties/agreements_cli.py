@@ -20,7 +20,7 @@ from governance.contracts import (
 )
 from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
-from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.pki import load_signing_key
@@ -42,11 +42,6 @@ def _serving_node(topo: Topology) -> str:
     return topo.nodes_with_role(Role.REGULATOR)[0].name
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-    return typer.Exit(1)
-
-
 def load_signed(path: Path) -> SignedContract:
     """A contract document (TOML/JSON terms) or a signed contract JSON."""
     if path.suffix == ".json":
@@ -66,12 +61,10 @@ def sign(
 ) -> None:
     """Add NODE's signature (its CA-certified signing key) to the contract."""
     _, topo = resolve_topology(state, topology)
-    if not topo.has_node(node):
-        raise _fail(ValueError(f"{node!r} is not a node of topology {topo.name!r}"))
-    try:
+    with exit_on(ContractError, OSError, ValueError):
+        if not topo.has_node(node):
+            raise ValueError(f"{node!r} is not a node of topology {topo.name!r}")
         signed = sign_contract(load_signed(document), node, load_signing_key(StateDir(state), node))
-    except (ContractError, OSError, ValueError) as exc:
-        raise _fail(exc) from exc
     target = out or document.with_name(document.stem.removesuffix(".signed") + ".signed.json")
     target.write_text(signed.model_dump_json(indent=2))
     missing = signed.missing_signatures()
@@ -96,10 +89,8 @@ def register_contract(
 ) -> None:
     """Register the signed contract at the serving node."""
     _, topo = resolve_topology(state, topology)
-    try:
+    with exit_on(ContractError, NodeError, ValueError):
         status = post_contract(StateDir(state), topo, load_signed(document), node)
-    except (ContractError, NodeError, ValueError) as exc:
-        raise _fail(exc) from exc
     console.print(f"contract registered: {status}")
 
 
@@ -117,12 +108,9 @@ def terminate(
     termination = terminate_contract(
         contract_id, node, datetime.now(UTC), load_signing_key(st, node), reason
     )
-    try:
-        with NodeClient(st, topo, node) as client:
-            client.post(_serving_node(topo), f"/v1/contracts/{contract_id}/termination",
-                        kind="contract", json=termination.model_dump(mode="json"))
-    except NodeError as exc:
-        raise _fail(exc) from exc
+    with exit_on(NodeError), NodeClient(st, topo, node) as client:
+        client.post(_serving_node(topo), f"/v1/contracts/{contract_id}/termination",
+                    kind="contract", json=termination.model_dump(mode="json"))
     console.print(f"contract {contract_id} terminated by {node}")
 
 
@@ -135,12 +123,9 @@ def show(
 ) -> None:
     """Print a registered contract and its signatures."""
     _, topo = resolve_topology(state, topology)
-    try:
-        with NodeClient(StateDir(state), topo, node) as client:
-            body = client.get(_serving_node(topo), f"/v1/contracts/{contract_id}",
-                              kind="contract").json()
-    except NodeError as exc:
-        raise _fail(exc) from exc
+    with exit_on(NodeError), NodeClient(StateDir(state), topo, node) as client:
+        body = client.get(_serving_node(topo), f"/v1/contracts/{contract_id}",
+                          kind="contract").json()
     console.print_json(json.dumps(body))
 
 
@@ -157,12 +142,9 @@ def revoke(
     consent = Consent.parse(consent_file.read_text())
     revocation = revoke_consent(consent, private_key_from_hex(key_hex), datetime.now(UTC))
     serving = _serving_node(topo)
-    try:
-        with NodeClient(st, topo, serving) as client:
-            client.post(serving, "/v1/admin/consents/revocations", kind="admin",
-                        json=revocation.model_dump(mode="json"))
-    except NodeError as exc:
-        raise _fail(exc) from exc
+    with exit_on(NodeError), NodeClient(st, topo, serving) as client:
+        client.post(serving, "/v1/admin/consents/revocations", kind="admin",
+                    json=revocation.model_dump(mode="json"))
     console.print(f"consent {consent.consent_id} revoked")
 
 
@@ -180,21 +162,16 @@ def billing_statement(
     st = StateDir(state)
     serving = _serving_node(topo)
     operator = topo.nodes_with_role(Role.OPERATOR)[0].name
-    try:
-        with NodeClient(st, topo, serving) as client:
-            signed = SignedContract.model_validate(
-                client.get(serving, f"/v1/contracts/{contract}", kind="contract").json()
-            )
-    except NodeError as exc:
-        raise _fail(exc) from exc
+    with exit_on(NodeError), NodeClient(st, topo, serving) as client:
+        signed = SignedContract.model_validate(
+            client.get(serving, f"/v1/contracts/{contract}", kind="contract").json()
+        )
     conn = sqlite3.connect(f"file:{st.node(operator).db}?mode=ro", uri=True)
     leaves = [decode_leaf(bytes(r[0])) for r in
               conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
     conn.close()
-    try:
+    with exit_on(ContractError, ValueError):
         result = statement(signed.terms, period, leaves)
-    except (ContractError, ValueError) as exc:
-        raise _fail(exc) from exc
     if issue:
         record_event(open_node(st, topo, operator), "bill_issued", result.log_payload())
     if as_json:

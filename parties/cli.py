@@ -1,11 +1,14 @@
 """`cogov pki|node|up|status|down`: run a federation of nodes."""
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from parties import pki, supervisor
@@ -35,6 +38,23 @@ NodesOption = Annotated[
 ]
 
 DEFAULT_TOPOLOGY = Path("topologies/suzhou.toml")
+
+
+@contextmanager
+def exit_on(*errors: type[Exception], code: int = 1) -> Iterator[None]:
+    """Print an expected error as one line (its typed name and detail) and exit with `code`.
+
+    The name is a remote node's typed error (`exc.error`) if there is one, else the class
+    name; the detail is `exc.detail` if set, else the message.
+    """
+    try:
+        yield
+    except errors as exc:
+        name = getattr(exc, "error", None) or type(exc).__name__
+        detail = getattr(exc, "detail", None) or str(exc)
+        # Error text is data, not markup: unescaped, "[type=missing ...]" in a message vanishes.
+        console.print(f"[bold red]{escape(name)}[/]: {escape(detail)}")
+        raise typer.Exit(code) from exc
 
 
 def resolve_topology(state: Path, topology: Path | None) -> tuple[Path, Topology]:

@@ -23,7 +23,7 @@ from governance import cli as files_cli
 from governance.errors import GovernanceError
 from governance.leak_tracing import read_leaked_tokens
 from parties.batches import send_batches
-from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.state import StateDir, default_state_dir
@@ -57,12 +57,6 @@ def _one(topology: Topology, role: Role) -> str:
         console.print(f"[red]the topology has no {role.value} node[/red]")
         raise typer.Exit(2)
     return nodes[0].name
-
-
-def _fail(exc: Exception) -> None:
-    name = getattr(exc, "error", None) or type(exc).__name__
-    console.print(f"[bold red]{name}[/]: {getattr(exc, 'detail', None) or exc}")
-    raise typer.Exit(1)
 
 
 def raw_exports(data: Path, topology: Topology) -> dict[str, Path]:
@@ -114,44 +108,41 @@ def ingest(
     authority, operator = _one(topo, Role.HEALTH_AUTHORITY), _one(topo, Role.OPERATOR)
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    try:
-        with _progress() as bar:
-            task = bar.add_task("hospital exports", total=len(exports))
-            for hospital, path in exports.items():
-                bar.update(task, description=f"{hospital} exports {path.name}")
-                with _client(state, topo, hospital) as client:
-                    results[hospital] = client.post(
-                        hospital, "/v1/hospital/export", kind="admin",
-                        json={"path": str(path.resolve()), "batch_rows": batch_rows}).json()
-                bar.advance(task)
-            keys_file = data / "consumer_keys.jsonl"
-            if keys_file.exists():
-                keys = consumer_key_table(keys_file)
-                stream = "k-" + hashlib.sha256(
-                    "".join(keys["public_key"].to_pylist()).encode()).hexdigest()[:32]
-                ktask = bar.add_task("consumer public keys", total=None)
-                with _client(state, topo, authority) as client:
-                    send_batches(client, authority, "/v1/governance/consumer-keys", stream, keys,
-                                 kind="admin", batch_rows=batch_rows,
-                                 on_batch=lambda i, n: bar.update(ktask, completed=i, total=n))
-            ptask = bar.add_task("publishing to the operator", total=1)
+    with exit_on(NodeError, GovernanceError), _progress() as bar:
+        task = bar.add_task("hospital exports", total=len(exports))
+        for hospital, path in exports.items():
+            bar.update(task, description=f"{hospital} exports {path.name}")
+            with _client(state, topo, hospital) as client:
+                results[hospital] = client.post(
+                    hospital, "/v1/hospital/export", kind="admin",
+                    json={"path": str(path.resolve()), "batch_rows": batch_rows}).json()
+            bar.advance(task)
+        keys_file = data / "consumer_keys.jsonl"
+        if keys_file.exists():
+            keys = consumer_key_table(keys_file)
+            stream = "k-" + hashlib.sha256(
+                "".join(keys["public_key"].to_pylist()).encode()).hexdigest()[:32]
+            ktask = bar.add_task("consumer public keys", total=None)
             with _client(state, topo, authority) as client:
-                publication = client.post(authority, "/v1/governance/publish", kind="admin",
-                                          json={"batch_rows": batch_rows}).json()
-            bar.advance(ptask)
-            created = []
-            if domains:
-                with _client(state, topo, operator) as client:
-                    live = {(d["scenario"], d["data_user"]) for d in
-                            client.get(operator, "/v1/domains", kind="admin").json()}
-                    for insurer in topo.nodes_with_role(Role.INSURER):
-                        if ("claim_check", insurer.name) not in live:
-                            created.append(client.post(
-                                operator, "/v1/domains", kind="admin",
-                                json={"scenario": "claim_check", "data_user": insurer.name},
-                            ).json())
-    except (NodeError, GovernanceError) as exc:
-        _fail(exc)
+                send_batches(client, authority, "/v1/governance/consumer-keys", stream, keys,
+                             kind="admin", batch_rows=batch_rows,
+                             on_batch=lambda i, n: bar.update(ktask, completed=i, total=n))
+        ptask = bar.add_task("publishing to the operator", total=1)
+        with _client(state, topo, authority) as client:
+            publication = client.post(authority, "/v1/governance/publish", kind="admin",
+                                      json={"batch_rows": batch_rows}).json()
+        bar.advance(ptask)
+        created = []
+        if domains:
+            with _client(state, topo, operator) as client:
+                live = {(d["scenario"], d["data_user"]) for d in
+                        client.get(operator, "/v1/domains", kind="admin").json()}
+                for insurer in topo.nodes_with_role(Role.INSURER):
+                    if ("claim_check", insurer.name) not in live:
+                        created.append(client.post(
+                            operator, "/v1/domains", kind="admin",
+                            json={"scenario": "claim_check", "data_user": insurer.name},
+                        ).json())
     seconds = time.perf_counter() - started
     table = Table(title="ingest")
     for head in ("hospital", "raw rows", "batches sent", "governed rows", "persons",
@@ -188,14 +179,12 @@ def trace_leak(
     """Name the domain, and so the data user, that leaked domain tokens came from."""
     _, topo = resolve_topology(state, topology)
     operator = _one(topo, Role.OPERATOR)
-    try:
+    with exit_on(NodeError, GovernanceError):
         raw = read_leaked_tokens(file, column)
         tokens = [v.hex() if isinstance(v, bytes) else v for v in raw]
         with _client(state, topo, operator) as client:
             trace = client.post(operator, "/v1/domains/trace-leak", kind="admin",
                                 json={"tokens": tokens}).json()
-    except (NodeError, GovernanceError) as exc:
-        _fail(exc)
     report = trace["report"]
     table = Table(title=f"leak trace: {report['leaked']} tokens, {report['unmatched']} unmatched, "
                         f"{report['unparseable']} unparseable")
@@ -230,12 +219,10 @@ def domain_create(
     """Create the domain of (scenario, data user) with a fresh key k2[d], filled with tokens."""
     _, topo = resolve_topology(state, topology)
     operator = _one(topo, Role.OPERATOR)
-    try:
-        with _client(state, topo, operator) as client, console.status("re-keying tokens"):
-            info = client.post(operator, "/v1/domains", kind="admin",
-                               json={"scenario": scenario, "data_user": data_user}).json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, operator) as client, \
+            console.status("re-keying tokens"):
+        info = client.post(operator, "/v1/domains", kind="admin",
+                           json={"scenario": scenario, "data_user": data_user}).json()
     console.print(_domain_table([info]))
 
 
@@ -248,12 +235,9 @@ def domain_list(
     """List the operator's domains."""
     _, topo = resolve_topology(state, topology)
     operator = _one(topo, Role.OPERATOR)
-    try:
-        with _client(state, topo, operator) as client:
-            rows = client.get(operator, f"/v1/domains?include_deleted={str(all_).lower()}",
-                              kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, operator) as client:
+        rows = client.get(operator, f"/v1/domains?include_deleted={str(all_).lower()}",
+                          kind="admin").json()
     console.print(_domain_table(rows))
 
 
@@ -269,12 +253,9 @@ def domain_delete(
     operator = _one(topo, Role.OPERATOR)
     if not yes:
         typer.confirm(f"destroy the key and tokens of {domain_id} for good?", abort=True)
-    try:
-        with _client(state, topo, operator) as client:
-            info = client.request(operator, "DELETE", f"/v1/domains/{domain_id}",
-                                  kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, operator) as client:
+        info = client.request(operator, "DELETE", f"/v1/domains/{domain_id}",
+                              kind="admin").json()
     console.print(_domain_table([info]))
     console.print(f"key of {domain_id} destroyed; key_destroyed and domain_deleted are logged")
 
@@ -288,11 +269,9 @@ def domain_rotate(
     """Rotate a domain's key k2[d]: its tokens move to the new version, old tokens stop matching."""
     _, topo = resolve_topology(state, topology)
     operator = _one(topo, Role.OPERATOR)
-    try:
-        with _client(state, topo, operator) as client, console.status("re-keying tokens"):
-            done = client.post(operator, f"/v1/domains/{domain_id}/rotate", kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, operator) as client, \
+            console.status("re-keying tokens"):
+        done = client.post(operator, f"/v1/domains/{domain_id}/rotate", kind="admin").json()
     console.print(
         f"key of {done['domain_id']} rotated: version {done['old_version']} -> "
         f"{done['new_version']}, {done['tokens']:,} tokens ({done['persons']:,} persons) re-keyed;"
@@ -307,11 +286,9 @@ def rotate_k1(
     """Rotate the level-1 key k1 at the health authority; the operator re-derives every token."""
     _, topo = resolve_topology(state, topology)
     authority = _one(topo, Role.HEALTH_AUTHORITY)
-    try:
-        with _client(state, topo, authority) as client, console.status("re-keying p1 and tokens"):
-            done = client.post(authority, "/v1/governance/level1/rotate", kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, authority) as client, \
+            console.status("re-keying p1 and tokens"):
+        done = client.post(authority, "/v1/governance/level1/rotate", kind="admin").json()
     op = done["operator"]
     console.print(
         f"k1 rotated: version {done['old_version']} -> {done['new_version']}, "

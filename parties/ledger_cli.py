@@ -15,7 +15,7 @@ from governance.ledger import (
     check_inclusion_proof,
     verify_log,
 )
-from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.pki import federation_signing_keys
@@ -116,11 +116,8 @@ def prove(
     """Print an inclusion proof of ENTRY that a third party checks with `check-proof`."""
     _, topo = resolve_topology(state, topology)
     ctx = open_node(StateDir(state), topo, log_node(topo))
-    try:
+    with exit_on(Exception):
         bundle = inclusion_bundle(ctx, entry)
-    except Exception as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from exc
     text = bundle.model_dump_json(indent=2)
     if out:
         out.write_text(text)

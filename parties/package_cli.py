@@ -22,7 +22,7 @@ from rich.table import Table
 
 from governance.errors import GovernanceError
 from governance.packages import load_manifest, package_hash
-from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.pki import federation_signing_keys
@@ -55,12 +55,6 @@ NodeOption = Annotated[str | None, typer.Option(
     "--node", help="Act as this node (default: the role's first node in the topology).")]
 LibraryName = Annotated[str, typer.Option("--library-name", help="Dataset's library name.")]
 Sha256Argument = Annotated[str, typer.Argument(help="package SHA-256 (from `package submit`)")]
-
-
-def _fail(exc: Exception) -> None:
-    name = getattr(exc, "error", None) or type(exc).__name__
-    console.print(f"[bold red]{name}[/]: {getattr(exc, 'detail', None) or exc}")
-    raise typer.Exit(1)
 
 
 def _acting(topology: Topology, node: str | None, role: Role) -> str:
@@ -128,7 +122,7 @@ def test_command(
     topology: TopologyOption = None,
 ) -> None:
     """Run the package here, in the sandbox, on the sample library (fetched from the operator)."""
-    try:
+    with exit_on(GovernanceError, NodeError):
         if library is None:
             _, topo = resolve_topology(state, topology)
             library = fetch_sample(state, topo, _acting(topo, node, Role.REGULATOR),
@@ -136,8 +130,6 @@ def test_command(
             console.print(f"sample library {library_name}: {library}")
         run = run_package(directory, library, limits=local._limits(cpu, memory, wall),
                           static_checks=not skip_static_gate)
-    except (GovernanceError, NodeError) as exc:
-        _fail(exc)
     local._show(run, rows)
     raise typer.Exit(code=0 if run.report.accepted else 1)
 
@@ -159,7 +151,7 @@ def submit_command(
     """Send the package to the operator's secure room; show its validation report."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.REGULATOR)
-    try:
+    with exit_on(GovernanceError, NodeError):
         load_manifest(directory)
         digest = package_hash(directory)
         body = {"files": [f.model_dump() for f in package_to_wire(directory)],
@@ -167,8 +159,6 @@ def submit_command(
         with _client(state, topo, me) as client:
             sub = client.post(_one(topo, Role.OPERATOR), "/v1/secure-room/packages",
                               kind="catalogue", json=body).json()
-    except (GovernanceError, NodeError) as exc:
-        _fail(exc)
     if report_path is not None:
         report_path.write_text(json.dumps(sub, indent=2), encoding="utf-8")
     _show_report(sub["report"])
@@ -212,7 +202,7 @@ def run_command(
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.REGULATOR)
     owner = _one(topo, Role.HEALTH_AUTHORITY)
-    try:
+    with exit_on(GovernanceError, NodeError, OSError, ValueError):
         owner_key = federation_signing_keys(StateDir(state), [owner])[owner]
         sealed = {}
         for item in query or []:
@@ -223,8 +213,6 @@ def run_command(
         with _client(state, topo, me) as client:
             entry = client.post(_one(topo, Role.OPERATOR), f"/v1/secure-room/packages/{sha256}/run",
                                 kind="catalogue", json={"query": sealed}).json()
-    except (GovernanceError, NodeError, OSError, ValueError) as exc:
-        _fail(exc)
     _show_report(entry["report"])
     if entry["output"] is None:
         console.print("[red]the production run was not accepted; nothing was catalogued[/red]")
@@ -251,13 +239,10 @@ def libraries_command(
     """As the data owner: build sample + test libraries from the authorized data; publish them."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.HEALTH_AUTHORITY)
-    try:
-        with _client(state, topo, me) as client:
-            built = client.post(me, "/v1/packages/libraries", kind="admin", json={
-                "name": library_name, "sample_rows": sample_rows, "test_rows": test_rows,
-                "seed": seed}).json()
-    except (GovernanceError, NodeError) as exc:
-        _fail(exc)
+    with exit_on(GovernanceError, NodeError), _client(state, topo, me) as client:
+        built = client.post(me, "/v1/packages/libraries", kind="admin", json={
+            "name": library_name, "sample_rows": sample_rows, "test_rows": test_rows,
+            "seed": seed}).json()
     for lib in built:
         tables = ", ".join(f"{n} {r}" for n, r in lib["tables"].items())
         console.print(f"[bold]{lib['name']} {lib['kind']}[/bold] sha256 {lib['sha256']} "
@@ -285,11 +270,8 @@ def reviews_command(
     """As the data owner: packages handed over for review, with their validation outcome."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.HEALTH_AUTHORITY)
-    try:
-        with _client(state, topo, me) as client:
-            found = client.get(me, "/v1/packages/reviews", kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, me) as client:
+        found = client.get(me, "/v1/packages/reviews", kind="admin").json()
     if not found:
         console.print("no package was handed over for review")
     for r in found:
@@ -310,11 +292,8 @@ def approve_command(
     """As the data owner: sign an approval bound to this package hash (after its report)."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.HEALTH_AUTHORITY)
-    try:
-        with _client(state, topo, me) as client:
-            review = client.post(me, f"/v1/packages/{sha256}/approve", kind="admin").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, me) as client:
+        review = client.post(me, f"/v1/packages/{sha256}/approve", kind="admin").json()
     _show_report(review["report"])
     approval = review["approval"]
     console.print(f"approved {approval['package_name']} {approval['package_version']} sha256 "
@@ -342,12 +321,9 @@ def catalogue_list(
     """Data products published from production runs."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.REGULATOR)
-    try:
-        with _client(state, topo, me) as client:
-            entries = client.get(_one(topo, Role.OPERATOR), "/v1/catalogue",
-                                 kind="catalogue").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, me) as client:
+        entries = client.get(_one(topo, Role.OPERATOR), "/v1/catalogue",
+                             kind="catalogue").json()
     if not entries:
         console.print("the catalogue is empty")
     for e in entries:
@@ -369,12 +345,9 @@ def catalogue_show(
     """One product: its report and its released output."""
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.REGULATOR)
-    try:
-        with _client(state, topo, me) as client:
-            entry = client.get(_one(topo, Role.OPERATOR), f"/v1/catalogue/{product_id}",
-                               kind="catalogue").json()
-    except NodeError as exc:
-        _fail(exc)
+    with exit_on(NodeError), _client(state, topo, me) as client:
+        entry = client.get(_one(topo, Role.OPERATOR), f"/v1/catalogue/{product_id}",
+                           kind="catalogue").json()
     _show_report(entry["report"])
     console.print(f"product {entry['product_id']}: {entry['name']} {entry['version']} on the "
                   f"{entry['library']} library of {entry['owner']}, {entry['rows']} rows, output "

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mpc.errors import MpcError
-from parties.cli import StateOption, TopologyOption, resolve_topology
+from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.client import NodeClient
 from parties.errors import NodeError
 from parties.services.statistics import (
@@ -131,12 +131,8 @@ def answers_cmd(
     """The regulator's released (and refused) statistics, read with the regulator's key."""
     _, topo = resolve_topology(state, topology)
     regulator = topo.nodes_with_role(Role.REGULATOR)[0].name
-    try:
-        with NodeClient(StateDir(state), topo, regulator) as client:
-            rows = client.get(regulator, f"/v1/stats/answers?limit={limit}", kind="admin").json()
-    except NodeError as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from None
+    with exit_on(NodeError), NodeClient(StateDir(state), topo, regulator) as client:
+        rows = client.get(regulator, f"/v1/stats/answers?limit={limit}", kind="admin").json()
     answers = [StatsAnswer.model_validate(r) for r in rows]
     if as_json:
         for a in answers:

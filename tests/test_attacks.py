@@ -263,8 +263,9 @@ def test_insurer_b_presenting_insurer_a_domain_tokens_is_refused(world):
     with world.client("insurer-b") as b:
         b.register_consents(consents.values())
         b._tokens.update(zip(nids, tokens_of_a, strict=True))  # the linkage attempt
-        with pytest.raises(ClaimBatchFailed) as refused:
-            b.check(claims, consents, MODE)
+        # Sent as prepared (`check` would retry once with b's own, freshly fetched tokens).
+        with pytest.raises(RemoteError) as refused:
+            b.send(b.prepare(claims, consents, MODE, "linkage-attempt"))
     assert refused.value.error == "UnknownToken" and refused.value.http_status == 403
     assert wait_for(lambda: [p for p in _refused_entries(world, "UnknownToken")
                              if p.get("party") == "insurer-b"])

@@ -21,6 +21,7 @@ from governance.packages import (
     verify_approval,
     write_package_hash,
 )
+from parties.cli import exit_on
 from parties.secure_room.errors import SecureRoomError
 from parties.secure_room.room import PackageRun, run_package
 from parties.secure_room.sandbox import SandboxLimits
@@ -35,11 +36,6 @@ LibraryDir = Annotated[Path, typer.Option("--library", "-l",
 CpuOption = Annotated[int, typer.Option(help="CPU-time limit, seconds")]
 MemoryOption = Annotated[int, typer.Option(help="address-space limit, MiB")]
 WallOption = Annotated[float, typer.Option(help="wall-clock limit, seconds")]
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]{type(exc).__name__}[/red]: {exc}")
-    raise typer.Exit(code=2)
 
 
 def _limits(cpu: int, memory_mib: int, wall: float) -> SandboxLimits:
@@ -78,10 +74,8 @@ def init_command(
     name: Annotated[str, typer.Option(help="package name (lowercase, - or _)")] = "my-package",
 ) -> None:
     """Scaffold a runnable package: manifest.toml and an entry-point module."""
-    try:
+    with exit_on(GovernanceError, code=2):
         init_package(directory, name)
-    except GovernanceError as exc:
-        _fail(exc)
     console.print(f"created {directory}/manifest.toml; edit it, then `package test`")
 
 
@@ -97,11 +91,9 @@ def test_command(
     wall: WallOption = 60.0,
 ) -> None:
     """Static checks, then a sandboxed run on a sample or test library; show the output."""
-    try:
+    with exit_on(GovernanceError, SecureRoomError, code=2):
         run = run_package(directory, library, limits=_limits(cpu, memory, wall),
                           static_checks=not skip_static_gate)
-    except (GovernanceError, SecureRoomError) as exc:
-        _fail(exc)
     _show(run, rows)
     raise typer.Exit(code=0 if run.report.accepted else 1)
 
@@ -117,12 +109,10 @@ def submit_command(
     wall: WallOption = 60.0,
 ) -> None:
     """Record package.sha256, validate in the secure room, write the validation report."""
-    try:
+    with exit_on(GovernanceError, SecureRoomError, code=2):
         manifest = load_manifest(directory)
         digest = write_package_hash(directory)
         run = run_package(directory, library, limits=_limits(cpu, memory, wall))
-    except (GovernanceError, SecureRoomError) as exc:
-        _fail(exc)
     target = report_path or Path(f"{manifest.name}-{manifest.version}.validation.json")
     tmp = target.with_suffix(".tmp")
     tmp.write_text(run.report.model_dump_json(indent=2), encoding="utf-8")
@@ -140,13 +130,11 @@ def approve_command(
     out: Annotated[Path, typer.Option(help="approval file to write")] = Path("approval.json"),
 ) -> None:
     """As the data owner, sign an approval bound to the package's content hash."""
-    try:
+    with exit_on(GovernanceError, code=2):
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise typer.BadParameter("not an Ed25519 private key", param_hint="--key")
         approval = approve_package(directory, private, owner)
-    except GovernanceError as exc:
-        _fail(exc)
     out.write_text(approval.model_dump_json(indent=2), encoding="utf-8")
     console.print(f"approved {approval.package_name} {approval.package_version} "
                   f"sha256 {approval.package_sha256} -> {out}")
@@ -159,12 +147,10 @@ def verify_command(
     public_key: Annotated[Path, typer.Option(help="owner's Ed25519 public key (PEM)")],
 ) -> None:
     """Check that the owner's approval covers this exact package content."""
-    try:
+    with exit_on(GovernanceError, ValueError, code=2):
         public = serialization.load_pem_public_key(public_key.read_bytes())
         if not isinstance(public, Ed25519PublicKey):
             raise typer.BadParameter("not an Ed25519 public key", param_hint="--public-key")
         approval = PackageApproval.model_validate(json.loads(approval_file.read_text("utf-8")))
         digest = verify_approval(directory, approval, public)
-    except (GovernanceError, ValueError) as exc:
-        _fail(exc)
     console.print(f"approved: sha256 {digest}")
