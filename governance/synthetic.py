@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from scipy import stats
-from sklearn.neighbors import NearestNeighbors
 
 from governance.errors import GovernanceError
+
+# scipy and scikit-learn are imported where they are used: the CLI loads this module for
+# its types, and they cost about half a second of every `cogov` start.
 
 IdentifierKind = Literal["national_id", "person_name", "phone", "address", "visit_id", "token"]
 LibraryKind = Literal["sample", "test", "authorized"]
@@ -218,6 +219,8 @@ def _fit_marginal(name: str, values: np.ndarray | pd.Series, is_date: bool,
 
 def _normal_scores(values: np.ndarray | pd.Series, marginal: _Marginal,
                    rng: np.random.Generator) -> np.ndarray:
+    from scipy import stats
+
     series = pd.Series(values)
     scores = np.zeros(len(series))
     present = series.notna().to_numpy()
@@ -249,6 +252,8 @@ class _Copula:
     factor: np.ndarray  # correlation = factor @ factor.T
 
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        from scipy import stats
+
         z = rng.standard_normal((n, len(self.marginals))) @ self.factor.T
         u = stats.norm.cdf(z)
         drawn: dict[str, np.ndarray] = {}
@@ -431,12 +436,16 @@ class _Features:
 
 
 def _distances_to_real(real_x: np.ndarray, synthetic_x: np.ndarray) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
     finder = NearestNeighbors(n_neighbors=1).fit(real_x)
     return finder.kneighbors(synthetic_x)[0][:, 0]
 
 
 def _real_reference_dcr(real_x: np.ndarray, rng: np.random.Generator) -> float:
     """5th percentile of each (probed) real record's distance to its nearest other record."""
+    from sklearn.neighbors import NearestNeighbors
+
     if len(real_x) < 3:
         return 0.0
     probe = rng.choice(len(real_x), size=min(len(real_x), 1000), replace=False)
@@ -464,6 +473,8 @@ def evaluate_sample(real: pd.DataFrame, synthetic: pd.DataFrame, spec: Synthesis
 
     `dcr_threshold=None` uses AUTO_DCR_FRACTION of the real-to-real 5th percentile.
     """
+    from scipy import stats
+
     rng = np.random.default_rng(seed)
     columns = _comparable_columns(real, spec)
     fidelity: dict[str, ColumnFidelity] = {}
@@ -543,6 +554,8 @@ def synthesize(real: pd.DataFrame, n_rows: int, seed: int, spec: SynthesisSpec |
     Rows closer than `dcr_threshold` to a real record (normalized features; None means
     AUTO_DCR_FRACTION of the real-to-real 5th percentile) are dropped and redrawn.
     """
+    from sklearn.neighbors import NearestNeighbors
+
     if n_rows < 1 or len(real) < 2:
         raise SynthesisError("need n_rows >= 1 and a real table of at least 2 rows")
     spec = spec or infer_spec(real)
