@@ -383,7 +383,8 @@ def test_split_view_is_caught_by_the_witness_and_recorded(tmp_path):
         conn = sqlite3.connect(fed.state.node("regulator").db)
         incidents = conn.execute("SELECT reason FROM witness_incidents").fetchall()
         conn.close()
-        assert incidents and "consistency proof fails" in incidents[0][0]
+        # (a gossip round may also have caught it, as a split view between the witnesses)
+        assert any("consistency proof fails" in reason for (reason,) in incidents)
         assert events(fed, "regulator", "log_inconsistent")
         assert ("/v1/witness/poll", "LogInconsistent") in [
             r[1:3] for r in refusal_rows(fed, "regulator")]

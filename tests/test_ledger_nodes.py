@@ -45,6 +45,32 @@ def test_verify_checks_entries_head_and_witnesses(logged):
     assert "health-authority" in result.output and "regulator" in result.output
 
 
+def test_witnesses_gossip_their_cosigned_heads(logged):
+    for node in ("regulator", "health-authority"):
+        with NodeClient(logged.state, logged.topology, node) as client:
+            client.post(node, "/v1/witness/poll", kind="admin")
+    with NodeClient(logged.state, logged.topology, "regulator") as client:
+        shown = client.get("health-authority", "/v1/witness/head", kind="witness").json()
+        assert shown["cosignature"]["witness"] == "health-authority"
+        assert shown["head"]["tree_size"] >= 6
+        assert client.post("regulator", "/v1/witness/gossip", kind="admin").json() == [
+            "health-authority"]
+    with NodeClient(logged.state, logged.topology, "health-authority") as client:
+        assert client.post("health-authority", "/v1/witness/gossip", kind="admin").json() == [
+            "regulator"]
+    # Only fellow witnesses read a witness's head.
+    with NodeClient(logged.state, logged.topology, "operator") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.get("regulator", "/v1/witness/head", kind="witness", check_flow=False)
+    assert refused.value.http_status == 403
+    for node in ("regulator", "health-authority"):
+        conn = sqlite3.connect(logged.state.node(node).db)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM witness_incidents").fetchone()[0] == 0
+        finally:
+            conn.close()
+
+
 def test_a_node_cannot_append_another_nodes_event(logged):
     ha = open_node(logged.state, logged.topology, "health-authority")
     forged = signed_event(ha, "data_registered", {"dataset": "x"})

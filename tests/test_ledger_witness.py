@@ -128,3 +128,70 @@ def test_stale_forged_and_backdated_heads(tmp_path, keys):
     with pytest.raises(LogInconsistent, match="backwards"):
         witness.cosign(backdated, log.consistency_proof(8, 9))
     assert len(witness.incidents()) == 1
+
+
+def test_gossip_between_witnesses_catches_a_split_view_each_check_alone_missed(tmp_path, keys):
+    honest, forked = _log(tmp_path / "log.db", keys), _log(tmp_path / "fork.db", keys)
+    regulator = _witness(tmp_path / "r.db", keys, "regulator")
+    authority = _witness(tmp_path / "a.db", keys, "health-authority")
+    shared = _append(honest, keys, 0, 5)
+    _append(forked, keys, 0, 5)
+    assert forked.tree_head().root_hash == shared.root_hash
+    regulator.cosign(shared)
+    authority.cosign(shared)
+    # The log now shows each witness its own, internally consistent, continuation.
+    to_regulator = _append(honest, keys, 5, 3)
+    to_authority = _append(forked, keys, 5, 4, marker="b")
+    regulator.cosign(to_regulator, honest.consistency_proof(5, 8))
+    authority.cosign(to_authority, forked.consistency_proof(5, 9))
+    assert not regulator.incidents() and not authority.incidents()
+
+    shown = authority.witnessed("operator")
+    assert shown is not None and shown.head == to_authority
+    # Whichever copy the log proves from, the two heads are not one history.
+    for log in (honest, forked):
+        with pytest.raises(LogInconsistent, match="not one history"):
+            regulator.compare_with_peer("health-authority", keys["health-authority"].public_key(),
+                                        shown, lambda a, b, log=log: log.consistency_proof(a, min(
+                                            b, log.tree_head().tree_size)))
+    incident = regulator.incidents()[-1]
+    assert incident["evidence"]["shown"]["root_hash"] == to_authority.root_hash
+    assert incident["evidence"]["peer_cosignature"]["witness"] == "health-authority"
+    # Equal sizes, two roots: caught without any proof.
+    same_size = _append(honest, keys, 8, 1)
+    regulator.cosign(same_size, honest.consistency_proof(8, 9))
+    with pytest.raises(LogInconsistent, match="another root"):
+        regulator.compare_with_peer("health-authority", keys["health-authority"].public_key(),
+                                    shown, lambda a, b: [])
+    assert len(regulator.incidents()) == 3
+
+
+def test_gossip_between_honest_witnesses_passes_and_forged_views_are_refused(tmp_path, keys):
+    log = _log(tmp_path / "log.db", keys)
+    regulator = _witness(tmp_path / "r.db", keys, "regulator")
+    authority = _witness(tmp_path / "a.db", keys, "health-authority")
+    assert regulator.witnessed("operator") is None
+    regulator.cosign(_append(log, keys, 0, 4))
+    authority.cosign(log.tree_head())
+    regulator.cosign(_append(log, keys, 4, 6), log.consistency_proof(4, 10))
+    peer_key = keys["health-authority"].public_key()
+    shown = authority.witnessed("operator")
+    asked = []
+
+    def proof(first, second):
+        asked.append((first, second))
+        return log.consistency_proof(first, second)
+
+    regulator.compare_with_peer("health-authority", peer_key, shown, proof)  # older, consistent
+    assert asked == [(4, 10)]
+    mine = regulator.witnessed("operator")
+    authority.compare_with_peer("regulator", keys["regulator"].public_key(), mine, proof)
+    assert not regulator.incidents() and not authority.incidents()
+    # A cosignature by someone else, or for another head, is refused and is no incident.
+    with pytest.raises(TreeHeadInvalid):
+        regulator.compare_with_peer("health-authority", keys["regulator"].public_key(), shown,
+                                    proof)
+    with pytest.raises(TreeHeadInvalid):
+        regulator.compare_with_peer("health-authority", peer_key, shown.model_copy(
+            update={"head": log.tree_head()}), proof)
+    assert not regulator.incidents()

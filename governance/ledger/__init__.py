@@ -41,7 +41,7 @@ from governance.ledger.verify import (
     check_inclusion_proof,
     verify_log,
 )
-from governance.ledger.witness import Witness
+from governance.ledger.witness import Witness, WitnessedHead
 
 __all__ = [
     "AppendResult",
@@ -67,6 +67,7 @@ __all__ = [
     "UnknownEventKind",
     "VerificationReport",
     "Witness",
+    "WitnessedHead",
     "check_inclusion_proof",
     "decode_leaf",
     "encode_leaf",

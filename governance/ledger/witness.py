@@ -5,17 +5,24 @@ consistency proof from the latest one it holds, it checks the proof and
 countersigns; a head that contradicts its memory (same size with another
 root, a failed consistency proof, time running backwards) is recorded as an
 incident with its evidence and refused with `LogInconsistent`. This is what
-turns a silent rewrite or a split view (two different logs shown to two
-parties) into evidence.
+turns a silent rewrite into evidence.
+
+A log that shows each witness its own consistent history (a split view) passes
+both witnesses' checks. Witnesses therefore gossip: each fetches a fellow
+witness's latest cosigned head and checks that it and its own latest head are
+one history (equal roots at one size, else a consistency proof from the log
+between the two). A log that forked cannot produce that proof; the failure is
+recorded as an incident with both cosigned heads as evidence.
 """
 
 import json
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict
 
 from governance.ledger.errors import LogInconsistent, StaleTreeHead, TreeHeadInvalid
 from governance.ledger.merkle import verify_consistency
@@ -47,6 +54,15 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+class WitnessedHead(BaseModel):
+    """A witness's latest cosigned head: what it shows fellow witnesses when they gossip."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    head: SignedTreeHead
+    cosignature: Cosignature
+
+
 class Witness:
     """Checks and countersigns tree heads of the logs it watches, remembering each."""
 
@@ -74,6 +90,76 @@ class Witness:
             (log_id,),
         ).fetchone()
         return None if row is None else SignedTreeHead.model_validate_json(row[0])
+
+    def witnessed(self, log_id: str) -> WitnessedHead | None:
+        """The largest head of `log_id` this witness cosigned, with its cosignature."""
+        row = self._conn.execute(
+            "SELECT tree_head, cosignature FROM witness_heads WHERE log_id = ?"
+            " ORDER BY tree_size DESC LIMIT 1",
+            (log_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return WitnessedHead(
+            head=SignedTreeHead.model_validate_json(row[0]),
+            cosignature=Cosignature.model_validate_json(row[1]),
+        )
+
+    def compare_with_peer(
+        self,
+        peer: str,
+        peer_key: PublicKeyLike,
+        shown: WitnessedHead,
+        consistency_proof: Callable[[int, int], Sequence[bytes]],
+        *,
+        now_ms: int | None = None,
+    ) -> None:
+        """Check that fellow witness `peer` saw the same log as this one (gossip).
+
+        `shown` is the peer's latest cosigned head; `consistency_proof(first, second)`
+        asks the log for a proof between the two heads' sizes when they differ. A
+        split view is recorded as an incident and raised as `LogInconsistent`; a
+        head or cosignature that does not verify is refused with `TreeHeadInvalid`.
+        """
+        head, cosignature = shown.head, shown.cosignature
+        log_key = self._log_keys.get(head.log_id)
+        if log_key is None:
+            raise TreeHeadInvalid(f"witness {self.name} does not watch log {head.log_id!r}")
+        if not (
+            head.signature_valid(log_key)
+            and cosignature.witness == peer
+            and cosignature.covers(head)
+            and cosignature.signature_valid(peer_key)
+        ):
+            raise TreeHeadInvalid(f"{peer}'s witnessed head does not verify")
+        mine = self.latest(head.log_id)
+        if mine is None:
+            return
+        small, large = sorted((mine, head), key=lambda h: h.tree_size)
+        if small.tree_size == large.tree_size:
+            if small.root_hash == large.root_hash:
+                return
+            reason, proof = f"split view: {peer} cosigned another root for one tree size", []
+        elif small.tree_size == 0:
+            return  # every tree extends the empty one
+        else:
+            proof = list(consistency_proof(small.tree_size, large.tree_size))
+            if verify_consistency(small.tree_size, large.tree_size, small.root, large.root, proof):
+                return
+            reason = f"split view: {peer}'s head and this witness's are not one history"
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        evidence = {
+            "witnessed": mine.model_dump(mode="json"),
+            "shown": head.model_dump(mode="json"),
+            "peer_cosignature": cosignature.model_dump(mode="json"),
+            "proof": [bytes(p).hex() for p in proof],
+        }
+        with write_transaction(self._conn):
+            self._record_incident(head.log_id, now_ms, reason, evidence)
+        raise LogInconsistent(
+            f"{reason} (witnessed size {mine.tree_size} root {mine.root_hash[:16]}..., "
+            f"{peer} size {head.tree_size} root {head.root_hash[:16]}...)"
+        )
 
     def incidents(self, log_id: str | None = None) -> list[dict]:
         """Recorded inconsistencies, oldest first."""
@@ -140,15 +226,18 @@ class Witness:
                 "shown": head.model_dump(mode="json"),
                 "proof": [bytes(p).hex() for p in consistency_proof],
             }
-            self._conn.execute(
-                "INSERT INTO witness_incidents (log_id, detected_at_ms, reason, evidence)"
-                " VALUES (?, ?, ?, ?)",
-                (head.log_id, now_ms, problem.reason, json.dumps(evidence, sort_keys=True)),
-            )
+            self._record_incident(head.log_id, now_ms, problem.reason, evidence)
         raise LogInconsistent(
             f"{problem.reason} (witnessed size {problem.seen.tree_size} root "
             f"{problem.seen.root_hash[:16]}..., shown size {head.tree_size} root "
             f"{head.root_hash[:16]}...)"
+        )
+
+    def _record_incident(self, log_id: str, now_ms: int, reason: str, evidence: dict) -> None:
+        self._conn.execute(
+            "INSERT INTO witness_incidents (log_id, detected_at_ms, reason, evidence)"
+            " VALUES (?, ?, ?, ?)",
+            (log_id, now_ms, reason, json.dumps(evidence, sort_keys=True)),
         )
 
     def _problem_with(self, head: SignedTreeHead, proof: Sequence[bytes]) -> "_Problem | None":

@@ -5,7 +5,11 @@
   with `record_event`: locally at the operator, over mTLS from other nodes.
 - Witnesses (health authority, regulator) poll the signed tree head, check it
   is consistent with the last head they countersigned, and send their
-  cosignature back; a rewrite or split view is recorded as an incident.
+  cosignature back; a rewrite is recorded as an incident.
+- Witnesses gossip: each compares its latest cosigned head with every fellow
+  witness's (`/v1/witness/head`), asking the log for a consistency proof between
+  the two, so a split view (each witness shown its own history) becomes an
+  incident too.
 """
 
 import base64
@@ -24,6 +28,7 @@ from governance.ledger import (
     SignedEntry,
     SignedTreeHead,
     Witness,
+    WitnessedHead,
     make_event,
     sign_event,
 )
@@ -240,6 +245,37 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
     return cosignature
 
 
+def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
+    """Compare this witness's view of the log with every fellow witness's; the peers checked.
+
+    Raises `LogInconsistent` (after recording the incident) on a split view.
+    """
+    operator = log_node(ctx.topology)
+    keys = ctx.signing_public_keys()
+    checked = []
+    with ctx.client() as client:
+
+        def consistency_proof(first: int, second: int) -> list[bytes]:
+            body = client.get(operator, f"/v1/ledger/consistency?first={first}&second={second}",
+                              kind="witness").json()
+            return [bytes.fromhex(p) for p in body["path"]]
+
+        for peer in (n.name for role in WITNESS_ROLES for n in ctx.topology.nodes_with_role(role)):
+            if peer == ctx.name:
+                continue
+            shown = client.get(peer, "/v1/witness/head", kind="witness").json()
+            if shown is not None:
+                try:
+                    witness.compare_with_peer(peer, keys[peer],
+                                              WitnessedHead.model_validate(shown),
+                                              consistency_proof)
+                except LogInconsistent as exc:
+                    ctx.log.event("log_inconsistent", peer=peer, detail=str(exc))
+                    raise
+            checked.append(peer)
+    return checked
+
+
 def node_witness(ctx: NodeContext) -> Witness:
     found = ctx.extras.get("witness")
     if found is None:
@@ -255,12 +291,14 @@ def node_witness(ctx: NodeContext) -> Witness:
 def _witness_loop(ctx: NodeContext) -> None:
     witness = node_witness(ctx)
     while True:
-        try:
-            witness_once(ctx, witness)
-        except LogInconsistent:
-            pass  # recorded by the witness and in the node log; keep watching
-        except Exception as exc:  # the loop must outlive any one failed poll
-            ctx.log.event("witness_poll_failed", error=type(exc).__name__, detail=str(exc))
+        for step, failed in ((witness_once, "witness_poll_failed"),
+                             (gossip_once, "witness_gossip_failed")):
+            try:
+                step(ctx, witness)
+            except LogInconsistent:
+                pass  # recorded by the witness and in the node log; keep watching
+            except Exception as exc:  # the loop must outlive any one failed round
+                ctx.log.event(failed, error=type(exc).__name__, detail=str(exc))
         time.sleep(WITNESS_INTERVAL_S)
 
 
@@ -271,6 +309,17 @@ def _witness_routes(ctx: NodeContext) -> list[APIRouter]:
     def poll(caller: Caller = Depends(CallerPolicy("admin"))) -> Cosignature | None:
         """Witness the log's current head now (the background loop does it every 2 s)."""
         return witness_once(ctx, node_witness(ctx))
+
+    @router.get("/head", response_model=WitnessedHead | None)
+    def head(caller: Caller = Depends(CallerPolicy("witness", WITNESS_ROLES))
+             ) -> WitnessedHead | None:
+        """This witness's latest cosigned head of the log, for fellow witnesses to compare."""
+        return node_witness(ctx).witnessed(log_node(ctx.topology))
+
+    @router.post("/gossip", response_model=list[str])
+    def gossip(caller: Caller = Depends(CallerPolicy("admin"))) -> list[str]:
+        """Compare with every fellow witness now (the background loop does it every 2 s)."""
+        return gossip_once(ctx, node_witness(ctx))
 
     return [router]
 
