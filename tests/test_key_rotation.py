@@ -20,7 +20,7 @@ from parties.insurer_oprf import domain_tokens
 from parties.server import open_node
 from parties.services.health_authority import K1_NAME
 from parties.services.key_rotation import rotate_domain_key
-from parties.services.level1_rotation import K1_PENDING, mapping_digest
+from parties.services.level1_rotation import K1_PENDING, mapping_digest, rotate_level1_key
 from tests.attack_helpers import ledger_entries, read_only, rows_checksum
 from tests.test_circulation import start
 
@@ -309,3 +309,49 @@ def test_level1_commit_is_idempotent_and_only_the_authority_may_send_one(ing):
         client.post("health-authority", "/v1/governance/level1/rotate", kind="admin",
                     check_flow=False)
     assert not_admin.value.http_status == 403
+
+
+def test_level1_rotation_resumes_when_the_authority_died_after_the_operator_committed(
+        ing, monkeypatch):
+    ha = open_node(ing.fed.state, ing.fed.topology, "health-authority")
+    try:
+        def crash(name, key):
+            raise OSError("the authority died before its own commit")
+
+        monkeypatch.setattr(ha.secrets, "replace_xid_key", crash)
+        with pytest.raises(OSError):
+            rotate_level1_key(ha)
+        # The operator moved to k1 version 3; the authority still holds version 2 and the
+        # pending version 3.
+        assert ha.secrets.xid_key(K1_NAME).version == 2
+        assert ha.secrets.xid_key(K1_PENDING).version == 3
+    finally:
+        pool = ha.extras.get("xid_pool")
+        if pool is not None:
+            pool.close()
+        ha.store.close()
+    rederived = [kind for kind, _, _ in ledger_entries(ing.fed) if kind == "tokens_rederived"]
+    assert len(rederived) == 2
+
+    out = ing.cli("govern", "rotate-k1")  # the rerun resumes the same rotation
+    assert "version 2 -> 3" in out
+
+    a = _domains(ing)["insurer-a"]["domain_id"]
+    ha = open_node(ing.fed.state, ing.fed.topology, "health-authority")
+    op = open_node(ing.fed.state, ing.fed.topology, "operator")
+    try:
+        k1, k2 = ha.secrets.xid_key(K1_NAME), op.secrets.xid_key(f"domain:{a}")
+        ha_p1 = {bytes(p) for (p,) in ha.store.conn.execute("SELECT p1 FROM ha_visits")}
+    finally:
+        ha.store.close()
+        op.store.close()
+    ids = _national_ids(ing)
+    assert k1.version == 3
+    assert ha_p1 == set(_operator_level1(ing)[0].values()) == set(xid.tokenize(k1, ids))
+    assert set(_tokens(ing, a)["token"]) == set(xid.rekey(k2, xid.tokenize(k1, ids)))
+    # The operator applied the mapping once; the authority logged the rotation once.
+    entries = [decode_leaf(leaf).entry.event for kind, _, leaf in ledger_entries(ing.fed)
+               if kind in ("key_rotated", "tokens_rederived")]
+    assert [e.kind for e in entries].count("tokens_rederived") == 2
+    assert [(e.payload["old_version"], e.payload["new_version"]) for e in entries
+            if e.actor == "health-authority"] == [(1, 2), (2, 3)]
