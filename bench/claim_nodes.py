@@ -41,14 +41,14 @@ import pandas as pd
 
 from governance.consent import Consent
 from governance.contracts import load_contract, parse_contract, sign_contract
-from parties import pki, supervisor
 from parties.admin_cli import login_with_saved_secret, secret_file
 from parties.claim_cli import consumer_keys, issue_consents
-from parties.client import NodeClient
 from parties.insurer import Client
-from parties.node_log import read_log
-from parties.state import StateDir, write_private
-from parties.topology import load_topology
+from parties.runtime import pki, supervisor
+from parties.runtime.client import NodeClient
+from parties.runtime.node_log import read_log
+from parties.runtime.state import StateDir, write_private
+from parties.runtime.topology import load_topology
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "latest"

@@ -28,10 +28,10 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from parties import supervisor
-from parties.client import NodeClient
-from parties.state import StateDir
-from parties.topology import load_topology
+from parties.runtime import supervisor
+from parties.runtime.client import NodeClient
+from parties.runtime.state import StateDir
+from parties.runtime.topology import load_topology
 
 RESULTS = Path(__file__).parent / "results" / "latest"
 MODE = "ss"

@@ -7,11 +7,11 @@ import typer
 from rich.console import Console
 
 from governance.second_factor import totp_code
-from parties.admin_session import save_session
-from parties.cli import StateOption, TopologyOption, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.state import StateDir, default_state_dir, write_private
+from parties.runtime.admin_session import save_session
+from parties.runtime.cli import StateOption, TopologyOption, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.state import StateDir, default_state_dir, write_private
 
 console = Console()
 admin_app = typer.Typer(help="Second factor (TOTP) for operator admin commands.",

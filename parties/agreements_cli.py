@@ -20,14 +20,14 @@ from governance.contracts import (
 )
 from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
-from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.pki import load_signing_key
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.pki import load_signing_key
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology
 from parties.services.ledger import record_event
-from parties.state import StateDir, default_state_dir
-from parties.topology import Role, Topology
 
 console = Console()
 contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",

@@ -22,12 +22,12 @@ from rich.table import Table
 from governance import cli as files_cli
 from governance.errors import GovernanceError
 from governance.leak_tracing import read_leaked_tokens
-from parties.batches import send_batches
-from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.state import StateDir, default_state_dir
-from parties.topology import Role, Topology
+from parties.runtime.batches import send_batches
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology
 
 LONG_CALL_S = 1800.0
 RAW_SUFFIXES = (".csv", ".parquet", ".jsonl")

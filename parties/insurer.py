@@ -37,10 +37,12 @@ from cryptography import x509
 from governance.consent import Consent, subject_commitment
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, finish_verdicts
 from mpc.claim.plain import VERDICT_COLUMNS
-from parties.client import NodeClient
-from parties.errors import NodeError, RemoteError
-from parties.node_log import current_request_id
-from parties.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError, RemoteError
+from parties.runtime.node_log import current_request_id
+from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology, load_topology
 from parties.services.claims import (
     ANSWER_PURPOSE,
     DEFAULT_K,
@@ -56,8 +58,6 @@ from parties.services.claims import (
     seal,
     x25519_public_of,
 )
-from parties.state import StateDir, default_state_dir
-from parties.topology import Role, Topology, load_topology
 
 DEFAULT_BATCH = 2000
 CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",

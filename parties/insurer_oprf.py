@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from mpc import xid
-from parties.access import Caller, CallerPolicy
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.errors import RemoteError
-from parties.services import Service
-from parties.topology import Role
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 
 CHUNK = 1000  # points per request (the operator's limit)
 DEFAULT_SCENARIO = "claim_check"
@@ -46,7 +46,7 @@ def domain_tokens(
     """T_d(id) for each id, d being the caller's domain in `scenario` (caller: an insurer).
 
     `node` is the insurer's `NodeContext` or a `NodeClient` holding its certificate.
-    Raises `parties.errors.RemoteError` with the operator's typed refusal
+    Raises `parties.runtime.errors.RemoteError` with the operator's typed refusal
     (`RateLimited` 429, `DomainDeleted` 410, `UnknownDomain` 404, ...).
     """
     if not ids:

@@ -15,18 +15,18 @@ from governance.ledger import (
     check_inclusion_proof,
     verify_log,
 )
-from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.pki import federation_signing_keys
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.pki import federation_signing_keys
+from parties.runtime.state import StateDir, default_state_dir
 from parties.services.ledger import (
     WITNESS_ROLES,
     inclusion_bundle,
     latest_cosignatures,
     log_node,
 )
-from parties.state import StateDir, default_state_dir
 
 console = Console()
 ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is_help=True)

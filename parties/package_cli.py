@@ -22,10 +22,12 @@ from rich.table import Table
 
 from governance.errors import GovernanceError
 from governance.packages import load_manifest, package_hash
-from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.pki import federation_signing_keys
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.pki import federation_signing_keys
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology
 from parties.secure_room import cli as local
 from parties.secure_room.errors import LibraryInvalid
 from parties.secure_room.room import PackageRun, run_package
@@ -37,8 +39,6 @@ from parties.services.secure_room import (
     package_to_wire,
     write_wire_files,
 )
-from parties.state import StateDir, default_state_dir
-from parties.topology import Role, Topology
 
 console = Console()
 package_app = typer.Typer(

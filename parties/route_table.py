@@ -7,13 +7,13 @@ is stale, so the published table is always the enforced one.
 import tempfile
 from pathlib import Path
 
-from parties import pki
-from parties.access import route_policies
-from parties.app import build_node_app
-from parties.server import open_node
-from parties.services import services_for
-from parties.state import StateDir
-from parties.topology import Role, Topology, load_topology
+from parties.capabilities import services_for
+from parties.node import open_node
+from parties.runtime import pki
+from parties.runtime.access import route_policies
+from parties.runtime.app import build_node_app
+from parties.runtime.state import StateDir
+from parties.runtime.topology import Role, Topology, load_topology
 
 HEADER = """# Routes and who may call them
 

@@ -21,9 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mpc.errors import MpcError
-from parties.cli import StateOption, TopologyOption, exit_on, resolve_topology
-from parties.client import NodeClient
-from parties.errors import NodeError
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role
 from parties.services.statistics import (
     DEFAULT_MAX_VALUE,
     MIN_INTERSECTION_FLOOR,
@@ -31,8 +33,6 @@ from parties.services.statistics import (
     StatsAnswer,
     claimant_self_pay,
 )
-from parties.state import StateDir, default_state_dir
-from parties.topology import Role
 
 console = Console()
 stats_app = typer.Typer(help="Regulator statistics on private intersection-sum.",

@@ -7,7 +7,7 @@ from federated.cli import app as fl_app
 from parties.admin_cli import register as register_admin
 from parties.agreements_cli import register as register_agreements
 from parties.claim_cli import claim_app
-from parties.cli import register as register_parties
+from parties.federation_cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger_cli import register as register_ledger
 from parties.package_cli import catalogue_app, package_app

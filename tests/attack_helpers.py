@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from parties.node_log import NODE_HEADER, read_log
-from parties.state import StateDir
+from parties.runtime.node_log import NODE_HEADER, read_log
+from parties.runtime.state import StateDir
 from tests.federation import Federation
 
 T = TypeVar("T")
@@ -104,7 +104,7 @@ def node_address(fed: Federation, node: str) -> tuple[str, int]:
 
 def tls_context_for(state: StateDir, node: str) -> ssl.SSLContext:
     """A client context carrying `node`'s certificate (hostname checked against the SAN)."""
-    from parties.tls import client_context
+    from parties.runtime.tls import client_context
 
     return client_context(state, node)
 
@@ -214,7 +214,7 @@ class ClaimWorld:
     def sign_contracts(self) -> None:
         from governance.contracts import SignedContract, load_contract, sign_contract
         from parties.agreements_cli import post_contract
-        from parties.pki import load_signing_key
+        from parties.runtime.pki import load_signing_key
 
         for insurer in ("insurer-a", "insurer-b"):
             signed = SignedContract(terms=load_contract(CONTRACTS / f"claim-check-{insurer}.toml"))

@@ -5,9 +5,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from parties import pki, supervisor
-from parties.state import StateDir
-from parties.topology import Topology, load_topology
+from parties.runtime import pki, supervisor
+from parties.runtime.state import StateDir
+from parties.runtime.topology import Topology, load_topology
 
 REPO = Path(__file__).resolve().parents[1]
 SUZHOU = REPO / "topologies" / "suzhou.toml"
@@ -77,9 +77,9 @@ class Federation:
     def admin_login(self, node: str = "operator") -> None:
         """Enroll the operator's second factor (once) and open an admin session."""
         from parties.admin_cli import login_with_saved_secret, secret_file
-        from parties.admin_session import saved_session
-        from parties.client import NodeClient
-        from parties.state import write_private
+        from parties.runtime.admin_session import saved_session
+        from parties.runtime.client import NodeClient
+        from parties.runtime.state import write_private
 
         token = saved_session(self.state.node(node))
         if token and int(token.split(".")[0]) > time.time() + 60:

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from governance.consent import issue_consent
 from governance.contracts import SignedContract, load_contract, sign_contract
 from governance.ledger import decode_leaf
-from parties.client import NodeClient
-from parties.errors import RemoteError
-from parties.pki import load_signing_key
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import RemoteError
+from parties.runtime.pki import load_signing_key
 from parties.services.ledger import record_event
 from scenarios.cli import app
 from tests.federation import Federation

@@ -30,16 +30,16 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
-from parties import pki
-from parties.client import NodeClient
-from parties.errors import NodeUnavailable, RemoteError
 from parties.insurer import ClaimBatchFailed
-from parties.node_log import REQUEST_ID_HEADER
-from parties.pki import federation_signing_keys, load_signing_key
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime import pki
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeUnavailable, RemoteError
+from parties.runtime.node_log import REQUEST_ID_HEADER
+from parties.runtime.pki import federation_signing_keys, load_signing_key
+from parties.runtime.supervisor import start_node, stop_node, wait_healthy
 from parties.services.ledger import signed_event
 from parties.services.operator_domains import RATE_ENV
-from parties.supervisor import start_node, stop_node, wait_healthy
 from tests.attack_helpers import (
     ClaimWorld,
     events,

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from governance.scan import _match_counts, scan_path
-from parties.client import NodeClient
-from parties.errors import RemoteError
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import RemoteError
 from parties.services.circulation import VISITS_TABLE, seal_batch, sealing_public_key
 from parties.services.health_authority import governed_visits, publish, visits_digest
 from scenarios.claim_check.generator import generate
@@ -167,7 +167,7 @@ def test_resent_batches_add_nothing(ingested):
         frame = governed_visits(ha).head(50)
         key = sealing_public_key(ha.signing_public_keys()["operator"])
         batch = seal_batch(frame, ["diagnosis_code"], key, "v-replay", 0, {})
-        from parties.batches import DIGEST_HEADER, digest, table_to_ipc
+        from parties.runtime.batches import DIGEST_HEADER, digest, table_to_ipc
 
         data = table_to_ipc(batch)
         with ingested.client("health-authority") as client:
@@ -196,7 +196,7 @@ def test_batch_sealed_for_the_operator_cannot_be_moved_to_another_batch(ingested
     try:
         frame = governed_visits(ha).head(5)
         key = sealing_public_key(ha.signing_public_keys()["operator"])
-        from parties.batches import table_to_ipc
+        from parties.runtime.batches import table_to_ipc
 
         data = table_to_ipc(seal_batch(frame, ["diagnosis_code"], key, "v-moved", 0, {}))
     finally:

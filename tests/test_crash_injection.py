@@ -1,7 +1,7 @@
 """kill -9 nodes at random points during log appends, ingestion and claim batches.
 
 A fixed seed picks the victims and the moments. After every restart
-(`parties.supervisor.start_node`) the tests check that the log verifies; at
+(`parties.runtime.supervisor.start_node`) the tests check that the log verifies; at
 the end, that no row was lost or duplicated (counts and digests against the
 source), that no query was billed twice (`query_answered` entries per request
 id) and that every retried piece of work completed with the right result.
@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from governance.ledger import SignedTreeHead, make_event, sign_event, verify_log
-from parties import supervisor
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.pki import federation_signing_keys, load_signing_key
+from parties.runtime import supervisor
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.services.health_authority import visits_digest
 from tests.attack_helpers import ClaimWorld, ledger_entries, wait_for
 from tests.federation import Federation

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpc import xid
-from parties.errors import RemoteError
 from parties.insurer_oprf import domain_tokens
-from parties.secrets import KeyDestroyed
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.errors import RemoteError
+from parties.runtime.secrets import KeyDestroyed
 from parties.services.health_authority import K1_NAME
 from tests.test_circulation import start
 

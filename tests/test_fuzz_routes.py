@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from parties.admin_session import SESSION_HEADER, saved_session
-from parties.node_log import NODE_HEADER
-from parties.supervisor import running_pid
+from parties.runtime.admin_session import SESSION_HEADER, saved_session
+from parties.runtime.node_log import NODE_HEADER
+from parties.runtime.supervisor import running_pid
 from tests.attack_helpers import REFUSAL_TABLES, table_counts
 from tests.federation import Federation
 
@@ -36,7 +36,7 @@ def fed(tmp_path_factory):
     fed.up()
     # k1 exists before fuzzing: a refused level-1 request would otherwise create it (a known
     # defect, see test_hostile_input.py::test_refused_level1_request_writes_no_key).
-    from parties.server import open_node
+    from parties.node import open_node
     from parties.services.health_authority import level1_key
 
     authority = open_node(fed.state, fed.topology, "health-authority")

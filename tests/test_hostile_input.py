@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpc.hazmat.group import is_valid_point
-from parties.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
-from parties.node_log import NODE_HEADER
+from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
+from parties.runtime.node_log import NODE_HEADER
 from tests.attack_helpers import (
     REFUSAL_TABLES,
     closed_by_peer,
@@ -69,7 +69,7 @@ def fed(tmp_path_factory):
     try:
         callers = Callers(fed)
         # insurer-a's domain exists, so OPRF requests reach the point checks.
-        from parties.client import NodeClient
+        from parties.runtime.client import NodeClient
 
         with NodeClient(fed.state, fed.topology, "operator") as client:
             client.post("operator", "/v1/domains", kind="admin",

@@ -14,10 +14,10 @@ import pytest
 from governance.errors import GovernanceError
 from governance.ledger.events import decode_leaf
 from mpc import xid
-from parties.batches import send_batches
-from parties.errors import RemoteError
 from parties.insurer_oprf import domain_tokens
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.batches import send_batches
+from parties.runtime.errors import RemoteError
 from parties.services.health_authority import K1_NAME
 from parties.services.key_rotation import rotate_domain_key
 from parties.services.level1_rotation import K1_PENDING, mapping_digest, rotate_level1_key

@@ -6,10 +6,10 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
-from parties.client import NodeClient
-from parties.errors import RemoteError
-from parties.pki import federation_signing_keys
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import RemoteError
+from parties.runtime.pki import federation_signing_keys
 from parties.services.ledger import record_event, signed_event
 from scenarios.cli import app
 from tests.federation import Federation

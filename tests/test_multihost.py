@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from parties import pki
-from parties.state import StateDir
-from parties.topology import load_topology
+from parties.runtime import pki
+from parties.runtime.state import StateDir
+from parties.runtime.topology import load_topology
 from tests.attack_helpers import events, wait_for
 from tests.federation import REPO, SUZHOU
 
@@ -112,8 +112,8 @@ DRIVER = textwrap.dedent('''
     """Driving actions run inside one node's network namespace; prints one JSON line."""
     import json, sys, types
     from pathlib import Path
-    from parties.state import StateDir
-    from parties.topology import load_topology
+    from parties.runtime.state import StateDir
+    from parties.runtime.topology import load_topology
 
     action, args = sys.argv[1], json.loads(sys.argv[2])
     state, topo = StateDir(Path(args["state"])), load_topology(Path(args["topology"]))
@@ -122,15 +122,15 @@ DRIVER = textwrap.dedent('''
         print(json.dumps(value, default=str))
 
     if action == "wait":
-        from parties.supervisor import wait_healthy
+        from parties.runtime.supervisor import wait_healthy
         out(wait_healthy(state, topo, [n.name for n in topo.nodes], timeout=120))
     elif action == "login":
         from tests.federation import Federation
         Federation.admin_login(types.SimpleNamespace(state=state, topology=topo))
         out("ok")
     elif action == "ping":
-        from parties.client import NodeClient
-        from parties.errors import NodeError
+        from parties.runtime.client import NodeClient
+        from parties.runtime.errors import NodeError
         try:
             with NodeClient(state, topo, args["source"]) as client:
                 r = client.get(args["target"], "/v1/ping", kind="ping",
@@ -143,7 +143,7 @@ DRIVER = textwrap.dedent('''
         except NodeError as exc:
             out({"status": exc.http_status, "error": getattr(exc, "error", type(exc).__name__)})
     elif action == "record":
-        from parties.server import open_node
+        from parties.node import open_node
         from parties.services.ledger import record_event
         ctx = open_node(state, topo, args["node"])
         for i in range(args["count"]):
@@ -196,7 +196,7 @@ def netns(tmp_path_factory):
             paths = state.node(name)
             with open(paths.stdout, "ab") as log:
                 procs.append(subprocess.Popen(
-                    hosts.exec(name, python, "-m", "parties.node_main", "--name", name,
+                    hosts.exec(name, python, "-m", "parties.node", "--name", name,
                                "--topology", str(topology_path), "--state", str(state.root)),
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=REPO, env=env))

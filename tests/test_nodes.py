@@ -7,12 +7,12 @@ import time
 import httpx
 import pytest
 
-from parties import pki, supervisor
-from parties.client import NodeClient
-from parties.errors import FlowNotAllowed, IdentityMismatch, RemoteError
-from parties.node_log import NODE_HEADER, read_log
-from parties.state import StateDir
-from parties.tls import client_context
+from parties.runtime import pki, supervisor
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import FlowNotAllowed, IdentityMismatch, RemoteError
+from parties.runtime.node_log import NODE_HEADER, read_log
+from parties.runtime.state import StateDir
+from parties.runtime.tls import client_context
 from tests.federation import Federation
 
 

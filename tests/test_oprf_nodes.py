@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpc import xid
-from parties.errors import FlowNotAllowed, RemoteError
 from parties.insurer_oprf import domain_tokens
-from parties.server import open_node
+from parties.node import open_node
+from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.services.health_authority import K1_NAME
 from parties.services.operator_domains import RATE_ENV
 from tests.test_circulation import start

@@ -14,8 +14,8 @@ def test_every_route_declares_its_callers_and_the_doc_is_current():
 
 
 def test_topology_picture_is_current():
-    from parties.topology import load_topology
-    from parties.topology_diagram import render_svg
+    from parties.runtime.topology import load_topology
+    from parties.runtime.topology_diagram import render_svg
 
     repo = DOC.parents[1]
     svg = render_svg(load_topology(repo / "topologies" / "suzhou.toml"))

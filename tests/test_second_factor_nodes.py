@@ -6,9 +6,9 @@ import pytest
 
 from governance.second_factor import totp_code
 from parties.admin_cli import secret_file
-from parties.admin_session import SESSION_HEADER, session_file
-from parties.client import NodeClient
-from parties.errors import RemoteError
+from parties.runtime.admin_session import SESSION_HEADER, session_file
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import RemoteError
 from tests.federation import Federation
 
 

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
-from parties.client import NodeClient
-from parties.errors import RemoteError
+from parties.node import open_node
 from parties.package_cli import fetch_sample
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import RemoteError
 from parties.secure_room import sandbox_available
-from parties.server import open_node
 from parties.services.health_authority import governed_visits
 from parties.services.package_approval import authorized_visits
 from parties.services.secure_room import package_to_wire

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from governance.ledger import decode_leaf
 from mpc.errors import IntersectionTooSmall
 from mpc.psi import IdHolder, IntersectionPolicy, JoinOutcome
-from parties.client import NodeClient
-from parties.errors import FlowNotAllowed, RemoteError
-from parties.node_log import read_log
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import FlowNotAllowed, RemoteError
+from parties.runtime.node_log import read_log
 from parties.services.statistics import (
     OPERATOR_PATH,
     QUERY_PATH,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parties.topology import Role, TopologyError, load_topology
+from parties.runtime.topology import Role, TopologyError, load_topology
 from tests.federation import SUZHOU
 
 VALID = """

@@ -21,7 +21,7 @@ from governance.packages import (
     verify_approval,
     write_package_hash,
 )
-from parties.cli import exit_on
+from parties.runtime.cli import exit_on
 from parties.secure_room.errors import SecureRoomError
 from parties.secure_room.room import PackageRun, run_package
 from parties.secure_room.sandbox import SandboxLimits

@@ -1,6 +1,6 @@
 """Typed errors of the secure room."""
 
-from parties.errors import NodeError
+from parties.runtime.errors import NodeError
 
 
 class SecureRoomError(NodeError):

@@ -1,10 +1,10 @@
-"""Second-factor enrolment and admin sessions (see `parties.admin_session`)."""
+"""Second-factor enrolment and admin sessions (see `parties.runtime.admin_session`)."""
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from parties.access import Caller, CallerPolicy
-from parties.admin_session import (
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.admin_session import (
     ACCOUNT,
     COMPONENTS,
     ROLES_REQUIRING_SECOND_FACTOR,
@@ -12,9 +12,9 @@ from parties.admin_session import (
     issue_session,
     second_factor,
 )
-from parties.context import NodeContext
-from parties.errors import NodeError
-from parties.services import Service
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError
+from parties.runtime.service import Service
 
 
 class AlreadyEnrolled(NodeError):

@@ -22,13 +22,13 @@ from governance.consent import (
     ConsentRevocation,
 )
 from governance.contracts import ContractBook, ContractTermination, SignedContract
-from parties.access import Caller, CallerPolicy
-from parties.context import NodeContext
-from parties.errors import IdentityMismatch
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import IdentityMismatch
+from parties.runtime.service import Service
+from parties.runtime.store import connect
+from parties.runtime.topology import Role
 from parties.services.ledger import record_event
-from parties.store import connect
-from parties.topology import Role
 
 SERVING_ROLE = Role.REGULATOR
 

@@ -41,9 +41,9 @@ from pydantic import BaseModel, Field
 
 from governance.at_rest import open_value, seal_value
 from governance.errors import GovernanceError
-from parties import batches
-from parties.access import Caller, CallerPolicy
-from parties.batches import (
+from parties.runtime import batches
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import (
     DIGEST_HEADER,
     STREAM_PATTERN,
     BatchReceiver,
@@ -51,11 +51,11 @@ from parties.batches import (
     mount_batch_stream,
     table_to_ipc,
 )
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.services import Service
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.ledger import record_event
-from parties.topology import Role
 
 VISITS_TABLE = "circ_visits"
 PERSONS_TABLE = "circ_persons"
@@ -250,7 +250,7 @@ def send_sealed_batches(
     batch_rows: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
-    """Like `parties.batches.send_batches`, but each batch is built (sealed) when it is sent.
+    """Like `batches.send_batches`, but each batch is built (sealed) when it is sent.
 
     The split is deterministic (rows in a fixed order), so a resumed transfer numbers
     batches the same way and sends only those the receiver lacks.

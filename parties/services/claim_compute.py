@@ -47,12 +47,14 @@ from starlette.concurrency import run_in_threadpool
 
 from governance.consent import Consent, ConsentMismatch
 from mpc.errors import MalformedInput, MpcError
-from parties.access import Caller, CallerPolicy
-from parties.batches import read_limited_body
-from parties.context import NodeContext
-from parties.errors import RemoteError
-from parties.node_log import current_request_id
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import read_limited_body
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
+from parties.runtime.node_log import current_request_id
+from parties.runtime.service import Service
+from parties.runtime.tls import client_context, server_context
+from parties.runtime.topology import Role
 from parties.services.claims import (
     ANSWER_PURPOSE,
     ENVELOPE_PURPOSE,
@@ -69,8 +71,6 @@ from parties.services.claims import (
     unframe,
     x25519_private_of,
 )
-from parties.tls import client_context, server_context
-from parties.topology import Role
 
 MAX_BODY = 512 * 1024 * 1024
 SESSION_OPEN_TIMEOUT_S = 15.0

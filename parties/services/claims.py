@@ -58,12 +58,12 @@ from governance.consent import ConsentError, ConsentMissing
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
 from mpc.errors import MalformedInput, MpcError
-from parties.access import Caller, CallerPolicy
-from parties.context import NodeContext
-from parties.errors import NodeError, NodeUnavailable, RemoteError
-from parties.node_log import current_request_id
-from parties.services import Service
-from parties.topology import Role
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError, NodeUnavailable, RemoteError
+from parties.runtime.node_log import current_request_id
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 
 SCENARIO = "claim_check"
 MODES = ("ss", "he", "plain")
@@ -502,7 +502,7 @@ def _operator(ctx: NodeContext) -> str:
 def node_client(ctx: NodeContext, timeout: float = 300.0):
     """One long-lived mTLS client per node process (kept-alive connections, no handshake per
     call)."""
-    from parties.client import NodeClient
+    from parties.runtime.client import NodeClient
 
     client = ctx.extras.get("claims_client")
     if client is None:

@@ -44,9 +44,9 @@ from governance.standardize import (
 from mpc import xid
 from mpc.errors import MalformedInput
 from mpc.hazmat.parallel import usable_cores
-from parties import batches
-from parties.access import Caller, CallerPolicy
-from parties.batches import (
+from parties.runtime import batches
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import (
     BatchReceiver,
     StreamName,
     ipc_to_table,
@@ -54,9 +54,10 @@ from parties.batches import (
     send_batches,
     table_to_ipc,
 )
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.services import Service
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.circulation import (
     CIRCULATION_FIELDS,
     circulation_digest,
@@ -66,7 +67,6 @@ from parties.services.circulation import (
     send_sealed_batches,
 )
 from parties.services.ledger import record_event
-from parties.topology import Role
 
 K1_NAME = "xid:k1"
 VISIT_REF_KEY_TABLE = "hmac:visit_ref"  # a keyring entry used as the visit_ref HMAC key

@@ -1,6 +1,6 @@
 """A hospital exports its raw visit records to the health authority, in its own schema.
 
-The export is a resumable, idempotent batch transfer (`parties.batches`) named
+The export is a resumable, idempotent batch transfer (`parties.runtime.batches`) named
 by the file's SHA-256: exporting the same file again sends nothing new, and an
 interrupted export resumes where it stopped. When every batch has arrived the
 hospital asks the authority to govern the export and returns what it reports.
@@ -18,13 +18,13 @@ from pydantic import BaseModel, Field
 
 from governance.errors import GovernanceError
 from governance.scan import read_batches
-from parties.access import Caller, CallerPolicy
-from parties.batches import send_batches
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import send_batches
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.health_authority import LONG_CALL_S, GovernedExport
-from parties.topology import Role
 
 DEFAULT_BATCH_ROWS = 5000
 

@@ -16,9 +16,10 @@ from pydantic import BaseModel
 
 from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
-from parties.access import Caller, CallerPolicy
-from parties.context import NodeContext
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.context import NodeContext
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.ledger import record_event
 from parties.services.operator_domains import (
     DomainId,
@@ -26,7 +27,6 @@ from parties.services.operator_domains import (
     get_domain,
     xid_pool,
 )
-from parties.topology import Role
 
 KEY_ROTATED = "key_rotated" if is_known_kind("key_rotated") else register_event_kind(
     "key_rotated")

@@ -32,13 +32,13 @@ from governance.ledger import (
     make_event,
     sign_event,
 )
-from parties.access import Caller, CallerPolicy
-from parties.context import NodeContext
-from parties.errors import IdentityMismatch, NodeError
-from parties.node_log import current_request_id, new_request_id
-from parties.services import Service
-from parties.store import connect
-from parties.topology import Role, Topology
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import IdentityMismatch, NodeError
+from parties.runtime.node_log import current_request_id, new_request_id
+from parties.runtime.service import Service
+from parties.runtime.store import connect
+from parties.runtime.topology import Role, Topology
 
 LOG_NODE_ROLE = Role.OPERATOR
 WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)

@@ -42,17 +42,18 @@ from pydantic import BaseModel, Field
 from governance.errors import GovernanceError
 from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
-from parties.access import Caller, CallerPolicy
-from parties.batches import (
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import (
     BatchReceiver,
     StreamName,
     mount_batch_stream,
     send_batches,
 )
-from parties.context import NodeContext
-from parties.errors import RemoteError
-from parties.secrets import UnknownKey
-from parties.services import Service
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
+from parties.runtime.secrets import UnknownKey
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.circulation import PERSONS_TABLE, VISITS_TABLE
 from parties.services.health_authority import (
     K1_NAME,
@@ -63,7 +64,6 @@ from parties.services.health_authority import (
 )
 from parties.services.ledger import record_event
 from parties.services.operator_domains import bump_token_epochs, index_visits
-from parties.topology import Role
 
 K1_PENDING = f"{K1_NAME}:next"
 MAPPING_BATCH_ROWS = 20_000

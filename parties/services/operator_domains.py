@@ -30,11 +30,11 @@ from governance.leak_tracing import LeakReport, trace_leak
 from governance.ledger.events import register_event_kind
 from mpc import xid
 from mpc.hazmat.parallel import usable_cores
-from parties.access import Caller, CallerPolicy
-from parties.context import NodeContext
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.context import NodeContext
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.ledger import record_event
-from parties.topology import Role
 
 SCENARIO_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 DOMAIN_ID_PATTERN = r"^dom-[0-9a-f]{16}$"

@@ -50,11 +50,12 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
-from parties.access import Caller, CallerPolicy
-from parties.batches import ipc_to_table, table_to_ipc
-from parties.context import NodeContext
-from parties.errors import NodeError
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import ipc_to_table, table_to_ipc
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.circulation import sealing_private_key, sealing_public_key
 from parties.services.health_authority import governed_visits, level1_key
 from parties.services.ledger import record_event
@@ -80,7 +81,6 @@ from parties.services.secure_room import (
     text_sha256,
     write_wire_files,
 )
-from parties.topology import Role
 
 if TYPE_CHECKING:  # governance.synthetic pulls in scipy and scikit-learn: imported lazily
     from governance.synthetic import SynthesisSpec

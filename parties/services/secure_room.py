@@ -40,13 +40,13 @@ from governance.packages import (
     package_files,
     package_hash,
 )
-from parties.access import Caller, CallerPolicy
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.errors import NodeError, RemoteError
-from parties.services import Service
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError, RemoteError
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 from parties.services.ledger import record_event
-from parties.topology import Role
 
 
 class SecureRoomError(NodeError):

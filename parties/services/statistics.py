@@ -54,12 +54,12 @@ from mpc.psi import (
     JoinResponse,
     ValueHolder,
 )
-from parties.access import Caller, CallerPolicy
-from parties.client import NodeClient
-from parties.context import NodeContext
-from parties.errors import NodeError, RemoteError
-from parties.services import Service
-from parties.topology import Role, Topology
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError, RemoteError
+from parties.runtime.service import Service
+from parties.runtime.topology import Role, Topology
 
 SCENARIO = "claim_check"
 STATISTIC = "claimant_self_pay"

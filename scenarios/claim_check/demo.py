@@ -203,9 +203,9 @@ def demo(
 ) -> None:
     """Run the Suzhou fast-claim scenario end to end on real node processes over mutual TLS."""
     if state.exists():
-        from parties.state import StateDir
-        from parties.supervisor import down
-        from parties.topology import load_topology
+        from parties.runtime.state import StateDir
+        from parties.runtime.supervisor import down
+        from parties.runtime.topology import load_topology
 
         down(StateDir(state), load_topology(topology), grace=5.0)
         shutil.rmtree(state)

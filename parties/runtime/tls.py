@@ -10,7 +10,7 @@ import os
 import ssl
 import threading
 
-from parties.state import StateDir
+from parties.runtime.state import StateDir
 
 
 def _base(purpose: int, state: StateDir, node: str) -> ssl.SSLContext:

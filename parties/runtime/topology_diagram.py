@@ -6,7 +6,7 @@ so the picture in the README is the topology the nodes enforce.
 
 from html import escape
 
-from parties.topology import NodeSpec, Topology
+from parties.runtime.topology import NodeSpec, Topology
 
 BOX_W, BOX_H, GAP_Y, COL_W, MARGIN, TOP = 196, 44, 34, 330, 30, 90
 DOMAIN_COLOURS = ("#e8f1fb", "#eef7ea", "#fbf1e6", "#f3ecf8")

@@ -1,83 +1,23 @@
-"""`cogov pki|node|up|status|down`: run a federation of nodes."""
+"""`cogov pki|node|up|status|down|docs`: run a federation of nodes."""
 
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from parties import pki, supervisor
-from parties.server import serve_node
-from parties.state import StateDir, default_state_dir
-from parties.topology import Topology, TopologyError, load_topology
-
-console = Console()
-
-StateOption = Annotated[
-    Path,
-    typer.Option(
-        "--state", envvar="COGOV_STATE", help="State directory (one subdirectory per node)."
-    ),
-]
-TopologyOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--topology", envvar="COGOV_TOPOLOGY",
-        help="Topology TOML. Default: the one `cogov up` recorded in the state dir, "
-        "else topologies/suzhou.toml.",
-    ),
-]
-NodesOption = Annotated[
-    str | None,
-    typer.Option("--nodes", help="Comma-separated node names (default: every node)."),
-]
-
-DEFAULT_TOPOLOGY = Path("topologies/suzhou.toml")
-
-
-@contextmanager
-def exit_on(*errors: type[Exception], code: int = 1) -> Iterator[None]:
-    """Print an expected error as one line (its typed name and detail) and exit with `code`.
-
-    The name is a remote node's typed error (`exc.error`) if there is one, else the class
-    name; the detail is `exc.detail` if set, else the message.
-    """
-    try:
-        yield
-    except errors as exc:
-        name = getattr(exc, "error", None) or type(exc).__name__
-        detail = getattr(exc, "detail", None) or str(exc)
-        # Error text is data, not markup: unescaped, "[type=missing ...]" in a message vanishes.
-        console.print(f"[bold red]{escape(name)}[/]: {escape(detail)}")
-        raise typer.Exit(code) from exc
-
-
-def resolve_topology(state: Path, topology: Path | None) -> tuple[Path, Topology]:
-    """The topology file to use, and its validated contents; exits with the field on error."""
-    recorded = StateDir(state).root / "topology.toml"
-    path = topology or (recorded if recorded.exists() else DEFAULT_TOPOLOGY)
-    try:
-        return path, load_topology(path)
-    except TopologyError as exc:
-        console.print(f"[red]invalid topology:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _names(nodes: str | None, topology: Topology) -> list[str] | None:
-    if nodes is None:
-        return None
-    names = [n.strip() for n in nodes.split(",") if n.strip()]
-    unknown = [n for n in names if not topology.has_node(n)]
-    if unknown:
-        console.print(f"[red]unknown node(s):[/red] {', '.join(unknown)}")
-        raise typer.Exit(2)
-    return names
-
+from parties.node import serve_node
+from parties.runtime import pki, supervisor
+from parties.runtime.cli import (
+    NodesOption,
+    StateOption,
+    TopologyOption,
+    console,
+    node_names,
+    resolve_topology,
+)
+from parties.runtime.state import StateDir, default_state_dir
 
 pki_app = typer.Typer(help="The federation CA and node certificates.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a single node in the foreground.", no_args_is_help=True)
@@ -168,7 +108,7 @@ def up(
     recorded = st.root / "topology.toml"
     if path.resolve() != recorded.resolve():
         shutil.copyfile(path, recorded)
-    rows = supervisor.up(st, topo, recorded, _names(nodes, topo))
+    rows = supervisor.up(st, topo, recorded, node_names(nodes, topo))
     console.print(_status_table(rows))
     if any(r.status != "ok" for r in rows):
         raise typer.Exit(1)
@@ -181,7 +121,7 @@ def status(
 ) -> None:
     """Show each node's process and mTLS health."""
     _, topo = resolve_topology(state, topology)
-    console.print(_status_table(supervisor.status(StateDir(state), topo, _names(nodes, topo))))
+    console.print(_status_table(supervisor.status(StateDir(state), topo, node_names(nodes, topo))))
 
 
 def down(
@@ -192,7 +132,8 @@ def down(
 ) -> None:
     """Stop the nodes: SIGTERM, then SIGKILL after --grace seconds; no process is left behind."""
     _, topo = resolve_topology(state, topology)
-    for name, outcome in supervisor.down(StateDir(state), topo, _names(nodes, topo), grace).items():
+    outcomes = supervisor.down(StateDir(state), topo, node_names(nodes, topo), grace)
+    for name, outcome in outcomes.items():
         console.print(f"{name}: {outcome}")
 
 
@@ -220,7 +161,7 @@ def docs_topology(
     ),
 ) -> None:
     """Draw the topology (domains, nodes, allowed flows) as SVG."""
-    from parties.topology_diagram import render_svg
+    from parties.runtime.topology_diagram import render_svg
 
     _, topo = resolve_topology(state, topology)
     out.parent.mkdir(parents=True, exist_ok=True)

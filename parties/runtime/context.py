@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from parties.node_log import NodeLog
-from parties.pki import federation_signing_keys, load_signing_key
-from parties.secrets import NodeSecrets
-from parties.state import NodePaths, StateDir
-from parties.store import NodeStore
-from parties.topology import NodeSpec, Topology
+from parties.runtime.node_log import NodeLog
+from parties.runtime.pki import federation_signing_keys, load_signing_key
+from parties.runtime.secrets import NodeSecrets
+from parties.runtime.state import NodePaths, StateDir
+from parties.runtime.store import NodeStore
+from parties.runtime.topology import NodeSpec, Topology
 
 if TYPE_CHECKING:
-    from parties.client import NodeClient
+    from parties.runtime.client import NodeClient
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ class NodeContext:
 
     def client(self, timeout: float | None = None) -> "NodeClient":
         """A mutual-TLS client that calls other nodes as this node (default timeout if None)."""
-        from parties.client import DEFAULT_TIMEOUT_S, NodeClient
+        from parties.runtime.client import DEFAULT_TIMEOUT_S, NodeClient
 
         return NodeClient(self.state, self.topology, self.name, log=self.log,
                           timeout=timeout or DEFAULT_TIMEOUT_S)

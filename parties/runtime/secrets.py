@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from governance.at_rest import Keyring
 from governance.errors import GovernanceError
 from mpc.xid import XidKey
-from parties.state import NodePaths, write_private
-from parties.store import NodeStore
+from parties.runtime.state import NodePaths, write_private
+from parties.runtime.store import NodeStore
 
 COMPONENT = "secrets"
 MIGRATIONS: tuple[str, ...] = (

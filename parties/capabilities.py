@@ -1,32 +1,13 @@
-"""Role behaviours: what each kind of party does, separate from the runtime.
+"""Which capability services each role's node hosts.
 
-A service is a set of routes (and optional background work) hosted by the
-nodes of some roles, plus the store components it needs. The runtime hosts
-services; a service never sees sockets, certificates or processes. Services
-are listed by module path and imported only by the nodes that host them, so a
-hospital node does not load the MPC engines.
+Services are listed by module path and imported only by the nodes that host
+them, so a hospital node does not load the MPC engines.
 """
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from fastapi import APIRouter
-
-from parties.context import NodeContext
-from parties.store import Component
-from parties.topology import Role
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    roles: tuple[Role, ...]
-    routers: Callable[[NodeContext], list[APIRouter]]
-    components: tuple[Component, ...] = field(default_factory=tuple)
-    # Started once the node serves (e.g. a witness polling the log); runs in a thread.
-    background: Callable[[NodeContext], None] | None = None
-
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
 
 # "module:attribute" of every service, in mounting order.
 SERVICE_PATHS: tuple[str, ...] = (

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.state import StateDir
-from parties.topology import Topology
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.state import StateDir
+from parties.runtime.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def start_node(state: StateDir, topology_path: Path, name: str) -> int:
     paths.root.mkdir(parents=True, exist_ok=True)
     with open(paths.stdout, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "parties.node_main", "--name", name,
+            [sys.executable, "-m", "parties.node", "--name", name,
              "--topology", str(topology_path), "--state", str(state.root)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -2,43 +2,46 @@
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
 
-from parties.app import build_node_app
-from parties.context import NodeContext
-from parties.mtls_server import mutual_tls_protocol
-from parties.node_log import NodeLog
-from parties.secrets import COMPONENT as SECRETS
-from parties.secrets import MIGRATIONS as SECRETS_MIGRATIONS
-from parties.services import services_for
-from parties.state import StateDir
-from parties.store import NodeStore
-from parties.tls import ReloadingServerContext
-from parties.topology import Topology
+from parties.runtime.app import build_node_app
+from parties.runtime.context import NodeContext
+from parties.runtime.mtls_server import mutual_tls_protocol
+from parties.runtime.node_log import NodeLog
+from parties.runtime.secrets import COMPONENT as SECRETS
+from parties.runtime.secrets import MIGRATIONS as SECRETS_MIGRATIONS
+from parties.runtime.service import Service
+from parties.runtime.state import StateDir
+from parties.runtime.store import NodeStore
+from parties.runtime.tls import ReloadingServerContext
+from parties.runtime.topology import Topology
 
 
-def open_node(state: StateDir, topology: Topology, name: str) -> NodeContext:
-    """The context of node `name`: its store migrated, its log open."""
-    spec = topology.node(name)
+def open_node(
+    state: StateDir, topology: Topology, name: str, services: Sequence[Service]
+) -> NodeContext:
+    """The context of node `name`: its store migrated for `services`, its log open."""
     paths = state.node(name)
     if not paths.cert.exists():
         raise FileNotFoundError(
             f"{paths.cert} is missing: run `cogov pki init` (or `cogov pki issue {name}`)"
         )
     components = [(SECRETS, SECRETS_MIGRATIONS)]
-    for service in services_for(spec.role):
+    for service in services:
         components.extend(service.components)
     store = NodeStore(paths.db, components)
     return NodeContext(name, topology, state, store, NodeLog(paths.log, name))
 
 
-def serve_node(state: StateDir, topology: Topology, name: str) -> None:
+def serve_node(
+    state: StateDir, topology: Topology, name: str, services: Sequence[Service]
+) -> None:
     """Serve node `name` until SIGTERM/SIGINT; the PID file lives as long as the process."""
-    ctx = open_node(state, topology, name)
+    ctx = open_node(state, topology, name, services)
     spec = ctx.spec
-    services = services_for(spec.role)
     app = build_node_app(ctx, [r for s in services for r in s.routers(ctx)])
     tls = ReloadingServerContext(state, name)
 
@@ -53,7 +56,7 @@ def serve_node(state: StateDir, topology: Topology, name: str) -> None:
         host=spec.host,
         port=spec.port,
         http=mutual_tls_protocol(tls.current, on_refused, on_dropped),  # type: ignore[arg-type]
-        loop="asyncio",  # see parties.mtls_server
+        loop="asyncio",  # see parties.runtime.mtls_server
         lifespan="off",
         log_config=None,
         access_log=False,

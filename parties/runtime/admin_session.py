@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from governance.second_factor import COMPONENT, MIGRATIONS, SecondFactor
-from parties.context import NodeContext
-from parties.errors import NodeError
-from parties.state import NodePaths, write_private
-from parties.store import connect
-from parties.topology import Role
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError
+from parties.runtime.state import NodePaths, write_private
+from parties.runtime.store import connect
+from parties.runtime.topology import Role
 
 SESSION_HEADER = "X-Cogov-Admin-Session"
 SESSION_SECONDS = 15 * 60

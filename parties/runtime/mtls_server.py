@@ -25,7 +25,7 @@ from typing import Any
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from parties.pki import certificate_node_name
+from parties.runtime.pki import certificate_node_name
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEADER_TIMEOUT_S = 10.0

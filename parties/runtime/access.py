@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from parties.errors import FlowNotAllowed, NotAuthenticated, RoleNotAllowed
-from parties.topology import NodeSpec, Role, Topology
+from parties.runtime.errors import FlowNotAllowed, NotAuthenticated, RoleNotAllowed
+from parties.runtime.topology import NodeSpec, Role, Topology
 
 SELF = "self"
 
@@ -73,7 +73,7 @@ class CallerPolicy:
 
 
 def _require_admin_session(request: Request) -> None:
-    from parties.admin_session import (
+    from parties.runtime.admin_session import (
         ROLES_REQUIRING_SECOND_FACTOR,
         SESSION_HEADER,
         check_session,

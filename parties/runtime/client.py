@@ -11,24 +11,24 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from parties.admin_session import SESSION_HEADER, saved_session
-from parties.errors import (
+from parties.runtime.admin_session import SESSION_HEADER, saved_session
+from parties.runtime.errors import (
     FlowNotAllowed,
     NodeUnavailable,
     PeerIdentityMismatch,
     RemoteError,
 )
-from parties.node_log import (
+from parties.runtime.node_log import (
     NODE_HEADER,
     REQUEST_ID_HEADER,
     NodeLog,
     current_request_id,
     new_request_id,
 )
-from parties.pki import certificate_node_name
-from parties.state import StateDir
-from parties.tls import client_context
-from parties.topology import Topology
+from parties.runtime.pki import certificate_node_name
+from parties.runtime.state import StateDir
+from parties.runtime.tls import client_context
+from parties.runtime.topology import Topology
 
 DEFAULT_TIMEOUT_S = 30.0
 

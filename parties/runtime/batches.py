@@ -16,10 +16,10 @@ import pyarrow as pa
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel
 
-from parties.access import Caller, CallerPolicy
-from parties.client import NodeClient
-from parties.errors import NodeError
-from parties.store import NodeStore
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.store import NodeStore
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 DIGEST_HEADER = "X-Batch-Digest"

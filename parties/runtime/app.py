@@ -17,10 +17,15 @@ from starlette.routing import compile_path
 
 from governance.errors import GovernanceError
 from mpc.errors import MpcError
-from parties.access import Caller, CallerPolicy, route_policies
-from parties.context import NodeContext
-from parties.errors import IdentityMismatch, NodeError, NotAuthenticated, UnknownNode
-from parties.node_log import NODE_HEADER, REQUEST_ID_HEADER, current_request_id, new_request_id
+from parties.runtime.access import Caller, CallerPolicy, route_policies
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import IdentityMismatch, NodeError, NotAuthenticated, UnknownNode
+from parties.runtime.node_log import (
+    NODE_HEADER,
+    REQUEST_ID_HEADER,
+    current_request_id,
+    new_request_id,
+)
 
 # Errors of these families carry `http_status` and are answered as typed refusals;
 # anything else is a bug and becomes a 500 without details.

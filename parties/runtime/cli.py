@@ -1,0 +1,76 @@
+"""What every `cogov` command shares: the state and topology options, and one way to exit on an
+expected error."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from parties.runtime.state import StateDir
+from parties.runtime.topology import Topology, TopologyError, load_topology
+
+console = Console()
+
+StateOption = Annotated[
+    Path,
+    typer.Option(
+        "--state", envvar="COGOV_STATE", help="State directory (one subdirectory per node)."
+    ),
+]
+TopologyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--topology", envvar="COGOV_TOPOLOGY",
+        help="Topology TOML. Default: the one `cogov up` recorded in the state dir, "
+        "else topologies/suzhou.toml.",
+    ),
+]
+NodesOption = Annotated[
+    str | None,
+    typer.Option("--nodes", help="Comma-separated node names (default: every node)."),
+]
+
+DEFAULT_TOPOLOGY = Path("topologies/suzhou.toml")
+
+
+@contextmanager
+def exit_on(*errors: type[Exception], code: int = 1) -> Iterator[None]:
+    """Print an expected error as one line (its typed name and detail) and exit with `code`.
+
+    The name is a remote node's typed error (`exc.error`) if there is one, else the class
+    name; the detail is `exc.detail` if set, else the message.
+    """
+    try:
+        yield
+    except errors as exc:
+        name = getattr(exc, "error", None) or type(exc).__name__
+        detail = getattr(exc, "detail", None) or str(exc)
+        # Error text is data, not markup: unescaped, "[type=missing ...]" in a message vanishes.
+        console.print(f"[bold red]{escape(name)}[/]: {escape(detail)}")
+        raise typer.Exit(code) from exc
+
+
+def resolve_topology(state: Path, topology: Path | None) -> tuple[Path, Topology]:
+    """The topology file to use, and its validated contents; exits with the field on error."""
+    recorded = StateDir(state).root / "topology.toml"
+    path = topology or (recorded if recorded.exists() else DEFAULT_TOPOLOGY)
+    try:
+        return path, load_topology(path)
+    except TopologyError as exc:
+        console.print(f"[red]invalid topology:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def node_names(nodes: str | None, topology: Topology) -> list[str] | None:
+    if nodes is None:
+        return None
+    names = [n.strip() for n in nodes.split(",") if n.strip()]
+    unknown = [n for n in names if not topology.has_node(n)]
+    if unknown:
+        console.print(f"[red]unknown node(s):[/red] {', '.join(unknown)}")
+        raise typer.Exit(2)
+    return names
