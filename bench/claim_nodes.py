@@ -41,7 +41,7 @@ import pandas as pd
 
 from governance.consent import Consent
 from governance.contracts import load_contract, parse_contract, sign_contract
-from parties.admin_cli import login_with_saved_secret, secret_file
+from parties.admin.cli import login_with_saved_secret, secret_file
 from parties.claim_cli import consumer_keys, issue_consents
 from parties.insurer import Client
 from parties.runtime import pki, supervisor

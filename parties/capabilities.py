@@ -11,7 +11,7 @@ from parties.runtime.topology import Role
 
 # "module:attribute" of every service, in mounting order.
 SERVICE_PATHS: tuple[str, ...] = (
-    "parties.services.admin:SERVICE",
+    "parties.admin.service:SERVICE",
     "parties.services.agreements:SERVICE",
     "parties.services.ledger:OPERATOR_SERVICE",
     "parties.services.ledger:WITNESS_SERVICE",

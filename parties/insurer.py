@@ -41,6 +41,7 @@ from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import current_request_id
 from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.runtime.sealing import open_sealed, seal, sealing_public_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology, load_topology
 from parties.services.claims import (
@@ -54,9 +55,6 @@ from parties.services.claims import (
     ClaimRef,
     HeContextRegistered,
     OperatorCertificate,
-    open_sealed,
-    seal,
-    x25519_public_of,
 )
 
 DEFAULT_BATCH = 2000
@@ -217,7 +215,7 @@ class Client:
             operators = {n.name for n in self.topology.nodes_with_role(Role.OPERATOR)}
             if verified_node_certificate(ca, cert) not in operators:
                 raise ValueError("the operator certificate does not certify an operator node")
-            self._operator_key = x25519_public_of(certificate_signing_key(cert))
+            self._operator_key = bytes(sealing_public_key(certificate_signing_key(cert)))
         return self._operator_key
 
     def he_key(self) -> Any:

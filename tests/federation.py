@@ -76,9 +76,9 @@ class Federation:
 
     def admin_login(self, node: str = "operator") -> None:
         """Enroll the operator's second factor (once) and open an admin session."""
-        from parties.admin_cli import login_with_saved_secret, secret_file
-        from parties.runtime.admin_session import saved_session
+        from parties.admin.cli import login_with_saved_secret, secret_file
         from parties.runtime.client import NodeClient
+        from parties.runtime.session_file import saved_session
         from parties.runtime.state import write_private
 
         token = saved_session(self.state.node(node))

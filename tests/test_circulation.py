@@ -19,7 +19,8 @@ from governance.scan import _match_counts, scan_path
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
-from parties.services.circulation import VISITS_TABLE, seal_batch, sealing_public_key
+from parties.runtime.sealing import sealing_public_key
+from parties.services.circulation import VISITS_TABLE, seal_batch
 from parties.services.health_authority import governed_visits, publish, visits_digest
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation

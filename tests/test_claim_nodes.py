@@ -37,7 +37,8 @@ from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
 from parties.runtime.pki import load_signing_key
-from parties.services.claims import ANSWER_PURPOSE, ClaimCheckResponse, open_sealed
+from parties.runtime.sealing import open_sealed
+from parties.services.claims import ANSWER_PURPOSE, ClaimCheckResponse
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from parties.runtime.admin_session import SESSION_HEADER, saved_session
 from parties.runtime.node_log import NODE_HEADER
+from parties.runtime.session_file import SESSION_HEADER, saved_session
 from parties.runtime.supervisor import running_pid
 from tests.attack_helpers import REFUSAL_TABLES, table_counts
 from tests.federation import Federation

@@ -143,10 +143,7 @@ def test_failed_rotation_rolls_back_tokens_and_key_together(ing, monkeypatch):
             rotate_domain_key(op, a)
         assert op.secrets.xid_key(f"domain:{a}") == key
     finally:
-        pool = op.extras.get("xid_pool")
-        if pool is not None:
-            pool.close()
-        op.store.close()
+        op.close()
     assert _state(ing) == state
 
 
@@ -326,10 +323,7 @@ def test_level1_rotation_resumes_when_the_authority_died_after_the_operator_comm
         assert ha.secrets.xid_key(K1_NAME).version == 2
         assert ha.secrets.xid_key(K1_PENDING).version == 3
     finally:
-        pool = ha.extras.get("xid_pool")
-        if pool is not None:
-            pool.close()
-        ha.store.close()
+        ha.close()
     rederived = [kind for kind, _, _ in ledger_entries(ing.fed) if kind == "tokens_rederived"]
     assert len(rederived) == 2
 

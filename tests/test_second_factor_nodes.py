@@ -5,10 +5,10 @@ import time
 import pytest
 
 from governance.second_factor import totp_code
-from parties.admin_cli import secret_file
-from parties.runtime.admin_session import SESSION_HEADER, session_file
+from parties.admin.cli import secret_file
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.session_file import SESSION_HEADER, session_file
 from tests.federation import Federation
 
 

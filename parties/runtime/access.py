@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.routing import APIRoute
 
+from parties.runtime.admin_session import ROLES_REQUIRING_SECOND_FACTOR, check_session
 from parties.runtime.errors import FlowNotAllowed, NotAuthenticated, RoleNotAllowed
+from parties.runtime.routes import Kind
+from parties.runtime.session_file import SESSION_HEADER
 from parties.runtime.topology import NodeSpec, Role, Topology
 
 SELF = "self"
@@ -40,7 +43,7 @@ class CallerPolicy:
     """
 
     def __init__(
-        self, kind: str, roles: tuple[Role, ...] | None = None, *, second_factor: bool = True
+        self, kind: Kind, roles: tuple[Role, ...] | None = None, *, second_factor: bool = True
     ) -> None:
         self.kind = kind
         self.roles = roles
@@ -73,12 +76,6 @@ class CallerPolicy:
 
 
 def _require_admin_session(request: Request) -> None:
-    from parties.runtime.admin_session import (
-        ROLES_REQUIRING_SECOND_FACTOR,
-        SESSION_HEADER,
-        check_session,
-    )
-
     ctx = request.app.state.ctx
     if ctx.spec.role in ROLES_REQUIRING_SECOND_FACTOR:
         check_session(ctx, request.headers.get(SESSION_HEADER))

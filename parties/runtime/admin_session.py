@@ -13,16 +13,13 @@ import hashlib
 import hmac
 import os
 import time
-from pathlib import Path
 
 from governance.second_factor import COMPONENT, MIGRATIONS, SecondFactor
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeError
-from parties.runtime.state import NodePaths, write_private
 from parties.runtime.store import connect
 from parties.runtime.topology import Role
 
-SESSION_HEADER = "X-Cogov-Admin-Session"
 SESSION_SECONDS = 15 * 60
 ACCOUNT = "admin"
 ROLES_REQUIRING_SECOND_FACTOR = (Role.OPERATOR,)
@@ -37,17 +34,11 @@ class SecondFactorRequired(NodeError):
 
 
 def second_factor(ctx: NodeContext) -> SecondFactor:
-    found = ctx.extras.get("second_factor")
-    if found is None:
-        key = hashlib.sha256(b"cogov-second-factor|" + ctx.secrets.kek).digest()
-        found = ctx.extras["second_factor"] = SecondFactor(_own_connection(ctx), key)
-    assert isinstance(found, SecondFactor)
-    return found
-
-
-def _own_connection(ctx: NodeContext):
-
-    return connect(ctx.paths.db, explicit_transactions=True)
+    key = hashlib.sha256(b"cogov-second-factor|" + ctx.secrets.kek).digest()
+    return ctx.component(
+        SecondFactor,
+        lambda: SecondFactor(connect(ctx.paths.db, explicit_transactions=True), key),
+    )
 
 
 def _session_mac(kek: bytes, expires: int, nonce: str) -> str:
@@ -74,16 +65,3 @@ def check_session(ctx: NodeContext, token: str | None, now: float | None = None)
         raise SecondFactorRequired("admin session token is not valid on this node")
     if expires < (now or time.time()):
         raise SecondFactorRequired("admin session expired: run `cogov admin login` again")
-
-
-def session_file(paths: NodePaths) -> Path:
-    return paths.root / "admin.session"
-
-
-def save_session(paths: NodePaths, token: str) -> None:
-    write_private(session_file(paths), token.encode())
-
-
-def saved_session(paths: NodePaths) -> str | None:
-    path = session_file(paths)
-    return path.read_text().strip() if path.exists() else None

@@ -8,35 +8,38 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
-from governance.errors import GovernanceError
-from mpc.errors import MpcError
-from parties.runtime.access import Caller, CallerPolicy, route_policies
+from parties.runtime.access import Caller, route_policies
+from parties.runtime.api import HEALTH, PING, REFUSALS, Health, Pong, Refusal
 from parties.runtime.context import NodeContext
-from parties.runtime.errors import IdentityMismatch, NodeError, NotAuthenticated, UnknownNode
+from parties.runtime.errors import (
+    TYPED_ERROR_BASES,
+    IdentityMismatch,
+    NodeError,
+    NotAuthenticated,
+    UnknownNode,
+    error_detail,
+)
+from parties.runtime.mount import mount
 from parties.runtime.node_log import (
     NODE_HEADER,
     REQUEST_ID_HEADER,
     current_request_id,
     new_request_id,
 )
-
-# Errors of these families carry `http_status` and are answered as typed refusals;
-# anything else is a bug and becomes a 500 without details.
-TYPED_ERROR_BASES: tuple[type[Exception], ...] = (NodeError, GovernanceError, MpcError)
+from parties.runtime.routes import Kind
 
 # Bodies are cut off before they are read: any request may carry at most
 # MAX_BODY_BYTES, except routes of the bulk computing kinds (share tables, sealed
 # claim batches between computing nodes), which enforce their own limit as they read.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 BULK_BODY_BYTES = 512 * 1024 * 1024
-BULK_KINDS = frozenset({"mpc", "product"})
+BULK_KINDS = frozenset({Kind.MPC, Kind.PRODUCT})
 
 
 class BodyTooLarge(NodeError):
@@ -54,31 +57,6 @@ class LengthRequired(NodeError):
     """A body sent without Content-Length (chunked) cannot be bounded before reading."""
 
     http_status = 411
-
-
-class Health(BaseModel):
-    node: str
-    role: str
-    domain: str
-    status: str
-    schema_versions: dict[str, int]
-
-
-class Pong(BaseModel):
-    node: str
-    role: str
-    domain: str
-    caller: str
-    caller_domain: str
-
-
-class Refusal(BaseModel):
-    at: str
-    request_id: str | None
-    caller: str | None
-    route: str
-    error: str
-    detail: str | None
 
 
 def _error_body(error: str, detail: str, request_id: str | None) -> dict:
@@ -133,12 +111,13 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
         caller = getattr(request.state, "caller", None)
         caller_name = caller.name if caller else None
         error = error or type(exc).__name__
+        detail = error_detail(exc)
         ctx.log.event(
             "refused", route=request.url.path, method=request.method, caller=caller_name,
-            error=error, detail=str(exc), status=status,
+            error=error, detail=detail, status=status,
         )
-        ctx.store.record_refusal(rid, caller_name, request.url.path, error, str(exc))
-        return JSONResponse(_error_body(error, str(exc), rid), status_code=status)
+        ctx.store.record_refusal(rid, caller_name, request.url.path, error, detail)
+        return JSONResponse(_error_body(error, detail, rid), status_code=status)
 
     @app.middleware("http")
     async def identity_and_request_id(
@@ -190,24 +169,24 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     for base in TYPED_ERROR_BASES:
         app.add_exception_handler(base, typed_error)
 
-    @app.get("/v1/health", response_model=Health, tags=["runtime"])
-    def health(caller: Caller = Depends(CallerPolicy("ping"))) -> Health:
+    runtime = APIRouter()
+
+    @mount(runtime, HEALTH)
+    def health(caller: Caller) -> Health:
         return Health(
             node=spec.name, role=spec.role.value, domain=spec.domain, status="ok",
             schema_versions=ctx.store.versions,
         )
 
-    @app.get("/v1/ping", response_model=Pong, tags=["runtime"])
-    def ping(caller: Caller = Depends(CallerPolicy("ping"))) -> Pong:
+    @mount(runtime, PING)
+    def ping(caller: Caller) -> Pong:
         return Pong(
             node=spec.name, role=spec.role.value, domain=spec.domain,
             caller=caller.name, caller_domain=caller.spec.domain,
         )
 
-    @app.get("/v1/admin/refusals", response_model=list[Refusal], tags=["runtime"])
-    def refusals(
-        limit: int = 100, caller: Caller = Depends(CallerPolicy("admin"))
-    ) -> list[Refusal]:
+    @mount(runtime, REFUSALS)
+    def refusals(caller: Caller, limit: int = 100) -> list[Refusal]:
         """The most recent refused requests recorded in this node's store."""
         with ctx.store.lock:
             rows = ctx.store.conn.execute(
@@ -217,7 +196,7 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
         return [Refusal(at=r[0], request_id=r[1], caller=r[2], route=r[3], error=r[4],
                         detail=r[5]) for r in rows]
 
-    for router in routers:
+    for router in (runtime, *routers):
         app.include_router(router)
     bulk_paths = [
         compile_path(path)[0] for _, path, policy in route_policies(app.routes)

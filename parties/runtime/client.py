@@ -6,17 +6,18 @@ reach, not merely some federation member.
 """
 
 import ssl
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import httpx
 from cryptography import x509
+from pydantic import BaseModel, TypeAdapter
 
-from parties.runtime.admin_session import SESSION_HEADER, saved_session
 from parties.runtime.errors import (
     FlowNotAllowed,
     NodeUnavailable,
     PeerIdentityMismatch,
-    RemoteError,
+    remote_error,
 )
 from parties.runtime.node_log import (
     NODE_HEADER,
@@ -26,11 +27,15 @@ from parties.runtime.node_log import (
     new_request_id,
 )
 from parties.runtime.pki import certificate_node_name
+from parties.runtime.routes import Kind, Raw, Route
+from parties.runtime.session_file import SESSION_HEADER, saved_session
 from parties.runtime.state import StateDir
 from parties.runtime.tls import client_context
 from parties.runtime.topology import Topology
 
 DEFAULT_TIMEOUT_S = 30.0
+
+Resp = TypeVar("Resp")
 
 
 class NodeClient:
@@ -70,7 +75,7 @@ class NodeClient:
         method: str,
         path: str,
         *,
-        kind: str,
+        kind: Kind,
         json: Any = None,
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
@@ -110,14 +115,49 @@ class NodeClient:
                 error, detail = body.get("error", "Error"), body.get("detail", "")
             except ValueError:
                 error, detail = "Error", response.text[:200]
-            raise RemoteError(response.status_code, str(error), str(detail))
+            raise remote_error(response.status_code, str(error), str(detail))
         return response
 
-    def get(self, target: str, path: str, *, kind: str, **kw: Any) -> httpx.Response:
+    def get(self, target: str, path: str, *, kind: Kind, **kw: Any) -> httpx.Response:
         return self.request(target, "GET", path, kind=kind, **kw)
 
-    def post(self, target: str, path: str, *, kind: str, **kw: Any) -> httpx.Response:
+    def post(self, target: str, path: str, *, kind: Kind, **kw: Any) -> httpx.Response:
         return self.request(target, "POST", path, kind=kind, **kw)
+
+    def call(
+        self,
+        target: str,
+        route: Route[Any, Resp],
+        body: BaseModel | None = None,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        query: Mapping[str, str | int] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Resp:
+        """Call `route` on `target`: the typed response, or the remote's typed error raised.
+
+        `body` is the route's request model; `content` its bytes when the route's
+        request is `Raw`. A `Raw` response comes back as bytes.
+        """
+        if route.request is None and (body is not None or content is not None):
+            raise TypeError(f"{route.method} {route.path} takes no body")
+        if body is not None and not isinstance(body, route.request):
+            raise TypeError(f"{route.path} takes {route.request.__name__}, not "
+                            f"{type(body).__name__}")
+        path = route.url(**(params or {}))
+        if query:
+            path += "?" + str(httpx.QueryParams(dict(query)))
+        response = self.request(
+            target, route.method, path, kind=route.kind,
+            json=None if body is None else body.model_dump(mode="json"),
+            content=content, headers=headers,
+        )
+        if route.response is Raw:
+            return response.content  # type: ignore[return-value]
+        if route.response is None:
+            return None  # type: ignore[return-value]
+        return _adapter(route.response).validate_json(response.content)
 
     @staticmethod
     def _check_server_identity(response: httpx.Response, target: str) -> None:
@@ -129,3 +169,13 @@ class NodeClient:
         name = certificate_node_name(x509.load_der_x509_certificate(der))
         if name != target:
             raise PeerIdentityMismatch(f"expected node {target!r}, the server is {name!r}")
+
+
+_adapters: dict[Any, TypeAdapter] = {}
+
+
+def _adapter(response_type: Any) -> TypeAdapter:
+    found = _adapters.get(response_type)
+    if found is None:
+        found = _adapters[response_type] = TypeAdapter(response_type)
+    return found

@@ -1,4 +1,8 @@
-"""Typed errors of the node runtime, one HTTP status each."""
+"""Typed errors of the node runtime, one HTTP status each, and the registry that turns a
+remote node's refusal back into its typed error."""
+
+from governance.errors import GovernanceError
+from mpc.errors import MpcError
 
 
 class NodeError(Exception):
@@ -42,13 +46,57 @@ class PeerIdentityMismatch(NodeError):
 
 
 class RemoteError(NodeError):
-    """Another node refused or failed a call; carries its typed error."""
+    """Another node refused or failed a call; carries its typed error.
+
+    `remote_error` returns an instance that is also of the remote's own class when this
+    process knows it, so a caller catches `UnknownToken` whether it was raised here or by
+    the node it called, and a relay re-raises it unchanged.
+    """
 
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(f"{error} ({status}): {detail}")
         self.http_status = status
         self.error = error
         self.detail = detail
+
+
+# Errors of these families carry `http_status` and are answered as typed refusals;
+# anything else is a bug and becomes a 500 without details.
+TYPED_ERROR_BASES: tuple[type[Exception], ...] = (NodeError, GovernanceError, MpcError)
+
+_remote_classes: dict[type[Exception], type[RemoteError]] = {}
+
+
+def typed_error_class(name: str) -> type[Exception] | None:
+    """The typed error class called `name` among those this process has loaded."""
+    pending: list[type[Exception]] = list(TYPED_ERROR_BASES)
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name and cls is not RemoteError:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def remote_error(status: int, error: str, detail: str) -> RemoteError:
+    """The typed error a remote node answered with `error`, as an exception to raise here."""
+    cls = typed_error_class(error)
+    if cls is None:
+        return RemoteError(status, error, detail)
+    remote_cls = _remote_classes.get(cls)
+    if remote_cls is None:
+        remote_cls = _remote_classes[cls] = type(
+            cls.__name__, (cls, RemoteError), {"__module__": cls.__module__,
+                                                "__doc__": cls.__doc__}
+        )
+    exc = remote_cls.__new__(remote_cls)
+    RemoteError.__init__(exc, status, error, detail)
+    return exc
+
+
+def error_detail(exc: Exception) -> str:
+    """What a refusal says: a relayed error's own detail, else the message."""
+    return exc.detail if isinstance(exc, RemoteError) else str(exc)
 
 
 class NodeUnavailable(NodeError):

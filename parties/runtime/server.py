@@ -78,4 +78,4 @@ def serve_node(
         ctx.log.event("node_stopped")
         if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
             pid_file.unlink()
-        ctx.store.close()
+        ctx.close()

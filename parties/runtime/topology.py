@@ -25,6 +25,26 @@ class Role(StrEnum):
     INSURER = "insurer"
 
 
+class Kind(StrEnum):
+    """The kinds of request a topology flow allows (`kinds = [...]` in the topology file)."""
+
+    PING = "ping"
+    ADMIN = "admin"  # only the node itself (its local administrator)
+    EXPORT = "export"
+    INGEST = "ingest"
+    OPRF = "oprf"
+    MPC = "mpc"
+    WITNESS = "witness"
+    LEDGER = "ledger"
+    PRODUCT = "product"
+    CLAIM = "claim"
+    CONTRACT = "contract"
+    STATS = "stats"
+    CATALOGUE = "catalogue"
+    PACKAGE = "package"
+    SAMPLE = "sample"
+
+
 class TopologyError(ValueError):
     """A topology file that cannot be read or does not validate; names the field."""
 
@@ -66,7 +86,7 @@ class Flow(_Strict):
 
     source: str
     target: str
-    kinds: Annotated[list[Annotated[str, Field(pattern=NODE_NAME)]], Field(min_length=1)]
+    kinds: Annotated[list[Kind], Field(min_length=1)]
 
 
 class Topology(_Strict):

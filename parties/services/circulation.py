@@ -34,7 +34,6 @@ import nacl.signing
 import pandas as pd
 import pyarrow as pa
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
@@ -53,6 +52,7 @@ from parties.runtime.batches import (
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.sealing import open_bytes, seal_bytes, sealing_private_key
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 from parties.services.ledger import record_event
@@ -105,19 +105,6 @@ class RegistrationMismatch(CirculationError):
     http_status = 409
 
 
-# --- the operator's X25519 key, from its certified Ed25519 signing key ------------------
-
-
-def sealing_public_key(ed25519_public: bytes) -> nacl.public.PublicKey:
-    """The X25519 public key matching a node's Ed25519 signing key (from its certificate)."""
-    return nacl.signing.VerifyKey(ed25519_public).to_curve25519_public_key()
-
-
-def sealing_private_key(signing_key: Ed25519PrivateKey) -> nacl.public.PrivateKey:
-    """The X25519 private key matching this node's Ed25519 signing key."""
-    return nacl.signing.SigningKey(signing_key.private_bytes_raw()).to_curve25519_private_key()
-
-
 def field_aad(stream: str, idx: int, column: str, visit_ref: bytes) -> bytes:
     """Associated data binding a sealed field to its publication, batch, column and visit."""
     parts = [b"cogov/circulation/v1", stream.encode(), str(idx).encode(), column.encode(),
@@ -152,7 +139,7 @@ def seal_batch(
         else:
             columns[name] = pa.array(values, type=_arrow_type(name))
     metadata = {
-        META_SEALED_KEY: base64.b64encode(nacl.public.SealedBox(operator_key).encrypt(key)),
+        META_SEALED_KEY: base64.b64encode(seal_bytes(operator_key, key)),
         META_SEALED_COLUMNS: json.dumps(list(sealed_columns)).encode(),
         META_GRADES: json.dumps(grades).encode(),
     }
@@ -178,7 +165,7 @@ def open_batch(
     if missing or META_SEALED_KEY not in meta:
         raise TransportSealInvalid(f"batch lacks {missing or 'its sealed key'}")
     try:
-        key = nacl.public.SealedBox(private_key).decrypt(base64.b64decode(meta[META_SEALED_KEY]))
+        key = open_bytes(private_key, base64.b64decode(meta[META_SEALED_KEY]))
         sealed_columns = [str(c) for c in json.loads(meta.get(META_SEALED_COLUMNS, b"[]"))]
         grades = {str(k): str(v) for k, v in json.loads(meta.get(META_GRADES, b"{}")).items()}
     except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
@@ -280,11 +267,7 @@ def send_sealed_batches(
 
 
 def _operator_private_key(ctx: NodeContext) -> nacl.public.PrivateKey:
-    found = ctx.extras.get("sealing_private_key")
-    if found is None:
-        found = ctx.extras["sealing_private_key"] = sealing_private_key(ctx.signing_key)
-    assert isinstance(found, nacl.public.PrivateKey)
-    return found
+    return ctx.component(nacl.public.PrivateKey, lambda: sealing_private_key(ctx.signing_key))
 
 
 def _apply_visits(ctx: NodeContext, stream: str, idx: int) -> Callable[[sqlite3.Connection,

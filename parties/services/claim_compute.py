@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.public
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -52,6 +53,7 @@ from parties.runtime.batches import read_limited_body
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import RemoteError
 from parties.runtime.node_log import current_request_id
+from parties.runtime.sealing import open_sealed, seal, sealing_private_key
 from parties.runtime.service import Service
 from parties.runtime.tls import client_context, server_context
 from parties.runtime.topology import Role
@@ -66,10 +68,7 @@ from parties.services.claims import (
     UnknownToken,
     frame,
     node_client,
-    open_sealed,
-    seal,
     unframe,
-    x25519_private_of,
 )
 
 MAX_BODY = 512 * 1024 * 1024
@@ -174,15 +173,23 @@ def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> DomainTabl
     return table
 
 
+class DomainTables:
+    """The operator's current table per insurer, rebuilt when its version changes."""
+
+    def __init__(self) -> None:
+        self.by_insurer: dict[str, DomainTable] = {}
+        self.lock = threading.Lock()
+
+
 def domain_table(ctx: NodeContext, insurer: str) -> DomainTable:
     """The current table of `insurer`'s claim-check domain (rebuilt after a new publication)."""
     from parties.services.operator_domains import live_domain
 
     domain_id = live_domain(ctx, SCENARIO, insurer)
-    tables: dict[str, DomainTable] = ctx.extras.setdefault("claim_tables", {})  # type: ignore
-    lock: threading.Lock = ctx.extras.setdefault("claim_tables_lock", threading.Lock())  # type: ignore
+    cache = ctx.component(DomainTables, DomainTables)
+    tables = cache.by_insurer
     version = _version(ctx, domain_id)
-    with lock:
+    with cache.lock:
         table = tables.get(insurer)
         if table is None or table.version != version:
             table = tables[insurer] = _build_table(ctx, domain_id, version)
@@ -190,6 +197,13 @@ def domain_table(ctx: NodeContext, insurer: str) -> DomainTable:
 
 
 # --- the operator's HE contexts ---------------------------------------------------------------
+
+class HeContexts:
+    """Insurers' registered HE public contexts, parsed once, by (insurer, digest)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str], Any] = {}
+
 
 HE_COMPONENT = "claims_he_contexts"
 HE_MIGRATIONS: tuple[str, ...] = (
@@ -210,7 +224,7 @@ def store_he_context(ctx: NodeContext, insurer: str, data: bytes) -> str:
     with ctx.store.lock, ctx.store.conn as conn:
         conn.execute("INSERT OR IGNORE INTO claim_he_contexts (insurer, digest, context)"
                      " VALUES (?, ?, ?)", (insurer, public.digest, data))
-    ctx.extras.setdefault("he_contexts", {})[(insurer, public.digest)] = public  # type: ignore
+    ctx.component(HeContexts, HeContexts).by_key[(insurer, public.digest)] = public
     ctx.log.event("he_context_registered", insurer=insurer, digest=public.digest)
     return public.digest
 
@@ -218,7 +232,7 @@ def store_he_context(ctx: NodeContext, insurer: str, data: bytes) -> str:
 def he_context(ctx: NodeContext, insurer: str, digest: str):
     from mpc.he import HePublicContext
 
-    cache: dict = ctx.extras.setdefault("he_contexts", {})  # type: ignore[assignment]
+    cache = ctx.component(HeContexts, HeContexts).by_key
     found = cache.get((insurer, digest))
     if found is None:
         with ctx.store.lock:
@@ -234,12 +248,8 @@ def he_context(ctx: NodeContext, insurer: str, digest: str):
 # --- the operator's evaluation -------------------------------------------------------------
 
 
-def _sealing_key(ctx: NodeContext):
-    found = ctx.extras.get("claims_sealing_key")
-    if found is None:
-        found = ctx.extras["claims_sealing_key"] = x25519_private_of(
-            ctx.signing_key.private_bytes_raw())
-    return found
+def _sealing_key(ctx: NodeContext) -> nacl.public.PrivateKey:
+    return ctx.component(nacl.public.PrivateKey, lambda: sealing_private_key(ctx.signing_key))
 
 
 def _check_consents(ctx: NodeContext, head: ComputeHead, table: DomainTable,
@@ -601,11 +611,7 @@ class DealerHost(SessionHost):
 
 
 def _host(ctx: NodeContext, cls: type[SessionHost]) -> Any:
-    found = ctx.extras.get("claims_session_host")
-    if found is None:
-        found = ctx.extras["claims_session_host"] = cls(ctx)
-    assert isinstance(found, cls)
-    return found
+    return ctx.component(SessionHost, lambda: cls(ctx))
 
 
 def leader_host(ctx: NodeContext) -> LeaderHost:

@@ -47,9 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import nacl.exceptions
-import nacl.public
-import nacl.signing
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
@@ -59,6 +56,7 @@ from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
 from mpc.errors import MalformedInput, MpcError
 from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeError, NodeUnavailable, RemoteError
 from parties.runtime.node_log import current_request_id
@@ -119,40 +117,6 @@ class ComputeFailed(ClaimRefused):
     """A computing node failed the request; nothing was billed."""
 
     http_status = 502
-
-
-# --- sealing to a node's key and to the insurer's reply key --------------------------------
-
-
-def x25519_public_of(ed25519_public: bytes) -> bytes:
-    """The X25519 key matching a node's certified Ed25519 signing key (libsodium conversion)."""
-    return bytes(nacl.signing.VerifyKey(ed25519_public).to_curve25519_public_key())
-
-
-def x25519_private_of(ed25519_private_raw: bytes) -> nacl.public.PrivateKey:
-    return nacl.signing.SigningKey(ed25519_private_raw).to_curve25519_private_key()
-
-
-def seal(recipient_x25519: bytes, purpose: str, head: dict[str, Any], payload: bytes) -> bytes:
-    """An anonymous sealed box (X25519 + XSalsa20-Poly1305) of a JSON head and a payload."""
-    head_bytes = json.dumps({**head, "purpose": purpose}, separators=(",", ":")).encode()
-    plain = struct.pack("!I", len(head_bytes)) + head_bytes + payload
-    return nacl.public.SealedBox(nacl.public.PublicKey(recipient_x25519)).encrypt(plain)
-
-
-def open_sealed(
-    private: nacl.public.PrivateKey, purpose: str, blob: bytes
-) -> tuple[dict[str, Any], bytes]:
-    """Open what `seal` made for this key; `MalformedInput` if it does not open or parse."""
-    try:
-        plain = nacl.public.SealedBox(private).decrypt(bytes(blob))
-        (size,) = struct.unpack_from("!I", plain, 0)
-        head = json.loads(plain[4:4 + size])
-    except (nacl.exceptions.CryptoError, struct.error, ValueError, TypeError) as exc:
-        raise MalformedInput(f"the sealed {purpose} does not open for this key") from exc
-    if not isinstance(head, dict) or head.get("purpose") != purpose:
-        raise MalformedInput(f"not a {purpose}")
-    return head, plain[4 + size:]
 
 
 def frame(head: BaseModel, payload: bytes) -> bytes:
@@ -418,11 +382,7 @@ def _release_usage(conn: sqlite3.Connection, usage_id: int) -> None:
 
 
 def request_book(ctx: NodeContext) -> RequestBook:
-    found = ctx.extras.get("claim_request_book")
-    if found is None:
-        found = ctx.extras["claim_request_book"] = RequestBook(ctx)
-    assert isinstance(found, RequestBook)
-    return found
+    return ctx.component(RequestBook)
 
 
 # --- enforcement -------------------------------------------------------------------------
@@ -502,13 +462,7 @@ def _operator(ctx: NodeContext) -> str:
 def node_client(ctx: NodeContext, timeout: float = 300.0):
     """One long-lived mTLS client per node process (kept-alive connections, no handshake per
     call)."""
-    from parties.runtime.client import NodeClient
-
-    client = ctx.extras.get("claims_client")
-    if client is None:
-        client = ctx.extras["claims_client"] = NodeClient(
-            ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=timeout)
-    return client
+    return ctx.component(NodeClient, lambda: ctx.client(timeout))
 
 
 _REMOTE_REFUSALS: dict[str, type[Exception]] = {}

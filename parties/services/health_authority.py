@@ -56,6 +56,7 @@ from parties.runtime.batches import (
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.sealing import sealing_public_key
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 from parties.services.circulation import (
@@ -63,7 +64,6 @@ from parties.services.circulation import (
     circulation_digest,
     persons_digest,
     seal_batch,
-    sealing_public_key,
     send_sealed_batches,
 )
 from parties.services.ledger import record_event
@@ -124,16 +124,21 @@ def level1_key(ctx: NodeContext) -> xid.XidKey:
     return ctx.secrets.xid_key(K1_NAME, create=True)
 
 
+class Level1Lock:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
 def level1_lock(ctx: NodeContext) -> threading.Lock:
     """Held by whatever derives or sends p1, so a k1 rotation never races with it."""
-    return ctx.extras.setdefault("level1_lock", threading.Lock())  # type: ignore[return-value]
+    return ctx.component(Level1Lock, Level1Lock).lock
 
 
 def xid_pool(ctx: NodeContext) -> xid.WorkerPool | None:
     """The node's worker processes for bulk group operations (None on one core)."""
     if usable_cores() < 2:
         return None
-    return ctx.extras.setdefault("xid_pool", xid.WorkerPool())  # type: ignore[return-value]
+    return ctx.component(xid.WorkerPool, xid.WorkerPool)
 
 
 def _visit_ref_key(ctx: NodeContext) -> bytes:

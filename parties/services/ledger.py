@@ -98,11 +98,7 @@ class _OperatorLog:
 
 
 def operator_log(ctx: NodeContext) -> _OperatorLog:
-    found = ctx.extras.get("ledger")
-    if found is None:
-        found = ctx.extras["ledger"] = _OperatorLog(ctx)
-    assert isinstance(found, _OperatorLog)
-    return found
+    return ctx.component(_OperatorLog)
 
 
 def signed_event(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> SignedEntry:
@@ -277,15 +273,14 @@ def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
 
 
 def node_witness(ctx: NodeContext) -> Witness:
-    found = ctx.extras.get("witness")
-    if found is None:
+    def make() -> Witness:
         operator = log_node(ctx.topology)
         conn = connect(ctx.paths.db, explicit_transactions=True)
-        found = ctx.extras["witness"] = Witness(
+        return Witness(
             conn, ctx.name, ctx.signing_key, {operator: ctx.signing_public_keys()[operator]}
         )
-    assert isinstance(found, Witness)
-    return found
+
+    return ctx.component(Witness, make)
 
 
 def _witness_loop(ctx: NodeContext) -> None:

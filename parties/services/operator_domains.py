@@ -161,7 +161,7 @@ def xid_pool(ctx: NodeContext) -> xid.WorkerPool | None:
     """The node's worker processes for bulk group operations (None on one core)."""
     if usable_cores() < 2:
         return None
-    return ctx.extras.setdefault("xid_pool", xid.WorkerPool())  # type: ignore[return-value]
+    return ctx.component(xid.WorkerPool, xid.WorkerPool)
 
 
 def _key_name(domain_id: str) -> str:
@@ -313,9 +313,13 @@ def rate_limit() -> tuple[int, float]:
     return int(capacity), float(refill or 0)
 
 
+class OprfBuckets:
+    def __init__(self) -> None:
+        self.by_user: dict[str, TokenBucket] = {}
+
+
 def _bucket(ctx: NodeContext, data_user: str) -> TokenBucket:
-    buckets = ctx.extras.setdefault("oprf_buckets", {})
-    assert isinstance(buckets, dict)
+    buckets = ctx.component(OprfBuckets, OprfBuckets).by_user
     with ctx.store.lock:
         if data_user not in buckets:
             buckets[data_user] = TokenBucket(*rate_limit())

@@ -54,9 +54,14 @@ from parties.runtime.access import Caller, CallerPolicy
 from parties.runtime.batches import ipc_to_table, table_to_ipc
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeError
+from parties.runtime.sealing import (
+    open_bytes,
+    seal_bytes,
+    sealing_private_key,
+    sealing_public_key,
+)
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.circulation import sealing_private_key, sealing_public_key
 from parties.services.health_authority import governed_visits, level1_key
 from parties.services.ledger import record_event
 from parties.services.secure_room import (
@@ -444,16 +449,16 @@ def approval_for(ctx: NodeContext, name: str, version: str) -> PackageApproval |
 
 def seal_query_table(table: pa.Table, owner_signing_public: bytes, package_sha256: str) -> str:
     """A query table sealed to the data owner, bound to one package (base64 for JSON)."""
-    box = nacl.public.SealedBox(sealing_public_key(owner_signing_public))
     framed = QUERY_SEAL_DOMAIN + package_sha256.encode("ascii") + table_to_ipc(table)
-    return base64.b64encode(box.encrypt(framed)).decode("ascii")
+    return base64.b64encode(seal_bytes(sealing_public_key(owner_signing_public), framed)).decode(
+        "ascii")
 
 
 def _open_query_table(ctx: NodeContext, name: str, sealed_b64: str, package_sha256: str,
                       ) -> pd.DataFrame:
-    box = nacl.public.SealedBox(sealing_private_key(ctx.signing_key))
     try:
-        framed = box.decrypt(base64.b64decode(sealed_b64, validate=True))
+        framed = open_bytes(sealing_private_key(ctx.signing_key),
+                            base64.b64decode(sealed_b64, validate=True))
     except (nacl.exceptions.CryptoError, ValueError) as exc:
         raise QueryTablesInvalid(f"query table {name!r} is not sealed to {ctx.name}") from exc
     prefix = QUERY_SEAL_DOMAIN + package_sha256.encode("ascii")

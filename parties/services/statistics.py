@@ -331,10 +331,7 @@ class ValueSessions:
 
 
 def _value_sessions(ctx: NodeContext) -> ValueSessions:
-    with ctx.store.lock:
-        found = ctx.extras.setdefault("stats_value_sessions", ValueSessions())
-    assert isinstance(found, ValueSessions)
-    return found
+    return ctx.component(ValueSessions, ValueSessions)
 
 
 def check_policy(policy: IntersectionPolicy) -> None:

@@ -1,9 +1,17 @@
-"""Second-factor enrolment and admin sessions (see `parties.runtime.admin_session`)."""
+"""Second-factor enrolment and admin sessions (the check itself is
+`parties.runtime.admin_session`)."""
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
 
-from parties.runtime.access import Caller, CallerPolicy
+from parties.admin.api import (
+    ENROLL,
+    OPEN_SESSION,
+    AdminSession,
+    AlreadyEnrolled,
+    Enrollment,
+    SessionRequest,
+)
+from parties.runtime.access import Caller
 from parties.runtime.admin_session import (
     ACCOUNT,
     COMPONENTS,
@@ -13,37 +21,15 @@ from parties.runtime.admin_session import (
     second_factor,
 )
 from parties.runtime.context import NodeContext
-from parties.runtime.errors import NodeError
+from parties.runtime.mount import mount
 from parties.runtime.service import Service
 
 
-class AlreadyEnrolled(NodeError):
-    """Re-enrolment needs an admin session opened with the current factor."""
-
-    http_status = 409
-
-
-class Enrollment(BaseModel):
-    secret: str
-    provisioning_uri: str
-
-
-class SessionRequest(BaseModel):
-    code: str = Field(pattern=r"^[0-9]{6}$")
-
-
-class AdminSession(BaseModel):
-    token: str
-    expires_in_s: int
-
-
 def _routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+    router = APIRouter()
 
-    @router.post("/second-factor", response_model=Enrollment)
-    def enroll(
-        caller: Caller = Depends(CallerPolicy("admin", second_factor=False)),
-    ) -> Enrollment:
+    @mount(router, ENROLL)
+    def enroll(caller: Caller) -> Enrollment:
         """Enroll the administrator's TOTP secret (once; shown only here)."""
         from governance.second_factor import provisioning_uri
 
@@ -59,11 +45,8 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
             secret=secret, provisioning_uri=provisioning_uri(secret, f"{ctx.name}-admin")
         )
 
-    @router.post("/session", response_model=AdminSession)
-    def open_session(
-        body: SessionRequest,
-        caller: Caller = Depends(CallerPolicy("admin", second_factor=False)),
-    ) -> AdminSession:
+    @mount(router, OPEN_SESSION)
+    def open_session(body: SessionRequest, caller: Caller) -> AdminSession:
         """Open an admin session with a current TOTP code."""
         second_factor(ctx).verify(ACCOUNT, body.code)
         ctx.log.event("admin_session_opened")

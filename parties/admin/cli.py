@@ -7,10 +7,11 @@ import typer
 from rich.console import Console
 
 from governance.second_factor import totp_code
-from parties.runtime.admin_session import save_session
-from parties.runtime.cli import StateOption, TopologyOption, resolve_topology
+from parties.admin.api import ENROLL, OPEN_SESSION, SessionRequest
+from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
+from parties.runtime.session_file import save_session
 from parties.runtime.state import StateDir, default_state_dir, write_private
 
 console = Console()
@@ -38,22 +39,18 @@ def enroll(
     """Enroll a TOTP secret; add the printed URI to an authenticator app."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
-    try:
-        with NodeClient(st, topo, node) as client:
-            body = client.post(node, "/v1/admin/second-factor", kind="admin").json()
-    except NodeError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    console.print(f"provisioning URI: {body['provisioning_uri']}")
+    with exit_on(NodeError), NodeClient(st, topo, node) as client:
+        enrollment = client.call(node, ENROLL)
+    console.print(f"provisioning URI: {enrollment.provisioning_uri}")
     if save_secret:
-        write_private(secret_file(st, node), body["secret"].encode())
+        write_private(secret_file(st, node), enrollment.secret.encode())
         console.print(f"secret saved to {secret_file(st, node)}")
 
 
 def login_with_code(st: StateDir, topo, node: str, code: str) -> None:
     with NodeClient(st, topo, node) as client:
-        body = client.post(node, "/v1/admin/session", kind="admin", json={"code": code}).json()
-    save_session(st.node(node), body["token"])
+        session = client.call(node, OPEN_SESSION, SessionRequest(code=code))
+    save_session(st.node(node), session.token)
 
 
 def login_with_saved_secret(st: StateDir, topo, node: str) -> None:
@@ -74,14 +71,11 @@ def login(
     """Open an admin session (15 minutes) with a TOTP code."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
-    try:
+    with exit_on(NodeError):
         if code is None and secret_file(st, node).exists():
             login_with_saved_secret(st, topo, node)
         else:
             login_with_code(st, topo, node, code or typer.prompt("TOTP code"))
-    except NodeError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
     console.print(f"admin session open on {node}")
 
 
