@@ -3,13 +3,15 @@ expected error."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import IntEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from parties.runtime.errors import NodeUnavailable
 from parties.runtime.state import StateDir
 from parties.runtime.topology import Topology, TopologyError, load_topology
 
@@ -37,9 +39,37 @@ NodesOption = Annotated[
 DEFAULT_TOPOLOGY = Path("topologies/suzhou.toml")
 
 
+class ExitCode(IntEnum):
+    """What every `cogov` command exits with (the table in the README)."""
+
+    DONE = 0
+    REFUSED = 1  # a node or a policy refused: contract, consent, quota, flow, state
+    BAD_INPUT = 2  # the input is malformed: a file, an option, a field
+    UNAVAILABLE = 3  # a node could not be reached or failed
+
+
+# HTTP statuses of typed refusals that mean "your input is malformed".
+_BAD_INPUT_STATUSES = frozenset({400, 411, 413, 415, 422})
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit code for an expected error: by its kind, never by the command that met it."""
+    if isinstance(exc, NodeUnavailable):
+        return ExitCode.UNAVAILABLE
+    status = getattr(exc, "http_status", None)
+    if status is not None:
+        if status in _BAD_INPUT_STATUSES:
+            return ExitCode.BAD_INPUT
+        return ExitCode.UNAVAILABLE if status >= 500 else ExitCode.REFUSED
+    if isinstance(exc, ValueError | OSError):
+        return ExitCode.BAD_INPUT
+    return ExitCode.REFUSED
+
+
 @contextmanager
-def exit_on(*errors: type[Exception], code: int = 1) -> Iterator[None]:
-    """Print an expected error as one line (its typed name and detail) and exit with `code`.
+def exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """Print an expected error as one line (its typed name and detail) and exit with the code
+    of its kind (`exit_code_of`).
 
     The name is a remote node's typed error (`exc.error`) if there is one, else the class
     name; the detail is `exc.detail` if set, else the message.
@@ -47,11 +77,15 @@ def exit_on(*errors: type[Exception], code: int = 1) -> Iterator[None]:
     try:
         yield
     except errors as exc:
-        name = getattr(exc, "error", None) or type(exc).__name__
-        detail = getattr(exc, "detail", None) or str(exc)
-        # Error text is data, not markup: unescaped, "[type=missing ...]" in a message vanishes.
-        console.print(f"[bold red]{escape(name)}[/]: {escape(detail)}")
-        raise typer.Exit(code) from exc
+        fail(getattr(exc, "error", None) or type(exc).__name__,
+             getattr(exc, "detail", None) or str(exc), exit_code_of(exc), exc)
+
+
+def fail(name: str, detail: str, code: ExitCode, cause: BaseException | None = None) -> NoReturn:
+    """Print one error line and exit with `code`."""
+    # Error text is data, not markup: unescaped, "[type=missing ...]" in a message vanishes.
+    console.print(f"[bold red]{escape(name)}[/]: {escape(detail)}")
+    raise typer.Exit(int(code)) from cause
 
 
 def resolve_topology(state: Path, topology: Path | None) -> tuple[Path, Topology]:

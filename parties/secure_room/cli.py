@@ -74,7 +74,7 @@ def init_command(
     name: Annotated[str, typer.Option(help="package name (lowercase, - or _)")] = "my-package",
 ) -> None:
     """Scaffold a runnable package: manifest.toml and an entry-point module."""
-    with exit_on(GovernanceError, code=2):
+    with exit_on(GovernanceError):
         init_package(directory, name)
     console.print(f"created {directory}/manifest.toml; edit it, then `package test`")
 
@@ -91,7 +91,7 @@ def test_command(
     wall: WallOption = 60.0,
 ) -> None:
     """Static checks, then a sandboxed run on a sample or test library; show the output."""
-    with exit_on(GovernanceError, SecureRoomError, code=2):
+    with exit_on(GovernanceError, SecureRoomError):
         run = run_package(directory, library, limits=_limits(cpu, memory, wall),
                           static_checks=not skip_static_gate)
     _show(run, rows)
@@ -109,7 +109,7 @@ def submit_command(
     wall: WallOption = 60.0,
 ) -> None:
     """Record package.sha256, validate in the secure room, write the validation report."""
-    with exit_on(GovernanceError, SecureRoomError, code=2):
+    with exit_on(GovernanceError, SecureRoomError):
         manifest = load_manifest(directory)
         digest = write_package_hash(directory)
         run = run_package(directory, library, limits=_limits(cpu, memory, wall))
@@ -130,7 +130,7 @@ def approve_command(
     out: Annotated[Path, typer.Option(help="approval file to write")] = Path("approval.json"),
 ) -> None:
     """As the data owner, sign an approval bound to the package's content hash."""
-    with exit_on(GovernanceError, code=2):
+    with exit_on(GovernanceError):
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise typer.BadParameter("not an Ed25519 private key", param_hint="--key")
@@ -147,7 +147,7 @@ def verify_command(
     public_key: Annotated[Path, typer.Option(help="owner's Ed25519 public key (PEM)")],
 ) -> None:
     """Check that the owner's approval covers this exact package content."""
-    with exit_on(GovernanceError, ValueError, code=2):
+    with exit_on(GovernanceError, ValueError):
         public = serialization.load_pem_public_key(public_key.read_bytes())
         if not isinstance(public, Ed25519PublicKey):
             raise typer.BadParameter("not an Ed25519 public key", param_hint="--public-key")
