@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from mpc.certificates import make_pki, tls_contexts
 from mpc.claim import ss_shares
 from mpc.errors import MalformedInput
 from mpc.ss.channel import ChannelError, MtlsChannel
 from mpc.ss.dealer import _Tuples
-from mpc.ss.throwaway_pki import make_pki, tls_contexts
 from mpc.ss.wire import FRAME_TENSORS, decode_tensors, encode_tensors
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mpc.certificates import make_pki, tls_contexts
 from mpc.claim import ss_shares
 from mpc.claim.candidates import CandidateSlots, gather_rows
-from mpc.ss.throwaway_pki import make_pki, tls_contexts
 
 OPERATOR, REGULATOR, DEALER = "operator", "regulator", "health-authority"
 PARTIES = [OPERATOR, REGULATOR]

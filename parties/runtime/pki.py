@@ -15,8 +15,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from mpc.certificates import (
+    certificate_pem,
+    issue_certificate,
+    new_ca,
+    private_key_pem,
+    subject,
+)
 from parties.runtime.state import StateDir, write_private, write_public
 from parties.runtime.topology import Topology
 
@@ -29,6 +36,7 @@ CRL_VALIDITY = dt.timedelta(days=30)
 # this private-arc OID, so the CA vouches for it and verifiers need only the
 # CA certificate and the node certificates.
 SIGNING_KEY_OID = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")
+ORGANIZATION = "cogov federation"
 
 
 class PkiError(ValueError):
@@ -39,49 +47,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def init_ca(state: StateDir, federation: str, *, force: bool = False) -> x509.Certificate:
     """Create the federation CA and an empty revocation list."""
     paths = state.ca
     if paths.cert.exists() and not force:
         raise PkiError(f"a CA already exists in {paths.root}; pass force to replace it")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cogov federation"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} federation CA"),
-        ]
-    )
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    write_private(paths.key, _key_pem(key))
-    write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    key, cert = new_ca(subject(f"{federation} federation CA", ORGANIZATION), CA_VALIDITY)
+    write_private(paths.key, private_key_pem(key))
+    write_public(paths.cert, certificate_pem(cert))
     write_public(paths.issued, b"{}")
     _write_crl(state, key, cert, revoked={})
     return cert
@@ -96,7 +69,7 @@ def _load_ca(state: StateDir) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
     return key, x509.load_pem_x509_certificate(paths.cert.read_bytes())
 
 
-def _san_for(host: str, name: str) -> x509.SubjectAlternativeName:
+def _alt_names(host: str, name: str) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost")]
     try:
         names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -104,7 +77,7 @@ def _san_for(host: str, name: str) -> x509.SubjectAlternativeName:
         names.append(x509.DNSName(host))
     if host != "127.0.0.1":
         names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    return x509.SubjectAlternativeName(names)
+    return names
 
 
 def issue_node_certificate(
@@ -117,45 +90,19 @@ def issue_node_certificate(
 ) -> x509.Certificate:
     """Issue a fresh TLS key, signing key and certificate for node `name`."""
     ca_key, ca_cert = _load_ca(state)
-    key = ec.generate_private_key(ec.SECP256R1())
     signing_key = Ed25519PrivateKey.generate()
     signing_public = signing_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    start = not_before or (_now() - dt.timedelta(minutes=5))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cogov federation"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san_for(host, name), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .add_extension(x509.UnrecognizedExtension(SIGNING_KEY_OID, signing_public), False)
-        .sign(ca_key, hashes.SHA256())
+    key, cert = issue_certificate(
+        ca_key, ca_cert, subject(name, ORGANIZATION), _alt_names(host, name),
+        validity=validity, not_before=not_before,
+        extensions=[x509.UnrecognizedExtension(SIGNING_KEY_OID, signing_public)],
     )
     paths = state.node(name)
-    write_private(paths.key, _key_pem(key))
-    write_private(paths.signing_key, _key_pem(signing_key))
-    write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(paths.key, private_key_pem(key))
+    write_private(paths.signing_key, private_key_pem(signing_key))
+    write_public(paths.cert, certificate_pem(cert))
     issued = json.loads(state.ca.issued.read_text())
     issued.setdefault(name, []).append(format(cert.serial_number, "x"))
     write_public(state.ca.issued, json.dumps(issued, indent=2).encode())
