@@ -32,12 +32,12 @@ from federated.datasets import write_breast_cancer_task
 from federated.deployment import deploy
 from federated.loopback_pki import issue_loopback_certificates
 from federated.report import FederatedReport
+from federated.settings import SIMULATION_LOCAL_EPOCHS
 from federated.simulation import simulate
 
 RESULTS = Path(__file__).parent / "results" / "latest"
 # Tiny hospitals (~4.5 rows each at 100 clients) need several local passes per round
 # for FedAvg to match pooled training within 10 rounds.
-LOCAL_EPOCHS = 20
 
 
 def _row(label: str, report: FederatedReport, seconds: list[float]) -> dict:
@@ -80,7 +80,7 @@ def run(quick: bool = False) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fl-") as scratch:
         work = Path(scratch)
-        common = dict(clients=clients, rounds=rounds, local_epochs=LOCAL_EPOCHS)
+        common = dict(clients=clients, rounds=rounds, local_epochs=SIMULATION_LOCAL_EPOCHS)
         rows.append(_simulate_case("simulation-fedavg", work, repeats, **common))
         # SecAgg+ proper: each client shares keys with ~10% of the others (odd count),
         # not all of them, which keeps the per-round cost near-linear in clients.
@@ -120,8 +120,9 @@ def run(quick: bool = False) -> dict:
         "benchmark": "federated",
         "quick": quick,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "settings": {"local_epochs": LOCAL_EPOCHS, "learning_rate": 0.1, "batch_size": 32,
-                     "model": "logreg", "ray_num_cpus": 2, "cpus_per_client": 1.0},
+        "settings": {"local_epochs": SIMULATION_LOCAL_EPOCHS, "learning_rate": 0.1,
+                     "batch_size": 32, "model": "logreg", "ray_num_cpus": 2,
+                     "cpus_per_client": 1.0},
         "cases": rows,
         "goals": goals,
     }

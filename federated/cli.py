@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from federated.errors import FederatedError
+from federated.settings import SIMULATION_LOCAL_EPOCHS
 
 app = typer.Typer(help="Federated training of the claim-risk model (Flower).",
                   no_args_is_help=True)
@@ -31,7 +32,9 @@ def simulate(
     dp: bool = typer.Option(False, help="Client-side clipping with central Gaussian noise."),
     noise_multiplier: float = typer.Option(1.0, help="DP noise multiplier."),
     clipping_norm: float = typer.Option(1.0, help="DP clipping norm of a client update."),
-    local_epochs: int = typer.Option(1, help="Local epochs per round."),
+    local_epochs: int = typer.Option(
+        SIMULATION_LOCAL_EPOCHS,
+        help="Local epochs per round (simulated hospitals hold few rows each)."),
     learning_rate: float = typer.Option(0.1, help="Client SGD learning rate."),
     proximal_mu: float = typer.Option(0.1, help="FedProx proximal coefficient."),
     fraction_fit: float = typer.Option(1.0, help="Share of clients sampled per round."),

@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from federated.errors import InvalidFederatedConfig
 
+# A simulated hospital holds a few rows (breast-cancer split 100 ways: about 4 each), so
+# one local epoch is one or two SGD steps and FedAvg stays far from the pooled model
+# (0.945 of centralized accuracy at 100 clients x 10 rounds); 20 local epochs reach 0.99.
+SIMULATION_LOCAL_EPOCHS = 20
+
 
 class RunSettings(BaseModel):
     """Everything the ServerApp needs; clients receive their part in each round's config."""

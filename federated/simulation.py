@@ -27,7 +27,7 @@ from federated.datasets import FederatedTask, count_training_rows, write_breast_
 from federated.errors import InvalidFederatedConfig, SimulationFailed
 from federated.processes import MARKER_ENV, new_marker, stop_process, terminate_marked
 from federated.report import FederatedReport, ServerRunResult, assemble_report, write_report
-from federated.settings import RunSettings
+from federated.settings import SIMULATION_LOCAL_EPOCHS, RunSettings
 
 BUILTIN_TASKS = ("breast-cancer-iid", "breast-cancer-dirichlet")
 
@@ -56,7 +56,7 @@ def simulate(
     out: Path = Path("report.json"),
     *,
     model: str = "logreg",
-    local_epochs: int = 1,
+    local_epochs: int = SIMULATION_LOCAL_EPOCHS,
     learning_rate: float = 0.1,
     batch_size: int = 32,
     proximal_mu: float = 0.1,
