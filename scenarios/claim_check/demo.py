@@ -31,6 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 from governance.packages import package_hash
+from parties.runtime.state import StateDir
+from parties.runtime.supervisor import down
+from parties.runtime.topology import load_topology
 from scenarios.claim_check.features import write_holdout, write_hospital_features
 
 console = Console()
@@ -47,6 +50,8 @@ class StageFailed(RuntimeError):
 
 @dataclass
 class DemoRun:
+    # The `cogov` command the demo was started from; its stages are its subcommands.
+    command: click.Command
     state: Path
     topology: Path
     data: Path
@@ -57,15 +62,13 @@ class DemoRun:
 
     def cogov(self, *args: str, with_state: bool = True) -> None:
         """Run one `cogov` command in this process; a non-zero exit stops the demo."""
-        from scenarios.cli import app
-
         argv = [*args]
         if with_state:
             argv += ["--state", str(self.state), "--topology", str(self.topology)]
         console.print(f"[dim]$ cogov {' '.join(args)}[/dim]")
         try:
             # Without standalone mode click returns the exit code of `typer.Exit`.
-            code = typer.main.get_command(app).main(argv, standalone_mode=False)
+            code = self.command.main(argv, standalone_mode=False)
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except click.ClickException as exc:
@@ -193,6 +196,7 @@ def _summary(run: DemoRun) -> None:
 
 
 def demo(
+    context: typer.Context,
     state: Path = typer.Option(Path(".cogov/demo"), help="State directory (wiped first)."),
     topology: Path = typer.Option(Path("topologies/suzhou.toml"), help="Topology TOML."),
     data: Path = typer.Option(Path("data"), help="Generated data (reused when present)."),
@@ -203,14 +207,10 @@ def demo(
 ) -> None:
     """Run the Suzhou fast-claim scenario end to end on real node processes over mutual TLS."""
     if state.exists():
-        from parties.runtime.state import StateDir
-        from parties.runtime.supervisor import down
-        from parties.runtime.topology import load_topology
-
         down(StateDir(state), load_topology(topology), grace=5.0)
         shutil.rmtree(state)
     out.mkdir(parents=True, exist_ok=True)
-    run = DemoRun(state, topology, data, out, patients, claims)
+    run = DemoRun(context.find_root().command, state, topology, data, out, patients, claims)
     started = time.monotonic()
     failed: Exception | None = None
     try:
