@@ -27,8 +27,8 @@ SERVICE_PATHS: tuple[str, ...] = (
     "parties.services.claim_compute:OPERATOR_COMPUTE_SERVICE",
     "parties.services.claim_compute:REGULATOR_FOLLOWER_SERVICE",
     "parties.services.claim_compute:DEALER_SERVICE",
-    "parties.services.secure_room:OPERATOR_SECURE_ROOM_SERVICE",
-    "parties.services.package_approval:PACKAGE_APPROVAL_SERVICE",
+    "parties.secure_room.service:OPERATOR_SECURE_ROOM_SERVICE",
+    "parties.secure_room.approval:PACKAGE_APPROVAL_SERVICE",
     "parties.services.statistics:REGULATOR_STATS_SERVICE",
     "parties.services.statistics:OPERATOR_STATS_SERVICE",
 )

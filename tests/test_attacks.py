@@ -436,7 +436,7 @@ def _swapped_copy(tmp_path):
 
 def test_package_swapped_after_approval_is_refused(tmp_path):
     from governance.synthetic import write_library
-    from parties.secure_room import run_package
+    from parties.secure_room.room import run_package
 
     owner, approval, swapped = _swapped_copy(tmp_path)
     assert verify_approval(CLAIM_PACKAGE, approval, owner.public_key()) == package_hash(
@@ -455,7 +455,8 @@ def test_package_swapped_after_approval_is_refused(tmp_path):
 def test_package_swapped_after_approval_is_refused_by_the_owner_node_and_logged(world, tmp_path):
     """The owner (health authority) approved the claim package; the operator asks it to run a
     copy changed after the approval on the authorized data: refused before any row is read."""
-    from parties.services.secure_room import package_to_wire
+    from parties.secure_room.api import PRODUCTION_RUN, ProductionRunRequest
+    from parties.secure_room.wire import package_to_wire
 
     fed = world.fed
     owner_key = load_signing_key(fed.state, "health-authority")
@@ -469,15 +470,14 @@ def test_package_swapped_after_approval_is_refused_by_the_owner_node_and_logged(
     _, _, swapped = _swapped_copy(tmp_path)
     with NodeClient(fed.state, fed.topology, "operator") as client, \
             pytest.raises(RemoteError) as refused:
-        client.post("health-authority", "/v1/packages/run", kind="package",
-                    json={"files": [f.model_dump() for f in package_to_wire(swapped)],
-                          "requester": "regulator"})
+        client.call("health-authority", PRODUCTION_RUN,
+                    ProductionRunRequest(files=package_to_wire(swapped), requester="regulator"))
     assert (refused.value.http_status, refused.value.error) == (409, "PackageHashMismatch")
     logged = [dict(decode_leaf(leaf).entry.event.payload)
               for kind, _, leaf in ledger_entries(fed) if kind == "package_run_refused"]
     assert any(p["error"] == "PackageHashMismatch"
                and p["package_sha256"] == package_hash(swapped) for p in logged)
-    assert ("/v1/packages/run", "PackageHashMismatch") in [
+    assert (PRODUCTION_RUN.path, "PackageHashMismatch") in [
         r[1:3] for r in refusal_rows(fed, "health-authority")]
 
 

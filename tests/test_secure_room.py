@@ -33,14 +33,10 @@ from governance.packages import (
     package_hash,
 )
 from governance.synthetic import synthesize, write_library
-from parties.secure_room import (
-    LibraryNotDeclared,
-    SandboxLimits,
-    run_package,
-    sandbox_available,
-    sandbox_command,
-)
-from parties.secure_room.cli import app
+from parties.secure_room.api import LibraryNotDeclared
+from parties.secure_room.cli import package_app as app
+from parties.secure_room.room import run_package
+from parties.secure_room.sandbox import SandboxLimits, sandbox_available, sandbox_command
 from scenarios.claim_check.generator import generate
 
 CLAIM_PACKAGE = Path(__file__).resolve().parents[1] / "scenarios/claim_check/claim_package"

@@ -19,13 +19,28 @@ from typer.testing import CliRunner
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
 from parties.node import open_node
-from parties.package_cli import fetch_sample
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
-from parties.secure_room import sandbox_available
+from parties.runtime.routes import Kind
+from parties.secure_room.api import (
+    CATALOGUE,
+    LIBRARIES,
+    PRODUCT,
+    PRODUCTION_RUN,
+    REVIEWS,
+    RUN_PACKAGE,
+    SUBMISSION,
+    SUBMIT_PACKAGE,
+    CatalogueEntry,
+    PackageUpload,
+    RunRequest,
+    Submission,
+)
+from parties.secure_room.cli import fetch_sample
+from parties.secure_room.libraries import authorized_visits
+from parties.secure_room.sandbox import sandbox_available
+from parties.secure_room.wire import package_to_wire
 from parties.services.health_authority import governed_visits
-from parties.services.package_approval import authorized_visits
-from parties.services.secure_room import package_to_wire
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 
@@ -105,15 +120,14 @@ class Room:
         assert result.exit_code == code, result.output
         return " ".join(result.output.split())  # rich wraps lines at the terminal width
 
-    def submit(self, package: Path) -> dict:
+    def submit(self, package: Path) -> Submission:
         with self.client("regulator") as client:
-            return client.post("operator", "/v1/secure-room/packages", kind="catalogue", json={
-                "files": [f.model_dump() for f in package_to_wire(package)]}).json()
+            return client.call("operator", SUBMIT_PACKAGE,
+                               PackageUpload(files=package_to_wire(package)))
 
-    def run(self, sha: str) -> dict:
+    def run(self, sha: str) -> CatalogueEntry:
         with self.client("regulator") as client:
-            return client.post("operator", f"/v1/secure-room/packages/{sha}/run",
-                               kind="catalogue", json={"query": {}}).json()
+            return client.call("operator", RUN_PACKAGE, RunRequest(), params={"sha256": sha})
 
     def events(self, kind: str) -> list:
         with sqlite3.connect(f"file:{self.fed.state.node('operator').db}?mode=ro",
@@ -162,8 +176,7 @@ def approved_claim_check(room):
     sha = package_hash(package)
     assert sha in out and "sent to the data owner for review" in out
     with room.client("regulator") as client, pytest.raises(RemoteError) as refused:
-        client.post("operator", f"/v1/secure-room/packages/{sha}/run", kind="catalogue",
-                    json={"query": {}})
+        client.call("operator", RUN_PACKAGE, RunRequest(), params={"sha256": sha})
     assert (refused.value.http_status, refused.value.error) == (403, "PackageNotApproved")
     assert [e.payload["error"] for e in room.events("package_run_refused")
             if e.payload["package_sha256"] == sha] == ["PackageNotApproved"]
@@ -175,23 +188,23 @@ def approved_claim_check(room):
 def test_libraries_are_published_to_the_development_environment(room):
     assert "sample fidelity" in room.built and "0 exact copies" in room.built
     with room.client("regulator") as client:
-        published = client.get("operator", "/v1/secure-room/libraries", kind="catalogue").json()
+        published = client.call("operator", LIBRARIES)
         # The test library serves the secure room only: developers get the sample.
         with pytest.raises(RemoteError) as refused:
-            client.get("operator", "/v1/secure-room/libraries/claim_check/test",
-                       kind="catalogue")
+            client.request("operator", "GET", f"{LIBRARIES.path}/claim_check/test",
+                           kind=Kind.CATALOGUE)
         assert refused.value.http_status == 404
-    by_kind = {lib["kind"]: lib for lib in published}
+    by_kind = {lib.kind: lib for lib in published}
     assert set(by_kind) == {"sample", "test"}
-    assert by_kind["sample"]["tables"]["visits"] == 400
-    assert by_kind["test"]["tables"]["visits"] == 60
-    report = by_kind["sample"]["reports"]["visits"]
+    assert by_kind["sample"].tables["visits"] == 400
+    assert by_kind["test"].tables["visits"] == 60
+    report = by_kind["sample"].reports["visits"]
     assert report["exact_matches"] == 0 and report["rows_below_threshold"] == 0
     assert set(report["fidelity"]) >= {"diagnosis_code", "self_pay_fen", "admission_date"}
     registered = [e for e in room.events("data_registered")
                   if e.payload.get("stage") == "library"]
     assert {(e.actor, e.payload["library"], e.payload["library_sha256"]) for e in registered} \
-        >= {("health-authority", k, lib["sha256"]) for k, lib in by_kind.items()}
+        >= {("health-authority", k, lib.sha256) for k, lib in by_kind.items()}
 
 
 def test_the_published_sample_holds_no_real_row(room):
@@ -223,21 +236,21 @@ def test_package_test_runs_on_the_sample_library_fetched_from_the_operator(room)
 def test_claim_check_submitted_validated_approved_run_and_catalogued(room, approved_claim_check):
     _, sha = approved_claim_check
     with room.client("regulator") as client:
-        submission = client.get("operator", f"/v1/secure-room/packages/{sha}",
-                                kind="catalogue").json()
-    report = submission["report"]
-    assert submission["accepted"] and report["library"] == "test" and report["ran"]
+        submission = client.call("operator", SUBMISSION, params={"sha256": sha})
+    report = submission.report
+    assert submission.accepted and report["library"] == "test" and report["ran"]
     assert report["schema_ok"] and report["disclosure_ok"] and report["output_rows"] > 0
     assert report["wall_seconds"] > 0 and report["peak_memory_bytes"] > 0
     submitted = [e for e in room.events("package_submitted")
                  if e.payload["package_sha256"] == sha]
-    assert submitted[0].payload["report_sha256"] == submission["report_sha256"]
+    assert submitted[0].payload["report_sha256"] == submission.report_sha256
     approved = [e for e in room.events("package_approved") if e.payload["package_sha256"] == sha]
     assert approved and approved[0].actor == "health-authority"
 
-    # The package also reads `policies`, which the owner does not hold: refused up front.
+    # The package also reads `policies`, which the owner does not hold: refused up front,
+    # as malformed input (422, exit 2).
     out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
-                   code=1)
+                   code=2)
     assert "QueryTablesInvalid" in out and "policies" in out
     out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
                    "--query", f"policies={room.data / 'policies.csv'}", "--rows", "0")
@@ -246,11 +259,11 @@ def test_claim_check_submitted_validated_approved_run_and_catalogued(room, appro
     assert product in room.cli("catalogue", "list")
     assert product in room.cli("catalogue", "show", product, "--rows", "2")
     with room.client("regulator") as client:
-        entry = client.get("operator", f"/v1/catalogue/{product}", kind="catalogue").json()
-    assert entry["report"]["library"] == "authorized" and entry["report"]["accepted"]
+        entry = client.call("operator", PRODUCT, params={"product_id": product})
+    assert entry.report["library"] == "authorized" and entry.report["accepted"]
 
     # The verdicts on the authorized (pseudonymized) data equal the generator's ground truth.
-    got = pd.DataFrame(entry["output"])
+    got = pd.DataFrame(entry.output)
     truth = pd.read_csv(room.data / "ground_truth" / "claims_truth.csv", dtype={"claim_id": str})
     merged = got.merge(truth, on="claim_id", suffixes=("", "_truth"))
     assert len(merged) == len(truth) == 30
@@ -262,7 +275,7 @@ def test_claim_check_submitted_validated_approved_run_and_catalogued(room, appro
     runs = [e for e in room.events("package_run") if e.payload["run_id"] == product]
     assert len(runs) == 1 and runs[0].actor == "health-authority"
     meter = runs[0].payload
-    assert meter["output_sha256"] == entry["output_sha256"] and meter["rows_returned"] == 30
+    assert meter["output_sha256"] == entry.output_sha256 and meter["rows_returned"] == 30
     assert meter["records_touched"] > 400 and meter["party"] == "regulator"
     published = [e for e in room.events("product_published")
                  if e.payload["product_id"] == product]
@@ -276,10 +289,10 @@ def test_an_approved_package_changed_by_one_byte_is_refused(room, approved_claim
     with open(changed / "verdict.py", "ab") as handle:
         handle.write(b" ")
     submission = room.submit(changed)
-    changed_sha = submission["package_sha256"]
-    assert changed_sha != sha and submission["accepted"]  # still fine on the test library
+    changed_sha = submission.package_sha256
+    assert changed_sha != sha and submission.accepted  # still fine on the test library
     with room.client("regulator") as client:
-        before = len(client.get("operator", "/v1/catalogue", kind="catalogue").json())
+        before = len(client.call("operator", CATALOGUE))
     with pytest.raises(RemoteError) as refused:
         room.run(changed_sha)
     assert (refused.value.http_status, refused.value.error) == (409, "PackageHashMismatch")
@@ -288,10 +301,10 @@ def test_an_approved_package_changed_by_one_byte_is_refused(room, approved_claim
     assert refusals and refusals[0].payload["error"] == "PackageHashMismatch"
     assert refusals[0].actor == "health-authority"
     with room.client("regulator") as client:
-        assert len(client.get("operator", "/v1/catalogue", kind="catalogue").json()) == before
+        assert len(client.call("operator", CATALOGUE)) == before
     with sqlite3.connect(room.fed.state.node("health-authority").db) as db:
-        logged = db.execute("SELECT error FROM refusals WHERE route = '/v1/packages/run'"
-                            ).fetchall()
+        logged = db.execute("SELECT error FROM refusals WHERE route = ?",
+                            (PRODUCTION_RUN.path,)).fetchall()
     assert ("PackageHashMismatch",) in logged
 
 
@@ -315,31 +328,30 @@ def test_hostile_packages_are_stopped_and_reported_by_the_secure_room(room):
             return pd.DataFrame({"hospital_id": [str(x) for x in lines.tolist()]})
         """)
     gated = room.submit(opens_socket)
-    assert (gated["outcome"], gated["report"]["ran"], gated["accepted"]) == (
+    assert (gated.outcome, gated.report["ran"], gated.accepted) == (
         "static_checks_failed", False, False)
-    assert "forbidden_import" in {f["code"] for f in gated["report"]["static_findings"]}
+    assert "forbidden_import" in {f["code"] for f in gated.report["static_findings"]}
     stopped = room.submit(reads_passwd)
-    assert stopped["report"]["ran"] and not stopped["accepted"]
-    assert (stopped["outcome"], stopped["report"]["error_type"]) == ("error", "FileNotFoundError")
+    assert stopped.report["ran"] and not stopped.accepted
+    assert (stopped.outcome, stopped.report["error_type"]) == ("error", "FileNotFoundError")
     for sub in (gated, stopped):
-        assert not sub["forwarded_for_review"]
+        assert not sub.forwarded_for_review
         logged = [e for e in room.events("package_submitted")
-                  if e.payload["package_sha256"] == sub["package_sha256"]]
+                  if e.payload["package_sha256"] == sub.package_sha256]
         assert logged[0].payload["accepted"] is False
         with pytest.raises(RemoteError) as refused:
-            room.run(sub["package_sha256"])
+            room.run(sub.package_sha256)
         assert refused.value.error == "PackageNotValidated"
     with room.client("health-authority") as client:
-        queued = {r["package_sha256"] for r in
-                  client.get("health-authority", "/v1/packages/reviews", kind="admin").json()}
-    assert not {gated["package_sha256"], stopped["package_sha256"]} & queued
+        queued = {r.package_sha256 for r in client.call("health-authority", REVIEWS)}
+    assert not {gated.package_sha256, stopped.package_sha256} & queued
 
 
 def test_aggregate_groups_under_k_are_suppressed_in_production(room):
     package = make_package(room.work / "aggregate", AGGREGATE_MANIFEST, AGGREGATE_CODE)
     submission = room.submit(package)
-    assert submission["accepted"], submission["report"]
-    sha = submission["package_sha256"]
+    assert submission.accepted, submission.report
+    sha = submission.package_sha256
     room.cli("package", "approve", sha)
     entry = room.run(sha)
     ha = room.authority()
@@ -351,8 +363,8 @@ def test_aggregate_groups_under_k_are_suppressed_in_production(room):
                                                 self_pay_fen=("self_pay_fen", "sum"))
     small = groups[groups["n"] < 10]
     assert len(small) > 0 and len(groups) > len(small)
-    assert entry["suppressed_groups"] == len(small) == entry["report"]["suppressed_groups"]
-    released = {r["diagnosis_code"]: (r["n"], r["self_pay_fen"]) for r in entry["output"]}
+    assert entry.suppressed_groups == len(small) == entry.report["suppressed_groups"]
+    released = {r["diagnosis_code"]: (r["n"], r["self_pay_fen"]) for r in entry.output}
     expected = groups[groups["n"] >= 10]
     assert released == {code: (int(row.n), int(row.self_pay_fen))
                         for code, row in expected.iterrows()}

@@ -1,23 +1,8 @@
-"""The secure room: algorithm packages validated and run in an OS sandbox."""
+"""The secure room: in-air development of algorithm packages.
 
-from parties.secure_room.errors import (
-    LibraryInvalid,
-    LibraryNotDeclared,
-    SandboxUnavailable,
-    SecureRoomError,
-)
-from parties.secure_room.room import PackageRun, ValidationReport, run_package
-from parties.secure_room.sandbox import SandboxLimits, sandbox_available, sandbox_command
-
-__all__ = [
-    "LibraryInvalid",
-    "LibraryNotDeclared",
-    "PackageRun",
-    "SandboxLimits",
-    "SandboxUnavailable",
-    "SecureRoomError",
-    "ValidationReport",
-    "run_package",
-    "sandbox_available",
-    "sandbox_command",
-]
+`api` is the contract; `service` the operator's development environment (libraries,
+validation, catalogue); `libraries` and `approval` the data owner's side; `room` and
+`sandbox` validate and run a package in the OS sandbox; `cli` is `cogov package` and
+`cogov catalogue`. Nothing is imported here: `room` loads scipy and scikit-learn, which
+a node loads only when a package runs.
+"""

@@ -34,7 +34,7 @@ from governance.packages import (
     verify_approval,
 )
 from governance.synthetic import KNOWN_IDENTIFIERS, LibraryError, read_library_info
-from parties.secure_room.errors import LibraryInvalid, LibraryNotDeclared
+from parties.secure_room.api import LibraryInvalid, LibraryNotDeclared
 from parties.secure_room.sandbox import SandboxLimits, SandboxRun, run_sandboxed
 
 Outcome = Literal[

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from parties.secure_room.errors import SandboxUnavailable
+from parties.secure_room.api import SandboxUnavailable
 
 HARNESS_FILE = Path(__file__).with_name("_harness.py")
 SANDBOX_UID = 65534
