@@ -20,6 +20,7 @@ from governance.contracts import (
 )
 from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
+from parties.ledger.client import append_entry
 from parties.node import open_node
 from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.runtime.client import NodeClient
@@ -27,7 +28,6 @@ from parties.runtime.errors import NodeError
 from parties.runtime.pki import load_signing_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology
-from parties.services.ledger import record_event
 
 console = Console()
 contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",
@@ -173,7 +173,7 @@ def billing_statement(
     with exit_on(ContractError, ValueError):
         result = statement(signed.terms, period, leaves)
     if issue:
-        record_event(open_node(st, topo, operator), "bill_issued", result.log_payload())
+        append_entry(open_node(st, topo, operator), "bill_issued", result.log_payload())
     if as_json:
         print(result.to_json())
     else:

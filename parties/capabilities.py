@@ -13,8 +13,8 @@ from parties.runtime.topology import Role
 SERVICE_PATHS: tuple[str, ...] = (
     "parties.admin.service:SERVICE",
     "parties.services.agreements:SERVICE",
-    "parties.services.ledger:OPERATOR_SERVICE",
-    "parties.services.ledger:WITNESS_SERVICE",
+    "parties.ledger.service:OPERATOR_SERVICE",
+    "parties.ledger.witness:WITNESS_SERVICE",
     "parties.services.hospital_export:HOSPITAL_EXPORT_SERVICE",
     "parties.services.health_authority:HEALTH_AUTHORITY_SERVICE",
     "parties.services.circulation:OPERATOR_CIRCULATION_SERVICE",

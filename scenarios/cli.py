@@ -9,7 +9,7 @@ from parties.agreements_cli import register as register_agreements
 from parties.claim_cli import claim_app
 from parties.federation_cli import register as register_parties
 from parties.govern_cli import register as register_govern
-from parties.ledger_cli import register as register_ledger
+from parties.ledger.cli import register as register_ledger
 from parties.package_cli import catalogue_app, package_app
 from parties.stats_cli import stats_app
 from scenarios.claim_check.cli import data_app

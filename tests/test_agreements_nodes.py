@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 from governance.consent import issue_consent
 from governance.contracts import SignedContract, load_contract, sign_contract
 from governance.ledger import decode_leaf
+from parties.ledger.client import append_entry
+from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.runtime.pki import load_signing_key
-from parties.services.ledger import record_event
 from scenarios.cli import app
 from tests.federation import Federation
 
@@ -42,8 +43,6 @@ def _cli(fed: Federation, *args: str):
 
 def _kinds(fed: Federation) -> list[str]:
     ctx = open_node(fed.state, fed.topology, "operator")
-    from parties.services.ledger import operator_log
-
     return [decode_leaf(leaf).entry.event.kind for leaf in operator_log(ctx).log.leaves()]
 
 
@@ -110,7 +109,7 @@ def test_consent_for_another_insurer_is_refused(fed):
 def test_billing_statement_traces_to_log_and_reconciles(fed):
     regulator = open_node(fed.state, fed.topology, "regulator")
     for i in range(3):
-        record_event(regulator, "query_answered", {
+        append_entry(regulator, "query_answered", {
             "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
             "records_touched": 10 + i, "rows_returned": 10 + i, "compute_ms": 5,
         })

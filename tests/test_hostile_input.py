@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpc.hazmat.group import is_valid_point
+from parties.ledger.api import APPEND_ENTRIES
 from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
 from parties.runtime.node_log import NODE_HEADER
 from tests.attack_helpers import (
@@ -215,7 +216,7 @@ entry_like = st.fixed_dictionaries({
 def test_malformed_log_entries_are_refused_and_append_nothing(fed, body):
     with _unchanged(fed, "operator"):
         response = fed.callers.request("health-authority", "operator", "POST",
-                                       "/v1/ledger/entries", json=body)
+                                       APPEND_ENTRIES.path, json=body)
         _typed(response)
 
 

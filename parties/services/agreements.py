@@ -22,13 +22,13 @@ from governance.consent import (
     ConsentRevocation,
 )
 from governance.contracts import ContractBook, ContractTermination, SignedContract
+from parties.ledger.client import append_entry
 from parties.runtime.access import Caller, CallerPolicy
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import IdentityMismatch
 from parties.runtime.service import Service
 from parties.runtime.store import connect
 from parties.runtime.topology import Role
-from parties.services.ledger import record_event
 
 SERVING_ROLE = Role.REGULATOR
 
@@ -60,7 +60,7 @@ def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:
     if consent.terms.insurer != insurer:
         raise ConsentMismatch(f"consent is given to {consent.terms.insurer}, not {insurer}")
     if consent_registry(ctx).store(consent, _now()):
-        record_event(ctx, "consent_given", consent.log_payload())
+        append_entry(ctx, "consent_given", consent.log_payload())
 
 
 class Registered(BaseModel):
@@ -85,7 +85,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     ) -> Registered:
         """Register a consumer's signed revocation; it applies from the next query."""
         consent_registry(ctx).revoke(revocation, _now())
-        record_event(ctx, "consent_revoked", revocation.log_payload())
+        append_entry(ctx, "consent_revoked", revocation.log_payload())
         return Registered(id=revocation.consent_id, status="revoked")
 
     @router.post("/contracts", response_model=Registered)
@@ -99,7 +99,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         stored = book.register(contract, _now())
         missing = stored.missing_signatures()
         if before and not missing:
-            record_event(ctx, "contract_signed", stored.log_payload())
+            append_entry(ctx, "contract_signed", stored.log_payload())
         status = "in force" if not missing else f"awaiting {', '.join(missing)}"
         return Registered(id=stored.contract_id, status=status)
 
@@ -121,7 +121,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         if caller.name not in (termination.party, ctx.name):
             raise IdentityMismatch(f"{caller.name} cannot file {termination.party}'s termination")
         contract_book(ctx).terminate(termination, _now())
-        record_event(ctx, "contract_terminated", {
+        append_entry(ctx, "contract_terminated", {
             "contract_id": contract_id, "party": termination.party, "reason": termination.reason,
         })
         return Registered(id=contract_id, status="terminated")

@@ -425,10 +425,10 @@ def _payload(insurer: str, query: SelfPayQuery, policy: IntersectionPolicy, sess
 
 
 def _log_refusal(ctx: NodeContext, payload: dict[str, Any], reason: str) -> None:
-    from parties.services.ledger import record_event
+    from parties.ledger.client import append_entry
 
     try:
-        record_event(ctx, "query_refused", {**payload, "reason": reason})
+        append_entry(ctx, "query_refused", {**payload, "reason": reason})
     except Exception as exc:  # the refusal stands even if the log is unreachable
         ctx.log.event("refusal_not_logged", error=type(exc).__name__)
     ctx.log.event("stats_refused", reason=reason, session=payload["session"],
@@ -558,7 +558,7 @@ def regulator_outcome(
     ctx: NodeContext, insurer: str, session: str, outcome: JoinOutcome
 ) -> StatsAnswer | JSONResponse:
     """Check the released size, relay round 3, record and return the answer."""
-    from parties.services.ledger import record_event
+    from parties.ledger.client import append_entry
 
     if outcome.session != session:
         raise ProtocolStateError("the outcome is for another session")
@@ -583,7 +583,7 @@ def regulator_outcome(
                          status="answered", result=revealed.result, claimants=row.claimants,
                          operator_rows=revealed.operator_rows)
     _close(ctx, session, "answered", answer)
-    record_event(ctx, "query_answered", {
+    append_entry(ctx, "query_answered", {
         **payload, "operator_rows": revealed.operator_rows, "answer_sha256": answer.digest(),
     })
     ctx.log.event("stats_answered", party=insurer, session=session,
