@@ -12,7 +12,7 @@ from parties.runtime.topology import Role
 # "module:attribute" of every service, in mounting order.
 SERVICE_PATHS: tuple[str, ...] = (
     "parties.admin.service:SERVICE",
-    "parties.services.agreements:SERVICE",
+    "parties.agreements.service:SERVICE",
     "parties.ledger.service:OPERATOR_SERVICE",
     "parties.ledger.witness:WITNESS_SERVICE",
     "parties.services.hospital_export:HOSPITAL_EXPORT_SERVICE",

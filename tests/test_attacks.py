@@ -30,6 +30,8 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
+from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
+from parties.agreements.books import contract_book
 from parties.insurer import ClaimBatchFailed
 from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
 from parties.ledger.client import append_entry, signed_entry
@@ -144,8 +146,7 @@ def test_replayed_revoked_consent_is_refused_and_logged(world):
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(world.keys[nid]))
         revocation = revoke_consent(consent, key, datetime.now(UTC))
         with NodeClient(world.fed.state, world.fed.topology, "regulator") as admin:
-            admin.post("regulator", "/v1/admin/consents/revocations", kind="admin",
-                       json=revocation.model_dump(mode="json"))
+            admin.call("regulator", REVOKE_CONSENT, revocation)
         client.register_consents([consent])  # the insurer replays the same document
         with pytest.raises(ClaimBatchFailed) as refused:
             client.check(claim, {nid: consent}, MODE)
@@ -161,7 +162,7 @@ def test_consent_given_to_one_insurer_replayed_by_another_is_refused(world):
     with world.client("insurer-b") as other, pytest.raises(RemoteError) as refused:
         other.register_consents([consent])
     assert refused.value.error == "ConsentMismatch" and refused.value.http_status == 403
-    assert ("/v1/consents", "ConsentMismatch") in [
+    assert (REGISTER_CONSENT.path, "ConsentMismatch") in [
         r[1:3] for r in refusal_rows(world.fed, "regulator")]
 
 
@@ -171,7 +172,6 @@ def test_concurrent_quota_reservations_at_the_regulator_do_not_collide(world):
     same path, less reliably)."""
     import threading
 
-    from parties.services.agreements import contract_book
     from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
 
     regulator = open_node(world.fed.state, world.fed.topology, "regulator")
