@@ -29,8 +29,8 @@ SERVICE_PATHS: tuple[str, ...] = (
     "parties.services.claim_compute:DEALER_SERVICE",
     "parties.services.secure_room:OPERATOR_SECURE_ROOM_SERVICE",
     "parties.services.package_approval:PACKAGE_APPROVAL_SERVICE",
-    "parties.services.statistics:REGULATOR_STATS_SERVICE",
-    "parties.services.statistics:OPERATOR_STATS_SERVICE",
+    "parties.stats.regulator:REGULATOR_STATS_SERVICE",
+    "parties.stats.operator:OPERATOR_STATS_SERVICE",
 )
 
 

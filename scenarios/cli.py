@@ -11,7 +11,7 @@ from parties.federation_cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger.cli import register as register_ledger
 from parties.package_cli import catalogue_app, package_app
-from parties.stats_cli import stats_app
+from parties.stats.cli import stats_app
 from scenarios.claim_check.cli import data_app
 from scenarios.claim_check.demo import demo
 
