@@ -42,6 +42,7 @@ import pandas as pd
 from governance.consent import Consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from parties.admin.cli import login_with_saved_secret, secret_file
+from parties.agreements.api import REGISTER_CONTRACT
 from parties.claim_cli import consumer_keys, issue_consents
 from parties.insurer import Client
 from parties.runtime import pki, supervisor
@@ -145,8 +146,7 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
         signed = sign_contract(signed or contract, party, pki.load_signing_key(state, party))
     assert signed is not None
     with NodeClient(state, topology, INSURER) as client:
-        client.post("regulator", "/v1/contracts", kind="contract",
-                    json=signed.model_dump(mode="json"))
+        client.call("regulator", REGISTER_CONTRACT, signed)
     frame = pd.read_csv(data / "claims.csv", dtype={"national_id": str})
     frame = frame[frame["insurer"] == INSURER].reset_index(drop=True)
     started = time.perf_counter()

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from governance.contracts import FULL_SPLIT_BP, ContractTerms, QueryMeter
 from governance.errors import GovernanceError
-from governance.ledger.events import EventKind, LogLeaf, sha256_hex
+from governance.ledger.events import EventKind, LogEntry, sha256_hex
 from governance.ledger.signing import canonical_json
 
 RISK_RESERVE = "risk-reserve"
@@ -159,11 +159,11 @@ def _month(period: str, terms: ContractTerms) -> tuple[datetime, datetime]:
     return start, end
 
 
-def _moment(leaf: LogLeaf) -> datetime:
-    return datetime.fromtimestamp(leaf.entry.event.timestamp_ms / 1000, tz=UTC)
+def _moment(log_entry: LogEntry) -> datetime:
+    return datetime.fromtimestamp(log_entry.entry.event.timestamp_ms / 1000, tz=UTC)
 
 
-def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogLeaf]) -> Statement:
+def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEntry]) -> Statement:
     """The contract's statement for `period` ('YYYY-MM', contract time zone) from log entries.
 
     Billed: each distinct request answered (`query_answered`, deduplicated by
@@ -175,30 +175,31 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogLea
     start, end = _month(period, contract)
     signed: list[int] = []
     terminated: list[tuple[int, datetime]] = []
-    answered: dict[str, list[tuple[LogLeaf, QueryMeter]]] = {}
-    for leaf in log_entries:
-        event = leaf.entry.event
+    answered: dict[str, list[tuple[LogEntry, QueryMeter]]] = {}
+    for log_entry in log_entries:
+        event = log_entry.entry.event
         if event.payload.get("contract_id") != contract.contract_id:
             continue
         if event.kind == EventKind.CONTRACT_SIGNED:
-            signed.append(leaf.index)
+            signed.append(log_entry.index)
         elif event.kind == EventKind.CONTRACT_TERMINATED:
-            terminated.append((leaf.index, _moment(leaf)))
-        elif event.kind == EventKind.QUERY_ANSWERED and start <= _moment(leaf) < end:
+            terminated.append((log_entry.index, _moment(log_entry)))
+        elif event.kind == EventKind.QUERY_ANSWERED and start <= _moment(log_entry) < end:
             try:
                 meter = QueryMeter.model_validate(event.payload)
             except ValidationError as exc:
                 field = ".".join(str(p) for p in exc.errors()[0]["loc"])
-                raise MeteringError(f"entry {leaf.index}: meter field {field} invalid") from None
-            answered.setdefault(event.request_id, []).append((leaf, meter))
+                raise MeteringError(
+                    f"entry {log_entry.index}: meter field {field} invalid") from None
+            answered.setdefault(event.request_id, []).append((log_entry, meter))
 
     lines: list[BillLine] = []
     meters = Meters()
     per_day: dict[date, list[tuple[list[int], QueryMeter]]] = defaultdict(list)
     for occurrences in answered.values():
-        first_leaf, meter = occurrences[0]
-        per_day[contract.day_of(_moment(first_leaf))].append(
-            ([leaf.index for leaf, _ in occurrences], meter)
+        first, meter = occurrences[0]
+        per_day[contract.day_of(_moment(first))].append(
+            ([log_entry.index for log_entry, _ in occurrences], meter)
         )
         meters.queries += 1
         meters.records_touched += meter.records_touched

@@ -26,11 +26,10 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,6 +43,9 @@ from governance.ledger.signing import (
 )
 from governance.ledger.transactions import write_transaction
 from governance.migrations import apply_migrations
+
+if TYPE_CHECKING:
+    import sqlite3  # annotations only: the caller opens the connection
 
 CONSENT_DOMAIN = "cogov-consent-v1"
 REVOCATION_DOMAIN = "cogov-consent-revocation-v1"
@@ -315,7 +317,7 @@ class ConsentRegistry:
     so the table does not hold national ids or digests guessable from them.
     """
 
-    def __init__(self, conn: sqlite3.Connection, pepper: bytes) -> None:
+    def __init__(self, conn: "sqlite3.Connection", pepper: bytes) -> None:
         if len(pepper) < 16:
             raise ValueError("pepper: at least 16 secret bytes")
         apply_migrations(conn, COMPONENT, MIGRATIONS)

@@ -17,19 +17,18 @@ and audit it: the paper's "contract terms as code".
 
 import hashlib
 import json
-import sqlite3
 import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import GovernanceError
-from governance.ledger.events import EventKind, LogLeaf
+from governance.ledger.events import EventKind, LogEntry
 from governance.ledger.signing import (
     PublicKeyLike,
     canonical_json,
@@ -39,6 +38,9 @@ from governance.ledger.signing import (
 )
 from governance.ledger.transactions import write_transaction
 from governance.migrations import apply_migrations
+
+if TYPE_CHECKING:
+    import sqlite3  # annotations only: the caller opens the connection
 
 CONTRACT_DOMAIN = "cogov-contract-v1"
 TERMINATION_DOMAIN = "cogov-contract-termination-v1"
@@ -371,12 +373,12 @@ class Authorization:
 
 
 def usage_from_log(
-    leaves: Iterable[LogLeaf], terms: ContractTerms, party: str, day: date
+    log_entries: Iterable[LogEntry], terms: ContractTerms, party: str, day: date
 ) -> DailyUsage:
     """Quota usage of `party` on `day`, recomputed from `query_answered` entries alone."""
     queries = rows = 0
-    for leaf in leaves:
-        event = leaf.entry.event
+    for log_entry in log_entries:
+        event = log_entry.entry.event
         if event.kind != EventKind.QUERY_ANSWERED:
             continue
         payload = event.payload
@@ -392,7 +394,7 @@ def usage_from_log(
 class ContractBook:
     """A node's store of contracts, signatures, terminations and quota usage."""
 
-    def __init__(self, conn: sqlite3.Connection, party_keys: Mapping[str, PublicKeyLike]) -> None:
+    def __init__(self, conn: "sqlite3.Connection", party_keys: Mapping[str, PublicKeyLike]) -> None:
         apply_migrations(conn, COMPONENT, MIGRATIONS)
         self._conn = conn
         self._keys = {name: public_key_bytes(key) for name, key in party_keys.items()}

@@ -5,11 +5,14 @@ Script i brings the component from version i to i + 1; applied versions are
 recorded in `schema_migrations`, so running twice changes nothing.
 """
 
-import sqlite3
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite3  # annotations only: the caller opens the connection
 
 
-def applied_version(conn: sqlite3.Connection, component: str) -> int:
+def applied_version(conn: "sqlite3.Connection", component: str) -> int:
     """The number of migrations of `component` already applied."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -25,7 +28,7 @@ def applied_version(conn: sqlite3.Connection, component: str) -> int:
 
 
 def apply_migrations(
-    conn: sqlite3.Connection, component: str, migrations: Sequence[str]
+    conn: "sqlite3.Connection", component: str, migrations: Sequence[str]
 ) -> int:
     """Apply the migrations of `component` not yet applied; return the new version.
 

@@ -12,9 +12,9 @@ from parties.runtime.topology import Role
 # "module:attribute" of every service, in mounting order.
 SERVICE_PATHS: tuple[str, ...] = (
     "parties.admin.service:SERVICE",
-    "parties.services.agreements:SERVICE",
-    "parties.services.ledger:OPERATOR_SERVICE",
-    "parties.services.ledger:WITNESS_SERVICE",
+    "parties.agreements.service:SERVICE",
+    "parties.ledger.service:OPERATOR_SERVICE",
+    "parties.ledger.witness:WITNESS_SERVICE",
     "parties.services.hospital_export:HOSPITAL_EXPORT_SERVICE",
     "parties.services.health_authority:HEALTH_AUTHORITY_SERVICE",
     "parties.services.circulation:OPERATOR_CIRCULATION_SERVICE",
@@ -29,8 +29,8 @@ SERVICE_PATHS: tuple[str, ...] = (
     "parties.services.claim_compute:DEALER_SERVICE",
     "parties.secure_room.service:OPERATOR_SECURE_ROOM_SERVICE",
     "parties.secure_room.approval:PACKAGE_APPROVAL_SERVICE",
-    "parties.services.statistics:REGULATOR_STATS_SERVICE",
-    "parties.services.statistics:OPERATOR_STATS_SERVICE",
+    "parties.stats.regulator:REGULATOR_STATS_SERVICE",
+    "parties.stats.operator:OPERATOR_STATS_SERVICE",
 )
 
 

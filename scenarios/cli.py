@@ -5,13 +5,13 @@ import typer
 from bench.cli import bench_app
 from federated.cli import app as fl_app
 from parties.admin.cli import register as register_admin
-from parties.agreements_cli import register as register_agreements
+from parties.agreements.cli import register as register_agreements
 from parties.claim_cli import claim_app
 from parties.federation_cli import register as register_parties
 from parties.govern_cli import register as register_govern
-from parties.ledger_cli import register as register_ledger
+from parties.ledger.cli import register as register_ledger
 from parties.secure_room.cli import catalogue_app, package_app
-from parties.stats_cli import stats_app
+from parties.stats.cli import stats_app
 from scenarios.claim_check.cli import data_app
 from scenarios.claim_check.demo import demo
 

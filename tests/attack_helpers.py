@@ -213,7 +213,7 @@ class ClaimWorld:
 
     def sign_contracts(self) -> None:
         from governance.contracts import SignedContract, load_contract, sign_contract
-        from parties.agreements_cli import post_contract
+        from parties.agreements.cli import post_contract
         from parties.runtime.pki import load_signing_key
 
         for insurer in ("insurer-a", "insurer-b"):

@@ -11,11 +11,14 @@ from typer.testing import CliRunner
 from governance.consent import issue_consent
 from governance.contracts import SignedContract, load_contract, sign_contract
 from governance.ledger import decode_leaf
+from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT
+from parties.agreements.books import contract_book
+from parties.ledger.client import append_entry
+from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.runtime.pki import load_signing_key
-from parties.services.ledger import record_event
 from scenarios.cli import app
 from tests.federation import Federation
 
@@ -42,8 +45,6 @@ def _cli(fed: Federation, *args: str):
 
 def _kinds(fed: Federation) -> list[str]:
     ctx = open_node(fed.state, fed.topology, "operator")
-    from parties.services.ledger import operator_log
-
     return [decode_leaf(leaf).entry.event.kind for leaf in operator_log(ctx).log.leaves()]
 
 
@@ -67,8 +68,7 @@ def test_forged_party_signature_is_refused(fed):
     forged = sign_contract(terms, "operator", Ed25519PrivateKey.generate())
     with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
             pytest.raises(RemoteError) as refused:
-        client.post("regulator", "/v1/contracts", kind="contract",
-                    json=forged.model_dump(mode="json"))
+        client.call("regulator", REGISTER_CONTRACT, forged)
     assert refused.value.error == "ContractSignatureInvalid"
 
 
@@ -86,9 +86,8 @@ def _consent(insurer: str = "insurer-a", days: int = 30):
 def test_consent_registration_and_revocation_are_logged(fed, tmp_path):
     key, consent = _consent()
     with NodeClient(fed.state, fed.topology, "insurer-a") as client:
-        body = client.post("regulator", "/v1/consents", kind="claim",
-                           json=consent.model_dump(mode="json")).json()
-    assert body["status"] == "registered"
+        registered = client.call("regulator", REGISTER_CONSENT, consent)
+    assert registered.status == "registered"
     path = tmp_path / "consent.json"
     path.write_text(consent.model_dump_json())
     revoked = _cli(fed, "consent", "revoke", str(path), "--key",
@@ -102,15 +101,14 @@ def test_consent_for_another_insurer_is_refused(fed):
     _, consent = _consent(insurer="insurer-b")
     with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
             pytest.raises(RemoteError) as refused:
-        client.post("regulator", "/v1/consents", kind="claim",
-                    json=consent.model_dump(mode="json"))
+        client.call("regulator", REGISTER_CONSENT, consent)
     assert refused.value.error == "ConsentMismatch"
 
 
 def test_billing_statement_traces_to_log_and_reconciles(fed):
     regulator = open_node(fed.state, fed.topology, "regulator")
     for i in range(3):
-        record_event(regulator, "query_answered", {
+        append_entry(regulator, "query_answered", {
             "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
             "records_touched": 10 + i, "rows_returned": 10 + i, "compute_ms": 5,
         })
@@ -133,11 +131,8 @@ def test_termination_stops_the_contract(fed, tmp_path):
     for party in ("insurer-a", "regulator", "operator", "health-authority"):
         signed = sign_contract(signed, party, load_signing_key(fed.state, party))
     with NodeClient(fed.state, fed.topology, "regulator") as client:
-        client.post("regulator", "/v1/contracts", kind="contract",
-                    json=signed.model_dump(mode="json"))
+        client.call("regulator", REGISTER_CONTRACT, signed)
     assert _cli(fed, "contract", "terminate", "to-end-1", "--as", "insurer-a").exit_code == 0
-    from parties.services.agreements import contract_book
-
     book = contract_book(open_node(fed.state, fed.topology, "regulator"))
     assert book.terminated_at("to-end-1") is not None
     with pytest.raises(Exception) as refused:

@@ -30,15 +30,19 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
+from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
+from parties.agreements.books import contract_book
 from parties.insurer import ClaimBatchFailed
+from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
+from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
 from parties.runtime import pki
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeUnavailable, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER
 from parties.runtime.pki import federation_signing_keys, load_signing_key
+from parties.runtime.routes import Kind
 from parties.runtime.supervisor import start_node, stop_node, wait_healthy
-from parties.services.ledger import signed_event
 from parties.services.operator_domains import RATE_ENV
 from tests.attack_helpers import (
     ClaimWorld,
@@ -142,8 +146,7 @@ def test_replayed_revoked_consent_is_refused_and_logged(world):
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(world.keys[nid]))
         revocation = revoke_consent(consent, key, datetime.now(UTC))
         with NodeClient(world.fed.state, world.fed.topology, "regulator") as admin:
-            admin.post("regulator", "/v1/admin/consents/revocations", kind="admin",
-                       json=revocation.model_dump(mode="json"))
+            admin.call("regulator", REVOKE_CONSENT, revocation)
         client.register_consents([consent])  # the insurer replays the same document
         with pytest.raises(ClaimBatchFailed) as refused:
             client.check(claim, {nid: consent}, MODE)
@@ -159,7 +162,7 @@ def test_consent_given_to_one_insurer_replayed_by_another_is_refused(world):
     with world.client("insurer-b") as other, pytest.raises(RemoteError) as refused:
         other.register_consents([consent])
     assert refused.value.error == "ConsentMismatch" and refused.value.http_status == 403
-    assert ("/v1/consents", "ConsentMismatch") in [
+    assert (REGISTER_CONSENT.path, "ConsentMismatch") in [
         r[1:3] for r in refusal_rows(world.fed, "regulator")]
 
 
@@ -169,7 +172,6 @@ def test_concurrent_quota_reservations_at_the_regulator_do_not_collide(world):
     same path, less reliably)."""
     import threading
 
-    from parties.services.agreements import contract_book
     from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
 
     regulator = open_node(world.fed.state, world.fed.topology, "regulator")
@@ -280,7 +282,7 @@ def test_forged_log_entries_are_refused_and_change_nothing(world):
     fed = world.fed
     ha = open_node(fed.state, fed.topology, "health-authority")
     try:
-        good = signed_event(ha, "data_registered", {"dataset": "forgery-probe", "rows": 1})
+        good = signed_entry(ha, "data_registered", {"dataset": "forgery-probe", "rows": 1})
     finally:
         ha.store.close()
     bad_signature = good.model_dump(mode="json")
@@ -294,7 +296,8 @@ def test_forged_log_entries_are_refused_and_change_nothing(world):
     with NodeClient(fed.state, fed.topology, "health-authority") as client:
         for forged in (bad_signature, altered, as_other):
             with pytest.raises(RemoteError) as refused:
-                client.post("operator", "/v1/ledger/entries", kind="ledger", json=[forged])
+                client.request("operator", "POST", APPEND_ENTRIES.path, kind=Kind.LEDGER,
+                               json=[forged])
             refusals.append((refused.value.http_status, refused.value.error))
     assert refusals == [(400, "EntrySignatureInvalid"), (400, "EntrySignatureInvalid"),
                         (403, "IdentityMismatch")]
@@ -309,14 +312,13 @@ def test_retried_log_append_is_not_stored_twice(world):
     fed = world.fed
     ha = open_node(fed.state, fed.topology, "health-authority")
     try:
-        entry = signed_event(ha, "data_registered", {"dataset": "retried-once", "rows": 7})
+        entry = signed_entry(ha, "data_registered", {"dataset": "retried-once", "rows": 7})
     finally:
         ha.store.close()
     rid = entry.event.request_id
     with NodeClient(fed.state, fed.topology, "health-authority") as client:
         for _ in range(2):
-            client.post("operator", "/v1/ledger/entries", kind="ledger",
-                        json=[entry.model_dump(mode="json")])
+            client.call("operator", APPEND_ENTRIES, EntryBatch([entry]))
     assert sum(1 for _, r, _ in ledger_entries(fed) if r == rid) == 1
 
 
@@ -350,14 +352,12 @@ def test_split_view_is_caught_by_the_witness_and_recorded(tmp_path):
     fed.up()
     try:
         ha = open_node(fed.state, fed.topology, "health-authority")
-        from parties.services.ledger import record_event
-
         for i in range(3):
-            record_event(ha, "data_registered", {"dataset": f"honest-{i}", "rows": i})
+            append_entry(ha, "data_registered", {"dataset": f"honest-{i}", "rows": i})
         ha.store.close()
         with NodeClient(fed.state, fed.topology, "regulator") as admin:
-            cosigned = admin.post("regulator", "/v1/witness/poll", kind="admin").json()
-        assert cosigned is None or cosigned["tree_size"] >= 3
+            cosigned = admin.call("regulator", POLL)
+        assert cosigned is None or cosigned.tree_size >= 3
         witnessed = wait_for(lambda: _witnessed_size(fed), timeout=10)
         assert witnessed and witnessed >= 3
 
@@ -378,7 +378,7 @@ def test_split_view_is_caught_by_the_witness_and_recorded(tmp_path):
 
         with NodeClient(fed.state, fed.topology, "regulator") as admin, \
                 pytest.raises(RemoteError) as refused:
-            admin.post("regulator", "/v1/witness/poll", kind="admin")
+            admin.call("regulator", POLL)
         assert refused.value.http_status == 409 and refused.value.error == "LogInconsistent"
         conn = sqlite3.connect(fed.state.node("regulator").db)
         incidents = conn.execute("SELECT reason FROM witness_incidents").fetchall()
@@ -386,7 +386,7 @@ def test_split_view_is_caught_by_the_witness_and_recorded(tmp_path):
         # (a gossip round may also have caught it, as a split view between the witnesses)
         assert any("consistency proof fails" in reason for (reason,) in incidents)
         assert events(fed, "regulator", "log_inconsistent")
-        assert ("/v1/witness/poll", "LogInconsistent") in [
+        assert (POLL.path, "LogInconsistent") in [
             r[1:3] for r in refusal_rows(fed, "regulator")]
     finally:
         fed.down()

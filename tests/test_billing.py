@@ -18,7 +18,7 @@ from governance.billing import (
     statement,
 )
 from governance.contracts import ContractTerms, QueryMeter, parse_contract
-from governance.ledger import LogLeaf, MerkleLog, make_event, sign_event
+from governance.ledger import LogEntry, MerkleLog, make_event, sign_event
 
 KEY = Ed25519PrivateKey.generate()
 CID = "claim-check-2026-insurer-a"
@@ -89,7 +89,7 @@ def leaves(tmp_path):
             _answered("q-7", _ms(2026, 11, 30, 16, 0), records=7),  # 8 Dec 1 local
         ]
     )
-    return list(log.events())
+    return list(log.entries())
 
 
 def test_statement_lines_trace_to_log_entries(leaves):
@@ -123,7 +123,7 @@ def test_json_rich_and_log_payload(leaves):
 
 def test_termination_with_notice_bounds_the_subscription(leaves):
     terminated = _event("contract_terminated", "t-1", _ms(2026, 10, 10), contract_id=CID)
-    extra = [*leaves, LogLeaf(index=9, entry=terminated)]
+    extra = [*leaves, LogEntry(index=9, entry=terminated)]
     assert any(line.item == "subscription" for line in statement(_terms(), "2026-11", extra).lines)
     no_notice = _terms(termination={"notice_days": 0, "may_terminate": ["insurer-a"]})
     assert not any(
@@ -138,7 +138,7 @@ def test_termination_with_notice_bounds_the_subscription(leaves):
 def test_malformed_meter_names_the_entry():
     bad = _event("query_answered", "q-x", _ms(2026, 11, 5), contract_id=CID, records_touched=3)
     with pytest.raises(MeteringError, match="entry 4"):
-        statement(_terms(), "2026-11", [LogLeaf(index=4, entry=bad)])
+        statement(_terms(), "2026-11", [LogEntry(index=4, entry=bad)])
     with pytest.raises(ValueError, match="YYYY-MM"):
         statement(_terms(), "2026-13", [])
 
@@ -197,11 +197,11 @@ def test_statement_totals_reconcile_exactly(
         },
         termination={"notice_days": 0, "may_terminate": ["insurer-a"]},
     )
-    leaves = [LogLeaf(0, _event("contract_signed", "s", _ms(2026, 10, 1), contract_id=CID))]
+    leaves = [LogEntry(0, _event("contract_signed", "s", _ms(2026, 10, 1), contract_id=CID))]
     start = datetime(2026, 11, 1, tzinfo=UTC)
     for i, count in enumerate(records):
         at = int((start + timedelta(hours=7 * i)).timestamp() * 1000)
-        leaves.append(LogLeaf(i + 1, _answered(f"q-{i}", at, records=count)))
+        leaves.append(LogEntry(i + 1, _answered(f"q-{i}", at, records=count)))
     bill = statement(terms, "2026-11", leaves)
     assert bill.total_fen == sum(line.amount_fen for line in bill.lines)
     assert bill.total_fen == len(records) * per_query + sum(records) * per_record + subscription

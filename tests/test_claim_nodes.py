@@ -30,6 +30,7 @@ from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
 from mpc.claim import ss_shares
 from mpc.claim.plain import VERDICT_COLUMNS
+from parties.agreements.api import REGISTER_CONTRACT, REVOKE_CONSENT
 from parties.claim_cli import consumer_keys, issue_consents
 from parties.insurer import ClaimBatchFailed, Client
 from parties.runtime import supervisor
@@ -106,8 +107,7 @@ def _sign_and_register(cf: ClaimFed, terms: dict) -> str:
         signed = sign_contract(signed or contract, party, load_signing_key(cf.fed.state, party))
     assert signed is not None
     with cf.node_client(contract.data_users[0]) as client:
-        client.post("regulator", "/v1/contracts", kind="contract",
-                    json=signed.model_dump(mode="json"))
+        client.call("regulator", REGISTER_CONTRACT, signed)
     return contract.contract_id
 
 
@@ -413,8 +413,7 @@ def test_revoked_consent_is_refused(cf):
     client.register_consents([consent])
     revocation = revoke_consent(consent, private_key_from_hex(cf.keys[nid]), datetime.now(UTC))
     with cf.node_client("regulator") as admin:
-        admin.post("regulator", "/v1/admin/consents/revocations", kind="admin",
-                   json=revocation.model_dump(mode="json"))
+        admin.call("regulator", REVOKE_CONSENT, revocation)
     error = _refused(cf, client, claim, {nid: consent}, "he", "refuse-revoked")
     assert error.error == "ConsentRevoked"
     _assert_logged_refusal(cf, "refuse-revoked", "ConsentRevoked")

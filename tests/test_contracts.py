@@ -280,7 +280,7 @@ def test_quota_usage_is_recomputable_from_the_log(tmp_path, keys, book):
         entries.append(sign_event(event, keys["regulator"]))
     log.append(entries)
     from_log = usage_from_log(
-        log.events(), book.get(grant.contract_id).terms, "insurer-a", NOW.date()
+        log.entries(), book.get(grant.contract_id).terms, "insurer-a", NOW.date()
     )
     stored = book.usage(grant.contract_id, "insurer-a", NOW.date())
     assert from_log.queries == stored.queries == 3 and from_log.rows == stored.rows == 3

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from governance.ledger import SignedTreeHead, make_event, sign_event, verify_log
+from parties.ledger.api import APPEND_ENTRIES, EntryBatch
 from parties.runtime import supervisor
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
@@ -97,7 +98,7 @@ def assert_log_verifies(fed: Federation) -> int:
 
 
 class Appender(threading.Thread):
-    """Appends health-authority events to the operator's log until stopped; after a failure
+    """Appends health-authority entries to the operator's log until stopped; after a failure
     it waits for the log node and re-sends the whole batch."""
 
     def __init__(self, fed: Federation, operator_up: threading.Event, rng: random.Random):
@@ -120,8 +121,7 @@ class Appender(threading.Thread):
             conn.close()
 
     def _post(self, client: NodeClient, entries: list) -> None:
-        client.post("operator", "/v1/ledger/entries", kind="ledger",
-                    json=[e.model_dump(mode="json") for e in entries])
+        client.call("operator", APPEND_ENTRIES, EntryBatch(entries))
 
     def run(self) -> None:
         try:

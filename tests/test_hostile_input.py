@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpc.hazmat.group import is_valid_point
+from parties.agreements.api import REGISTER_CONSENT
+from parties.ledger.api import APPEND_ENTRIES
 from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
 from parties.runtime.node_log import NODE_HEADER
 from tests.attack_helpers import (
@@ -121,7 +123,7 @@ def test_refused_level1_request_writes_no_key(fed):
 def test_100_mib_body_is_refused_with_413_before_it_is_read(fed):
     body = b"\x00" * (100 * MiB)
     for caller, target, method, path in (
-        ("insurer-a", "regulator", "POST", "/v1/consents"),          # a JSON route
+        ("insurer-a", "regulator", "POST", REGISTER_CONSENT.path),    # a JSON route
         ("hospital-1", "health-authority", "PUT", "/v1/exports/s-1/0"),  # a batch route
     ):
         started = time.monotonic()
@@ -142,7 +144,7 @@ def test_chunked_body_without_length_is_refused(fed):
         for _ in range(4):
             yield b"{" * 1024
 
-    response = fed.callers.request("insurer-a", "regulator", "POST", "/v1/consents",
+    response = fed.callers.request("insurer-a", "regulator", "POST", REGISTER_CONSENT.path,
                                    content=chunks(),
                                    headers={"Content-Type": "application/json"})
     _typed(response, "LengthRequired", statuses=(411,))
@@ -215,7 +217,7 @@ entry_like = st.fixed_dictionaries({
 def test_malformed_log_entries_are_refused_and_append_nothing(fed, body):
     with _unchanged(fed, "operator"):
         response = fed.callers.request("health-authority", "operator", "POST",
-                                       "/v1/ledger/entries", json=body)
+                                       APPEND_ENTRIES.path, json=body)
         _typed(response)
 
 
@@ -325,6 +327,6 @@ def test_malformed_export_batches_are_refused(fed, data, lie):
 @given(document=json_values)
 def test_malformed_consents_are_refused(fed, document):
     with _unchanged(fed, "regulator"):
-        response = fed.callers.request("insurer-a", "regulator", "POST", "/v1/consents",
-                                       json=document)
+        response = fed.callers.request("insurer-a", "regulator", "POST",
+                                       REGISTER_CONSENT.path, json=document)
         _typed(response)

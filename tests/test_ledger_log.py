@@ -287,7 +287,7 @@ def test_parallel_verification_agrees_with_serial(log, keys, monkeypatch):
     assert parallel.bad_entries == [4]
 
 
-def test_events_are_queryable_by_kind_and_time(log, keys):
+def test_entries_are_queryable_by_kind_and_time(log, keys):
     log.append(
         [
             sign_event(
@@ -298,9 +298,9 @@ def test_events_are_queryable_by_kind_and_time(log, keys):
             )
         ]
     )
-    bills = list(log.events(kind="bill_issued"))
+    bills = list(log.entries(kind="bill_issued"))
     assert [b.index for b in bills] == [20]
-    window = list(log.events(kind="query_answered", since_ms=T0 + 5, until_ms=T0 + 10))
+    window = list(log.entries(kind="query_answered", since_ms=T0 + 5, until_ms=T0 + 10))
     assert [leaf.index for leaf in window] == [5, 6, 7, 8, 9]
 
 

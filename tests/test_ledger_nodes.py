@@ -6,11 +6,13 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
+from parties.ledger.api import APPEND_ENTRIES, GOSSIP, POLL, WITNESSED_HEAD
+from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.runtime.pki import federation_signing_keys
-from parties.services.ledger import record_event, signed_event
+from parties.runtime.routes import Kind
 from scenarios.cli import app
 from tests.federation import Federation
 
@@ -26,8 +28,8 @@ def logged(tmp_path_factory):
     ha = open_node(fed.state, fed.topology, "health-authority")
     regulator = open_node(fed.state, fed.topology, "regulator")
     for i in range(5):
-        record_event(ha, "data_registered", {"dataset": f"visits-{i}", "rows": 100 + i})
-    record_event(regulator, "contract_signed", {"contract_id": "c-1"})
+        append_entry(ha, "data_registered", {"dataset": f"visits-{i}", "rows": 100 + i})
+    append_entry(regulator, "contract_signed", {"contract_id": "c-1"})
     yield fed
     fed.down()
 
@@ -48,20 +50,19 @@ def test_verify_checks_entries_head_and_witnesses(logged):
 def test_witnesses_gossip_their_cosigned_heads(logged):
     for node in ("regulator", "health-authority"):
         with NodeClient(logged.state, logged.topology, node) as client:
-            client.post(node, "/v1/witness/poll", kind="admin")
+            client.call(node, POLL)
     with NodeClient(logged.state, logged.topology, "regulator") as client:
-        shown = client.get("health-authority", "/v1/witness/head", kind="witness").json()
-        assert shown["cosignature"]["witness"] == "health-authority"
-        assert shown["head"]["tree_size"] >= 6
-        assert client.post("regulator", "/v1/witness/gossip", kind="admin").json() == [
-            "health-authority"]
+        shown = client.call("health-authority", WITNESSED_HEAD)
+        assert shown.cosignature.witness == "health-authority"
+        assert shown.head.tree_size >= 6
+        assert client.call("regulator", GOSSIP) == ["health-authority"]
     with NodeClient(logged.state, logged.topology, "health-authority") as client:
-        assert client.post("health-authority", "/v1/witness/gossip", kind="admin").json() == [
-            "regulator"]
+        assert client.call("health-authority", GOSSIP) == ["regulator"]
     # Only fellow witnesses read a witness's head.
     with NodeClient(logged.state, logged.topology, "operator") as client, \
             pytest.raises(RemoteError) as refused:
-        client.get("regulator", "/v1/witness/head", kind="witness", check_flow=False)
+        client.request("regulator", "GET", WITNESSED_HEAD.path, kind=Kind.WITNESS,
+                       check_flow=False)
     assert refused.value.http_status == 403
     for node in ("regulator", "health-authority"):
         conn = sqlite3.connect(logged.state.node(node).db)
@@ -71,14 +72,15 @@ def test_witnesses_gossip_their_cosigned_heads(logged):
             conn.close()
 
 
-def test_a_node_cannot_append_another_nodes_event(logged):
+def test_a_node_cannot_append_another_nodes_entry(logged):
     ha = open_node(logged.state, logged.topology, "health-authority")
-    forged = signed_event(ha, "data_registered", {"dataset": "x"})
+    forged = signed_entry(ha, "data_registered", {"dataset": "x"})
     forged_doc = forged.model_dump(mode="json")
     forged_doc["event"]["actor"] = "regulator"
     with NodeClient(logged.state, logged.topology, "health-authority") as client, \
             pytest.raises(RemoteError) as refused:
-        client.post("operator", "/v1/ledger/entries", kind="ledger", json=[forged_doc])
+        client.request("operator", "POST", APPEND_ENTRIES.path, kind=Kind.LEDGER,
+                       json=[forged_doc])
     assert refused.value.http_status == 403
 
 
@@ -123,7 +125,7 @@ def test_tampered_store_fails_verification_and_says_where(tmp_path, how):
     try:
         ha = open_node(fed.state, fed.topology, "health-authority")
         for i in range(4):
-            record_event(ha, "data_registered", {"dataset": f"v{i}", "rows": i})
+            append_entry(ha, "data_registered", {"dataset": f"v{i}", "rows": i})
         assert _cli(fed, "ledger", "verify").exit_code == 0
     finally:
         fed.down()

@@ -144,10 +144,10 @@ DRIVER = textwrap.dedent('''
             out({"status": exc.http_status, "error": getattr(exc, "error", type(exc).__name__)})
     elif action == "record":
         from parties.node import open_node
-        from parties.services.ledger import record_event
+        from parties.ledger.client import append_entry
         ctx = open_node(state, topo, args["node"])
         for i in range(args["count"]):
-            record_event(ctx, "data_registered", {"dataset": f"netns-{i}", "rows": i})
+            append_entry(ctx, "data_registered", {"dataset": f"netns-{i}", "rows": i})
         ctx.store.close()
         out("ok")
     elif action == "cli":

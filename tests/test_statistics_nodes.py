@@ -1,4 +1,4 @@
-"""The regulator's statistic on private intersection-sum, through real nodes (issue 8).
+"""The regulator's statistic on private intersection-sum, through real nodes.
 
 One module-scoped federation (hospitals, health authority, operator, regulator,
 insurer-a) with generated data ingested by `cogov govern ingest`. The statistic —
@@ -24,14 +24,16 @@ from mpc.psi import IdHolder, IntersectionPolicy, JoinOutcome
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
-from parties.services.statistics import (
-    OPERATOR_PATH,
-    QUERY_PATH,
+from parties.runtime.routes import Kind
+from parties.stats.api import (
+    OPERATOR_JOIN,
+    SELF_PAY_JOIN,
+    SELF_PAY_OUTCOME,
     SelfPayQuery,
     StatsAnswer,
     StatsJoin,
-    claimant_self_pay,
 )
+from parties.stats.client import claimant_self_pay
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 
@@ -192,8 +194,8 @@ def test_too_small_intersection_is_refused_and_logged(sf, tmp_path):
     # The session is spent: an outcome sent afterwards is refused, nothing is revealed.
     with sf.client() as client, pytest.raises(RemoteError) as err:
         session = refused[0].session
-        client.post("regulator", f"{QUERY_PATH}/{session}/outcome", kind="stats",
-                    json=JoinOutcome(session=session, size=50).model_dump(mode="json"))
+        client.call("regulator", SELF_PAY_OUTCOME, JoinOutcome(session=session, size=50),
+                    params={"session": session})
     assert err.value.http_status == 409 and err.value.error == "ProtocolStateError"
 
 
@@ -203,7 +205,7 @@ def test_policy_under_the_floor_and_bad_queries_are_refused(sf):
         body = StatsJoin(query=SelfPayQuery(hospital="hospital-1", month="2026-01"),
                          join=holder.request())
         with pytest.raises(RemoteError) as err:
-            client.post("regulator", QUERY_PATH, kind="stats", json=body.model_dump(mode="json"))
+            client.call("regulator", SELF_PAY_JOIN, body)
         assert (err.value.http_status, err.value.error) == (403, "PolicyBelowFloor")
         assert sf.entries("query_refused", holder.session)[0].payload["reason"] == \
             "PolicyBelowFloor"
@@ -212,9 +214,8 @@ def test_policy_under_the_floor_and_bad_queries_are_refused(sf):
         # The operator refuses a window without visits; passed through, logged, no row.
         empty = IdHolder(sf.claimants[:12], IntersectionPolicy())
         with pytest.raises(RemoteError) as err:
-            client.post("regulator", QUERY_PATH, kind="stats", json=StatsJoin(
-                query=SelfPayQuery(hospital="hospital-1", month="1999-01"), join=empty.request(),
-            ).model_dump(mode="json"))
+            client.call("regulator", SELF_PAY_JOIN, StatsJoin(
+                query=SelfPayQuery(hospital="hospital-1", month="1999-01"), join=empty.request()))
         assert (err.value.http_status, err.value.error) == (403, "IntersectionTooSmall")
         assert sf.entries("query_refused", empty.session)[0].payload["reason"] == \
             "IntersectionTooSmall"
@@ -225,17 +226,18 @@ def test_policy_under_the_floor_and_bad_queries_are_refused(sf):
                               SelfPayQuery(hospital="hospital-9", month="2026-01"))
         assert (err.value.http_status, err.value.error) == (422, "UnknownHospital")
         with pytest.raises(RemoteError) as err:
-            client.post("regulator", QUERY_PATH, kind="stats", json={
+            client.request("regulator", "POST", SELF_PAY_JOIN.path, kind=Kind.STATS, json={
                 **body.model_dump(mode="json"),
                 "query": {"hospital": "hospital-1", "month": "2026-13"}})
         assert err.value.http_status == 422
 
         # Insurers never reach the operator's half: refused before sending, and by the operator.
-        path = f"{OPERATOR_PATH}/join"
+        path = OPERATOR_JOIN.path
         with pytest.raises(FlowNotAllowed):
-            client.post("operator", path, kind="product", json={})
+            client.request("operator", "POST", path, kind=Kind.PRODUCT, json={})
         with pytest.raises(RemoteError) as err:
-            client.post("operator", path, kind="product", json={}, check_flow=False)
+            client.request("operator", "POST", path, kind=Kind.PRODUCT, json={},
+                           check_flow=False)
         assert (err.value.http_status, err.value.error) == (403, "FlowNotAllowed")
 
 

@@ -1,8 +1,8 @@
 """The tamper-evident log (RFC 6962 / RFC 9162 design): the paper's "blockchain evidence".
 
-Front door: build an event (`make_event`), the actor signs it (`sign_event`),
-the operator appends batches (`MerkleLog.append`), witnesses countersign heads
-(`Witness.cosign`), anyone verifies offline (`verify_log`,
+Front door: build the event an entry states (`make_event`), the actor signs it into a
+log entry (`sign_event`), the operator appends batches of entries (`MerkleLog.append`),
+witnesses countersign heads (`Witness.cosign`), anyone verifies offline (`verify_log`,
 `check_inclusion_proof`). Tree arithmetic lives one level down in `merkle`.
 """
 
@@ -21,8 +21,8 @@ from governance.ledger.errors import (
 )
 from governance.ledger.events import (
     EventKind,
+    LogEntry,
     LogEvent,
-    LogLeaf,
     SignedEntry,
     decode_leaf,
     encode_leaf,
@@ -53,9 +53,9 @@ __all__ = [
     "InclusionProof",
     "InclusionProofInvalid",
     "LedgerError",
+    "LogEntry",
     "LogEvent",
     "LogInconsistent",
-    "LogLeaf",
     "MerkleLog",
     "PersonalDataInPayload",
     "ProofUnavailable",

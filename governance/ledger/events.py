@@ -1,6 +1,7 @@
-"""Typed log events, their signatures by the acting node, and the stored leaf encoding.
+"""Log entries: the event each states, its signature by the acting node, and the stored
+leaf encoding (the bytes RFC 6962 hashes as the Merkle leaf).
 
-An event says what happened (kind), who did it (actor node), when, under which
+An entry's event says what happened (kind), who did it (actor node), when, under which
 request id, with a payload of hashes, ids and counters only. A simple guard
 refuses payload values that look like personal data (national ids, phone
 numbers, e-mail addresses, free text); it catches mistakes, not an adversary.
@@ -228,8 +229,8 @@ def sign_event(event: LogEvent, key: Ed25519PrivateKey) -> SignedEntry:
     return SignedEntry(event=event, signature=key.sign(event.signing_message()).hex())
 
 
-class LogLeaf(NamedTuple):
-    """A decoded stored entry: its position in the log and the signed event."""
+class LogEntry(NamedTuple):
+    """A log entry as the log holds it: its index and the signed entry (a decoded leaf)."""
 
     index: int
     entry: SignedEntry
@@ -262,16 +263,17 @@ def encode_leaf_parts(index: int, event_canonical: bytes, signature_hex: str) ->
     )
 
 
-def decode_leaf(data: bytes) -> LogLeaf:
+def decode_leaf(data: bytes) -> LogEntry:
     """Parse stored leaf bytes, refusing anything not in canonical form."""
     try:
         document = json.loads(data)
-        leaf = LogLeaf(index=document["index"], entry=SignedEntry.model_validate(document["entry"]))
+        decoded = LogEntry(index=document["index"],
+                           entry=SignedEntry.model_validate(document["entry"]))
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         raise EntryInvalid(f"stored entry does not parse: {str(exc).splitlines()[0]}") from None
-    if encode_leaf(leaf.index, leaf.entry) != bytes(data):
+    if encode_leaf(decoded.index, decoded.entry) != bytes(data):
         raise EntryInvalid("stored entry is not in canonical form")
-    return leaf
+    return decoded
 
 
 def sha256_hex(data: bytes | str) -> str:

@@ -8,11 +8,10 @@ O(log^2 n) stored node hashes and never rehash the log.
 
 import base64
 import json
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +23,7 @@ from governance.ledger.errors import (
 )
 from governance.ledger.events import (
     ENTRY_PREFIX,
-    LogLeaf,
+    LogEntry,
     SignedEntry,
     decode_leaf,
     encode_leaf_parts,
@@ -48,6 +47,9 @@ from governance.ledger.signing import (
 from governance.ledger.transactions import write_transaction
 from governance.ledger.tree_head import SignedTreeHead, sign_tree_head
 from governance.migrations import apply_migrations
+
+if TYPE_CHECKING:
+    import sqlite3  # annotations only: the caller opens the connection
 
 COMPONENT = "ledger"
 MIGRATIONS: tuple[str, ...] = (
@@ -158,7 +160,7 @@ class MerkleLog:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: "sqlite3.Connection",
         log_id: str,
         signing_key: Ed25519PrivateKey,
         actor_keys: Mapping[str, PublicKeyLike],
@@ -345,12 +347,12 @@ class MerkleLog:
         )
         return [bytes(row[0]) for row in cursor]
 
-    def events(
+    def entries(
         self,
         kind: str | None = None,
         since_ms: int | None = None,
         until_ms: int | None = None,
-    ) -> Iterator[LogLeaf]:
+    ) -> Iterator[LogEntry]:
         """Decoded entries in log order, optionally of one kind within [since_ms, until_ms)."""
         clauses, params = [], []
         for clause, value in (

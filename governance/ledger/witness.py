@@ -16,10 +16,9 @@ recorded as an incident with both cosigned heads as evidence.
 """
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +29,9 @@ from governance.ledger.signing import PublicKeyLike, public_key_bytes, public_ke
 from governance.ledger.transactions import write_transaction
 from governance.ledger.tree_head import Cosignature, SignedTreeHead, cosign_tree_head
 from governance.migrations import apply_migrations
+
+if TYPE_CHECKING:
+    import sqlite3  # annotations only: the caller opens the connection
 
 COMPONENT = "ledger_witness"
 MIGRATIONS: tuple[str, ...] = (
@@ -68,7 +70,7 @@ class Witness:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: "sqlite3.Connection",
         name: str,
         signing_key: Ed25519PrivateKey,
         log_keys: Mapping[str, PublicKeyLike],

@@ -30,6 +30,7 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
+from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.mount import mount
@@ -67,7 +68,6 @@ from parties.secure_room.wire import (
     write_wire_files,
 )
 from parties.services.health_authority import level1_key
-from parties.services.ledger import record_event
 
 K_ANONYMITY = 10
 OWNER_TABLES = ("visits",)  # what the owner's authorized library holds; query tables may not
@@ -179,7 +179,7 @@ def approve(ctx: NodeContext, sha256: str) -> Review:
     with ctx.store.lock, ctx.store.conn as conn:
         conn.execute("INSERT INTO pa_approvals (sha256, name, version, approval) "
                      "VALUES (?, ?, ?, ?)", (sha256, found.name, found.version, body))
-    record_event(ctx, "package_approved", {
+    append_entry(ctx, "package_approved", {
         "package": found.name, "version": found.version, "package_sha256": sha256,
         "report_sha256": found.report_sha256, "approval_sha256": text_sha256(body),
         "submitter": found.submitter,
@@ -244,7 +244,7 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
             query = {n: open_query_table(ctx.signing_key, ctx.name, n, s, sha)
                      for n, s in request.query.items()}
         except (PackageError, QueryTablesInvalid) as exc:
-            record_event(ctx, PACKAGE_RUN_REFUSED, {
+            append_entry(ctx, PACKAGE_RUN_REFUSED, {
                 "run_id": run_id, "package": manifest.name, "version": manifest.version,
                 "package_sha256": sha, "requester": request.requester,
                 "error": type(exc).__name__, "library": "authorized",
@@ -268,7 +268,7 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
             (run_id, sha, request.requester, report.outcome, int(report.accepted), rows_in,
              rows_out, report.suppressed_groups or 0, wall_ms, output_sha))
     # The meter: a QueryMeter-shaped payload, so a contract can bill package runs.
-    record_event(ctx, PACKAGE_RUN, {
+    append_entry(ctx, PACKAGE_RUN, {
         "run_id": run_id, "package": manifest.name, "version": manifest.version,
         "package_sha256": sha, "party": request.requester, "library": "authorized",
         "outcome": report.outcome, "accepted": report.accepted,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from parties.ledger.client import append_entry
 from parties.runtime.context import NodeContext
 from parties.runtime.topology import Role
 from parties.secure_room.api import (
@@ -42,7 +43,6 @@ from parties.secure_room.api import (
 )
 from parties.secure_room.wire import library_hash, library_to_wire, report_sha256
 from parties.services.health_authority import governed_visits
-from parties.services.ledger import record_event
 
 if TYPE_CHECKING:  # governance.synthetic pulls in scipy and scikit-learn: imported lazily
     from governance.synthetic import SynthesisSpec
@@ -195,7 +195,7 @@ def _publish(ctx: NodeContext, name: str, kind: str, directory: Path,
         conn.execute(
             "INSERT OR REPLACE INTO pa_libraries (name, kind, sha256, tables, report)"
             " VALUES (?, ?, ?, ?, ?)", (name, kind, sha, json.dumps(tables), json.dumps(report)))
-    record_event(ctx, "data_registered", {
+    append_entry(ctx, "data_registered", {
         "dataset": f"{name}.{kind}", "owner": ctx.name, "stage": "library", "library": kind,
         "library_sha256": sha, "rows": tables["visits"], "tables": sorted(tables),
         "table_rows": [tables[t] for t in sorted(tables)], "recipient": operator,

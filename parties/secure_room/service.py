@@ -25,6 +25,7 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 
 from governance.packages import load_manifest, package_hash
+from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeError
@@ -76,7 +77,6 @@ from parties.secure_room.wire import (
     report_sha256,
     write_wire_files,
 )
-from parties.services.ledger import record_event
 
 COMPONENT = "secure_room"
 MIGRATIONS: tuple[str, ...] = (
@@ -271,7 +271,7 @@ def submit_package(ctx: NodeContext, upload: PackageUpload, submitter: str) -> S
             " files, report, report_sha256, outcome, accepted) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (sha, manifest.name, manifest.version, upload.library, submitter, files_json,
              report_json, report_sha, run.report.outcome, int(run.report.accepted)))
-    record_event(ctx, "package_submitted", {
+    append_entry(ctx, "package_submitted", {
         "package": manifest.name, "version": manifest.version, "package_sha256": sha,
         "report_sha256": report_sha, "library": upload.library, "submitter": submitter,
         "outcome": run.report.outcome, "accepted": run.report.accepted,
@@ -325,7 +325,7 @@ def run_in_production(ctx: NodeContext, sha256: str, request: RunRequest,
             (answer.run_id, answer.package_sha256, sub.name, sub.version, "authorized",
              requester, owner, rows, suppressed, json.dumps(answer.output),
              answer.output_sha256, json.dumps(report)))
-    record_event(ctx, PRODUCT_PUBLISHED, {
+    append_entry(ctx, PRODUCT_PUBLISHED, {
         "product_id": answer.run_id, "package": sub.name, "version": sub.version,
         "package_sha256": answer.package_sha256, "output_sha256": answer.output_sha256,
         "rows": rows, "suppressed_groups": suppressed, "owner": owner, "requester": requester,

@@ -20,14 +20,22 @@ from governance.contracts import (
 )
 from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
+from parties.agreements.api import (
+    CONTRACT,
+    REGISTER_CONTRACT,
+    REVOKE_CONSENT,
+    TERMINATE_CONTRACT,
+    serving_node,
+)
+from parties.ledger.api import log_node
+from parties.ledger.client import append_entry
 from parties.node import open_node
 from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.pki import load_signing_key
 from parties.runtime.state import StateDir, default_state_dir
-from parties.runtime.topology import Role, Topology
-from parties.services.ledger import record_event
+from parties.runtime.topology import Topology
 
 console = Console()
 contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",
@@ -36,10 +44,6 @@ consent_app = typer.Typer(help="Consumer consents.", no_args_is_help=True)
 billing_app = typer.Typer(help="Metering, bills and revenue sharing.", no_args_is_help=True)
 
 AsOption = Annotated[str, typer.Option("--as", help="The node acting (it signs or calls).")]
-
-
-def _serving_node(topo: Topology) -> str:
-    return topo.nodes_with_role(Role.REGULATOR)[0].name
 
 
 def load_signed(path: Path) -> SignedContract:
@@ -73,11 +77,9 @@ def sign(
 
 
 def post_contract(state: StateDir, topo: Topology, signed: SignedContract, node: str) -> str:
-    serving = _serving_node(topo)
+    """Register `signed` at the serving node as `node`; its status there."""
     with NodeClient(state, topo, node) as client:
-        body = client.post(serving, "/v1/contracts", kind="contract",
-                           json=signed.model_dump(mode="json")).json()
-    return str(body["status"])
+        return client.call(serving_node(topo), REGISTER_CONTRACT, signed).status
 
 
 @contract_app.command("register")
@@ -109,8 +111,8 @@ def terminate(
         contract_id, node, datetime.now(UTC), load_signing_key(st, node), reason
     )
     with exit_on(NodeError), NodeClient(st, topo, node) as client:
-        client.post(_serving_node(topo), f"/v1/contracts/{contract_id}/termination",
-                    kind="contract", json=termination.model_dump(mode="json"))
+        client.call(serving_node(topo), TERMINATE_CONTRACT, termination,
+                    params={"contract_id": contract_id})
     console.print(f"contract {contract_id} terminated by {node}")
 
 
@@ -124,9 +126,8 @@ def show(
     """Print a registered contract and its signatures."""
     _, topo = resolve_topology(state, topology)
     with exit_on(NodeError), NodeClient(StateDir(state), topo, node) as client:
-        body = client.get(_serving_node(topo), f"/v1/contracts/{contract_id}",
-                          kind="contract").json()
-    console.print_json(json.dumps(body))
+        contract = client.call(serving_node(topo), CONTRACT, params={"contract_id": contract_id})
+    console.print_json(contract.model_dump_json())
 
 
 @consent_app.command("revoke")
@@ -141,10 +142,9 @@ def revoke(
     st = StateDir(state)
     consent = Consent.parse(consent_file.read_text())
     revocation = revoke_consent(consent, private_key_from_hex(key_hex), datetime.now(UTC))
-    serving = _serving_node(topo)
+    serving = serving_node(topo)
     with exit_on(NodeError), NodeClient(st, topo, serving) as client:
-        client.post(serving, "/v1/admin/consents/revocations", kind="admin",
-                    json=revocation.model_dump(mode="json"))
+        client.call(serving, REVOKE_CONSENT, revocation)
     console.print(f"consent {consent.consent_id} revoked")
 
 
@@ -160,20 +160,18 @@ def billing_statement(
     """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen)."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
-    serving = _serving_node(topo)
-    operator = topo.nodes_with_role(Role.OPERATOR)[0].name
+    serving = serving_node(topo)
+    operator = log_node(topo)
     with exit_on(NodeError), NodeClient(st, topo, serving) as client:
-        signed = SignedContract.model_validate(
-            client.get(serving, f"/v1/contracts/{contract}", kind="contract").json()
-        )
+        signed = client.call(serving, CONTRACT, params={"contract_id": contract})
     conn = sqlite3.connect(f"file:{st.node(operator).db}?mode=ro", uri=True)
-    leaves = [decode_leaf(bytes(r[0])) for r in
-              conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+    log_entries = [decode_leaf(bytes(r[0])) for r in
+                   conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
     conn.close()
     with exit_on(ContractError, ValueError):
-        result = statement(signed.terms, period, leaves)
+        result = statement(signed.terms, period, log_entries)
     if issue:
-        record_event(open_node(st, topo, operator), "bill_issued", result.log_payload())
+        append_entry(open_node(st, topo, operator), "bill_issued", result.log_payload())
     if as_json:
         print(result.to_json())
     else:

@@ -15,18 +15,21 @@ from governance.ledger import (
     check_inclusion_proof,
     verify_log,
 )
+from parties.ledger.api import POLL, WITNESS_ROLES, InclusionProofBundle, log_node
+from parties.ledger.operator_log import inclusion_bundle, latest_cosignatures
 from parties.node import open_node
-from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.cli import (
+    ExitCode,
+    StateOption,
+    TopologyOption,
+    exit_on,
+    fail,
+    resolve_topology,
+)
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.pki import federation_signing_keys
 from parties.runtime.state import StateDir, default_state_dir
-from parties.services.ledger import (
-    WITNESS_ROLES,
-    inclusion_bundle,
-    latest_cosignatures,
-    log_node,
-)
 
 console = Console()
 ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is_help=True)
@@ -34,8 +37,7 @@ ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is
 
 def _read_only(db: Path) -> sqlite3.Connection:
     if not db.exists():
-        console.print(f"[red]no log store at {db}[/red]")
-        raise typer.Exit(2)
+        fail("no log store", str(db), ExitCode.BAD_INPUT)
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
 
 
@@ -61,7 +63,7 @@ def verify(
         for name in witnesses:
             try:
                 with NodeClient(st, topo, name, timeout=10) as client:
-                    client.post(name, "/v1/witness/poll", kind="admin")
+                    client.call(name, POLL)
             except NodeError as exc:
                 console.print(f"[yellow]{name} did not witness now: {exc}[/yellow]")
     keys = federation_signing_keys(st, [n.name for n in topo.nodes])
@@ -80,8 +82,7 @@ def verify(
     cosignatures = latest_cosignatures(conn)
     conn.close()
     if not heads:
-        console.print("[red]the log has no signed tree head[/red]")
-        raise typer.Exit(1)
+        fail("no signed tree head", "the log has none", ExitCode.REFUSED)
     witnessed = [c.tree_size for c in cosignatures]
     # Verify at the largest head every witness has countersigned, and the rest of
     # the entries against the latest head; both must hold.
@@ -103,7 +104,7 @@ def verify(
         if latest is not None:
             console.print(f"entries after the witnessed head: {latest.summary()}")
     if not report.ok or (latest is not None and not latest.ok):
-        raise typer.Exit(1)
+        raise typer.Exit(int(ExitCode.REFUSED))
 
 
 @ledger_app.command("prove")
@@ -137,17 +138,15 @@ def check_proof(
 ) -> None:
     """Check an inclusion proof offline: needs only the bundle and the log's public key."""
     try:
-        bundle = json.loads(bundle_file.read_text())
-        head = SignedTreeHead.model_validate(bundle["tree_head"])
-        key = log_key or bundle["log_public_key"]
-        index = check_inclusion_proof(
-            bundle["proof"], head, key, leaf=base64.b64decode(bundle["entry"])
-        )
-    except (InclusionProofInvalid, KeyError, ValueError) as exc:
-        console.print(f"[red]proof rejected:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        bundle = InclusionProofBundle.model_validate_json(bundle_file.read_text())
+        index = check_inclusion_proof(bundle.proof, bundle.tree_head,
+                                      log_key or bundle.log_public_key,
+                                      leaf=base64.b64decode(bundle.entry))
+    except (InclusionProofInvalid, ValueError) as exc:
+        fail("proof rejected", str(exc), ExitCode.REFUSED, exc)
     if log_key is None:
         console.print("[yellow]no --log-key given: checked against the bundle's own key[/yellow]")
+    head = bundle.tree_head
     console.print(f"[green]entry {index} is in the log of size {head.tree_size}[/green] "
                   f"(root {head.root_hash[:16]}...)")
 

@@ -5,8 +5,8 @@
     cogov stats answers                      # the regulator's book of released answers
 
 `claimant-self-pay` runs the insurer's side with the insurer's certificate (its claimants'
-national ids never leave it; they become domain tokens through the blinded OPRF chain);
-the regulator relays, checks and records the answer, which it also returns here.
+national ids never leave it; they become shared-domain tokens through the blinded OPRF
+chain); the regulator relays, checks and records the answer, which it also returns here.
 """
 
 from __future__ import annotations
@@ -21,18 +21,27 @@ from rich.console import Console
 from rich.table import Table
 
 from mpc.errors import MpcError
-from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.cli import (
+    ExitCode,
+    StateOption,
+    TopologyOption,
+    exit_on,
+    fail,
+    resolve_topology,
+)
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role
-from parties.services.statistics import (
+from parties.stats.api import (
+    ANSWERS,
     DEFAULT_MAX_VALUE,
     MIN_INTERSECTION_FLOOR,
     SelfPayQuery,
     StatsAnswer,
-    claimant_self_pay,
+    regulator_node,
 )
+from parties.stats.client import claimant_self_pay
 
 console = Console()
 stats_app = typer.Typer(help="Regulator statistics on private intersection-sum.",
@@ -101,17 +110,13 @@ def claimant_self_pay_cmd(
         raise typer.BadParameter(str(exc)) from None
     ids = claimant_ids(claims, insurer)
     if not ids:
-        console.print(f"[yellow]no claimants of {insurer} in {claims}[/yellow]")
-        raise typer.Exit(1)
+        fail("no claimants", f"{insurer} has none in {claims}", ExitCode.REFUSED)
     started = time.perf_counter()
-    try:
-        with NodeClient(StateDir(state), topo, insurer, timeout=300) as client, \
-                console.status(f"private intersection-sum over {len(ids):,} claimants"):
-            answer = claimant_self_pay(client, ids, query, epsilon=epsilon, max_value=max_value,
-                                       min_intersection=min_intersection)
-    except (NodeError, MpcError, ValueError) as exc:
-        console.print(f"[red]refused: {type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from None
+    with exit_on(NodeError, MpcError, ValueError), \
+            NodeClient(StateDir(state), topo, insurer, timeout=300) as client, \
+            console.status(f"private intersection-sum over {len(ids):,} claimants"):
+        answer = claimant_self_pay(client, ids, query, epsilon=epsilon, max_value=max_value,
+                                   min_intersection=min_intersection)
     seconds = time.perf_counter() - started
     if as_json:
         print(answer.model_dump_json())
@@ -130,10 +135,9 @@ def answers_cmd(
 ) -> None:
     """The regulator's released (and refused) statistics, read with the regulator's key."""
     _, topo = resolve_topology(state, topology)
-    regulator = topo.nodes_with_role(Role.REGULATOR)[0].name
+    regulator = regulator_node(topo)
     with exit_on(NodeError), NodeClient(StateDir(state), topo, regulator) as client:
-        rows = client.get(regulator, f"/v1/stats/answers?limit={limit}", kind="admin").json()
-    answers = [StatsAnswer.model_validate(r) for r in rows]
+        answers = client.call(regulator, ANSWERS, query={"limit": limit})
     if as_json:
         for a in answers:
             print(a.model_dump_json())

@@ -1,0 +1,119 @@
+"""Consents and contracts at the serving node (the regulator, which serves the product).
+
+Insurers register the consumers' signed consents; consumers' revocations and
+the parties' signed contracts and terminations are registered here too. Each
+registration is recorded in the federation's log. The claim product enforces
+both through `parties.agreements.books` before it touches any data.
+"""
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+
+from governance import consent as consent_lib
+from governance import contracts as contract_lib
+from governance.consent import Consent, ConsentMismatch, ConsentRevocation
+from governance.contracts import ContractBook, ContractTermination, SignedContract
+from parties.agreements.api import (
+    CONTRACT,
+    REGISTER_CONSENT,
+    REGISTER_CONTRACT,
+    REVOKE_CONSENT,
+    SERVING_ROLE,
+    TERMINATE_CONTRACT,
+    Registered,
+)
+from parties.agreements.books import consent_registry, contract_book
+from parties.ledger.client import append_entry
+from parties.runtime.access import Caller
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import IdentityMismatch
+from parties.runtime.mount import mount
+from parties.runtime.service import Service
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:
+    """Store a consent given to `insurer` (its signature, addressee and window checked).
+
+    The person binding is checked per query: the insurer proves it names the
+    person of the commitment, and the operator checks that the consent's key
+    is the key delivered for the person behind the queried token.
+    """
+    if consent.terms.insurer != insurer:
+        raise ConsentMismatch(f"consent is given to {consent.terms.insurer}, not {insurer}")
+    if consent_registry(ctx).store(consent, _now()):
+        append_entry(ctx, "consent_given", consent.log_payload())
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter()
+
+    @mount(router, REGISTER_CONSENT)
+    def post_consent(body: Consent, caller: Caller) -> Registered:
+        """Register a consumer's signed consent given to the calling insurer."""
+        register_consent(ctx, body, caller.name)
+        return Registered(id=body.consent_id, status="registered")
+
+    @mount(router, REVOKE_CONSENT)
+    def post_revocation(body: ConsentRevocation, caller: Caller) -> Registered:
+        """Register a consumer's signed revocation; it applies from the next query."""
+        consent_registry(ctx).revoke(body, _now())
+        append_entry(ctx, "consent_revoked", body.log_payload())
+        return Registered(id=body.consent_id, status="revoked")
+
+    @mount(router, REGISTER_CONTRACT)
+    def post_contract(body: SignedContract, caller: Caller) -> Registered:
+        """Register a contract with the signatures it carries; in force once all parties sign."""
+        book = contract_book(ctx)
+        before = book.get(body.contract_id).missing_signatures() if _known(
+            book, body.contract_id) else body.terms.parties
+        stored = book.register(body, _now())
+        missing = stored.missing_signatures()
+        if before and not missing:
+            append_entry(ctx, "contract_signed", stored.log_payload())
+        status = "in force" if not missing else f"awaiting {', '.join(missing)}"
+        return Registered(id=stored.contract_id, status=status)
+
+    @mount(router, CONTRACT)
+    def get_contract(contract_id: str, caller: Caller) -> SignedContract:
+        return contract_book(ctx).get(contract_id)
+
+    @mount(router, TERMINATE_CONTRACT)
+    def post_termination(
+        contract_id: str, body: ContractTermination, caller: Caller
+    ) -> Registered:
+        """End a contract at once; the product refuses its queries from now on."""
+        if body.contract_id != contract_id:
+            raise IdentityMismatch("the termination names another contract")
+        if caller.name not in (body.party, ctx.name):
+            raise IdentityMismatch(f"{caller.name} cannot file {body.party}'s termination")
+        contract_book(ctx).terminate(body, _now())
+        append_entry(ctx, "contract_terminated", {
+            "contract_id": contract_id, "party": body.party, "reason": body.reason,
+        })
+        return Registered(id=contract_id, status="terminated")
+
+    return [router]
+
+
+def _known(book: ContractBook, contract_id: str) -> bool:
+    try:
+        book.get(contract_id)
+    except contract_lib.ContractUnknown:
+        return False
+    return True
+
+
+SERVICE = Service(
+    name="agreements",
+    roles=(SERVING_ROLE,),
+    routers=_routes,
+    components=(
+        (consent_lib.COMPONENT, consent_lib.MIGRATIONS),
+        (contract_lib.COMPONENT, contract_lib.MIGRATIONS),
+    ),
+)

@@ -1,0 +1,82 @@
+"""The ledger capability's contract: the operator's log of the federation and its witnesses.
+
+The operator keeps the log; every node appends the log entries it signed
+(`APPEND_ENTRIES`); the witnesses (health authority, regulator) read its signed tree
+heads and consistency proofs, send back their cosignatures, and show each other the
+latest head they cosigned (`WITNESSED_HEAD`) so a split view is caught.
+"""
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, RootModel
+
+from governance.ledger import Cosignature, SignedEntry, SignedTreeHead, WitnessedHead
+from parties.runtime.errors import NodeError
+from parties.runtime.routes import Kind, Route
+from parties.runtime.topology import Role, Topology
+
+LOG_NODE_ROLE = Role.OPERATOR
+WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)
+MAX_ENTRIES_PER_APPEND = 1000
+
+
+class LedgerUnavailable(NodeError):
+    http_status = 503
+
+
+def log_node(topology: Topology) -> str:
+    """The node that keeps the federation's log."""
+    nodes = topology.nodes_with_role(LOG_NODE_ROLE)
+    if not nodes:
+        raise LedgerUnavailable("the topology has no operator to keep the log")
+    return nodes[0].name
+
+
+class EntryBatch(RootModel[Annotated[list[SignedEntry],
+                                     Field(min_length=1, max_length=MAX_ENTRIES_PER_APPEND)]]):
+    """Log entries signed by the calling node, appended in one transaction (a JSON array)."""
+
+
+class EntriesAppended(BaseModel):
+    first_index: int
+    count: int
+    tree_head: SignedTreeHead
+
+
+class ConsistencyProof(BaseModel):
+    first: int
+    second: int
+    path: list[str]
+
+
+class CosignatureKept(BaseModel):
+    tree_size: int
+
+
+class InclusionProofBundle(BaseModel):
+    """What a third party needs to check one log entry offline."""
+
+    proof: str  # compact JSON (`InclusionProof.to_json`)
+    entry: str  # the stored entry bytes (the Merkle leaf), base64
+    tree_head: SignedTreeHead
+    log_public_key: str
+
+
+# At the operator.
+APPEND_ENTRIES = Route("POST", "/v1/ledger/entries", Kind.LEDGER, EntryBatch, EntriesAppended,
+                       roles=WITNESS_ROLES, tag="ledger")
+TREE_HEAD = Route("GET", "/v1/ledger/head", Kind.WITNESS, None, SignedTreeHead,
+                  roles=WITNESS_ROLES, tag="ledger")
+# Query parameters `first` and `second`: the two tree sizes.
+CONSISTENCY = Route("GET", "/v1/ledger/consistency", Kind.WITNESS, None, ConsistencyProof,
+                    roles=WITNESS_ROLES, tag="ledger")
+COSIGN = Route("POST", "/v1/ledger/cosignatures", Kind.WITNESS, Cosignature, CosignatureKept,
+               roles=WITNESS_ROLES, tag="ledger")
+INCLUSION_PROOF = Route("GET", "/v1/ledger/proof/{index}", Kind.WITNESS, None,
+                        InclusionProofBundle, roles=WITNESS_ROLES, tag="ledger")
+
+# At each witness.
+POLL = Route("POST", "/v1/witness/poll", Kind.ADMIN, None, Cosignature | None, tag="ledger")
+WITNESSED_HEAD = Route("GET", "/v1/witness/head", Kind.WITNESS, None, WitnessedHead | None,
+                       roles=WITNESS_ROLES, tag="ledger")
+GOSSIP = Route("POST", "/v1/witness/gossip", Kind.ADMIN, None, list[str], tag="ledger")

@@ -1,0 +1,139 @@
+"""The witnesses of the federation's log (health authority, regulator).
+
+Each witness polls the operator's signed tree head, checks it is consistent with
+the last head it countersigned, and sends its cosignature back; a rewrite is
+recorded as an incident. Witnesses also gossip: each compares its latest
+cosigned head with every fellow witness's (`WITNESSED_HEAD`), asking the log for a
+consistency proof between the two, so a split view (each witness shown its own
+history) becomes an incident too.
+"""
+
+import time
+from functools import partial
+
+from fastapi import APIRouter
+
+from governance.ledger import Cosignature, LogInconsistent, Witness, WitnessedHead
+from parties.ledger.api import (
+    CONSISTENCY,
+    COSIGN,
+    GOSSIP,
+    POLL,
+    TREE_HEAD,
+    WITNESS_ROLES,
+    WITNESSED_HEAD,
+    log_node,
+)
+from parties.runtime.access import Caller
+from parties.runtime.client import NodeClient
+from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
+from parties.runtime.service import Service
+from parties.runtime.store import connect
+
+WITNESS_INTERVAL_S = 2.0
+
+
+def _consistency_proof(client: NodeClient, operator: str, first: int,
+                       second: int) -> list[bytes]:
+    proof = client.call(operator, CONSISTENCY, query={"first": first, "second": second})
+    return [bytes.fromhex(p) for p in proof.path]
+
+
+def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
+    """Fetch the log's head; countersign it if it is new and consistent."""
+    operator = log_node(ctx.topology)
+    with ctx.client() as client:
+        head = client.call(operator, TREE_HEAD)
+        last = witness.latest(head.log_id)
+        if last is not None and last.tree_size == head.tree_size and \
+                last.root_hash == head.root_hash:
+            return None
+        proof: list[bytes] = []
+        if last is not None and last.tree_size <= head.tree_size:
+            proof = _consistency_proof(client, operator, last.tree_size, head.tree_size)
+        try:
+            cosignature = witness.cosign(head, proof)
+        except LogInconsistent as exc:
+            ctx.log.event("log_inconsistent", log=head.log_id, detail=str(exc))
+            raise
+        client.call(operator, COSIGN, cosignature)
+    return cosignature
+
+
+def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
+    """Compare this witness's view of the log with every fellow witness's; the peers checked.
+
+    Raises `LogInconsistent` (after recording the incident) on a split view.
+    """
+    operator = log_node(ctx.topology)
+    keys = ctx.signing_public_keys()
+    checked = []
+    with ctx.client() as client:
+        for peer in (n.name for role in WITNESS_ROLES for n in ctx.topology.nodes_with_role(role)):
+            if peer == ctx.name:
+                continue
+            shown = client.call(peer, WITNESSED_HEAD)
+            if shown is not None:
+                try:
+                    witness.compare_with_peer(peer, keys[peer], shown,
+                                              partial(_consistency_proof, client, operator))
+                except LogInconsistent as exc:
+                    ctx.log.event("log_inconsistent", peer=peer, detail=str(exc))
+                    raise
+            checked.append(peer)
+    return checked
+
+
+def node_witness(ctx: NodeContext) -> Witness:
+    def make() -> Witness:
+        operator = log_node(ctx.topology)
+        conn = connect(ctx.paths.db, explicit_transactions=True)
+        return Witness(
+            conn, ctx.name, ctx.signing_key, {operator: ctx.signing_public_keys()[operator]}
+        )
+
+    return ctx.component(Witness, make)
+
+
+def _witness_loop(ctx: NodeContext) -> None:
+    witness = node_witness(ctx)
+    while True:
+        for step, failed in ((witness_once, "witness_poll_failed"),
+                             (gossip_once, "witness_gossip_failed")):
+            try:
+                step(ctx, witness)
+            except LogInconsistent:
+                pass  # recorded by the witness and in the node log; keep watching
+            except Exception as exc:  # the loop must outlive any one failed round
+                ctx.log.event(failed, error=type(exc).__name__, detail=str(exc))
+        time.sleep(WITNESS_INTERVAL_S)
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter()
+
+    @mount(router, POLL)
+    def poll(caller: Caller) -> Cosignature | None:
+        """Witness the log's current head now (the background loop does it every 2 s)."""
+        return witness_once(ctx, node_witness(ctx))
+
+    @mount(router, WITNESSED_HEAD)
+    def head(caller: Caller) -> WitnessedHead | None:
+        """This witness's latest cosigned head of the log, for fellow witnesses to compare."""
+        return node_witness(ctx).witnessed(log_node(ctx.topology))
+
+    @mount(router, GOSSIP)
+    def gossip(caller: Caller) -> list[str]:
+        """Compare with every fellow witness now (the background loop does it every 2 s)."""
+        return gossip_once(ctx, node_witness(ctx))
+
+    return [router]
+
+
+WITNESS_SERVICE = Service(
+    name="witness",
+    roles=WITNESS_ROLES,
+    routers=_routes,
+    background=_witness_loop,
+)
