@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
+from parties.ingest.api import HOSPITAL_EXPORT, ExportRequest
+from parties.ingest.authority import governed_visits
 from parties.node import open_node
 from parties.package_cli import fetch_sample
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.secure_room import sandbox_available
-from parties.services.health_authority import governed_visits
 from parties.services.package_approval import authorized_visits
 from parties.services.secure_room import package_to_wire
 from scenarios.claim_check.generator import generate
@@ -145,8 +146,7 @@ def room(tmp_path_factory):
         r = Room(fed, root / "data", root / "work")
         raw = next((root / "data" / "raw").iterdir())
         with r.client("hospital-1") as client:
-            client.post("hospital-1", "/v1/hospital/export", kind="admin",
-                        json={"path": str(raw), "batch_rows": 200})
+            client.call("hospital-1", HOSPITAL_EXPORT, ExportRequest(path=str(raw), batch_rows=200))
         r.built = r.cli("package", "libraries", "--sample-rows", "400", "--test-rows", "60")
         yield r
     finally:

@@ -472,7 +472,7 @@ def _remote_refusal(exc: RemoteError) -> Exception:
     """The operator's typed refusal, re-raised under its own name for the insurer."""
     if not _REMOTE_REFUSALS:
         import governance.consent as consent_lib
-        from parties.services import operator_domains
+        from parties.domains import api as operator_domains
 
         for module in (consent_lib, operator_domains):
             for name in dir(module):

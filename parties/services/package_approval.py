@@ -50,6 +50,8 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
+from parties.domains.keys import level1_key
+from parties.ingest.authority import governed_visits
 from parties.runtime.access import Caller, CallerPolicy
 from parties.runtime.batches import ipc_to_table, table_to_ipc
 from parties.runtime.context import NodeContext
@@ -62,7 +64,6 @@ from parties.runtime.sealing import (
 )
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.health_authority import governed_visits, level1_key
 from parties.services.ledger import record_event
 from parties.services.secure_room import (
     MAX_PACKAGE_BYTES,

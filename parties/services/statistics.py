@@ -226,7 +226,7 @@ def claimant_self_pay(
     Raises `IntersectionTooSmall` when the released size is under the minimum (the
     refusal is reported to the regulator first), `RemoteError` for the nodes' refusals.
     """
-    from parties.insurer_oprf import domain_tokens
+    from parties.domains.client import domain_tokens
 
     ids = list(dict.fromkeys(national_ids))
     if not ids:
@@ -259,8 +259,8 @@ def self_pay_by_token(
 ) -> tuple[list[bytes], list[int]]:
     """(domain token, clipped self-pay) of each person of `insurer`'s domain with a visit at
     the hospital in the window; the self-pay is summed over that person's visits there."""
-    from parties.services.circulation import VISITS_TABLE, read_visits
-    from parties.services.operator_domains import live_domain
+    from parties.domains.registry import live_domain
+    from parties.ingest.circulation import VISITS_TABLE, read_visits
 
     domain_id = live_domain(ctx, SCENARIO, insurer)
     with ctx.store.lock:
@@ -348,7 +348,7 @@ def check_policy(policy: IntersectionPolicy) -> None:
 
 def operator_join(ctx: NodeContext, body: OperatorJoin) -> JoinResponse:
     """Round 2 at the operator: key the insurer's points, key and encrypt its own rows."""
-    from parties.services.operator_domains import xid_pool
+    from parties.domains.keys import xid_pool
 
     check_policy(body.join.policy)
     if not body.join.with_sum:
