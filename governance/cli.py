@@ -24,6 +24,10 @@ from governance.standardize import (
     standardize_to_parquet,
 )
 
+EncodingOption = Annotated[str | None, typer.Option(
+    help="Text encoding of CSV and JSON-lines files (default: detect UTF-8, with or without "
+    "BOM, then GB18030).")]
+
 app = typer.Typer(
     help="Asset scan, classification and grading, standardization and desensitization.",
     no_args_is_help=True,
@@ -49,11 +53,13 @@ def scan(
     threshold: Annotated[float, typer.Option(help="Share of values that must match.")] = 0.8,
     sample: Annotated[int, typer.Option(help="Values sampled per column.")] = 2000,
     full: Annotated[bool, typer.Option(help="Validate every value, not a sample.")] = False,
+    encoding: EncodingOption = None,
 ) -> None:
     """Inventory every table and column; flag sensitive columns by their content."""
     try:
         with console.status(f"scanning {path}"):
-            report = scan_path(path, threshold=threshold, sample_size=sample, full=full)
+            report = scan_path(path, threshold=threshold, sample_size=sample, full=full,
+                               encoding=encoding)
     except GovernanceError as exc:
         _fail(exc)
     console.print(render_report(report))
@@ -68,15 +74,16 @@ def classify(
     path: Annotated[Path, typer.Argument(help="A file, SQLite database or directory.")],
     policy: Annotated[Path | None, typer.Option(help="Grading policy TOML.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    encoding: EncodingOption = None,
 ) -> None:
     """Scan, then give every column a category and a level L1..L4 from the policy."""
     try:
         grading = load_policy(policy)
-        report = scan_path(path)
+        report = scan_path(path, encoding=encoding)
         fields = {}
         for table in report.tables:
             if table.format in ("csv", "parquet", "jsonl"):
-                fields[table.table] = _try_mapping(Path(table.source), table.table)
+                fields[table.table] = _try_mapping(Path(table.source), table.table, encoding)
         result = classify_report(report, grading, fields)
     except GovernanceError as exc:
         _fail(exc)
@@ -85,10 +92,10 @@ def classify(
         _write_atomic(json_out, result.to_json())
 
 
-def _try_mapping(path: Path, hospital_id: str) -> dict[str, str]:
+def _try_mapping(path: Path, hospital_id: str, encoding: str | None) -> dict[str, str]:
     """The common-model fields of a table's columns when it is a visit export, else {}."""
     try:
-        first = next(read_batches(path))
+        first = next(read_batches(path, encoding))
         return infer_mapping(first.head(2000), hospital_id).columns()
     except (GovernanceError, StopIteration):
         return {}
@@ -115,6 +122,7 @@ def standardize(
         help="HOSPITAL=FILE pairs, files (hospital id = file stem) or directories of exports.")],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/standardized"),
     overrides: Annotated[Path | None, typer.Option(help="Schema overrides TOML.")] = None,
+    encoding: EncodingOption = None,
 ) -> None:
     """Map each hospital export onto the common model; align patients across hospitals.
 
@@ -135,7 +143,7 @@ def standardize(
             for hospital, path in found.items():
                 bar.update(task, description=f"standardizing {hospital}")
                 mapping = standardize_to_parquet(path, hospital, out / f"{hospital}.parquet",
-                                                 config.for_hospital(hospital))
+                                                 config.for_hospital(hospital), encoding)
                 mappings[hospital] = mapping.model_dump()
                 bar.advance(task)
         table = pa.concat_tables(
@@ -157,6 +165,7 @@ def desensitize(
     source: Annotated[Path, typer.Argument(help="A common-model Parquet file or any table.")],
     out: Annotated[Path, typer.Option(help="Masked output (.parquet or .csv).")],
     policy: Annotated[Path | None, typer.Option(help="Grading policy TOML.")] = None,
+    encoding: EncodingOption = None,
 ) -> None:
     """Mask sensitive columns with the masking rules of the grading policy.
 
@@ -164,7 +173,7 @@ def desensitize(
     """
     try:
         grading = load_policy(policy)
-        frame = pd.concat(list(read_batches(source)), ignore_index=True)
+        frame = pd.concat(list(read_batches(source, encoding)), ignore_index=True)
         if set(COMMON_FIELDS) <= set(frame.columns):
             masked = desensitize_visits(frame, grading)
         else:

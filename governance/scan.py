@@ -5,13 +5,19 @@ least `threshold` of its sampled non-null values pass that type's validator (che
 digits, calendar dates, real mobile segments, surname lists, address structure,
 ICD-10 shape). Values that merely *contain* a national ID or a mobile number inside
 longer text are counted separately (`embedded`), so free-text columns are caught too.
+
+Text files (CSV, JSON lines) are read in their own encoding: the one given, else the
+one detected (`text_encoding`): UTF-8 with or without BOM, then GB18030, a superset
+of the GBK and GB2312 that Chinese hospital systems commonly export.
 """
 
+import codecs
 import datetime as dt
 import json
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,9 @@ from governance.errors import GovernanceError
 SENSITIVE_TYPES = ("national_id", "name", "phone", "address", "birth_date", "diagnosis")
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
                   ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
+TEXT_FORMATS = ("csv", "jsonl")
+# Tried in order when a text file's encoding is not given; GB18030 contains GBK and GB2312.
+DETECTED_ENCODINGS = ("utf-8", "gb18030")
 BATCH_ROWS = 50_000
 _KMV_K = 4096
 
@@ -38,6 +47,11 @@ class ScanError(GovernanceError):
 
 class SourceNotFound(ScanError):
     http_status = 404
+
+
+class UnreadableText(ScanError):
+    """A text file does not decode in its encoding (given or detected), or the encoding is
+    unknown."""
 
 
 # --- value validators ----------------------------------------------------------------
@@ -200,31 +214,91 @@ class ScanReport(BaseModel):
 # --- streaming sources ---------------------------------------------------------------
 
 
-def _batches(path: Path, fmt: str) -> Iterator[tuple[str, Iterator[pd.DataFrame], dict[str, str]]]:
-    """Yield (table name, batches, storage types) for every table of a source."""
+def text_encoding(path: Path, encoding: str | None = None) -> str:
+    """The codec to read text file `path` with.
+
+    `encoding` if given (a UTF-8 file's BOM is skipped either way), else the first of
+    `DETECTED_ENCODINGS` the whole file decodes in.
+    """
+    bom = _starts_with_utf8_bom(path)
+    if encoding is not None:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError:
+            raise UnreadableText(f"unknown encoding {encoding!r}") from None
+        return "utf-8-sig" if name == "utf-8" and bom else name
+    if bom:
+        return "utf-8-sig"
+    for candidate in DETECTED_ENCODINGS:
+        if _decodes_as(path, candidate):
+            return candidate
+    raise UnreadableText(
+        f"{path}: neither UTF-8 nor GB18030 text; give its encoding (--encoding)")
+
+
+def _starts_with_utf8_bom(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+
+
+def _decodes_as(path: Path, encoding: str) -> bool:
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with path.open("rb") as fh:
+        try:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+@contextmanager
+def _decoding(path: Path, encoding: str) -> Iterator[None]:
+    """Turn a decoding failure while reading `path` into `UnreadableText`."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise UnreadableText(
+            f"{path}: not {encoding} text ({exc.reason} at byte {exc.object[exc.start:exc.end]!r});"
+            " give the file's encoding (--encoding), e.g. gb18030"
+        ) from None
+
+
+def _batches(
+    path: Path, fmt: str, encoding: str | None = None
+) -> Iterator[tuple[str, Iterator[pd.DataFrame], dict[str, str]]]:
+    """Yield (table name, batches, storage types) for every table of a source.
+
+    `encoding` applies to text formats (CSV, JSON lines); None detects it.
+    """
+    if fmt in TEXT_FORMATS:
+        encoding = text_encoding(path, encoding)
     if fmt == "csv":
-        header = pd.read_csv(path, nrows=0, dtype=str)
-        yield path.stem, _csv_batches(path), dict.fromkeys(header.columns, "text")
+        with _decoding(path, encoding):
+            header = pd.read_csv(path, nrows=0, dtype=str, encoding=encoding)
+        yield path.stem, _csv_batches(path, encoding), dict.fromkeys(header.columns, "text")
     elif fmt == "parquet":
         pf = pq.ParquetFile(path)
         types = {f.name: str(f.type) for f in pf.schema_arrow}
         yield path.stem, (b.to_pandas() for b in pf.iter_batches(BATCH_ROWS)), types
     elif fmt == "jsonl":
-        yield path.stem, _jsonl_batches(path), {}
+        yield path.stem, _jsonl_batches(path, encoding), {}
     elif fmt == "sqlite":
         yield from _sqlite_tables(path)
     else:
         raise ScanError(f"unsupported format {fmt!r} for {path}")
 
 
-def _csv_batches(path: Path) -> Iterator[pd.DataFrame]:
-    yield from pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
-                           chunksize=BATCH_ROWS)
+def _csv_batches(path: Path, encoding: str) -> Iterator[pd.DataFrame]:
+    with _decoding(path, encoding):
+        yield from pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
+                               chunksize=BATCH_ROWS, encoding=encoding)
 
 
-def _jsonl_batches(path: Path) -> Iterator[pd.DataFrame]:
+def _jsonl_batches(path: Path, encoding: str) -> Iterator[pd.DataFrame]:
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
+    with _decoding(path, encoding), path.open(encoding=encoding) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -263,13 +337,16 @@ def _sqlite_batches(
         yield pd.DataFrame.from_records(rows, columns=cols).astype(object)
 
 
-def read_batches(path: Path | str) -> Iterator[pd.DataFrame]:
-    """The rows of a single-table file (CSV, Parquet, JSON lines) in batches."""
+def read_batches(path: Path | str, encoding: str | None = None) -> Iterator[pd.DataFrame]:
+    """The rows of a single-table file (CSV, Parquet, JSON lines) in batches.
+
+    `encoding` is that of a text file; None detects it (`text_encoding`).
+    """
     path = Path(path)
     [(file, fmt)] = discover_tables(path) if path.is_file() else [(path, "?")]
     if fmt == "sqlite" or fmt == "?":
         raise ScanError(f"{path}: not a single-table file")
-    for _name, batches, _types in _batches(file, fmt):
+    for _name, batches, _types in _batches(file, fmt, encoding):
         yield from batches
 
 
@@ -482,16 +559,18 @@ def scan_path(
     sample_size: int = 2000,
     full: bool = False,
     seed: int = 0,
+    encoding: str | None = None,
 ) -> ScanReport:
     """Scan a file, a SQLite database or a directory tree of them.
 
     `full=True` runs the validators on every value instead of a sample: slower, but
-    it is what a proof that no identifier sits in the clear needs.
+    it is what a proof that no identifier sits in the clear needs. `encoding` is that
+    of the text files (CSV, JSON lines); None detects each file's.
     """
     tables = []
     for file, fmt in discover_tables(path):
         try:
-            for name, batches, types in _batches(file, fmt):
+            for name, batches, types in _batches(file, fmt, encoding):
                 table = f"{file.name}:{name}" if fmt == "sqlite" else name
                 tables.append(scan_batches(
                     batches, table, str(file), fmt, types, threshold, embedded_threshold,

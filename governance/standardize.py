@@ -439,8 +439,8 @@ class StandardizedSource:
     table: pa.Table
 
 
-def _sample(path: Path) -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
-    batches = read_batches(path)
+def _sample(path: Path, encoding: str | None) -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
+    batches = read_batches(path, encoding)
     first = next(batches, None)
     if first is None:
         raise StandardizationError(f"{path}: no rows")
@@ -451,12 +451,16 @@ def standardize_source(
     path: Path | str,
     hospital_id: str,
     overrides: HospitalOverrides | SchemaOverrides | None = None,
+    encoding: str | None = None,
 ) -> StandardizedSource:
-    """Map and convert one hospital export (CSV, Parquet or JSON lines) in memory."""
+    """Map and convert one hospital export (CSV, Parquet or JSON lines) in memory.
+
+    `encoding` is that of a text export; None detects it.
+    """
     path = Path(path)
     if isinstance(overrides, SchemaOverrides):
         overrides = overrides.for_hospital(hospital_id)
-    first, rest = _sample(path)
+    first, rest = _sample(path, encoding)
     mapping = infer_mapping(first.head(_SAMPLE_ROWS), hospital_id, overrides)
     tables = [apply_mapping(first, mapping)] + [apply_mapping(b, mapping) for b in rest]
     return StandardizedSource(hospital_id, path, mapping, pa.concat_tables(tables))
@@ -467,12 +471,16 @@ def standardize_to_parquet(
     hospital_id: str,
     out_path: Path | str,
     overrides: HospitalOverrides | SchemaOverrides | None = None,
+    encoding: str | None = None,
 ) -> SchemaMapping:
-    """Stream one export into a common-model Parquet file (written whole or not at all)."""
+    """Stream one export into a common-model Parquet file (written whole or not at all).
+
+    `encoding` is that of a text export; None detects it.
+    """
     path, out_path = Path(path), Path(out_path)
     if isinstance(overrides, SchemaOverrides):
         overrides = overrides.for_hospital(hospital_id)
-    first, rest = _sample(path)
+    first, rest = _sample(path, encoding)
     mapping = infer_mapping(first.head(_SAMPLE_ROWS), hospital_id, overrides)
     partial = out_path.with_name(out_path.name + ".partial")
     try:
@@ -489,10 +497,11 @@ def standardize_to_parquet(
 def standardize_sources(
     sources: Mapping[str, Path | str],
     overrides: SchemaOverrides | None = None,
+    encoding: str | None = None,
 ) -> tuple[pa.Table, list[SchemaMapping], "AlignmentReport"]:
     """Standardize several hospitals' exports into one table and align their patients."""
     overrides = overrides or load_overrides()
-    done = [standardize_source(p, h, overrides) for h, p in sources.items()]
+    done = [standardize_source(p, h, overrides, encoding) for h, p in sources.items()]
     table = pa.concat_tables([d.table for d in done])
     return table, [d.mapping for d in done], align_patients(table)
 

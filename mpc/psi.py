@@ -83,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mpc.errors import IntersectionTooSmall, MalformedInput, ProtocolStateError
 from mpc.hazmat import elgamal, group
 from mpc.hazmat.parallel import WorkerPool, run_chunked
+from mpc.ids import Ids, id_bytes
 
 __all__ = [
     "PSI_DST",
@@ -104,8 +105,6 @@ PSI_DST = b"COGOV-PSI-V02-CS01-with-curve25519_XMD:SHA-512_ELL2_NU_"
 _P = group.POINT_BYTES
 _C = elgamal.CIPHERTEXT_BYTES
 _NOISE_TAIL = 40
-
-Ids = Sequence[str | bytes] | np.ndarray
 
 
 # ---------------------------------------------------------------- policy and messages
@@ -217,7 +216,7 @@ class IdHolder:
     ) -> None:
         self.policy = policy or IntersectionPolicy()
         self.with_sum = with_sum
-        self._ids = list(dict.fromkeys(_id_bytes(ids)))
+        self._ids = list(dict.fromkeys(id_bytes(ids)))
         self._pool = pool
         self._key = os.urandom(32)
         self.session = secrets.token_hex(16)
@@ -305,7 +304,7 @@ class ValueHolder:
         pool: WorkerPool | None = None,
     ) -> None:
         self.policy = policy or IntersectionPolicy()
-        ids_bytes = _id_bytes(ids)
+        ids_bytes = id_bytes(ids)
         if values is None:
             self._ids = list(dict.fromkeys(ids_bytes))
             self._values: list[int] | None = None
@@ -480,16 +479,3 @@ def _checked_values(values: Sequence[int] | np.ndarray, n: int, max_value: int) 
         if not 0 <= v <= max_value:
             raise MalformedInput(f"value {i}: outside 0..{max_value}")
     return items
-
-
-def _id_bytes(ids: Ids) -> list[bytes]:
-    out = []
-    for i, value in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
-        if isinstance(value, str):
-            value = value.encode()
-        elif isinstance(value, bytearray):
-            value = bytes(value)
-        elif not isinstance(value, bytes):
-            raise MalformedInput(f"id {i}: expected str or bytes, got {type(value).__name__}")
-        out.append(value)
-    return out

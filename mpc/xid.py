@@ -49,6 +49,7 @@ import numpy as np
 from mpc.errors import MalformedInput
 from mpc.hazmat import group
 from mpc.hazmat.parallel import WorkerPool, run_chunked
+from mpc.ids import Ids, id_bytes
 
 __all__ = [
     "XID_DST",
@@ -68,7 +69,6 @@ __all__ = [
 XID_DST = b"COGOV-XID-V01-CS01-with-edwards25519_XMD:SHA-512_ELL2_RO_"
 TOKEN_BYTES = group.POINT_BYTES
 
-Ids = Sequence[str | bytes] | np.ndarray
 Points = Sequence[bytes] | np.ndarray
 
 _KEY_MAGIC = b"CGXK\x01"
@@ -155,7 +155,7 @@ class BlindingState:
 
 def hash_to_group(ids: Ids, *, pool: WorkerPool | None = None) -> list[bytes]:
     """H(id) for every id: 32-byte points."""
-    msgs = _id_bytes(ids)
+    msgs = id_bytes(ids)
     parts = run_chunked(
         group.hash_to_curve_many, len(msgs), lambda a, b: (msgs[a:b], XID_DST), pool
     )
@@ -164,7 +164,7 @@ def hash_to_group(ids: Ids, *, pool: WorkerPool | None = None) -> list[bytes]:
 
 def tokenize(key: XidKey, ids: Ids, *, pool: WorkerPool | None = None) -> list[bytes]:
     """key·H(id) for every id (level-1 tokens when key is k1)."""
-    msgs = _id_bytes(ids)
+    msgs = id_bytes(ids)
     parts = run_chunked(_tokenize_chunk, len(msgs), lambda a, b: (key._scalar, msgs[a:b]), pool)
     return group.unpack(b"".join(parts))
 
@@ -193,7 +193,7 @@ def rotate_tokens(
 
 def blind(ids: Ids, *, pool: WorkerPool | None = None) -> tuple[list[bytes], BlindingState]:
     """r_i·H(id_i) with a fresh secret r_i per id; the state keeps r_i^-1 for `unblind`."""
-    msgs = _id_bytes(ids)
+    msgs = id_bytes(ids)
     parts = run_chunked(_blind_chunk, len(msgs), lambda a, b: (msgs[a:b],), pool)
     blinded = b"".join(p for p, _ in parts)
     inverses = b"".join(inv for _, inv in parts)
@@ -244,22 +244,6 @@ def _apply_scalar(scalar: bytes, packed: bytes, pool: WorkerPool | None) -> list
         group.scalarmult_many, n, lambda a, b: (scalar, packed[a * 32 : b * 32], a), pool
     )
     return group.unpack(b"".join(parts))
-
-
-def _id_bytes(ids: Ids) -> list[bytes]:
-    """Ids as bytes: str is UTF-8 encoded; empty ids and other types are refused."""
-    out = []
-    for i, value in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
-        if isinstance(value, str):
-            value = value.encode()
-        elif isinstance(value, bytearray):
-            value = bytes(value)
-        elif not isinstance(value, bytes):
-            raise MalformedInput(f"id {i}: expected str or bytes, got {type(value).__name__}")
-        if not value:
-            raise MalformedInput(f"id {i}: empty id")
-        out.append(value)
-    return out
 
 
 def check_points(points: Sequence[bytes]) -> None:

@@ -192,7 +192,7 @@ class Client:
     # -- tokens -----------------------------------------------------------------------------
     def tokens(self, national_ids: Sequence[str]) -> list[bytes]:
         """Domain tokens of these ids: one OPRF batch for those not cached yet."""
-        from parties.insurer_oprf import domain_tokens
+        from parties.domains.client import domain_tokens
 
         missing = list(dict.fromkeys(i for i in national_ids if i not in self._tokens))
         if missing:

@@ -7,8 +7,10 @@ from federated.cli import app as fl_app
 from parties.admin.cli import register as register_admin
 from parties.agreements.cli import register as register_agreements
 from parties.claim_cli import claim_app
+from parties.domains.cli import govern_commands as domain_govern_commands
+from parties.domains.cli import register as register_domains
 from parties.federation_cli import register as register_parties
-from parties.govern_cli import register as register_govern
+from parties.ingest.cli import register as register_ingest
 from parties.ledger.cli import register as register_ledger
 from parties.secure_room.cli import catalogue_app, package_app
 from parties.stats.cli import stats_app
@@ -24,7 +26,8 @@ register_parties(app)
 register_ledger(app)
 register_admin(app)
 register_agreements(app)
-register_govern(app)
+register_ingest(app, domain_govern_commands)
+register_domains(app)
 app.command("demo")(demo)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")

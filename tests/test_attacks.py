@@ -32,6 +32,8 @@ from governance.packages import (
 from mpc import xid
 from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
 from parties.agreements.books import contract_book
+from parties.domains.api import DOMAIN_TOKENS, EVALUATE, RelayRequest
+from parties.domains.service import RATE_ENV
 from parties.insurer import ClaimBatchFailed
 from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
 from parties.ledger.client import append_entry, signed_entry
@@ -43,7 +45,6 @@ from parties.runtime.node_log import REQUEST_ID_HEADER
 from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.routes import Kind
 from parties.runtime.supervisor import start_node, stop_node, wait_healthy
-from parties.services.operator_domains import RATE_ENV
 from tests.attack_helpers import (
     ClaimWorld,
     events,
@@ -238,18 +239,18 @@ def test_consent_naming_a_person_but_signed_by_another_is_refused_by_the_operato
 def test_token_enumeration_trips_the_rate_limit_and_is_logged(world):
     guesses = [f"32050519{i:010d}" for i in range(400)]
     blinded, _ = xid.blind(guesses)
-    body = {"points": [p.hex() for p in blinded]}
+    body = RelayRequest(points=[p.hex() for p in blinded])
     refused = None
     with NodeClient(world.fed.state, world.fed.topology, "insurer-b", timeout=120) as insurer:
         for _ in range(5):
             try:
-                insurer.post("regulator", "/v1/oprf/domain-tokens", kind="oprf", json=body)
+                insurer.call("regulator", DOMAIN_TOKENS, body)
             except RemoteError as exc:
                 refused = exc
                 break
     assert refused is not None, "a budget of 600 ids must run out within 2000"
     assert refused.http_status == 429 and refused.error == "RateLimited"
-    assert ("/v1/oprf/evaluate", "RateLimited") in [
+    assert (EVALUATE.path, "RateLimited") in [
         r[1:3] for r in refusal_rows(world.fed, "operator")]
     assert wait_for(lambda: [p for p in _refused_entries(world, "oprf_rate_limited")
                              if p.get("data_user") == "insurer-b"])

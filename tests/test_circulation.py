@@ -11,17 +11,33 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from governance.scan import _match_counts, scan_path
+from parties.domains.api import LEVEL1_STEP, LIST_DOMAINS
+from parties.ingest.api import (
+    CIRCULATION_SUMMARY,
+    CIRCULATION_VISITS,
+    GOVERNANCE_SUMMARY,
+    HOSPITAL_EXPORT,
+    PUBLISH,
+    ExportRequest,
+    ExportResult,
+    Publication,
+    PublishRequest,
+)
+from parties.ingest.authority import governed_visits, publish, visits_digest
+from parties.ingest.circulation import VISITS_TABLE, seal_batch
 from parties.node import open_node
+from parties.runtime.batch_routes import DIGEST_HEADER
+from parties.runtime.batches import digest, table_to_ipc
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.routes import Kind
 from parties.runtime.sealing import sealing_public_key
-from parties.services.circulation import VISITS_TABLE, seal_batch
-from parties.services.health_authority import governed_visits, publish, visits_digest
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 
@@ -34,10 +50,10 @@ PATIENTS = 400
 class Ingested:
     fed: Federation
     data: Path
-    exports: dict[str, dict] = field(default_factory=dict)
+    exports: dict[str, ExportResult] = field(default_factory=dict)
     interrupted_rows: int = 0
     interrupted_batches: int = 0
-    resumed: dict = field(default_factory=dict)
+    resumed: Publication | None = None
 
     def client(self, node: str) -> NodeClient:
         return NodeClient(self.fed.state, self.fed.topology, node, timeout=300)
@@ -61,9 +77,8 @@ class Interrupted(Exception):
 def export_all(ing: Ingested) -> None:
     for raw in sorted((ing.data / "raw").iterdir()):
         with ing.client(raw.stem) as client:
-            ing.exports[raw.stem] = client.post(
-                raw.stem, "/v1/hospital/export", kind="admin",
-                json={"path": str(raw), "batch_rows": 100}).json()
+            ing.exports[raw.stem] = client.call(
+                raw.stem, HOSPITAL_EXPORT, ExportRequest(path=str(raw), batch_rows=100))
 
 
 def start(tmp_path_factory, env: dict[str, str] | None = None, *, cli_ingest: bool) -> Ingested:
@@ -107,8 +122,8 @@ def ingested(tmp_path_factory):
             (ing.interrupted_rows,) = conn.execute(
                 f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()
         with ing.client("health-authority") as client:
-            ing.resumed = client.post("health-authority", "/v1/governance/publish",
-                                      kind="admin", json={"batch_rows": 100}).json()
+            ing.resumed = client.call("health-authority", PUBLISH,
+                                      PublishRequest(batch_rows=100))
         yield ing
     finally:
         ing.fed.down()
@@ -121,25 +136,46 @@ def truth(ing: Ingested):
 def test_governed_copy_at_the_authority_matches_the_ground_truth(ingested):
     gt = truth(ingested)
     with ingested.client("health-authority") as client:
-        summary = client.get("health-authority", "/v1/governance/summary", kind="admin").json()
-    assert set(summary["hospitals"]) == set(gt["hospital_id"])
+        summary = client.call("health-authority", GOVERNANCE_SUMMARY)
+    assert set(summary.hospitals) == set(gt["hospital_id"])
     for hospital, part in gt.groupby("hospital_id"):
-        held = summary["hospitals"][hospital]
-        assert held["rows"] == len(part)
-        assert held["persons"] == part["national_id"].nunique()
-        assert held["digest"] == visits_digest(part)  # reopened from the sealed store
-        assert ingested.exports[hospital]["governed"]["digest"] == held["digest"]
-    assert summary["consumer_keys"] == 0  # keys came with the CLI only
+        held = summary.hospitals[hospital]
+        assert held.rows == len(part)
+        assert held.persons == part["national_id"].nunique()
+        assert held.digest == visits_digest(part)  # reopened from the sealed store
+        assert ingested.exports[hospital].governed.digest == held.digest
+    assert summary.consumer_keys == 0  # keys came with the CLI only
 
 
 def test_export_is_scanned_and_graded_by_content(ingested):
-    governed = ingested.exports["hospital-3"]["governed"]
+    governed = ingested.exports["hospital-3"].governed
     # Innocuous column names, sensitive content: found by the scan, not by the name.
-    assert governed["flagged"]["cust_ref"] == "national_id"
-    assert governed["flagged"]["holder"] == "name"
-    assert governed["raw_grades"]["cust_ref"] == "L4"
-    assert governed["grades"]["diagnosis_code"] == "L4"
-    assert {"national_id", "diagnosis_code"} <= set(governed["sealed_fields"])
+    assert governed.flagged["cust_ref"] == "national_id"
+    assert governed.flagged["holder"] == "name"
+    assert governed.raw_grades["cust_ref"] == "L4"
+    assert governed.grades["diagnosis_code"] == "L4"
+    assert {"national_id", "diagnosis_code"} <= set(governed.sealed_fields)
+
+
+def test_gb18030_export_is_governed_to_the_rows_of_its_original(ingested):
+    """hospital-2's export again, as a GB18030 CSV (Chinese column names and values)."""
+    frame = pd.read_parquet(ingested.data / "raw" / "hospital-2.parquet")
+    path = ingested.data / "gb18030" / "hospital-2.csv"
+    path.parent.mkdir(exist_ok=True)
+    frame.to_csv(path, index=False, encoding="gb18030")
+    with ingested.client("hospital-2") as client:
+        with pytest.raises(RemoteError) as wrong:
+            client.call("hospital-2", HOSPITAL_EXPORT, ExportRequest(path=str(path),
+                                                                     encoding="utf-8"))
+        twin = client.call("hospital-2", HOSPITAL_EXPORT, ExportRequest(path=str(path)))
+    assert (wrong.value.error, wrong.value.http_status) == ("UnreadableText", 400)
+    original = ingested.exports["hospital-2"]
+    assert twin.stream != original.stream and twin.rows == original.rows
+    assert twin.governed.digest == original.governed.digest
+    assert twin.governed.mapped == original.governed.mapped
+    with ingested.client("health-authority") as client:
+        held = client.call("health-authority", GOVERNANCE_SUMMARY).hospitals["hospital-2"]
+    assert (held.rows, held.digest) == (original.rows, original.governed.digest)
 
 
 def test_interrupted_publication_resumes_without_duplicates(ingested):
@@ -147,49 +183,44 @@ def test_interrupted_publication_resumes_without_duplicates(ingested):
     resumed = ingested.resumed
     assert 0 < ingested.interrupted_rows < len(gt)
     assert ingested.interrupted_rows == ingested.interrupted_batches * 100
-    assert resumed["skipped"] == ingested.interrupted_batches
-    assert resumed["sent"] == resumed["batches"] - ingested.interrupted_batches
+    assert resumed.skipped == ingested.interrupted_batches
+    assert resumed.sent == resumed.batches - ingested.interrupted_batches
     with ingested.client("operator") as client:
-        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
-    assert held["rows"] == resumed["rows"] == resumed["registered_rows"] == len(gt)
-    assert held["digest"] == resumed["digest"]
-    assert held["by_hospital"] == gt.groupby("hospital_id").size().to_dict()
-    assert held["sealed_columns"] == ["diagnosis_code"]
+        held = client.call("operator", CIRCULATION_SUMMARY)
+    assert held.rows == resumed.rows == resumed.registered_rows == len(gt)
+    assert held.digest == resumed.digest
+    assert held.by_hospital == gt.groupby("hospital_id").size().to_dict()
+    assert held.sealed_columns == ["diagnosis_code"]
 
 
 def test_resent_batches_add_nothing(ingested):
     with ingested.client("health-authority") as client:
-        again = client.post("health-authority", "/v1/governance/publish", kind="admin",
-                            json={"batch_rows": 100}).json()
-    assert again["sent"] == 0 and again["skipped"] == again["batches"]
+        again = client.call("health-authority", PUBLISH, PublishRequest(batch_rows=100))
+    assert again.sent == 0 and again.skipped == again.batches
     # The same visits under a new stream (sealed afresh) only update rows in place.
     ha = open_node(ingested.fed.state, ingested.fed.topology, "health-authority")
     try:
         frame = governed_visits(ha).head(50)
         key = sealing_public_key(ha.signing_public_keys()["operator"])
         batch = seal_batch(frame, ["diagnosis_code"], key, "v-replay", 0, {})
-        from parties.runtime.batches import DIGEST_HEADER, digest, table_to_ipc
-
         data = table_to_ipc(batch)
+        replay = {"stream": "v-replay", "idx": 0}
         with ingested.client("health-authority") as client:
-            first = client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
-                                   kind="ingest", content=data,
-                                   headers={DIGEST_HEADER: digest(data)}).json()
-            second = client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
-                                    kind="ingest", content=data,
-                                    headers={DIGEST_HEADER: digest(data)}).json()
+            first = client.call("operator", CIRCULATION_VISITS.batch, params=replay,
+                                content=data, headers={DIGEST_HEADER: digest(data)})
+            second = client.call("operator", CIRCULATION_VISITS.batch, params=replay,
+                                 content=data, headers={DIGEST_HEADER: digest(data)})
             other = table_to_ipc(seal_batch(frame, ["diagnosis_code"], key, "v-replay", 0, {}))
             with pytest.raises(RemoteError) as conflict:
-                client.request("operator", "PUT", "/v1/circulation/visits/v-replay/0",
-                               kind="ingest", content=other)
+                client.call("operator", CIRCULATION_VISITS.batch, params=replay, content=other)
     finally:
         ha.store.close()
-    assert first["duplicate"] is False and second["duplicate"] is True
+    assert first.duplicate is False and second.duplicate is True
     assert conflict.value.http_status == 409 and conflict.value.error == "BatchConflict"
     with ingested.client("operator") as client:
-        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
-    assert held["rows"] == len(truth(ingested))
-    assert held["digest"] == again["digest"]
+        held = client.call("operator", CIRCULATION_SUMMARY)
+    assert held.rows == len(truth(ingested))
+    assert held.digest == again.digest
 
 
 def test_batch_sealed_for_the_operator_cannot_be_moved_to_another_batch(ingested):
@@ -197,14 +228,12 @@ def test_batch_sealed_for_the_operator_cannot_be_moved_to_another_batch(ingested
     try:
         frame = governed_visits(ha).head(5)
         key = sealing_public_key(ha.signing_public_keys()["operator"])
-        from parties.runtime.batches import table_to_ipc
-
         data = table_to_ipc(seal_batch(frame, ["diagnosis_code"], key, "v-moved", 0, {}))
     finally:
         ha.store.close()
     with ingested.client("health-authority") as client, pytest.raises(RemoteError) as moved:
-        client.request("operator", "PUT", "/v1/circulation/visits/v-moved/1", kind="ingest",
-                       content=data)
+        client.call("operator", CIRCULATION_VISITS.batch, params={"stream": "v-moved", "idx": 1},
+                    content=data)
     assert moved.value.http_status == 422 and moved.value.error == "TransportSealInvalid"
 
 
@@ -271,7 +300,7 @@ def test_tampered_ciphertext_at_the_operator_fails_to_open(ingested):
                      (bytes(flipped), ref))
     try:
         with ingested.client("operator") as client, pytest.raises(RemoteError) as refused:
-            client.get("operator", "/v1/circulation/summary", kind="admin")
+            client.call("operator", CIRCULATION_SUMMARY)
         assert refused.value.http_status == 422
         assert refused.value.error == "CiphertextInvalid"
     finally:
@@ -279,26 +308,27 @@ def test_tampered_ciphertext_at_the_operator_fails_to_open(ingested):
             conn.execute(f"UPDATE {VISITS_TABLE} SET diagnosis_code = ? WHERE visit_ref = ?",
                          (cell, ref))
     with ingested.client("operator") as client:
-        assert client.get("operator", "/v1/circulation/summary", kind="admin").json()["rows"]
+        assert client.call("operator", CIRCULATION_SUMMARY).rows
 
 
 def test_forbidden_flows_are_refused_and_logged(ingested):
+    evil = CIRCULATION_VISITS.batch.url(stream="v-evil", idx=0)
     with ingested.client("hospital-1") as client:
         with pytest.raises(RemoteError) as refused:
-            client.request("operator", "PUT", "/v1/circulation/visits/v-evil/0", kind="ingest",
-                           content=b"x", check_flow=False)
+            client.request("operator", "PUT", evil, kind=Kind.INGEST, content=b"x",
+                           check_flow=False)
         with pytest.raises(RemoteError) as admin:
-            client.post("health-authority", "/v1/governance/publish", kind="export",
-                        json={"batch_rows": 100})
+            client.request("health-authority", "POST", PUBLISH.path, kind=Kind.EXPORT,
+                           json={"batch_rows": 100})
     assert refused.value.http_status == 403 and refused.value.error == "FlowNotAllowed"
     assert admin.value.http_status == 403 and admin.value.error == "FlowNotAllowed"
     with ingested.client("insurer-a") as client, pytest.raises(RemoteError) as direct:
-        client.post("health-authority", "/v1/oprf/level1", kind="oprf", check_flow=False,
-                    json={"points": ["00" * 32]})
+        client.request("health-authority", "POST", LEVEL1_STEP.path, kind=Kind.OPRF,
+                       check_flow=False, json={"points": ["00" * 32]})
     assert direct.value.http_status == 403
     with sqlite3.connect(ingested.db("operator")) as conn:
         rows = conn.execute("SELECT caller, route, error FROM refusals").fetchall()
-    assert ("hospital-1", "/v1/circulation/visits/v-evil/0", "FlowNotAllowed") in rows
+    assert ("hospital-1", evil, "FlowNotAllowed") in rows
 
 
 def test_governance_events_are_in_the_log(ingested):
@@ -316,9 +346,9 @@ def test_cli_ingest_runs_the_whole_chain_again_idempotently(ingested):
     out = ingested.cli("govern", "ingest", "--data", str(ingested.data), "--batch-rows", "100")
     assert f"published {len(gt):,} visits (0/" in out
     with ingested.client("operator") as client:
-        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
-        domains = client.get("operator", "/v1/domains", kind="admin").json()
-    assert held["rows"] == len(gt)
-    assert held["persons"] == sum(1 for _ in (ingested.data / "consumer_keys.jsonl").open())
-    assert {d["data_user"] for d in domains} == {"insurer-a", "insurer-b"}
-    assert all(d["tokens"] == len(gt) for d in domains)
+        held = client.call("operator", CIRCULATION_SUMMARY)
+        domains = client.call("operator", LIST_DOMAINS)
+    assert held.rows == len(gt)
+    assert held.persons == sum(1 for _ in (ingested.data / "consumer_keys.jsonl").open())
+    assert {d.data_user for d in domains} == {"insurer-a", "insurer-b"}
+    assert all(d.tokens == len(gt) for d in domains)

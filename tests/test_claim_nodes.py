@@ -32,6 +32,7 @@ from mpc.claim import ss_shares
 from mpc.claim.plain import VERDICT_COLUMNS
 from parties.agreements.api import REGISTER_CONTRACT, REVOKE_CONSENT
 from parties.claim_cli import consumer_keys, issue_consents
+from parties.domains.api import LEVEL1_STEP, LIST_DOMAINS
 from parties.insurer import ClaimBatchFailed, Client
 from parties.runtime import supervisor
 from parties.runtime.client import NodeClient
@@ -229,7 +230,7 @@ def test_every_answer_is_metered_once_with_its_request_id(cf, verdicts):
     assert cf.log("operator", "claims_computed", rid)
     assert cf.log("operator", "oprf_evaluated", rid)
     assert [e for e in cf.log("health-authority", "request", rid)
-            if e["route"] == "/v1/oprf/level1"]
+            if e["route"] == LEVEL1_STEP.path]
 
 
 def test_ss_traffic_runs_on_the_nodes_mpc_sessions(cf, verdicts):
@@ -598,5 +599,5 @@ def test_claims_after_a_key_rotation_renew_cached_tokens_once(cf, verdicts, rota
 
 def _domain_of(cf: ClaimFed, insurer: str) -> str:
     with cf.node_client("operator") as client:
-        domains = client.get("operator", "/v1/domains", kind="admin").json()
-    return next(d["domain_id"] for d in domains if d["data_user"] == insurer)
+        domains = client.call("operator", LIST_DOMAINS)
+    return next(d.domain_id for d in domains if d.data_user == insurer)

@@ -25,14 +25,24 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from pydantic import BaseModel
 
 from governance.ledger import SignedTreeHead, make_event, sign_event, verify_log
+from parties.ingest.api import (
+    CIRCULATION_SUMMARY,
+    GOVERNANCE_SUMMARY,
+    HOSPITAL_EXPORT,
+    PUBLISH,
+    ExportRequest,
+    PublishRequest,
+)
+from parties.ingest.authority import visits_digest
 from parties.ledger.api import APPEND_ENTRIES, EntryBatch
 from parties.runtime import supervisor
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.pki import federation_signing_keys, load_signing_key
-from parties.services.health_authority import visits_digest
+from parties.runtime.routes import Route
 from tests.attack_helpers import ClaimWorld, ledger_entries, wait_for
 from tests.federation import Federation
 
@@ -214,9 +224,9 @@ def world(tmp_path_factory):
     w.down()
 
 
-def _admin_post(fed: Federation, node: str, path: str, body: dict) -> dict:
+def _admin_call(fed: Federation, node: str, route: Route, body: BaseModel) -> BaseModel:
     with NodeClient(fed.state, fed.topology, node, timeout=300) as client:
-        return client.post(node, path, kind="admin", json=body).json()
+        return client.call(node, route, body)
 
 
 def _crash_during(fed: Federation, rng: random.Random, work, victims: list[str],
@@ -264,35 +274,34 @@ def test_ingestion_survives_kill_9(world):
     for path, kills in zip(raw, kills_per_export, strict=True):
         hospital = path.stem
         for _ in range(kills):
-            _crash_during(fed, rng, lambda h=hospital, p=path: _admin_post(
-                fed, h, "/v1/hospital/export", {"path": str(p), "batch_rows": 25}),
+            _crash_during(fed, rng, lambda h=hospital, p=path: _admin_call(
+                fed, h, HOSPITAL_EXPORT, ExportRequest(path=str(p), batch_rows=25)),
                 [hospital, "health-authority"], crashes, max_delay=1.0)
     while len(crashes.victims) < INGEST_KILLS:
-        _crash_during(fed, rng, lambda: _admin_post(
-            fed, "health-authority", "/v1/governance/publish", {"batch_rows": 25}),
+        _crash_during(fed, rng, lambda: _admin_call(
+            fed, "health-authority", PUBLISH, PublishRequest(batch_rows=25)),
             ["health-authority", "operator"], crashes, max_delay=1.5)
     assert_log_verifies(fed)
 
     truth = pq.read_table(world.data / "ground_truth" / "visits.parquet").to_pandas()
     with NodeClient(fed.state, fed.topology, "health-authority") as client:
-        governed = client.get("health-authority", "/v1/governance/summary", kind="admin").json()
+        governed = client.call("health-authority", GOVERNANCE_SUMMARY)
     for hospital, part in truth.groupby("hospital_id"):
-        held = governed["hospitals"][hospital]
-        assert held["rows"] == len(part)  # no row lost or duplicated at the authority
-        assert held["digest"] == visits_digest(part)
-    publication = _admin_post(fed, "health-authority", "/v1/governance/publish",
-                              {"batch_rows": 25})
-    assert publication["sent"] == 0  # everything already arrived
+        held = governed.hospitals[hospital]
+        assert held.rows == len(part)  # no row lost or duplicated at the authority
+        assert held.digest == visits_digest(part)
+    publication = _admin_call(fed, "health-authority", PUBLISH, PublishRequest(batch_rows=25))
+    assert publication.sent == 0  # everything already arrived
     with NodeClient(fed.state, fed.topology, "operator") as client:
-        held = client.get("operator", "/v1/circulation/summary", kind="admin").json()
-    assert held["rows"] == len(truth)
-    assert held["digest"] == publication["digest"]
-    assert held["by_hospital"] == truth.groupby("hospital_id").size().to_dict()
+        held = client.call("operator", CIRCULATION_SUMMARY)
+    assert held.rows == len(truth)
+    assert held.digest == publication.digest
+    assert held.by_hospital == truth.groupby("hospital_id").size().to_dict()
     # The CLI's full run on top (consumer keys, domains) adds no visit.
     world.ingest()
     with NodeClient(fed.state, fed.topology, "operator") as client:
-        again = client.get("operator", "/v1/circulation/summary", kind="admin").json()
-    assert again["rows"] == len(truth) and again["digest"] == held["digest"]
+        again = client.call("operator", CIRCULATION_SUMMARY)
+    assert again.rows == len(truth) and again.digest == held.digest
     print(f"\ningestion: {len(crashes.victims)} kills {Counter(crashes.victims)}, "
           f"{crashes.interrupted} interrupted work")
 

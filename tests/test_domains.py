@@ -1,4 +1,4 @@
-"""Domain-partitioned anonymization at the operator, leak tracing and crypto-shredding.
+"""Shared-domain anonymization at the operator, leak tracing and crypto-shredding.
 
 Real node processes; the data goes through `cogov govern ingest` first.
 """
@@ -11,11 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpc import xid
-from parties.insurer_oprf import domain_tokens
+from parties.domains.api import (
+    CREATE_DOMAIN,
+    LIST_DOMAINS,
+    LOOKUP_TOKENS,
+    TRACE_LEAK,
+    LeakedTokens,
+    SharedDomain,
+    SharedDomainRequest,
+    TokenLookup,
+)
+from parties.domains.client import domain_tokens
+from parties.domains.keys import K1_NAME
 from parties.node import open_node
 from parties.runtime.errors import RemoteError
+from parties.runtime.routes import Kind
 from parties.runtime.secrets import KeyDestroyed
-from parties.services.health_authority import K1_NAME
 from tests.test_circulation import start
 
 
@@ -26,10 +37,9 @@ def ing(tmp_path_factory):
     ingested.fed.down()
 
 
-def _domains(ing) -> dict[str, dict]:
+def _domains(ing) -> dict[str, SharedDomain]:
     with ing.client("operator") as client:
-        return {d["data_user"]: d for d in client.get("operator", "/v1/domains",
-                                                       kind="admin").json()}
+        return {d.data_user: d for d in client.call("operator", LIST_DOMAINS)}
 
 
 def _tokens(ing, domain_id: str) -> pd.DataFrame:
@@ -53,7 +63,7 @@ def _keys(ing, *domain_ids: str) -> tuple[xid.XidKey, list[xid.XidKey]]:
 def test_tokens_of_two_domains_never_match_and_follow_the_keys(ing):
     gt = pq.read_table(ing.data / "ground_truth" / "visits.parquet").to_pandas()
     domains = _domains(ing)
-    a, b = domains["insurer-a"]["domain_id"], domains["insurer-b"]["domain_id"]
+    a, b = domains["insurer-a"].domain_id, domains["insurer-b"].domain_id
     ta, tb = _tokens(ing, a), _tokens(ing, b)
     assert len(ta) == len(tb) == len(gt)
     assert set(ta["token"]).isdisjoint(set(tb["token"]))
@@ -69,7 +79,7 @@ def test_tokens_of_two_domains_never_match_and_follow_the_keys(ing):
 
 def test_leak_of_ten_tokens_in_noise_names_the_domain_and_data_user(ing, tmp_path):
     domains = _domains(ing)
-    b = domains["insurer-b"]["domain_id"]
+    b = domains["insurer-b"].domain_id
     leaked = list(dict.fromkeys(_tokens(ing, b)["token"]))[:10]
     noise = [os.urandom(32) for _ in range(90)]
     rows = [t.hex() for t in leaked] + [n.hex() for n in noise]
@@ -79,12 +89,11 @@ def test_leak_of_ten_tokens_in_noise_names_the_domain_and_data_user(ing, tmp_pat
     out = ing.cli("govern", "trace-leak", str(file))
     assert "insurer-b" in out and b in out and "insurer-a" not in out
     with ing.client("operator") as client:
-        trace = client.post("operator", "/v1/domains/trace-leak", kind="admin",
-                            json={"tokens": rows}).json()
-    assert [a["data_user"] for a in trace["attributed"]] == ["insurer-b"]
-    assert trace["attributed"][0]["matched"] == 10
-    assert trace["attributed"][0]["share"] == pytest.approx(0.1)
-    assert trace["report"]["unmatched"] == 90
+        trace = client.call("operator", TRACE_LEAK, LeakedTokens(tokens=rows))
+    assert [a.data_user for a in trace.attributed] == ["insurer-b"]
+    assert trace.attributed[0].matched == 10
+    assert trace.attributed[0].share == pytest.approx(0.1)
+    assert trace.report.unmatched == 90
     with sqlite3.connect(ing.db("operator")) as conn:
         assert conn.execute(
             "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'leak_traced'").fetchone()[0] >= 2
@@ -93,21 +102,21 @@ def test_leak_of_ten_tokens_in_noise_names_the_domain_and_data_user(ing, tmp_pat
 def test_domain_requests_are_validated(ing):
     with ing.client("operator") as client:
         with pytest.raises(RemoteError) as stranger:
-            client.post("operator", "/v1/domains", kind="admin",
-                        json={"scenario": "claim_check", "data_user": "hospital-1"})
+            client.call("operator", CREATE_DOMAIN,
+                        SharedDomainRequest(scenario="claim_check", data_user="hospital-1"))
         with pytest.raises(RemoteError) as twice:
-            client.post("operator", "/v1/domains", kind="admin",
-                        json={"scenario": "claim_check", "data_user": "insurer-a"})
+            client.call("operator", CREATE_DOMAIN,
+                        SharedDomainRequest(scenario="claim_check", data_user="insurer-a"))
     assert stranger.value.http_status == 422 and stranger.value.error == "NotADataUser"
     assert twice.value.http_status == 409 and twice.value.error == "DomainExists"
     with ing.client("regulator") as client, pytest.raises(RemoteError) as not_admin:
-        client.get("operator", "/v1/domains", kind="admin", check_flow=False)
+        client.request("operator", "GET", LIST_DOMAINS.path, kind=Kind.ADMIN, check_flow=False)
     assert not_admin.value.http_status == 403
 
 
 def test_deleted_domain_is_shredded_for_good(ing):
     domains = _domains(ing)
-    a = domains["insurer-a"]["domain_id"]
+    a = domains["insurer-a"].domain_id
     sample = _tokens(ing, a)["token"].head(5).tolist()
     ids = pq.read_table(ing.data / "ground_truth" / "visits.parquet",
                         columns=["national_id"]).to_pandas()["national_id"].head(3).tolist()
@@ -129,8 +138,8 @@ def test_deleted_domain_is_shredded_for_good(ing):
         domain_tokens(insurer, ids)
     assert oprf.value.http_status == 410 and oprf.value.error == "DomainDeleted"
     with ing.client("operator") as client, pytest.raises(RemoteError) as lookup:
-        client.post("operator", f"/v1/domains/{a}/lookup", kind="admin",
-                    json={"tokens": [t.hex() for t in sample]})
+        client.call("operator", LOOKUP_TOKENS, TokenLookup(tokens=[t.hex() for t in sample]),
+                    params={"domain_id": a})
     assert lookup.value.http_status == 410
     with sqlite3.connect(ing.db("operator")) as conn:
         events = conn.execute(

@@ -36,8 +36,8 @@ def fed(tmp_path_factory):
     fed.up()
     # k1 exists before fuzzing: a refused level-1 request would otherwise create it (a known
     # defect, see test_hostile_input.py::test_refused_level1_request_writes_no_key).
+    from parties.domains.keys import level1_key
     from parties.node import open_node
-    from parties.services.health_authority import level1_key
 
     authority = open_node(fed.state, fed.topology, "health-authority")
     level1_key(authority)

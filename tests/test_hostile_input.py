@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from mpc.hazmat.group import is_valid_point
 from parties.agreements.api import REGISTER_CONSENT
+from parties.domains.api import CREATE_DOMAIN, DOMAIN_TOKENS, LEVEL1_STEP, SharedDomainRequest
+from parties.ingest.api import EXPORT_BATCHES
 from parties.ledger.api import APPEND_ENTRIES
 from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
 from parties.runtime.node_log import NODE_HEADER
@@ -70,12 +72,12 @@ def fed(tmp_path_factory):
     fed.up()
     try:
         callers = Callers(fed)
-        # insurer-a's domain exists, so OPRF requests reach the point checks.
+        # insurer-a's shared domain exists, so OPRF requests reach the point checks.
         from parties.runtime.client import NodeClient
 
         with NodeClient(fed.state, fed.topology, "operator") as client:
-            client.post("operator", "/v1/domains", kind="admin",
-                        json={"scenario": "claim_check", "data_user": "insurer-a"})
+            client.call("operator", CREATE_DOMAIN,
+                        SharedDomainRequest(scenario="claim_check", data_user="insurer-a"))
         fed.callers = callers
         yield fed
         callers.close()
@@ -113,7 +115,7 @@ def _unchanged(fed: Federation, node: str):
 def test_refused_level1_request_writes_no_key(fed):
     with _unchanged(fed, "health-authority"):
         response = fed.callers.request("operator", "health-authority", "POST",
-                                       "/v1/oprf/level1", json={"points": ["00" * 32]})
+                                       LEVEL1_STEP.path, json={"points": ["00" * 32]})
         _typed(response, "MalformedInput")
 
 
@@ -124,7 +126,8 @@ def test_100_mib_body_is_refused_with_413_before_it_is_read(fed):
     body = b"\x00" * (100 * MiB)
     for caller, target, method, path in (
         ("insurer-a", "regulator", "POST", REGISTER_CONSENT.path),    # a JSON route
-        ("hospital-1", "health-authority", "PUT", "/v1/exports/s-1/0"),  # a batch route
+        ("hospital-1", "health-authority", "PUT",
+         EXPORT_BATCHES.batch.url(stream="s-1", idx=0)),  # a batch route
     ):
         started = time.monotonic()
         with _unchanged(fed, target):
@@ -230,7 +233,7 @@ def test_malformed_oprf_points_are_refused_before_any_key_is_applied(fed, points
     all_valid = all(len(p) == 32 and is_valid_point(p) for p in points)
     with _unchanged(fed, "operator"):
         response = fed.callers.request("insurer-a", "regulator", "POST",
-                                       "/v1/oprf/domain-tokens",
+                                       DOMAIN_TOKENS.path,
                                        json={"points": [p.hex() for p in points]})
     if all_valid:
         assert response.status_code in (200, 429), response.text
@@ -318,7 +321,8 @@ def test_malformed_export_batches_are_refused(fed, data, lie):
     digest = hashlib.sha256(data + (b"x" if lie else b"")).hexdigest()
     with _unchanged(fed, "health-authority"):
         response = fed.callers.request("hospital-1", "health-authority", "PUT",
-                                       "/v1/exports/fuzz-stream/0", content=data,
+                                       EXPORT_BATCHES.batch.url(stream="fuzz-stream", idx=0),
+                                       content=data,
                                        headers={"X-Batch-Digest": digest})
         _typed(response, "MalformedBatch", "RequestValidationError", "ValueError")
 

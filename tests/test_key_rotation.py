@@ -1,7 +1,8 @@
-"""Rotation of a domain key k2[d] at the operator and of k1 at the authority, on real nodes.
+"""Rotation of a shared domain's key k2[d] at the operator and of k1 at the authority, on real
+nodes.
 
 The federation has ingested generated data (`cogov govern ingest`), which created
-the claim_check domains of insurer-a and insurer-b.
+the claim_check shared domains of insurer-a and insurer-b.
 """
 
 import sqlite3
@@ -14,13 +15,25 @@ import pytest
 from governance.errors import GovernanceError
 from governance.ledger.events import decode_leaf
 from mpc import xid
-from parties.insurer_oprf import domain_tokens
+from parties.domains.api import (
+    LEVEL1_COMMIT,
+    LEVEL1_MAPPING,
+    LIST_DOMAINS,
+    LOOKUP_TOKENS,
+    ROTATE_DOMAIN_KEY,
+    ROTATE_LEVEL1,
+    RekeyCommit,
+    SharedDomain,
+    TokenLookup,
+)
+from parties.domains.client import domain_tokens
+from parties.domains.keys import K1_NAME
+from parties.domains.level1_rotation import K1_PENDING, mapping_digest, rotate_level1_key
+from parties.domains.rotation import rotate_domain_key
 from parties.node import open_node
 from parties.runtime.batches import send_batches
 from parties.runtime.errors import RemoteError
-from parties.services.health_authority import K1_NAME
-from parties.services.key_rotation import rotate_domain_key
-from parties.services.level1_rotation import K1_PENDING, mapping_digest, rotate_level1_key
+from parties.runtime.routes import Kind
 from tests.attack_helpers import ledger_entries, read_only, rows_checksum
 from tests.test_circulation import start
 
@@ -32,10 +45,9 @@ def ing(tmp_path_factory):
     ingested.fed.down()
 
 
-def _domains(ing) -> dict[str, dict]:
+def _domains(ing) -> dict[str, SharedDomain]:
     with ing.client("operator") as client:
-        return {d["data_user"]: d for d in client.get("operator", "/v1/domains",
-                                                       kind="admin").json()}
+        return {d.data_user: d for d in client.call("operator", LIST_DOMAINS)}
 
 
 def _tokens(ing, domain_id: str) -> pd.DataFrame:
@@ -70,7 +82,7 @@ def _national_ids(ing) -> list[str]:
 
 def test_rotation_rekeys_stored_tokens_and_the_oprf_yields_the_new_ones(ing):
     domains = _domains(ing)
-    a, b = domains["insurer-a"]["domain_id"], domains["insurer-b"]["domain_id"]
+    a, b = domains["insurer-a"].domain_id, domains["insurer-b"].domain_id
     ids = _national_ids(ing)
     sample = ids[:6]
     stored_a, stored_b = _tokens(ing, a), _tokens(ing, b)
@@ -90,11 +102,11 @@ def test_rotation_rekeys_stored_tokens_and_the_oprf_yields_the_new_ones(ing):
     # Tokens from before the rotation match nothing any more.
     assert set(stored_a["token"]).isdisjoint(rotated_a["token"])
     with ing.client("operator") as client:
-        old = client.post("operator", f"/v1/domains/{a}/lookup", kind="admin",
-                          json={"tokens": [t.hex() for t in before]}).json()
-        new = client.post("operator", f"/v1/domains/{a}/lookup", kind="admin",
-                          json={"tokens": [t.hex() for t in after]}).json()
-    assert old["matched"] == 0 and new["matched"] == len(set(after))
+        old = client.call("operator", LOOKUP_TOKENS, TokenLookup(tokens=[t.hex() for t in before]),
+                          params={"domain_id": a})
+        new = client.call("operator", LOOKUP_TOKENS, TokenLookup(tokens=[t.hex() for t in after]),
+                          params={"domain_id": a})
+    assert old.matched == 0 and new.matched == len(set(after))
     # Same visits, same grouping by person; only the token values moved.
     assert list(rotated_a["visit_ref"]) == list(stored_a["visit_ref"])
     assert _persons(rotated_a) == _persons(stored_a)
@@ -120,15 +132,15 @@ def test_rotation_rekeys_stored_tokens_and_the_oprf_yields_the_new_ones(ing):
     }
     # A second rotation through the route moves on to version 3.
     with ing.client("operator") as client:
-        again = client.post("operator", f"/v1/domains/{a}/rotate", kind="admin").json()
-    assert (again["old_version"], again["new_version"], again["tokens"]) == (2, 3, len(stored_a))
+        again = client.call("operator", ROTATE_DOMAIN_KEY, params={"domain_id": a})
+    assert (again.old_version, again.new_version, again.tokens) == (2, 3, len(stored_a))
     with ing.client("insurer-a") as insurer:
         third = domain_tokens(insurer, sample)
     assert set(third) <= set(_tokens(ing, a)["token"]) and set(third).isdisjoint(after)
 
 
 def test_failed_rotation_rolls_back_tokens_and_key_together(ing, monkeypatch):
-    a = _domains(ing)["insurer-a"]["domain_id"]
+    a = _domains(ing)["insurer-a"].domain_id
     state = _state(ing)
     op = open_node(ing.fed.state, ing.fed.topology, "operator")
     key = op.secrets.xid_key(f"domain:{a}")
@@ -148,21 +160,22 @@ def test_failed_rotation_rolls_back_tokens_and_key_together(ing, monkeypatch):
 
 
 def test_rotation_of_an_unknown_or_deleted_domain_is_refused_and_changes_nothing(ing):
-    b = _domains(ing)["insurer-b"]["domain_id"]
+    b = _domains(ing)["insurer-b"].domain_id
     ing.cli("domain", "delete", b, "--yes")
     state = _state(ing)
     with ing.client("operator") as client:
         with pytest.raises(RemoteError) as unknown:
-            client.post("operator", "/v1/domains/dom-0123456789abcdef/rotate", kind="admin")
+            client.call("operator", ROTATE_DOMAIN_KEY, params={"domain_id": "dom-0123456789abcdef"})
         with pytest.raises(RemoteError) as deleted:
-            client.post("operator", f"/v1/domains/{b}/rotate", kind="admin")
+            client.call("operator", ROTATE_DOMAIN_KEY, params={"domain_id": b})
         with pytest.raises(RemoteError) as malformed:
-            client.post("operator", "/v1/domains/not-a-domain/rotate", kind="admin")
+            client.call("operator", ROTATE_DOMAIN_KEY, params={"domain_id": "not-a-domain"})
     assert (unknown.value.http_status, unknown.value.error) == (404, "UnknownDomain")
     assert (deleted.value.http_status, deleted.value.error) == (410, "DomainDeleted")
     assert malformed.value.http_status == 422
     with ing.client("regulator") as client, pytest.raises(RemoteError) as not_admin:
-        client.post("operator", f"/v1/domains/{b}/rotate", kind="admin", check_flow=False)
+        client.request("operator", "POST", ROTATE_DOMAIN_KEY.url(domain_id=b), kind=Kind.ADMIN,
+                       check_flow=False)
     assert not_admin.value.http_status == 403
     assert _state(ing) == state
 
@@ -197,7 +210,7 @@ def _operator_state(ing) -> str:
 
 
 def test_level1_rotation_moves_the_authority_the_operator_and_every_live_domain(ing):
-    a = _domains(ing)["insurer-a"]["domain_id"]  # insurer-b's domain was deleted above
+    a = _domains(ing)["insurer-a"].domain_id  # insurer-b's shared domain was deleted above
     ids = _national_ids(ing)
     sample = ids[:6]
     tokens_before = _tokens(ing, a)
@@ -262,19 +275,19 @@ def test_level1_commit_that_is_short_or_incomplete_is_refused_and_changes_nothin
     with ing.client("health-authority") as client:
         # Every pair but one: the mapping must cover every person the operator holds.
         pairs = list(zip(held[1:], moved[1:], strict=True))
-        send_batches(client, "operator", "/v1/circulation/level1", "k1-test-missing",
+        send_batches(client, "operator", LEVEL1_MAPPING, "k1-test-missing",
                      pa.table({"old_p1": pa.array([o for o, _ in pairs], pa.binary(32)),
                                "new_p1": pa.array([n for _, n in pairs], pa.binary(32))}),
-                     kind="ingest", batch_rows=50)
-        commit = {"old_version": 2, "new_version": 3, "pairs": len(pairs),
-                  "digest": mapping_digest(pairs)}
+                     batch_rows=50)
+        commit = RekeyCommit(old_version=2, new_version=3, pairs=len(pairs),
+                             digest=mapping_digest(pairs))
+        missing = {"stream": "k1-test-missing"}
         with pytest.raises(RemoteError) as incomplete:
-            client.post("operator", "/v1/circulation/level1/k1-test-missing/commit",
-                        kind="ingest", json=commit)
+            client.call("operator", LEVEL1_COMMIT, commit, params=missing)
         # A count that differs from what was staged.
         with pytest.raises(RemoteError) as short:
-            client.post("operator", "/v1/circulation/level1/k1-test-missing/commit",
-                        kind="ingest", json={**commit, "pairs": len(pairs) + 1})
+            client.call("operator", LEVEL1_COMMIT,
+                        commit.model_copy(update={"pairs": len(pairs) + 1}), params=missing)
     assert (incomplete.value.http_status, incomplete.value.error) == (409, "RotationRefused")
     assert "without a new p1" in incomplete.value.detail
     assert short.value.error == "RotationRefused"
@@ -291,20 +304,18 @@ def test_level1_commit_is_idempotent_and_only_the_authority_may_send_one(ing):
     (stream,) = [decode_leaf(leaf).entry.event.payload["stream"]
                  for kind, _, leaf in ledger_entries(ing.fed) if kind == "tokens_rederived"]
     before = _operator_state(ing)
+    commit = RekeyCommit(old_version=1, new_version=2, pairs=0, digest="0" * 64)
     with ing.client("health-authority") as client:
-        again = client.post("operator", f"/v1/circulation/level1/{stream}/commit", kind="ingest",
-                            json={"old_version": 1, "new_version": 2, "pairs": 0,
-                                  "digest": "0" * 64}).json()
-    assert (again["stream"], again["old_version"], again["new_version"]) == (stream, 1, 2)
+        again = client.call("operator", LEVEL1_COMMIT, commit, params={"stream": stream})
+    assert (again.stream, again.old_version, again.new_version) == (stream, 1, 2)
     assert _operator_state(ing) == before
     with ing.client("regulator") as client, pytest.raises(RemoteError) as not_authority:
-        client.post("operator", f"/v1/circulation/level1/{stream}/commit", kind="ingest",
-                    json={"old_version": 1, "new_version": 2, "pairs": 0, "digest": "0" * 64},
-                    check_flow=False)
+        client.request("operator", "POST", LEVEL1_COMMIT.url(stream=stream), kind=Kind.INGEST,
+                       json=commit.model_dump(), check_flow=False)
     assert not_authority.value.http_status == 403
     with ing.client("operator") as client, pytest.raises(RemoteError) as not_admin:
-        client.post("health-authority", "/v1/governance/level1/rotate", kind="admin",
-                    check_flow=False)
+        client.request("health-authority", "POST", ROTATE_LEVEL1.path, kind=Kind.ADMIN,
+                       check_flow=False)
     assert not_admin.value.http_status == 403
 
 
@@ -330,7 +341,7 @@ def test_level1_rotation_resumes_when_the_authority_died_after_the_operator_comm
     out = ing.cli("govern", "rotate-k1")  # the rerun resumes the same rotation
     assert "version 2 -> 3" in out
 
-    a = _domains(ing)["insurer-a"]["domain_id"]
+    a = _domains(ing)["insurer-a"].domain_id
     ha = open_node(ing.fed.state, ing.fed.topology, "health-authority")
     op = open_node(ing.fed.state, ing.fed.topology, "operator")
     try:

@@ -6,11 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpc import xid
-from parties.insurer_oprf import domain_tokens
+from parties.domains.api import DOMAIN_TOKENS, EVALUATE, LOOKUP_TOKENS, RelayRequest, TokenLookup
+from parties.domains.client import domain_tokens
+from parties.domains.keys import K1_NAME
+from parties.domains.service import RATE_ENV
 from parties.node import open_node
 from parties.runtime.errors import FlowNotAllowed, RemoteError
-from parties.services.health_authority import K1_NAME
-from parties.services.operator_domains import RATE_ENV
+from parties.runtime.routes import Kind
 from tests.test_circulation import start
 
 # A small budget so the test can exhaust it: 1500 ids at once, 20 more per second.
@@ -53,10 +55,10 @@ def test_blinded_path_equals_the_direct_path(ing):
     assert through_nodes == _direct(ing, "insurer-a", ids)
     # ... and names the visits the domain holds for those persons.
     with ing.client("operator") as client:
-        found = client.post("operator", "/v1/domains/"
-                            + _domain(ing, "insurer-a") + "/lookup", kind="admin",
-                            json={"tokens": [t.hex() for t in through_nodes]}).json()
-    assert found["matched"] == len(ids)
+        found = client.call("operator", LOOKUP_TOKENS,
+                            TokenLookup(tokens=[t.hex() for t in through_nodes]),
+                            params={"domain_id": _domain(ing, "insurer-a")})
+    assert found.matched == len(ids)
 
 
 def _domain(ing, data_user: str) -> str:
@@ -86,28 +88,27 @@ def test_no_key_holder_sees_an_id(ing):
 
 def test_malformed_points_are_refused_before_any_key_is_applied(ing):
     with ing.client("insurer-a") as insurer, pytest.raises(RemoteError) as bad:
-        insurer.post("regulator", "/v1/oprf/domain-tokens", kind="oprf",
-                     json={"points": ["00" * 32]})
+        insurer.call("regulator", DOMAIN_TOKENS, RelayRequest(points=["00" * 32]))
     assert bad.value.http_status == 422 and bad.value.error == "MalformedInput"
 
 
 def test_only_insurers_call_the_relay_and_only_the_regulator_the_operator(ing):
     with ing.client("hospital-1") as hospital, pytest.raises(FlowNotAllowed):
-        hospital.post("regulator", "/v1/oprf/domain-tokens", kind="oprf", json={})
+        hospital.request("regulator", "POST", DOMAIN_TOKENS.path, kind=Kind.OPRF, json={})
     with ing.client("insurer-b") as insurer, pytest.raises(RemoteError) as direct:
-        insurer.post("operator", "/v1/oprf/evaluate", kind="oprf", check_flow=False,
-                     json={"data_user": "insurer-a", "points": ["00" * 32]})
+        insurer.request("operator", "POST", EVALUATE.path, kind=Kind.OPRF, check_flow=False,
+                        json={"data_user": "insurer-a", "points": ["00" * 32]})
     assert direct.value.http_status == 403
 
 
 def test_requests_over_the_rate_limit_are_refused_and_logged(ing):
     blinded, _ = xid.blind([f"probe-{i}" for i in range(1000)])
-    body = {"points": [p.hex() for p in blinded]}
+    body = RelayRequest(points=[p.hex() for p in blinded])
     refused = None
     with ing.client("insurer-b") as insurer:
         for _ in range(4):
             try:
-                insurer.post("regulator", "/v1/oprf/domain-tokens", kind="oprf", json=body)
+                insurer.call("regulator", DOMAIN_TOKENS, body)
             except RemoteError as exc:
                 refused = exc
                 break
@@ -119,8 +120,14 @@ def test_requests_over_the_rate_limit_are_refused_and_logged(ing):
         counted = conn.execute(
             "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'oprf_evaluated'").fetchone()[0]
         refusals = conn.execute(
-            "SELECT error FROM refusals WHERE route = '/v1/oprf/evaluate'").fetchall()
+            "SELECT error FROM refusals WHERE route = ?", (EVALUATE.path,)).fetchall()
     assert logged >= 1 and counted >= 1 and ("RateLimited",) in refusals
+    # The regulator passed the refusal on as its own typed one, recorded and logged.
+    with sqlite3.connect(ing.db("regulator")) as conn:
+        relayed = conn.execute("SELECT caller, error FROM refusals WHERE route = ?",
+                               (DOMAIN_TOKENS.path,)).fetchall()
+    assert ("insurer-b", "RateLimited") in relayed
+    assert '"oprf_refused"' in ing.fed.state.node("regulator").log.read_text()
     # The other insurer's budget is its own.
     with ing.client("insurer-a") as insurer:
         assert len(domain_tokens(insurer, _ids(ing, 3))) == 3

@@ -12,6 +12,7 @@ import pytest
 from governance.scan import (
     ScanError,
     SourceNotFound,
+    UnreadableText,
     is_address,
     is_icd10,
     is_mobile_phone,
@@ -22,8 +23,11 @@ from governance.scan import (
     scan_batches,
     scan_frame,
     scan_path,
+    text_encoding,
 )
 from scenarios.claim_check.generator import generate
+
+TWIN_ENCODINGS = ("utf-8", "utf-8-sig", "gb18030")
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +175,68 @@ def test_bad_sources_raise_typed_errors(tmp_path: Path) -> None:
         scan_path(tmp_path / "fake.sqlite")
     with pytest.raises(ScanError):
         scan_frame(pd.DataFrame({"a": [1]}), "t", threshold=0)
+
+
+# --- text encodings -----------------------------------------------------------------------
+
+
+def csv_twins(generated: Path, out: Path) -> dict[str, Path]:
+    """hospital-2's export (Chinese column names and values) as a CSV file in UTF-8, in
+    UTF-8 with a BOM and in GB18030, as Chinese hospital systems export it."""
+    frame = pd.read_parquet(generated / "raw" / "hospital-2.parquet")
+    twins = {}
+    for encoding in TWIN_ENCODINGS:
+        path = out / encoding / "hospital-2.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False, encoding=encoding)
+        twins[encoding] = path
+    return twins
+
+
+def test_gb18030_and_bom_csv_scan_like_their_utf8_twin(generated: Path, tmp_path: Path) -> None:
+    twins = csv_twins(generated, tmp_path)
+    assert twins["gb18030"].read_bytes() != twins["utf-8"].read_bytes()
+    assert {e: text_encoding(p) for e, p in twins.items()} == {
+        "utf-8": "utf-8", "utf-8-sig": "utf-8-sig", "gb18030": "gb18030"}
+    profiles = {e: scan_path(p).tables[0].model_dump(exclude={"source"})
+                for e, p in twins.items()}
+    assert profiles["gb18030"] == profiles["utf-8-sig"] == profiles["utf-8"]
+    flagged = {c["name"]: c["sensitive_type"] for c in profiles["gb18030"]["columns"]}
+    assert flagged["身份证号"] == "national_id" and flagged["姓名"] == "name"
+    # Given explicitly, the encoding reads the same rows (a BOM is skipped either way).
+    assert scan_path(twins["gb18030"], encoding="GB18030").tables[0].model_dump(
+        exclude={"source"}) == profiles["utf-8"]
+    assert scan_path(twins["utf-8-sig"], encoding="utf-8").tables[0].model_dump(
+        exclude={"source"}) == profiles["utf-8"]
+
+
+def test_gbk_text_is_read_as_gb18030(tmp_path: Path) -> None:
+    text = "姓名,住址\n张三,江苏省苏州市姑苏区人民路1号\n"
+    (tmp_path / "gbk.csv").write_bytes(text.encode("gbk"))
+    (tmp_path / "gbk.jsonl").write_bytes('{"姓名": "李四"}\n'.encode("gbk"))
+    assert text_encoding(tmp_path / "gbk.csv") == "gb18030"
+    [table] = scan_path(tmp_path / "gbk.csv").tables
+    assert [c.name for c in table.columns] == ["姓名", "住址"]
+    assert scan_path(tmp_path / "gbk.jsonl").tables[0].columns[0].name == "姓名"
+
+
+def test_a_wrong_or_unknown_encoding_is_a_clear_error(generated: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scenarios.cli import app
+
+    gb18030 = csv_twins(generated, tmp_path)["gb18030"]
+    with pytest.raises(UnreadableText, match="not utf-8 text"):
+        scan_path(gb18030, encoding="utf-8")
+    with pytest.raises(UnreadableText, match="unknown encoding"):
+        scan_path(gb18030, encoding="no-such-codec")
+    (tmp_path / "noise.csv").write_bytes(b"a,b\n\xff\xfe\x80,1\n")
+    with pytest.raises(UnreadableText, match="neither UTF-8 nor GB18030"):
+        scan_path(tmp_path / "noise.csv")
+    for args in (["scan", str(gb18030), "--encoding", "utf-8"],
+                 ["standardize", f"hospital-2={gb18030}", "--out", str(tmp_path / "std"),
+                  "--encoding", "utf-8"]):
+        result = CliRunner().invoke(app, ["govern", *args])
+        assert result.exit_code == 2, result.output
+        assert "UnreadableText" in result.output and "not utf-8 text" in result.output
+        assert "codec can't decode" not in result.output

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
+from parties.ingest.api import HOSPITAL_EXPORT, ExportRequest
+from parties.ingest.authority import governed_visits
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
@@ -40,7 +42,6 @@ from parties.secure_room.cli import fetch_sample
 from parties.secure_room.libraries import authorized_visits
 from parties.secure_room.sandbox import sandbox_available
 from parties.secure_room.wire import package_to_wire
-from parties.services.health_authority import governed_visits
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 
@@ -159,8 +160,7 @@ def room(tmp_path_factory):
         r = Room(fed, root / "data", root / "work")
         raw = next((root / "data" / "raw").iterdir())
         with r.client("hospital-1") as client:
-            client.post("hospital-1", "/v1/hospital/export", kind="admin",
-                        json={"path": str(raw), "batch_rows": 200})
+            client.call("hospital-1", HOSPITAL_EXPORT, ExportRequest(path=str(raw), batch_rows=200))
         r.built = r.cli("package", "libraries", "--sample-rows", "400", "--test-rows", "60")
         yield r
     finally:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
@@ -28,7 +29,9 @@ from governance.standardize import (
     standardize_to_parquet,
     yuan_to_fen,
 )
+from parties.ingest.hospital import read_export
 from scenarios.claim_check.generator import generate
+from tests.test_scan import csv_twins
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +195,22 @@ def test_pandas_round_trip_of_the_common_model(generated: Path) -> None:
     assert as_common_model(frame).equals(table)
     with pytest.raises(StandardizationError):
         as_common_model(frame.drop(columns=["name"]))
+
+
+def test_gb18030_and_bom_exports_standardize_and_ingest_like_their_utf8_twin(
+        generated: Path, tmp_path: Path) -> None:
+    twins = csv_twins(generated, tmp_path)
+    done = {e: standardize_source(p, "hospital-2") for e, p in twins.items()}
+    truth = pq.read_table(generated / "ground_truth" / "visits.parquet")
+    expected = truth.filter(pc.equal(truth["hospital_id"], "hospital-2")).sort_by("visit_id")
+    for encoding, source in done.items():
+        assert source.table.sort_by("visit_id").equals(expected), encoding
+        assert source.mapping == done["utf-8"].mapping, encoding
+        assert "身份证号" in source.mapping.columns()
+    assert standardize_source(twins["gb18030"], "hospital-2", encoding="gb18030").table.equals(
+        done["utf-8"].table)
+    # What the hospital reads and sends to the health authority (the ingest path).
+    exported = {e: read_export(p) for e, p in twins.items()}
+    assert exported["gb18030"].equals(exported["utf-8"])
+    assert exported["utf-8-sig"].equals(exported["utf-8"])
+    assert read_export(twins["gb18030"], "gb18030").equals(exported["utf-8"])

@@ -7,10 +7,11 @@ import nacl.bindings as sodium
 import numpy as np
 import pytest
 
-from mpc import xid
+from mpc import psi, xid
 from mpc.errors import MalformedInput
 from mpc.hazmat import group
 from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
+from mpc.ids import id_bytes
 
 VECTORS = Path(__file__).parent / "vectors"
 RFC = json.loads((VECTORS / "xid_rfc9380_edwards25519.json").read_text())
@@ -250,6 +251,23 @@ def test_wrong_shapes_and_types_are_refused(keys):
     for ids in (["ok", ""], ["ok", 7], [b""]):
         with pytest.raises(MalformedInput):
             xid.tokenize(k1, ids)
+
+
+def test_ids_have_one_encoding_and_an_empty_id_is_refused_everywhere():
+    assert id_bytes(["张三", b"\x00a", bytearray(b"b")]) == ["张三".encode(), b"\x00a", b"b"]
+    assert id_bytes(np.array(["a", "b"])) == [b"a", b"b"]
+    assert id_bytes([]) == []
+    for ids, named in ((["ok", ""], "id 1: empty id"), ([b""], "id 0: empty id"),
+                       (["ok", 7], "id 1: expected str or bytes, got int")):
+        with pytest.raises(MalformedInput, match=named):
+            id_bytes(ids)
+    # The xID tokens and the private intersection take ids the same way, and refuse the same.
+    key = xid.XidKey.generate("k")
+    assert xid.tokenize(key, ["a"]) == xid.tokenize(key, [b"a"])
+    for refuse in (lambda: psi.IdHolder(["a", ""]), lambda: psi.ValueHolder([b""], [1]),
+                   lambda: xid.blind([""])):
+        with pytest.raises(MalformedInput, match="empty id"):
+            refuse()
 
 
 def test_failed_unblind_changes_nothing_and_state_is_single_use(keys):

@@ -1,7 +1,8 @@
 """Bulk data between nodes: Arrow batches that resume after interruption and never duplicate.
 
-A transfer is a named stream of numbered batches. The receiver applies each
-batch and records it in the same SQLite transaction, so a crash leaves either
+A transfer is a named stream of numbered batches over the two routes of a
+`BatchStream` (declared in the owning capability's `api.py`). The receiver applies
+each batch and records it in the same SQLite transaction, so a crash leaves either
 the whole batch or none of it; re-sending a batch it already holds adds
 nothing. The sender asks which batches arrived and sends only the rest.
 """
@@ -13,17 +14,25 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import pyarrow as pa
-from fastapi import APIRouter, Depends, Path, Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Path, Request
 
-from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.access import Caller
+from parties.runtime.batch_routes import (
+    ARROW_STREAM_TYPE,
+    DIGEST_HEADER,
+    STREAM_PATTERN,
+    BatchConflict,
+    BatchReceipt,
+    BatchStream,
+    BatchTooLarge,
+    MalformedBatch,
+    ReceivedBatches,
+)
 from parties.runtime.client import NodeClient
-from parties.runtime.errors import NodeError
+from parties.runtime.mount import mount
 from parties.runtime.store import NodeStore
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-DIGEST_HEADER = "X-Batch-Digest"
-STREAM_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 StreamName = Annotated[str, Path(pattern=STREAM_PATTERN)]
 BatchIndex = Annotated[int, Path(ge=0, lt=10**7)]
 
@@ -37,34 +46,6 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
 )
-
-
-class MalformedBatch(NodeError):
-    """The body is not an Arrow IPC stream, or its digest does not match."""
-
-    http_status = 422
-
-
-class BatchTooLarge(NodeError):
-    http_status = 413
-
-
-class BatchConflict(NodeError):
-    """A batch with this number already arrived with different content."""
-
-    http_status = 409
-
-
-class BatchReceipt(BaseModel):
-    stream: str
-    idx: int
-    rows: int
-    duplicate: bool
-
-
-class ReceivedBatches(BaseModel):
-    stream: str
-    received: list[int]
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
@@ -142,8 +123,7 @@ class BatchReceiver:
 
 def mount_batch_stream(
     router: APIRouter,
-    path: str,
-    policy: CallerPolicy,
+    routes: BatchStream,
     receiver: BatchReceiver,
     stream_key: Callable[[Caller, str], str],
     applier: Callable[[Caller, str, int], Apply],
@@ -151,23 +131,20 @@ def mount_batch_stream(
 ) -> None:
     """Mount the two routes of a batch stream on `router`.
 
-    `GET {path}/{stream}` says which batches arrived; `PUT {path}/{stream}/{idx}`
-    takes one (Arrow IPC) and applies it exactly once with `applier(caller,
-    stream, idx)`. `stream_key(caller, stream)` names the stream internally, so
-    one caller's stream never mixes with another's.
+    `routes.received` says which batches arrived; `routes.batch` takes one (Arrow
+    IPC) and applies it exactly once with `applier(caller, stream, idx)`.
+    `stream_key(caller, stream)` names the stream internally, so one caller's
+    stream never mixes with another's.
     """
 
-    @router.get(f"{path}/{{stream}}", response_model=ReceivedBatches,
-                summary=f"Which batches of {what} arrived")
-    def batches_received(stream: StreamName,
-                         caller: Caller = Depends(policy)) -> ReceivedBatches:
+    @mount(router, routes.received, summary=f"Which batches of {what} arrived")
+    def batches_received(stream: StreamName, caller: Caller) -> ReceivedBatches:
         got = receiver.received(stream_key(caller, stream))
         return ReceivedBatches(stream=stream, received=got.received)
 
-    @router.put(f"{path}/{{stream}}/{{idx}}", response_model=BatchReceipt,
-                summary=f"One batch of {what}")
+    @mount(router, routes.batch, summary=f"One batch of {what}")
     async def put_batch(stream: StreamName, idx: BatchIndex, request: Request,
-                        caller: Caller = Depends(policy)) -> BatchReceipt:
+                        caller: Caller) -> BatchReceipt:
         data = await read_limited_body(request)
         return receiver.accept(stream_key(caller, stream), idx,
                                request.headers.get(DIGEST_HEADER), data,
@@ -183,39 +160,52 @@ class TransferSummary:
     rows_sent: int
 
 
-def send_batches(
+def send_built_batches(
     client: NodeClient,
     target: str,
-    base_path: str,
+    routes: BatchStream,
     stream: str,
-    table: pa.Table,
+    total: int,
+    build: Callable[[int], pa.Table],
     *,
-    kind: str,
-    batch_rows: int = 5000,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> TransferSummary:
-    """Send `table` to `target` as numbered batches, skipping those already received.
+    """Send batches 0..total-1 of `stream`, each made by `build(idx)` when it is sent,
+    skipping those `target` already holds.
 
-    The split is deterministic, so a resumed transfer numbers batches the same way.
+    `build` must split deterministically, so a resumed transfer numbers batches the
+    same way and sends only those the receiver lacks.
     """
-    already = set(
-        client.get(target, f"{base_path}/{stream}", kind=kind).json()["received"]
-    )
-    total = max(1, -(-table.num_rows // batch_rows))
+    already = set(client.call(target, routes.received, params={"stream": stream}).received)
     sent = skipped = rows_sent = 0
     for idx in range(total):
-        chunk = table.slice(idx * batch_rows, batch_rows)
         if idx in already:
             skipped += 1
         else:
+            chunk = build(idx)
             data = table_to_ipc(chunk)
-            client.request(
-                target, "PUT", f"{base_path}/{stream}/{idx}", kind=kind, content=data,
-                headers={DIGEST_HEADER: digest(data),
-                         "Content-Type": "application/vnd.apache.arrow.stream"},
-            )
+            client.call(target, routes.batch, params={"stream": stream, "idx": idx},
+                        content=data,
+                        headers={DIGEST_HEADER: digest(data), "Content-Type": ARROW_STREAM_TYPE})
             sent += 1
             rows_sent += chunk.num_rows
         if on_batch:
             on_batch(idx + 1, total)
     return TransferSummary(stream, total, sent, skipped, rows_sent)
+
+
+def send_batches(
+    client: NodeClient,
+    target: str,
+    routes: BatchStream,
+    stream: str,
+    table: pa.Table,
+    *,
+    batch_rows: int = 5000,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> TransferSummary:
+    """Send `table` to `target` as numbered batches, skipping those already received."""
+    return send_built_batches(
+        client, target, routes, stream, max(1, -(-table.num_rows // batch_rows)),
+        lambda idx: table.slice(idx * batch_rows, batch_rows), on_batch=on_batch,
+    )

@@ -30,6 +30,7 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
+from parties.domains.keys import level1_key
 from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
@@ -67,7 +68,6 @@ from parties.secure_room.wire import (
     text_sha256,
     write_wire_files,
 )
-from parties.services.health_authority import level1_key
 
 K_ANONYMITY = 10
 OWNER_TABLES = ("visits",)  # what the owner's authorized library holds; query tables may not

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from parties.ingest.authority import governed_visits
 from parties.ledger.client import append_entry
 from parties.runtime.context import NodeContext
 from parties.runtime.topology import Role
@@ -42,7 +43,6 @@ from parties.secure_room.api import (
     PublishedLibrary,
 )
 from parties.secure_room.wire import library_hash, library_to_wire, report_sha256
-from parties.services.health_authority import governed_visits
 
 if TYPE_CHECKING:  # governance.synthetic pulls in scipy and scikit-learn: imported lazily
     from governance.synthetic import SynthesisSpec

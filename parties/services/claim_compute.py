@@ -130,7 +130,7 @@ def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> DomainTabl
     import pandas as pd
 
     from mpc.claim import CandidateIndex, encode_visit_rows
-    from parties.services.circulation import read_visits
+    from parties.ingest.circulation import read_visits
 
     with ctx.store.lock:
         tokens = ctx.store.conn.execute(
@@ -183,7 +183,7 @@ class DomainTables:
 
 def domain_table(ctx: NodeContext, insurer: str) -> DomainTable:
     """The current table of `insurer`'s claim-check domain (rebuilt after a new publication)."""
-    from parties.services.operator_domains import live_domain
+    from parties.domains.registry import live_domain
 
     domain_id = live_domain(ctx, SCENARIO, insurer)
     cache = ctx.component(DomainTables, DomainTables)

@@ -472,7 +472,7 @@ def _remote_refusal(exc: RemoteError) -> Exception:
     """The operator's typed refusal, re-raised under its own name for the insurer."""
     if not _REMOTE_REFUSALS:
         import governance.consent as consent_lib
-        from parties.services import operator_domains
+        from parties.domains import api as operator_domains
 
         for module in (consent_lib, operator_domains):
             for name in dir(module):
@@ -590,11 +590,11 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
 
 def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
     """Append the request's `query_answered` entry (once; retried after a crash)."""
-    from parties.services.ledger import record_event
+    from parties.ledger.client import append_entry
 
     token = current_request_id.set(rid)
     try:
-        record_event(ctx, "query_answered", meter)
+        append_entry(ctx, "query_answered", meter)
         request_book(ctx).logged(rid)
     except Exception as exc:  # the entry is retried at the next start or replay
         request_book(ctx).logged(rid, ok=False)
@@ -604,10 +604,10 @@ def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
 
 
 def _refused(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, exc: Exception) -> None:
-    from parties.services.ledger import record_event
+    from parties.ledger.client import append_entry
 
     try:
-        record_event(ctx, "query_refused", {
+        append_entry(ctx, "query_refused", {
             "contract_id": body.contract_id, "party": insurer, "reason": type(exc).__name__,
             "mode": body.mode, "claims": len(body.claims), "scenario": SCENARIO,
         })

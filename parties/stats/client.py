@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mpc.errors import IntersectionTooSmall, MalformedInput
 from mpc.psi import IdHolder, IntersectionPolicy
-from parties.insurer_oprf import domain_tokens
+from parties.domains.client import domain_tokens
 from parties.runtime.client import NodeClient
 from parties.stats.api import (
     DEFAULT_MAX_VALUE,

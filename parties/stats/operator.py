@@ -15,13 +15,14 @@ from fastapi import APIRouter, Path
 from mpc.errors import IntersectionTooSmall, MalformedInput, ProtocolStateError
 from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
 from mpc.psi import JoinOutcome, JoinResponse, ValueHolder
+from parties.domains.keys import xid_pool
+from parties.domains.registry import live_domain
+from parties.ingest.circulation import VISITS_TABLE, read_visits
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.circulation import VISITS_TABLE, read_visits
-from parties.services.operator_domains import live_domain, xid_pool
 from parties.stats.api import (
     OPERATOR_ABANDON,
     OPERATOR_JOIN,

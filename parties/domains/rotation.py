@@ -1,53 +1,42 @@
-"""Rotation of a domain key k2[d] at the operator, where it is generated, kept and used.
+"""Rotation of a shared domain's key k2[d] at the operator, where it is generated, kept and used.
 
 The operator holds both versions of k2[d], so it moves every stored token of the
-domain to the new version in place: T' = (new·old^-1)·T (`mpc.xid.rotate_tokens`).
+shared domain to the new version in place: T' = (new·old^-1)·T (`mpc.xid.rotate_tokens`).
 The re-keyed tokens and the new sealed key are written in one SQLite
 transaction under the store lock (ingest and OPRF key reads wait), then
 `key_rotated` is logged. The old version is overwritten: tokens obtained before
 the rotation no longer match anything, which is the point of rotating, and a
-leak of such old tokens can no longer be traced to the domain.
+leak of such old tokens can no longer be traced to the shared domain.
 
-The level-1 key k1 rotates at the health authority: `parties.services.level1_rotation`.
+The level-1 key k1 rotates at the health authority: `parties.domains.level1_rotation`.
 """
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi import APIRouter
 
 from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
-from parties.runtime.access import Caller, CallerPolicy
+from parties.domains.api import ROTATE_DOMAIN_KEY, SharedDomainKeyRotated
+from parties.domains.keys import domain_key_name, xid_pool
+from parties.domains.registry import bump_token_epochs, get_domain
+from parties.domains.service import DomainId
+from parties.ledger.client import append_entry
+from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.ledger import record_event
-from parties.services.operator_domains import (
-    DomainId,
-    bump_token_epochs,
-    get_domain,
-    xid_pool,
-)
 
 KEY_ROTATED = "key_rotated" if is_known_kind("key_rotated") else register_event_kind(
     "key_rotated")
 
 
-class DomainKeyRotated(BaseModel):
-    domain_id: str
-    key_id: str
-    old_version: int
-    new_version: int
-    tokens: int
-    persons: int
-
-
-def rotate_domain_key(ctx: NodeContext, domain_id: str) -> DomainKeyRotated:
-    """Replace k2[d] by a fresh version and re-key the domain's tokens, all or nothing.
+def rotate_domain_key(ctx: NodeContext, domain_id: str) -> SharedDomainKeyRotated:
+    """Replace k2[d] by a fresh version and re-key the shared domain's tokens, all or nothing.
 
     Raises `UnknownDomain` (404) or `DomainDeleted` (410) and changes nothing for a
-    domain that does not exist or was deleted.
+    shared domain that does not exist or was deleted.
     """
-    key_name = f"domain:{domain_id}"
+    key_name = domain_key_name(domain_id)
     with ctx.store.lock:
         get_domain(ctx, domain_id)
         old = ctx.secrets.xid_key(key_name)
@@ -68,9 +57,9 @@ def rotate_domain_key(ctx: NodeContext, domain_id: str) -> DomainKeyRotated:
             # Last statement of the unit: its commit is the commit of the token updates too,
             # and a failure rolls both back.
             ctx.secrets.replace_xid_key(key_name, new)
-    result = DomainKeyRotated(domain_id=domain_id, key_id=key_name, old_version=old.version,
+    result = SharedDomainKeyRotated(domain_id=domain_id, key_id=key_name, old_version=old.version,
                               new_version=new.version, tokens=len(rows), persons=len(distinct))
-    record_event(ctx, KEY_ROTATED, {
+    append_entry(ctx, KEY_ROTATED, {
         "domain": domain_id, "key_id": key_name, "old_version": old.version,
         "new_version": new.version, "tokens": len(rows), "persons": len(distinct),
     })
@@ -80,12 +69,11 @@ def rotate_domain_key(ctx: NodeContext, domain_id: str) -> DomainKeyRotated:
 
 
 def _routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/domains", tags=["domains"])
+    router = APIRouter()
 
-    @router.post("/{domain_id}/rotate", response_model=DomainKeyRotated)
-    def post_rotate(domain_id: DomainId,
-                    caller: Caller = Depends(CallerPolicy("admin"))) -> DomainKeyRotated:
-        """Rotate the domain's key k2[d]; tokens obtained before no longer match."""
+    @mount(router, ROTATE_DOMAIN_KEY)
+    def post_rotate(domain_id: DomainId, caller: Caller) -> SharedDomainKeyRotated:
+        """Rotate the shared domain's key k2[d]; tokens obtained before no longer match."""
         return rotate_domain_key(ctx, domain_id)
 
     return [router]

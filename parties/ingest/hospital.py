@@ -9,46 +9,33 @@ path is on the hospital's own machine).
 """
 
 import hashlib
-from pathlib import Path as FilePath
-from typing import Annotated
+from pathlib import Path
 
 import pyarrow as pa
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
 
-from governance.errors import GovernanceError
 from governance.scan import read_batches
-from parties.runtime.access import Caller, CallerPolicy
+from parties.ingest.api import (
+    COMPLETE_EXPORT,
+    DEFAULT_BATCH_ROWS,
+    EXPORT_BATCHES,
+    HOSPITAL_EXPORT,
+    LONG_CALL_S,
+    ExportComplete,
+    ExportFileMissing,
+    ExportRequest,
+    ExportResult,
+)
+from parties.runtime.access import Caller
 from parties.runtime.batches import send_batches
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.health_authority import LONG_CALL_S, GovernedExport
-
-DEFAULT_BATCH_ROWS = 5000
 
 
-class ExportFileMissing(GovernanceError):
-    http_status = 404
-
-
-class ExportRequest(BaseModel):
-    path: Annotated[str, Field(min_length=1, max_length=4096)]
-    batch_rows: Annotated[int, Field(ge=10, le=200_000)] = DEFAULT_BATCH_ROWS
-
-
-class ExportResult(BaseModel):
-    hospital_id: str
-    stream: str
-    rows: int
-    batches: int
-    sent: int
-    skipped: int
-    governed: GovernedExport
-
-
-def file_stream_name(path: FilePath) -> str:
+def file_stream_name(path: Path) -> str:
     """The transfer name of an export: `x-` + the first 32 hex digits of the file's SHA-256."""
     sha = hashlib.sha256()
     with path.open("rb") as fh:
@@ -57,29 +44,32 @@ def file_stream_name(path: FilePath) -> str:
     return f"x-{sha.hexdigest()[:32]}"
 
 
-def read_export(path: FilePath) -> pa.Table:
-    """The raw export as one Arrow table, column types as the file gives them."""
-    tables = [pa.Table.from_pandas(b, preserve_index=False) for b in read_batches(path)]
+def read_export(path: Path, encoding: str | None = None) -> pa.Table:
+    """The raw export as one Arrow table, column types as the file gives them.
+
+    `encoding` is that of a text file (CSV, JSON lines); None detects it.
+    """
+    tables = [pa.Table.from_pandas(b, preserve_index=False)
+              for b in read_batches(path, encoding=encoding)]
     if not tables:
         raise ExportFileMissing(f"{path.name}: no rows")
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def export_file(ctx: NodeContext, path: FilePath, *,
-                batch_rows: int = DEFAULT_BATCH_ROWS) -> ExportResult:
+def export_file(ctx: NodeContext, path: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS,
+                encoding: str | None = None) -> ExportResult:
     """Send the raw export at `path` to the health authority and have it governed."""
     if not path.is_file():
         raise ExportFileMissing(f"no export file at {path}")
     stream = file_stream_name(path)
-    table = read_export(path)
+    table = read_export(path, encoding)
     authority = ctx.topology.nodes_with_role(Role.HEALTH_AUTHORITY)[0].name
     with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
-        summary = send_batches(client, authority, "/v1/exports", stream, table, kind="export",
+        summary = send_batches(client, authority, EXPORT_BATCHES, stream, table,
                                batch_rows=batch_rows)
-        governed = GovernedExport.model_validate(client.post(
-            authority, f"/v1/exports/{stream}/complete", kind="export",
-            json={"batches": summary.batches, "rows": table.num_rows},
-        ).json())
+        governed = client.call(authority, COMPLETE_EXPORT,
+                               ExportComplete(batches=summary.batches, rows=table.num_rows),
+                               params={"stream": stream})
     ctx.log.event("exported", stream=stream, rows=table.num_rows, sent=summary.sent,
                   skipped=summary.skipped)
     return ExportResult(hospital_id=ctx.name, stream=stream, rows=table.num_rows,
@@ -88,13 +78,13 @@ def export_file(ctx: NodeContext, path: FilePath, *,
 
 
 def _routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/hospital", tags=["hospital"])
+    router = APIRouter()
 
-    @router.post("/export", response_model=ExportResult)
-    def post_export(body: ExportRequest, caller: Caller = Depends(CallerPolicy("admin"))
-                    ) -> ExportResult:
+    @mount(router, HOSPITAL_EXPORT)
+    def post_export(body: ExportRequest, caller: Caller) -> ExportResult:
         """Export a raw file of this hospital to the health authority (its local operator only)."""
-        return export_file(ctx, FilePath(body.path), batch_rows=body.batch_rows)
+        return export_file(ctx, Path(body.path), batch_rows=body.batch_rows,
+                           encoding=body.encoding)
 
     return [router]
 

@@ -1,8 +1,8 @@
-"""Rotation of the level-1 key k1, from the health authority through the operator's domains.
+"""Rotation of the level-1 key k1, from the health authority through the shared domains.
 
 k1 lives at the health authority; everything downstream is derived from it:
-the operator's `p1 = k1·H(id)` (visits and consumer keys) and every domain token
-`T_d = k2[d]·p1`. A rotation therefore moves three places together:
+the operator's `p1 = k1·H(id)` (visits and consumer keys) and every shared domain's
+token `T_d = k2[d]·p1`. A rotation therefore moves three places together:
 
 1. the health authority draws k1' and keeps it as a pending key
    (`xid:k1:next`), so an interrupted rotation resumes with the same k1';
@@ -11,15 +11,15 @@ the operator's `p1 = k1·H(id)` (visits and consumer keys) and every domain toke
    it to the operator as resumable, idempotent Arrow batches, then commits;
 3. the operator checks the staged mapping against the announced count and
    digest and that it covers every p1 it holds, then in one transaction moves
-   `circ_visits.p1`, `circ_persons.p1` and re-derives every live domain's
-   tokens from the new p1 with that domain's key. A refused commit changes
+   `circ_visits.p1`, `circ_persons.p1` and re-derives every live shared domain's
+   tokens from the new p1 with that shared domain's key. A refused commit changes
    nothing; a repeated commit returns the first result;
 4. the authority then moves its own p1 columns and replaces k1 by k1' in one
    transaction, and logs `key_rotated`.
 
 The operator sees pairs (k1·H, k1'·H): it can tell they belong to one person,
 which it knew from the visit refs, but not the ratio k1'·k1^-1 (a discrete log).
-Old level-1 and domain tokens match nothing afterwards. Between the operator's
+Old level-1 and shared-domain tokens match nothing afterwards. Between the operator's
 commit and the authority's (one local transaction) the level-1 OPRF still
 answers with k1, so an insurer's token request in that instant gets tokens that
 are already stale. Stale tokens, like any cached before a rotation, are refused
@@ -33,16 +33,26 @@ a running rotation (`level1_lock`), so no p1 under the old key slips in.
 import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Annotated
 
 import pyarrow as pa
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
 
-from governance.errors import GovernanceError
 from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
-from parties.runtime.access import Caller, CallerPolicy
+from parties.domains.api import (
+    LEVEL1_COMMIT,
+    LEVEL1_MAPPING,
+    ROTATE_LEVEL1,
+    Level1Rotation,
+    NothingToRotate,
+    OperatorRekey,
+    RekeyCommit,
+    RotationRefused,
+)
+from parties.domains.keys import K1_NAME, level1_lock, xid_pool
+from parties.domains.registry import bump_token_epochs, index_visits
+from parties.ledger.client import append_entry
+from parties.runtime.access import Caller
 from parties.runtime.batches import (
     BatchReceiver,
     StreamName,
@@ -51,22 +61,17 @@ from parties.runtime.batches import (
 )
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import RemoteError
+from parties.runtime.mount import mount
 from parties.runtime.secrets import UnknownKey
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.circulation import PERSONS_TABLE, VISITS_TABLE
-from parties.services.health_authority import (
-    K1_NAME,
-    LONG_CALL_S,
-    level1_lock,
-    operator_name,
-    xid_pool,
-)
-from parties.services.ledger import record_event
-from parties.services.operator_domains import bump_token_epochs, index_visits
 
 K1_PENDING = f"{K1_NAME}:next"
 MAPPING_BATCH_ROWS = 20_000
+# The operator's commit re-derives every live shared domain's tokens: it may take a while.
+OPERATOR_CALL_S = 600.0
+# The tables of the operator's circulation (`parties.ingest.circulation`) whose p1 move.
+CIRC_VISITS, CIRC_PERSONS = "circ_visits", "circ_persons"
 KEY_ROTATED = "key_rotated" if is_known_kind("key_rotated") else register_event_kind(
     "key_rotated")
 TOKENS_REDERIVED = "tokens_rederived" if is_known_kind("tokens_rederived") else (
@@ -86,47 +91,6 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
 )
-
-
-class RotationRefused(GovernanceError):
-    """The staged mapping does not match what was announced or what the operator holds."""
-
-    http_status = 409
-
-
-class NothingToRotate(GovernanceError):
-    """No data was governed yet, so there is no k1."""
-
-    http_status = 409
-
-
-class OperatorRekey(BaseModel):
-    """The operator's side of a k1 rotation."""
-
-    stream: str
-    old_version: int
-    new_version: int
-    persons: int
-    visits: int
-    domains: int
-
-
-class Level1Rotation(BaseModel):
-    """What a k1 rotation moved."""
-
-    key_id: str
-    old_version: int
-    new_version: int
-    persons: int
-    visits: int
-    operator: OperatorRekey
-
-
-class RekeyCommit(BaseModel):
-    old_version: Annotated[int, Field(ge=1)]
-    new_version: Annotated[int, Field(ge=2)]
-    pairs: Annotated[int, Field(ge=0)]
-    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def mapping_digest(pairs: Sequence[tuple[bytes, bytes]]) -> str:
@@ -176,20 +140,21 @@ def rotate_level1_key(
         pairs = list(zip(old_p1, new_p1, strict=True))
         digest = mapping_digest(pairs)
         stream = f"k1-{current.version}-{pending.version}-{digest[:24]}"
-        operator = operator_name(ctx)
-        with ctx.client(timeout=LONG_CALL_S) as client:
+        operator = ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+        with ctx.client(timeout=OPERATOR_CALL_S) as client:
             try:
                 send_batches(
-                    client, operator, "/v1/circulation/level1", stream,
+                    client, operator, LEVEL1_MAPPING, stream,
                     pa.table({"old_p1": pa.array(old_p1, pa.binary(32)),
                               "new_p1": pa.array(new_p1, pa.binary(32))}),
-                    kind="ingest", batch_rows=MAPPING_BATCH_ROWS, on_batch=on_batch,
+                    batch_rows=MAPPING_BATCH_ROWS, on_batch=on_batch,
                 )
-                done = OperatorRekey.model_validate(client.post(
-                    operator, f"/v1/circulation/level1/{stream}/commit", kind="ingest",
-                    json=RekeyCommit(old_version=current.version, new_version=pending.version,
-                                     pairs=len(pairs), digest=digest).model_dump(),
-                ).json())
+                done = client.call(
+                    operator, LEVEL1_COMMIT,
+                    RekeyCommit(old_version=current.version, new_version=pending.version,
+                                pairs=len(pairs), digest=digest),
+                    params={"stream": stream},
+                )
             except RemoteError as exc:
                 if 400 <= exc.http_status < 500:
                     # A definite refusal: nothing moved anywhere, so k1' goes too (a transport
@@ -208,7 +173,7 @@ def rotate_level1_key(
     result = Level1Rotation(key_id=K1_NAME, old_version=current.version,
                             new_version=pending.version, persons=len(pairs), visits=len(visits),
                             operator=done)
-    record_event(ctx, KEY_ROTATED, {
+    append_entry(ctx, KEY_ROTATED, {
         "key_id": K1_NAME, "old_version": current.version, "new_version": pending.version,
         "persons": len(pairs), "visits": len(visits), "stream": stream,
     })
@@ -218,11 +183,11 @@ def rotate_level1_key(
 
 
 def _authority_routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/governance", tags=["health authority"])
+    router = APIRouter()
 
-    @router.post("/level1/rotate", response_model=Level1Rotation)
-    def post_rotate(caller: Caller = Depends(CallerPolicy("admin"))) -> Level1Rotation:
-        """Rotate k1; the operator's p1 and every domain's tokens move with it."""
+    @mount(router, ROTATE_LEVEL1)
+    def post_rotate(caller: Caller) -> Level1Rotation:
+        """Rotate k1; the operator's p1 and every shared domain's tokens move with it."""
         return rotate_level1_key(ctx)
 
     return [router]
@@ -248,7 +213,8 @@ def _stage(stream: str) -> Callable[[sqlite3.Connection, pa.Table], int]:
 
 
 def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorRekey:
-    """Move every held p1 to its new value and re-derive the domain tokens, all or nothing."""
+    """Move every held p1 to its new value and re-derive the shared domains' tokens, all or
+    nothing."""
     with ctx.store.lock:
         conn = ctx.store.conn
         done = conn.execute(
@@ -264,7 +230,7 @@ def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorR
                 "or the digest differs: resend the missing batches")
         moved = dict(staged)
         held = {bytes(r[0]) for r in conn.execute(
-            f"SELECT p1 FROM {VISITS_TABLE} UNION SELECT p1 FROM {PERSONS_TABLE}")}
+            f"SELECT p1 FROM {CIRC_VISITS} UNION SELECT p1 FROM {CIRC_PERSONS}")}
         missing = len(held - moved.keys())
         if missing:
             raise RotationRefused(f"the mapping leaves {missing} held persons without a new p1")
@@ -272,11 +238,11 @@ def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorR
         if len(set(news)) != len(news) or not held.isdisjoint(news):
             raise RotationRefused("new p1 values must be distinct and unlike every old one")
         xid.check_points(news)
-        visits = conn.execute(f"SELECT visit_ref, p1 FROM {VISITS_TABLE}").fetchall()
+        visits = conn.execute(f"SELECT visit_ref, p1 FROM {CIRC_VISITS}").fetchall()
         refs = [bytes(r) for r, _ in visits]
         new_of_visit = [moved[bytes(p)] for _, p in visits]
         with conn:
-            for table in (VISITS_TABLE, PERSONS_TABLE):
+            for table in (CIRC_VISITS, CIRC_PERSONS):
                 conn.executemany(f"UPDATE {table} SET p1 = ? WHERE p1 = ?",
                                  [(moved[old], old) for old in held])
             domains = index_visits(ctx, conn, refs, new_of_visit)
@@ -290,7 +256,7 @@ def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorR
                 " visits, domains) VALUES (?, ?, ?, ?, ?, ?)",
                 (stream, result.old_version, result.new_version, result.persons,
                  result.visits, result.domains))
-    record_event(ctx, TOKENS_REDERIVED, {
+    append_entry(ctx, TOKENS_REDERIVED, {
         "key_id": K1_NAME, "old_version": result.old_version,
         "new_version": result.new_version, "persons": result.persons, "visits": result.visits,
         "domains": result.domains, "stream": stream,
@@ -301,19 +267,18 @@ def apply_rekey(ctx: NodeContext, stream: str, commit: RekeyCommit) -> OperatorR
 
 
 def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/circulation/level1", tags=["circulation"])
-    authority = CallerPolicy("ingest", (Role.HEALTH_AUTHORITY,))
+    router = APIRouter()
     receiver = BatchReceiver(ctx.store)
 
-    mount_batch_stream(router, "", authority, receiver,
+    mount_batch_stream(router, LEVEL1_MAPPING, receiver,
                        lambda caller, stream: f"k1:{caller.name}:{stream}",
                        lambda caller, stream, idx: _stage(stream),
                        "(old p1, new p1) pairs, staged until the commit")
 
-    @router.post("/{stream}/commit", response_model=OperatorRekey)
-    def commit(stream: StreamName, body: RekeyCommit,
-               caller: Caller = Depends(authority)) -> OperatorRekey:
-        """Apply the staged mapping and re-derive every live domain's tokens (idempotent)."""
+    @mount(router, LEVEL1_COMMIT)
+    def commit(stream: StreamName, body: RekeyCommit, caller: Caller) -> OperatorRekey:
+        """Apply the staged mapping and re-derive every live shared domain's tokens
+        (idempotent)."""
         return apply_rekey(ctx, stream, body)
 
     return [router]

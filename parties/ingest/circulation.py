@@ -9,7 +9,9 @@ operator's CA-certified Ed25519 signing key. The operator opens them and seals
 them again under its own keyring before they touch its store.
 
 Each person's consumer public key travels in a separate stream keyed by p1 and
-lands in `circ_persons`, never in a per-domain table (it would link domains).
+lands in `circ_persons`, never in a per-shared-domain table (it would link shared
+domains). Arriving visits get their token in every live shared domain in the same
+transaction (`parties.domains.registry.index_visits`).
 
 Operator tables:
 
@@ -26,36 +28,44 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import nacl.exceptions
 import nacl.public
-import nacl.signing
 import pandas as pd
 import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
 
 from governance.at_rest import open_value, seal_value
-from governance.errors import GovernanceError
+from parties.domains.registry import index_visits
+from parties.ingest.api import (
+    CIRCULATION_PERSONS,
+    CIRCULATION_SUMMARY,
+    CIRCULATION_VISITS,
+    REGISTER,
+    CirculationSummary,
+    Registration,
+    RegistrationMismatch,
+    TransportSealInvalid,
+)
+from parties.ledger.client import append_entry
 from parties.runtime import batches
-from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.access import Caller
+from parties.runtime.batch_routes import BatchStream
 from parties.runtime.batches import (
-    DIGEST_HEADER,
-    STREAM_PATTERN,
     BatchReceiver,
-    digest,
+    TransferSummary,
     mount_batch_stream,
-    table_to_ipc,
+    send_built_batches,
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
 from parties.runtime.sealing import open_bytes, seal_bytes, sealing_private_key
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.ledger import record_event
 
 VISITS_TABLE = "circ_visits"
 PERSONS_TABLE = "circ_persons"
@@ -87,22 +97,6 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
 )
-
-
-class CirculationError(GovernanceError):
-    http_status = 400
-
-
-class TransportSealInvalid(CirculationError):
-    """A published batch's sealed key or field does not open: tampered, moved or misaddressed."""
-
-    http_status = 422
-
-
-class RegistrationMismatch(CirculationError):
-    """What the operator holds differs from what the health authority says it published."""
-
-    http_status = 409
 
 
 def field_aad(stream: str, idx: int, column: str, visit_ref: bytes) -> bytes:
@@ -228,39 +222,24 @@ def _canonical_text(value: Any) -> str:
 def send_sealed_batches(
     client: NodeClient,
     target: str,
-    base_path: str,
+    routes: BatchStream,
     stream: str,
     frame: pd.DataFrame,
     build: Callable[[pd.DataFrame, int], pa.Table],
     *,
-    kind: str,
     batch_rows: int,
     on_batch: Callable[[int, int], None] | None = None,
-) -> dict[str, int]:
+) -> TransferSummary:
     """Like `batches.send_batches`, but each batch is built (sealed) when it is sent.
 
     The split is deterministic (rows in a fixed order), so a resumed transfer numbers
     batches the same way and sends only those the receiver lacks.
     """
-    already = set(client.get(target, f"{base_path}/{stream}", kind=kind).json()["received"])
-    total = max(1, -(-len(frame) // batch_rows))
-    sent = skipped = rows_sent = 0
-    for idx in range(total):
-        chunk = frame.iloc[idx * batch_rows:(idx + 1) * batch_rows]
-        if idx in already:
-            skipped += 1
-        else:
-            data = table_to_ipc(build(chunk, idx))
-            client.request(
-                target, "PUT", f"{base_path}/{stream}/{idx}", kind=kind, content=data,
-                headers={DIGEST_HEADER: digest(data),
-                         "Content-Type": "application/vnd.apache.arrow.stream"},
-            )
-            sent += 1
-            rows_sent += len(chunk)
-        if on_batch:
-            on_batch(idx + 1, total)
-    return {"batches": total, "sent": sent, "skipped": skipped, "rows_sent": rows_sent}
+    return send_built_batches(
+        client, target, routes, stream, max(1, -(-len(frame) // batch_rows)),
+        lambda idx: build(frame.iloc[idx * batch_rows:(idx + 1) * batch_rows], idx),
+        on_batch=on_batch,
+    )
 
 
 # --- the operator's store ------------------------------------------------------------------
@@ -272,8 +251,6 @@ def _operator_private_key(ctx: NodeContext) -> nacl.public.PrivateKey:
 
 def _apply_visits(ctx: NodeContext, stream: str, idx: int) -> Callable[[sqlite3.Connection,
                                                                         pa.Table], int]:
-    from parties.services.operator_domains import index_visits
-
     def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
         frame, sealed_columns, _grades = open_batch(table, _operator_private_key(ctx), stream, idx)
         keyring = ctx.secrets.data_key_for(VISITS_TABLE)
@@ -368,15 +345,6 @@ def consumer_public_key(ctx: NodeContext, p1: bytes) -> bytes | None:
     return bytes(row[0]) if row else None
 
 
-class CirculationSummary(BaseModel):
-    rows: int
-    digest: str
-    persons: int
-    persons_digest: str
-    by_hospital: dict[str, int]
-    sealed_columns: list[str]
-
-
 def circulation_summary(ctx: NodeContext) -> CirculationSummary:
     """Counts and digests of what the operator holds (opening every sealed field)."""
     frame = read_visits(ctx)
@@ -397,34 +365,24 @@ def circulation_summary(ctx: NodeContext) -> CirculationSummary:
 # --- routes ------------------------------------------------------------------------------
 
 
-class Registration(BaseModel):
-    stream: Annotated[str, Field(pattern=STREAM_PATTERN)]
-    rows: Annotated[int, Field(ge=0)]
-    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    persons: Annotated[int, Field(ge=0)]
-    persons_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    grades: dict[str, Annotated[str, Field(pattern=r"^L\d$")]]
-
-
 def _routes(ctx: NodeContext) -> list[APIRouter]:
-    router = APIRouter(prefix="/v1/circulation", tags=["circulation"])
-    publisher = CallerPolicy("ingest", (Role.HEALTH_AUTHORITY,))
+    router = APIRouter()
     receiver = BatchReceiver(ctx.store)
 
     def internal(kind: str, caller: Caller, stream: str) -> str:
         return f"circ-{kind}:{caller.name}:{stream}"
 
-    mount_batch_stream(router, "/visits", publisher, receiver,
+    mount_batch_stream(router, CIRCULATION_VISITS, receiver,
                        lambda caller, stream: internal("visits", caller, stream),
                        lambda caller, stream, idx: _apply_visits(ctx, stream, idx),
                        "published visits")
-    mount_batch_stream(router, "/persons", publisher, receiver,
+    mount_batch_stream(router, CIRCULATION_PERSONS, receiver,
                        lambda caller, stream: internal("persons", caller, stream),
                        lambda caller, stream, idx: _apply_persons(stream),
                        "(p1, consumer public key) pairs")
 
-    @router.post("/register", response_model=CirculationSummary)
-    def register(body: Registration, caller: Caller = Depends(publisher)) -> CirculationSummary:
+    @mount(router, REGISTER)
+    def register(body: Registration, caller: Caller) -> CirculationSummary:
         """Check the whole holding against the publisher's digests, then register it."""
         summary = circulation_summary(ctx)
         if (summary.rows, summary.digest) != (body.rows, body.digest):
@@ -443,7 +401,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                 (body.stream, caller.name, body.rows, body.digest, body.persons,
                  body.persons_digest, json.dumps(body.grades)),
             )
-        record_event(ctx, "data_registered", {
+        append_entry(ctx, "data_registered", {
             "dataset": "claim_check.visits", "owner": caller.name, "stream": body.stream,
             "rows": summary.rows, "digest": summary.digest, "persons": summary.persons,
             "persons_digest": summary.persons_digest,
@@ -454,8 +412,8 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                       persons=summary.persons)
         return summary
 
-    @router.get("/summary", response_model=CirculationSummary)
-    def summary(caller: Caller = Depends(CallerPolicy("admin"))) -> CirculationSummary:
+    @mount(router, CIRCULATION_SUMMARY)
+    def summary(caller: Caller) -> CirculationSummary:
         """Counts and digests of the operator's holding (its local operator only)."""
         return circulation_summary(ctx)
 

@@ -1,6 +1,6 @@
 """The health authority: governs hospital exports and publishes them into circulation.
 
-1. Hospitals send their raw exports in batches (`/v1/exports`, kind `export`).
+1. Hospitals send their raw exports in batches (`EXPORT_BATCHES`, kind `export`).
    Each batch is staged sealed whole (AES-256-GCM under the staging table's
    data key), so not even the staging holds a raw value in the clear.
 2. When an export is complete the authority governs it: asset scan,
@@ -11,8 +11,10 @@
    key wrapped by the node's KEK. The staged raw batches are then dropped.
 3. `publish` aligns patients across hospitals and sends the operator only
    tokens, refs and the fields the claim check needs, top grade sealed to the
-   operator (see `parties.services.circulation`), then has it register the data.
-4. The level-1 OPRF step: the operator relays blinded points; k1 never leaves.
+   operator (see `parties.ingest.circulation`), then has it register the data.
+
+k1 itself, and the level-1 OPRF step that applies it, belong to shared domains
+(`parties.domains.keys`, `parties.domains.service`).
 """
 
 import datetime as dt
@@ -20,19 +22,16 @@ import hashlib
 import hmac
 import json
 import sqlite3
-import threading
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
 
 from governance.at_rest import Keyring, open_value, seal_value
 from governance.classify import classify_table, load_policy
-from governance.errors import GovernanceError
 from governance.scan import scan_frame
 from governance.standardize import (
     COMMON_FIELDS,
@@ -42,10 +41,39 @@ from governance.standardize import (
     load_overrides,
 )
 from mpc import xid
-from mpc.errors import MalformedInput
-from mpc.hazmat.parallel import usable_cores
+from parties.domains.keys import level1_key, level1_lock, xid_pool
+from parties.ingest.api import (
+    CIRCULATION_PERSONS,
+    CIRCULATION_VISITS,
+    COMPLETE_EXPORT,
+    CONSUMER_KEYS,
+    DEFAULT_BATCH_ROWS,
+    EXPORT_BATCHES,
+    GOVERNANCE_SUMMARY,
+    LONG_CALL_S,
+    PUBLISH,
+    REGISTER,
+    AuthorityError,
+    ExportComplete,
+    ExportIncomplete,
+    GovernanceSummary,
+    GovernedExport,
+    HospitalDigest,
+    NothingToPublish,
+    Publication,
+    PublishRequest,
+    Registration,
+)
+from parties.ingest.circulation import (
+    CIRCULATION_FIELDS,
+    circulation_digest,
+    persons_digest,
+    seal_batch,
+    send_sealed_batches,
+)
+from parties.ledger.client import append_entry
 from parties.runtime import batches
-from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.access import Caller
 from parties.runtime.batches import (
     BatchReceiver,
     StreamName,
@@ -56,26 +84,16 @@ from parties.runtime.batches import (
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
 from parties.runtime.sealing import sealing_public_key
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
-from parties.services.circulation import (
-    CIRCULATION_FIELDS,
-    circulation_digest,
-    persons_digest,
-    seal_batch,
-    send_sealed_batches,
-)
-from parties.services.ledger import record_event
 
-K1_NAME = "xid:k1"
 VISIT_REF_KEY_TABLE = "hmac:visit_ref"  # a keyring entry used as the visit_ref HMAC key
 STAGING_TABLE = "ha_staged_batches"
 VISITS_TABLE = "ha_visits"
 SEAL_FROM_LEVEL = 3  # seal fields graded L3 and above; the top grade is always sealed
 ROW_KEY_FIELDS = ("visit_id", "hospital_id")  # identify the record, never sealed
-PUBLISH_BATCH_ROWS = 5000
-LONG_CALL_S = 600.0
 
 COMPONENT = "health_authority"
 MIGRATIONS: tuple[str, ...] = (
@@ -102,43 +120,7 @@ MIGRATIONS: tuple[str, ...] = (
 _DATA_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ROW_KEY_FIELDS)
 
 
-class AuthorityError(GovernanceError):
-    http_status = 400
-
-
-class ExportIncomplete(AuthorityError):
-    """Not every batch of the export has arrived (resend the missing ones)."""
-
-    http_status = 409
-
-
-class NothingToPublish(AuthorityError):
-    http_status = 409
-
-
-# --- keys ----------------------------------------------------------------------------------
-
-
-def level1_key(ctx: NodeContext) -> xid.XidKey:
-    """k1: generated on first use, sealed under the node's KEK, never sent anywhere."""
-    return ctx.secrets.xid_key(K1_NAME, create=True)
-
-
-class Level1Lock:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-
-
-def level1_lock(ctx: NodeContext) -> threading.Lock:
-    """Held by whatever derives or sends p1, so a k1 rotation never races with it."""
-    return ctx.component(Level1Lock, Level1Lock).lock
-
-
-def xid_pool(ctx: NodeContext) -> xid.WorkerPool | None:
-    """The node's worker processes for bulk group operations (None on one core)."""
-    if usable_cores() < 2:
-        return None
-    return ctx.component(xid.WorkerPool, xid.WorkerPool)
+# --- visit references ----------------------------------------------------------------------
 
 
 def _visit_ref_key(ctx: NodeContext) -> bytes:
@@ -197,19 +179,6 @@ def _plain(value: Any) -> Any:
 
 
 # --- governing an export ------------------------------------------------------------------
-
-
-class GovernedExport(BaseModel):
-    stream: str
-    hospital_id: str
-    rows: int
-    persons: int
-    digest: str
-    mapped: dict[str, str]  # common field -> raw column
-    flagged: dict[str, str]  # raw column -> sensitive type found by content
-    raw_grades: dict[str, str]  # raw column -> level
-    grades: dict[str, str]  # common field -> level
-    sealed_fields: list[str]
 
 
 def _staged_frame(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pd.DataFrame]:
@@ -290,7 +259,7 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
              json.dumps(result.mapped, ensure_ascii=False), profile.model_dump_json(),
              json.dumps({"raw": raw_grades, "common": grades}), json.dumps(sealed)),
         )
-    record_event(ctx, "data_registered", {
+    append_entry(ctx, "data_registered", {
         "dataset": "hospital_export", "owner": hospital, "stream": stream, "rows": result.rows,
         "persons": result.persons, "digest": digest, "sealed_fields": sealed,
         "flagged_columns": len(result.flagged), "stage": "governed",
@@ -338,18 +307,6 @@ def governed_visits(ctx: NodeContext, fields: tuple[str, ...] = _DATA_FIELDS) ->
     return frame
 
 
-class HospitalDigest(BaseModel):
-    rows: int
-    persons: int
-    digest: str
-
-
-class GovernanceSummary(BaseModel):
-    hospitals: dict[str, HospitalDigest]
-    rows: int
-    consumer_keys: int
-
-
 def governance_summary(ctx: NodeContext) -> GovernanceSummary:
     """Per hospital: rows, persons and the digest of the stored governed copy (reopened)."""
     frame = governed_visits(ctx)
@@ -388,26 +345,12 @@ def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.T
 # --- publishing to the operator --------------------------------------------------------------
 
 
-class Publication(BaseModel):
-    stream: str
-    rows: int
-    digest: str
-    persons: int
-    persons_digest: str
-    batches: int
-    sent: int
-    skipped: int
-    sealed_fields: list[str]
-    alignment: dict[str, int]
-    registered_rows: int
-
-
 def operator_name(ctx: NodeContext) -> str:
     return ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
 
 
 def publish(
-    ctx: NodeContext, *, batch_rows: int = PUBLISH_BATCH_ROWS,
+    ctx: NodeContext, *, batch_rows: int = DEFAULT_BATCH_ROWS,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Publication:
     """Send the governed visits (tokenized, graded, top grade sealed) and keys to the operator."""
@@ -445,61 +388,46 @@ def _publish(
     pdigest = persons_digest(p1s, keys)
     with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
         sent = send_sealed_batches(
-            client, operator, "/v1/circulation/visits", stream, view,
+            client, operator, CIRCULATION_VISITS, stream, view,
             lambda chunk, idx: seal_batch(chunk, sealed, operator_key, stream, idx, grades),
-            kind="ingest", batch_rows=batch_rows, on_batch=on_batch,
+            batch_rows=batch_rows, on_batch=on_batch,
         )
         if p1s:
             send_batches(
-                client, operator, "/v1/circulation/persons", f"p-{pdigest[:32]}",
+                client, operator, CIRCULATION_PERSONS, f"p-{pdigest[:32]}",
                 pa.table({"p1": pa.array(p1s, pa.binary(32)),
                           "public_key": pa.array(keys, pa.binary(32))}),
-                kind="ingest", batch_rows=20_000,
+                batch_rows=20_000,
             )
-        registered = client.post(operator, "/v1/circulation/register", kind="ingest", json={
-            "stream": stream, "rows": len(view), "digest": digest, "persons": len(p1s),
-            "persons_digest": pdigest, "grades": grades,
-        }).json()
+        registered = client.call(operator, REGISTER, Registration(
+            stream=stream, rows=len(view), digest=digest, persons=len(p1s),
+            persons_digest=pdigest, grades=grades,
+        ))
     alignment = {
         "persons": aligned.persons,
         "persons_in_several_hospitals": aligned.persons_in_several_hospitals,
         "attribute_conflicts": len(aligned.conflicts),
         "id_inconsistent_visits": len(aligned.id_inconsistent),
     }
-    record_event(ctx, "data_registered", {
+    append_entry(ctx, "data_registered", {
         "dataset": "claim_check.visits", "owner": ctx.name, "stream": stream, "rows": len(view),
         "digest": digest, "persons": len(p1s), "persons_digest": pdigest,
         "recipient": operator, "stage": "published", "sealed_fields": sealed,
     })
-    ctx.log.event("published", stream=stream, rows=len(view), **sent)
+    ctx.log.event("published", stream=stream, rows=len(view), batches=sent.batches,
+                  sent=sent.sent, skipped=sent.skipped, rows_sent=sent.rows_sent)
     return Publication(
         stream=stream, rows=len(view), digest=digest, persons=len(p1s), persons_digest=pdigest,
-        batches=sent["batches"], sent=sent["sent"], skipped=sent["skipped"],
-        sealed_fields=sealed, alignment=alignment, registered_rows=registered["rows"],
+        batches=sent.batches, sent=sent.sent, skipped=sent.skipped,
+        sealed_fields=sealed, alignment=alignment, registered_rows=registered.rows,
     )
 
 
 # --- routes -----------------------------------------------------------------------------------
 
 
-class ExportComplete(BaseModel):
-    batches: Annotated[int, Field(ge=1, le=10**6)]
-    rows: Annotated[int, Field(ge=0)]
-
-
-class PublishRequest(BaseModel):
-    batch_rows: Annotated[int, Field(ge=10, le=200_000)] = PUBLISH_BATCH_ROWS
-
-
-class Points(BaseModel):
-    points: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]],
-                      Field(min_length=1, max_length=1000)]
-
-
 def _routes(ctx: NodeContext) -> list[APIRouter]:
-    exports = APIRouter(prefix="/v1/exports", tags=["health authority"])
-    hospitals = CallerPolicy("export", (Role.HOSPITAL,))
-    admin = CallerPolicy("admin")
+    router = APIRouter()
     receiver = BatchReceiver(ctx.store)
     staging = ctx.secrets.data_key_for(STAGING_TABLE)
 
@@ -520,12 +448,12 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
 
         return apply
 
-    mount_batch_stream(exports, "", hospitals, receiver, internal, stage,
+    mount_batch_stream(router, EXPORT_BATCHES, receiver, internal, stage,
                        "a hospital's raw export (staged sealed)")
 
-    @exports.post("/{stream}/complete", response_model=GovernedExport)
-    def complete_export(stream: StreamName, body: ExportComplete,
-                        caller: Caller = Depends(hospitals)) -> GovernedExport:
+    @mount(router, COMPLETE_EXPORT)
+    def complete_export(stream: StreamName, body: ExportComplete, caller: Caller
+                        ) -> GovernedExport:
         """All batches sent: govern the export (idempotent)."""
         key = internal(caller, stream)
         with ctx.store.lock:
@@ -538,44 +466,23 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
             raise ExportIncomplete(f"export {stream}: {staged} rows staged, {body.rows} announced")
         return govern_export(ctx, key, body.batches)
 
-    governance = APIRouter(prefix="/v1/governance", tags=["health authority"])
-
-    @governance.get("/summary", response_model=GovernanceSummary)
-    def get_summary(caller: Caller = Depends(admin)) -> GovernanceSummary:
+    @mount(router, GOVERNANCE_SUMMARY)
+    def get_summary(caller: Caller) -> GovernanceSummary:
         """Rows, persons and digests of the governed copy, per hospital."""
         return governance_summary(ctx)
 
-    mount_batch_stream(governance, "/consumer-keys", admin, receiver,
+    mount_batch_stream(router, CONSUMER_KEYS, receiver,
                        lambda caller, stream: f"keys:{stream}",
                        lambda caller, stream, idx: _apply_consumer_keys(ctx),
                        "consumers' public keys (national_id, public_key hex; only p1 -> key "
                        "is kept)")
 
-    @governance.post("/publish", response_model=Publication)
-    def post_publish(body: PublishRequest, caller: Caller = Depends(admin)) -> Publication:
+    @mount(router, PUBLISH)
+    def post_publish(body: PublishRequest, caller: Caller) -> Publication:
         """Publish the governed visits into circulation at the operator (resumable)."""
         return publish(ctx, batch_rows=body.batch_rows)
 
-    oprf = APIRouter(prefix="/v1/oprf", tags=["oprf"])
-
-    @oprf.post("/level1", response_model=Points)
-    def level1(body: Points,
-               caller: Caller = Depends(CallerPolicy("oprf", (Role.OPERATOR,)))) -> Points:
-        """k1·P for blinded points relayed by the operator (the authority never sees an id).
-
-        k1 exists once data was governed; this route never creates it, so a refused
-        request leaves no key behind.
-        """
-        try:
-            points = [bytes.fromhex(p) for p in body.points]
-        except ValueError as exc:
-            raise MalformedInput(f"points must be hex: {exc}") from None
-        xid.check_points(points)
-        out = xid.evaluate_blinded(ctx.secrets.xid_key(K1_NAME), points)
-        ctx.log.event("oprf_level1", caller=caller.name, points=len(out))
-        return Points(points=[p.hex() for p in out])
-
-    return [exports, governance, oprf]
+    return [router]
 
 
 HEALTH_AUTHORITY_SERVICE = Service(

@@ -1,0 +1,223 @@
+"""The shared-domains capability's contract: the operator's shared domains, the OPRF chain
+to their tokens, and the rotation of the keys behind them.
+
+A shared domain belongs to one (scenario, data user); its tokens T_d = k2[d]·k1·H(id)
+are unlinkable to another shared domain's. The operator's local operator creates,
+lists, deletes (crypto-shreds) and rotates them and traces leaked tokens. A data
+user reaches its tokens only through the blinded chain:
+
+    insurer --DOMAIN_TOKENS--> regulator --EVALUATE--> operator --LEVEL1_STEP--> authority
+
+k1 rotates at the health authority (`ROTATE_LEVEL1`), which streams the old -> new
+p1 mapping to the operator (`LEVEL1_MAPPING`) and commits it (`LEVEL1_COMMIT`).
+"""
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from governance.errors import GovernanceError
+from governance.leak_tracing import LeakReport
+from parties.runtime.batch_routes import batch_stream_routes
+from parties.runtime.routes import Kind, Route
+from parties.runtime.topology import Role
+
+DEFAULT_SCENARIO = "claim_check"
+SCENARIO_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+DATA_USER_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+DOMAIN_ID_PATTERN = r"^dom-[0-9a-f]{16}$"
+MAX_POINTS = 1000  # blinded points per OPRF request
+
+Scenario = Annotated[str, Field(pattern=SCENARIO_PATTERN)]
+DataUser = Annotated[str, Field(pattern=DATA_USER_PATTERN)]
+HexPoint = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class DomainError(GovernanceError):
+    http_status = 400
+
+
+class UnknownDomain(DomainError):
+    http_status = 404
+
+
+class DomainDeleted(DomainError):
+    """The shared domain was deleted and its key destroyed: nothing on it can be answered."""
+
+    http_status = 410
+
+
+class DomainExists(DomainError):
+    http_status = 409
+
+
+class NotADataUser(DomainError):
+    """Shared domains are created for data users (insurer nodes of the topology) only."""
+
+    http_status = 422
+
+
+class RateLimited(DomainError):
+    """The data user exceeded its OPRF budget; retry later."""
+
+    http_status = 429
+
+
+class RotationRefused(GovernanceError):
+    """The staged mapping does not match what was announced or what the operator holds."""
+
+    http_status = 409
+
+
+class NothingToRotate(GovernanceError):
+    """No data was governed yet, so there is no k1."""
+
+    http_status = 409
+
+
+# --- shared domains at the operator -----------------------------------------------------------
+
+
+class SharedDomainRequest(BaseModel):
+    scenario: Scenario = DEFAULT_SCENARIO
+    data_user: DataUser
+
+
+class SharedDomain(BaseModel):
+    domain_id: str
+    scenario: str
+    data_user: str
+    tokens: int
+    persons: int
+    created_at: str
+    deleted_at: str | None
+
+
+class TokenLookup(BaseModel):
+    tokens: Annotated[list[HexPoint], Field(min_length=1, max_length=10_000)]
+
+
+class LookupResult(BaseModel):
+    domain_id: str
+    matched: int
+    visits: int
+
+
+class LeakedTokens(BaseModel):
+    tokens: Annotated[list[Annotated[str, Field(max_length=200)]],
+                      Field(min_length=1, max_length=200_000)]
+
+
+class SharedDomainAttribution(BaseModel):
+    domain_id: str
+    scenario: str
+    data_user: str
+    matched: int
+    share: float
+    chance_log10: float
+
+
+class LeakTrace(BaseModel):
+    report: LeakReport
+    attributed: list[SharedDomainAttribution]
+    summary: str
+
+
+class SharedDomainKeyRotated(BaseModel):
+    domain_id: str
+    key_id: str
+    old_version: int
+    new_version: int
+    tokens: int
+    persons: int
+
+
+# --- the OPRF chain -------------------------------------------------------------------------
+
+
+class BlindedPoints(BaseModel):
+    """Blinded points, as the authority's level-1 step takes and returns them."""
+
+    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+
+
+class RelayRequest(BaseModel):
+    """An insurer's blinded points; the regulator names the insurer it authenticated."""
+
+    scenario: Scenario = DEFAULT_SCENARIO
+    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+
+
+class OprfRequest(BaseModel):
+    scenario: Scenario = DEFAULT_SCENARIO
+    data_user: DataUser
+    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+
+
+class Points(BaseModel):
+    points: list[str]
+
+
+# --- rotation of k1 -------------------------------------------------------------------------
+
+
+class RekeyCommit(BaseModel):
+    old_version: Annotated[int, Field(ge=1)]
+    new_version: Annotated[int, Field(ge=2)]
+    pairs: Annotated[int, Field(ge=0)]
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class OperatorRekey(BaseModel):
+    """The operator's side of a k1 rotation."""
+
+    stream: str
+    old_version: int
+    new_version: int
+    persons: int
+    visits: int
+    domains: int
+
+
+class Level1Rotation(BaseModel):
+    """What a k1 rotation moved."""
+
+    key_id: str
+    old_version: int
+    new_version: int
+    persons: int
+    visits: int
+    operator: OperatorRekey
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+CREATE_DOMAIN = Route("POST", "/v1/domains", Kind.ADMIN, SharedDomainRequest, SharedDomain,
+                      tag="domains")
+LIST_DOMAINS = Route("GET", "/v1/domains", Kind.ADMIN, None, list[SharedDomain], tag="domains")
+DELETE_DOMAIN = Route("DELETE", "/v1/domains/{domain_id}", Kind.ADMIN, None, SharedDomain,
+                      tag="domains")
+LOOKUP_TOKENS = Route("POST", "/v1/domains/{domain_id}/lookup", Kind.ADMIN, TokenLookup,
+                      LookupResult, tag="domains")
+TRACE_LEAK = Route("POST", "/v1/domains/trace-leak", Kind.ADMIN, LeakedTokens, LeakTrace,
+                   tag="domains")
+ROTATE_DOMAIN_KEY = Route("POST", "/v1/domains/{domain_id}/rotate", Kind.ADMIN, None,
+                          SharedDomainKeyRotated, tag="domains")
+
+DOMAIN_TOKENS = Route("POST", "/v1/oprf/domain-tokens", Kind.OPRF, RelayRequest, Points,
+                      roles=(Role.INSURER,), tag="oprf")
+EVALUATE = Route("POST", "/v1/oprf/evaluate", Kind.OPRF, OprfRequest, Points,
+                 roles=(Role.REGULATOR,), tag="oprf")
+LEVEL1_STEP = Route("POST", "/v1/oprf/level1", Kind.OPRF, BlindedPoints, BlindedPoints,
+                    roles=(Role.OPERATOR,), tag="oprf")
+
+ROTATE_LEVEL1 = Route("POST", "/v1/governance/level1/rotate", Kind.ADMIN, None, Level1Rotation,
+                      tag="health authority")
+LEVEL1_MAPPING = batch_stream_routes("/v1/circulation/level1", Kind.INGEST,
+                                     (Role.HEALTH_AUTHORITY,), tag="circulation")
+LEVEL1_COMMIT = Route("POST", "/v1/circulation/level1/{stream}/commit", Kind.INGEST,
+                      RekeyCommit, OperatorRekey, roles=(Role.HEALTH_AUTHORITY,),
+                      tag="circulation")

@@ -1,0 +1,35 @@
+"""A data user's way to its shared domain's tokens: the blinded OPRF chain, seen from the
+insurer.
+
+The insurer blinds each id (r·H(id), r fresh per id), the regulator relays the points
+(`parties.domains.relay`), the operator and the health authority apply their keys, and
+the insurer unblinds: r^-1·k2·k1·r·H(id) = T_d(id). No key holder sees an id, and the
+insurer cannot compute a token alone. This module loads no web framework: the
+insurer's SDK imports it.
+"""
+
+from collections.abc import Sequence
+
+from mpc import xid
+from parties.domains.api import DEFAULT_SCENARIO, DOMAIN_TOKENS, MAX_POINTS, RelayRequest
+from parties.runtime.client import NodeClient
+from parties.runtime.topology import Role
+
+
+def domain_tokens(
+    client: NodeClient, ids: Sequence[str | bytes], *, scenario: str = DEFAULT_SCENARIO,
+) -> list[bytes]:
+    """T_d(id) for each id, d being the caller's shared domain in `scenario`.
+
+    `client` holds an insurer's certificate. Raises the operator's typed refusal
+    (`RateLimited` 429, `DomainDeleted` 410, `UnknownDomain` 404, ...), which is also
+    a `parties.runtime.errors.RemoteError`.
+    """
+    regulator = client.topology.nodes_with_role(Role.REGULATOR)[0].name
+    tokens: list[bytes] = []
+    for start in range(0, len(ids), MAX_POINTS):
+        blinded, state = xid.blind(list(ids[start:start + MAX_POINTS]))
+        answer = client.call(regulator, DOMAIN_TOKENS, RelayRequest(
+            scenario=scenario, points=[p.hex() for p in blinded]))
+        tokens += xid.unblind(state, [bytes.fromhex(p) for p in answer.points])
+    return tokens

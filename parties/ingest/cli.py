@@ -1,0 +1,190 @@
+"""`cogov govern ...`: governance on files and across the running nodes.
+
+File commands (scan, classify, standardize, desensitize) come from
+`governance.cli`. `ingest` runs the whole chain on the nodes: each hospital
+exports its raw file, the health authority governs and tokenizes it, then
+publishes into circulation at the operator. Other capabilities add their
+governance commands (`parties.domains.cli.govern_commands`).
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow as pa
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from governance import cli as files_cli
+from governance.errors import GovernanceError
+from parties.domains.api import (
+    CREATE_DOMAIN,
+    DEFAULT_SCENARIO,
+    LIST_DOMAINS,
+    SharedDomain,
+    SharedDomainRequest,
+)
+from parties.ingest.api import (
+    CONSUMER_KEYS,
+    HOSPITAL_EXPORT,
+    PUBLISH,
+    ExportRequest,
+    ExportResult,
+    PublishRequest,
+)
+from parties.runtime.batches import send_batches
+from parties.runtime.cli import (
+    ExitCode,
+    StateOption,
+    TopologyOption,
+    exit_on,
+    fail,
+    resolve_topology,
+)
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology
+
+LONG_CALL_S = 1800.0
+RAW_SUFFIXES = (".csv", ".parquet", ".jsonl")
+
+console = Console()
+govern_app = typer.Typer(
+    help="Data governance: scan, classify, standardize, desensitize files; ingest across the "
+    "nodes; trace leaks.",
+    no_args_is_help=True,
+)
+
+for _name in ("scan", "classify", "standardize", "desensitize"):
+    govern_app.command(_name)(getattr(files_cli, _name))
+
+
+def _client(state: Path, topology: Topology, node: str) -> NodeClient:
+    return NodeClient(StateDir(state), topology, node, timeout=LONG_CALL_S)
+
+
+def _one(topology: Topology, role: Role) -> str:
+    nodes = topology.nodes_with_role(role)
+    if not nodes:
+        fail("TopologyError", f"the topology has no {role.value} node", ExitCode.BAD_INPUT)
+    return nodes[0].name
+
+
+def raw_exports(data: Path, topology: Topology) -> dict[str, Path]:
+    """hospital node -> its raw export under DATA/raw (file stem = node name)."""
+    raw = data / "raw"
+    if not raw.is_dir():
+        fail("SourceNotFound", f"{raw} does not exist: generate data first (cogov generate)",
+             ExitCode.BAD_INPUT)
+    files = {p.stem: p for p in sorted(raw.iterdir()) if p.suffix in RAW_SUFFIXES}
+    hospitals = {n.name for n in topology.nodes_with_role(Role.HOSPITAL)}
+    strangers = sorted(set(files) - hospitals)
+    if strangers:
+        fail("UnknownNode", f"no hospital node for export(s) {strangers} in the topology",
+             ExitCode.BAD_INPUT)
+    return files
+
+
+def consumer_key_table(path: Path) -> pa.Table:
+    """The public half of consumer_keys.jsonl (private keys are never read into the table)."""
+    ids, keys = [], []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                ids.append(record["national_id"])
+                keys.append(record["public_key"])
+    return pa.table({"national_id": pa.array(ids, pa.string()),
+                     "public_key": pa.array(keys, pa.string())})
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+
+@govern_app.command()
+def ingest(
+    data: Annotated[Path, typer.Option(
+        help="Generated data directory (raw/, consumer_keys.jsonl).")] = Path("data"),
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    batch_rows: Annotated[int, typer.Option(help="Rows per transfer batch.")] = 5000,
+    encoding: Annotated[str | None, typer.Option(
+        help="Text encoding of the CSV and JSON-lines exports (default: detect UTF-8, with "
+        "or without BOM, then GB18030).")] = None,
+    domains: Annotated[bool, typer.Option(
+        help="Create the claim_check shared domain of every insurer that has none.")] = True,
+) -> None:
+    """Run the chain on the running nodes: hospitals export, the authority governs, publishes."""
+    _, topo = resolve_topology(state, topology)
+    exports = raw_exports(data, topo)
+    authority, operator = _one(topo, Role.HEALTH_AUTHORITY), _one(topo, Role.OPERATOR)
+    started = time.perf_counter()
+    results: dict[str, ExportResult] = {}
+    created: list[SharedDomain] = []
+    with exit_on(NodeError, GovernanceError, ValueError), _progress() as bar:
+        task = bar.add_task("hospital exports", total=len(exports))
+        for hospital, path in exports.items():
+            bar.update(task, description=f"{hospital} exports {path.name}")
+            with _client(state, topo, hospital) as client:
+                results[hospital] = client.call(hospital, HOSPITAL_EXPORT, ExportRequest(
+                    path=str(path.resolve()), batch_rows=batch_rows, encoding=encoding))
+            bar.advance(task)
+        keys_file = data / "consumer_keys.jsonl"
+        if keys_file.exists():
+            keys = consumer_key_table(keys_file)
+            stream = "k-" + hashlib.sha256(
+                "".join(keys["public_key"].to_pylist()).encode()).hexdigest()[:32]
+            ktask = bar.add_task("consumer public keys", total=None)
+            with _client(state, topo, authority) as client:
+                send_batches(client, authority, CONSUMER_KEYS, stream, keys,
+                             batch_rows=batch_rows,
+                             on_batch=lambda i, n: bar.update(ktask, completed=i, total=n))
+        ptask = bar.add_task("publishing to the operator", total=1)
+        with _client(state, topo, authority) as client:
+            publication = client.call(authority, PUBLISH, PublishRequest(batch_rows=batch_rows))
+        bar.advance(ptask)
+        if domains:
+            with _client(state, topo, operator) as client:
+                live = {(d.scenario, d.data_user) for d in client.call(operator, LIST_DOMAINS)}
+                for insurer in topo.nodes_with_role(Role.INSURER):
+                    if (DEFAULT_SCENARIO, insurer.name) not in live:
+                        created.append(client.call(operator, CREATE_DOMAIN, SharedDomainRequest(
+                            scenario=DEFAULT_SCENARIO, data_user=insurer.name)))
+    seconds = time.perf_counter() - started
+    table = Table(title="ingest")
+    for head in ("hospital", "raw rows", "batches sent", "governed rows", "persons",
+                 "sensitive columns", "sealed fields"):
+        table.add_column(head)
+    for hospital, r in results.items():
+        g = r.governed
+        table.add_row(hospital, f"{r.rows:,}", f"{r.sent}/{r.batches}", f"{g.rows:,}",
+                      f"{g.persons:,}", str(len(g.flagged)), str(len(g.sealed_fields)))
+    console.print(table)
+    if results:
+        sealed = next(iter(results.values())).governed.sealed_fields
+        console.print(f"sealed at rest at the health authority: {', '.join(sealed)}")
+    a = publication.alignment
+    made = ", ".join(f"{d.domain_id} ({d.data_user})" for d in created) or "none"
+    console.print(
+        f"published {publication.rows:,} visits ({publication.sent}/"
+        f"{publication.batches} batches sent) and {publication.persons:,} consumer keys "
+        f"to {operator}; sealed in transit: {', '.join(publication.sealed_fields)}\n"
+        f"alignment: {a['persons']:,} persons, {a['persons_in_several_hospitals']:,} in several "
+        f"hospitals, {a['attribute_conflicts']} attribute conflicts\n"
+        f"shared domains created: {made}\n"
+        f"{publication.rows / seconds:,.0f} visits/s end to end ({seconds:.1f} s)"
+    )
+
+
+def register(app: typer.Typer, *more: typer.Typer) -> None:
+    """Mount `cogov govern`, with the governance commands of other capabilities (`more`)."""
+    for commands in more:
+        govern_app.add_typer(commands)
+    app.add_typer(govern_app, name="govern")
