@@ -22,6 +22,7 @@ from parties.runtime.errors import (
     IdentityMismatch,
     NodeError,
     NotAuthenticated,
+    RemoteError,
     UnknownNode,
     error_detail,
 )
@@ -110,7 +111,8 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
         rid = current_request_id.get()
         caller = getattr(request.state, "caller", None)
         caller_name = caller.name if caller else None
-        error = error or type(exc).__name__
+        # A relayed refusal keeps the remote's name even when this process lacks its class.
+        error = error or (exc.error if isinstance(exc, RemoteError) else type(exc).__name__)
         detail = error_detail(exc)
         ctx.log.event(
             "refused", route=request.url.path, method=request.method, caller=caller_name,
