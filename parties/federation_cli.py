@@ -85,11 +85,11 @@ def node_run(
 
 def _status_table(rows: list[supervisor.NodeStatus]) -> Table:
     table = Table(title="cogov nodes")
-    for col in ("node", "role", "domain", "address", "pid", "status"):
+    for col in ("node", "role", "trust domain", "address", "pid", "status"):
         table.add_column(col)
     for r in rows:
         colour = "green" if r.status == "ok" else "red"
-        table.add_row(r.name, r.role, r.domain, r.url, str(r.pid or "-"),
+        table.add_row(r.name, r.role, r.trust_domain, r.url, str(r.pid or "-"),
                       f"[{colour}]{r.status}[/{colour}]")
     return table
 

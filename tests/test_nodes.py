@@ -37,7 +37,7 @@ def test_allowed_cross_domain_call_succeeds_and_carries_request_id(small_federat
             "operator", "/v1/ping", kind="ping", headers={"X-Request-ID": "rid-allowed-1"}
         )
     body = response.json()
-    assert body["caller"] == "health-authority" and body["domain"] == "gov-net"
+    assert body["caller"] == "health-authority" and body["trust_domain"] == "gov-net"
     assert response.headers["X-Request-ID"] == "rid-allowed-1"
     assert any(e["request_id"] == "rid-allowed-1" for e in _events(fed, "operator", "request"))
 

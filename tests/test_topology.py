@@ -40,7 +40,7 @@ def test_reference_topology_has_the_eight_nodes_in_three_domains():
         "hospital-1", "hospital-2", "hospital-3", "health-authority",
         "operator", "regulator", "insurer-a", "insurer-b",
     ]
-    assert {d.name for d in topo.domains} == {"health-net", "gov-net", "insurance-net"}
+    assert {d.name for d in topo.trust_domains} == {"health-net", "gov-net", "insurance-net"}
     assert topo.allows("health-authority", "operator", "ingest")
     assert not topo.allows("hospital-1", "insurer-a", "ping")
     assert not topo.allows("insurer-a", "health-authority", "oprf")

@@ -67,8 +67,8 @@ class CallerPolicy:
             return caller
         if self.kind == "admin" or not topology.allows(caller.name, node, self.kind):
             raise FlowNotAllowed(
-                f"the topology does not allow {caller.name} ({caller.spec.domain}) to make "
-                f"{self.kind!r} calls to {node} ({topology.node(node).domain})"
+                f"the topology does not allow {caller.name} ({caller.spec.trust_domain}) to make "
+                f"{self.kind!r} calls to {node} ({topology.node(node).trust_domain})"
             )
         if self.roles is not None and caller.role not in self.roles:
             raise RoleNotAllowed(f"role {caller.role.value} may not call {request.url.path}")

@@ -8,7 +8,7 @@ from parties.runtime.routes import Kind, Route
 class Health(BaseModel):
     node: str
     role: str
-    domain: str
+    trust_domain: str
     status: str
     schema_versions: dict[str, int]
 
@@ -16,9 +16,9 @@ class Health(BaseModel):
 class Pong(BaseModel):
     node: str
     role: str
-    domain: str
+    trust_domain: str
     caller: str
-    caller_domain: str
+    caller_trust_domain: str
 
 
 class Refusal(BaseModel):

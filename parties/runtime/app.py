@@ -97,7 +97,7 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     spec = ctx.spec
     app = FastAPI(
         title=f"cogov node {spec.name}",
-        description=f"Role `{spec.role.value}` in trust domain `{spec.domain}`. "
+        description=f"Role `{spec.role.value}` in trust domain `{spec.trust_domain}`. "
         "Every call needs a federation client certificate (mutual TLS 1.3).",
         version="0.1.0",
     )
@@ -176,15 +176,15 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     @mount(runtime, HEALTH)
     def health(caller: Caller) -> Health:
         return Health(
-            node=spec.name, role=spec.role.value, domain=spec.domain, status="ok",
+            node=spec.name, role=spec.role.value, trust_domain=spec.trust_domain, status="ok",
             schema_versions=ctx.store.versions,
         )
 
     @mount(runtime, PING)
     def ping(caller: Caller) -> Pong:
         return Pong(
-            node=spec.name, role=spec.role.value, domain=spec.domain,
-            caller=caller.name, caller_domain=caller.spec.domain,
+            node=spec.name, role=spec.role.value, trust_domain=spec.trust_domain,
+            caller=caller.name, caller_trust_domain=caller.spec.trust_domain,
         )
 
     @mount(runtime, REFUSALS)

@@ -65,8 +65,8 @@ def serve_node(
     )
     pid_file: Path = ctx.paths.pid
     pid_file.write_text(str(os.getpid()))
-    ctx.log.event("node_started", role=spec.role.value, domain=spec.domain, url=spec.url,
-                  services=[s.name for s in services])
+    ctx.log.event("node_started", role=spec.role.value, trust_domain=spec.trust_domain,
+                  url=spec.url, services=[s.name for s in services])
     for service in services:
         if service.background is not None:
             threading.Thread(

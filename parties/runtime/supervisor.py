@@ -24,7 +24,7 @@ from parties.runtime.topology import Topology
 class NodeStatus:
     name: str
     role: str
-    domain: str
+    trust_domain: str
     url: str
     pid: int | None
     status: str
@@ -125,7 +125,7 @@ def status(
         spec = topology.node(name)
         pid = running_pid(state, name)
         health = probe(state, topology, name) if pid is not None else "stopped"
-        rows.append(NodeStatus(name, spec.role.value, spec.domain, spec.url, pid, health))
+        rows.append(NodeStatus(name, spec.role.value, spec.trust_domain, spec.url, pid, health))
     return rows
 
 

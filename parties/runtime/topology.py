@@ -50,7 +50,7 @@ class TopologyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class TrustDomain(_Strict):
@@ -61,7 +61,7 @@ class TrustDomain(_Strict):
 class NodeSpec(_Strict):
     name: Annotated[str, Field(pattern=NODE_NAME)]
     role: Role
-    domain: str
+    trust_domain: str = Field(alias="domain")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)]
     # The secret-sharing engine's own mutual-TLS listener (computing nodes and dealer).
@@ -91,13 +91,14 @@ class Flow(_Strict):
 
 class Topology(_Strict):
     name: str
-    domains: Annotated[list[TrustDomain], Field(min_length=1)]
+    # The file says `[[domains]]`: in a topology every domain is a trust domain.
+    trust_domains: Annotated[list[TrustDomain], Field(min_length=1, alias="domains")]
     nodes: Annotated[list[NodeSpec], Field(min_length=1)]
     flows: list[Flow] = []
 
     @model_validator(mode="after")
     def _references_resolve(self) -> "Topology":
-        domain_names = [d.name for d in self.domains]
+        domain_names = [d.name for d in self.trust_domains]
         if len(set(domain_names)) != len(domain_names):
             raise ValueError("domains: names must be unique")
         names = [n.name for n in self.nodes]
@@ -109,8 +110,9 @@ class Topology(_Strict):
         if len(set(addresses)) != len(addresses):
             raise ValueError("nodes: two nodes share a host and port")
         for i, node in enumerate(self.nodes):
-            if node.domain not in domain_names:
-                raise ValueError(f"nodes.{i}.domain: unknown trust domain {node.domain!r}")
+            if node.trust_domain not in domain_names:
+                raise ValueError(
+                    f"nodes.{i}.domain: unknown trust domain {node.trust_domain!r}")
         roles = {r.value for r in Role}
         for i, flow in enumerate(self.flows):
             for side in ("source", "target"):

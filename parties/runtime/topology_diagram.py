@@ -14,10 +14,10 @@ DOMAIN_COLOURS = ("#e8f1fb", "#eef7ea", "#fbf1e6", "#f3ecf8")
 
 def _layout(topology: Topology) -> dict[str, tuple[float, float]]:
     spots = {}
-    for col, domain in enumerate(topology.domains):
+    for col, domain in enumerate(topology.trust_domains):
         # Gateways (non-hospital roles) first, so arrows between domains stay short.
         members = sorted(
-            (n for n in topology.nodes if n.domain == domain.name),
+            (n for n in topology.nodes if n.trust_domain == domain.name),
             key=lambda n: n.role.value == "hospital",
         )
         for row, node in enumerate(members):
@@ -52,8 +52,9 @@ def _arrow(src: tuple[float, float], dst: tuple[float, float]) -> str:
 
 def render_svg(topology: Topology) -> str:
     spots = _layout(topology)
-    rows = max(sum(1 for n in topology.nodes if n.domain == d.name) for d in topology.domains)
-    width = MARGIN * 2 + COL_W * len(topology.domains)
+    rows = max(sum(1 for n in topology.nodes if n.trust_domain == d.name)
+               for d in topology.trust_domains)
+    width = MARGIN * 2 + COL_W * len(topology.trust_domains)
     height = TOP + rows * (BOX_H + GAP_Y) + 40 + 18 * (len(topology.flows) + 1)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -64,7 +65,7 @@ def render_svg(topology: Topology) -> str:
         f'<text x="{MARGIN}" y="28" font-size="16" font-weight="bold">'
         f"cogov topology “{escape(topology.name)}”: trust domains, nodes and allowed flows</text>",
     ]
-    for col, domain in enumerate(topology.domains):
+    for col, domain in enumerate(topology.trust_domains):
         x = MARGIN + col * COL_W
         out.append(
             f'<rect x="{x}" y="50" width="{COL_W - 20}" height="{height - 70}" rx="12" '
