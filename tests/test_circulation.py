@@ -32,8 +32,7 @@ from parties.ingest.api import (
 from parties.ingest.authority import governed_visits, publish, visits_digest
 from parties.ingest.circulation import VISITS_TABLE, seal_batch
 from parties.node import open_node
-from parties.runtime.batch_routes import DIGEST_HEADER
-from parties.runtime.batches import digest, table_to_ipc
+from parties.runtime.batch_routes import DIGEST_HEADER, digest, table_to_ipc
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.runtime.routes import Kind

@@ -1,4 +1,4 @@
-"""The contract of a batch stream: its two routes, their models and its refusals.
+"""The contract of a batch stream: its two routes, their models, its refusals, its encoding.
 
 A capability declares each of its streams in its `api.py` with `batch_stream_routes`
 (the path prefix written there); `parties.runtime.batches` mounts the pair on the
@@ -6,8 +6,10 @@ receiver and sends through it. This module loads no web framework, so an `api.py
 can import it.
 """
 
+import hashlib
 from dataclasses import dataclass
 
+import pyarrow as pa
 from pydantic import BaseModel
 
 from parties.runtime.errors import NodeError
@@ -33,6 +35,24 @@ class BatchConflict(NodeError):
     """A batch with this number already arrived with different content."""
 
     http_status = 409
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_to_table(data: bytes) -> pa.Table:
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise MalformedBatch(f"not an Arrow IPC stream: {exc}") from exc
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class BatchReceipt(BaseModel):

@@ -7,7 +7,6 @@ the whole batch or none of it; re-sending a batch it already holds adds
 nothing. The sender asks which batches arrived and sends only the rest.
 """
 
-import hashlib
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from parties.runtime.batch_routes import (
     BatchTooLarge,
     MalformedBatch,
     ReceivedBatches,
+    digest,
+    ipc_to_table,
+    table_to_ipc,
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.mount import mount
@@ -46,24 +48,6 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
 )
-
-
-def table_to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def ipc_to_table(data: bytes) -> pa.Table:
-    try:
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-        raise MalformedBatch(f"not an Arrow IPC stream: {exc}") from exc
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 async def read_limited_body(request: Request, limit: int = MAX_BATCH_BYTES) -> bytes:

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from parties.runtime.batches import ipc_to_table, table_to_ipc
+from parties.runtime.batch_routes import ipc_to_table, table_to_ipc
 from parties.runtime.errors import NodeError
 from parties.runtime.sealing import (
     open_bytes,
