@@ -1,4 +1,8 @@
-"""CrypTen really runs on this torch: a two-party secret-shared computation."""
+"""CrypTen really runs on this torch: a two-party secret-shared computation.
+
+`load_crypten()` also swaps CrypTen's MT19937 generators for AES-CTR streams
+(`mpc.ss.prng`); the plain `crypten.init()` path below runs on them as well.
+"""
 
 import multiprocessing as mp
 
@@ -20,8 +24,10 @@ def _two_party_dot(rank: int, queue: "mp.Queue") -> None:
     y = crypten.cryptensor(torch.tensor([2.0, 4.0, -1.0]), src=1)
     dot = (x * y).sum().get_plain_text()
     less = (x < y).get_plain_text()
+    streams = sorted({type(g).__name__ for gens in crypten.generators.values()
+                      for g in gens.values()})
     crypten.uninit()
-    queue.put((rank, dot.item(), less.tolist()))
+    queue.put((rank, dot.item(), less.tolist(), streams))
 
 
 def test_crypten_imports_with_nn() -> None:
@@ -47,6 +53,7 @@ def test_two_party_crypten_computation(tmp_path) -> None:
     finally:
         del os.environ["RENDEZVOUS"]
     assert [p.exitcode for p in procs] == [0, 0]
-    for _, dot, less in results:
+    for _, dot, less, streams in results:
+        assert streams == ["StreamGenerator"]  # crypten.init seeds AES-CTR streams too
         assert dot == pytest.approx(1.5 * 2.0 - 2.0 * 4.0 - 3.25, abs=1e-2)
         assert less == [1.0, 1.0, 0.0]

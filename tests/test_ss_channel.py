@@ -15,6 +15,7 @@ from mpc.claim import ss_shares
 from mpc.errors import MalformedInput
 from mpc.ss.channel import ChannelError, MtlsChannel
 from mpc.ss.dealer import _Tuples
+from mpc.ss.prng import StreamGenerator, new_seed
 from mpc.ss.wire import FRAME_TENSORS, decode_tensors, encode_tensors
 
 
@@ -139,17 +140,17 @@ def test_share_blobs_are_checked():
 ])
 def test_dealer_refuses_malformed_requests(request_):
     with pytest.raises(MalformedInput):
-        _Tuples([1, 2]).answer(request_)
+        _Tuples([bytes(range(32)), bytes(range(32, 64))]).answer(request_)
 
 
 def test_dealer_triples_are_consistent():
     """The dealer's correction share completes a valid Beaver triple."""
     from crypten.common.rng import generate_random_ring_element
 
-    seeds = [11, 22]
+    seeds = [new_seed(), new_seed()]
     tuples = _Tuples(seeds)
     c0 = tuples.answer({"fn": "additive", "args": [[5], [5], "mul"]})
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [StreamGenerator(s) for s in seeds]
     a = [generate_random_ring_element((5,), generator=g) for g in gens]
     b = [generate_random_ring_element((5,), generator=g) for g in gens]
     c1 = generate_random_ring_element((5,), generator=gens[1])

@@ -7,6 +7,12 @@ is the dealer's loop, reusing CrypTen's own `TTPServer` arithmetic (triples, squ
 binary triples, wraps, B2A bits). The dealer never sees a share of any input: it only
 knows the random tuples it deals.
 
+The generator shared with each party is a `mpc.ss.prng.StreamGenerator` (AES-256-CTR):
+at the start of a session the dealer draws one 32-byte seed per party
+(`secrets.token_bytes`) and sends it as hex (`{"seed": "<64 hex digits>"}`); it is
+never a `torch.Generator`, whose MT19937 output the operator could extrapolate from
+one opening of a product with its own plaintext input.
+
 Requests are JSON (function name from a fixed list, sizes as integer lists); the
 answer is one int64 tensor frame. The dealer serves until rank 0 says `terminate` or
 its connection closes.
@@ -17,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import secrets
 import threading
 
 import torch
@@ -25,6 +30,7 @@ import torch
 from mpc.crypten_compat import load_crypten
 from mpc.errors import MalformedInput
 from mpc.ss.channel import ChannelError, MtlsChannel
+from mpc.ss.prng import StreamGenerator, check_seed, new_seed, seed_from_hex
 from mpc.ss.wire import FRAME_OBJECT, FRAME_TENSORS, decode_tensors, encode_tensors
 
 _FUNCTIONS = {"additive": 3, "square": 1, "binary": 2, "wraps": 1, "B2A": 1}
@@ -41,14 +47,13 @@ class DealerClient:
         self.dealer = dealer
         self.rank = rank
         self.timeout = timeout
-        seed = _recv_json(channel, dealer, timeout)
-        if not isinstance(seed, dict) or not isinstance(seed.get("seed"), int):
+        message = _recv_json(channel, dealer, timeout)
+        if not isinstance(message, dict) or "seed" not in message:
             raise MalformedInput("dealer sent no seed")
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed["seed"])
+        self.generator = StreamGenerator(seed_from_hex(message["seed"]))
         self.requests = 0
 
-    def get_generator(self, device=None) -> torch.Generator:
+    def get_generator(self, device=None) -> StreamGenerator:
         if device is not None and torch.device(device).type != "cpu":
             raise MalformedInput("the dealer serves CPU tensors only")
         return self.generator
@@ -95,16 +100,12 @@ def _size(value) -> torch.Size:
 
 
 class _Tuples:
-    """CrypTen's TTPServer arithmetic, with generators seeded over our channel."""
+    """CrypTen's TTPServer arithmetic on one stream per party (32-byte seeds, in rank order)."""
 
-    def __init__(self, seeds: list[int]) -> None:
+    def __init__(self, seeds: list[bytes]) -> None:
         server = object.__new__(TTPServer)
         server.device = "cpu"
-        server.generators = []
-        for seed in seeds:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(seed)
-            server.generators.append(g)
+        server.generators = [StreamGenerator(check_seed(seed)) for seed in seeds]
         server.generators_cuda = [None] * len(seeds)
         self.server = server
 
@@ -132,9 +133,9 @@ def serve_dealer(
 
     Returns the number of requests served. Run it on its own thread or process.
     """
-    seeds = [secrets.randbits(63) for _ in parties]
+    seeds = [new_seed() for _ in parties]
     for party, seed in zip(parties, seeds, strict=True):
-        channel.send(party, FRAME_OBJECT, _json({"seed": seed}))
+        channel.send(party, FRAME_OBJECT, _json({"seed": seed.hex()}))
     tuples = _Tuples(seeds)
     served = 0
     while stop is None or not stop.is_set():

@@ -11,6 +11,12 @@ same mTLS connections; there is no process group and no per-claim setup. Roles:
 - the dealer (the health authority) runs `DealerSession.serve_forever()` on a thread.
 
 Each computing party returns its own result shares; only the insurer adds the two.
+Every random value of a session comes from an AES-256-CTR stream (`mpc.ss.prng`), never
+from torch's MT19937: opening the session, the two parties swap fresh 32-byte seeds
+over the channel (each sends its "next" seed to the other, who keeps it as "prev";
+"local" stays private; the leader draws "global"), and the dealer sends each party a
+32-byte seed of its own. While a session is installed, CrypTen's samplers refuse any
+draw that does not name one of those streams.
 CrypTen keeps its communicator, generators and provider in module globals, so one
 process hosts at most one computing-party session at a time; evaluations are
 serialized by a lock. A lost connection ends the session (open a new one).
@@ -30,7 +36,7 @@ import torch
 
 from mpc.claim.errors import EngineMismatch
 from mpc.claim.ss_circuit import verdict_shares
-from mpc.crypten_compat import load_crypten
+from mpc.crypten_compat import load_crypten, set_strict_rng, setup_crypto_prng
 from mpc.errors import MalformedInput, MpcError
 from mpc.ss.channel import ChannelError, MtlsChannel
 from mpc.ss.communicator import ChannelCommunicator
@@ -129,11 +135,13 @@ class SsSession:
             "get": comm.get,
             "is_initialized": comm.is_initialized,
             "provider": crypten.cfg.mpc.provider,
+            "generators": {key: dict(g) for key, g in crypten.generators.items()},
         }
         comm.get = lambda: communicator
         comm.is_initialized = lambda: True
         crypten.cfg.mpc.provider = "TTP"  # the dealer: never the trusted *first* party
-        crypten._setup_prng()  # pairwise seeds, exchanged over the channel
+        setup_crypto_prng(communicator)  # 32-byte pairwise/local/global seeds, on the channel
+        set_strict_rng(True)
         self.dealer_client = DealerClient(self.channel, self.dealer, self.rank, self.timeout)
         TTPClient._TTPClient__instance = self.dealer_client
         self.communicator = communicator
@@ -148,6 +156,10 @@ class SsSession:
         comm.get = self._saved["get"]
         comm.is_initialized = self._saved["is_initialized"]
         crypten.cfg.mpc.provider = self._saved["provider"]
+        for key, saved in self._saved["generators"].items():
+            crypten.generators[key].clear()
+            crypten.generators[key].update(saved)
+        set_strict_rng(False)
         TTPClient._TTPClient__instance = None
         self._saved = None
 
