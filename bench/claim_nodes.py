@@ -2,7 +2,7 @@
 
 Real node processes (all eight of the Suzhou topology, mutual TLS on loopback) with
 generated data ingested through the circulation chain; the insurer uses
-`parties.insurer.Client`. Measured in one run, for each mode:
+`parties.claims.client.Client`. Measured in one run, for each mode:
 
 * single-claim latency p50/p99, end to end at the insurer: `cold` = the claimant's
   domain token is fetched through the blinded OPRF chain for the query (insurer ->
@@ -42,8 +42,8 @@ import pandas as pd
 from governance.consent import Consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from parties.admin.cli import login_with_saved_secret, secret_file
-from parties.claim_cli import consumer_keys, issue_consents
-from parties.insurer import Client
+from parties.claims.cli import consumer_keys, issue_consents
+from parties.claims.client import Client
 from parties.runtime import pki, supervisor
 from parties.runtime.client import NodeClient
 from parties.runtime.node_log import read_log

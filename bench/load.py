@@ -2,7 +2,7 @@
 
 Real node processes (all eight of the Suzhou topology, mutual TLS on loopback), data
 ingested through the circulation chain (the setup of `bench.claim_nodes`). Each client
-is its own `parties.insurer.Client` (its own mTLS connection as insurer-a) in its own
+is its own `parties.claims.client.Client` (its own mTLS connection as insurer-a) in its own
 thread, checking one claim per request in `ss` mode with a fresh request id, back to
 back, until the deadline; then every client stops by itself.
 

@@ -6,7 +6,7 @@ from bench.cli import bench_app
 from federated.cli import app as fl_app
 from parties.admin.cli import register as register_admin
 from parties.agreements_cli import register as register_agreements
-from parties.claim_cli import claim_app
+from parties.claims.cli import claim_app
 from parties.federation_cli import register as register_parties
 from parties.govern_cli import register as register_govern
 from parties.ledger_cli import register as register_ledger

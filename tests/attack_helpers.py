@@ -240,7 +240,7 @@ class ClaimWorld:
             not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=30))
 
     def client(self, insurer: str = "insurer-a"):
-        from parties.insurer import Client
+        from parties.claims.client import Client
 
         return Client(insurer, state=self.fed.state, topology=self.fed.topology,
                       policies=self.policies, timeout=300)

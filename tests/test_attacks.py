@@ -30,7 +30,7 @@ from governance.packages import (
     verify_approval,
 )
 from mpc import xid
-from parties.insurer import ClaimBatchFailed
+from parties.claims.client import ClaimBatchFailed
 from parties.node import open_node
 from parties.runtime import pki
 from parties.runtime.client import NodeClient
@@ -169,8 +169,8 @@ def test_concurrent_quota_reservations_at_the_regulator_do_not_collide(world):
     same path, less reliably)."""
     import threading
 
+    from parties.claims.service import RECORD_COLUMNS, VERDICT_OUTPUTS
     from parties.services.agreements import contract_book
-    from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
 
     regulator = open_node(world.fed.state, world.fed.topology, "regulator")
     failures: list[str] = []

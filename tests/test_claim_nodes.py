@@ -30,15 +30,15 @@ from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
 from mpc.claim import ss_shares
 from mpc.claim.plain import VERDICT_COLUMNS
-from parties.claim_cli import consumer_keys, issue_consents
-from parties.insurer import ClaimBatchFailed, Client
+from parties.claims.cli import consumer_keys, issue_consents
+from parties.claims.client import ClaimBatchFailed, Client
+from parties.claims.service import ANSWER_PURPOSE, ClaimCheckResponse
 from parties.runtime import supervisor
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
 from parties.runtime.pki import load_signing_key
 from parties.runtime.sealing import open_sealed
-from parties.services.claims import ANSWER_PURPOSE, ClaimCheckResponse
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 

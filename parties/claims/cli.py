@@ -28,11 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from governance.consent import Consent, issue_consent
 from governance.ledger.signing import private_key_from_hex
-from parties.insurer import Client, verdicts_to_csv
+from parties.claims.client import Client, verdicts_to_csv
+from parties.claims.service import RECORD_COLUMNS, VERDICT_OUTPUTS
 from parties.runtime.cli import StateOption, TopologyOption, resolve_topology
 from parties.runtime.errors import NodeError
 from parties.runtime.state import StateDir, default_state_dir
-from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
 
 console = Console()
 claim_app = typer.Typer(help="The fast-claim check, as an insurer.", no_args_is_help=True)

@@ -37,14 +37,7 @@ from cryptography import x509
 from governance.consent import Consent, subject_commitment
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, finish_verdicts
 from mpc.claim.plain import VERDICT_COLUMNS
-from parties.runtime.client import NodeClient
-from parties.runtime.errors import NodeError, RemoteError
-from parties.runtime.node_log import current_request_id
-from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
-from parties.runtime.sealing import open_sealed, seal, sealing_public_key
-from parties.runtime.state import StateDir, default_state_dir
-from parties.runtime.topology import Role, Topology, load_topology
-from parties.services.claims import (
+from parties.claims.service import (
     ANSWER_PURPOSE,
     DEFAULT_K,
     ENVELOPE_PURPOSE,
@@ -56,6 +49,13 @@ from parties.services.claims import (
     HeContextRegistered,
     OperatorCertificate,
 )
+from parties.runtime.client import NodeClient
+from parties.runtime.errors import NodeError, RemoteError
+from parties.runtime.node_log import current_request_id
+from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.runtime.sealing import open_sealed, seal, sealing_public_key
+from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Role, Topology, load_topology
 
 DEFAULT_BATCH = 2000
 CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",

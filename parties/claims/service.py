@@ -10,7 +10,7 @@ and about the person the insurer names (the insurer presents the commitment
 `subject_commitment(national_id, consent_id, nonce)`). Only then does it ask the
 operator to compute (kind `product`); the operator checks, per claim, that the
 consent's key is the key the health authority delivered for the person behind the
-queried domain token (`parties.services.claim_compute`).
+queried domain token (`parties.claims.compute`).
 
 What travels where (per mode; see `claim_compute` for the computing side):
 
@@ -482,7 +482,7 @@ def _remote_refusal(exc: RemoteError) -> Exception:
         for cls in (UnknownToken, ModeNotAllowed, MalformedInput):
             _REMOTE_REFUSALS[cls.__name__] = cls
         from mpc.claim.errors import EngineMismatch, TooManyCandidates
-        from parties.services.claim_compute import UnknownHeContext
+        from parties.claims.compute import UnknownHeContext
 
         for cls in (TooManyCandidates, EngineMismatch, UnknownHeContext):
             _REMOTE_REFUSALS[cls.__name__] = cls
@@ -518,7 +518,7 @@ def compute_at_operator(
 
 def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
     """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
-    from parties.services.claim_compute import follower_host
+    from parties.claims.compute import follower_host
 
     rid = current_request_id.get() or ""
     book = request_book(ctx)

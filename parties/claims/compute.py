@@ -48,16 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 from governance.consent import Consent, ConsentMismatch
 from mpc.errors import MalformedInput, MpcError
-from parties.runtime.access import Caller, CallerPolicy
-from parties.runtime.batches import read_limited_body
-from parties.runtime.context import NodeContext
-from parties.runtime.errors import RemoteError
-from parties.runtime.node_log import current_request_id
-from parties.runtime.sealing import open_sealed, seal, sealing_private_key
-from parties.runtime.service import Service
-from parties.runtime.tls import client_context, server_context
-from parties.runtime.topology import Role
-from parties.services.claims import (
+from parties.claims.service import (
     ANSWER_PURPOSE,
     ENVELOPE_PURPOSE,
     SCENARIO,
@@ -70,6 +61,15 @@ from parties.services.claims import (
     node_client,
     unframe,
 )
+from parties.runtime.access import Caller, CallerPolicy
+from parties.runtime.batches import read_limited_body
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
+from parties.runtime.node_log import current_request_id
+from parties.runtime.sealing import open_sealed, seal, sealing_private_key
+from parties.runtime.service import Service
+from parties.runtime.tls import client_context, server_context
+from parties.runtime.topology import Role
 
 MAX_BODY = 512 * 1024 * 1024
 SESSION_OPEN_TIMEOUT_S = 15.0
