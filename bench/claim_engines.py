@@ -40,12 +40,12 @@ from mpc.claim import (
     share_visit_rows,
 )
 from mpc.claim.candidates import CandidateIndex
+from mpc.claim.constants import DEFAULT_K
 from mpc.claim.synthetic import make_dataset
 from mpc.he import HePublicContext
 from mpc.ss.loopback import LoopbackCluster
 
 RESULTS = Path(__file__).parent / "results" / "latest"
-K = 4
 
 
 def _keys(frame, id_col="national_id"):
@@ -72,16 +72,16 @@ class Engines:
         self.data = data
         self.rows = encode_visit_rows(data.visits)
         self.index = CandidateIndex(_keys(data.visits))
-        self.plain = InsurerClaims("plain", K)
-        self.he = InsurerClaims("he", K)
+        self.plain = InsurerClaims("plain", DEFAULT_K)
+        self.he = InsurerClaims("he", DEFAULT_K)
         self.he_server = HePublicContext.from_bytes(self.he.public_context())
-        self.ss = InsurerClaims("ss", K)
+        self.ss = InsurerClaims("ss", DEFAULT_K)
         self.cluster = LoopbackCluster(share_visit_rows(data.visits))
         self.batch = 0
         self.last_ss_engine_seconds = 0.0
 
     def slots(self, claims):
-        return self.index.plan(_keys(claims), K)
+        return self.index.plan(_keys(claims), DEFAULT_K)
 
     def run_plain(self, claims):
         query = self.plain.encode_claims(claims)
@@ -127,7 +127,7 @@ def measure(quick: bool = False) -> dict:
     batch_repeats = 2 if quick else 3
     data = make_dataset(n_claims=max(sizes), seed=3)
     engines = Engines(data)
-    out: dict = {"k": K, "single_claim": {}, "batches": {}, "cores": os.cpu_count()}
+    out: dict = {"k": DEFAULT_K, "single_claim": {}, "batches": {}, "cores": os.cpu_count()}
     try:
         claims = data.claims
         runs = {"plain": engines.run_plain, "he": engines.run_he, "ss": engines.run_ss}

@@ -2,7 +2,7 @@
 
 Real node processes (all eight of the Suzhou topology, mutual TLS on loopback) with
 generated data ingested through the circulation chain; the insurer uses
-`parties.insurer.Client`. Measured in one run, for each mode:
+`parties.claims.client.Client`. Measured in one run, for each mode:
 
 * single-claim latency p50/p99, end to end at the insurer: `cold` = the claimant's
   domain token is fetched through the blinded OPRF chain for the query (insurer ->
@@ -41,10 +41,12 @@ import pandas as pd
 
 from governance.consent import Consent
 from governance.contracts import load_contract, parse_contract, sign_contract
+from mpc.claim.constants import DEFAULT_K, MODES
+from parties.admin.api import ENROLL
 from parties.admin.cli import login_with_saved_secret, secret_file
 from parties.agreements.api import REGISTER_CONTRACT
-from parties.claim_cli import consumer_keys, issue_consents
-from parties.insurer import Client
+from parties.claims.cli import consumer_keys, issue_consents
+from parties.claims.client import Client
 from parties.runtime import pki, supervisor
 from parties.runtime.client import NodeClient
 from parties.runtime.node_log import read_log
@@ -56,7 +58,7 @@ RESULTS = Path(__file__).parent / "results" / "latest"
 SUZHOU = REPO / "topologies" / "suzhou.toml"
 CONTRACT = REPO / "scenarios" / "claim_check" / "contracts" / "claim-check-insurer-a.toml"
 INSURER = "insurer-a"
-MODES = ("plain", "he", "ss")
+# The agreements capability's contract route, not declared as a `Route` yet.
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -128,8 +130,8 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
     if bad:
         raise RuntimeError(f"nodes failed to start: {bad}")
     with NodeClient(state, topology, "operator") as client:
-        body = client.post("operator", "/v1/admin/second-factor", kind="admin").json()
-    write_private(secret_file(state, "operator"), body["secret"].encode())
+        enrollment = client.call("operator", ENROLL)
+    write_private(secret_file(state, "operator"), enrollment.secret.encode())
     login_with_saved_secret(state, topology, "operator")
     seconds["federation_up"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -272,7 +274,7 @@ def run(quick: bool = False) -> dict:
                     b["insurer_bytes"] / batches[str(n)]["plain"]["insurer_bytes"], 1)
         per_consent = setup.seconds["commitments"] / max(1, len(setup.consents))
         result = {
-            "k": 4,
+            "k": DEFAULT_K,
             "cores": os.cpu_count(),
             "load_average": round(os.getloadavg()[0], 1),
             "data": {"patients": patients, "claims_of_insurer": len(setup.claims),

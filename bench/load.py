@@ -2,15 +2,16 @@
 
 Real node processes (all eight of the Suzhou topology, mutual TLS on loopback), data
 ingested through the circulation chain (the setup of `bench.claim_nodes`). Each client
-is its own `parties.insurer.Client` (its own mTLS connection as insurer-a) in its own
+is its own `parties.claims.client.Client` (its own mTLS connection as insurer-a) in its own
 thread, checking one claim per request in `ss` mode with a fresh request id, back to
 back, until the deadline; then every client stops by itself.
 
-The peer measured in the same run is `/v1/ping` at the regulator through the same
-mTLS stack with the same number of clients: the runtime's floor, so the product's
+The peer measured in the same run is the runtime's ping route at the regulator through the
+same mTLS stack with the same number of clients: the runtime's floor, so the product's
 cost shows as a ratio. Reported per phase: requests, errors (zero expected; each
-kind counted), latency p50/p99 and throughput. Bounded: `clients` x `seconds`, each
-request with a client timeout; the run ends even if a node stalls.
+kind counted), latency p50/p99 and throughput; and the machine's load average before and
+after the run. Bounded: `clients` x `seconds`, each request with a client timeout; the run
+ends even if a node stalls.
 
 Run: `python -m bench.load [--quick]`; writes bench/results/latest/load.json and .md.
 Full: 200 clients, 60 s on the product (20 s on ping); quick: 20 clients, 10 s (5 s).
@@ -19,6 +20,7 @@ Full: 200 clients, 60 s on the product (20 s on ping); quick: 20 clients, 10 s (
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +30,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from parties.claims.api import CHECK
 from parties.runtime import supervisor
+from parties.runtime.api import PING
 from parties.runtime.client import NodeClient
 from parties.runtime.state import StateDir
 from parties.runtime.topology import load_topology
@@ -131,7 +135,7 @@ def _ping_phase(setup, clients: int, seconds: float) -> dict:
         return NodeClient(setup.state, topology, "insurer-a", timeout=REQUEST_TIMEOUT_S)
 
     def step(client: NodeClient, k: int, i: int) -> None:
-        client.get("regulator", "/v1/ping", kind="ping")
+        client.call("regulator", PING)
 
     return _drive(clients, seconds, make, step, lambda c: c.close())
 
@@ -192,6 +196,7 @@ def run(quick: bool = False) -> dict:
     clients = 20 if quick else 200
     product_s = 10.0 if quick else 60.0
     ping_s = 5.0 if quick else 20.0
+    load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="cogov-bench-load-"))
     setup = None
     try:
@@ -214,12 +219,13 @@ def run(quick: bool = False) -> dict:
             product["kept_state"] = str(root)  # node logs to explain the errors
         else:
             shutil.rmtree(root, ignore_errors=True)
+    load_after = os.getloadavg()[0]
     result = {
         "benchmark": "load",
         "quick": quick,
-        "target": f"POST /v1/claims/check at the regulator ({MODE} mode, one claim per "
+        "target": f"{CHECK.method} {CHECK.path} at the regulator ({MODE} mode, one claim per "
                   "request), all eight nodes on loopback over mutual TLS",
-        "peer": "GET /v1/ping at the regulator, same clients, same mTLS stack",
+        "peer": f"{PING.method} {PING.path} at the regulator, same clients, same mTLS stack",
         "product": product,
         "ping": ping,
         "ratios": {
@@ -227,7 +233,8 @@ def run(quick: bool = False) -> dict:
             "throughput_ping_over_product": _ratio(ping["throughput_per_s"],
                                                    product["throughput_per_s"]),
         },
-        "machine_note": "2 shared cores; other engineers' jobs ran at the same time",
+        "machine_note": f"load average (1 min) {load_before:.2f} before the run, "
+                        f"{load_after:.2f} after",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=2))
@@ -252,7 +259,8 @@ def _markdown(r: dict) -> str:
                      f"{p['errors']} | {p['p50_ms']} | {p['p99_ms']} | "
                      f"{p['throughput_per_s']} |")
     lines += ["", f"Ratios: {json.dumps(r['ratios'])}",
-              f"Metering: {json.dumps(r['product'].get('metering'))}", ""]
+              f"Metering: {json.dumps(r['product'].get('metering'))}",
+              f"Machine: {r['machine_note']}.", ""]
     return "\n".join(lines)
 
 

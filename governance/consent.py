@@ -43,6 +43,7 @@ from governance.ledger.signing import (
 )
 from governance.ledger.transactions import write_transaction
 from governance.migrations import apply_migrations
+from mpc.claim.constants import CLAIM_SCENARIO
 
 if TYPE_CHECKING:
     import sqlite3  # annotations only: the caller opens the connection
@@ -177,7 +178,7 @@ class ConsentTerms(BaseModel):
     subject: SubjectBinding
     insurer: _Node
     purpose: _Code
-    scenario: _Code = "claim_check"
+    scenario: _Code = CLAIM_SCENARIO
     scope: DataScope
     not_before: AwareDatetime
     not_after: AwareDatetime
@@ -252,7 +253,7 @@ def issue_consent(
     outputs: Collection[str],
     not_before: datetime,
     not_after: datetime,
-    scenario: str = "claim_check",
+    scenario: str = CLAIM_SCENARIO,
     consent_id: str | None = None,
 ) -> Consent:
     """What the consumer's app does: build and sign a consent for one insurer."""

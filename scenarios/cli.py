@@ -6,7 +6,7 @@ from bench.cli import bench_app
 from federated.cli import app as fl_app
 from parties.admin.cli import register as register_admin
 from parties.agreements.cli import register as register_agreements
-from parties.claim_cli import claim_app
+from parties.claims.cli import claim_app
 from parties.domains.cli import govern_commands as domain_govern_commands
 from parties.domains.cli import register as register_domains
 from parties.federation_cli import register as register_parties

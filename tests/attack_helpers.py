@@ -147,8 +147,6 @@ def closed_by_peer(sock: socket.socket, within: float) -> float | None:
 CONTRACTS = Path(__file__).resolve().parents[1] / "scenarios" / "claim_check" / "contracts"
 ALL_NODES = ["hospital-1", "hospital-2", "hospital-3", "health-authority", "operator",
              "regulator", "insurer-a", "insurer-b"]
-CLAIM_COLUMNS = ("admission_date", "diagnosis_code", "self_pay_fen")
-CLAIM_OUTPUTS = ("visit_found", "amount_consistent", "diagnosis_covered", "payable")
 
 
 class ClaimWorld:
@@ -230,17 +228,18 @@ class ClaimWorld:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from governance.consent import issue_consent
+        from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
 
         key = Ed25519PrivateKey.from_private_bytes(
             bytes.fromhex(self.keys[key_of or national_id]))
         now = datetime.now(UTC)
         return issue_consent(
             key, national_id, insurer=insurer, purpose="claim_settlement",
-            columns=CLAIM_COLUMNS, outputs=CLAIM_OUTPUTS,
+            columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS,
             not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=30))
 
     def client(self, insurer: str = "insurer-a"):
-        from parties.insurer import Client
+        from parties.claims.client import Client
 
         return Client(insurer, state=self.fed.state, topology=self.fed.topology,
                       policies=self.policies, timeout=300)

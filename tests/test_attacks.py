@@ -32,9 +32,10 @@ from governance.packages import (
 from mpc import xid
 from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
 from parties.agreements.books import contract_book
+from parties.claims.api import CHECK, COMPUTE
+from parties.claims.client import ClaimBatchFailed
 from parties.domains.api import DOMAIN_TOKENS, EVALUATE, RelayRequest
 from parties.domains.service import RATE_ENV
-from parties.insurer import ClaimBatchFailed
 from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
@@ -113,11 +114,11 @@ def test_replayed_request_gets_the_same_answer_and_a_reused_id_is_refused(world)
         tampered = prepared.body.replace(b'"k":4', b'"k":3')
         assert tampered != prepared.body
         with pytest.raises(RemoteError) as reused:
-            client._http.post("regulator", "/v1/claims/check", kind="claim", content=tampered,
-                              headers={"Content-Type": "application/json",
-                                       REQUEST_ID_HEADER: rid})
+            client._http.request("regulator", CHECK.method, CHECK.path, kind=CHECK.kind,
+                                 content=tampered, headers={"Content-Type": "application/json",
+                                                            REQUEST_ID_HEADER: rid})
     assert reused.value.http_status == 409 and reused.value.error == "RequestIdReused"
-    assert (rid, "/v1/claims/check", "RequestIdReused") in [
+    assert (rid, CHECK.path, "RequestIdReused") in [
         r[:3] for r in refusal_rows(world.fed, "regulator")]
     assert any(e["request_id"] == rid and e["error"] == "RequestIdReused"
                for e in events(world.fed, "regulator", "refused"))
@@ -153,7 +154,7 @@ def test_replayed_revoked_consent_is_refused_and_logged(world):
             client.check(claim, {nid: consent}, MODE)
     assert refused.value.http_status == 403 and refused.value.error == "ConsentRevoked"
     assert wait_for(lambda: _refused_entries(world, "ConsentRevoked"))
-    assert ("/v1/claims/check", "ConsentRevoked") in [
+    assert (CHECK.path, "ConsentRevoked") in [
         r[1:3] for r in refusal_rows(world.fed, "regulator")]
 
 
@@ -173,7 +174,7 @@ def test_concurrent_quota_reservations_at_the_regulator_do_not_collide(world):
     same path, less reliably)."""
     import threading
 
-    from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
+    from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
 
     regulator = open_node(world.fed.state, world.fed.topology, "regulator")
     failures: list[str] = []
@@ -229,7 +230,7 @@ def test_consent_naming_a_person_but_signed_by_another_is_refused_by_the_operato
     assert refused.value.error == "ConsentMismatch"
     assert "person behind the token" in refused.value.detail
     assert wait_for(lambda: len(_refused_entries(world, "ConsentMismatch")) > before)
-    assert ("/v1/claims/compute", "ConsentMismatch") in [
+    assert (COMPUTE.path, "ConsentMismatch") in [
         r[1:3] for r in refusal_rows(world.fed, "operator")]
 
 
@@ -272,7 +273,7 @@ def test_insurer_b_presenting_insurer_a_domain_tokens_is_refused(world):
     assert refused.value.error == "UnknownToken" and refused.value.http_status == 403
     assert wait_for(lambda: [p for p in _refused_entries(world, "UnknownToken")
                              if p.get("party") == "insurer-b"])
-    assert ("/v1/claims/compute", "UnknownToken") in [
+    assert (COMPUTE.path, "UnknownToken") in [
         r[1:3] for r in refusal_rows(world.fed, "operator")]
 
 

@@ -1,4 +1,4 @@
-"""The fast-claim check through real node processes (issue 5).
+"""The fast-claim check through real node processes.
 
 One module-scoped federation of all eight nodes: the generated data goes hospitals ->
 health authority -> operator (`cogov govern ingest`), the insurers' contracts are
@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,18 +31,27 @@ from governance.contracts import load_contract, parse_contract, sign_contract
 from governance.ledger import decode_leaf
 from governance.ledger.signing import private_key_from_hex
 from mpc.claim import ss_shares
-from mpc.claim.plain import VERDICT_COLUMNS
+from mpc.claim.constants import VERDICT_COLUMNS
+from mpc.errors import MalformedInput
 from parties.agreements.api import REGISTER_CONTRACT, REVOKE_CONSENT
-from parties.claim_cli import consumer_keys, issue_consents
+from parties.claims.api import (
+    ANSWER_PURPOSE,
+    CHECK,
+    COMPUTE,
+    ClaimCheckResponse,
+    HospitalNotInTopology,
+)
+from parties.claims.cli import consumer_keys, issue_consents
+from parties.claims.client import ClaimBatchFailed, Client
 from parties.domains.api import LEVEL1_STEP, LIST_DOMAINS
-from parties.insurer import ClaimBatchFailed, Client
 from parties.runtime import supervisor
+from parties.runtime.cli import ExitCode
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
 from parties.runtime.pki import load_signing_key
+from parties.runtime.routes import Kind
 from parties.runtime.sealing import open_sealed
-from parties.services.claims import ANSWER_PURPOSE, ClaimCheckResponse
 from scenarios.claim_check.generator import generate
 from tests.federation import Federation
 
@@ -192,6 +203,21 @@ def _as_truth(frame: pd.DataFrame) -> pd.DataFrame:
 # -- correctness -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("module, banned", [
+    ("parties.claims.client", ("fastapi", "starlette", "uvicorn", "parties.services",
+                               "parties.claims.service", "parties.claims.compute",
+                               "parties.claims.sessions", "parties.insurer_oprf")),
+    ("parties.claims.api", ("fastapi", "starlette", "uvicorn", "sqlite3")),
+])
+def test_the_insurer_side_loads_no_server(module, banned):
+    """The SDK and the contract import in a fresh interpreter without a web server."""
+    probe = (f"import sys, {module}; print(sorted({{m for m in sys.modules "
+             f"if m.split('.')[0] in {banned!r} or m.startswith({banned!r})}}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_three_modes_agree_with_each_other_and_the_ground_truth(cf, verdicts):
     assert len(cf.claims) >= 500
     assert set(cf.truth["kind"]) >= {"true", "inflated", "fabricated", "uncovered",
@@ -290,8 +316,8 @@ def test_check_one_explicit_claim(cf):
 
 def test_openapi_describes_the_product_with_typed_models(cf):
     with cf.node_client("insurer-a") as client:
-        doc = client.get("regulator", "/openapi.json", kind="claim").json()
-    op = doc["paths"]["/v1/claims/check"]["post"]
+        doc = client.request("regulator", "GET", "/openapi.json", kind=Kind.CLAIM).json()
+    op = doc["paths"][CHECK.path]["post"]
     ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     response = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(response["properties"]) == {"request_id", "mode", "claim_ids",
@@ -307,8 +333,8 @@ def test_response_holds_only_verdict_material(cf):
     part = cf.part("insurer-a").head(20)
     for mode in ("ss", "he"):
         prepared = client.prepare(part, cf.consents["insurer-a"], mode, f"schema-{mode}")
-        response = client._http.post(
-            "regulator", "/v1/claims/check", kind="claim", content=prepared.body,
+        response = client._http.request(
+            "regulator", CHECK.method, CHECK.path, kind=CHECK.kind, content=prepared.body,
             headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
         body = response.json()
         ClaimCheckResponse.model_validate(body)  # extra fields are forbidden
@@ -486,13 +512,120 @@ def test_consent_of_another_person_is_refused_at_the_operator(cf):
     _assert_logged_refusal(cf, "refuse-person-operator", "ConsentMismatch")
 
 
+# -- malformed claims: refused before anything is sent, computed or billed ---------------
+
+MALFORMED = [
+    ("diagnosis_code", "E119"),  # undotted
+    ("claimed_fen", "-500"),
+    ("visit_date", "04/28/2025"),
+    ("visit_date", "28/04/2025"),
+    ("visit_date", "20250428"),
+    ("visit_date", "2025-04-28T23:00"),
+]
+
+
+def _calls_from(cf: ClaimFed, insurer: str) -> int:
+    """Requests the regulator has served to `insurer` so far (any route)."""
+    return len([e for e in read_log(cf.fed.state.node("regulator").log)
+                if e["event"] == "request" and e.get("caller") == insurer])
+
+
+def _claim_check_cli(cf: ClaimFed, tmp_path: Path, monkeypatch, claims: pd.DataFrame
+                     ) -> tuple[int, str]:
+    """`cogov claim check` of `claims` as insurer-a, its consents given in a file."""
+    from parties.runtime.cli import console
+    from scenarios.cli import app
+
+    monkeypatch.setattr(console, "width", 1000)  # an error line is not wrapped at 80
+    path, consents = tmp_path / "claims.csv", tmp_path / "consents.jsonl"
+    claims.to_csv(path, index=False)
+    consents.write_text("".join(
+        json.dumps({"national_id": n, "consent": c.model_dump(mode="json")}) + "\n"
+        for n, c in cf.consents["insurer-a"].items()))
+    result = CliRunner().invoke(app, [
+        "claim", "check", "--insurer", "insurer-a", "--claims", str(path),
+        "--out", str(tmp_path / "verdicts.csv"), "--consents", str(consents),
+        "--data", str(cf.data), "--contract", "test-insurer-a",
+        "--state", str(cf.fed.state.root), "--topology", str(cf.fed.topology_path)])
+    return result.exit_code, result.output
+
+
+def _assert_one_line_refusal(code: int, output: str, error: str, *words: str) -> None:
+    lines = output.strip().splitlines()
+    assert code == ExitCode.BAD_INPUT, output
+    assert len(lines) == 1 and "Traceback" not in output, output
+    assert lines[0].startswith(f"{error}: "), output
+    for word in words:
+        assert word in lines[0], (word, output)
+
+
+@pytest.mark.parametrize("field, value", MALFORMED)
+def test_cli_refuses_a_malformed_claim_in_one_line_before_sending(cf, tmp_path, monkeypatch,
+                                                                 field, value):
+    claims = cf.part("insurer-a").head(5).astype({field: object})
+    claims.loc[2, field] = value
+    before = _calls_from(cf, "insurer-a")
+    code, output = _claim_check_cli(cf, tmp_path, monkeypatch, claims)
+    _assert_one_line_refusal(code, output, "MalformedInput", field, claims.loc[2, "claim_id"],
+                             value)
+    assert _calls_from(cf, "insurer-a") == before  # no consent, token or claim was sent
+    assert not (tmp_path / "verdicts.csv").exists()
+
+
+def test_client_refuses_a_date_that_is_not_iso_before_sending(cf):
+    claim = cf.part("insurer-b").iloc[0]
+    before = _calls_from(cf, "insurer-b")
+    for date in ("04/28/2025", "28/04/2025", "20250428", "2025-04-28T23:00"):
+        with pytest.raises(MalformedInput, match="visit_date") as refused:
+            cf.clients["insurer-b"].check_one(
+                national_id=claim.national_id, hospital_id=claim.hospital_id, visit_date=date,
+                claimed_fen=int(claim.claimed_fen), diagnosis_code=claim.diagnosis_code,
+                consent=cf.consents["insurer-b"][claim.national_id], claim_id="C-date")
+        assert "claim C-date" in str(refused.value)
+    assert _calls_from(cf, "insurer-b") == before
+
+
+def test_cli_refuses_a_hospital_not_in_the_topology(cf, tmp_path, monkeypatch):
+    claims = cf.part("insurer-a").head(5).copy()
+    claims.loc[1, "hospital_id"] = "hospital-9"
+    before = _calls_from(cf, "insurer-a")
+    code, output = _claim_check_cli(cf, tmp_path, monkeypatch, claims)
+    _assert_one_line_refusal(code, output, "HospitalNotInTopology", "hospital-9",
+                             claims.loc[1, "claim_id"])
+    assert _calls_from(cf, "insurer-a") == before
+
+
+def test_client_refuses_a_hospital_not_in_the_topology(cf):
+    claims = cf.part("insurer-a").head(3).copy()
+    claims.loc[0, "hospital_id"] = "hospital-9"
+    before = _calls_from(cf, "insurer-a")
+    with pytest.raises(HospitalNotInTopology, match="hospital-9"):
+        cf.clients["insurer-a"].check(claims, cf.consents["insurer-a"], "ss")
+    assert _calls_from(cf, "insurer-a") == before
+
+
+def test_hospital_not_in_the_topology_sent_raw_is_refused_by_the_operator(cf):
+    """A client that skips the SDK's check: the operator, who alone sees the hospitals,
+    refuses the batch before reading a row; the regulator logs it and bills nothing."""
+    claims = cf.part("insurer-a").head(2).copy()
+    claims.loc[1, "hospital_id"] = "hospital-9"
+    error = _refused(cf, cf.clients["insurer-a"], claims, cf.consents["insurer-a"], "ss",
+                     "refuse-hospital")
+    assert isinstance(error, HospitalNotInTopology)
+    assert error.error == "HospitalNotInTopology" and error.http_status == 422
+    assert "claim 1" in error.detail and "hospital-9" in error.detail
+    assert cf.log("operator", "refused", "refuse-hospital")
+    assert not cf.log("operator", "claims_compute_started", "refuse-hospital")
+    _assert_logged_refusal(cf, "refuse-hospital", "HospitalNotInTopology")
+
+
 def test_insurer_calling_the_operator_directly_is_refused(cf):
     with cf.node_client("insurer-a") as client:
         with pytest.raises(FlowNotAllowed):
-            client.post("operator", "/v1/claims/compute", kind="product", content=b"x")
+            client.call("operator", COMPUTE, content=b"x")
         with pytest.raises(RemoteError) as refused:
-            client.post("operator", "/v1/claims/compute", kind="product", content=b"x",
-                        check_flow=False, headers={"X-Request-ID": "refuse-flow"})
+            client.request("operator", COMPUTE.method, COMPUTE.path, kind=COMPUTE.kind,
+                           content=b"x", check_flow=False, headers={"X-Request-ID": "refuse-flow"})
     assert refused.value.error == "FlowNotAllowed" and refused.value.http_status == 403
     assert _wait(lambda: cf.log("operator", "refused", "refuse-flow"))
     assert not cf.log("operator", "claims_computed", "refuse-flow")

@@ -85,7 +85,7 @@ def test_phones_are_real_mobile_numbers(generated: Path) -> None:
 
 
 def _oracle(claims: pd.DataFrame, visits: pd.DataFrame, policies: pd.DataFrame) -> pd.DataFrame:
-    """The verdict of /tmp/model.md, written again from the files alone."""
+    """The verdict of `docs/verdict.md`, written again from the files alone."""
     policy = policies.set_index("national_id")
     rows = []
     for c in claims.itertuples():

@@ -20,6 +20,12 @@ from hypothesis import strategies as st
 
 from mpc.hazmat.group import is_valid_point
 from parties.agreements.api import REGISTER_CONSENT
+from parties.claims.api import (
+    COMPUTE,
+    REGISTER_HE_CONTEXT,
+    SHARE_TABLE,
+    SHARE_TABLE_DOMAIN_HEADER,
+)
 from parties.domains.api import CREATE_DOMAIN, DOMAIN_TOKENS, LEVEL1_STEP, SharedDomainRequest
 from parties.ingest.api import EXPORT_BATCHES
 from parties.ledger.api import APPEND_ENTRIES
@@ -262,7 +268,7 @@ COMPUTE_HEAD = {"contract_id": "c-1", "insurer": "insurer-a", "mode": "ss", "k":
 ))
 def test_malformed_claim_ciphertexts_are_refused_by_the_operator(fed, body):
     with _unchanged(fed, "operator"):
-        response = fed.callers.request("regulator", "operator", "POST", "/v1/claims/compute",
+        response = fed.callers.request("regulator", "operator", COMPUTE.method, COMPUTE.path,
                                        content=body,
                                        headers={"Content-Type": "application/octet-stream"})
         _typed(response, "MalformedInput", "ValueError")
@@ -274,7 +280,7 @@ def test_malformed_claim_ciphertexts_are_refused_by_the_operator(fed, body):
 def test_malformed_he_contexts_are_refused(fed, context):
     with _unchanged(fed, "operator"):
         response = fed.callers.request(
-            "insurer-a", "regulator", "POST", "/v1/claims/he-contexts",
+            "insurer-a", "regulator", REGISTER_HE_CONTEXT.method, REGISTER_HE_CONTEXT.path,
             json={"context": base64.b64encode(context).decode()})
         _typed(response, "MalformedInput")
 
@@ -300,9 +306,9 @@ share_blobs = st.one_of(
 def test_malformed_share_tables_are_refused(fed, blob):
     from mpc.claim import ss_shares
 
-    response = fed.callers.request("operator", "regulator", "PUT",
-                                   "/v1/claims/share-tables/fuzz1", content=blob,
-                                   headers={"X-Cogov-Domain": "d-fuzz"})
+    response = fed.callers.request("operator", "regulator", SHARE_TABLE.method,
+                                   SHARE_TABLE.url(table_id="fuzz1"), content=blob,
+                                   headers={SHARE_TABLE_DOMAIN_HEADER: "d-fuzz"})
     if response.status_code == 200:  # a well-formed int64 [rows, 3] table is kept, by design
         table = ss_shares.unpack(blob, ss_shares.KIND_ROWS)
         assert table.ndim == 2 and table.shape[1] == 3

@@ -27,17 +27,16 @@ import pandas as pd
 
 from mpc.claim import ss_shares
 from mpc.claim.candidates import (
-    DEFAULT_K,
     CandidateIndex,
     CandidateSlots,
     gather_rows,
     plan_candidate_slots,
 )
+from mpc.claim.constants import DEFAULT_K, MODES, VERDICT_COLUMNS
 from mpc.claim.encoding import EncodedClaims, encode_claims, encode_visit_rows
 from mpc.claim.errors import EngineMismatch, MalformedInput, TooManyCandidates
 from mpc.claim.plain import (
     PRIVATE_BITS,
-    VERDICT_COLUMNS,
     finish_verdicts,
     plain_engine_bits,
     plain_verdicts,
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
     from mpc.he import HeClaimKey, HePublicContext
     from mpc.ss.session import BatchRequest, SsSession
 
-MODES = ("plain", "ss", "he")
 OPERATOR, REGULATOR, SERVER = "operator", "regulator", "server"
 
 __all__ = [

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpc.claim.constants import DEFAULT_K
 from mpc.claim.errors import MalformedInput, TooManyCandidates
-
-DEFAULT_K = 4
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,15 +27,26 @@ MAX_FEN = 2**31  # money in [0, 2^31) fen: up to 21,474,836.47 yuan per visit
 MAX_CATEGORY = 36**3
 
 _CATEGORY = re.compile(r"^[A-Z][0-9A-Z]{2}$")
+_ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _EPOCH = dt.date(1970, 1, 1)
 
 
-def day_number(value: dt.date | str | pd.Timestamp) -> int:
-    """Days since 1970-01-01 of a date (ISO string, date or timestamp)."""
-    try:
+def day_number(value: dt.date | str | np.datetime64) -> int:
+    """Days since 1970-01-01 of a date: a `date` (a datetime counts by its day) or an ISO
+    `YYYY-MM-DD` string. Any other spelling is refused, so a day is never read as a month."""
+    if isinstance(value, str):
+        if not _ISO_DATE.match(value):
+            raise MalformedInput(f"not an ISO date (YYYY-MM-DD): {value!r}")
+        try:
+            day = dt.date.fromisoformat(value)
+        except ValueError as exc:
+            raise MalformedInput(f"not a date: {value!r}") from exc
+    elif isinstance(value, dt.datetime | np.datetime64) and not pd.isna(value):
         day = pd.Timestamp(value).date()
-    except (ValueError, TypeError) as exc:
-        raise MalformedInput(f"not a date: {value!r}") from exc
+    elif isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        day = value
+    else:
+        raise MalformedInput(f"not a date: {value!r}")
     number = (day - _EPOCH).days
     if not 0 <= number < MAX_DAY:
         raise MalformedInput(f"date out of range: {value!r}")
@@ -46,7 +59,8 @@ def category_of(diagnosis_code: str) -> str:
         raise MalformedInput(f"not a diagnosis code: {diagnosis_code!r}")
     category = diagnosis_code.split(".")[0].strip().upper()
     if not _CATEGORY.match(category):
-        raise MalformedInput(f"not an ICD-10 category: {diagnosis_code!r}")
+        raise MalformedInput(
+            f"not a normalized ICD-10 code (dotted, e.g. E11.9 or I10): {diagnosis_code!r}")
     return category
 
 
@@ -76,20 +90,37 @@ class EncodedClaims:
 
 
 def encode_claims(claims: pd.DataFrame) -> EncodedClaims:
-    """Encode the model's claim columns; any bad field raises `MalformedInput`."""
+    """Encode the model's claim columns; a bad field raises `MalformedInput` naming the claim
+    (its claim_id, else its row) and the field."""
     needed = {"claim_id", "visit_date", "claimed_fen", "diagnosis_code"}
     missing = needed - set(claims.columns)
     if missing:
         raise MalformedInput(f"claims lack columns {sorted(missing)}")
     ids = tuple(str(c) for c in claims["claim_id"])
-    if len(set(ids)) != len(ids):
-        raise MalformedInput("duplicate claim_id")
+    seen: set[str] = set()
+    for claim_id in ids:
+        if claim_id in seen:
+            raise MalformedInput(f"duplicate claim_id {claim_id!r}")
+        seen.add(claim_id)
     values = np.empty((len(claims), 3), dtype=np.int64)
-    for i, (day, fen, code) in enumerate(
-        zip(claims["visit_date"], claims["claimed_fen"], claims["diagnosis_code"], strict=True)
-    ):
-        values[i] = (day_number(day), check_fen(fen, "claimed_fen"), category_code(code))
+    for i, (raw_id, day, fen, code) in enumerate(zip(
+        claims["claim_id"], claims["visit_date"], claims["claimed_fen"],
+        claims["diagnosis_code"], strict=True,
+    )):
+        claim = f"row {i + 1}" if pd.isna(raw_id) else f"claim {ids[i]}"
+        values[i] = (
+            _field(claim, "visit_date", day_number, day),
+            _field(claim, "claimed_fen", lambda v: check_fen(v, "value"), fen),
+            _field(claim, "diagnosis_code", category_code, code),
+        )
     return EncodedClaims(ids, values)
+
+
+def _field(claim: str, name: str, encode: Callable[[Any], int], value: Any) -> int:
+    try:
+        return encode(value)
+    except MalformedInput as exc:
+        raise MalformedInput(f"{claim}: {name}: {exc}") from None
 
 
 def encode_visit_rows(visits: pd.DataFrame) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The plaintext reference: the claim verdict of /tmp/model.md, readable by anyone.
+"""The plaintext reference: the claim verdict of `docs/verdict.md`, readable by anyone.
 
 `plain_verdicts` is the oracle the private engines are tested against. It is split
 the way the private engines split the work:
@@ -23,10 +23,10 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from mpc.claim.constants import VERDICT_COLUMNS
 from mpc.claim.encoding import category_of, day_number
 from mpc.claim.errors import MalformedInput
 
-VERDICT_COLUMNS = ["claim_id", "visit_found", "amount_consistent", "diagnosis_covered", "payable"]
 PRIVATE_BITS = ("visit_found", "amount_consistent", "diagnosis_match")
 
 

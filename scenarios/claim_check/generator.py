@@ -378,7 +378,7 @@ def claim_verdict(
     covered_categories: set[str],
     deductible_fen: int,
 ) -> tuple[bool, bool, bool, int]:
-    """The plaintext oracle of /tmp/model.md: (found, amount ok, covered, payable fen).
+    """The plaintext oracle of `docs/verdict.md`: (found, amount ok, covered, payable fen).
 
     `visits` are (admission date, self-pay fen, diagnosis code) of that person at that
     hospital.

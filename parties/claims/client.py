@@ -1,4 +1,4 @@
-"""The insurer's client for the fast-claim check.
+"""The insurer's client for the fast-claim check (the insurer SDK).
 
     with Client("insurer-a", state=".cogov", contract_id="claim-check-insurer-a-2026",
                 policies=policies_df) as client:
@@ -7,25 +7,33 @@
 
 The client connects as the insurer node with its own certificate from the state dir.
 Per batch it obtains the claimants' domain tokens through the blinded OPRF chain
-(cached: a token is stable for the life of the domain), computes each consent's
+(cached: a token is stable for the life of the shared domain), computes each consent's
 subject commitment (cached per consent), encodes the claims for the mode, seals the
 operator's part to the operator's certified key, and sends one request to the
 regulator. The answer decodes here, and only here, to the verdict:
-`claim_id, visit_found, amount_consistent, diagnosis_covered, payable`.
+`claim_id, visit_found, amount_consistent, diagnosis_covered, payable` (`docs/verdict.md`).
+
+Claims are checked before anything is sent: a malformed field (`MalformedInput`: a date
+that is not ISO `YYYY-MM-DD`, a negative or fractional amount, an undotted diagnosis
+code) or a hospital that is not a hospital node of the topology (`HospitalNotInTopology`)
+is refused naming the claim, before a token is fetched or a query billed.
+
+This module loads no web server: only the contract (`parties.claims.api`), the runtime's
+client side, `mpc` and `governance`.
 
 A failed batch raises `ClaimBatchFailed`; calling `check` again with the same
 `request_id` re-sends the very same request (same shares or ciphertexts), which the
 regulator answers at most once and bills at most once.
 """
 
-from __future__ import annotations
-
 import base64
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,27 +43,33 @@ import pandas as pd
 from cryptography import x509
 
 from governance.consent import Consent, subject_commitment
-from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, finish_verdicts
-from mpc.claim.plain import VERDICT_COLUMNS
+from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, encode_claims, finish_verdicts
+from mpc.claim.constants import DEFAULT_K, MODES, VERDICT_COLUMNS
+from mpc.errors import MalformedInput
+from parties.agreements.api import REGISTER_CONSENT
+from parties.claims.api import (
+    ANSWER_PURPOSE,
+    CHECK,
+    CLAIM_ID_PATTERN,
+    ENVELOPE_PURPOSE,
+    MAX_CLAIMS,
+    OPERATOR_CERTIFICATE,
+    REGISTER_HE_CONTEXT,
+    ClaimCheckRequest,
+    ClaimCheckResponse,
+    ClaimRef,
+    HeContextUpload,
+    UnknownToken,
+    refuse_unknown_hospitals,
+)
+from parties.domains.client import domain_tokens
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
-from parties.runtime.node_log import current_request_id
+from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
 from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
 from parties.runtime.sealing import open_sealed, seal, sealing_public_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology, load_topology
-from parties.services.claims import (
-    ANSWER_PURPOSE,
-    DEFAULT_K,
-    ENVELOPE_PURPOSE,
-    MAX_CLAIMS,
-    MODES,
-    ClaimCheckRequest,
-    ClaimCheckResponse,
-    ClaimRef,
-    HeContextRegistered,
-    OperatorCertificate,
-)
 
 DEFAULT_BATCH = 2000
 CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",
@@ -146,7 +160,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,8 +171,7 @@ class Client:
         """Register consumers' signed consents at the regulator (idempotent)."""
         count = 0
         for consent in consents:
-            self._http.post(self.regulator, "/v1/consents", kind="claim",
-                            json=consent.model_dump(mode="json"))
+            self._http.call(self.regulator, REGISTER_CONSENT, consent)
             count += 1
         return count
 
@@ -192,7 +205,6 @@ class Client:
     # -- tokens -----------------------------------------------------------------------------
     def tokens(self, national_ids: Sequence[str]) -> list[bytes]:
         """Domain tokens of these ids: one OPRF batch for those not cached yet."""
-        from parties.domains.client import domain_tokens
 
         missing = list(dict.fromkeys(i for i in national_ids if i not in self._tokens))
         if missing:
@@ -201,15 +213,14 @@ class Client:
         return [self._tokens[i] for i in national_ids]
 
     def forget_tokens(self) -> None:
-        """Drop cached tokens (after the insurer's domain was re-created)."""
+        """Drop cached tokens (after the insurer's shared domain was re-created)."""
         self._tokens.clear()
 
     # -- keys -------------------------------------------------------------------------------
     def operator_key(self) -> bytes:
         """The operator's X25519 sealing key, from its CA-verified certificate."""
         if self._operator_key is None:
-            body = OperatorCertificate.model_validate(self._http.get(
-                self.regulator, "/v1/claims/operator-certificate", kind="claim").json())
+            body = self._http.call(self.regulator, OPERATOR_CERTIFICATE)
             cert = x509.load_pem_x509_certificate(body.certificate_pem.encode())
             ca = load_certificate(self.state.ca.cert)
             operators = {n.name for n in self.topology.nodes_with_role(Role.OPERATOR)}
@@ -221,14 +232,14 @@ class Client:
     def he_key(self) -> Any:
         """The insurer's TenSEAL key (generated once per client), its public context
         registered with the operator through the regulator."""
-        from mpc.he import HeClaimKey
+        from mpc.he import HeClaimKey  # TenSEAL: loaded by clients that use the he mode
 
         if self._he_key is None:
             self._he_key = HeClaimKey.generate()
         if self._he_registered != self._he_key.context_digest:
-            body = self._http.post(self.regulator, "/v1/claims/he-contexts", kind="claim", json={
-                "context": base64.b64encode(self._he_key.public_context()).decode()}).json()
-            self._he_registered = HeContextRegistered.model_validate(body).digest
+            upload = HeContextUpload(context=base64.b64encode(self._he_key.public_context()))
+            self._he_registered = self._http.call(
+                self.regulator, REGISTER_HE_CONTEXT, upload).digest
         return self._he_key
 
     # -- the check ------------------------------------------------------------------------------
@@ -246,16 +257,7 @@ class Client:
             raise ValueError(f"mode must be one of {MODES}")
         if self.policies is None:
             raise ValueError("the client needs the insurer's policies to finish verdicts")
-        missing = [c for c in CLAIM_COLUMNS if c not in claims.columns]
-        if missing:
-            raise ValueError(f"claims lack columns {missing}")
-        claims = claims.reset_index(drop=True).copy()
-        claims["claim_id"] = claims["claim_id"].astype(str)
-        claims["national_id"] = claims["national_id"].astype(str)
-        if "insurer" not in claims:
-            claims["insurer"] = self.insurer
-        if (claims["insurer"] != self.insurer).any():
-            raise ValueError(f"some claims are not {self.insurer}'s")
+        claims = self.validated(claims)
         absent = sorted(set(claims["national_id"]) - set(consents))
         if absent:
             raise MissingConsent(f"{len(absent)} claimants gave no consent")
@@ -274,6 +276,32 @@ class Client:
             if on_batch is not None:
                 on_batch(i + 1, len(batches))
         return pd.concat(done, ignore_index=True)[VERDICT_COLUMNS]
+
+    def validated(self, claims: pd.DataFrame) -> pd.DataFrame:
+        """`claims` as `check` sends them, every claim checked first.
+
+        Raises, naming the claim (its claim_id, else its row): `MalformedInput` for a bad
+        field (claim_id, visit_date, claimed_fen, diagnosis_code, as the engines read them),
+        `HospitalNotInTopology` for a hospital that is not a hospital node of the topology.
+        """
+        missing = [c for c in CLAIM_COLUMNS if c not in claims.columns]
+        if missing:
+            raise ValueError(f"claims lack columns {missing}")
+        claims = claims.reset_index(drop=True).copy()
+        for row, claim_id in enumerate(claims["claim_id"], start=1):
+            if pd.isna(claim_id) or not re.match(CLAIM_ID_PATTERN, str(claim_id)):
+                raise MalformedInput(f"row {row}: claim_id: {claim_id!r} is not 1 to 64 "
+                                     "letters, digits or . _ : -")
+        claims["claim_id"] = claims["claim_id"].astype(str)
+        claims["national_id"] = claims["national_id"].astype(str)
+        if "insurer" not in claims:
+            claims["insurer"] = self.insurer
+        if (claims["insurer"] != self.insurer).any():
+            raise ValueError(f"some claims are not {self.insurer}'s")
+        encode_claims(claims)  # the fields, checked as the engines will encode them
+        refuse_unknown_hospitals(self.topology, [str(h) for h in claims["hospital_id"]],
+                                 [f"claim {c}" for c in claims["claim_id"]])
+        return claims
 
     def check_one(
         self,
@@ -336,13 +364,15 @@ class Client:
         return prepared
 
     def send(self, prepared: _Prepared) -> ClaimCheckResponse:
-        """POST one prepared batch to the regulator's product endpoint."""
-        response = self._http.post(
-            self.regulator, "/v1/claims/check", kind="claim", content=prepared.body,
-            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
+        """Send one prepared batch to the regulator's product route (the very bytes prepared,
+        so a retry is the same request)."""
+        response = self._http.call(
+            self.regulator, CHECK, content=prepared.body,
+            headers={"Content-Type": "application/json", REQUEST_ID_HEADER: prepared.request_id})
         self.bytes_sent += len(prepared.body)
-        self.bytes_received += len(response.content)
-        return ClaimCheckResponse.model_validate_json(response.content)
+        # The regulator answers this model's own JSON: its size is the answer's size.
+        self.bytes_received += len(response.model_dump_json())
+        return response
 
     def decode(self, prepared: _Prepared, response: ClaimCheckResponse) -> pd.DataFrame:
         """The verdicts a response decodes to (here, with the reply key and HE key)."""
@@ -365,11 +395,8 @@ class Client:
 
     def _check_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
                      request_id: str) -> pd.DataFrame:
-        try:
+        with suppress(UnknownToken):
             return self._run_batch(claims, consents, mode, request_id)
-        except RemoteError as exc:
-            if exc.error != "UnknownToken":
-                raise
         # Cached tokens go stale when a key (k1 or the domain's k2) rotates: the refusal is
         # logged and costs nothing; fetch this batch's tokens again and retry once.
         for nid in claims["national_id"]:

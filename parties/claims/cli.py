@@ -9,12 +9,15 @@ Consents: `--consents FILE` (JSON lines `{"national_id": ..., "consent": {...}}`
 if it exists; otherwise the consumers' apps are simulated: each claimant's consent is
 issued with their key from `<data>/consumer_keys.jsonl` (and written to FILE when
 given). Either way the consents are registered at the regulator before the check.
-"""
 
-from __future__ import annotations
+The claims are checked first, before a consent is issued or anything is sent: a malformed
+field, a date that is not ISO `YYYY-MM-DD` or a hospital that is not in the topology exits
+with one line naming the claim and the field (exit code 2, bad input).
+"""
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -23,18 +26,18 @@ from typing import Annotated
 
 import pandas as pd
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from governance.consent import Consent, issue_consent
+from governance.errors import GovernanceError
 from governance.ledger.signing import private_key_from_hex
-from parties.insurer import Client, verdicts_to_csv
-from parties.runtime.cli import StateOption, TopologyOption, resolve_topology
+from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
+from mpc.errors import MpcError
+from parties.claims.client import Client, verdicts_to_csv
+from parties.runtime.cli import StateOption, TopologyOption, console, exit_on, resolve_topology
 from parties.runtime.errors import NodeError
 from parties.runtime.state import StateDir, default_state_dir
-from parties.services.claims import RECORD_COLUMNS, VERDICT_OUTPUTS
 
-console = Console()
 claim_app = typer.Typer(help="The fast-claim check, as an insurer.", no_args_is_help=True)
 CONSENT_DAYS = 365
 
@@ -108,8 +111,9 @@ def _claims_frame(claims_file: Path, insurer: str, claim_id: str | None,
         if missing:
             raise typer.BadParameter(f"a single explicit claim also needs {missing}")
         return pd.DataFrame([{"claim_id": claim_id or "C1", "insurer": insurer, **explicit}])
-    frame = pd.read_csv(claims_file, dtype={"national_id": str, "claim_id": str,
-                                            "hospital_id": str, "diagnosis_code": str})
+    frame = pd.read_csv(claims_file, dtype=str)
+    if "claimed_fen" in frame:
+        frame["claimed_fen"] = frame["claimed_fen"].map(_fen)
     if "insurer" in frame:
         frame = frame[frame["insurer"] == insurer]
     if claim_id is not None:
@@ -117,6 +121,14 @@ def _claims_frame(claims_file: Path, insurer: str, claim_id: str | None,
         if frame.empty:
             raise typer.BadParameter(f"no claim {claim_id} of {insurer} in {claims_file}")
     return frame.reset_index(drop=True)
+
+
+def _fen(value: object) -> object:
+    """An amount read as text: an integer if it spells one, else as read (the client then
+    refuses it, naming its claim)."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        return int(value)
+    return value
 
 
 @claim_app.command("check")
@@ -148,22 +160,23 @@ def check(
     _, topo = resolve_topology(state, topology)
     explicit = {"national_id": national_id, "hospital_id": hospital, "visit_date": visit_date,
                 "claimed_fen": claimed_fen, "diagnosis_code": diagnosis}
-    frame = _claims_frame(claims or data / "claims.csv", insurer, claim_id, explicit)
-    if frame.empty:
-        console.print(f"[yellow]no claims of {insurer} to check[/yellow]")
-        raise typer.Exit(0)
-    policy_frame = pd.read_csv(policies or data / "policies.csv", dtype={"national_id": str})
-    if consents is not None and consents.exists():
-        given = read_consents(consents)
-    else:
-        with console.status(f"issuing {frame['national_id'].nunique():,} consents"):
-            given = issue_consents(consumer_keys(data / "consumer_keys.jsonl"),
-                                   frame["national_id"], insurer)
-        if consents is not None:
-            write_consents(consents, given)
-    try:
+    with exit_on(NodeError, MpcError, GovernanceError, ValueError, KeyError, OSError):
+        frame = _claims_frame(claims or data / "claims.csv", insurer, claim_id, explicit)
+        if frame.empty:
+            console.print(f"[yellow]no claims of {insurer} to check[/yellow]")
+            raise typer.Exit(0)
+        policy_frame = pd.read_csv(policies or data / "policies.csv", dtype={"national_id": str})
         with Client(insurer, state=StateDir(state), topology=topo, contract_id=contract,
                     policies=policy_frame, batch_size=batch_size) as client:
+            frame = client.validated(frame)  # before any consent is issued or sent
+            if consents is not None and consents.exists():
+                given = read_consents(consents)
+            else:
+                with console.status(f"issuing {frame['national_id'].nunique():,} consents"):
+                    given = issue_consents(consumer_keys(data / "consumer_keys.jsonl"),
+                                           frame["national_id"], insurer)
+                if consents is not None:
+                    write_consents(consents, given)
             needed = {n: given[n] for n in frame["national_id"] if n in given}
             with console.status(f"registering {len(needed):,} consents at the regulator"):
                 client.register_consents(needed.values())
@@ -174,9 +187,6 @@ def check(
                          for i in range(0, len(frame), client.batch_size)]
                 verdicts = client.check(frame, given, mode,
                                         on_batch=lambda i, n: bar.advance(task, sizes[i - 1]))
-    except (NodeError, ValueError, KeyError) as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from None
     verdicts_to_csv(verdicts, out)
     if len(verdicts) == 1:
         console.print_json(verdicts.iloc[0].to_json())

@@ -1,0 +1,220 @@
+"""The operator's side of the claim check: it opens the insurer's envelope, checks each
+claim's hospital and consent against the person behind its domain token, and evaluates
+the batch in the requested mode.
+
+What the operator learns: which anonymous rows each claim is checked against (its K
+candidate slots, padded with dummies) and the hospital, never a claim value. The rows
+come from the insurer's shared-domain table (`parties.claims.tables`); `ss` runs on the
+secret-sharing session the operator leads (`parties.claims.sessions`).
+"""
+
+import time
+from typing import Any
+
+import nacl.public
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from governance.consent import Consent, ConsentMismatch
+from mpc.claim import evaluate_he, evaluate_plain
+from mpc.errors import MalformedInput
+from parties.claims.api import (
+    ANSWER_PURPOSE,
+    COMPUTE,
+    ENVELOPE_PURPOSE,
+    KEEP_HE_CONTEXT,
+    ComputeHead,
+    ComputeResult,
+    HeContextHead,
+    HeContextRegistered,
+    UnknownHeContext,
+    UnknownToken,
+    frame,
+    refuse_unknown_hospitals,
+    unframe,
+)
+from parties.claims.sessions import leader_host, session_background
+from parties.claims.tables import SharedDomainTable, shared_domain_table
+from parties.runtime.access import Caller
+from parties.runtime.batches import read_limited_body
+from parties.runtime.context import NodeContext
+from parties.runtime.mount import mount
+from parties.runtime.node_log import current_request_id
+from parties.runtime.sealing import open_sealed, seal, sealing_private_key
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
+
+MAX_BATCH_BYTES = 512 * 1024 * 1024
+MAX_HE_CONTEXT_BYTES = 16 * 1024 * 1024
+
+
+# --- the operator's HE contexts ---------------------------------------------------------------
+
+class HeContexts:
+    """Insurers' registered HE public contexts, parsed once, by (insurer, digest)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str], Any] = {}
+
+
+HE_COMPONENT = "claims_he_contexts"
+HE_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE claim_he_contexts (
+        insurer TEXT NOT NULL, digest TEXT NOT NULL, context BLOB NOT NULL,
+        registered_at TEXT NOT NULL DEFAULT (datetime('now')),
+        PRIMARY KEY (insurer, digest)
+    )
+    """,
+)
+
+
+def store_he_context(ctx: NodeContext, insurer: str, data: bytes) -> str:
+    from mpc.he import HePublicContext  # TenSEAL: loaded by the operator on its first he query
+
+    public = HePublicContext.from_bytes(data)  # refuses secret keys and other parameters
+    with ctx.store.lock, ctx.store.conn as conn:
+        conn.execute("INSERT OR IGNORE INTO claim_he_contexts (insurer, digest, context)"
+                     " VALUES (?, ?, ?)", (insurer, public.digest, data))
+    ctx.component(HeContexts, HeContexts).by_key[(insurer, public.digest)] = public
+    ctx.log.event("he_context_registered", insurer=insurer, digest=public.digest)
+    return public.digest
+
+
+def he_context(ctx: NodeContext, insurer: str, digest: str) -> Any:
+    """The insurer's registered public context (an `mpc.he.HePublicContext`), parsed once."""
+    from mpc.he import HePublicContext  # TenSEAL: loaded by the operator on its first he query
+
+    cache = ctx.component(HeContexts, HeContexts).by_key
+    found = cache.get((insurer, digest))
+    if found is None:
+        with ctx.store.lock:
+            row = ctx.store.conn.execute(
+                "SELECT context FROM claim_he_contexts WHERE insurer = ? AND digest = ?",
+                (insurer, digest)).fetchone()
+        if row is None:
+            raise UnknownHeContext(f"{insurer} registered no HE context {digest[:12]}")
+        found = cache[(insurer, digest)] = HePublicContext.from_bytes(bytes(row[0]))
+    return found
+
+
+# --- the operator's evaluation -------------------------------------------------------------
+
+
+def _sealing_key(ctx: NodeContext) -> nacl.public.PrivateKey:
+    return ctx.component(nacl.public.PrivateKey, lambda: sealing_private_key(ctx.signing_key))
+
+
+def _check_consents(ctx: NodeContext, head: ComputeHead, table: SharedDomainTable,
+                    tokens: list[bytes]) -> None:
+    """Each claim's consent is signed by the key delivered for the person behind its token."""
+    consents: dict[str, Consent] = {}
+    for document in head.consents:
+        consent = Consent.parse(document)
+        if not consent.signature_valid():
+            raise ConsentMismatch(f"consent {consent.consent_id}: bad signature")
+        if consent.terms.insurer != head.insurer:
+            raise ConsentMismatch(f"consent {consent.consent_id} is not given to {head.insurer}")
+        consents[consent.consent_id] = consent
+    for i, (token, consent_id) in enumerate(zip(tokens, head.consent_of_claim, strict=True)):
+        person = table.person_of_token.get(token)
+        if person is None:
+            raise UnknownToken(
+                f"claim {i}: the token is not one of {head.insurer}'s shared domain")
+        consent = consents.get(consent_id)
+        if consent is None:
+            raise ConsentMismatch(f"claim {i}: consent {consent_id} was not forwarded")
+        delivered = table.key_of_person.get(person)
+        if delivered is None or delivered.hex() != consent.terms.subject.public_key:
+            raise ConsentMismatch(
+                f"claim {i}: consent {consent_id} is not signed by the person behind the token")
+
+
+def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[ComputeResult, bytes]:
+    """Open the insurer's envelope, check hospitals and consents, evaluate, seal."""
+    rid = current_request_id.get()
+    t0 = time.perf_counter()
+    sealed_head, payload = open_sealed(_sealing_key(ctx), ENVELOPE_PURPOSE, envelope)
+    tokens, hospitals = sealed_head.get("tokens"), sealed_head.get("hospitals")
+    if (sealed_head.get("request_id") != rid or sealed_head.get("mode") != head.mode
+            or sealed_head.get("k") != head.k or not isinstance(tokens, list)
+            or not isinstance(hospitals, list) or len(tokens) != head.n_claims
+            or len(hospitals) != head.n_claims or len(head.consent_of_claim) != head.n_claims):
+        raise MalformedInput("the envelope does not match this request")
+    try:
+        token_bytes = [bytes.fromhex(t) for t in tokens]
+        reply_key = bytes.fromhex(sealed_head["reply_key"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MalformedInput("malformed token or reply key in the envelope") from exc
+    if any(len(t) != 32 for t in token_bytes) or len(reply_key) != 32:
+        raise MalformedInput("tokens and the reply key are 32-byte values")
+    hospitals = [str(h) for h in hospitals]
+    # Before any row is touched: an unknown hospital is a refusal, never "no visit found".
+    refuse_unknown_hospitals(ctx.topology, hospitals, [f"claim {i}" for i in range(head.n_claims)])
+    ctx.log.event("claims_compute_started", insurer=head.insurer, mode=head.mode,
+                  claims=head.n_claims)
+    t1 = time.perf_counter()
+    table = shared_domain_table(ctx, head.insurer)
+    t2 = time.perf_counter()
+    _check_consents(ctx, head, table, token_bytes)
+    slots = table.index.plan(list(zip(token_bytes, hospitals, strict=True)), head.k)
+    started = time.perf_counter()
+    if head.mode == "plain":
+        answer = evaluate_plain(payload, table.rows, slots)
+    elif head.mode == "he":
+        if head.he_context is None:
+            raise MalformedInput("he requests name their public context")
+        answer = evaluate_he(he_context(ctx, head.insurer, head.he_context), payload,
+                             table.rows, slots)
+    else:
+        host = leader_host(ctx)
+        before = host.traffic()
+        answer = host.evaluate(ctx, rid or "", table, payload, slots)
+        mpc_bytes = {peer: host.traffic().get(peer, 0) - sent for peer, sent in before.items()}
+    compute_ms = round((time.perf_counter() - started) * 1000)
+    sealed = seal(reply_key, ANSWER_PURPOSE,
+                  {"request_id": rid, "mode": head.mode, "n": head.n_claims}, answer)
+    ctx.log.event("claims_computed", insurer=head.insurer, mode=head.mode,
+                  claims=head.n_claims, compute_ms=compute_ms, table=table.table_id,
+                  envelope_bytes=len(envelope), answer_bytes=len(sealed),
+                  ms={"open": round((t1 - t0) * 1000, 1), "table": round((t2 - t1) * 1000, 1),
+                      "consents_plan": round((started - t2) * 1000, 1),
+                      "seal": round((time.perf_counter() - started) * 1000 - compute_ms, 1)},
+                  mpc_bytes=mpc_bytes if head.mode == "ss" else {})
+    return ComputeResult(records_touched=head.n_claims * head.k, compute_ms=compute_ms,
+                         table_id=table.table_id if head.mode == "ss" else None), sealed
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter()
+
+    @mount(router, COMPUTE)
+    async def post_compute(request: Request, caller: Caller) -> Response:
+        """Evaluate a batch the regulator authorized (binary: ComputeHead + sealed envelope)."""
+        body = await read_limited_body(request, MAX_BATCH_BYTES)
+        head, envelope = unframe(ComputeHead, body)
+        result, answer = await run_in_threadpool(compute, ctx, head, envelope)
+        return Response(frame(result, answer), media_type="application/octet-stream")
+
+    @mount(router, KEEP_HE_CONTEXT)
+    async def post_he_context(request: Request, caller: Caller) -> HeContextRegistered:
+        """Keep an insurer's public TenSEAL context (relayed by the regulator)."""
+        body = await read_limited_body(request, MAX_HE_CONTEXT_BYTES)
+        head, context = unframe(HeContextHead, body)
+        digest = await run_in_threadpool(store_he_context, ctx, head.insurer, context)
+        return HeContextRegistered(digest=digest)
+
+    return [router]
+
+
+OPERATOR_COMPUTE_SERVICE = Service(
+    name="claims-compute",
+    roles=(Role.OPERATOR,),
+    routers=_operator_routes,
+    components=((HE_COMPONENT, HE_MIGRATIONS),),
+    background=session_background(leader_host),
+)

@@ -1,0 +1,176 @@
+"""The regulator's book of claim requests: idempotency, quota reservations, metering.
+
+One row per request id. A retry with the same id and the same body is answered from the
+stored answer and not billed again; the same id for another body is refused. The quota a
+request reserved (`ContractBook.authorize`) is given back when it is refused or fails, and
+at start for requests that died with the previous process. Answered requests are metered
+once, off the request path; an entry that never reached the log is metered at the next
+start or replay.
+"""
+
+import json
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from parties.claims.api import RequestIdReused, RequestInProgress
+from parties.runtime.context import NodeContext
+
+RESPONSE_RETENTION_S = 3600  # stored answers for retried request ids
+
+COMPONENT = "claims_product"
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE claim_requests (
+        request_id TEXT PRIMARY KEY,
+        insurer TEXT NOT NULL,
+        contract_id TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        claims INTEGER NOT NULL,
+        status TEXT NOT NULL,          -- pending | answered | failed | refused
+        usage_id INTEGER,              -- the contract quota reservation
+        meter TEXT,                    -- JSON metering payload once answered
+        logged INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE claim_responses (      -- stored answers, for retries (purged after an hour)
+        request_id TEXT PRIMARY KEY REFERENCES claim_requests (request_id),
+        response BLOB NOT NULL,
+        stored_at REAL NOT NULL
+    );
+    CREATE INDEX claim_responses_by_age ON claim_responses (stored_at)
+    """,
+)
+
+
+class RequestBook:
+    """The regulator's table of claim requests (one row per request id)."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.in_flight: set[str] = set()
+        self.metering: set[str] = set()  # answered, entry on its way to the log
+        self.lock = threading.Lock()
+        self.purged_at = 0.0
+        # Metering runs off the request path, in order, on one thread of its own.
+        self.meter_queue = ThreadPoolExecutor(1, thread_name_prefix="claims-meter")
+
+    def _conn(self) -> sqlite3.Connection:
+        return self.ctx.store.conn
+
+    def begin(self, rid: str, insurer: str, contract_id: str, digest: str, mode: str,
+              claims: int) -> tuple[str, bytes | None, dict | None]:
+        """('new', None, None) | ('answered', response, meter-if-unlogged)."""
+        now = time.time()
+        with self.lock:
+            if rid in self.in_flight:
+                raise RequestInProgress(f"request {rid} is being answered")
+            with self.ctx.store.lock, self._conn() as conn:
+                row = conn.execute(
+                    "SELECT r.insurer, r.digest, r.status, a.response, r.meter, r.logged,"
+                    " r.usage_id FROM claim_requests r LEFT JOIN claim_responses a"
+                    " ON a.request_id = r.request_id WHERE r.request_id = ?", (rid,)).fetchone()
+                if row is not None:
+                    if row[0] != insurer or row[1] != digest:
+                        raise RequestIdReused(
+                            f"request id {rid} was used for another request; use a fresh id")
+                    if row[2] == "answered" and row[3] is not None:
+                        unlogged = not row[5] and rid not in self.metering
+                        if unlogged:
+                            self.metering.add(rid)
+                        return "answered", bytes(row[3]), json.loads(row[4]) if unlogged \
+                            else None
+                    if row[6] is not None:  # a crashed attempt's reservation
+                        _release_usage(conn, int(row[6]))
+                conn.execute(
+                    "INSERT OR REPLACE INTO claim_requests (request_id, insurer, contract_id,"
+                    " digest, mode, claims, status, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (rid, insurer, contract_id, digest, mode, claims, now, now))
+                if now - self.purged_at > 60:
+                    conn.execute("DELETE FROM claim_responses WHERE stored_at < ?",
+                                 (now - RESPONSE_RETENTION_S,))
+                    self.purged_at = now
+            self.in_flight.add(rid)
+        return "new", None, None
+
+    def reserved(self, rid: str, usage_id: int) -> None:
+        with self.ctx.store.lock, self._conn() as conn:
+            conn.execute("UPDATE claim_requests SET usage_id = ? WHERE request_id = ?",
+                         (usage_id, rid))
+
+    def answered(self, rid: str, response: bytes, meter: dict) -> None:
+        with self.lock:
+            self.metering.add(rid)
+        with self.ctx.store.lock, self._conn() as conn:
+            now = time.time()
+            conn.execute(
+                "UPDATE claim_requests SET status = 'answered', meter = ?, updated_at = ?"
+                " WHERE request_id = ?", (json.dumps(meter), now, rid))
+            conn.execute("INSERT OR REPLACE INTO claim_responses VALUES (?, ?, ?)",
+                         (rid, response, now))
+        self._done(rid)
+
+    def failed(self, rid: str, status: str) -> None:
+        """Give back the quota reservation: a refused or failed request costs nothing."""
+        with self.ctx.store.lock, self._conn() as conn:
+            row = conn.execute("SELECT usage_id FROM claim_requests WHERE request_id = ?",
+                               (rid,)).fetchone()
+            if row is not None and row[0] is not None:
+                _release_usage(conn, int(row[0]))
+            conn.execute(
+                "UPDATE claim_requests SET status = ?, usage_id = NULL, updated_at = ?"
+                " WHERE request_id = ?", (status, time.time(), rid))
+        self._done(rid)
+
+    def logged(self, rid: str, ok: bool = True) -> None:
+        if ok:
+            with self.ctx.store.lock, self._conn() as conn:
+                conn.execute("UPDATE claim_requests SET logged = 1 WHERE request_id = ?",
+                             (rid,))
+        with self.lock:
+            self.metering.discard(rid)
+
+    def _done(self, rid: str) -> None:
+        with self.lock:
+            self.in_flight.discard(rid)
+
+    def release_dead(self) -> int:
+        """At start, before serving: requests left pending died with the last process; give
+        back their quota reservations."""
+        with self.ctx.store.lock, self._conn() as conn:
+            dead = conn.execute(
+                "SELECT request_id, usage_id FROM claim_requests WHERE status = 'pending'"
+            ).fetchall()
+            for _, usage_id in dead:
+                if usage_id is not None:
+                    _release_usage(conn, int(usage_id))
+            conn.execute("UPDATE claim_requests SET status = 'failed', usage_id = NULL"
+                         " WHERE status = 'pending'")
+        return len(dead)
+
+    def unlogged(self) -> list[tuple[str, dict]]:
+        """Answered requests whose metering entry never reached the log (not in progress)."""
+        with self.ctx.store.lock, self._conn() as conn:
+            unlogged = conn.execute(
+                "SELECT request_id, meter FROM claim_requests"
+                " WHERE status = 'answered' AND logged = 0").fetchall()
+        with self.lock:
+            unlogged = [(rid, m) for rid, m in unlogged if rid not in self.metering]
+            self.metering.update(rid for rid, _ in unlogged)
+        return [(rid, json.loads(meter)) for rid, meter in unlogged]
+
+
+def _release_usage(conn: sqlite3.Connection, usage_id: int) -> None:
+    # Drop the reservation row `ContractBook.authorize` made, inside the caller's
+    # transaction, so the request's status and its quota change together.
+    conn.execute("DELETE FROM contract_usage WHERE usage_id = ?", (usage_id,))
+
+
+def request_book(ctx: NodeContext) -> RequestBook:
+    return ctx.component(RequestBook)
+
+

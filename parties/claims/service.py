@@ -1,0 +1,340 @@
+"""The fast-claim check, served by the regulator to insurers.
+
+An insurer asks whether a claim holds against the anonymized hospital records and
+gets the verdict and nothing else. The product route (`api.CHECK`, kind `claim`)
+enforces, before any data is touched, in this order: the mode is served under the
+contract; the contract is live and the query fits its quota (`ContractBook.authorize`,
+which reserves it); every claim's consent is registered, unrevoked, unexpired, given to
+this insurer for the contract's purpose and scope, and about the person the insurer
+names (the insurer presents the commitment `subject_commitment(national_id, consent_id,
+nonce)`). Only then does it ask the operator to compute (`api.COMPUTE`, kind `product`);
+the operator checks, per claim, that the hospital is one of the topology's and that the
+consent's key is the key the health authority delivered for the person behind the
+queried domain token (`parties.claims.compute`).
+
+What travels where (per mode; see `compute` and `sessions` for the computing side):
+
+- the insurer seals to the operator's X25519 key (derived from its CA-certified
+  Ed25519 signing key) an envelope: the claims' domain tokens and hospitals, the
+  operator's part of the encoded claims and a fresh reply key. The regulator relays
+  it unopened, so it never sees tokens, hospitals or claim values;
+- `ss`: the insurer also sends the regulator its own additive share of the claims;
+  the operator (leader) and the regulator (follower) evaluate the verdict circuit
+  on shares, the health authority dealing the correlated randomness; each answers
+  its result share, the operator's sealed to the insurer's reply key;
+- `he`: the operator part is the claims encrypted under the insurer's TenSEAL key;
+  the answer is ciphertexts that decrypt to the verdict bits;
+- `plain`: the reference, readable by the operator; refused unless the contract
+  lists `mode.plain` in its allowed outputs.
+
+The response carries only the answers; the insurer adds the two shares (or
+decrypts) and finishes the verdict with its own policy (covered categories,
+deductible). Every answered request is metered once (`query_answered`, keyed by
+the request id: a retry with the same id and the same body returns the stored
+answer and is not billed again; `parties.claims.request_book`); every refusal is
+logged (`query_refused`). The operator's typed refusals reach the insurer unchanged.
+"""
+
+import base64
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from governance.consent import ConsentError, ConsentMissing
+from governance.contracts import ContractError, ContractTerms
+from governance.errors import GovernanceError
+from mpc.claim.constants import CLAIM_SCENARIO, RECORD_COLUMNS, VERDICT_OUTPUTS
+from mpc.errors import MalformedInput, MpcError
+from parties.agreements.books import consent_registry, contract_book
+from parties.claims.api import (
+    CHECK,
+    COMPUTE,
+    KEEP_HE_CONTEXT,
+    OPERATOR_CERTIFICATE,
+    REGISTER_HE_CONTEXT,
+    ClaimCheckRequest,
+    ClaimCheckResponse,
+    ClaimRefused,
+    ComputeFailed,
+    ComputeHead,
+    ComputeResult,
+    ComputeUnavailable,
+    HeContextHead,
+    HeContextRegistered,
+    HeContextUpload,
+    ModeNotAllowed,
+    OperatorCertificate,
+    frame,
+    unframe,
+)
+from parties.claims.peers import node_client, operator_node
+from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
+from parties.claims.sessions import follower_host
+from parties.ledger.client import append_entry
+from parties.runtime.access import Caller
+from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeUnavailable, RemoteError
+from parties.runtime.mount import mount
+from parties.runtime.node_log import current_request_id
+from parties.runtime.service import Service
+from parties.runtime.topology import Role
+
+DEFAULT_MODES = ("ss", "he")  # plain is the oracle: served only when the contract lists it
+MODE_OUTPUT_PREFIX = "mode."  # e.g. allowed_outputs = [..., "mode.plain"]
+OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+
+
+# --- enforcement -------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def served_modes(terms: ContractTerms) -> tuple[str, ...]:
+    """The modes a contract serves: those listed as `mode.<name>` outputs, else ss and he."""
+    listed = tuple(o.removeprefix(MODE_OUTPUT_PREFIX) for o in terms.allowed_outputs
+                   if o.startswith(MODE_OUTPUT_PREFIX))
+    return listed or DEFAULT_MODES
+
+
+def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -> tuple[
+        ContractTerms, int, list[dict[str, Any]]]:
+    """Every rule before any data is touched; returns (terms, usage id, consent documents).
+
+    Raises the typed refusal (contract, consent, quota, mode); on a refusal after the
+    quota was reserved the caller releases it.
+    """
+    book = contract_book(ctx)
+    terms = book.get(body.contract_id).terms
+    if body.mode not in served_modes(terms):
+        raise ModeNotAllowed(
+            f"contract {body.contract_id} does not serve mode {body.mode!r} "
+            f"(served: {', '.join(served_modes(terms))})")
+    if body.mode == "ss" and body.regulator_share is None:
+        raise MalformedInput("ss requests carry the regulator's share of the claims")
+    if body.mode == "he" and body.he_context is None:
+        raise MalformedInput("he requests name the registered public context")
+    ids = [c.claim_id for c in body.claims]
+    if len(set(ids)) != len(ids):
+        raise MalformedInput("duplicate claim_id in the batch")
+    outputs = [*VERDICT_OUTPUTS]
+    authorization = book.authorize(body.contract_id, insurer, RECORD_COLUMNS, outputs, _now(),
+                                   len(body.claims), request_id=rid)
+    request_book(ctx).reserved(rid, authorization.usage_id)
+    registry = consent_registry(ctx)
+    now = _now()
+    documents: dict[str, dict[str, Any]] = {}
+    checked: set[tuple[str, str]] = set()
+    for claim in body.claims:
+        pair = (claim.consent_id, claim.subject_commitment)
+        if pair in checked:
+            continue
+        consent = registry.get(claim.consent_id)
+        if consent is None:
+            raise ConsentMissing(f"consent {claim.consent_id} is not registered")
+        registry.check(consent, claim.subject_commitment, insurer, terms.purpose, now,
+                       scenario=terms.scenario, columns=RECORD_COLUMNS, outputs=outputs)
+        checked.add(pair)
+        documents.setdefault(claim.consent_id, consent.model_dump(mode="json"))
+    return terms, authorization.usage_id, list(documents.values())
+
+
+# --- the orchestration ---------------------------------------------------------------------
+
+
+def request_digest(body: ClaimCheckRequest) -> str:
+    h = hashlib.sha256()
+    head = body.model_dump(mode="json", exclude={"operator_envelope", "regulator_share"})
+    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
+    h.update(hashlib.sha256(body.operator_envelope).digest())
+    h.update(hashlib.sha256(body.regulator_share or b"").digest())
+    return h.hexdigest()
+
+
+def compute_at_operator(
+    ctx: NodeContext, insurer: str, body: ClaimCheckRequest, consents: list[dict[str, Any]]
+) -> tuple[ComputeResult, bytes]:
+    head = ComputeHead(
+        contract_id=body.contract_id, insurer=insurer, mode=body.mode, k=body.k,
+        n_claims=len(body.claims), consent_of_claim=[c.consent_id for c in body.claims],
+        consents=consents, he_context=body.he_context,
+    )
+    try:
+        answer = node_client(ctx).call(operator_node(ctx), COMPUTE, content=frame(
+            head, body.operator_envelope), headers=OCTET_STREAM)
+    except NodeUnavailable as exc:
+        raise ComputeUnavailable(f"{exc}; nothing was billed, retry with the same request id"
+                                 ) from None
+    except RemoteError as exc:
+        if type(exc) is not RemoteError:  # a typed refusal or failure: the insurer gets it
+            raise
+        raise ComputeFailed(f"operator: {exc.error} ({exc.http_status}): {exc.detail}; "
+                            "nothing was billed") from None
+    return unframe(ComputeResult, answer)
+
+
+def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
+    """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
+    rid = current_request_id.get() or ""
+    book = request_book(ctx)
+    t0 = time.perf_counter()
+    state, stored, meter = book.begin(rid, insurer, body.contract_id, request_digest(body),
+                                      body.mode, len(body.claims))
+    if state == "answered":
+        assert stored is not None
+        ctx.log.event("claims_replayed", insurer=insurer, claims=len(body.claims))
+        if meter is not None:  # answered before a crash that kept it from the log
+            book.meter_queue.submit(_meter, ctx, rid, meter)
+        return stored
+    ctx.log.event("claims_received", insurer=insurer, mode=body.mode, claims=len(body.claims),
+                  contract=body.contract_id)
+    status = "failed"
+    try:
+        try:
+            t1 = time.perf_counter()
+            terms, _usage, consents = enforce(ctx, insurer, body, rid)
+        except (ContractError, ConsentError, ClaimRefused, MpcError) as exc:
+            status = "refused"
+            _refused(ctx, insurer, body, exc)
+            raise
+        started = time.perf_counter()
+        follower = follower_host(ctx) if body.mode == "ss" else None
+        if follower is not None:
+            assert body.regulator_share is not None
+            follower.expect(rid, body.regulator_share)
+        try:
+            try:
+                result, answer = compute_at_operator(ctx, insurer, body, consents)
+            except (GovernanceError, ClaimRefused, MpcError) as exc:
+                if exc.http_status < 500:  # refused by the operator (token, hospital, consent)
+                    status = "refused"
+                    _refused(ctx, insurer, body, exc)
+                raise
+            regulator_answer = None
+            if follower is not None:
+                regulator_answer = follower.result(rid)
+        finally:
+            if follower is not None:
+                follower.forget(rid)
+        compute_ms = round((time.perf_counter() - started) * 1000)
+        response = ClaimCheckResponse(
+            request_id=rid, mode=body.mode, claim_ids=[c.claim_id for c in body.claims],
+            operator_answer=base64.b64encode(answer),
+            regulator_answer=None if regulator_answer is None else base64.b64encode(
+                regulator_answer),
+        ).model_dump_json().encode()
+        meter = {
+            "contract_id": body.contract_id, "party": insurer,
+            "records_touched": result.records_touched, "rows_returned": len(body.claims),
+            "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
+            "scenario": terms.scenario,
+        }
+        t2 = time.perf_counter()
+        book.answered(rid, response, meter)
+        status = "answered"
+    finally:
+        if status != "answered":
+            book.failed(rid, status)
+    ms = {"book": (t1 - t0) * 1000, "enforce": (started - t1) * 1000, "compute": compute_ms,
+          "respond": (time.perf_counter() - t2) * 1000}
+    ctx.log.event("claims_answered", insurer=insurer, mode=body.mode, claims=len(body.claims),
+                  records_touched=result.records_touched,
+                  ms={k: round(v, 1) for k, v in ms.items()})
+    book.meter_queue.submit(_meter, ctx, rid, meter)
+    return response
+
+
+def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
+    """Append the request's `query_answered` entry (once; retried after a crash)."""
+    token = current_request_id.set(rid)
+    try:
+        append_entry(ctx, "query_answered", meter)
+        request_book(ctx).logged(rid)
+    except Exception as exc:  # the entry is retried at the next start or replay
+        request_book(ctx).logged(rid, ok=False)
+        ctx.log.event("metering_deferred", error=type(exc).__name__, detail=str(exc))
+    finally:
+        current_request_id.reset(token)
+
+
+def _refused(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, exc: Exception) -> None:
+    try:
+        append_entry(ctx, "query_refused", {
+            "contract_id": body.contract_id, "party": insurer, "reason": type(exc).__name__,
+            "mode": body.mode, "claims": len(body.claims), "scenario": CLAIM_SCENARIO,
+        })
+    except Exception as log_exc:  # the refusal stands even if the log is unreachable
+        ctx.log.event("refusal_not_logged", error=type(log_exc).__name__)
+
+
+def register_he_context(ctx: NodeContext, insurer: str, context: bytes) -> HeContextRegistered:
+    """Relay the insurer's public context to the operator, naming the authenticated insurer."""
+    return node_client(ctx).call(operator_node(ctx), KEEP_HE_CONTEXT, content=frame(
+        HeContextHead(insurer=insurer), context), headers=OCTET_STREAM)
+
+
+def meter_unlogged(ctx: NodeContext) -> None:
+    """Meter the answered requests whose entry never reached the log (a crash in between)."""
+    for rid, meter in request_book(ctx).unlogged():
+        _meter(ctx, rid, meter)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def _routes(ctx: NodeContext) -> list[APIRouter]:
+    router = APIRouter()
+    released = request_book(ctx).release_dead()  # before the node serves its first request
+    if released:
+        ctx.log.event("claims_released_dead_requests", requests=released)
+
+    @mount(router, CHECK,
+           responses={403: {"description": "refused: contract, consent, mode or flow"},
+                      409: {"description": "request id reused or in progress"},
+                      429: {"description": "over the contract's quota"},
+                      503: {"description": "a computing node is down; nothing billed"}})
+    def post_check(body: ClaimCheckRequest, caller: Caller) -> Response:
+        """Check a batch of claims; the answer decodes to the verdict at the insurer only.
+
+        Send `X-Request-ID`: a retry with the same id and body returns the same answer and
+        is not billed again.
+        """
+        # The stored JSON itself: a retry gets the very bytes of the first answer.
+        return Response(check_claims(ctx, caller.name, body), media_type="application/json")
+
+    @mount(router, REGISTER_HE_CONTEXT)
+    def post_he_context(body: HeContextUpload, caller: Caller) -> HeContextRegistered:
+        """Register the insurer's public TenSEAL context (once per key) with the operator."""
+        return register_he_context(ctx, caller.name, body.context)
+
+    @mount(router, OPERATOR_CERTIFICATE)
+    def get_operator_certificate(caller: Caller) -> OperatorCertificate:
+        """The certificate whose signing key the insurer seals its envelopes to."""
+        operator = operator_node(ctx)
+        pem = ctx.state.node(operator).cert.read_text()
+        return OperatorCertificate(node=operator, certificate_pem=pem)
+
+    return [router]
+
+
+def _recover_in_background(ctx: NodeContext) -> None:
+    time.sleep(1.0)  # let the node serve first: metering talks to the operator's log
+    try:
+        meter_unlogged(ctx)
+    except Exception as exc:
+        ctx.log.event("claims_recovery_failed", error=type(exc).__name__, detail=str(exc))
+
+
+REGULATOR_PRODUCT_SERVICE = Service(
+    name="claims",
+    roles=(Role.REGULATOR,),
+    routers=_routes,
+    components=((COMPONENT, MIGRATIONS),),
+    background=_recover_in_background,
+)

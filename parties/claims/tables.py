@@ -1,0 +1,115 @@
+"""The operator's shared-domain tables: each insurer's visit rows as the claim engines need them.
+
+The operator holds the anonymized visits (`circ_visits`, opened with its keyring) and
+each insurer's domain tokens (`domain_tokens`). Per shared domain it builds a table: the
+rows in a fixed order, the candidate index keyed by (domain token, hospital), the person
+behind each token and that person's consumer key as the health authority delivered it
+(`circ_persons`). The table is rebuilt when a new publication is registered or the
+domain's key rotates.
+"""
+
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mpc import xid
+from mpc.claim import CandidateIndex, encode_visit_rows, ss_shares
+from mpc.claim.constants import CLAIM_SCENARIO
+from parties.domains.registry import live_domain
+from parties.ingest.circulation import read_visits
+from parties.runtime.context import NodeContext
+
+
+@dataclass
+class SharedDomainTable:
+    """One insurer's shared domain: its rows, candidate index, persons and their keys."""
+
+    domain_id: str
+    version: tuple
+    rows: np.ndarray  # int64 [n, 3]: admission day, self-pay fen, category
+    index: CandidateIndex  # over (domain token, hospital)
+    person_of_token: dict[bytes, bytes]
+    key_of_person: dict[bytes, bytes]
+    table_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    _shares: tuple[np.ndarray, np.ndarray] | None = None
+
+    def shares(self) -> tuple[np.ndarray, np.ndarray]:
+        """(operator share, regulator share), split once per table."""
+        if self._shares is None:
+            self._shares = ss_shares.split(self.rows)
+        return self._shares
+
+
+def _version(ctx: NodeContext, domain_id: str) -> tuple:
+    with ctx.store.lock:
+        return (domain_id, *ctx.store.conn.execute(
+            "SELECT (SELECT COALESCE(MAX(rowid), 0) FROM circ_visits),"
+            " (SELECT COUNT(*) FROM circ_registrations),"
+            " (SELECT COALESCE(MAX(registered_at), '') FROM circ_registrations),"
+            " (SELECT COALESCE(MAX(rowid), 0) FROM circ_persons),"
+            " (SELECT token_epoch FROM domains WHERE domain_id = ?)", (domain_id,)).fetchone())
+
+
+def _build_table(ctx: NodeContext, domain_id: str, version: tuple) -> SharedDomainTable:
+    with ctx.store.lock:
+        tokens = ctx.store.conn.execute(
+            "SELECT visit_ref, token FROM domain_tokens WHERE domain_id = ?", (domain_id,)
+        ).fetchall()
+        persons = ctx.store.conn.execute("SELECT p1, public_key FROM circ_persons").fetchall()
+    visits = read_visits(ctx)
+    token_of = {bytes(r): bytes(t) for r, t in tokens}
+    if len(visits):
+        # (pandas' isin mishandles bytes with NULs: test membership in Python)
+        visits = visits[[bytes(r) in token_of for r in visits["visit_ref"]]]
+        needed = ["admission_date", "self_pay_fen", "diagnosis_code", "hospital_id"]
+        complete = visits[needed].notna().all(axis=1)
+        if not complete.all():
+            ctx.log.event("claim_rows_incomplete", domain=domain_id,
+                          rows=int((~complete).sum()))
+        visits = visits[complete].sort_values(
+            "visit_ref", key=lambda s: s.map(bytes.hex)).reset_index(drop=True)
+    else:
+        visits = pd.DataFrame(columns=["visit_ref", "p1", "hospital_id", "admission_date",
+                                       "self_pay_fen", "diagnosis_code"])
+    row_tokens = [token_of[bytes(r)] for r in visits["visit_ref"]]
+    rows = encode_visit_rows(visits) if len(visits) else np.zeros((0, 3), dtype=np.int64)
+    keys = list(zip(row_tokens, visits["hospital_id"].astype(str), strict=True))
+    person_of_token = {t: bytes(p) for t, p in zip(row_tokens, visits["p1"], strict=True)}
+    key_of_person = {bytes(p): bytes(k) for p, k in persons}
+    # Persons with a delivered key but no visit held still get an answer (nothing found):
+    # their domain token is computed here, once per table, with the shared domain's key.
+    without_visits = sorted(set(key_of_person) - set(person_of_token.values()))
+    if without_visits:
+        key = ctx.secrets.xid_key(f"domain:{domain_id}")  # operator_domains' key name
+        person_of_token.update(zip(xid.rekey(key, without_visits), without_visits, strict=True))
+    table = SharedDomainTable(
+        domain_id=domain_id, version=version, rows=rows, index=CandidateIndex(keys),
+        person_of_token=person_of_token, key_of_person=key_of_person,
+    )
+    ctx.log.event("claim_table_built", domain=domain_id, rows=len(rows), table=table.table_id)
+    return table
+
+
+class SharedDomainTables:
+    """The operator's current table per insurer, rebuilt when its version changes."""
+
+    def __init__(self) -> None:
+        self.by_insurer: dict[str, SharedDomainTable] = {}
+        self.lock = threading.Lock()
+
+
+def shared_domain_table(ctx: NodeContext, insurer: str) -> SharedDomainTable:
+    """The current table of `insurer`'s claim-check shared domain (rebuilt after a new
+    publication)."""
+    domain_id = live_domain(ctx, CLAIM_SCENARIO, insurer)
+    cache = ctx.component(SharedDomainTables, SharedDomainTables)
+    tables = cache.by_insurer
+    version = _version(ctx, domain_id)
+    with cache.lock:
+        table = tables.get(insurer)
+        if table is None or table.version != version:
+            table = tables[insurer] = _build_table(ctx, domain_id, version)
+        return table
