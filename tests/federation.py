@@ -5,6 +5,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from parties.admin.api import ENROLL
 from parties.runtime import pki, supervisor
 from parties.runtime.state import StateDir
 from parties.runtime.topology import Topology, load_topology
@@ -87,8 +88,8 @@ class Federation:
 
         if not secret_file(self.state, node).exists():
             with NodeClient(self.state, self.topology, node) as client:
-                body = client.post(node, "/v1/admin/second-factor", kind="admin").json()
-            write_private(secret_file(self.state, node), body["secret"].encode())
+                enrollment = client.call(node, ENROLL)
+            write_private(secret_file(self.state, node), enrollment.secret.encode())
         login_with_saved_secret(self.state, self.topology, node)
 
     def down(self) -> dict[str, str]:

@@ -40,6 +40,7 @@ from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
 from parties.runtime import pki
+from parties.runtime.api import PING
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeUnavailable, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER
@@ -411,12 +412,12 @@ def _witnessed_size(fed: Federation) -> int | None:
 def test_revoked_certificate_is_refused_at_the_handshake_and_logged(world):
     fed = world.fed
     with NodeClient(fed.state, fed.topology, "hospital-2") as client:
-        assert client.get("health-authority", "/v1/ping", kind="ping").status_code == 200
+        assert client.send("health-authority", PING).status_code == 200
     before = len(events(fed, "health-authority", "tls_refused"))
     pki.revoke_node(fed.state, "hospital-2")
     with NodeClient(fed.state, fed.topology, "hospital-2") as client, \
             pytest.raises(NodeUnavailable):
-        client.get("health-authority", "/v1/ping", kind="ping")
+        client.send("health-authority", PING)
     refused = wait_for(lambda: events(fed, "health-authority", "tls_refused")[before:])
     assert refused and "revoked" in refused[-1]["reason"].lower()
 

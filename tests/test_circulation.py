@@ -29,8 +29,10 @@ from parties.ingest.api import (
     Publication,
     PublishRequest,
 )
-from parties.ingest.authority import governed_visits, publish, visits_digest
-from parties.ingest.circulation import VISITS_TABLE, seal_batch
+from parties.ingest.authority import publish, visits_digest
+from parties.ingest.circulated import VISITS_TABLE
+from parties.ingest.circulation import seal_batch
+from parties.ingest.governed import governed_visits
 from parties.node import open_node
 from parties.runtime.batch_routes import DIGEST_HEADER, digest, table_to_ipc
 from parties.runtime.client import NodeClient

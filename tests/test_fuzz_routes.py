@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from parties.runtime.api import PING
 from parties.runtime.node_log import NODE_HEADER
 from parties.runtime.session_file import SESSION_HEADER, saved_session
 from parties.runtime.supervisor import running_pid
@@ -103,5 +104,5 @@ def test_every_route_survives_generated_requests(fed, node):
 
         fuzz()
     assert running_pid(fed.state, node) == pid  # the node never crashed
-    assert session.get(url + "/v1/ping", timeout=30).status_code == 200
+    assert session.get(url + PING.path, timeout=30).status_code == 200
     assert tried >= len(operations)

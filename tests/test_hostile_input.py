@@ -29,6 +29,7 @@ from parties.claims.api import (
 from parties.domains.api import CREATE_DOMAIN, DOMAIN_TOKENS, LEVEL1_STEP, SharedDomainRequest
 from parties.ingest.api import EXPORT_BATCHES
 from parties.ledger.api import APPEND_ENTRIES
+from parties.runtime.api import PING
 from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
 from parties.runtime.node_log import NODE_HEADER
 from tests.attack_helpers import (
@@ -145,7 +146,7 @@ def test_100_mib_body_is_refused_with_413_before_it_is_read(fed):
         assert seconds < 20, seconds  # liveness bound: refused on the header, not after reading
         assert (path, "BodyTooLarge") in [r[1:3] for r in refusal_rows(fed, target)]
     # The node still serves.
-    assert fed.callers.request("insurer-a", "regulator", "GET", "/v1/ping").status_code == 200
+    assert fed.callers.request("insurer-a", "regulator", "GET", PING.path).status_code == 200
 
 
 def test_chunked_body_without_length_is_refused(fed):
@@ -198,7 +199,7 @@ def test_slowloris_and_stalled_handshake_are_dropped(fed):
     refused = wait_for(lambda: [e for e in events(fed, "regulator", "tls_refused")
                                 if "handshake" in e["reason"]])
     assert refused
-    assert fed.callers.request("insurer-a", "regulator", "GET", "/v1/ping").status_code == 200
+    assert fed.callers.request("insurer-a", "regulator", "GET", PING.path).status_code == 200
 
 
 # --- malformed log entries --------------------------------------------------------------

@@ -129,13 +129,14 @@ DRIVER = textwrap.dedent('''
         Federation.admin_login(types.SimpleNamespace(state=state, topology=topo))
         out("ok")
     elif action == "ping":
+        from parties.runtime.api import PING
         from parties.runtime.client import NodeClient
         from parties.runtime.errors import NodeError
         try:
             with NodeClient(state, topo, args["source"]) as client:
-                r = client.get(args["target"], "/v1/ping", kind="ping",
-                               check_flow=args.get("check_flow", True),
-                               headers={"X-Request-ID": args["rid"]})
+                r = client.send(args["target"], PING,
+                                check_flow=args.get("check_flow", True),
+                                headers={"X-Request-ID": args["rid"]})
                 stream = r.extensions["network_stream"]
                 out({"status": r.status_code, "body": r.json(),
                      "local": stream.get_extra_info("client_addr")[0],

@@ -8,9 +8,11 @@ import httpx
 import pytest
 
 from parties.runtime import pki, supervisor
+from parties.runtime.api import PING
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, IdentityMismatch, RemoteError
 from parties.runtime.node_log import NODE_HEADER, read_log
+from parties.runtime.routes import Kind
 from parties.runtime.state import StateDir
 from parties.runtime.tls import client_context
 from tests.federation import Federation
@@ -33,9 +35,7 @@ def _wait_for(predicate, timeout: float = 5.0):
 def test_allowed_cross_domain_call_succeeds_and_carries_request_id(small_federation):
     fed = small_federation
     with NodeClient(fed.state, fed.topology, "health-authority", log=None) as client:
-        response = client.get(
-            "operator", "/v1/ping", kind="ping", headers={"X-Request-ID": "rid-allowed-1"}
-        )
+        response = client.send("operator", PING, headers={"X-Request-ID": "rid-allowed-1"})
     body = response.json()
     assert body["caller"] == "health-authority" and body["trust_domain"] == "gov-net"
     assert response.headers["X-Request-ID"] == "rid-allowed-1"
@@ -46,10 +46,10 @@ def test_flow_missing_from_topology_is_refused_with_403_and_logged(small_federat
     fed = small_federation
     with NodeClient(fed.state, fed.topology, "hospital-1") as client:
         with pytest.raises(FlowNotAllowed):
-            client.get("insurer-a", "/v1/ping", kind="ping")  # refused before sending
+            client.send("insurer-a", PING)  # refused before sending
         with pytest.raises(RemoteError) as refused:
-            client.get("insurer-a", "/v1/ping", kind="ping", check_flow=False,
-                       headers={"X-Request-ID": "rid-forbidden-1"})
+            client.send("insurer-a", PING, check_flow=False,
+                        headers={"X-Request-ID": "rid-forbidden-1"})
     assert refused.value.http_status == 403
     assert refused.value.error == "FlowNotAllowed"
     logged = _events(fed, "insurer-a", "refused")
@@ -58,7 +58,7 @@ def test_flow_missing_from_topology_is_refused_with_403_and_logged(small_federat
 
 
 def _raw_get(fed: Federation, ctx: ssl.SSLContext, target: str, headers=None) -> httpx.Response:
-    url = fed.topology.node(target).url + "/v1/ping"
+    url = fed.topology.node(target).url + PING.path
     with httpx.Client(verify=ctx, timeout=5) as http:
         return http.get(url, headers=headers or {})
 
@@ -147,8 +147,8 @@ def test_subject_not_the_node_it_claims_to_be_is_refused(small_federation):
 def test_openapi_document_is_served(small_federation):
     fed = small_federation
     with NodeClient(fed.state, fed.topology, "operator") as client:
-        doc = client.get("operator", "/openapi.json", kind="ping").json()
-    assert "/v1/ping" in doc["paths"]
+        doc = client.request("operator", "GET", "/openapi.json", kind=Kind.PING).json()
+    assert PING.path in doc["paths"]
 
 
 def test_up_twice_starts_no_second_copy(small_federation):
@@ -176,11 +176,11 @@ def test_revoked_certificate_is_refused_then_down_leaves_no_process(tmp_path):
     fed.up()
     try:
         with NodeClient(fed.state, fed.topology, "hospital-1") as client:
-            assert client.get("health-authority", "/v1/ping", kind="ping").status_code == 200
+            assert client.send("health-authority", PING).status_code == 200
         pki.revoke_node(fed.state, "hospital-1")
         with NodeClient(fed.state, fed.topology, "hospital-1") as client, \
                 pytest.raises(Exception) as refused:
-            client.get("health-authority", "/v1/ping", kind="ping")
+            client.send("health-authority", PING)
         assert "NodeUnavailable" in type(refused.value).__name__
         reasons = _wait_for(lambda: _tls_refusals(fed, "health-authority"))
         assert reasons and "revoked" in reasons[-1]["reason"].lower()

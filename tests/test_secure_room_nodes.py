@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
 from parties.ingest.api import HOSPITAL_EXPORT, ExportRequest
-from parties.ingest.authority import governed_visits
+from parties.ingest.governed import governed_visits
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError

@@ -19,7 +19,7 @@ from mpc import xid
 from mpc.claim import CandidateIndex, encode_visit_rows, ss_shares
 from mpc.claim.constants import CLAIM_SCENARIO
 from parties.domains.registry import live_domain
-from parties.ingest.circulation import read_visits
+from parties.ingest.circulated import read_visits
 from parties.runtime.context import NodeContext
 
 

@@ -71,6 +71,7 @@ from parties.ingest.circulation import (
     seal_batch,
     send_sealed_batches,
 )
+from parties.ingest.governed import DATA_FIELDS, VISITS_TABLE, governed_visits
 from parties.ledger.client import append_entry
 from parties.runtime import batches
 from parties.runtime.access import Caller
@@ -91,9 +92,7 @@ from parties.runtime.topology import Role
 
 VISIT_REF_KEY_TABLE = "hmac:visit_ref"  # a keyring entry used as the visit_ref HMAC key
 STAGING_TABLE = "ha_staged_batches"
-VISITS_TABLE = "ha_visits"
 SEAL_FROM_LEVEL = 3  # seal fields graded L3 and above; the top grade is always sealed
-ROW_KEY_FIELDS = ("visit_id", "hospital_id")  # identify the record, never sealed
 
 COMPONENT = "health_authority"
 MIGRATIONS: tuple[str, ...] = (
@@ -117,7 +116,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE ha_consumer_keys (p1 BLOB PRIMARY KEY, public_key BLOB NOT NULL)
     """,
 )
-_DATA_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ROW_KEY_FIELDS)
 
 
 # --- visit references ----------------------------------------------------------------------
@@ -162,12 +160,6 @@ def _seal_column(keyring: Keyring, column: str, values: list, row_keys: list[str
     cipher = (bytes.fromhex(key_id), AESGCM(keyring.data_key(key_id)))
     return [seal_value(v, keyring, VISITS_TABLE, column, k, cipher)
             for v, k in zip(values, row_keys, strict=True)]
-
-
-def _open_column(keyring: Keyring, column: str, values: list, row_keys: list[str],
-                 ciphers: dict) -> list:
-    return [open_value(v, keyring, VISITS_TABLE, column, k, ciphers)
-            if isinstance(v, bytes) else v for v, k in zip(values, row_keys, strict=True)]
 
 
 def _plain(value: Any) -> Any:
@@ -223,7 +215,7 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
     grades = {g.column: g.level for g in classify_table(
         common_profile, policy, {f: f for f in COMMON_FIELDS})}
     top = max(int(level[1:]) for level in policy.levels)
-    sealed = [f for f in _DATA_FIELDS
+    sealed = [f for f in DATA_FIELDS
               if int(grades[f][1:]) >= min(SEAL_FROM_LEVEL, top)]
     ids = std["national_id"].tolist()
     distinct = list(dict.fromkeys(ids))
@@ -233,19 +225,19 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
     refs = visit_refs(ctx, visit_ids)
     keyring = ctx.secrets.data_key_for(VISITS_TABLE)
     stored = {}
-    for f in _DATA_FIELDS:
+    for f in DATA_FIELDS:
         values = [_plain(v) for v in std[f].tolist()]
         values = [None if (isinstance(v, float) and v != v) else v for v in values]
         stored[f] = _seal_column(keyring, f, values, visit_ids) if f in sealed else values
     rows = [(visit_ids[i], hospital, refs[i], p1_of[ids[i]],
-             *(stored[f][i] for f in _DATA_FIELDS), stream) for i in range(len(std))]
+             *(stored[f][i] for f in DATA_FIELDS), stream) for i in range(len(std))]
     result = GovernedExport(
         stream=stream, hospital_id=hospital, rows=len(std), persons=len(distinct), digest=digest,
         mapped={f: m.column for f, m in mapping.fields.items()},
         flagged={c.name: c.sensitive_type for c in profile.columns if c.sensitive_type},
         raw_grades=raw_grades, grades=grades, sealed_fields=sealed,
     )
-    columns = ("visit_id", "hospital_id", "visit_ref", "p1", *_DATA_FIELDS, "export_stream")
+    columns = ("visit_id", "hospital_id", "visit_ref", "p1", *DATA_FIELDS, "export_stream")
     with ctx.store.lock, ctx.store.conn as conn:
         conn.executemany(
             f"INSERT OR REPLACE INTO {VISITS_TABLE} ({', '.join(columns)}) "
@@ -286,25 +278,6 @@ def exported(ctx: NodeContext, stream: str) -> GovernedExport:
                  if c["sensitive_type"]},
         raw_grades=both["raw"], grades=both["common"], sealed_fields=json.loads(sealed),
     )
-
-
-def governed_visits(ctx: NodeContext, fields: tuple[str, ...] = _DATA_FIELDS) -> pd.DataFrame:
-    """The governed copy with `fields` opened (visit_id, hospital_id, visit_ref, p1 always)."""
-    cols = ("visit_id", "hospital_id", "visit_ref", "p1", *fields)
-    with ctx.store.lock:
-        rows = ctx.store.conn.execute(
-            f"SELECT {', '.join(cols)} FROM {VISITS_TABLE} ORDER BY visit_id").fetchall()
-    frame = pd.DataFrame(rows, columns=list(cols))
-    keyring, ciphers = ctx.secrets.keyring, {}
-    keys = frame["visit_id"].tolist()
-    for f in fields:
-        values = _open_column(keyring, f, frame[f].tolist(), keys, ciphers)
-        if f in ("birth_date", "admission_date", "discharge_date"):
-            values = [dt.date.fromisoformat(v) if isinstance(v, str) else v for v in values]
-        frame[f] = values
-    frame["visit_ref"] = frame["visit_ref"].map(bytes)
-    frame["p1"] = frame["p1"].map(bytes)
-    return frame
 
 
 def governance_summary(ctx: NodeContext) -> GovernanceSummary:

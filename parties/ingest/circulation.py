@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import APIRouter
 
-from governance.at_rest import open_value, seal_value
+from governance.at_rest import seal_value
 from parties.domains.registry import index_visits
 from parties.ingest.api import (
     CIRCULATION_PERSONS,
@@ -49,6 +49,14 @@ from parties.ingest.api import (
     Registration,
     RegistrationMismatch,
     TransportSealInvalid,
+)
+from parties.ingest.circulated import (
+    CIRCULATION_FIELDS,
+    DATE_FIELDS,
+    INT_FIELDS,
+    PERSONS_TABLE,
+    VISITS_TABLE,
+    read_visits,
 )
 from parties.ledger.client import append_entry
 from parties.runtime import batches
@@ -67,15 +75,6 @@ from parties.runtime.sealing import open_bytes, seal_bytes, sealing_private_key
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 
-VISITS_TABLE = "circ_visits"
-PERSONS_TABLE = "circ_persons"
-#: the fields of a published visit, in order (visit_ref and p1 are 32-byte binaries)
-CIRCULATION_FIELDS: tuple[str, ...] = (
-    "visit_ref", "p1", "hospital_id", "admission_date", "discharge_date", "diagnosis_code",
-    "total_fen", "covered_fen", "self_pay_fen",
-)
-DATE_FIELDS = ("admission_date", "discharge_date")
-INT_FIELDS = ("total_fen", "covered_fen", "self_pay_fen")
 META_SEALED_KEY = b"cogov.sealed_key"
 META_SEALED_COLUMNS = b"cogov.sealed_columns"
 META_GRADES = b"cogov.grades"
@@ -297,52 +296,6 @@ def _apply_persons(stream: str) -> Callable[[sqlite3.Connection, pa.Table], int]
         return len(p1s)
 
     return apply
-
-
-def read_visits(ctx: NodeContext, visit_refs: Sequence[bytes] | None = None) -> pd.DataFrame:
-    """The operator's circulation rows (top-grade fields opened), all or those of `visit_refs`.
-
-    Raises `governance.at_rest.CiphertextInvalid` if a stored ciphertext was altered.
-    """
-    cols = ", ".join(CIRCULATION_FIELDS)
-    with ctx.store.lock:
-        if visit_refs is None:
-            rows = ctx.store.conn.execute(f"SELECT {cols} FROM {VISITS_TABLE}").fetchall()
-        else:
-            rows = []
-            refs = list(visit_refs)
-            for start in range(0, len(refs), 500):
-                part = refs[start:start + 500]
-                rows += ctx.store.conn.execute(
-                    f"SELECT {cols} FROM {VISITS_TABLE} WHERE visit_ref IN "
-                    f"({', '.join('?' * len(part))})", part,
-                ).fetchall()
-    frame = pd.DataFrame(rows, columns=list(CIRCULATION_FIELDS))
-    if frame.empty:
-        return frame
-    keyring = ctx.secrets.keyring
-    ciphers: dict = {}
-    for name in CIRCULATION_FIELDS[2:]:
-        values = frame[name].tolist()
-        if any(isinstance(v, bytes) for v in values):
-            values = [open_value(v, keyring, VISITS_TABLE, name, bytes(r).hex(), ciphers)
-                      if isinstance(v, bytes) else v
-                      for v, r in zip(values, frame["visit_ref"], strict=True)]
-        if name in DATE_FIELDS:
-            values = [dt.date.fromisoformat(v) if isinstance(v, str) else v for v in values]
-        frame[name] = values
-    frame["visit_ref"] = frame["visit_ref"].map(bytes)
-    frame["p1"] = frame["p1"].map(bytes)
-    return frame
-
-
-def consumer_public_key(ctx: NodeContext, p1: bytes) -> bytes | None:
-    """The consumer signing public key of the person with level-1 token `p1`, if known."""
-    with ctx.store.lock:
-        row = ctx.store.conn.execute(
-            f"SELECT public_key FROM {PERSONS_TABLE} WHERE p1 = ?", (p1,)
-        ).fetchone()
-    return bytes(row[0]) if row else None
 
 
 def circulation_summary(ctx: NodeContext) -> CirculationSummary:

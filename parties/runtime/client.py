@@ -118,12 +118,6 @@ class NodeClient:
             raise remote_error(response.status_code, str(error), str(detail))
         return response
 
-    def get(self, target: str, path: str, *, kind: Kind, **kw: Any) -> httpx.Response:
-        return self.request(target, "GET", path, kind=kind, **kw)
-
-    def post(self, target: str, path: str, *, kind: Kind, **kw: Any) -> httpx.Response:
-        return self.request(target, "POST", path, kind=kind, **kw)
-
     def call(
         self,
         target: str,
@@ -145,19 +139,38 @@ class NodeClient:
         if body is not None and not isinstance(body, route.request):
             raise TypeError(f"{route.path} takes {route.request.__name__}, not "
                             f"{type(body).__name__}")
-        path = route.url(**(params or {}))
-        if query:
-            path += "?" + str(httpx.QueryParams(dict(query)))
-        response = self.request(
-            target, route.method, path, kind=route.kind,
+        response = self.send(
+            target, route, params=params, query=query, content=content, headers=headers,
             json=None if body is None else body.model_dump(mode="json"),
-            content=content, headers=headers,
         )
         if route.response is Raw:
             return response.content  # type: ignore[return-value]
         if route.response is None:
             return None  # type: ignore[return-value]
         return _adapter(route.response).validate_json(response.content)
+
+    def send(
+        self,
+        target: str,
+        route: Route,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        query: Mapping[str, str | int] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        check_flow: bool = True,
+    ) -> httpx.Response:
+        """Send anything to a declared route and return the HTTP response (refusals raised).
+
+        For callers that need the response itself or must send what the route's model
+        would refuse: attack tests, status checks. Everything else uses `call`.
+        """
+        path = route.url(**(params or {}))
+        if query:
+            path += "?" + str(httpx.QueryParams(dict(query)))
+        return self.request(target, route.method, path, kind=route.kind, json=json,
+                            content=content, headers=headers, check_flow=check_flow)
 
     @staticmethod
     def _check_server_identity(response: httpx.Response, target: str) -> None:

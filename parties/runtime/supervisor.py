@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from parties.runtime.api import HEALTH
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.state import StateDir
@@ -80,8 +81,7 @@ def probe(state: StateDir, topology: Topology, name: str, timeout: float = 2.0) 
     """Ask node `name` for its health over mutual TLS, as itself."""
     try:
         with NodeClient(state, topology, name, timeout=timeout) as client:
-            body = client.get(name, "/v1/health", kind="ping").json()
-        return str(body["status"])
+            return client.call(name, HEALTH).status
     except NodeError as exc:
         return f"down ({type(exc).__name__})"
 

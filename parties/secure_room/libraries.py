@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from parties.ingest.authority import governed_visits
+from parties.ingest.governed import governed_visits
 from parties.ledger.client import append_entry
 from parties.runtime.context import NodeContext
 from parties.runtime.topology import Role

@@ -17,7 +17,7 @@ from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
 from mpc.psi import JoinOutcome, JoinResponse, ValueHolder
 from parties.domains.keys import xid_pool
 from parties.domains.registry import live_domain
-from parties.ingest.circulation import VISITS_TABLE, read_visits
+from parties.ingest.circulated import VISITS_TABLE, read_visits
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.mount import mount
