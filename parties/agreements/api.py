@@ -18,7 +18,7 @@ SERVING_ROLE = Role.REGULATOR
 
 def serving_node(topology: Topology) -> str:
     """The node that keeps the federation's consents and contracts."""
-    return topology.nodes_with_role(SERVING_ROLE)[0].name
+    return topology.node_of(SERVING_ROLE)
 
 
 class Registered(BaseModel):

@@ -145,7 +145,7 @@ class Client:
             and "insurer" in policies else policies
         self.k = k
         self.batch_size = max(1, min(batch_size, MAX_CLAIMS))
-        self.regulator = self.topology.nodes_with_role(Role.REGULATOR)[0].name
+        self.regulator = self.topology.node_of(Role.REGULATOR)
         self._http = NodeClient(self.state, self.topology, insurer, timeout=timeout)
         self._tokens: dict[str, bytes] = {}
         self._commitments: dict[tuple[str, str], str] = {}

@@ -19,12 +19,12 @@ def node_client(ctx: NodeContext) -> NodeClient:
 
 
 def operator_node(ctx: NodeContext) -> str:
-    return ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+    return ctx.topology.node_of(Role.OPERATOR)
 
 
 def session_nodes(ctx: NodeContext) -> tuple[str, str, str]:
     """(leader, follower, dealer) node names: operator, regulator, health authority."""
     topo = ctx.topology
-    return (topo.nodes_with_role(Role.OPERATOR)[0].name,
-            topo.nodes_with_role(Role.REGULATOR)[0].name,
-            topo.nodes_with_role(Role.HEALTH_AUTHORITY)[0].name)
+    return (topo.node_of(Role.OPERATOR),
+            topo.node_of(Role.REGULATOR),
+            topo.node_of(Role.HEALTH_AUTHORITY))

@@ -18,11 +18,12 @@ from pydantic import BaseModel, Field
 
 from governance.errors import GovernanceError
 from governance.leak_tracing import LeakReport
+from mpc.claim.constants import CLAIM_SCENARIO
 from parties.runtime.batch_routes import batch_stream_routes
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role
 
-DEFAULT_SCENARIO = "claim_check"
+DEFAULT_SCENARIO = CLAIM_SCENARIO
 SCENARIO_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 DATA_USER_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 DOMAIN_ID_PATTERN = r"^dom-[0-9a-f]{16}$"

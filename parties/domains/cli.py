@@ -24,19 +24,16 @@ from parties.domains.api import (
     SharedDomainRequest,
 )
 from parties.runtime.cli import (
-    ExitCode,
     StateOption,
     TopologyOption,
     exit_on,
-    fail,
+    long_client,
     resolve_topology,
+    role_node,
 )
-from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
-from parties.runtime.state import StateDir, default_state_dir
-from parties.runtime.topology import Role, Topology
-
-LONG_CALL_S = 1800.0
+from parties.runtime.state import default_state_dir
+from parties.runtime.topology import Role
 
 console = Console()
 domain_app = typer.Typer(
@@ -47,15 +44,6 @@ domain_app = typer.Typer(
 govern_commands = typer.Typer()
 
 
-def _client(state: Path, topology: Topology, node: str) -> NodeClient:
-    return NodeClient(StateDir(state), topology, node, timeout=LONG_CALL_S)
-
-
-def _one(topology: Topology, role: Role) -> str:
-    nodes = topology.nodes_with_role(role)
-    if not nodes:
-        fail("TopologyError", f"the topology has no {role.value} node", ExitCode.BAD_INPUT)
-    return nodes[0].name
 
 
 @govern_commands.command("trace-leak")
@@ -68,11 +56,11 @@ def trace_leak(
 ) -> None:
     """Name the shared domain, and so the data user, that leaked tokens came from."""
     _, topo = resolve_topology(state, topology)
-    operator = _one(topo, Role.OPERATOR)
+    operator = role_node(topo, Role.OPERATOR)
     with exit_on(NodeError, GovernanceError):
         raw = read_leaked_tokens(file, column)
         tokens = [v.hex() if isinstance(v, bytes) else v for v in raw]
-        with _client(state, topo, operator) as client:
+        with long_client(state, topo, operator) as client:
             trace = client.call(operator, TRACE_LEAK, LeakedTokens(tokens=tokens))
     report = trace.report
     table = Table(title=f"leak trace: {report.leaked} tokens, {report.unmatched} unmatched, "
@@ -94,8 +82,8 @@ def rotate_k1(
 ) -> None:
     """Rotate the level-1 key k1 at the health authority; the operator re-derives every token."""
     _, topo = resolve_topology(state, topology)
-    authority = _one(topo, Role.HEALTH_AUTHORITY)
-    with exit_on(NodeError), _client(state, topo, authority) as client, \
+    authority = role_node(topo, Role.HEALTH_AUTHORITY)
+    with exit_on(NodeError), long_client(state, topo, authority) as client, \
             console.status("re-keying p1 and tokens"):
         done = client.call(authority, ROTATE_LEVEL1)
     op = done.operator
@@ -127,8 +115,8 @@ def domain_create(
     """Create the shared domain of (scenario, data user) with a fresh key k2[d], filled with
     tokens."""
     _, topo = resolve_topology(state, topology)
-    operator = _one(topo, Role.OPERATOR)
-    with exit_on(NodeError, ValueError), _client(state, topo, operator) as client, \
+    operator = role_node(topo, Role.OPERATOR)
+    with exit_on(NodeError, ValueError), long_client(state, topo, operator) as client, \
             console.status("re-keying tokens"):
         info = client.call(operator, CREATE_DOMAIN,
                            SharedDomainRequest(scenario=scenario, data_user=data_user))
@@ -143,8 +131,8 @@ def domain_list(
 ) -> None:
     """List the operator's shared domains."""
     _, topo = resolve_topology(state, topology)
-    operator = _one(topo, Role.OPERATOR)
-    with exit_on(NodeError), _client(state, topo, operator) as client:
+    operator = role_node(topo, Role.OPERATOR)
+    with exit_on(NodeError), long_client(state, topo, operator) as client:
         rows = client.call(operator, LIST_DOMAINS,
                            query={"include_deleted": str(all_).lower()})
     console.print(_domain_table(rows))
@@ -159,10 +147,10 @@ def domain_delete(
 ) -> None:
     """Delete a shared domain: destroy its key (crypto-shredding) and its tokens. Irreversible."""
     _, topo = resolve_topology(state, topology)
-    operator = _one(topo, Role.OPERATOR)
+    operator = role_node(topo, Role.OPERATOR)
     if not yes:
         typer.confirm(f"destroy the key and tokens of {domain_id} for good?", abort=True)
-    with exit_on(NodeError, ValueError), _client(state, topo, operator) as client:
+    with exit_on(NodeError, ValueError), long_client(state, topo, operator) as client:
         info = client.call(operator, DELETE_DOMAIN, params={"domain_id": domain_id})
     console.print(_domain_table([info]))
     console.print(f"key of {domain_id} destroyed; key_destroyed and domain_deleted are logged")
@@ -177,8 +165,8 @@ def domain_rotate(
     """Rotate a shared domain's key k2[d]: its tokens move to the new version, old tokens stop
     matching."""
     _, topo = resolve_topology(state, topology)
-    operator = _one(topo, Role.OPERATOR)
-    with exit_on(NodeError, ValueError), _client(state, topo, operator) as client, \
+    operator = role_node(topo, Role.OPERATOR)
+    with exit_on(NodeError, ValueError), long_client(state, topo, operator) as client, \
             console.status("re-keying tokens"):
         done = client.call(operator, ROTATE_DOMAIN_KEY, params={"domain_id": domain_id})
     console.print(

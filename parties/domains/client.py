@@ -25,7 +25,7 @@ def domain_tokens(
     (`RateLimited` 429, `DomainDeleted` 410, `UnknownDomain` 404, ...), which is also
     a `parties.runtime.errors.RemoteError`.
     """
-    regulator = client.topology.nodes_with_role(Role.REGULATOR)[0].name
+    regulator = client.topology.node_of(Role.REGULATOR)
     tokens: list[bytes] = []
     for start in range(0, len(ids), MAX_POINTS):
         blinded, state = xid.blind(list(ids[start:start + MAX_POINTS]))

@@ -140,7 +140,7 @@ def rotate_level1_key(
         pairs = list(zip(old_p1, new_p1, strict=True))
         digest = mapping_digest(pairs)
         stream = f"k1-{current.version}-{pending.version}-{digest[:24]}"
-        operator = ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+        operator = ctx.topology.node_of(Role.OPERATOR)
         with ctx.client(timeout=OPERATOR_CALL_S) as client:
             try:
                 send_batches(

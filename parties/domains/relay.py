@@ -28,7 +28,7 @@ def _relay_routes(ctx: NodeContext) -> list[APIRouter]:
     @mount(router, DOMAIN_TOKENS)
     def relay(body: RelayRequest, caller: Caller) -> Points:
         """Relay an insurer's blinded points to the operator, naming the authenticated insurer."""
-        operator = ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+        operator = ctx.topology.node_of(Role.OPERATOR)
         try:
             with ctx.client() as client:
                 out = client.call(operator, EVALUATE, OprfRequest(

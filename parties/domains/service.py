@@ -127,7 +127,7 @@ def evaluate_for_data_user(
                           f"{rate_limit()[1]:g} per second)")
     key = ctx.secrets.xid_key(domain_key_name(domain_id))
     xid.evaluate_blinded(key, points)  # refuse malformed points before the authority sees them
-    authority = ctx.topology.nodes_with_role(Role.HEALTH_AUTHORITY)[0].name
+    authority = ctx.topology.node_of(Role.HEALTH_AUTHORITY)
     with ctx.client() as client:
         stepped = client.call(authority, LEVEL1_STEP,
                               BlindedPoints(points=[bytes(p).hex() for p in points]))

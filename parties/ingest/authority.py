@@ -319,7 +319,7 @@ def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.T
 
 
 def operator_name(ctx: NodeContext) -> str:
-    return ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+    return ctx.topology.node_of(Role.OPERATOR)
 
 
 def publish(

@@ -43,14 +43,14 @@ from parties.runtime.cli import (
     TopologyOption,
     exit_on,
     fail,
+    long_client,
     resolve_topology,
+    role_node,
 )
-from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
-from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.state import default_state_dir
 from parties.runtime.topology import Role, Topology
 
-LONG_CALL_S = 1800.0
 RAW_SUFFIXES = (".csv", ".parquet", ".jsonl")
 
 console = Console()
@@ -64,15 +64,6 @@ for _name in ("scan", "classify", "standardize", "desensitize"):
     govern_app.command(_name)(getattr(files_cli, _name))
 
 
-def _client(state: Path, topology: Topology, node: str) -> NodeClient:
-    return NodeClient(StateDir(state), topology, node, timeout=LONG_CALL_S)
-
-
-def _one(topology: Topology, role: Role) -> str:
-    nodes = topology.nodes_with_role(role)
-    if not nodes:
-        fail("TopologyError", f"the topology has no {role.value} node", ExitCode.BAD_INPUT)
-    return nodes[0].name
 
 
 def raw_exports(data: Path, topology: Topology) -> dict[str, Path]:
@@ -124,7 +115,7 @@ def ingest(
     """Run the chain on the running nodes: hospitals export, the authority governs, publishes."""
     _, topo = resolve_topology(state, topology)
     exports = raw_exports(data, topo)
-    authority, operator = _one(topo, Role.HEALTH_AUTHORITY), _one(topo, Role.OPERATOR)
+    authority, operator = role_node(topo, Role.HEALTH_AUTHORITY), role_node(topo, Role.OPERATOR)
     started = time.perf_counter()
     results: dict[str, ExportResult] = {}
     created: list[SharedDomain] = []
@@ -132,7 +123,7 @@ def ingest(
         task = bar.add_task("hospital exports", total=len(exports))
         for hospital, path in exports.items():
             bar.update(task, description=f"{hospital} exports {path.name}")
-            with _client(state, topo, hospital) as client:
+            with long_client(state, topo, hospital) as client:
                 results[hospital] = client.call(hospital, HOSPITAL_EXPORT, ExportRequest(
                     path=str(path.resolve()), batch_rows=batch_rows, encoding=encoding))
             bar.advance(task)
@@ -142,16 +133,16 @@ def ingest(
             stream = "k-" + hashlib.sha256(
                 "".join(keys["public_key"].to_pylist()).encode()).hexdigest()[:32]
             ktask = bar.add_task("consumer public keys", total=None)
-            with _client(state, topo, authority) as client:
+            with long_client(state, topo, authority) as client:
                 send_batches(client, authority, CONSUMER_KEYS, stream, keys,
                              batch_rows=batch_rows,
                              on_batch=lambda i, n: bar.update(ktask, completed=i, total=n))
         ptask = bar.add_task("publishing to the operator", total=1)
-        with _client(state, topo, authority) as client:
+        with long_client(state, topo, authority) as client:
             publication = client.call(authority, PUBLISH, PublishRequest(batch_rows=batch_rows))
         bar.advance(ptask)
         if domains:
-            with _client(state, topo, operator) as client:
+            with long_client(state, topo, operator) as client:
                 live = {(d.scenario, d.data_user) for d in client.call(operator, LIST_DOMAINS)}
                 for insurer in topo.nodes_with_role(Role.INSURER):
                     if (DEFAULT_SCENARIO, insurer.name) not in live:

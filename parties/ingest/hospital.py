@@ -63,7 +63,7 @@ def export_file(ctx: NodeContext, path: Path, *, batch_rows: int = DEFAULT_BATCH
         raise ExportFileMissing(f"no export file at {path}")
     stream = file_stream_name(path)
     table = read_export(path, encoding)
-    authority = ctx.topology.nodes_with_role(Role.HEALTH_AUTHORITY)[0].name
+    authority = ctx.topology.node_of(Role.HEALTH_AUTHORITY)
     with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
         summary = send_batches(client, authority, EXPORT_BATCHES, stream, table,
                                batch_rows=batch_rows)

@@ -11,9 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeUnavailable
 from parties.runtime.state import StateDir
-from parties.runtime.topology import Topology, TopologyError, load_topology
+from parties.runtime.topology import Role, Topology, TopologyError, load_topology
 
 console = Console()
 
@@ -97,6 +98,23 @@ def resolve_topology(state: Path, topology: Path | None) -> tuple[Path, Topology
     except TopologyError as exc:
         console.print(f"[red]invalid topology:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+# Commands that drive a whole federation step (ingest, a key rotation) wait this long.
+LONG_CALL_S = 1800.0
+
+
+def long_client(state: Path, topology: Topology, node: str) -> NodeClient:
+    """A client acting as `node` for a command that may run for many minutes."""
+    return NodeClient(StateDir(state), topology, node, timeout=LONG_CALL_S)
+
+
+def role_node(topology: Topology, role: Role) -> str:
+    """The topology's node of `role`; exits with a bad-input error when it has none."""
+    nodes = topology.nodes_with_role(role)
+    if not nodes:
+        fail("TopologyError", f"the topology has no {role.value} node", ExitCode.BAD_INPUT)
+    return nodes[0].name
 
 
 def node_names(nodes: str | None, topology: Topology) -> list[str] | None:

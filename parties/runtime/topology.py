@@ -136,6 +136,13 @@ class Topology(_Strict):
     def nodes_with_role(self, role: Role) -> list[NodeSpec]:
         return [n for n in self.nodes if n.role == role]
 
+    def node_of(self, role: Role) -> str:
+        """The name of the (first) node of `role`: the serving node of a one-node role."""
+        for node in self.nodes:
+            if node.role == role:
+                return node.name
+        raise KeyError(f"topology {self.name!r} has no {role.value} node")
+
     def allows(self, source: str, target: str, kind: str) -> bool:
         """Whether the topology lets node `source` call node `target` for `kind`."""
         if not (self.has_node(source) and self.has_node(target)):

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from governance.packages import PackageApproval
+from mpc.claim.constants import CLAIM_SCENARIO
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role
@@ -155,7 +156,7 @@ class LibraryDownload(BaseModel):
 
 class PackageUpload(BaseModel):
     files: Annotated[list[WireFile], Field(min_length=1, max_length=MAX_PACKAGE_FILES)]
-    library: Annotated[str, Field(pattern=NAME_PATTERN)] = "claim_check"
+    library: Annotated[str, Field(pattern=NAME_PATTERN)] = CLAIM_SCENARIO
 
 
 class Submission(BaseModel):
@@ -235,7 +236,7 @@ class CatalogueEntry(BaseModel):
 
 
 class LibraryBuild(BaseModel):
-    name: Annotated[str, Field(pattern=NAME_PATTERN)] = "claim_check"
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = CLAIM_SCENARIO
     sample_rows: Annotated[int, Field(ge=20, le=200_000)] = 500
     test_rows: Annotated[int, Field(ge=10, le=10_000)] = 60
     seed: Annotated[int, Field(ge=0, le=2**31)] = 7

@@ -30,6 +30,7 @@ from governance.packages import (
     verify_approval,
     write_package_hash,
 )
+from mpc.claim.constants import CLAIM_SCENARIO
 from parties.runtime.cli import (
     ExitCode,
     StateOption,
@@ -192,7 +193,7 @@ def test_command(
     library: Annotated[Path | None, typer.Option(
         "--library", "-l", help="A local library directory instead of the operator's sample.")]
     = None,
-    library_name: LibraryName = "claim_check",
+    library_name: LibraryName = CLAIM_SCENARIO,
     node: NodeOption = None,
     rows: RowsOption = 10,
     skip_static_gate: Annotated[bool, typer.Option(
@@ -238,7 +239,7 @@ def submit_command(
     library: Annotated[Path | None, typer.Option(
         "--library", "-l", help="Validate here on this local library directory instead of in "
         "the operator's secure room (records package.sha256).")] = None,
-    library_name: LibraryName = "claim_check",
+    library_name: LibraryName = CLAIM_SCENARIO,
     node: NodeOption = None,
     report_path: Annotated[Path | None, typer.Option(
         "--report", help="Also write the validation report here (JSON; with --library, by "
@@ -312,7 +313,7 @@ def run_command(
 
 @package_app.command("libraries")
 def libraries_command(
-    library_name: LibraryName = "claim_check",
+    library_name: LibraryName = CLAIM_SCENARIO,
     sample_rows: Annotated[int, typer.Option(help="synthetic rows in the sample library")] = 500,
     test_rows: Annotated[int, typer.Option(help="rows in the desensitized test library")] = 60,
     seed: Annotated[int, typer.Option(help="random seed of both libraries")] = 7,

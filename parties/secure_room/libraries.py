@@ -187,7 +187,7 @@ def _publish(ctx: NodeContext, name: str, kind: str, directory: Path,
     sha = library_hash(directory)
     tables = {n: t.rows for n, t in read_library_info(directory).tables.items()}
     upload = LibraryUpload(name=name, kind=kind, sha256=sha, files=library_to_wire(directory))
-    operator = ctx.topology.nodes_with_role(Role.OPERATOR)[0].name
+    operator = ctx.topology.node_of(Role.OPERATOR)
     with ctx.client(LONG_CALL_S) as client:
         client.call(operator, PUBLISH_LIBRARY, upload)
     report = reports.get("visits", {})

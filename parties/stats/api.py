@@ -38,12 +38,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mpc.claim.constants import CLAIM_SCENARIO
 from mpc.psi import IntersectionPolicy, IntersectionResult, JoinOutcome, JoinRequest, JoinResponse
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role, Topology
 
-SCENARIO = "claim_check"
+SCENARIO = CLAIM_SCENARIO
 STATISTIC = "claimant_self_pay"
 #: the regulator's floor on the minimum intersection size (refuse policies below it)
 MIN_INTERSECTION_FLOOR = IntersectionPolicy().min_intersection
@@ -64,11 +65,11 @@ _NODE = r"^[a-z][a-z0-9-]{0,62}$"
 
 
 def regulator_node(topology: Topology) -> str:
-    return topology.nodes_with_role(Role.REGULATOR)[0].name
+    return topology.node_of(Role.REGULATOR)
 
 
 def operator_node(topology: Topology) -> str:
-    return topology.nodes_with_role(Role.OPERATOR)[0].name
+    return topology.node_of(Role.OPERATOR)
 
 
 # --- typed errors ---------------------------------------------------------------------
