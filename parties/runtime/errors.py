@@ -72,7 +72,7 @@ def typed_error_class(name: str) -> type[Exception] | None:
     pending: list[type[Exception]] = list(TYPED_ERROR_BASES)
     while pending:
         cls = pending.pop()
-        if cls.__name__ == name and cls is not RemoteError:
+        if cls.__name__ == name and not issubclass(cls, RemoteError):
             return cls
         pending.extend(cls.__subclasses__())
     return None
