@@ -10,6 +10,7 @@ This module imports no web framework: an insurer's SDK loads it without a server
 import re
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel
 
@@ -58,9 +59,10 @@ class Route(Generic[Req, Resp]):
                 f"{self.path} takes parameters {self.parameters}, got {sorted(params)}"
             )
         for name, value in params.items():
-            if "/" in str(value):
-                raise ValueError(f"path parameter {name} may not contain '/'")
-        return _PARAM.sub(lambda m: str(params[m.group(1)]), self.path)
+            if "/" in str(value) or str(value) in ("", ".", ".."):
+                raise ValueError(f"path parameter {name} must be one non-empty path segment")
+        # Quoted, so a value can never add a query string or a fragment to the path.
+        return _PARAM.sub(lambda m: quote(str(params[m.group(1)]), safe=""), self.path)
 
 
 def json_body(model: BaseModel | None) -> Any:
