@@ -1,7 +1,7 @@
 """Leak tracing: name the shared domain that leaked xID tokens came from.
 
 Each anonymous shared domain d holds tokens T_d(id) = k2[d]·k1·H(id), and no
-two domains share a token (DESIGN.md §4). Given tokens found in a leak, the
+two domains share a token (docs/design.md §4). Given tokens found in a leak, the
 operator looks them up in every domain's token set; the domain whose tokens
 appear is the source. `trace_leak` is the pure function; `read_leaked_tokens`
 reads a leaked CSV or Parquet file; `recompute_domain_tokens` rebuilds the

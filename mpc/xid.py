@@ -1,4 +1,4 @@
-"""xID tokens: per-domain anonymous identifiers from an OPRF chain (DESIGN.md §4).
+"""xID tokens: per-domain anonymous identifiers from an OPRF chain (docs/design.md §4).
 
 The verbs::
 

@@ -16,7 +16,7 @@ NODE_NAME = r"^[a-z][a-z0-9-]{0,62}$"
 
 
 class Role(StrEnum):
-    """The paper's roles, one behaviour each (DESIGN.md section 2)."""
+    """The paper's roles, one behaviour each (docs/design.md section 2)."""
 
     HOSPITAL = "hospital"
     HEALTH_AUTHORITY = "health-authority"
