@@ -100,14 +100,14 @@ def _stream(generator, kwargs: dict) -> StreamGenerator:
     return generator
 
 
-def generate_random_ring_element(size, ring_size=2**RING_BITS, generator=None, **kwargs):
+def generate_random_ring_element(size, *, ring_size=2**RING_BITS, generator=None, **kwargs):
     """CrypTen's sampler signature; uniform int64 over Z/2^64 from a cryptographic stream."""
     if ring_size != 2**RING_BITS:
         raise InsecureRandomness(f"only the ring Z/2^64 is sampled, not {ring_size!r}")
     return _stream(generator, kwargs).ring_elements(size)
 
 
-def generate_kbit_random_tensor(size, bitlength=None, generator=None, **kwargs):
+def generate_kbit_random_tensor(size, *, bitlength=None, generator=None, **kwargs):
     """CrypTen's sampler signature; uniform over [0, 2^bitlength) from a cryptographic stream."""
     return _stream(generator, kwargs).kbit(size, RING_BITS if bitlength is None else bitlength)
 

@@ -99,6 +99,14 @@ def _legacy_pairwise() -> None:
     ORIGINALS["_setup_prng"]()  # 64-bit seeds over the session's communicator
 
 
+def _one_dealer_stream_for_both() -> None:
+    """A faulty or hostile dealer that deals both parties from the same seed."""
+    from mpc.ss import dealer
+
+    seed = new_seed()
+    dealer.new_seed = lambda: seed
+
+
 def _party_main(role, material, mode, job, inbox, outbox) -> None:
     from mpc.certificates import tls_contexts
     from mpc.ss.loopback import _bind_and_learn_addresses
@@ -115,6 +123,8 @@ def _party_main(role, material, mode, job, inbox, outbox) -> None:
     result = None
     try:
         if role == DEALER:
+            if mode == "shared_dealer_stream":
+                _one_dealer_stream_for_both()
             dealer = DealerSession.open(role, addresses, PARTIES, server, client,
                                         listener=listener)
             phase["now"] = "evaluate"
@@ -232,6 +242,32 @@ def test_no_torch_generator_produces_a_secret(mode):
         assert reports[DEALER]["calls"] == []  # the dealer kept its streams
 
 
+@pytest.mark.timeout(600)
+def test_a_dealer_that_deals_both_parties_one_stream_is_refused():
+    """With one stream for both, the operator would replay the regulator's triples."""
+    reports, _ = _run_session("shared_dealer_stream")
+    for role in PARTIES:
+        assert isinstance(reports[role]["result"], str), role  # a traceback: refused
+        assert "SharedDealerStream" in reports[role]["result"], role
+
+
+def test_a_forked_child_cannot_repeat_its_parents_stream():
+    stream = StreamGenerator(new_seed())
+    stream.ring_elements(4)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the stream must refuse to draw
+        try:
+            stream.ring_elements(4)
+            os.write(write, b"drew")
+        except InsecureRandomness:
+            os.write(write, b"refused")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"refused"
+    assert stream.ring_elements(4).shape == (4,)  # the parent's stream still draws
+
+
 # -- the samplers refuse anything but a stream ----------------------------------------
 def test_every_crypten_binding_is_patched():
     assert unpatched_modules() == []
@@ -269,8 +305,13 @@ def test_stream_refuses_integer_seeds():
     with pytest.raises(InsecureRandomness):
         pickle.dumps(StreamGenerator(new_seed()))
     with pytest.raises(InsecureRandomness):
-        rng.generate_random_ring_element((4,), 2**32, generator=StreamGenerator(new_seed()))
-    for bad in (1234, b"short", bytes(33), "00" * 32):
+        rng.generate_random_ring_element((4,), ring_size=2**32,
+                                         generator=StreamGenerator(new_seed()))
+    # CrypTen's PRZS spreads a size into positional arguments: a second one would be
+    # taken for a bit length (a 4-bit "mask"), so the samplers take no second one.
+    with pytest.raises(TypeError):
+        rng.generate_kbit_random_tensor(3, 4, generator=StreamGenerator(new_seed()))
+    for bad in (1234, b"short", bytes(33), bytes(32), "00" * 32):
         with pytest.raises(MalformedInput):
             StreamGenerator(bad)
 

@@ -21,6 +21,7 @@ its connection closes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import threading
@@ -50,7 +51,11 @@ class DealerClient:
         message = _recv_json(channel, dealer, timeout)
         if not isinstance(message, dict) or "seed" not in message:
             raise MalformedInput("dealer sent no seed")
-        self.generator = StreamGenerator(seed_from_hex(message["seed"]))
+        seed = seed_from_hex(message["seed"])
+        self.generator = StreamGenerator(seed)
+        # What the two parties compare to make sure each got its own stream (a 256-bit
+        # seed's hash says nothing of the stream it keys).
+        self.seed_digest = hashlib.sha256(b"cogov-dealer-stream|" + seed).hexdigest()
         self.requests = 0
 
     def get_generator(self, device=None) -> StreamGenerator:

@@ -27,9 +27,11 @@ any `torch.Generator`.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 
 import numpy as np
@@ -57,6 +59,8 @@ def new_seed() -> bytes:
 def check_seed(seed: object) -> bytes:
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
         raise MalformedInput(f"a stream seed is {SEED_BYTES} bytes")
+    if not any(seed):
+        raise MalformedInput("an all-zero stream seed is refused")
     return bytes(seed)
 
 
@@ -65,7 +69,7 @@ def seed_from_hex(text: object) -> bytes:
     if not isinstance(text, str) or len(text) != 2 * SEED_BYTES:
         raise MalformedInput(f"a stream seed is {2 * SEED_BYTES} hex digits")
     try:
-        return bytes.fromhex(text)
+        return check_seed(bytes.fromhex(text))
     except ValueError as exc:
         raise MalformedInput("a stream seed is hex") from exc
 
@@ -75,6 +79,19 @@ def _shape(size: int | Iterable[int]) -> tuple[int, ...]:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
         raise MalformedInput(f"bad tensor size {size!r}")
     return dims
+
+
+_live_streams: weakref.WeakSet[StreamGenerator] = weakref.WeakSet()
+
+
+def _disable_inherited_streams() -> None:
+    """A forked child holds copies of its parent's streams: drawing from one would repeat
+    the parent's keystream, so every inherited stream refuses to draw."""
+    for stream in list(_live_streams):
+        stream._forked = True
+
+
+os.register_at_fork(after_in_child=_disable_inherited_streams)
 
 
 class StreamGenerator:
@@ -90,7 +107,9 @@ class StreamGenerator:
         key = check_seed(seed)
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
         self._lock = threading.Lock()
+        self._forked = False
         self.drawn = 0  # ring elements drawn so far
+        _live_streams.add(self)
 
     def _words(self, n: int) -> np.ndarray:
         """The next n keystream words as int64 (8 bytes each, little-endian).
@@ -98,6 +117,9 @@ class StreamGenerator:
         One cipher call per draw, written straight into the array (CTR output may
         use up to a block more than its input, hence the two spare words).
         """
+        if self._forked:
+            raise InsecureRandomness("a stream inherited through fork would repeat its "
+                                     "parent's keystream")
         out = np.empty(n + 2, dtype=np.int64)
         with self._lock:
             written = self._encryptor.update_into(bytes(8 * n), memoryview(out).cast("B"))

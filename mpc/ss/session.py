@@ -76,6 +76,12 @@ def _check_inputs(claims: torch.Tensor, rows: torch.Tensor, n: int, k: int) -> N
         raise MalformedInput(f"row shares must be int64 [{n}, {k}, 3], got {tuple(rows.shape)}")
 
 
+class SharedDealerStream(MpcError):
+    """The dealer dealt both computing parties from one stream; the session is refused."""
+
+    http_status = 502
+
+
 class SsSession:
     """A computing party's session: open once, evaluate many batches."""
 
@@ -143,8 +149,21 @@ class SsSession:
         setup_crypto_prng(communicator)  # 32-byte pairwise/local/global seeds, on the channel
         set_strict_rng(True)
         self.dealer_client = DealerClient(self.channel, self.dealer, self.rank, self.timeout)
+        self._refuse_a_shared_dealer_stream()
         TTPClient._TTPClient__instance = self.dealer_client
         self.communicator = communicator
+
+    def _refuse_a_shared_dealer_stream(self) -> None:
+        """Each party's dealer stream must be its own: with the regulator's stream the
+        operator would replay its triples and unmask every product it opens."""
+        assert self.dealer_client is not None
+        mine = self.dealer_client.seed_digest
+        self.channel.send(self.peer, FRAME_OBJECT, encode_object({"dealer_stream": mine}))
+        theirs = decode_object(self.channel.recv(self.peer, FRAME_OBJECT, self.timeout))
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("dealer_stream"), str):
+            raise EngineMismatch("the other party sent no dealer-stream digest")
+        if theirs["dealer_stream"] == mine:
+            raise SharedDealerStream("the dealer gave both computing parties the same stream")
 
     def _uninstall(self) -> None:
         if self._saved is None:
