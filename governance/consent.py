@@ -1,8 +1,8 @@
 """Consumer consent: a signed, person-bound, revocable authorization for one insurer.
 
-The consumer signs a `Consent` with their Ed25519 key (raw 32-byte keys in
-hex, as the data generator issues them). It names the insurer, purpose,
-scenario, data scope and validity window, and binds the person twice:
+The consumer signs a `Consent` with their Ed25519 key for that insurer (raw
+32-byte keys in hex). It names the insurer, purpose, scenario, data scope and
+validity window, and binds the person twice:
 
 * `subject.id_commitment` = scrypt(national id, salt = consent id || nonce).
   The serving side checks a query's national id (or the commitment the
@@ -10,10 +10,21 @@ scenario, data scope and validity window, and binds the person twice:
   commitment, so the document cannot authorize a query about anyone else;
   scrypt, rather than a bare salted hash, makes guessing the id from the
   document costly (an 18-digit id has only ~10^11 plausible values).
-* `subject.public_key` must be the key a registrar bound to that national id
-  (`ConsentRegistry.register_subject`). An insurer cannot mint a consent for
+* `subject.public_key` must be the key a registrar bound to that national id for
+  that insurer (`ConsentRegistry.register_subject`). An insurer cannot mint a consent for
   someone: it would need that person's private key, and a consent signed by
   any other key is refused when it is registered.
+
+A consumer's consent key is per insurer (`consent_signing_key`): the consumer's app
+keeps one master seed and derives the key for an insurer as
+HKDF-SHA256(master seed, salt "cogov/consent-key/v1", info label || insurer id). The
+serving node keeps every consent it registers, for every insurer; with one key per
+person it could link a person's consents to different insurers by their equal public
+keys. Per-insurer keys are pseudo-random functions of the master seed, so without it
+the keys one person shows two insurers are as unrelated as two people's. (Ed25519 has
+no public derivation: a public key cannot be computed from another public key and an
+insurer id, so the registrar stores one public key per person and insurer.) The
+document format is unchanged; only which key signs it.
 
 Registering a consent needs the national id once (to check both bindings);
 later checks may present the national id or only its commitment. Revocation
@@ -32,6 +43,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import GovernanceError
@@ -51,6 +64,9 @@ if TYPE_CHECKING:
 CONSENT_DOMAIN = "cogov-consent-v1"
 REVOCATION_DOMAIN = "cogov-consent-revocation-v1"
 COMMITMENT_SCHEME = "scrypt-n16384-r8-p1"
+CONSENT_KEY_SALT = b"cogov/consent-key/v1"
+CONSENT_KEY_LABEL = b"cogov consent signing key for insurer\x00"
+MASTER_SEED_BYTES = 32
 MAX_VALIDITY = timedelta(days=366)
 
 COMPONENT = "consent"
@@ -78,7 +94,21 @@ MIGRATIONS: tuple[str, ...] = (
         registered_at TEXT NOT NULL
     );
     """,
+    # One consent key per person and insurer; a key bound before is kept for every insurer.
+    """
+    CREATE TABLE consent_subject_keys (
+        id_digest BLOB NOT NULL,
+        insurer TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        registered_at TEXT NOT NULL,
+        PRIMARY KEY (id_digest, insurer)
+    );
+    INSERT INTO consent_subject_keys (id_digest, insurer, public_key, registered_at)
+        SELECT id_digest, '*', public_key, registered_at FROM consent_subjects;
+    DROP TABLE consent_subjects;
+    """,
 )
+ANY_INSURER = "*"  # a subject key bound for every insurer (one key per person: linkable)
 
 
 class ConsentError(GovernanceError):
@@ -133,8 +163,10 @@ class ConsentConflict(ConsentError):
 
 _Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _Code = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
-_Node = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+_NODE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_Node = Annotated[str, Field(pattern=_NODE_PATTERN)]
 _COMMITMENT = re.compile(r"^[0-9a-f]{64}$")
+_NODE = re.compile(_NODE_PATTERN)
 
 
 def normalize_national_id(national_id: str) -> str:
@@ -143,6 +175,22 @@ def normalize_national_id(national_id: str) -> str:
     if not re.fullmatch(r"[0-9A-Z]{6,32}", value):
         raise ConsentInvalid("national id: 6 to 32 letters or digits")
     return value
+
+
+def consent_signing_key(master_seed: bytes, insurer: str) -> Ed25519PrivateKey:
+    """What the consumer's app does before it signs for `insurer`: the Ed25519 key of this
+    consumer for that insurer alone, derived from the app's secret master seed.
+
+    The Ed25519 seed is HKDF-SHA256(ikm = master seed, salt = CONSENT_KEY_SALT,
+    info = CONSENT_KEY_LABEL || insurer id, 32 bytes).
+    """
+    if not isinstance(master_seed, bytes) or len(master_seed) != MASTER_SEED_BYTES:
+        raise ConsentInvalid(f"master seed: {MASTER_SEED_BYTES} secret bytes")
+    if not _NODE.fullmatch(insurer):
+        raise ConsentInvalid(f"insurer: {insurer!r} is not a node name")
+    seed = HKDF(SHA256(), 32, CONSENT_KEY_SALT, CONSENT_KEY_LABEL + insurer.encode("ascii")
+                ).derive(master_seed)
+    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def subject_commitment(national_id: str, consent_id: str, nonce: str) -> str:
@@ -329,34 +377,45 @@ class ConsentRegistry:
         return hmac.digest(self._pepper, normalize_national_id(national_id).encode(), "sha256")
 
     def register_subject(
-        self, national_id: str, public_key: str, now: datetime, *, replace: bool = False
+        self, national_id: str, public_key: str, now: datetime, *, insurer: str | None = None,
+        replace: bool = False,
     ) -> None:
-        """Bind a person's national id to their consent-signing key (the registrar's step)."""
+        """Bind a person's national id to their consent-signing key for `insurer` (the
+        registrar's step); without an insurer, one key for every insurer (linkable)."""
         if not _COMMITMENT.fullmatch(public_key):
             raise ConsentInvalid("public_key: 64 lowercase hex chars")
+        if insurer is not None and not _NODE.fullmatch(insurer):
+            raise ConsentInvalid(f"insurer: {insurer!r} is not a node name")
+        bound_for = ANY_INSURER if insurer is None else insurer
         digest = self._id_digest(national_id)
         with write_transaction(self._conn):
-            row = self._conn.execute(
-                "SELECT public_key FROM consent_subjects WHERE id_digest = ?", (digest,)
-            ).fetchone()
-            if row is not None and row[0] != public_key and not replace:
+            rows = dict(self._conn.execute(
+                "SELECT insurer, public_key FROM consent_subject_keys WHERE id_digest = ?",
+                (digest,)).fetchall())
+            held = rows.get(bound_for)
+            if held is not None and held != public_key and not replace:
                 raise ConsentConflict("this person already has another key registered")
+            if any(k == public_key for i, k in rows.items() if i != bound_for):
+                raise ConsentConflict("a consent key serves one insurer: this one is already "
+                                      "registered for another")
             self._conn.execute(
-                "INSERT OR REPLACE INTO consent_subjects VALUES (?, ?, ?)",
-                (digest, public_key, now.isoformat()),
+                "INSERT OR REPLACE INTO consent_subject_keys VALUES (?, ?, ?, ?)",
+                (digest, bound_for, public_key, now.isoformat()),
             )
 
-    def subject_key(self, national_id: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT public_key FROM consent_subjects WHERE id_digest = ?",
-            (self._id_digest(national_id),),
-        ).fetchone()
-        return None if row is None else row[0]
+    def subject_key(self, national_id: str, insurer: str | None = None) -> str | None:
+        """The key bound to the person for `insurer` (else the one bound for every insurer)."""
+        rows = dict(self._conn.execute(
+            "SELECT insurer, public_key FROM consent_subject_keys WHERE id_digest = ?",
+            (self._id_digest(national_id),)).fetchall())
+        if insurer is not None and insurer in rows:
+            return rows[insurer]
+        return rows.get(ANY_INSURER)
 
     def register(self, consent: Consent, national_id: str, now: datetime) -> None:
         """Accept a consent after checking its signature and both bindings to the person."""
         terms = consent.terms
-        registered_key = self.subject_key(national_id)
+        registered_key = self.subject_key(national_id, terms.insurer)
         if registered_key is None:
             raise SubjectNotRegistered("no consent key is registered for this person")
         if not hmac.compare_digest(registered_key, terms.subject.public_key):

@@ -191,10 +191,16 @@ class ClaimWorld:
 
         self.claims = pd.read_csv(self.data / "claims.csv", dtype={"national_id": str})
         self.policies = pd.read_csv(self.data / "policies.csv", dtype={"national_id": str})
-        self.keys = {}
+        self.keys = {}  # national id -> the consumer app's master seed (hex)
         for line in (self.data / "consumer_keys.jsonl").read_text().splitlines():
             row = json.loads(line)
-            self.keys[row["national_id"]] = row["private_key"]
+            self.keys[row["national_id"]] = row["master_seed"]
+
+    def consent_key(self, national_id: str, insurer: str = "insurer-a"):
+        """The person's consent signing key for `insurer`, as their app derives it."""
+        from governance.consent import consent_signing_key
+
+        return consent_signing_key(bytes.fromhex(self.keys[national_id]), insurer)
 
     def cli(self, *args: str) -> str:
         from typer.testing import CliRunner
@@ -225,13 +231,10 @@ class ClaimWorld:
         """A consent by the person `key_of` (default: the person it names) for `insurer`."""
         from datetime import UTC, datetime, timedelta
 
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         from governance.consent import issue_consent
         from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
 
-        key = Ed25519PrivateKey.from_private_bytes(
-            bytes.fromhex(self.keys[key_of or national_id]))
+        key = self.consent_key(key_of or national_id, insurer)
         now = datetime.now(UTC)
         return issue_consent(
             key, national_id, insurer=insurer, purpose="claim_settlement",

@@ -146,8 +146,7 @@ def test_replayed_revoked_consent_is_refused_and_logged(world):
     with world.client() as client:
         client.register_consents([consent])
         client.check(claim, {nid: consent}, MODE)  # valid once
-        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(world.keys[nid]))
-        revocation = revoke_consent(consent, key, datetime.now(UTC))
+        revocation = revoke_consent(consent, world.consent_key(nid), datetime.now(UTC))
         with NodeClient(world.fed.state, world.fed.topology, "regulator") as admin:
             admin.call("regulator", REVOKE_CONSENT, revocation)
         client.register_consents([consent])  # the insurer replays the same document

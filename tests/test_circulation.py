@@ -5,6 +5,7 @@ a first publication is interrupted halfway and then resumed; the CLI's
 `cogov govern ingest` then runs the whole chain again (idempotent).
 """
 
+import json
 import os
 import re
 import sqlite3
@@ -350,6 +351,8 @@ def test_cli_ingest_runs_the_whole_chain_again_idempotently(ingested):
         held = client.call("operator", CIRCULATION_SUMMARY)
         domains = client.call("operator", LIST_DOMAINS)
     assert held.rows == len(gt)
-    assert held.persons == sum(1 for _ in (ingested.data / "consumer_keys.jsonl").open())
+    # one consent key per person and insurer
+    assert held.persons == sum(len(json.loads(line)["public_keys"]) for line in
+                               (ingested.data / "consumer_keys.jsonl").open())
     assert {d.data_user for d in domains} == {"insurer-a", "insurer-b"}
     assert all(d.tokens == len(gt) for d in domains)

@@ -26,10 +26,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from governance.consent import Consent, revoke_consent
+from governance.consent import Consent, consent_signing_key, revoke_consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from governance.ledger import decode_leaf
-from governance.ledger.signing import private_key_from_hex
 from mpc.claim import ss_shares
 from mpc.claim.constants import VERDICT_COLUMNS
 from mpc.errors import MalformedInput
@@ -438,7 +437,8 @@ def test_revoked_consent_is_refused(cf):
     consent = issue_consents(cf.keys, [nid], insurer, workers=1)[nid]
     client = cf.clients[insurer]
     client.register_consents([consent])
-    revocation = revoke_consent(consent, private_key_from_hex(cf.keys[nid]), datetime.now(UTC))
+    key = consent_signing_key(bytes.fromhex(cf.keys[nid]), insurer)  # the app's key for it
+    revocation = revoke_consent(consent, key, datetime.now(UTC))
     with cf.node_client("regulator") as admin:
         admin.call("regulator", REVOKE_CONSENT, revocation)
     error = _refused(cf, client, claim, {nid: consent}, "he", "refuse-revoked")

@@ -7,14 +7,16 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from governance.consent import consent_signing_key
 from governance.scan import is_mobile_phone, national_id_check_character
 from scenarios.claim_check import national_id
 from scenarios.claim_check.generator import (
     CLAIM_KINDS,
+    INSURERS,
     GenerationError,
-    consumer_private_key,
+    consumer_consent_key,
+    consumer_master_seed,
     generate,
 )
 
@@ -141,15 +143,22 @@ def test_planted_kinds_have_their_verdicts_in_equal_shares(generated: Path) -> N
     assert (truth.loc[truth.kind == "true", "payable"] != "0.00").any()
 
 
-def test_consumer_keys_are_reproducible_ed25519_pairs(generated: Path) -> None:
+def test_consumer_keys_are_reproducible_and_one_per_insurer(generated: Path) -> None:
     lines = (generated / "consumer_keys.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(first["private_key"]))
-    assert private.public_key().public_bytes_raw().hex() == first["public_key"]
-    derived = consumer_private_key(11, first["national_id"])
-    assert derived.private_bytes_raw().hex() == first["private_key"]
-    assert consumer_private_key(12, first["national_id"]).private_bytes_raw().hex() != \
-        first["private_key"]
+    nid, master = first["national_id"], first["master_seed"]
+    assert set(first) == {"national_id", "master_seed", "public_keys"}
+    assert consumer_master_seed(11, nid).hex() == master
+    assert consumer_master_seed(12, nid).hex() != master
+    assert set(first["public_keys"]) == set(INSURERS)
+    for insurer, public in first["public_keys"].items():
+        key = consumer_consent_key(11, nid, insurer)
+        assert key.public_key().public_bytes_raw().hex() == public
+        assert key.private_bytes_raw() == consent_signing_key(bytes.fromhex(master),
+                                                              insurer).private_bytes_raw()
+    # no fixed public key follows a person across insurers, nor two people share one
+    every = [k for line in lines for k in json.loads(line)["public_keys"].values()]
+    assert len(set(every)) == len(every) == len(INSURERS) * len(lines)
 
 
 def test_raw_exports_use_their_own_schemas(generated: Path) -> None:

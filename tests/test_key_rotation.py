@@ -183,14 +183,17 @@ def test_rotation_of_an_unknown_or_deleted_domain_is_refused_and_changes_nothing
 # --- the level-1 key k1, at the health authority -------------------------------------------------
 
 
-def _operator_level1(ing) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """The operator's visit_ref -> p1 and p1 -> consumer public key."""
+def _operator_level1(ing) -> tuple[dict[bytes, bytes], dict[bytes, tuple]]:
+    """The operator's visit_ref -> p1 and p1 -> its consent public keys, (insurer, key)
+    pairs sorted."""
     conn = read_only(ing.db("operator"))
     try:
         visits = {bytes(r): bytes(p) for r, p in conn.execute(
             "SELECT visit_ref, p1 FROM circ_visits")}
-        persons = {bytes(p): bytes(k) for p, k in conn.execute(
-            "SELECT p1, public_key FROM circ_persons")}
+        persons: dict[bytes, tuple] = {}
+        for p, i, k in conn.execute(
+                "SELECT p1, insurer, public_key FROM circ_persons ORDER BY p1, insurer"):
+            persons[bytes(p)] = (*persons.get(bytes(p), ()), (i, bytes(k)))
     finally:
         conn.close()
     return visits, persons

@@ -5,11 +5,18 @@ of the person plus the hospital id); it sees which anonymous rows are touched, n
 their contents in `ss` mode. Every claim gets exactly K slots, the missing ones filled
 with dummies (`valid = False`) in random order, so neither the computation's shape
 nor the slot order tells how many visits the person has.
+
+The dummies' target rows and the slot order are drawn from the OS CSPRNG
+(`os.urandom`), never from numpy's or Python's generators: the regulator sees every
+slot's row number, and a predictable generator (PCG64 and MT19937 are not
+cryptographic) would let it tell dummies from real rows by predicting them. Target
+rows are uniform over the table (rejection sampling, no modulo bias); the order is a
+Fisher-Yates shuffle driven by the same uniform draws.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -49,21 +56,57 @@ class CandidateIndex:
         """Slots for each claim: the rows whose key equals the claim's key, padded to `k`."""
         if k < 1:
             raise MalformedInput("k must be at least 1")
-        rng = np.random.default_rng(secrets.randbits(128))
-        row_index = np.zeros((len(claim_keys), k), dtype=np.int64)
-        valid = np.zeros((len(claim_keys), k), dtype=bool)
+        n = len(claim_keys)
+        # Every slot starts as a dummy aimed at a uniformly random real row; the claim's
+        # own rows then take the first slots, and the shuffle spreads them.
+        row_index = (uniform_below(self.n_rows, n * k).reshape(n, k) if self.n_rows
+                     else np.zeros((n, k), dtype=np.int64))
+        valid = np.zeros((n, k), dtype=bool)
         for i, key in enumerate(claim_keys):
             rows = self.rows_by_key.get(key, [])
             if len(rows) > k:
                 raise TooManyCandidates(f"claim {i} has {len(rows)} candidate rows > K = {k}")
-            dummies = (rng.integers(0, self.n_rows, size=k - len(rows)) if self.n_rows
-                       else np.zeros(k - len(rows), dtype=np.int64))
-            slots = np.concatenate([np.asarray(rows, dtype=np.int64), dummies])
-            flags = np.arange(k) < len(rows)
-            order = rng.permutation(k)
-            row_index[i] = slots[order]
-            valid[i] = flags[order]
+            row_index[i, :len(rows)] = rows
+            valid[i, :len(rows)] = True
+        shuffle_slots(row_index, valid)
         return CandidateSlots(row_index, valid)
+
+
+def uniform_below(bound: int, count: int) -> np.ndarray:
+    """`count` independent integers uniform in [0, bound), int64, from `os.urandom`.
+
+    A 64-bit word is kept only below the largest multiple of `bound` (rejection
+    sampling), so no value is favoured; a word is rejected with probability under
+    bound / 2^64.
+    """
+    if bound < 1 or bound > 1 << 62:
+        raise MalformedInput("a uniform draw needs a bound in [1, 2^62]")
+    out = np.zeros(count, dtype=np.int64)
+    if bound == 1 or count == 0:
+        return out
+    excess = (1 << 64) % bound  # words at or above 2^64 - excess would favour small values
+    limit = np.uint64((1 << 64) - excess) if excess else None
+    filled = 0
+    while filled < count:
+        need = count - filled
+        words = np.frombuffer(os.urandom(8 * need), dtype=np.uint64)
+        kept = (words if limit is None else words[words < limit])[:need]
+        out[filled:filled + len(kept)] = (kept % np.uint64(bound)).astype(np.int64)
+        filled += len(kept)
+    return out
+
+
+def shuffle_slots(row_index: np.ndarray, valid: np.ndarray) -> None:
+    """Shuffle each claim's slots in place, the same uniform permutation applied to both
+    arrays (Fisher-Yates, one column at a time for every claim at once)."""
+    n, k = row_index.shape
+    claims = np.arange(n)
+    for j in range(k - 1, 0, -1):
+        pick = uniform_below(j + 1, n)
+        for array in (row_index, valid):
+            held = array[claims, j].copy()
+            array[claims, j] = array[claims, pick]
+            array[claims, pick] = held
 
 
 def plan_candidate_slots(

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from governance.billing import statement
-from governance.consent import Consent, revoke_consent
+from governance.consent import Consent, consent_signing_key, revoke_consent
 from governance.contracts import (
     ContractError,
     SignedContract,
@@ -133,15 +133,23 @@ def show(
 @consent_app.command("revoke")
 def revoke(
     consent_file: Annotated[Path, typer.Argument(help="The consent document (JSON).")],
-    key_hex: Annotated[str, typer.Option("--key", help="The consumer's private key (hex).")],
+    key_hex: Annotated[str | None, typer.Option(
+        "--key", help="The consumer's private key for the consent's insurer (hex).")] = None,
+    master_seed_hex: Annotated[str | None, typer.Option(
+        "--master-seed", help="Or the consumer app's master seed (hex): the key for the "
+        "consent's insurer is derived from it.")] = None,
     state: StateOption = default_state_dir(),
     topology: TopologyOption = None,
 ) -> None:
     """Withdraw a consent with the consumer's key; refused from the next query on."""
+    if (key_hex is None) == (master_seed_hex is None):
+        raise typer.BadParameter("give exactly one of --key and --master-seed")
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
     consent = Consent.parse(consent_file.read_text())
-    revocation = revoke_consent(consent, private_key_from_hex(key_hex), datetime.now(UTC))
+    key = (private_key_from_hex(key_hex) if key_hex is not None else
+           consent_signing_key(bytes.fromhex(master_seed_hex or ""), consent.terms.insurer))
+    revocation = revoke_consent(consent, key, datetime.now(UTC))
     serving = serving_node(topo)
     with exit_on(NodeError), NodeClient(st, topo, serving) as client:
         client.call(serving, REVOKE_CONSENT, revocation)

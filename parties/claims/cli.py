@@ -7,8 +7,10 @@
 
 Consents: `--consents FILE` (JSON lines `{"national_id": ..., "consent": {...}}`) is read
 if it exists; otherwise the consumers' apps are simulated: each claimant's consent is
-issued with their key from `<data>/consumer_keys.jsonl` (and written to FILE when
-given). Either way the consents are registered at the regulator before the check.
+signed with their key for this insurer, derived from their master seed in
+`<data>/consumer_keys.jsonl` (`governance.consent.consent_signing_key`), and written to
+FILE when given. Either way the consents are registered at the regulator before the
+check.
 
 The claims are checked first, before a consent is issued or anything is sent: a malformed
 field, a date that is not ISO `YYYY-MM-DD` or a hospital that is not in the topology exits
@@ -28,9 +30,8 @@ import pandas as pd
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from governance.consent import Consent, issue_consent
+from governance.consent import Consent, consent_signing_key, issue_consent
 from governance.errors import GovernanceError
-from governance.ledger.signing import private_key_from_hex
 from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
 from mpc.errors import MpcError
 from parties.claims.client import Client, verdicts_to_csv
@@ -43,29 +44,31 @@ CONSENT_DAYS = 365
 
 
 def _issue_one(args: tuple[str, str, str, str, str, str]) -> str:
-    seed_hex, national_id, insurer, purpose, not_before, not_after = args
+    master_seed_hex, national_id, insurer, purpose, not_before, not_after = args
     consent = issue_consent(
-        private_key_from_hex(seed_hex), national_id, insurer=insurer, purpose=purpose,
+        consent_signing_key(bytes.fromhex(master_seed_hex), insurer), national_id,
+        insurer=insurer, purpose=purpose,
         columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS,
         not_before=datetime.fromisoformat(not_before), not_after=datetime.fromisoformat(not_after))
     return consent.model_dump_json()
 
 
 def issue_consents(
-    private_keys: Mapping[str, str], national_ids: Iterable[str], insurer: str, *,
+    master_seeds: Mapping[str, str], national_ids: Iterable[str], insurer: str, *,
     purpose: str = "claim_settlement", days: int = CONSENT_DAYS, workers: int | None = None,
 ) -> dict[str, Consent]:
     """What the consumers' apps do: each signs a consent for `insurer` (national id -> Consent).
 
-    `private_keys` maps national id -> the consumer's Ed25519 seed (hex). Issuing costs a
-    scrypt per consent, so it runs on `workers` processes (default: every core).
+    `master_seeds` maps national id -> the consumer's master seed (hex); each consent is
+    signed with the key derived from it for `insurer` alone. Issuing costs a scrypt per
+    consent, so it runs on `workers` processes (default: every core).
     """
     now = datetime.now(UTC)
     ids = list(dict.fromkeys(national_ids))
-    unknown = [i for i in ids if i not in private_keys]
+    unknown = [i for i in ids if i not in master_seeds]
     if unknown:
         raise KeyError(f"no consumer key for {len(unknown)} claimants")
-    jobs = [(private_keys[i], i, insurer, purpose, (now - timedelta(hours=1)).isoformat(),
+    jobs = [(master_seeds[i], i, insurer, purpose, (now - timedelta(hours=1)).isoformat(),
              (now + timedelta(days=days)).isoformat()) for i in ids]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 8:
@@ -77,13 +80,18 @@ def issue_consents(
 
 
 def consumer_keys(path: Path) -> dict[str, str]:
-    """national id -> private key hex, from the generator's consumer_keys.jsonl."""
+    """national id -> master seed hex (the consumer app's secret), from the generator's
+    consumer_keys.jsonl."""
     keys = {}
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
                 row = json.loads(line)
-                keys[row["national_id"]] = row["private_key"]
+                if "master_seed" not in row:
+                    raise ValueError(
+                        f"{path}:{number}: one consent key per consumer; consent keys are now "
+                        "per insurer: generate the data again (`cogov data generate`)")
+                keys[row["national_id"]] = row["master_seed"]
     return keys
 
 

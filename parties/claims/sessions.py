@@ -14,6 +14,13 @@ table, keyed by a fresh table id, over mTLS (`api.SHARE_TABLE`, kind `mpc`); the
 regulator keeps it in memory only, never sees a plaintext record, and gets a new table
 (fresh randomness) whenever the operator rebuilds or restarts. The regulator sees the
 row numbers of the slots (announced by the leader), its random shares, and nothing else.
+
+Those row numbers are positions in the table's own secret order (`parties.claims.tables`:
+a fresh random permutation per domain and per build, including after every k2[d] and k1
+rotation), and the dummies among them are uniform draws from the OS CSPRNG
+(`mpc.claim.candidates`). So a visit's row number in insurer-a's share table and batches
+is independent of its row number in insurer-b's, and of its row number before a rebuild:
+the regulator cannot link the two insurers' claims about one person by row numbers.
 """
 
 import hashlib

@@ -9,8 +9,14 @@ streams the raw file to the authority (`EXPORT_BATCHES`) and has it governed
 (`CONSUMER_KEYS`) and publishes (`PUBLISH`): the visits and keys stream to the
 operator (`CIRCULATION_VISITS`, `CIRCULATION_PERSONS`), which registers the
 holding against the publisher's digests (`REGISTER`).
+
+A consumer's consent key is per insurer (`governance.consent.consent_signing_key`), so
+the keys travel as (person, insurer, public key): `CONSUMER_KEYS` batches have the
+columns national_id, insurer, public_key (hex); `CIRCULATION_PERSONS` batches p1,
+insurer, public_key. `persons` counts in the summaries below count those keys.
 """
 
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, Field
@@ -27,6 +33,9 @@ LONG_CALL_S = 600.0
 BatchRows = Annotated[int, Field(ge=10, le=200_000)]
 EncodingName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# The insurer a consent key serves: a node name. At the operator a key registered before
+# keys were per insurer arrives bound to no insurer ('') and opens no insurer's check.
+INSURER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 # --- errors ---------------------------------------------------------------------------------

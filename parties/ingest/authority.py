@@ -50,6 +50,7 @@ from parties.ingest.api import (
     DEFAULT_BATCH_ROWS,
     EXPORT_BATCHES,
     GOVERNANCE_SUMMARY,
+    INSURER_NAME,
     LONG_CALL_S,
     PUBLISH,
     REGISTER,
@@ -115,7 +116,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE ha_consumer_keys (p1 BLOB PRIMARY KEY, public_key BLOB NOT NULL)
     """,
+    # One consent key per person and insurer, never the same key for two insurers. A key
+    # registered before is kept bound to no insurer (''): it opens no insurer's check.
+    """
+    CREATE TABLE ha_consumer_keys_by_insurer (
+        p1 BLOB NOT NULL, insurer TEXT NOT NULL, public_key BLOB NOT NULL,
+        PRIMARY KEY (p1, insurer), UNIQUE (p1, public_key)
+    );
+    INSERT INTO ha_consumer_keys_by_insurer (p1, insurer, public_key)
+        SELECT p1, '', public_key FROM ha_consumer_keys;
+    DROP TABLE ha_consumer_keys;
+    ALTER TABLE ha_consumer_keys_by_insurer RENAME TO ha_consumer_keys
+    """,
 )
+CONSUMER_KEY_COLUMNS = ["insurer", "national_id", "public_key"]  # sorted
 
 
 # --- visit references ----------------------------------------------------------------------
@@ -296,20 +310,34 @@ def governance_summary(ctx: NodeContext) -> GovernanceSummary:
 
 
 def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.Table], int]:
+    """Consumers' consent public keys, one per (person, insurer), as their apps registered
+    them: kept by p1, refused whole if a key is malformed or serves two insurers."""
     def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
-        if sorted(table.column_names) != ["national_id", "public_key"]:
-            raise AuthorityError("consumer key batches have exactly national_id, public_key")
+        if sorted(table.column_names) != CONSUMER_KEY_COLUMNS:
+            raise AuthorityError("consumer key batches have exactly national_id, insurer, "
+                                 "public_key (one consent key per person and insurer)")
         ids = [str(v) for v in table["national_id"].to_pylist()]
-        keys = [bytes.fromhex(str(k)) for k in table["public_key"].to_pylist()]
+        insurers = [str(v) for v in table["insurer"].to_pylist()]
+        try:
+            keys = [bytes.fromhex(str(k)) for k in table["public_key"].to_pylist()]
+        except ValueError:
+            raise AuthorityError("public keys are 32-byte Ed25519 keys (hex)") from None
         if any(len(k) != 32 for k in keys):
             raise AuthorityError("public keys are 32-byte Ed25519 keys (hex)")
+        if any(not INSURER_NAME.fullmatch(i) for i in insurers):
+            raise AuthorityError("insurer: a node name (lowercase letters, digits, . _ -)")
         with level1_lock(ctx):
             p1s = xid.tokenize(level1_key(ctx), ids, pool=xid_pool(ctx))
         # Only the token is kept: the authority needs no second copy of the id.
-        conn.executemany(
-            "INSERT OR REPLACE INTO ha_consumer_keys (p1, public_key) VALUES (?, ?)",
-            list(zip(p1s, keys, strict=True)),
-        )
+        try:
+            conn.executemany(
+                "INSERT INTO ha_consumer_keys (p1, insurer, public_key) VALUES (?, ?, ?) "
+                "ON CONFLICT (p1, insurer) DO UPDATE SET public_key = excluded.public_key",
+                list(zip(p1s, insurers, keys, strict=True)),
+            )
+        except sqlite3.IntegrityError:  # UNIQUE (p1, public_key): one key, two insurers
+            raise AuthorityError("a consent key serves one insurer: a person registered "
+                                 "the same key for two insurers") from None
         return len(ids)
 
     return apply
@@ -345,7 +373,8 @@ def _publish(
         levels = [json.loads(r[0])["common"] for r in ctx.store.conn.execute(
             "SELECT grades FROM ha_exports").fetchall()]
         persons = ctx.store.conn.execute(
-            "SELECT p1, public_key FROM ha_consumer_keys ORDER BY p1").fetchall()
+            "SELECT p1, insurer, public_key FROM ha_consumer_keys ORDER BY p1, insurer"
+        ).fetchall()
     grades = {f: max((lv[f] for lv in levels if f in lv), key=lambda x: int(x[1:]))
               for f in CIRCULATION_FIELDS[2:]}
     top = max(int(g[1:]) for lv in levels for g in lv.values())
@@ -356,9 +385,10 @@ def _publish(
     stream = f"v-{digest[:32]}"
     operator = operator_name(ctx)
     operator_key = sealing_public_key(ctx.signing_public_keys()[operator])
-    p1s = [bytes(p) for p, _ in persons]
-    keys = [bytes(k) for _, k in persons]
-    pdigest = persons_digest(p1s, keys)
+    p1s = [bytes(p) for p, _, _ in persons]
+    insurers = [str(i) for _, i, _ in persons]
+    keys = [bytes(k) for _, _, k in persons]
+    pdigest = persons_digest(p1s, insurers, keys)
     with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
         sent = send_sealed_batches(
             client, operator, CIRCULATION_VISITS, stream, view,
@@ -369,6 +399,7 @@ def _publish(
             send_batches(
                 client, operator, CIRCULATION_PERSONS, f"p-{pdigest[:32]}",
                 pa.table({"p1": pa.array(p1s, pa.binary(32)),
+                          "insurer": pa.array(insurers, pa.string()),
                           "public_key": pa.array(keys, pa.binary(32))}),
                 batch_rows=20_000,
             )
@@ -447,8 +478,8 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     mount_batch_stream(router, CONSUMER_KEYS, receiver,
                        lambda caller, stream: f"keys:{stream}",
                        lambda caller, stream, idx: _apply_consumer_keys(ctx),
-                       "consumers' public keys (national_id, public_key hex; only p1 -> key "
-                       "is kept)")
+                       "consumers' consent public keys, one per insurer (national_id, "
+                       "insurer, public_key hex; only (p1, insurer) -> key is kept)")
 
     @mount(router, PUBLISH)
     def post_publish(body: PublishRequest, caller: Caller) -> Publication:

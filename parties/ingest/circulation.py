@@ -8,16 +8,18 @@ travel sealed with AES-256-GCM under a per-batch data key, itself sealed
 operator's CA-certified Ed25519 signing key. The operator opens them and seals
 them again under its own keyring before they touch its store.
 
-Each person's consumer public key travels in a separate stream keyed by p1 and
-lands in `circ_persons`, never in a per-shared-domain table (it would link shared
-domains). Arriving visits get their token in every live shared domain in the same
-transaction (`parties.domains.registry.index_visits`).
+Each person's consent public keys, one per insurer, travel in a separate stream keyed
+by (p1, insurer) and land in `circ_persons`, never in a per-shared-domain table. A
+person's key for one insurer is unrelated to their key for another, so the consents
+the serving node registers for two insurers carry no common key to link them by.
+Arriving visits get their token in every live shared domain in the same transaction
+(`parties.domains.registry.index_visits`).
 
 Operator tables:
 
     circ_visits(visit_ref BLOB PK, p1 BLOB, hospital_id, admission_date, discharge_date,
                 diagnosis_code (sealed BLOB), total_fen, covered_fen, self_pay_fen, stream)
-    circ_persons(p1 BLOB PK, public_key BLOB)
+    circ_persons(p1 BLOB, insurer TEXT, public_key BLOB, stream; PK (p1, insurer))
     circ_registrations(stream PK, owner, rows, digest, persons, persons_digest, grades, at)
 """
 
@@ -44,6 +46,7 @@ from parties.ingest.api import (
     CIRCULATION_PERSONS,
     CIRCULATION_SUMMARY,
     CIRCULATION_VISITS,
+    INSURER_NAME,
     REGISTER,
     CirculationSummary,
     Registration,
@@ -94,6 +97,19 @@ MIGRATIONS: tuple[str, ...] = (
         digest TEXT NOT NULL, persons INTEGER NOT NULL, persons_digest TEXT NOT NULL,
         grades TEXT NOT NULL, registered_at TEXT NOT NULL DEFAULT (datetime('now'))
     )
+    """,
+    # One consent key per person and insurer; a key delivered before is bound to no
+    # insurer ('') and so opens no insurer's check.
+    """
+    CREATE TABLE circ_persons_by_insurer (
+        p1 BLOB NOT NULL, insurer TEXT NOT NULL, public_key BLOB NOT NULL, stream TEXT,
+        PRIMARY KEY (p1, insurer)
+    );
+    INSERT INTO circ_persons_by_insurer (p1, insurer, public_key, stream)
+        SELECT p1, '', public_key, stream FROM circ_persons;
+    DROP TABLE circ_persons;
+    ALTER TABLE circ_persons_by_insurer RENAME TO circ_persons;
+    CREATE INDEX circ_persons_insurer ON circ_persons (insurer)
     """,
 )
 
@@ -200,8 +216,10 @@ def circulation_digest(frame: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def persons_digest(p1s: Iterable[bytes], keys: Iterable[bytes]) -> str:
-    lines = sorted(f"{bytes(p).hex()}\x1f{bytes(k).hex()}" for p, k in zip(p1s, keys, strict=True))
+def persons_digest(p1s: Iterable[bytes], insurers: Iterable[str], keys: Iterable[bytes]) -> str:
+    """SHA-256 over the (p1, insurer, consent public key) triples, in sorted order (hex)."""
+    lines = sorted(f"{bytes(p).hex()}\x1f{i}\x1f{bytes(k).hex()}"
+                   for p, i, k in zip(p1s, insurers, keys, strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -282,16 +300,21 @@ def _apply_visits(ctx: NodeContext, stream: str, idx: int) -> Callable[[sqlite3.
 
 def _apply_persons(stream: str) -> Callable[[sqlite3.Connection, pa.Table], int]:
     def apply(conn: sqlite3.Connection, table: pa.Table) -> int:
-        if table.column_names != ["p1", "public_key"]:
-            raise TransportSealInvalid("a persons batch has exactly the columns p1, public_key")
+        if table.column_names != ["p1", "insurer", "public_key"]:
+            raise TransportSealInvalid(
+                "a persons batch has exactly the columns p1, insurer, public_key")
         p1s, keys = table["p1"].to_pylist(), table["public_key"].to_pylist()
+        insurers = table["insurer"].to_pylist()
         if any(not isinstance(v, bytes) or len(v) != 32 for v in (*p1s, *keys)):
             raise TransportSealInvalid("p1 and public_key must be 32-byte values")
+        if any(not isinstance(i, str) or (i and not INSURER_NAME.fullmatch(i))
+               for i in insurers):
+            raise TransportSealInvalid("insurer: a node name, or '' for a key of no insurer")
         conn.executemany(
-            f"INSERT INTO {PERSONS_TABLE} (p1, public_key, stream) VALUES (?, ?, ?) "
-            "ON CONFLICT(p1) DO UPDATE SET public_key = excluded.public_key, "
+            f"INSERT INTO {PERSONS_TABLE} (p1, insurer, public_key, stream) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(p1, insurer) DO UPDATE SET public_key = excluded.public_key, "
             "stream = excluded.stream",
-            [(p, k, stream) for p, k in zip(p1s, keys, strict=True)],
+            [(p, i, k, stream) for p, i, k in zip(p1s, insurers, keys, strict=True)],
         )
         return len(p1s)
 
@@ -302,14 +325,16 @@ def circulation_summary(ctx: NodeContext) -> CirculationSummary:
     """Counts and digests of what the operator holds (opening every sealed field)."""
     frame = read_visits(ctx)
     with ctx.store.lock:
-        persons = ctx.store.conn.execute(f"SELECT p1, public_key FROM {PERSONS_TABLE}").fetchall()
+        persons = ctx.store.conn.execute(
+            f"SELECT p1, insurer, public_key FROM {PERSONS_TABLE}").fetchall()
         sealed = [name for name in CIRCULATION_FIELDS[2:] if ctx.store.conn.execute(
             f"SELECT 1 FROM {VISITS_TABLE} WHERE typeof({name}) = 'blob' LIMIT 1").fetchone()]
     return CirculationSummary(
         rows=len(frame),
         digest=circulation_digest(frame),
         persons=len(persons),
-        persons_digest=persons_digest([p for p, _ in persons], [k for _, k in persons]),
+        persons_digest=persons_digest([p for p, _, _ in persons], [i for _, i, _ in persons],
+                                      [k for _, _, k in persons]),
         by_hospital=frame.groupby("hospital_id").size().astype(int).to_dict() if len(frame) else {},
         sealed_columns=sealed,
     )
@@ -332,7 +357,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     mount_batch_stream(router, CIRCULATION_PERSONS, receiver,
                        lambda caller, stream: internal("persons", caller, stream),
                        lambda caller, stream, idx: _apply_persons(stream),
-                       "(p1, consumer public key) pairs")
+                       "(p1, insurer, consent public key) triples")
 
     @mount(router, REGISTER)
     def register(body: Registration, caller: Caller) -> CirculationSummary:

@@ -81,16 +81,30 @@ def raw_exports(data: Path, topology: Topology) -> dict[str, Path]:
     return files
 
 
+class ConsumerKeysOutdated(ValueError):
+    """consumer_keys.jsonl holds one key per consumer (the format before per-insurer keys)."""
+
+
 def consumer_key_table(path: Path) -> pa.Table:
-    """The public half of consumer_keys.jsonl (private keys are never read into the table)."""
-    ids, keys = [], []
+    """The public half of consumer_keys.jsonl: one row per (person, insurer) with the
+    consent public key the person's app registers for that insurer (the master seeds are
+    never read)."""
+    ids, insurers, keys = [], [], []
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                record = json.loads(line)
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "public_keys" not in record:
+                raise ConsumerKeysOutdated(
+                    f"{path}:{number}: one consent key per consumer; consent keys are now "
+                    "per insurer: generate the data again (`cogov data generate`)")
+            for insurer, key in sorted(record["public_keys"].items()):
                 ids.append(record["national_id"])
-                keys.append(record["public_key"])
+                insurers.append(insurer)
+                keys.append(key)
     return pa.table({"national_id": pa.array(ids, pa.string()),
+                     "insurer": pa.array(insurers, pa.string()),
                      "public_key": pa.array(keys, pa.string())})
 
 
@@ -130,8 +144,9 @@ def ingest(
         keys_file = data / "consumer_keys.jsonl"
         if keys_file.exists():
             keys = consumer_key_table(keys_file)
-            stream = "k-" + hashlib.sha256(
-                "".join(keys["public_key"].to_pylist()).encode()).hexdigest()[:32]
+            stream = "k-" + hashlib.sha256("".join(
+                i + k for i, k in zip(keys["insurer"].to_pylist(), keys["public_key"].to_pylist(),
+                                      strict=True)).encode()).hexdigest()[:32]
             ktask = bar.add_task("consumer public keys", total=None)
             with long_client(state, topo, authority) as client:
                 send_batches(client, authority, CONSUMER_KEYS, stream, keys,

@@ -1,7 +1,8 @@
 """Seeded generator of the claim-check scenario's source data and its ground truth.
 
 Hospitals export visits in their own schemas (CSV, Parquet, JSON lines); the insurers
-hold policies and claims; consumers hold Ed25519 signing keys. Everything is written
+hold policies and claims; consumers hold a master seed from which their apps derive one
+Ed25519 consent key per insurer. Everything is written
 in chunks of patients, so a million patients run in bounded memory, into a staging
 directory that is renamed into place only when the whole generation succeeded.
 """
@@ -21,11 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from governance.consent import consent_signing_key
 from governance.standardize import COMMON_VISIT_SCHEMA
 from scenarios.claim_check import reference_data as ref
 from scenarios.claim_check.national_id import check_characters
@@ -150,29 +151,28 @@ def raw_file_name(hospital_index: int) -> str:
 # --- consumer keys -------------------------------------------------------------------
 
 
-def consumer_key_material(seed: int, national_id: str) -> bytes:
-    """The 32-byte Ed25519 private key of a consumer, derived from the seed (HKDF-SHA256)."""
+def consumer_master_seed(seed: int, national_id: str) -> bytes:
+    """The 32-byte master seed of a consumer's app, derived from the seed (HKDF-SHA256)."""
     prk = hmac.new(_KEY_SALT, seed.to_bytes(16, "big", signed=True), hashlib.sha256).digest()
     return HKDFExpand(SHA256(), 32, national_id.encode("ascii")).derive(prk)
 
 
-def consumer_private_key(seed: int, national_id: str) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(consumer_key_material(seed, national_id))
+def consumer_consent_key(seed: int, national_id: str, insurer: str) -> Ed25519PrivateKey:
+    """The consumer's consent key for `insurer` (`governance.consent.consent_signing_key`)."""
+    return consent_signing_key(consumer_master_seed(seed, national_id), insurer)
 
 
 def _consumer_key_lines(seed: int, national_ids: list[str]) -> str:
+    """One JSON line per consumer: the app's master seed and the public consent key it
+    registers with the health authority for each insurer."""
     prk = hmac.new(_KEY_SALT, seed.to_bytes(16, "big", signed=True), hashlib.sha256).digest()
-    raw = serialization.Encoding.Raw
     lines = []
     for nid in national_ids:
-        private = HKDFExpand(SHA256(), 32, nid.encode("ascii")).derive(prk)
-        public = Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-            raw, serialization.PublicFormat.Raw
-        )
-        lines.append(
-            f'{{"national_id": "{nid}", "public_key": "{public.hex()}", '
-            f'"private_key": "{private.hex()}"}}\n'
-        )
+        master = HKDFExpand(SHA256(), 32, nid.encode("ascii")).derive(prk)
+        public = {insurer: consent_signing_key(master, insurer).public_key().public_bytes_raw()
+                  .hex() for insurer in INSURERS}
+        lines.append(json.dumps({"national_id": nid, "master_seed": master.hex(),
+                                 "public_keys": public}) + "\n")
     return "".join(lines)
 
 
