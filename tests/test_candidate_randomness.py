@@ -68,8 +68,7 @@ def tripwired(monkeypatch) -> dict[str, int]:
 
 def _index(n_rows: int = 10, real: int = 1) -> tuple[CandidateIndex, tuple]:
     """An index of `n_rows` rows; the claim key ("p", "h") owns the first `real` of them."""
-    keys = [("p", "h")] * real + [("other", str(i)) for i in range(n_rows - real)]
-    return CandidateIndex(keys), ("p", "h")
+    return CandidateIndex(index_keys(n_rows, real)), ("p", "h")
 
 
 def _chi2(counts: np.ndarray) -> float:
@@ -129,11 +128,43 @@ def test_slot_positions_and_dummy_targets_are_uniform():
     position = np.argmax(slots.valid, axis=1)
     positions = np.bincount(position, minlength=4)
     assert _chi2(positions) < CHI2_1E6[3], positions
-    targets = np.bincount(slots.row_index[~slots.valid], minlength=10)
-    assert _chi2(targets) < CHI2_1E6[9], targets
     assert (slots.row_index[slots.valid] == 0).all()  # the real slot holds the real row
+    # Dummies are fixed per claim key, so their spread is over many keys.
+    absent = index.plan([("absent", str(i)) for i in range(5_000)], k=4)
+    assert not absent.valid.any()
+    targets = np.bincount(absent.row_index.ravel(), minlength=10)
+    assert _chi2(targets) < CHI2_1E6[9], targets
     # control: a planner that does not shuffle puts the real row in slot 0 every time
     assert _chi2(np.bincount(np.zeros(20_000, dtype=int), minlength=4)) > 1000
+
+
+def test_repeated_claims_about_one_key_do_not_count_its_visits():
+    """The row numbers are visible to the regulator: intersecting the slots of several
+    claims about one person must not leave the person's real rows."""
+    def touched(index: CandidateIndex, key: tuple, times: int = 5) -> set[int]:
+        common = None
+        for _ in range(times):
+            rows = set(index.plan([key], k=4).row_index[0].tolist())
+            common = rows if common is None else common & rows
+        return common
+
+    sizes = {}
+    for visits in (0, 1, 2, 3):
+        index, key = _index(100_000, real=visits)
+        sizes[visits] = len(touched(index, key))
+        # control: fresh dummies on every plan (a new index each time) leave exactly the
+        # real rows in the intersection, i.e. the visit count
+        fresh = None
+        for _ in range(5):
+            rows = set(CandidateIndex(index_keys(100_000, visits)).plan([key], k=4)
+                       .row_index[0].tolist())
+            fresh = rows if fresh is None else fresh & rows
+        assert len(fresh) == visits
+    assert set(sizes.values()) == {4}, sizes
+
+
+def index_keys(n_rows: int, real: int) -> list[tuple]:
+    return [("p", "h")] * real + [("other", str(i)) for i in range(n_rows - real)]
 
 
 def test_two_real_rows_take_every_order_alike():

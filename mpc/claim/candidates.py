@@ -6,16 +6,21 @@ their contents in `ss` mode. Every claim gets exactly K slots, the missing ones 
 with dummies (`valid = False`) in random order, so neither the computation's shape
 nor the slot order tells how many visits the person has.
 
-The dummies' target rows and the slot order are drawn from the OS CSPRNG
-(`os.urandom`), never from numpy's or Python's generators: the regulator sees every
-slot's row number, and a predictable generator (PCG64 and MT19937 are not
-cryptographic) would let it tell dummies from real rows by predicting them. Target
-rows are uniform over the table (rejection sampling, no modulo bias); the order is a
-Fisher-Yates shuffle driven by the same uniform draws.
+The slot order is drawn from the OS CSPRNG (`os.urandom`), never from numpy's or
+Python's generators: the regulator sees every slot's row number, and a predictable
+generator (PCG64 and MT19937 are not cryptographic) would let it tell dummies from real
+rows by predicting them. Each claim key's dummy rows are uniform over the table but
+fixed for the index's life, drawn from HMAC-SHA256 under a secret key of the index:
+fresh dummies for every claim would let whoever sees the row numbers intersect two
+claims about the same key and count the real rows (the rows common to both). With
+fixed dummies two such claims touch the same K rows, whatever the number of visits.
+Draws are uniform by rejection sampling (no modulo bias); the order is a Fisher-Yates
+shuffle.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -51,25 +56,60 @@ class CandidateIndex:
         for row, key in enumerate(visit_keys):
             self.rows_by_key[key].append(row)
         self.n_rows = len(visit_keys)
+        self._dummy_key = os.urandom(32)  # lives and dies with this index (one table build)
+
+    def dummy_rows(self, key: Hashable, count: int) -> np.ndarray:
+        """The first `count` dummy rows of claim key `key`: uniform, fixed for this index."""
+        if count == 0 or self.n_rows == 0:
+            return np.zeros(count, dtype=np.int64)
+        label = b"cogov-dummy-rows|" + repr(key).encode()
+        return keyed_uniform_below(self._dummy_key, label, self.n_rows, count)
 
     def plan(self, claim_keys: Sequence[Hashable], k: int = DEFAULT_K) -> CandidateSlots:
         """Slots for each claim: the rows whose key equals the claim's key, padded to `k`."""
         if k < 1:
             raise MalformedInput("k must be at least 1")
         n = len(claim_keys)
-        # Every slot starts as a dummy aimed at a uniformly random real row; the claim's
-        # own rows then take the first slots, and the shuffle spreads them.
-        row_index = (uniform_below(self.n_rows, n * k).reshape(n, k) if self.n_rows
-                     else np.zeros((n, k), dtype=np.int64))
+        # The claim's own rows take the first slots and its fixed dummies the rest; the
+        # shuffle then spreads them.
+        row_index = np.zeros((n, k), dtype=np.int64)
         valid = np.zeros((n, k), dtype=bool)
         for i, key in enumerate(claim_keys):
             rows = self.rows_by_key.get(key, [])
             if len(rows) > k:
                 raise TooManyCandidates(f"claim {i} has {len(rows)} candidate rows > K = {k}")
             row_index[i, :len(rows)] = rows
+            row_index[i, len(rows):] = self.dummy_rows(key, k - len(rows))
             valid[i, :len(rows)] = True
         shuffle_slots(row_index, valid)
         return CandidateSlots(row_index, valid)
+
+
+def _check_bound(bound: int) -> None:
+    if bound < 1 or bound > 1 << 62:
+        raise MalformedInput("a uniform draw needs a bound in [1, 2^62]")
+
+
+def _below(words: np.ndarray, bound: int) -> np.ndarray:
+    """The words (uint64) that fall below the largest multiple of `bound`, reduced mod it."""
+    excess = (1 << 64) % bound  # words at or above 2^64 - excess would favour small values
+    kept = words if not excess else words[words < np.uint64((1 << 64) - excess)]
+    return (kept % np.uint64(bound)).astype(np.int64)
+
+
+def keyed_uniform_below(key: bytes, label: bytes, bound: int, count: int) -> np.ndarray:
+    """`count` integers uniform in [0, bound), the same for the same key and label:
+    HMAC-SHA256(key, label | block) as the word stream, with rejection sampling."""
+    _check_bound(bound)
+    out: list[np.ndarray] = []
+    have, block = 0, 0
+    while have < count:
+        digest = hmac.digest(key, label + block.to_bytes(4, "big"), "sha256")
+        kept = _below(np.frombuffer(digest, dtype=np.uint64), bound)
+        out.append(kept)
+        have += len(kept)
+        block += 1
+    return np.concatenate(out)[:count]
 
 
 def uniform_below(bound: int, count: int) -> np.ndarray:
@@ -79,19 +119,15 @@ def uniform_below(bound: int, count: int) -> np.ndarray:
     sampling), so no value is favoured; a word is rejected with probability under
     bound / 2^64.
     """
-    if bound < 1 or bound > 1 << 62:
-        raise MalformedInput("a uniform draw needs a bound in [1, 2^62]")
+    _check_bound(bound)
     out = np.zeros(count, dtype=np.int64)
     if bound == 1 or count == 0:
         return out
-    excess = (1 << 64) % bound  # words at or above 2^64 - excess would favour small values
-    limit = np.uint64((1 << 64) - excess) if excess else None
     filled = 0
     while filled < count:
         need = count - filled
-        words = np.frombuffer(os.urandom(8 * need), dtype=np.uint64)
-        kept = (words if limit is None else words[words < limit])[:need]
-        out[filled:filled + len(kept)] = (kept % np.uint64(bound)).astype(np.int64)
+        kept = _below(np.frombuffer(os.urandom(8 * need), dtype=np.uint64), bound)[:need]
+        out[filled:filled + len(kept)] = kept
         filled += len(kept)
     return out
 
