@@ -54,7 +54,7 @@ diagnosis), and `decrypt_verdicts` computes exactly those, so the three modes ag
 But here the OR is applied by the insurer AFTER decryption: the key holder sees the
 per-slot outputs above, so it learns how many slots matched and which test held on
 which visit, which `ss` never opens. `he` does not meet the bits-not-counts promise
-until it is redesigned (issue 14 tracks it, together with the noise attack below).
+until it is redesigned (issue 14 tracks it, with the noise-rewriting attack).
 Not covered: the decryption noise. TenSEAL exposes no noise flooding, so the raw
 noise of the answer (visible to the key holder, not through `decrypt`) is a function
 of the server's random plaintext multipliers; no attack is known to us at these
