@@ -48,6 +48,13 @@ A dishonest insurer that encrypts arbitrary values instead of powers learns, per
 real slot, whether a cubic of its choice vanishes at the admission day (at most 3
 days) and the same masked category/amount tests: predicates on the consented
 person's own visits at the named hospital, never on dummies or other persons.
+Not "bits, not counts" yet. The verdict rule (`docs/verdict.md`) is three bits per
+claim, the nested OR over slots of (found, found and amount, found and amount and
+diagnosis), and `decrypt_verdicts` computes exactly those, so the three modes agree.
+But here the OR is applied by the insurer AFTER decryption: the key holder sees the
+per-slot outputs above, so it learns how many slots matched and which test held on
+which visit, which `ss` never opens. `he` does not meet the bits-not-counts promise
+until it is redesigned (issue 14 tracks it, with the noise-rewriting attack).
 Not covered: the decryption noise. TenSEAL exposes no noise flooding, so the raw
 noise of the answer (visible to the key holder, not through `decrypt`) is a function
 of the server's random plaintext multipliers; no attack is known to us at these
@@ -67,6 +74,7 @@ import tenseal as ts
 
 from mpc.claim.encoding import MAX_CATEGORY, MAX_DAY, MAX_FEN
 from mpc.claim.errors import EngineMismatch
+from mpc.claim.plain import nested_or
 from mpc.errors import MalformedInput
 
 POLY_MODULUS_DEGREE = 8192
@@ -226,12 +234,16 @@ class HeClaimKey:
         return np.where(out > PLAIN_MODULUS // 2, out - PLAIN_MODULUS, out)
 
     def decrypt_verdicts(self, response: bytes, n: int, k: int) -> np.ndarray:
-        """int64 [n, 3] counts of (visit_found, amount_consistent, diagnosis_match)."""
+        """int64 [n, 3] bits (visit_found, amount_consistent, diagnosis_match).
+
+        The nested OR of `docs/verdict.md` (OR_j f_j, OR_j f_j a_j, OR_j f_j a_j g_j),
+        applied HERE, after decryption: the key holder has already seen every slot's
+        outputs, so in `he` this is the honest insurer's decoding, not a privacy
+        boundary (see the module docstring).
+        """
         out = self.decrypt_outputs(response, n, k)
         found = out[..., 0] == 0
-        amount_ok = found & (out[..., 2] >= 0)
-        diag_ok = found & (out[..., 1] == 0)
-        return np.stack([found.sum(1), amount_ok.sum(1), diag_ok.sum(1)], 1).astype(np.int64)
+        return nested_or(found, out[..., 2] >= 0, out[..., 1] == 0)
 
 
 # -- server side ------------------------------------------------------------------------

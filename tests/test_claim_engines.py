@@ -65,16 +65,14 @@ def independent_verdicts(claims, visits, policies) -> pd.DataFrame:
                                                              c.national_id)]
         covered_set = set(policy.iloc[0].covered_categories.split(";")) if len(policy) else set()
         deductible = int(policy.iloc[0].deductible_fen) if len(policy) else 0
-        if not near:
-            out.append((c.claim_id, False, False, False, "0.00"))
-            continue
-        v = near[0]
-        amount_ok = c.claimed_fen <= v.self_pay_fen
-        category = v.diagnosis_code.split(".")[0]
-        covered = category == c.diagnosis_code.split(".")[0] and category in covered_set
-        fen = max(0, min(c.claimed_fen, v.self_pay_fen) - deductible) if (
-            amount_ok and covered) else 0
-        out.append((c.claim_id, True, amount_ok, covered, f"{fen // 100}.{fen % 100:02d}"))
+        # one visit must pass every test: amount on that visit, then category on it too
+        fits = [v for v in near if c.claimed_fen <= v.self_pay_fen]
+        category = c.diagnosis_code.split(".")[0]
+        same = [v for v in fits if v.diagnosis_code.split(".")[0] == category]
+        covered = bool(same) and category in covered_set
+        fen = max(0, c.claimed_fen - deductible) if covered else 0
+        out.append((c.claim_id, bool(near), bool(fits), covered,
+                    f"{fen // 100}.{fen % 100:02d}"))
     return pd.DataFrame(out, columns=["claim_id", "visit_found", "amount_consistent",
                                       "diagnosis_covered", "payable"])
 

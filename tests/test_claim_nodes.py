@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class ClaimFed:
     keys: dict[str, str]
     consents: dict[str, dict[str, Consent]] = field(default_factory=dict)
     clients: dict[str, Client] = field(default_factory=dict)
+    two_visits: dict = field(default_factory=dict)  # `_plant_second_visit`'s claims
 
     def part(self, insurer: str) -> pd.DataFrame:
         return self.claims[self.claims["insurer"] == insurer].reset_index(drop=True)
@@ -140,10 +141,55 @@ def _wait(predicate, timeout: float = 10.0):
     return predicate()
 
 
+def _plant_second_visit(data: Path) -> dict:
+    """Add to hospital-1's raw export a second visit one day after a visit V of an insured
+    claimant of insurer-a, so a claim dated on V has two visits in its window. V is one no
+    generated claim's window reaches the new day from, so the ground truth is unchanged.
+    Returns two claims on V's day, both claiming a little more than V's self-pay: one with
+    V's diagnosis (amount passes only on the new visit, diagnosis only on V: not payable)
+    and one with the new visit's diagnosis (both tests on the new visit: payable)."""
+    raw = data / "raw" / "hospital-1.csv"
+    rows = pd.read_csv(raw, dtype=str, keep_default_na=False)
+    claims = pd.read_csv(data / "claims.csv", dtype={"national_id": str})
+    policies = pd.read_csv(data / "policies.csv", dtype={"national_id": str})
+    policy = policies[policies["insurer"] == "insurer-a"].set_index("national_id")
+    claimants = set(claims.loc[claims["insurer"] == "insurer-a", "national_id"])
+    codes = {code[:3]: code for code in rows["dx_code"]}  # a recorded code per category
+    for row in rows.itertuples(index=False):
+        if row.pid not in claimants or row.pid not in policy.index:
+            continue
+        covered = set(str(policy.at[row.pid, "covered_categories"]).split(";"))
+        day = datetime.fromisoformat(row.admit_date).date()
+        mine = claims[(claims["national_id"] == row.pid) & (claims["hospital_id"] == "hospital-1")]
+        gaps = [(datetime.fromisoformat(d).date() - day).days for d in mine["visit_date"]]
+        others = [c for c in codes if c in covered and c != row.dx_code[:3]]
+        if row.dx_code[:3] not in covered or not others or any(-1 <= g <= 3 for g in gaps):
+            continue
+        self_pay = round(float(row.self_paid) * 100)
+        new = row._asdict() | {
+            "record_no": "V99999999", "dx_code": codes[others[0]],
+            "admit_date": (day + timedelta(days=1)).isoformat(),
+            "discharge_date": (day + timedelta(days=2)).isoformat(),
+            "self_paid": f"{(self_pay + 500_000) / 100:.2f}",
+            "total_amount": f"{(self_pay + 500_000) / 100 + float(row.insurance_paid):.2f}"}
+        pd.concat([rows, pd.DataFrame([new])]).to_csv(raw, index=False)
+        claimed = self_pay + 100
+        base = {"insurer": "insurer-a", "national_id": row.pid, "hospital_id": "hospital-1",
+                "visit_date": day.isoformat(), "claimed_fen": claimed}
+        payable = max(0, claimed - int(policy.at[row.pid, "deductible_fen"]))
+        return {
+            "claims": pd.DataFrame([base | {"claim_id": "TWO-split", "diagnosis_code": row.dx_code},
+                                    base | {"claim_id": "TWO-one",
+                                            "diagnosis_code": codes[others[0]]}]),
+            "payable": f"{payable // 100}.{payable % 100:02d}"}
+    raise AssertionError("no visit to plant a second one next to")
+
+
 @pytest.fixture(scope="module")
 def cf(tmp_path_factory) -> Iterator[ClaimFed]:
     root = tmp_path_factory.mktemp("claims")
     generate(root / "data", patients=150, claims=500, seed=SEED, progress=False)
+    two_visits = _plant_second_visit(root / "data")
     fed = Federation(root, nodes=ALL_NODES)
     fed.up()
     clients: dict[str, Client] = {}
@@ -161,6 +207,7 @@ def cf(tmp_path_factory) -> Iterator[ClaimFed]:
             policies=pd.read_csv(data / "policies.csv", dtype={"national_id": str}),
             truth=pd.read_csv(data / "ground_truth" / "claims_truth.csv"),
             keys=consumer_keys(data / "consumer_keys.jsonl"),
+            two_visits=two_visits,
         )
         every_mode = ["visit_found", "amount_consistent", "diagnosis_covered", "payable",
                       "mode.ss", "mode.he", "mode.plain"]
@@ -232,6 +279,17 @@ def test_three_modes_agree_with_each_other_and_the_ground_truth(cf, verdicts):
                                       obj=f"{mode} verdicts")
     pd.testing.assert_frame_equal(verdicts["ss"], verdicts["he"])
     pd.testing.assert_frame_equal(verdicts["ss"], verdicts["plain"])
+
+
+def test_two_visits_in_the_window_pay_only_when_one_visit_passes_every_test(cf):
+    """Through the nodes: amount and diagnosis passing on two different visits is not
+    payable; both on one visit is (the nested rule of docs/verdict.md)."""
+    claims, payable = cf.two_visits["claims"], cf.two_visits["payable"]
+    for mode in ("plain", "he", "ss"):
+        got = cf.clients["insurer-a"].check(claims, cf.consents["insurer-a"], mode)
+        got = got.set_index("claim_id")
+        assert got.loc["TWO-split"].tolist() == [True, True, False, "0.00"], mode
+        assert got.loc["TWO-one"].tolist() == [True, True, True, payable], mode
 
 
 def test_every_answer_is_metered_once_with_its_request_id(cf, verdicts):

@@ -100,11 +100,11 @@ def _oracle(claims: pd.DataFrame, visits: pd.DataFrame, policies: pd.DataFrame) 
         amount = found and c.claimed_fen <= v.self_pay_fen
         cats = set(policy.loc[c.national_id, "covered_categories"].split(";"))
         category = v.diagnosis_code[:3] if found else None
-        covered = found and category == c.diagnosis_code[:3] and category in cats
+        # nested: the diagnosis counts only on a visit whose amount is consistent too
+        covered = amount and category == c.diagnosis_code[:3] and category in cats
         payable = 0
-        if found and amount and covered:
-            payable = max(0, min(c.claimed_fen, v.self_pay_fen)
-                          - int(policy.loc[c.national_id, "deductible_fen"]))
+        if covered:
+            payable = max(0, c.claimed_fen - int(policy.loc[c.national_id, "deductible_fen"]))
         rows.append((c.claim_id, found, amount, covered, f"{payable // 100}.{payable % 100:02d}"))
     return pd.DataFrame(rows, columns=["claim_id", "visit_found", "amount_consistent",
                                        "diagnosis_covered", "payable"])
@@ -132,7 +132,7 @@ def test_planted_kinds_have_their_verdicts_in_equal_shares(generated: Path) -> N
     assert truth["kind"].value_counts().to_dict() == dict.fromkeys(CLAIM_KINDS, 10)
     flags = truth.set_index("kind")[["visit_found", "amount_consistent", "diagnosis_covered"]]
     expected = {
-        "true": ("true", "true", "true"), "inflated": ("true", "false", "true"),
+        "true": ("true", "true", "true"), "inflated": ("true", "false", "false"),
         "fabricated": ("false", "false", "false"), "uncovered": ("true", "true", "false"),
         "date_off_by_one": ("true", "true", "true"),
         "date_off_by_several": ("false", "false", "false"),

@@ -9,6 +9,11 @@ Insurer side::
                                                    #  diagnosis_match]
     verdicts = finish_verdicts(claims_df, policies_df, bits)
 
+Every engine answers three BITS per claim, never counts (`docs/verdict.md`): the nested
+OR over the K slots of found, found and amount, found and amount and diagnosis. In
+`ss` only those bits are ever opened; `plain` has no privacy; in `he` the insurer still
+decrypts per-slot values and applies the OR itself (see `mpc.he`).
+
 Destinations: `plain` and `he` -> "server" (the node holding the anonymized rows);
 `ss` -> "operator" and "regulator" (one additive share each; the node layer seals
 each payload to its node). Server side, per batch, after planning candidate slots
@@ -102,17 +107,17 @@ class InsurerClaims:
             raise EngineMismatch(f"query of mode {query.mode} given to a {self.mode} decoder")
         try:
             if self.mode == "plain":
-                counts = ss_shares.unpack(answers[SERVER], ss_shares.KIND_RESULT, (n, 3))
+                bits = ss_shares.unpack(answers[SERVER], ss_shares.KIND_RESULT, (n, 3))
             elif self.mode == "ss":
-                counts = ss_shares.combine(
+                bits = ss_shares.combine(
                     ss_shares.unpack(answers[OPERATOR], ss_shares.KIND_RESULT, (n, 3)),
                     ss_shares.unpack(answers[REGULATOR], ss_shares.KIND_RESULT, (n, 3)),
                 )
             else:
-                counts = self.he_key.decrypt_verdicts(answers[SERVER], n, query.k)
+                bits = self.he_key.decrypt_verdicts(answers[SERVER], n, query.k)
         except KeyError as exc:
             raise MalformedInput(f"missing answer from {exc.args[0]}") from None
-        return bits_frame(query.claim_ids, counts)
+        return bits_frame(query.claim_ids, bits)
 
     def public_context(self) -> bytes:
         """`he` only: the serialized public context the server needs (send once)."""
@@ -121,11 +126,24 @@ class InsurerClaims:
         return self.he_key.public_context()
 
 
-def bits_frame(claim_ids: tuple[str, ...], counts: np.ndarray) -> pd.DataFrame:
-    """Private-bit counts -> booleans (a count of matching visits >= 1 means true)."""
+def bits_frame(claim_ids: tuple[str, ...], bits: np.ndarray) -> pd.DataFrame:
+    """int [n, 3] verdict bits -> booleans [claim_id, *PRIVATE_BITS].
+
+    Refuses anything that is not a nested chain of bits (each value 0 or 1, and
+    diagnosis_match <= amount_consistent <= visit_found): shares of two different
+    batches, a count from an old engine or a corrupted answer never pass for a verdict.
+    """
+    bits = np.asarray(bits)
+    if bits.shape != (len(claim_ids), len(PRIVATE_BITS)):
+        raise MalformedInput(f"verdict bits have shape {bits.shape}, "
+                             f"expected {(len(claim_ids), len(PRIVATE_BITS))}")
+    if not np.isin(bits, (0, 1)).all():
+        raise MalformedInput("the answer holds values that are not verdict bits")
+    if (np.diff(bits.astype(np.int64), axis=1) > 0).any():
+        raise MalformedInput("the answer's verdict bits are not nested")
     frame = pd.DataFrame({"claim_id": list(claim_ids)})
     for j, name in enumerate(PRIVATE_BITS):
-        frame[name] = counts[:, j] >= 1
+        frame[name] = bits[:, j] == 1
     return frame
 
 
@@ -138,8 +156,8 @@ def share_visit_rows(visits: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_plain(payload: bytes, rows: np.ndarray, slots: CandidateSlots) -> bytes:
     """`plain`: the circuit on plaintext claims and plaintext rows (no privacy)."""
     claims = ss_shares.unpack(payload, ss_shares.KIND_CLAIMS, (len(slots), 3))
-    counts = plain_engine_bits(claims, gather_rows(rows, slots), slots.valid)
-    return ss_shares.pack(ss_shares.KIND_RESULT, counts)
+    bits = plain_engine_bits(claims, gather_rows(rows, slots), slots.valid)
+    return ss_shares.pack(ss_shares.KIND_RESULT, bits)
 
 
 def evaluate_he(

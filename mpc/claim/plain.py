@@ -3,16 +3,25 @@
 `plain_verdicts` is the oracle the private engines are tested against. It is split
 the way the private engines split the work:
 
-- three private bits per claim need the hospital's record (`visit_found`,
-  `amount_consistent`, `diagnosis_match`: the found visit's category equals the
-  claim's);
+- three private bits per claim need the hospital's record. Per candidate visit j, with
+  f_j = "a valid slot admitted within one day of the claimed date", a_j = "claimed <=
+  self-pay" and g_j = "same diagnosis category":
+
+      visit_found       = OR_j f_j
+      amount_consistent = OR_j (f_j and a_j)
+      diagnosis_match   = OR_j (f_j and a_j and g_j)
+
+  The third bit is nested under the second, so "all three hold" always means one visit
+  passes every test, and the three bits are the unary code of the best visit's level
+  (0: no visit, 1: a visit, 2: ... whose amount fits, 3: ... that also has the claimed
+  category): a monotone chain that says nothing about how many visits matched or
+  which test failed on which visit;
 - the rest follows at the insurer from what it already knows (claimed amount, claimed
   category, its policy's covered categories and deductible): `finish_verdicts`.
 
-Because `amount_consistent` means claimed <= self-pay, min(claimed, self-pay) is the
-claimed amount whenever the claim is payable, so the insurer needs no self-pay value.
-If several visits matched a claim (the generator rules this out) every bit means "some
-matching visit satisfies it"; the private engines compute exactly that.
+Because `amount_consistent` means claimed <= self-pay on the visit that is also the
+diagnosis match, min(claimed, self-pay) is the claimed amount whenever the claim is
+payable, so the insurer needs no self-pay value.
 """
 
 from __future__ import annotations
@@ -61,7 +70,9 @@ def plain_private_bits(claims: pd.DataFrame, visits: pd.DataFrame) -> pd.DataFra
     joined = left.merge(right, on=["national_id", "hospital_id"], how="inner")
     near = joined[(joined["visit_day"] - joined["claim_day"]).abs() <= 1].copy()
     near["amount_consistent"] = near["claimed_fen"] <= near["self_pay_fen"]
-    near["diagnosis_match"] = near["claim_category"] == near["visit_category"]
+    # nested: the diagnosis bit counts only on a visit whose amount test also holds
+    near["diagnosis_match"] = near["amount_consistent"] & (
+        near["claim_category"] == near["visit_category"])
     per_claim = near.groupby("claim_id")[["amount_consistent", "diagnosis_match"]].any()
     out = pd.DataFrame({"claim_id": left["claim_id"]})
     out["visit_found"] = out["claim_id"].isin(per_claim.index)
@@ -71,16 +82,37 @@ def plain_private_bits(claims: pd.DataFrame, visits: pd.DataFrame) -> pd.DataFra
 
 
 def plain_engine_bits(claims: np.ndarray, rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The engines' circuit in numpy, no privacy: int64 [n, 3] counts per private bit.
+    """The engines' circuit in numpy, no privacy: int64 [n, 3] bits (0/1) per claim.
 
     `claims` int64 [n, 3] (day, claimed fen, category); `rows` int64 [n, k, 3]
-    (admission day, self-pay fen, category); `valid` bool [n, k].
+    (admission day, self-pay fen, category); `valid` bool [n, k]. The columns are
+    (visit_found, amount_consistent, diagnosis_match) = OR over slots of f, f*a, f*a*g.
+    """
+    return nested_or(*slot_tests(claims, rows, valid))
+
+
+def slot_tests(
+    claims: np.ndarray, rows: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-slot bool [n, k] (found, amount, diagnosis), each test on its own slot.
+
+    The differences wrap in int64 exactly as in the `ss` ring, so an insurer's value out
+    of range gets the same answer here as there (in range: |day gap| <= 1, claimed <=
+    self-pay, same category).
     """
     day, claimed, category = (claims[:, None, j] for j in range(3))
-    found = valid & (np.abs(rows[..., 0] - day) <= 1)
-    amount = found & (claimed <= rows[..., 1])
-    diagnosis = found & (rows[..., 2] == category)
-    return np.stack([found.sum(1), amount.sum(1), diagnosis.sum(1)], axis=1).astype(np.int64)
+    with np.errstate(over="ignore"):
+        gap = rows[..., 0] - day
+        room = rows[..., 1] - claimed
+    found = valid & (gap >= -1) & (gap <= 1)
+    return found, room >= 0, rows[..., 2] == category
+
+
+def nested_or(found: np.ndarray, amount: np.ndarray, diagnosis: np.ndarray) -> np.ndarray:
+    """int64 [n, 3] bits OR_j f_j, OR_j (f_j a_j), OR_j (f_j a_j g_j) from bool [n, k] tests."""
+    fa = found & amount
+    fag = fa & diagnosis
+    return np.stack([found.any(1), fa.any(1), fag.any(1)], axis=1).astype(np.int64)
 
 
 def finish_verdicts(
@@ -94,15 +126,25 @@ def finish_verdicts(
         claim_id = str(claim.claim_id)
         if claim_id not in bits.index:
             raise MalformedInput(f"no private verdict bits for claim {claim_id}")
-        found, amount_ok, diag_ok = (bool(bits.at[claim_id, c]) for c in PRIVATE_BITS)
+        found, amount_ok, diag_ok = (_bit(bits.at[claim_id, c], claim_id) for c in PRIVATE_BITS)
         covered_categories, deductible = coverage.get(
             (str(claim.insurer), str(claim.national_id)), (frozenset(), 0)
         )
-        covered = found and diag_ok and category_of(claim.diagnosis_code) in covered_categories
+        # the engines' bits are nested (diag_ok implies amount_ok implies found); the ANDs
+        # keep the verdict right for a hand-made frame of bits too
         amount_ok = found and amount_ok
+        covered = amount_ok and diag_ok and category_of(claim.diagnosis_code) in covered_categories
         payable = max(0, int(claim.claimed_fen) - deductible) if amount_ok and covered else 0
         rows.append((claim_id, found, amount_ok, covered, format_yuan(payable)))
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def _bit(value: object, claim_id: str) -> bool:
+    """A private verdict value as a bool; a count or anything else is refused."""
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise MalformedInput(f"private verdict of claim {claim_id} is not a bit: {value!r}")
 
 
 def format_yuan(fen: int) -> str:

@@ -1,19 +1,49 @@
 """The verdict circuit on additive shares (CrypTen primitives, integer encoding).
 
-Per claim i and candidate slot j, with d = admission_day - visit_day:
+Per claim i and candidate slot j, with d = admission_day - visit_day, delta = self_pay -
+claimed and e = cat_row - cat_claim, ONE vectorized CrypTen `ltz` over all 5*n*K values
+(constant rounds whatever the batch size; each reveals only a masked bit inside its B2A
+step, never a magnitude) gives five sign tests, and products of them give the slot's
+tests:
 
-    date_ij  = [d >= -1] and [d <= 1]    = 1 - ltz(d + 1) - ltz(1 - d)
-    amount_ij = [claimed <= self_pay]     = 1 - ltz(self_pay - claimed)
-    diag_ij  = [category equal]          = 1 - ltz(e) - ltz(-e),  e = cat_row - cat_claim
-    found_ij = valid_ij * date_ij
+    date_ij   = [d + 1 >= 0] * [1 - d >= 0]     = 1 iff d in {-1, 0, 1}
+    amount_ij = [delta >= 0]                    = [claimed <= self_pay]
+    diag_ij   = [e >= 0] * [-e >= 0]            = 1 iff e = 0
+    f_ij      = valid_ij * date_ij
 
-and the outputs are sums over the K slots of found, found*amount, found*diag. The two
-terms inside each bracket cannot both be 1 (for in-range inputs), so the ANDs are
-subtractions. All 5*n*K comparisons run as ONE vectorized CrypTen `ltz` (constant
-rounds whatever the batch size), followed by two multiplication rounds. The validity
-flag multiplies (rather than shifts) the date test so no claim value can make a
-dummy slot match. Output shares are re-randomized with a fresh zero sharing before
-they leave the party, so the two output shares are uniform given their sum.
+The ANDs are PRODUCTS, not the cheaper 1 - ltz(x) - ltz(y): the insurer chooses its
+claim shares freely, and the subtraction form is -1 at the three ring values where both
+signs are negative (d in {2^63 - 1, -2^63, 1 - 2^63}, e = -2^63). A claim day offset by
+2^63 turns every visit of the window into -1, and the OR below into 1 - 2^(number of
+visits): a count. As products every slot value is 0 or 1 for ANY input, over the whole
+ring (`tests/test_verdict_bits.py` mounts that attack). The validity flag multiplies
+(rather than shifts) the date test so no claim value can make a dummy slot match.
+
+Bits, not counts (`docs/verdict.md`): the three outputs per claim are
+
+    visit_found       = OR_j f_j
+    amount_consistent = OR_j f_j * amount_j
+    diagnosis_match   = OR_j f_j * amount_j * diag_j
+
+nested, so the insurer's `payable` (all three, plus its own policy) always refers to
+ONE visit on which every test holds, and the insurer learns the best visit's level in
+a monotone chain: no count of visits, no "amount on one visit, diagnosis on another".
+Every step stays on shares; only these 3*n bits are ever opened, by the insurer. For
+any claim shares, each bit is the test of some claim (a claim day, a category, and
+either [claimed <= self_pay] or, for an amount share that wraps, its complement).
+
+Rounds. The per-slot products take three multiplication rounds ([date, diag, valid *
+amount], then f = valid * date and f * amount, then f * amount * diag: six factors need
+depth 3). The OR over K slots is 1 - prod_j (1 - b_j), a balanced tree of K - 1
+multiplications per bit in ceil(log2 K) rounds (2 for K = 4, 4 for K = 16). The
+alternative, [sum_j b_j > 0] as one more vectorized `ltz` on -sum_j b_j, costs a whole
+A2B adder (one AND for the generate bits, then log2(64) = 6 carry-tree levels, each a
+binary Beaver round) plus a B2A opening: 8 rounds on 64-bit-wide binary triples, against
+2 rounds of arithmetic triples on n*3*K/2 and n*3*K/4 elements. Every multiplication of
+one round is a single `mul` on a concatenated tensor, so a round is one opening and one
+dealer request whatever the batch size: 8 (ltz) + 3 + ceil(log2 K) rounds in all.
+Output shares are re-randomized with a fresh zero sharing before they leave the party,
+so the two output shares are uniform given their sum.
 """
 
 from __future__ import annotations
@@ -42,10 +72,35 @@ def less_than_zero(share: torch.Tensor) -> torch.Tensor:
     return bit.share
 
 
+def multiply(left: list[torch.Tensor], right: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Shares of left[i] * right[i] for every pair, all in ONE Beaver round."""
+    shapes = [t.shape for t in left]
+    product = _shared(torch.cat([t.reshape(-1) for t in left])).mul(
+        _shared(torch.cat([t.reshape(-1) for t in right]))).share
+    out, start = [], 0
+    for shape in shapes:
+        size = shape.numel()
+        out.append(product[start:start + size].reshape(shape))
+        start += size
+    return out
+
+
+def or_over_slots(one: int, bits: torch.Tensor) -> torch.Tensor:
+    """Shares of OR over the last axis of 0/1 shares: 1 - prod(1 - b), a product tree."""
+    rest = one - bits  # shares of 1 - b
+    while rest.shape[-1] > 1:
+        if rest.shape[-1] % 2:  # an odd slot out is multiplied by a shared public 1
+            pad = torch.full_like(rest[..., :1], one)
+            rest = torch.cat([rest, pad], dim=-1)
+        (rest,) = multiply([rest[..., 0::2]], [rest[..., 1::2]])
+    return one - rest[..., 0]
+
+
 def verdict_shares(
     rank: int, claims: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """This party's int64 [n, 3] shares of (visit_found, amount_consistent, diagnosis_match).
+    """This party's int64 [n, 3] shares of the bits (visit_found, amount_consistent,
+    diagnosis_match) = OR over slots of (f, f*amount, f*amount*diag).
 
     `claims` int64 [n, 3] and `rows` int64 [n, k, 3] are this party's shares; `valid`
     is the bool [n, k] slot mask at rank 0 (the party that planned the slots), None
@@ -57,9 +112,7 @@ def verdict_shares(
     delta = rows[..., 1] - claims[:, 1:2]
     e = rows[..., 2] - claims[:, 2:3]
     lt = less_than_zero(torch.stack([d + one, one - d, delta, e, -e]))
-    date = one - lt[0] - lt[1]
-    amount = one - lt[2]
-    diagnosis = one - lt[3] - lt[4]
+    nonnegative = one - lt  # [x >= 0] for the five values, each exactly 0 or 1
 
     valid_shared = ArithmeticSharedTensor(
         valid.to(torch.int64) if valid is not None else None,
@@ -67,9 +120,12 @@ def verdict_shares(
         precision=0,
         src=0,
     )
-    found = valid_shared.mul(_shared(date))
-    both = _shared(torch.stack([found.share, found.share])).mul(
-        _shared(torch.stack([amount, diagnosis]))
-    )
-    out = torch.stack([found.share.sum(-1), both.share[0].sum(-1), both.share[1].sum(-1)], 1)
+    amount = nonnegative[2]
+    date, diagnosis, valid_amount = multiply(
+        [nonnegative[0], nonnegative[3], valid_shared.share],
+        [nonnegative[1], nonnegative[4], amount])
+    found, found_amount = multiply([valid_shared.share, valid_amount], [date, date])
+    (found_amount_diag,) = multiply([found_amount], [diagnosis])
+    per_slot = torch.stack([found, found_amount, found_amount_diag], dim=1)  # [n, 3, k]
+    out = or_over_slots(one, per_slot)
     return out + ArithmeticSharedTensor.PRZS((n, 3)).share

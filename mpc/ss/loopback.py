@@ -45,6 +45,8 @@ def _audit(session) -> dict:
         "torch_distributed_initialized": dist.is_available() and dist.is_initialized(),
         "communicator": type(session.communicator).__name__,
         "stats": session.stats(),
+        # tensor messages this party has sent its peer (one per opening or exchange)
+        "comm_rounds": session.communicator.comm_rounds,
     }
 
 

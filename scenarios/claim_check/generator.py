@@ -381,17 +381,17 @@ def claim_verdict(
     """The plaintext oracle of `docs/verdict.md`: (found, amount ok, covered, payable fen).
 
     `visits` are (admission date, self-pay fen, diagnosis code) of that person at that
-    hospital.
+    hospital. Each bit asks for ONE visit in the window: found = some visit; amount =
+    some visit with claimed <= its self-pay; covered = some visit with claimed <= its
+    self-pay AND the claim's category (the nested rule), which the policy covers.
     """
     near = [v for v in visits if abs(int((v[0] - visit_date).astype(np.int64))) <= 1]
-    if not near:
-        return False, False, False, 0
-    _, self_pay, code = near[0]
-    amount_ok = claimed_fen <= self_pay
-    category = code.split(".")[0]
-    covered = category == diagnosis_code.split(".")[0] and category in covered_categories
-    payable = max(0, min(claimed_fen, self_pay) - deductible_fen) if amount_ok and covered else 0
-    return True, amount_ok, covered, payable
+    category = diagnosis_code.split(".")[0]
+    fits = [v for v in near if claimed_fen <= v[1]]
+    same = [v for v in fits if v[2].split(".")[0] == category]
+    covered = bool(same) and category in covered_categories
+    payable = max(0, claimed_fen - deductible_fen) if covered else 0
+    return bool(near), bool(fits), covered, payable
 
 
 def _claims(
@@ -489,7 +489,7 @@ def _visit_near(visits: list[tuple[np.datetime64, int, str]], date: np.datetime6
 
 _EXPECTED = {
     "true": (True, True, True),
-    "inflated": (True, False, True),
+    "inflated": (True, False, False),  # nested: no visit passes amount AND diagnosis
     "fabricated": (False, False, False),
     "uncovered": (True, True, False),
     "date_off_by_one": (True, True, True),

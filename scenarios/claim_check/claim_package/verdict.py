@@ -2,6 +2,8 @@
 
 A visit is "that visit" when it is the same person at the same hospital admitted within
 one day of the claimed visit date; the generator guarantees there is at most one.
+The diagnosis is covered only on a visit whose amount is also consistent (the nested
+rule of `docs/verdict.md`), so `payable` always rests on one visit passing every test.
 Money stays in integer fen until the payable amount is turned into yuan.
 """
 
@@ -56,7 +58,7 @@ def claim_verdicts(tables: dict) -> pd.DataFrame:
          for ins, pid, cat in zip(matched["insurer"], matched["national_id"],
                                   _category(matched["diagnosis_code"]), strict=True)],
         index=matched.index, dtype=bool)
-    covered = found & same_category & in_policy
+    covered = amount_ok & same_category & in_policy  # nested, as in docs/verdict.md
     deductible = pd.Series(
         [terms.get((ins, pid), (frozenset(), 0))[1]
          for ins, pid in zip(matched["insurer"], matched["national_id"], strict=True)],
