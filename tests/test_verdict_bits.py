@@ -118,8 +118,9 @@ class Scenario:
         columns = ["national_id", "hospital_id", "admission_date", "self_pay_fen",
                    "diagnosis_code"]
         self.window_visits, self.window_ids = _window_people(100)
-        self.visits = pd.concat([visits[columns], m_visits, self.window_visits],
-                                ignore_index=True)
+        self.hidden_visits, self.hidden_ids = _hidden_visit_people(200)
+        self.visits = pd.concat([visits[columns], m_visits, self.window_visits,
+                                 self.hidden_visits], ignore_index=True)
         self.claims = pd.concat([claims, m_claims], ignore_index=True)
         self.policies = pd.concat([policies, m_policies], ignore_index=True)
         self.truth = pd.concat([truth, m_truth], ignore_index=True)
@@ -246,6 +247,18 @@ def _window_people(first: int) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(visits), ids
 
 
+def _hidden_visit_people(first: int) -> tuple[pd.DataFrame, list[str]]:
+    """A with one visit on DAY; B with the same visit and a second, cheaper one on DAY.
+
+    Every honest claim sees the most a window can pay, so it cannot tell A from B; a
+    claimed amount that wraps would ask about the cheapest visit instead."""
+    a, b = _nid(first), _nid(first + 1)
+    visit = {"hospital_id": HOSPITAL, "admission_date": DAY, "diagnosis_code": "J18.0"}
+    return pd.DataFrame([{**visit, "national_id": a, "self_pay_fen": 80_000},
+                         {**visit, "national_id": b, "self_pay_fen": 80_000},
+                         {**visit, "national_id": b, "self_pay_fen": 12_345}]), [a, b]
+
+
 # Claims the insurer may choose (claimed fen, diagnosis), all on the day whose window holds
 # every visit of the three people: each is sent, word for word, about each of them.
 PROBES = [(5_000, "J18.9"), (0, "J18.9"), (80_000, "J18.1"), (80_001, "J18.9"),
@@ -361,6 +374,57 @@ def test_claim_shares_that_wrap_the_ring_open_only_bits(people, cluster):
             assert (view[:, 1] == view[:, 0]).all() and (view[:, 2] == view[:, 0]).all()
         if i == 0:  # CONTROL: the cheap form would have opened 1 - 2^visits
             assert control[0, :, 0].tolist() == [-1, -3, -7]
+
+
+def _hidden_probe_view(mode: str, scenario: Scenario, cluster, claimed: list[int],
+                       batch: str) -> np.ndarray:
+    """[probes, 2 people, 3 bits]: A and B asked the same J18 claims on DAY, the claimed
+    amounts encoded as the insurer chooses (any int64)."""
+    claims = pd.DataFrame([{"claim_id": f"H{i}-{nid}", "insurer": "insurer-a",
+                            "national_id": nid, "hospital_id": HOSPITAL,
+                            "visit_date": DAY.isoformat(), "claimed_fen": 0,
+                            "diagnosis_code": "J18.9"}
+                           for i in range(len(claimed)) for nid in scenario.hidden_ids])
+    values = encode_claims(claims).values.copy()
+    values[:, 1] = np.repeat(np.asarray(claimed, dtype=np.int64), 2)
+    slots = scenario.slots(claims)
+    if mode == "plain":
+        answer = evaluate_plain(ss_shares.pack(ss_shares.KIND_CLAIMS, values), scenario.rows,
+                                slots)
+        return ss_shares.unpack(answer, ss_shares.KIND_RESULT).reshape(-1, 2, 3)
+    share_op, share_reg = ss_shares.split(values)
+    result = cluster.evaluate(batch, (ss_shares.pack(ss_shares.KIND_CLAIMS, share_op),
+                                      ss_shares.pack(ss_shares.KIND_CLAIMS, share_reg)), slots)
+    return ss_shares.combine(
+        ss_shares.unpack(result.operator_blob, ss_shares.KIND_RESULT),
+        ss_shares.unpack(result.regulator_blob, ss_shares.KIND_RESULT)).reshape(-1, 2, 3)
+
+
+@pytest.mark.parametrize("mode", ["plain", "ss"])
+def test_a_wrapping_claimed_amount_cannot_find_a_hidden_visit(mode, scenario, cluster):
+    """The insurer encodes claimed = c + 2^63: without a range check on shares the amount
+    test becomes [self_pay < c] on every slot, which tells B (a second visit of 12,345
+    fen) from A and bisects that visit's self-pay in 31 queries. The engines check the
+    claimed amount's range inside the circuit, so A and B answer alike."""
+    honest = [0, 5_000, 12_345, 12_346, 80_000, 80_001, 2**31 - 1]
+    wrap = 2**63
+    crafted = [c - wrap for c in (12_345, 12_346, 50_000, 80_000, 80_001)]  # c + 2^63
+    with np.errstate(over="ignore"):
+        crafted += [-1, -(2**62), 2**31, 2**62]
+    views = {name: _hidden_probe_view(mode, scenario, cluster, amounts, f"hidden-{name}-{mode}")
+             for name, amounts in (("honest", honest), ("crafted", crafted))}
+    for name, view in views.items():
+        assert np.isin(view, (0, 1)).all(), name
+        assert (view[:, 0] == view[:, 1]).all(), (name, view)  # A and B look the same
+    assert views["crafted"][:, :, 1:].sum() == 0  # an amount out of range never passes
+    # CONTROL: the amount test without the range check ([self_pay - c' >= 0] in the ring)
+    # tells them apart: B's hidden visit sits between the probes 12,345 and 12,346
+    def unchecked(self_pays: list[int]) -> list[bool]:
+        with np.errstate(over="ignore"):
+            return [bool((np.array(self_pays, dtype=np.int64) - np.int64(c) >= 0).any())
+                    for c in crafted[:2]]
+    assert unchecked([80_000]) == [False, False]  # A
+    assert unchecked([80_000, 12_345]) == [False, True]  # B
 
 
 def test_ss_circuit_matches_plain_on_crafted_shares(people, cluster):

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mpc.claim.constants import VERDICT_COLUMNS
-from mpc.claim.encoding import category_of, day_number
+from mpc.claim.encoding import MAX_FEN, category_of, day_number
 from mpc.claim.errors import MalformedInput
 
 PRIVATE_BITS = ("visit_found", "amount_consistent", "diagnosis_match")
@@ -97,15 +97,17 @@ def slot_tests(
     """Per-slot bool [n, k] (found, amount, diagnosis), each test on its own slot.
 
     The differences wrap in int64 exactly as in the `ss` ring, so an insurer's value out
-    of range gets the same answer here as there (in range: |day gap| <= 1, claimed <=
-    self-pay, same category).
+    of range gets the same answer here as there (in range: |day gap| <= 1, claimed in
+    [0, MAX_FEN) and <= self-pay, same category).
     """
     day, claimed, category = (claims[:, None, j] for j in range(3))
     with np.errstate(over="ignore"):
         gap = rows[..., 0] - day
         room = rows[..., 1] - claimed
     found = valid & (gap >= -1) & (gap <= 1)
-    return found, room >= 0, rows[..., 2] == category
+    # A claimed amount outside [0, MAX_FEN) fails, as in `ss`: inside, `room` cannot wrap.
+    amount = (room >= 0) & (claimed >= 0) & (claimed < MAX_FEN)
+    return found, amount, rows[..., 2] == category
 
 
 def nested_or(found: np.ndarray, amount: np.ndarray, diagnosis: np.ndarray) -> np.ndarray:

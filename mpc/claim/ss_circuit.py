@@ -1,13 +1,13 @@
 """The verdict circuit on additive shares (CrypTen primitives, integer encoding).
 
 Per claim i and candidate slot j, with d = admission_day - visit_day, delta = self_pay -
-claimed and e = cat_row - cat_claim, ONE vectorized CrypTen `ltz` over all 5*n*K values
-(constant rounds whatever the batch size; each reveals only a masked bit inside its B2A
-step, never a magnitude) gives five sign tests, and products of them give the slot's
-tests:
+claimed and e = cat_row - cat_claim, ONE vectorized CrypTen `ltz` over all 5*n*K + 2*n
+values (constant rounds whatever the batch size; each reveals only a masked bit inside
+its B2A step, never a magnitude) gives the sign tests (five per slot, two range checks
+per claim), and products of them give the slot's tests:
 
     date_ij   = [d + 1 >= 0] * [1 - d >= 0]     = 1 iff d in {-1, 0, 1}
-    amount_ij = [delta >= 0]                    = [claimed <= self_pay]
+    amount_ij = [delta >= 0] * [claimed >= 0] * [claimed < MAX_FEN]
     diag_ij   = [e >= 0] * [-e >= 0]            = 1 iff e = 0
     f_ij      = valid_ij * date_ij
 
@@ -29,19 +29,27 @@ nested, so the insurer's `payable` (all three, plus its own policy) always refer
 ONE visit on which every test holds, and the insurer learns the best visit's level in
 a monotone chain: no count of visits, no "amount on one visit, diagnosis on another".
 Every step stays on shares; only these 3*n bits are ever opened, by the insurer. For
-any claim shares, each bit is the test of some claim (a claim day, a category, and
-either [claimed <= self_pay] or, for an amount share that wraps, its complement).
+any claim shares, each bit is the test of some honest claim (a claim day, a category,
+a claimed amount in [0, MAX_FEN)). The range check on the claimed amount is what makes
+the amount test honest: without it, a claimed share of c + 2^63 makes delta wrap and
+turns [c <= self_pay] into its complement [self_pay < c] on every slot, so the OR
+asks about the SMALLEST self-pay in the window instead of the largest, which tells a
+person with a hidden second visit from one without, and bisects that visit's
+self-pay (`tests/test_verdict_bits.py` mounts it). With c and self-pay both in
+[0, 2^31), delta cannot wrap. Day and category need no range check: the date window
+{-1, 0, 1} and category equality are exact over the whole ring.
 
-Rounds. The per-slot products take three multiplication rounds ([date, diag, valid *
-amount], then f = valid * date and f * amount, then f * amount * diag: six factors need
-depth 3). The OR over K slots is 1 - prod_j (1 - b_j), a balanced tree of K - 1
-multiplications per bit in ceil(log2 K) rounds (2 for K = 4, 4 for K = 16). The
-alternative, [sum_j b_j > 0] as one more vectorized `ltz` on -sum_j b_j, costs a whole
-A2B adder (one AND for the generate bits, then log2(64) = 6 carry-tree levels, each a
-binary Beaver round) plus a B2A opening: 8 rounds on 64-bit-wide binary triples, against
-2 rounds of arithmetic triples on n*3*K/2 and n*3*K/4 elements. Every multiplication of
-one round is a single `mul` on a concatenated tensor, so a round is one opening and one
-dealer request whatever the batch size: 8 (ltz) + 3 + ceil(log2 K) rounds in all.
+Rounds. The per-slot products take three multiplication rounds ([date, diag, amount *
+[claimed >= 0], valid * [claimed < MAX_FEN]], then [f = valid * date, date * diag,
+valid * amount], then [f * amount, f * amount * diag]). The OR over K slots is
+1 - prod_j (1 - b_j), a balanced tree of K - 1 multiplications per bit in
+ceil(log2 K) rounds (2 for K = 4, 4 for K = 16). The alternative, [sum_j b_j > 0] as
+one more vectorized `ltz` on -sum_j b_j, costs a whole A2B adder (one AND for the
+generate bits, then log2(64) = 6 carry-tree levels, each a binary Beaver round) plus a
+B2A opening: 8 rounds on 64-bit-wide binary triples, against 2 rounds of arithmetic
+triples on n*3*K/2 and n*3*K/4 elements. Every multiplication of one round is a single
+`mul` on a concatenated tensor, so a round is one opening and one dealer request
+whatever the batch size: 8 (ltz) + 3 + ceil(log2 K) rounds in all.
 Output shares are re-randomized with a fresh zero sharing before they leave the party,
 so the two output shares are uniform given their sum.
 """
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import torch
 
+from mpc.claim.encoding import MAX_FEN
 from mpc.crypten_compat import load_crypten
 
 _crypten = load_crypten()
@@ -111,21 +120,28 @@ def verdict_shares(
     d = rows[..., 0] - claims[:, 0:1]
     delta = rows[..., 1] - claims[:, 1:2]
     e = rows[..., 2] - claims[:, 2:3]
-    lt = less_than_zero(torch.stack([d + one, one - d, delta, e, -e]))
-    nonnegative = one - lt  # [x >= 0] for the five values, each exactly 0 or 1
+    claimed = claims[:, 1]
+    signs = less_than_zero(torch.cat([
+        torch.stack([d + one, one - d, delta, e, -e]).reshape(-1),
+        torch.stack([claimed, (MAX_FEN - 1) * one - claimed]).reshape(-1),
+    ]))
+    nonnegative = one - signs[:5 * n * k].reshape(5, n, k)  # [x >= 0], each 0 or 1
+    in_range = (one - signs[5 * n * k:]).reshape(2, n, 1).expand(2, n, k)
 
     valid_shared = ArithmeticSharedTensor(
         valid.to(torch.int64) if valid is not None else None,
         size=(n, k),
         precision=0,
         src=0,
-    )
-    amount = nonnegative[2]
-    date, diagnosis, valid_amount = multiply(
-        [nonnegative[0], nonnegative[3], valid_shared.share],
-        [nonnegative[1], nonnegative[4], amount])
-    found, found_amount = multiply([valid_shared.share, valid_amount], [date, date])
-    (found_amount_diag,) = multiply([found_amount], [diagnosis])
+    ).share
+    # Three rounds: the claimed amount's range check rides along with the slot tests.
+    date, diagnosis, amount_low, valid_high = multiply(
+        [nonnegative[0], nonnegative[3], nonnegative[2], valid_shared],
+        [nonnegative[1], nonnegative[4], in_range[0], in_range[1]])
+    found, date_diagnosis, valid_amount = multiply(
+        [valid_shared, date, valid_high], [date, diagnosis, amount_low])
+    found_amount, found_amount_diag = multiply(
+        [valid_amount, valid_amount], [date, date_diagnosis])
     per_slot = torch.stack([found, found_amount, found_amount_diag], dim=1)  # [n, 3, k]
     out = or_over_slots(one, per_slot)
     return out + ArithmeticSharedTensor.PRZS((n, 3)).share
