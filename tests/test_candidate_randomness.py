@@ -209,3 +209,15 @@ def test_too_many_candidates_is_still_refused():
         index.plan([key], k=4)
     with pytest.raises(MalformedInput):
         index.plan([key], k=0)
+
+
+def test_a_claims_slots_are_distinct_rows_whatever_its_visit_count():
+    """Real rows are distinct; dummies drawn with replacement would repeat more often the
+    fewer real rows a claim has, a hint at the count in a small table."""
+    for real in (0, 1, 2, 3, 4):
+        index, key = _index(12, real=real)
+        keys = [key] + [("absent", str(i)) for i in range(300)]
+        slots = index.plan(keys, k=4)
+        assert all(len(set(row)) == 4 for row in slots.row_index.tolist()), real
+    tiny, key = _index(3, real=1)  # fewer rows than slots: repeats cannot be avoided
+    assert tiny.plan([key], k=4).row_index.shape == (1, 4)

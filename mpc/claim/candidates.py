@@ -58,12 +58,26 @@ class CandidateIndex:
         self.n_rows = len(visit_keys)
         self._dummy_key = os.urandom(32)  # lives and dies with this index (one table build)
 
-    def dummy_rows(self, key: Hashable, count: int) -> np.ndarray:
-        """The first `count` dummy rows of claim key `key`: uniform, fixed for this index."""
+    def dummy_rows(self, key: Hashable, count: int, real: Sequence[int] = ()) -> np.ndarray:
+        """The `count` dummy rows of claim key `key`: uniform, fixed for this index, and
+        distinct from each other and from the key's `real` rows (when the table has enough
+        rows), so a repeated row number never hints at how many slots are real."""
         if count == 0 or self.n_rows == 0:
             return np.zeros(count, dtype=np.int64)
         label = b"cogov-dummy-rows|" + repr(key).encode()
-        return keyed_uniform_below(self._dummy_key, label, self.n_rows, count)
+        if self.n_rows < count + len(real):  # too small a table to keep them apart
+            return keyed_uniform_below(self._dummy_key, label, self.n_rows, count)
+        taken, picked, drawn = set(real), [], 0
+        while len(picked) < count:
+            batch = keyed_uniform_below(self._dummy_key, label, self.n_rows, drawn + 2 * count)
+            for row in batch[drawn:].tolist():
+                if row not in taken:
+                    taken.add(row)
+                    picked.append(row)
+                    if len(picked) == count:
+                        break
+            drawn = len(batch)
+        return np.asarray(picked, dtype=np.int64)
 
     def plan(self, claim_keys: Sequence[Hashable], k: int = DEFAULT_K) -> CandidateSlots:
         """Slots for each claim: the rows whose key equals the claim's key, padded to `k`."""
@@ -79,7 +93,7 @@ class CandidateIndex:
             if len(rows) > k:
                 raise TooManyCandidates(f"claim {i} has {len(rows)} candidate rows > K = {k}")
             row_index[i, :len(rows)] = rows
-            row_index[i, len(rows):] = self.dummy_rows(key, k - len(rows))
+            row_index[i, len(rows):] = self.dummy_rows(key, k - len(rows), rows)
             valid[i, :len(rows)] = True
         shuffle_slots(row_index, valid)
         return CandidateSlots(row_index, valid)
