@@ -27,7 +27,10 @@ insurer id, so the registrar stores one public key per person and insurer.) The
 document format is unchanged; only which key signs it.
 
 Registering a consent needs the national id once (to check both bindings);
-later checks may present the national id or only its commitment. Revocation
+later checks may present the national id or only its commitment. Whatever
+fails about the person (another person's commitment, no key registered for
+them, another key) is one refusal, `ConsentSubjectMismatch`, with one message,
+checked after everything that depends on the document alone. Revocation
 is a document signed by the same key; it stops every later check at once.
 Replaying a consent for the same person within its validity is allowed;
 replay of a query is the node's concern.
@@ -147,12 +150,21 @@ class ConsentMismatch(ConsentError):
     """The consent is about another person, insurer, purpose or scenario, or was altered."""
 
 
+class ConsentSubjectMismatch(ConsentMismatch):
+    """The consent does not bind the person queried: the id commitment is another person's,
+    no key is registered for the person, or another key is.
+
+    One message whatever the cause (`SUBJECT_MISMATCH`): which cause holds depends on what
+    the registry holds about the person (is a key registered? which one?), so telling the
+    causes apart would answer questions about the person to whoever presents the consent.
+    """
+
+
+SUBJECT_MISMATCH = "the consent does not bind the person queried"
+
+
 class ConsentScopeExceeded(ConsentError):
     """The query asks for columns or outputs outside the consent's data scope."""
-
-
-class SubjectNotRegistered(ConsentError):
-    """No public key is registered for this person."""
 
 
 class ConsentConflict(ConsentError):
@@ -416,11 +428,13 @@ class ConsentRegistry:
         """Accept a consent after checking its signature and both bindings to the person."""
         terms = consent.terms
         registered_key = self.subject_key(national_id, terms.insurer)
-        if registered_key is None:
-            raise SubjectNotRegistered("no consent key is registered for this person")
-        if not hmac.compare_digest(registered_key, terms.subject.public_key):
-            raise ConsentMismatch("consent is not signed with the key registered for this person")
+        # No key registered and another key registered are one refusal (see
+        # `ConsentSubjectMismatch`); the commitment is checked whatever the key said.
+        key_matches = registered_key is not None and hmac.compare_digest(
+            registered_key, terms.subject.public_key)
         self._check_subject(consent, national_id)
+        if not key_matches:
+            raise ConsentSubjectMismatch(SUBJECT_MISMATCH)
         self.store(consent, now)
 
     def store(self, consent: Consent, now: datetime) -> bool:
@@ -541,13 +555,16 @@ class ConsentRegistry:
             raise ConsentMismatch(f"consent covers purpose {terms.purpose}, not {purpose}")
         if scenario is not None and scenario != terms.scenario:
             raise ConsentMismatch(f"consent covers scenario {terms.scenario}, not {scenario}")
-        self._check_subject(consent, national_id_or_commitment)
         extra_columns = sorted(set(columns) - set(terms.scope.columns))
         extra_outputs = sorted(set(outputs) - set(terms.scope.outputs))
         if extra_columns or extra_outputs:
             raise ConsentScopeExceeded(
                 f"outside the consent's scope: columns {extra_columns}, outputs {extra_outputs}"
             )
+        # Last: every refusal above depends on the document and the query alone, this one on
+        # the person, so a caller can tell "the document refuses" from "the person does not
+        # match" and refuse the latter uniformly (`ConsentSubjectMismatch`).
+        self._check_subject(consent, national_id_or_commitment)
         return terms
 
     @staticmethod
@@ -559,4 +576,4 @@ class ConsentRegistry:
         else:
             commitment = subject_commitment(value, terms.consent_id, terms.nonce)
         if not hmac.compare_digest(commitment, terms.subject.id_commitment):
-            raise ConsentMismatch("consent is about another person")
+            raise ConsentSubjectMismatch(SUBJECT_MISMATCH)

@@ -2,7 +2,8 @@
 
 A contract document (TOML or JSON, validated on load; errors name the field)
 states the parties, scenario and purpose, allowed columns and outputs, daily
-quota, validity window, price, revenue split and termination terms. Every
+quota and check budget per consent, validity window, price, revenue split and
+termination terms. Every
 party signs the canonical document with its Ed25519 key; the contract is in
 force only when all have signed, inside its window, and until a party allowed
 to terminate does so (effective at once for service; the notice period only
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 CONTRACT_DOMAIN = "cogov-contract-v1"
 TERMINATION_DOMAIN = "cogov-contract-termination-v1"
 FULL_SPLIT_BP = 10_000
+# A few checks a day per consent and hospital: enough to check a claim or two in each mode,
+# too few to bisect an amount (each answer halves an interval at best) or scan dates.
+DEFAULT_CHECKS_PER_CONSENT_PER_DAY = 3
+MAX_CHECKS_PER_CONSENT_PER_DAY = 1_000_000
 
 COMPONENT = "contracts"
 MIGRATIONS: tuple[str, ...] = (
@@ -149,13 +154,23 @@ _Fen = Annotated[int, Field(ge=0, le=10**12)]
 
 
 class Quota(BaseModel):
-    """Limits per data user per contract day."""
+    """Limits per data user per contract day, and the check budget of one consent.
+
+    `checks_per_consent_per_day` bounds how many checks one consent buys at one hospital
+    per UTC day, refused or answered: a consent authorizes checking claims, not probing a
+    person's records (each check answers at most a few bits, so the budget bounds what
+    any sequence of checks can learn). An identical check asked again is answered from the
+    serving node's book and costs nothing. Omitted, it is `DEFAULT_CHECKS_PER_CONSENT_PER_DAY`.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     queries_per_day: Annotated[int, Field(ge=1)]
     rows_per_query: Annotated[int, Field(ge=1)]
     rows_per_day: Annotated[int, Field(ge=1)]
+    checks_per_consent_per_day: Annotated[
+        int, Field(strict=True, ge=1, le=MAX_CHECKS_PER_CONSENT_PER_DAY)
+    ] = DEFAULT_CHECKS_PER_CONSENT_PER_DAY
 
 
 class Validity(BaseModel):

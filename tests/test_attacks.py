@@ -32,7 +32,7 @@ from governance.packages import (
 from mpc import xid
 from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
 from parties.agreements.books import contract_book
-from parties.claims.api import CHECK, COMPUTE
+from parties.claims.api import CHECK, COMPUTE, NOT_CHECKABLE
 from parties.claims.client import ClaimBatchFailed
 from parties.domains.api import DOMAIN_TOKENS, EVALUATE, RelayRequest
 from parties.domains.service import RATE_ENV
@@ -213,8 +213,15 @@ def test_consent_of_one_person_presented_for_another_is_refused(world):
         client.register_consents([consent_of_other])
         with pytest.raises(ClaimBatchFailed) as refused:
             client.check(claim, {named: consent_of_other}, MODE)
-    assert refused.value.error == "ConsentMismatch" and refused.value.http_status == 403
-    assert wait_for(lambda: _refused_entries(world, "ConsentMismatch"))
+    # The uniform refusal: the insurer is not told that the commitment was the problem.
+    assert refused.value.error == "ClaimNotCheckable" and refused.value.http_status == 403
+    assert refused.value.detail == NOT_CHECKABLE
+    rid = refused.value.request_id
+    assert wait_for(lambda: [p for p in _refused_entries(world, "ClaimNotCheckable")
+                             if p.get("party") == "insurer-a"])
+    assert any(r[0] == rid and r[2] == "ClaimNotCheckable"
+               and "subject_commitment_mismatch" in r[3]
+               for r in refusal_rows(world.fed, "regulator"))
 
 
 def test_consent_naming_a_person_but_signed_by_another_is_refused_by_the_operator(world):
@@ -222,16 +229,17 @@ def test_consent_naming_a_person_but_signed_by_another_is_refused_by_the_operato
     named = claim["national_id"][0]
     impostor = next(n for n in world.claims["national_id"] if n != named)
     forged = world.consent(named, key_of=impostor)  # names `named`, signed by someone else
-    before = len(_refused_entries(world, "ConsentMismatch"))
+    before = len(_refused_entries(world, "ClaimNotCheckable"))
     with world.client() as client:
         client.register_consents([forged])
         with pytest.raises(ClaimBatchFailed) as refused:
             client.check(claim, {named: forged}, MODE)
-    assert refused.value.error == "ConsentMismatch"
-    assert "person behind the token" in refused.value.detail
-    assert wait_for(lambda: len(_refused_entries(world, "ConsentMismatch")) > before)
-    assert (COMPUTE.path, "ConsentMismatch") in [
-        r[1:3] for r in refusal_rows(world.fed, "operator")]
+    assert refused.value.error == "ClaimNotCheckable"
+    assert refused.value.detail == NOT_CHECKABLE  # the cause stays at the operator
+    assert wait_for(lambda: len(_refused_entries(world, "ClaimNotCheckable")) > before)
+    assert ("ClaimNotCheckable", True) in [
+        (r[2], "consent_key_mismatch" in r[3]) for r in refusal_rows(world.fed, "operator")
+        if r[1] == COMPUTE.path]
 
 
 # --- enumeration and linkage -----------------------------------------------------------
@@ -270,11 +278,11 @@ def test_insurer_b_presenting_insurer_a_domain_tokens_is_refused(world):
         # Sent as prepared (`check` would retry once with b's own, freshly fetched tokens).
         with pytest.raises(RemoteError) as refused:
             b.send(b.prepare(claims, consents, MODE, "linkage-attempt"))
-    assert refused.value.error == "UnknownToken" and refused.value.http_status == 403
-    assert wait_for(lambda: [p for p in _refused_entries(world, "UnknownToken")
+    assert refused.value.error == "ClaimNotCheckable" and refused.value.http_status == 403
+    assert wait_for(lambda: [p for p in _refused_entries(world, "ClaimNotCheckable")
                              if p.get("party") == "insurer-b"])
-    assert (COMPUTE.path, "UnknownToken") in [
-        r[1:3] for r in refusal_rows(world.fed, "operator")]
+    assert ("linkage-attempt", COMPUTE.path, "ClaimNotCheckable") in [
+        r[:3] for r in refusal_rows(world.fed, "operator") if "unknown_token" in r[3]]
 
 
 # --- the log ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from governance.consent import (
+    SUBJECT_MISMATCH,
     Consent,
     ConsentConflict,
     ConsentExpired,
@@ -18,7 +19,7 @@ from governance.consent import (
     ConsentRevoked,
     ConsentScopeExceeded,
     ConsentSignatureInvalid,
-    SubjectNotRegistered,
+    ConsentSubjectMismatch,
     issue_consent,
     revoke_consent,
     subject_commitment,
@@ -78,19 +79,19 @@ def test_registered_consent_authorizes_queries_about_its_person(registry, alice_
 def test_a_consent_cannot_be_used_for_another_person(registry, alice_key):
     consent = _consent(alice_key)
     registry.register(consent, ALICE_ID, NOW)
-    with pytest.raises(ConsentMismatch, match="another person"):
+    with pytest.raises(ConsentSubjectMismatch, match=SUBJECT_MISMATCH):
         _check(registry, consent, who=BOB_ID)
     bob_commitment = subject_commitment(BOB_ID, consent.consent_id, consent.terms.nonce)
-    with pytest.raises(ConsentMismatch, match="another person"):
+    with pytest.raises(ConsentSubjectMismatch, match=SUBJECT_MISMATCH):
         _check(registry, consent, who=bob_commitment)
 
 
 def test_an_insurer_cannot_mint_a_consent_for_someone(registry):
     insurer_key = private_key_from_hex(os.urandom(32).hex())
     forged = _consent(insurer_key, national_id=ALICE_ID)  # commits to Alice, signed by insurer
-    with pytest.raises(ConsentMismatch, match="key registered"):
+    with pytest.raises(ConsentSubjectMismatch):
         registry.register(forged, ALICE_ID, NOW)
-    with pytest.raises(SubjectNotRegistered):
+    with pytest.raises(ConsentSubjectMismatch):
         registry.register(_consent(insurer_key, national_id=BOB_ID), BOB_ID, NOW)
     with pytest.raises(ConsentMissing):
         _check(registry, forged)
@@ -183,10 +184,10 @@ def test_bad_documents_name_the_field(alice_key):
 
 def test_a_failed_registration_leaves_nothing(registry, alice_key):
     consent = _consent(alice_key)
-    with pytest.raises(SubjectNotRegistered):
+    with pytest.raises(ConsentSubjectMismatch):
         registry.register(consent, BOB_ID, NOW)
     registry.register_subject(BOB_ID, public_key_hex(private_key_from_hex("11" * 32)), NOW)
-    with pytest.raises(ConsentMismatch):
+    with pytest.raises(ConsentSubjectMismatch):
         registry.register(consent, BOB_ID, NOW)
     assert registry.get(consent.consent_id) is None
 
@@ -195,3 +196,32 @@ def test_log_payload_carries_no_personal_data(alice_key):
     consent = _consent(alice_key)
     event = make_event("consent_given", "regulator", "req-1", consent.log_payload())
     assert ALICE_ID not in event.model_dump_json()
+
+
+def test_every_refusal_about_the_person_is_one_refusal(registry, alice_key):
+    """Whoever presents a consent cannot tell from the refusal whether the person has no key
+    registered, another key, or another id: one class, one message."""
+    insurer_key = private_key_from_hex(os.urandom(32).hex())
+    consent = _consent(alice_key)
+    registry.register(consent, ALICE_ID, NOW)
+    causes = [
+        lambda: registry.register(_consent(alice_key, national_id=BOB_ID), BOB_ID, NOW),
+        lambda: registry.register(_consent(insurer_key, national_id=ALICE_ID), ALICE_ID, NOW),
+        lambda: registry.register(_consent(alice_key), BOB_ID, NOW),
+        lambda: _check(registry, consent, who=BOB_ID),
+    ]
+    refusals = []
+    for cause in causes:
+        with pytest.raises(ConsentMismatch) as refused:
+            cause()
+        refusals.append((type(refused.value), str(refused.value)))
+    assert refusals == [(ConsentSubjectMismatch, SUBJECT_MISMATCH)] * len(causes)
+
+
+def test_the_person_is_checked_after_the_document(registry, alice_key):
+    """A document-only refusal (scope) comes first even when the person does not match, so
+    the person-dependent refusal is the last word and can be made uniform by the caller."""
+    consent = _consent(alice_key)
+    registry.register(consent, ALICE_ID, NOW)
+    with pytest.raises(ConsentScopeExceeded):
+        _check(registry, consent, who=BOB_ID, columns=["not_in_scope"])

@@ -19,7 +19,7 @@ from governance.consent import (
     ConsentInvalid,
     ConsentMismatch,
     ConsentRegistry,
-    SubjectNotRegistered,
+    ConsentSubjectMismatch,
     consent_signing_key,
     issue_consent,
     normalize_national_id,
@@ -90,7 +90,7 @@ def test_the_registrar_binds_one_key_per_person_and_insurer(registry):
     with pytest.raises(ConsentMismatch):
         registry.register(_consent(keys["insurer-a"], "insurer-b"), ALICE_ID, NOW)
     # no key bound for insurer-c (and none for every insurer)
-    with pytest.raises(SubjectNotRegistered):
+    with pytest.raises(ConsentSubjectMismatch):
         registry.register(_consent(consent_signing_key(master, "insurer-c"), "insurer-c"),
                           ALICE_ID, NOW)
 

@@ -3,11 +3,14 @@
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.contracts import (
+    DEFAULT_CHECKS_PER_CONSENT_PER_DAY,
+    MAX_CHECKS_PER_CONSENT_PER_DAY,
     ColumnNotAllowed,
     ContractBook,
     ContractConflict,
@@ -31,6 +34,7 @@ from governance.contracts import (
 )
 from governance.ledger import MerkleLog, make_event, sign_event
 
+SCENARIO_CONTRACTS = Path(__file__).resolve().parents[1] / "scenarios" / "claim_check" / "contracts"
 PARTIES = ("operator", "regulator", "health-authority", "insurer-a")
 NOW = datetime(2026, 11, 3, 10, 0, tzinfo=UTC)
 
@@ -136,6 +140,35 @@ def test_invalid_documents_name_the_field(terms, change, field):
     with pytest.raises(ContractInvalid) as caught:
         parse_contract(document)
     assert str(caught.value).startswith(field)
+
+
+_QUOTA = {"queries_per_day": 3, "rows_per_query": 2, "rows_per_day": 5}
+
+
+def test_check_budget_defaults_to_a_few_checks_a_day(terms):
+    """A contract that states no check budget gets the default, a few checks a day."""
+    assert "checks_per_consent_per_day" not in CONTRACT_TOML
+    assert terms.quota.checks_per_consent_per_day == DEFAULT_CHECKS_PER_CONSENT_PER_DAY == 3
+    for insurer in ("insurer-a", "insurer-b"):
+        scenario = load_contract(SCENARIO_CONTRACTS / f"claim-check-{insurer}.toml")
+        assert scenario.quota.checks_per_consent_per_day == 4  # the demo's ss + he, twice
+
+
+@pytest.mark.parametrize("budget", [0, -1, 2.5, "3", True, None,
+                                    MAX_CHECKS_PER_CONSENT_PER_DAY + 1])
+def test_invalid_check_budget_is_refused_naming_the_field(terms, budget):
+    document = {**terms.model_dump(mode="json"),
+                "quota": {**_QUOTA, "checks_per_consent_per_day": budget}}
+    with pytest.raises(ContractInvalid) as caught:
+        parse_contract(document)
+    assert str(caught.value).startswith("quota.checks_per_consent_per_day")
+
+
+def test_check_budget_is_part_of_the_signed_terms(terms, keys):
+    """Changing the budget changes the document every party signed."""
+    document = {**terms.model_dump(mode="json"),
+                "quota": {**_QUOTA, "checks_per_consent_per_day": 50}}
+    assert parse_contract(document).sha256() != terms.sha256()
 
 
 def test_unparseable_file(tmp_path):

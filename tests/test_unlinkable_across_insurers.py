@@ -421,8 +421,9 @@ def test_a_consent_signed_with_the_insurer_a_key_is_refused_for_insurer_b(lk):
             client.check(claim, {nid: wrong_key}, "ss", request_id=rid)
         # control: the person's own insurer-b consent is answered
         assert len(client.check(claim, lk.consents["insurer-b"], "ss")) == 1
-    assert refused.value.http_status == 403 and refused.value.error == "ConsentMismatch"
-    assert wait_for(lambda: (rid, CHECK.path, "ConsentMismatch") in [
+    # the key is about the person: the one uniform refusal
+    assert refused.value.http_status == 403 and refused.value.error == "ClaimNotCheckable"
+    assert wait_for(lambda: (rid, CHECK.path, "ClaimNotCheckable") in [
         r[:3] for r in refusal_rows(world.fed, "regulator")])
     assert not [e for e in ledger_entries(world.fed) if e[0] == "query_answered" and e[1] == rid]
 

@@ -41,8 +41,31 @@ class ModeNotAllowed(ClaimRefused):
     """The contract does not serve this mode (plain is the oracle, refused by default)."""
 
 
-class UnknownToken(ClaimRefused):
-    """A claim's domain token is not one of the insurer's shared domain (e.g. another's)."""
+NOT_CHECKABLE = "the claim cannot be checked under this consent; nothing was computed"
+
+
+class ClaimNotCheckable(ClaimRefused):
+    """One refusal for every cause that depends on the person's data, with one message.
+
+    A claim whose token names nobody in the insurer's shared domain (another domain's, a
+    stale or an invented one), whose consent is not signed by the key delivered for the
+    person behind the token, whose subject commitment is another person's, or whose person
+    has more visits at the hospital than the K candidate slots: each tells something about
+    the person (present or absent, which key, how many visits), so the insurer receives the
+    same name, status and message for all of them, with no count, claim index or reason.
+    The cause goes to the refusing node's own log and refusal record (`log_detail`).
+    """
+
+    def __init__(self, cause: str = "") -> None:
+        super().__init__(NOT_CHECKABLE)
+        self.log_detail = cause or None
+
+
+class CheckBudgetSpent(ClaimRefused):
+    """A consent's checks at a hospital for this UTC day are spent (the contract's
+    `quota.checks_per_consent_per_day`, refused checks included); nothing was computed."""
+
+    http_status = 429
 
 
 class HospitalNotInTopology(ClaimRefused):
@@ -120,6 +143,15 @@ class ClaimRef(BaseModel):
     subject_commitment: Hex64 = Field(
         description="subject_commitment(national_id, consent_id, consent nonce): proves the "
         "consent is about the person the insurer names")
+    hospital_tag: Hex64 = Field(
+        description="HMAC-SHA256 under the person's domain token of (consent_id, hospital): "
+        "the check budget's (consent, hospital) bucket, without naming the hospital; the "
+        "operator checks it against the sealed token and hospital "
+        "(`parties.claims.fingerprints`)")
+    claim_digest: Hex64 = Field(
+        description="HMAC-SHA256 under the insurer's own secret of the claim (consent, token, "
+        "hospital, encoded day, amount, category): an identical check asked again is "
+        "answered from the book, computed and charged once")
 
 
 class ClaimCheckRequest(BaseModel):
@@ -186,6 +218,7 @@ class ComputeHead(BaseModel):
     n_claims: int
     consent_of_claim: list[str]
     consents: list[dict[str, Any]]  # the distinct consent documents, as registered
+    hospital_tags: list[Hex64] = []  # per claim, as the regulator counted its budget
     he_context: str | None = None
 
 

@@ -24,16 +24,26 @@ client side, `mpc` and `governance`.
 A failed batch raises `ClaimBatchFailed`; calling `check` again with the same
 `request_id` re-sends the very same request (same shares or ciphertexts), which the
 regulator answers at most once and bills at most once.
+
+Each claim carries a hospital tag (its consent's budget bucket at a hospital) and a digest
+keyed with this insurer's own check secret (`parties.claims.fingerprints`). The same batch
+asked again, from this client or another one of the same insurer, is the same question: the
+regulator answers it with the stored answer, at no cost in budget or bill, and it opens here
+because the reply key is derived from the question and the insurer's secret. Every new claim
+spends one check of its consent's daily budget at its hospital (`CheckBudgetSpent` when
+spent). A batch refused with the uniform `ClaimNotCheckable` (which says nothing of why)
+is retried once with freshly fetched tokens when they changed (a key rotation made the cached
+ones stale), then given up.
 """
 
 import base64
 import hashlib
+import hmac
 import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +51,8 @@ from typing import Any
 import nacl.public
 import pandas as pd
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from governance.consent import Consent, subject_commitment
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, encode_claims, finish_verdicts
@@ -57,16 +69,22 @@ from parties.claims.api import (
     REGISTER_HE_CONTEXT,
     ClaimCheckRequest,
     ClaimCheckResponse,
+    ClaimNotCheckable,
     ClaimRef,
     HeContextUpload,
-    UnknownToken,
     refuse_unknown_hospitals,
 )
+from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
-from parties.runtime.pki import certificate_signing_key, load_certificate, verified_node_certificate
+from parties.runtime.pki import (
+    certificate_signing_key,
+    load_certificate,
+    load_signing_key,
+    verified_node_certificate,
+)
 from parties.runtime.sealing import open_sealed, seal, sealing_public_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology, load_topology
@@ -74,6 +92,8 @@ from parties.runtime.topology import Role, Topology, load_topology
 DEFAULT_BATCH = 2000
 CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",
                  "diagnosis_code")
+CHECK_SECRET_INFO = b"cogov-claim-check-secret-v1"
+REPLY_KEY_INFO = b"cogov-claim-reply-key-v1"
 
 
 class MissingConsent(ValueError):
@@ -152,6 +172,7 @@ class Client:
         self._operator_key: bytes | None = None
         self._he_key: Any = None
         self._he_registered: str | None = None
+        self._check_secret: bytes | None = None
         self._prepared: dict[str, _Prepared] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -217,6 +238,25 @@ class Client:
         self._tokens.clear()
 
     # -- keys -------------------------------------------------------------------------------
+    def check_secret(self) -> bytes:
+        """This insurer's secret for claim digests and reply keys: derived from its node's
+        signing key, so every client of the insurer names the same claim alike and opens the
+        answers stored for it, and nobody else can (HKDF-SHA256, its own label)."""
+        if self._check_secret is None:
+            seed = load_signing_key(self.state, self.insurer).private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                serialization.NoEncryption())
+            self._check_secret = HKDF(hashes.SHA256(), 32, salt=None,
+                                      info=CHECK_SECRET_INFO).derive(seed)
+        return self._check_secret
+
+    def reply_key(self, question: str) -> nacl.public.PrivateKey:
+        """The key the operator seals the answer to `question` (a check key) to: the same
+        for the same question, so a stored answer returned for it opens here."""
+        seed = hmac.digest(self.check_secret(), REPLY_KEY_INFO + bytes.fromhex(question),
+                           "sha256")
+        return nacl.public.PrivateKey(seed)
+
     def operator_key(self) -> bytes:
         """The operator's X25519 sealing key, from its CA-verified certificate."""
         if self._operator_key is None:
@@ -338,17 +378,24 @@ class Client:
             return found
         tokens = self.tokens(list(claims["national_id"]))
         self.precompute_commitments(zip(consent_of, claims["national_id"], strict=True))
+        hospitals = [str(h) for h in claims["hospital_id"]]
+        encoded = encode_claims(claims).values  # what the engines compute on, per claim
+        secret = self.check_secret()
         refs = [ClaimRef(claim_id=cid, consent_id=c.consent_id,
-                         subject_commitment=self.commitment(c, nid))
-                for cid, c, nid in zip(claims["claim_id"], consent_of, claims["national_id"],
-                                       strict=True)]
+                         subject_commitment=self.commitment(c, nid),
+                         hospital_tag=hospital_tag(token, c.consent_id, hospital),
+                         claim_digest=claim_digest(secret, c.consent_id, token, hospital, row))
+                for cid, c, nid, token, hospital, row in zip(
+                    claims["claim_id"], consent_of, claims["national_id"], tokens, hospitals,
+                    encoded, strict=True)]
         engine = InsurerClaims(mode, self.k, self.he_key() if mode == "he" else None)
+        he_context = self._he_key.context_digest if mode == "he" else None
         query = engine.encode_claims(claims)
-        reply_key = nacl.public.PrivateKey.generate()
+        reply_key = self.reply_key(check_key(self.contract_id, mode, self.k, he_context, refs))
         envelope = seal(self.operator_key(), ENVELOPE_PURPOSE, {
             "request_id": request_id, "mode": mode, "k": self.k,
             "tokens": [t.hex() for t in tokens],
-            "hospitals": [str(h) for h in claims["hospital_id"]],
+            "hospitals": hospitals,
             "reply_key": bytes(reply_key.public_key).hex(),
         }, query.payloads[OPERATOR if mode == "ss" else SERVER])
         request = ClaimCheckRequest(
@@ -356,7 +403,7 @@ class Client:
             operator_envelope=base64.b64encode(envelope),
             regulator_share=base64.b64encode(query.payloads[REGULATOR]) if mode == "ss"
             else None,
-            he_context=self._he_key.context_digest if mode == "he" else None,
+            he_context=he_context,
         )
         prepared = _Prepared(request_id, digest, claims, engine, query, reply_key,
                              request.model_dump_json().encode())
@@ -375,12 +422,20 @@ class Client:
         return response
 
     def decode(self, prepared: _Prepared, response: ClaimCheckResponse) -> pd.DataFrame:
-        """The verdicts a response decodes to (here, with the reply key and HE key)."""
+        """The verdicts a response decodes to (here, with the reply key and HE key).
+
+        The answer may be the one stored for an earlier request that asked the same question
+        (its own request id and claim ids): it opens only with this question's reply key, so
+        it is an answer to these claims; the verdicts carry this batch's claim ids.
+        """
         query = prepared.query
-        if response.claim_ids != list(query.claim_ids) or response.mode != query.mode:
+        if len(response.claim_ids) != len(query.claim_ids) or response.mode != query.mode:
+            raise RemoteError(502, "AnswerMismatch", "the answer is for other claims")
+        deduplicated = response.request_id != prepared.request_id
+        if not deduplicated and response.claim_ids != list(query.claim_ids):
             raise RemoteError(502, "AnswerMismatch", "the answer is for other claims")
         head, answer = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
-        if head.get("request_id") != prepared.request_id or head.get("n") != len(
+        if head.get("request_id") != response.request_id or head.get("n") != len(
                 query.claim_ids):
             raise RemoteError(502, "AnswerMismatch", "the operator's answer is for another request")
         answers = {OPERATOR if query.mode == "ss" else SERVER: answer}
@@ -395,12 +450,16 @@ class Client:
 
     def _check_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
                      request_id: str) -> pd.DataFrame:
-        with suppress(UnknownToken):
+        try:
             return self._run_batch(claims, consents, mode, request_id)
-        # Cached tokens go stale when a key (k1 or the domain's k2) rotates: the refusal is
-        # logged and costs nothing; fetch this batch's tokens again and retry once.
-        for nid in claims["national_id"]:
-            self._tokens.pop(nid, None)
+        except ClaimNotCheckable:
+            # Cached tokens go stale when a key (k1 or the domain's k2) rotates, and stale
+            # tokens get the uniform refusal (logged, not billed; it says nothing of why).
+            # Fetch this batch's tokens again; when they changed, retry once.
+            ids = list(dict.fromkeys(claims["national_id"]))
+            cached = [self._tokens.pop(nid, None) for nid in ids]
+            if self.tokens(ids) == cached:
+                raise  # not stale tokens: a retry would spend budget for the same refusal
         return self._run_batch(claims, consents, mode, f"{request_id}-renewed")
 
     def _run_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,

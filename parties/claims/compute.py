@@ -2,12 +2,24 @@
 claim's hospital and consent against the person behind its domain token, and evaluates
 the batch in the requested mode.
 
+Refusals come in two kinds. Those that depend only on the insurer's input and the
+documents (a malformed envelope, a hospital that is not in the topology, a hospital tag
+that does not name the sealed token and hospital, a consent not given to this insurer)
+keep their names and say what is wrong. Those that depend on the person's records (the
+token names nobody in the domain, the consent is not signed by the key delivered for the
+person behind the token, the person has more visits at the hospital than the K slots)
+are one refusal, `ClaimNotCheckable`, with one message: every claim of the batch is
+checked for all three, the candidate slots are planned, and only then is the batch
+refused, so neither the answer nor the point at which it comes tells the causes apart.
+The causes go to this node's log (`claim_not_checkable`) and refusal record.
+
 What the operator learns: which anonymous rows each claim is checked against (its K
 candidate slots, padded with dummies) and the hospital, never a claim value. The rows
 come from the insurer's shared-domain table (`parties.claims.tables`); `ss` runs on the
 secret-sharing session the operator leads (`parties.claims.sessions`).
 """
 
+import hmac
 import time
 from typing import Any
 
@@ -17,23 +29,24 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from governance.consent import Consent, ConsentMismatch
-from mpc.claim import evaluate_he, evaluate_plain
+from mpc.claim import CandidateSlots, TooManyCandidates, evaluate_he, evaluate_plain
 from mpc.errors import MalformedInput
 from parties.claims.api import (
     ANSWER_PURPOSE,
     COMPUTE,
     ENVELOPE_PURPOSE,
     KEEP_HE_CONTEXT,
+    ClaimNotCheckable,
     ComputeHead,
     ComputeResult,
     HeContextHead,
     HeContextRegistered,
     UnknownHeContext,
-    UnknownToken,
     frame,
     refuse_unknown_hospitals,
     unframe,
 )
+from parties.claims.fingerprints import hospital_tag
 from parties.claims.sessions import leader_host, session_background
 from parties.claims.tables import SharedDomainTable, shared_domain_table
 from parties.runtime.access import Caller
@@ -106,9 +119,9 @@ def _sealing_key(ctx: NodeContext) -> nacl.public.PrivateKey:
     return ctx.component(nacl.public.PrivateKey, lambda: sealing_private_key(ctx.signing_key))
 
 
-def _check_consents(ctx: NodeContext, head: ComputeHead, table: SharedDomainTable,
-                    tokens: list[bytes]) -> None:
-    """Each claim's consent is signed by the key delivered for the person behind its token."""
+def _consent_documents(head: ComputeHead) -> dict[str, Consent]:
+    """The forwarded consents, each signed by its subject and given to this insurer, and
+    one for every claim (checks on the documents alone)."""
     consents: dict[str, Consent] = {}
     for document in head.consents:
         consent = Consent.parse(document)
@@ -117,18 +130,58 @@ def _check_consents(ctx: NodeContext, head: ComputeHead, table: SharedDomainTabl
         if consent.terms.insurer != head.insurer:
             raise ConsentMismatch(f"consent {consent.consent_id} is not given to {head.insurer}")
         consents[consent.consent_id] = consent
+    for i, consent_id in enumerate(head.consent_of_claim):
+        if consent_id not in consents:
+            raise ConsentMismatch(f"claim {i}: consent {consent_id} was not forwarded")
+    return consents
+
+
+def _check_hospital_tags(head: ComputeHead, tokens: list[bytes], hospitals: list[str]) -> None:
+    """Each claim's hospital tag (its check-budget bucket at the regulator) names its own
+    token and hospital: an insurer cannot buy a fresh budget by inventing tags."""
+    for i, (tag, token, consent_id, hospital) in enumerate(zip(
+            head.hospital_tags, tokens, head.consent_of_claim, hospitals, strict=True)):
+        if not hmac.compare_digest(tag, hospital_tag(token, consent_id, hospital)):
+            raise MalformedInput(f"claim {i}: hospital_tag does not name the claim's token and "
+                                 "hospital (parties.claims.fingerprints.hospital_tag)")
+
+
+def _person_causes(head: ComputeHead, table: SharedDomainTable, tokens: list[bytes],
+                   consents: dict[str, Consent]) -> list[dict[str, Any]]:
+    """What, about the person behind each claim's token, keeps the claim from being checked:
+    no person, or a consent not signed by the key delivered for that person."""
+    causes = []
     for i, (token, consent_id) in enumerate(zip(tokens, head.consent_of_claim, strict=True)):
         person = table.person_of_token.get(token)
+        delivered = None if person is None else table.key_of_person.get(person)
+        signed_by = consents[consent_id].terms.subject.public_key
         if person is None:
-            raise UnknownToken(
-                f"claim {i}: the token is not one of {head.insurer}'s shared domain")
-        consent = consents.get(consent_id)
-        if consent is None:
-            raise ConsentMismatch(f"claim {i}: consent {consent_id} was not forwarded")
-        delivered = table.key_of_person.get(person)
-        if delivered is None or delivered.hex() != consent.terms.subject.public_key:
-            raise ConsentMismatch(
-                f"claim {i}: consent {consent_id} is not signed by the person behind the token")
+            causes.append({"claim": i, "cause": "unknown_token"})
+        elif delivered is None or not hmac.compare_digest(delivered.hex(), signed_by):
+            causes.append({"claim": i, "cause": "consent_key_mismatch"})
+    return causes
+
+
+def _plan_or_refuse(ctx: NodeContext, head: ComputeHead, table: SharedDomainTable,
+                    tokens: list[bytes], hospitals: list[str],
+                    causes: list[dict[str, Any]]) -> CandidateSlots:
+    """The candidate slots, planned whatever the person checks found; then the uniform
+    refusal if anything about a person keeps the batch from being checked."""
+    slots = None
+    try:
+        slots = table.index.plan(list(zip(tokens, hospitals, strict=True)), head.k)
+    except TooManyCandidates as exc:  # its message counts the visits: for this log only
+        causes = [*causes, {"cause": "too_many_candidates", "detail": str(exc)}]
+    if causes:
+        ctx.log.event("claim_not_checkable", insurer=head.insurer, causes=causes)
+        raise ClaimNotCheckable("; ".join(_cause_text(c) for c in causes))
+    assert slots is not None
+    return slots
+
+
+def _cause_text(cause: dict[str, Any]) -> str:
+    where = f"claim {cause['claim']}: " if "claim" in cause else ""
+    return where + cause["cause"] + (f" ({cause['detail']})" if "detail" in cause else "")
 
 
 def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[ComputeResult, bytes]:
@@ -140,7 +193,8 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     if (sealed_head.get("request_id") != rid or sealed_head.get("mode") != head.mode
             or sealed_head.get("k") != head.k or not isinstance(tokens, list)
             or not isinstance(hospitals, list) or len(tokens) != head.n_claims
-            or len(hospitals) != head.n_claims or len(head.consent_of_claim) != head.n_claims):
+            or len(hospitals) != head.n_claims or len(head.consent_of_claim) != head.n_claims
+            or len(head.hospital_tags) != head.n_claims):
         raise MalformedInput("the envelope does not match this request")
     try:
         token_bytes = [bytes.fromhex(t) for t in tokens]
@@ -152,13 +206,15 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     hospitals = [str(h) for h in hospitals]
     # Before any row is touched: an unknown hospital is a refusal, never "no visit found".
     refuse_unknown_hospitals(ctx.topology, hospitals, [f"claim {i}" for i in range(head.n_claims)])
+    _check_hospital_tags(head, token_bytes, hospitals)
+    consents = _consent_documents(head)
     ctx.log.event("claims_compute_started", insurer=head.insurer, mode=head.mode,
                   claims=head.n_claims)
     t1 = time.perf_counter()
     table = shared_domain_table(ctx, head.insurer)
     t2 = time.perf_counter()
-    _check_consents(ctx, head, table, token_bytes)
-    slots = table.index.plan(list(zip(token_bytes, hospitals, strict=True)), head.k)
+    causes = _person_causes(head, table, token_bytes, consents)
+    slots = _plan_or_refuse(ctx, head, table, token_bytes, hospitals, causes)
     started = time.perf_counter()
     if head.mode == "plain":
         answer = evaluate_plain(payload, table.rows, slots)

@@ -1,7 +1,13 @@
-"""The regulator's book of claim requests: idempotency, quota reservations, metering.
+"""The regulator's book of claim requests: idempotency, deduplication, quota reservations,
+metering.
 
 One row per request id. A retry with the same id and the same body is answered from the
-stored answer and not billed again; the same id for another body is refused. The quota a
+stored answer and not billed again; the same id for another body is refused. An identical
+check under a new request id (the same question: contract, mode, K, HE context and every
+claim's tags, `parties.claims.fingerprints.check_key`) is answered with the stored bytes of
+the first answer: nothing is computed, charged to the check budget or billed, so asking a
+claim again yields the same verdict and nothing more. The stored answer opens only with the
+reply key the insurer derived for that question. The quota a
 request reserved (`ContractBook.authorize`) is given back when it is refused or fails, and
 at start for requests that died with the previous process. Answered requests are metered
 once, off the request path; an entry that never reached the log is metered at the next
@@ -43,6 +49,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX claim_responses_by_age ON claim_responses (stored_at)
     """,
+    """
+    ALTER TABLE claim_requests ADD COLUMN same_as TEXT;  -- deduplicated: whose answer it got
+    CREATE TABLE claim_checks (          -- answered questions, for deduplication
+        insurer TEXT NOT NULL,
+        check_key TEXT NOT NULL,
+        request_id TEXT NOT NULL,        -- the request whose stored answer it is
+        answered_at REAL NOT NULL,
+        PRIMARY KEY (insurer, check_key)
+    );
+    CREATE INDEX claim_checks_by_age ON claim_checks (answered_at)
+    """,
 )
 
 
@@ -72,7 +89,8 @@ class RequestBook:
                 row = conn.execute(
                     "SELECT r.insurer, r.digest, r.status, a.response, r.meter, r.logged,"
                     " r.usage_id FROM claim_requests r LEFT JOIN claim_responses a"
-                    " ON a.request_id = r.request_id WHERE r.request_id = ?", (rid,)).fetchone()
+                    " ON a.request_id = COALESCE(r.same_as, r.request_id)"
+                    " WHERE r.request_id = ?", (rid,)).fetchone()
                 if row is not None:
                     if row[0] != insurer or row[1] != digest:
                         raise RequestIdReused(
@@ -93,6 +111,8 @@ class RequestBook:
                 if now - self.purged_at > 60:
                     conn.execute("DELETE FROM claim_responses WHERE stored_at < ?",
                                  (now - RESPONSE_RETENTION_S,))
+                    conn.execute("DELETE FROM claim_checks WHERE answered_at < ?",
+                                 (now - RESPONSE_RETENTION_S,))
                     self.purged_at = now
             self.in_flight.add(rid)
         return "new", None, None
@@ -102,7 +122,9 @@ class RequestBook:
             conn.execute("UPDATE claim_requests SET usage_id = ? WHERE request_id = ?",
                          (usage_id, rid))
 
-    def answered(self, rid: str, response: bytes, meter: dict) -> None:
+    def answered(self, rid: str, response: bytes, meter: dict, check_key: str) -> None:
+        """Keep the answer: for retries of `rid`, and for any later request that asks the
+        same question (`check_key`)."""
         with self.lock:
             self.metering.add(rid)
         with self.ctx.store.lock, self._conn() as conn:
@@ -112,6 +134,33 @@ class RequestBook:
                 " WHERE request_id = ?", (json.dumps(meter), now, rid))
             conn.execute("INSERT OR REPLACE INTO claim_responses VALUES (?, ?, ?)",
                          (rid, response, now))
+            conn.execute(
+                "INSERT OR REPLACE INTO claim_checks (insurer, check_key, request_id,"
+                " answered_at) SELECT insurer, ?, request_id, ? FROM claim_requests"
+                " WHERE request_id = ?", (check_key, now, rid))
+        self._done(rid)
+
+    def stored_check(self, insurer: str, check_key: str) -> tuple[str, bytes] | None:
+        """(request id, answer) of the request that answered this question, if still kept."""
+        with self.ctx.store.lock:
+            row = self._conn().execute(
+                "SELECT c.request_id, a.response FROM claim_checks c JOIN claim_responses a"
+                " ON a.request_id = c.request_id WHERE c.insurer = ? AND c.check_key = ?",
+                (insurer, check_key)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def deduplicated(self, rid: str, answered_by: str) -> None:
+        """`rid` asked a question already answered: it gets that answer, gives back its quota
+        reservation and is neither metered nor charged (nothing was computed)."""
+        with self.ctx.store.lock, self._conn() as conn:
+            row = conn.execute("SELECT usage_id FROM claim_requests WHERE request_id = ?",
+                               (rid,)).fetchone()
+            if row is not None and row[0] is not None:
+                _release_usage(conn, int(row[0]))
+            conn.execute(
+                "UPDATE claim_requests SET status = 'answered', usage_id = NULL, same_as = ?,"
+                " logged = 1, updated_at = ? WHERE request_id = ?",
+                (answered_by, time.time(), rid))
         self._done(rid)
 
     def failed(self, rid: str, status: str) -> None:

@@ -5,12 +5,23 @@ gets the verdict and nothing else. The product route (`api.CHECK`, kind `claim`)
 enforces, before any data is touched, in this order: the mode is served under the
 contract; the contract is live and the query fits its quota (`ContractBook.authorize`,
 which reserves it); every claim's consent is registered, unrevoked, unexpired, given to
-this insurer for the contract's purpose and scope, and about the person the insurer
-names (the insurer presents the commitment `subject_commitment(national_id, consent_id,
-nonce)`). Only then does it ask the operator to compute (`api.COMPUTE`, kind `product`);
-the operator checks, per claim, that the hospital is one of the topology's and that the
-consent's key is the key the health authority delivered for the person behind the
-queried domain token (`parties.claims.compute`).
+this insurer for the contract's purpose and scope. Those refusals depend on the documents
+and the insurer's own input alone and keep their names. Then:
+
+- a question answered before (`fingerprints.check_key`) gets the stored answer: nothing is
+  computed, charged or billed (`request_book`);
+- otherwise each claim spends one check of its consent's budget at its hospital
+  (`check_budget`; `CheckBudgetSpent`, 429, when spent), refused or not from here on;
+- a claim whose consent is about another person (the insurer presents the commitment
+  `subject_commitment(national_id, consent_id, nonce)`) is refused with the uniform
+  `ClaimNotCheckable`, its cause in this node's log only.
+
+Only then does it ask the operator to compute (`api.COMPUTE`, kind `product`); the
+operator checks, per claim, that the hospital is one of the topology's, that the hospital
+tag names the sealed token and hospital, and then (uniform refusal again) that the token
+names a person, that the consent's key is the key the health authority delivered for that
+person, and that the person's visits at the hospital fit the K slots
+(`parties.claims.compute`).
 
 What travels where (per mode; see `compute` and `sessions` for the computing side):
 
@@ -32,7 +43,8 @@ decrypts) and finishes the verdict with its own policy (covered categories,
 deductible). Every answered request is metered once (`query_answered`, keyed by
 the request id: a retry with the same id and the same body returns the stored
 answer and is not billed again; `parties.claims.request_book`); every refusal is
-logged (`query_refused`). The operator's typed refusals reach the insurer unchanged.
+logged (`query_refused`, with the refusal's name: never the cause of a uniform one). The
+operator's typed refusals reach the insurer unchanged.
 """
 
 import base64
@@ -45,7 +57,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from governance.consent import ConsentError, ConsentMissing
+from governance.consent import ConsentError, ConsentMissing, ConsentSubjectMismatch
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
 from mpc.claim.constants import CLAIM_SCENARIO, RECORD_COLUMNS, VERDICT_OUTPUTS
@@ -59,6 +71,7 @@ from parties.claims.api import (
     REGISTER_HE_CONTEXT,
     ClaimCheckRequest,
     ClaimCheckResponse,
+    ClaimNotCheckable,
     ClaimRefused,
     ComputeFailed,
     ComputeHead,
@@ -72,6 +85,10 @@ from parties.claims.api import (
     frame,
     unframe,
 )
+from parties.claims.check_budget import COMPONENT as BUDGET_COMPONENT
+from parties.claims.check_budget import MIGRATIONS as BUDGET_MIGRATIONS
+from parties.claims.check_budget import check_budget
+from parties.claims.fingerprints import check_key
 from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
@@ -104,11 +121,13 @@ def served_modes(terms: ContractTerms) -> tuple[str, ...]:
 
 
 def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -> tuple[
-        ContractTerms, int, list[dict[str, Any]]]:
-    """Every rule before any data is touched; returns (terms, usage id, consent documents).
+        ContractTerms, int, list[dict[str, Any]], list[int]]:
+    """The rules on the documents and the insurer's input; returns (terms, usage id,
+    consent documents, the claims whose consent is about another person).
 
     Raises the typed refusal (contract, consent, quota, mode); on a refusal after the
-    quota was reserved the caller releases it.
+    quota was reserved the caller releases it. A consent about another person is not
+    raised here: it is the uniform refusal, after the check budget is spent.
     """
     book = contract_book(ctx)
     terms = book.get(body.contract_id).terms
@@ -130,19 +149,26 @@ def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -
     registry = consent_registry(ctx)
     now = _now()
     documents: dict[str, dict[str, Any]] = {}
-    checked: set[tuple[str, str]] = set()
-    for claim in body.claims:
+    checked: dict[tuple[str, str], bool] = {}  # (consent, commitment) -> about its person
+    about_another: list[int] = []
+    for i, claim in enumerate(body.claims):
         pair = (claim.consent_id, claim.subject_commitment)
-        if pair in checked:
-            continue
-        consent = registry.get(claim.consent_id)
-        if consent is None:
-            raise ConsentMissing(f"consent {claim.consent_id} is not registered")
-        registry.check(consent, claim.subject_commitment, insurer, terms.purpose, now,
-                       scenario=terms.scenario, columns=RECORD_COLUMNS, outputs=outputs)
-        checked.add(pair)
-        documents.setdefault(claim.consent_id, consent.model_dump(mode="json"))
-    return terms, authorization.usage_id, list(documents.values())
+        if pair not in checked:
+            consent = registry.get(claim.consent_id)
+            if consent is None:
+                raise ConsentMissing(f"consent {claim.consent_id} is not registered")
+            try:
+                # The person is checked last, after every check on the document itself.
+                registry.check(consent, claim.subject_commitment, insurer, terms.purpose, now,
+                               scenario=terms.scenario, columns=RECORD_COLUMNS,
+                               outputs=outputs)
+                checked[pair] = True
+            except ConsentSubjectMismatch:
+                checked[pair] = False
+            documents.setdefault(claim.consent_id, consent.model_dump(mode="json"))
+        if not checked[pair]:
+            about_another.append(i)
+    return terms, authorization.usage_id, list(documents.values()), about_another
 
 
 # --- the orchestration ---------------------------------------------------------------------
@@ -164,6 +190,7 @@ def compute_at_operator(
         contract_id=body.contract_id, insurer=insurer, mode=body.mode, k=body.k,
         n_claims=len(body.claims), consent_of_claim=[c.consent_id for c in body.claims],
         consents=consents, he_context=body.he_context,
+        hospital_tags=[c.hospital_tag for c in body.claims],
     )
     try:
         answer = node_client(ctx).call(operator_node(ctx), COMPUTE, content=frame(
@@ -198,7 +225,28 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
     try:
         try:
             t1 = time.perf_counter()
-            terms, _usage, consents = enforce(ctx, insurer, body, rid)
+            terms, _usage, consents, about_another = enforce(ctx, insurer, body, rid)
+            question = check_key(body.contract_id, body.mode, body.k, body.he_context,
+                                 body.claims)
+            stored = None if about_another else book.stored_check(insurer, question)
+            if stored is not None:
+                book.deduplicated(rid, stored[0])
+                status = "answered"
+                ctx.log.event("claims_deduplicated", insurer=insurer, claims=len(body.claims),
+                              answered_by=stored[0])
+                return stored[1]
+            spent = check_budget(ctx).spend(rid, body.contract_id, insurer, body.claims,
+                                            terms.quota.checks_per_consent_per_day,
+                                            _now().date())
+            ctx.log.event("check_budget_spent", insurer=insurer, claims=len(body.claims),
+                          buckets=len(spent), fullest=max(spent.values()),
+                          limit=terms.quota.checks_per_consent_per_day)
+            if about_another:
+                causes = [{"claim": i, "cause": "subject_commitment_mismatch"}
+                          for i in about_another]
+                ctx.log.event("claim_not_checkable", insurer=insurer, causes=causes)
+                raise ClaimNotCheckable("; ".join(
+                    f"claim {c['claim']}: {c['cause']}" for c in causes))
         except (ContractError, ConsentError, ClaimRefused, MpcError) as exc:
             status = "refused"
             _refused(ctx, insurer, body, exc)
@@ -236,7 +284,7 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
             "scenario": terms.scenario,
         }
         t2 = time.perf_counter()
-        book.answered(rid, response, meter)
+        book.answered(rid, response, meter, question)
         status = "answered"
     finally:
         if status != "answered":
@@ -297,13 +345,16 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     @mount(router, CHECK,
            responses={403: {"description": "refused: contract, consent, mode or flow"},
                       409: {"description": "request id reused or in progress"},
-                      429: {"description": "over the contract's quota"},
+                      429: {"description": "over the contract's quota, or the consent's "
+                                           "checks at a hospital for the day are spent"},
                       503: {"description": "a computing node is down; nothing billed"}})
     def post_check(body: ClaimCheckRequest, caller: Caller) -> Response:
         """Check a batch of claims; the answer decodes to the verdict at the insurer only.
 
         Send `X-Request-ID`: a retry with the same id and body returns the same answer and
-        is not billed again.
+        is not billed again. The same question under another id (identical claims, tags and
+        mode) gets the stored answer too, at no cost in budget or bill. Each new claim spends
+        one check of its consent's daily budget at its hospital, refused or not.
         """
         # The stored JSON itself: a retry gets the very bytes of the first answer.
         return Response(check_claims(ctx, caller.name, body), media_type="application/json")
@@ -335,6 +386,6 @@ REGULATOR_PRODUCT_SERVICE = Service(
     name="claims",
     roles=(Role.REGULATOR,),
     routers=_routes,
-    components=((COMPONENT, MIGRATIONS),),
+    components=((COMPONENT, MIGRATIONS), (BUDGET_COMPONENT, BUDGET_MIGRATIONS)),
     background=_recover_in_background,
 )

@@ -23,8 +23,8 @@ Old level-1 and shared-domain tokens match nothing afterwards. Between the opera
 commit and the authority's (one local transaction) the level-1 OPRF still
 answers with k1, so an insurer's token request in that instant gets tokens that
 are already stale. Stale tokens, like any cached before a rotation, are refused
-as `UnknownToken` (logged, not billed); `parties.insurer.Client` then fetches
-them again and retries the batch once.
+with the uniform `ClaimNotCheckable` (logged, not billed); `parties.claims.client.Client`
+then fetches them again and, when they changed, retries the batch once.
 
 Publishing, governing exports and taking consumer keys at the authority wait for
 a running rotation (`level1_lock`), so no p1 under the old key slips in.

@@ -114,11 +114,12 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
         # A relayed refusal keeps the remote's name even when this process lacks its class.
         error = error or (exc.error if isinstance(exc, RemoteError) else type(exc).__name__)
         detail = error_detail(exc)
+        kept = getattr(exc, "log_detail", None) or detail  # the cause, for this node only
         ctx.log.event(
             "refused", route=request.url.path, method=request.method, caller=caller_name,
-            error=error, detail=detail, status=status,
+            error=error, detail=kept, status=status,
         )
-        ctx.store.record_refusal(rid, caller_name, request.url.path, error, detail)
+        ctx.store.record_refusal(rid, caller_name, request.url.path, error, kept)
         return JSONResponse(_error_body(error, detail, rid), status_code=status)
 
     @app.middleware("http")

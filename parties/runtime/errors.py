@@ -7,6 +7,10 @@ from mpc.errors import MpcError
 
 class NodeError(Exception):
     http_status: int = 400
+    # What the node's own log and refusal record keep instead of the message, for a refusal
+    # whose message must not say why (one refusal for several causes): the caller is
+    # answered the message, the node keeps the cause.
+    log_detail: str | None = None
 
 
 class NotAuthenticated(NodeError):
@@ -49,7 +53,7 @@ class RemoteError(NodeError):
     """Another node refused or failed a call; carries its typed error.
 
     `remote_error` returns an instance that is also of the remote's own class when this
-    process knows it, so a caller catches `UnknownToken` whether it was raised here or by
+    process knows it, so a caller catches `ClaimNotCheckable` whether it was raised here or by
     the node it called, and a relay re-raises it unchanged.
     """
 
