@@ -153,10 +153,7 @@ class RequestBook:
         """`rid` asked a question already answered: it gets that answer, gives back its quota
         reservation and is neither metered nor charged (nothing was computed)."""
         with self.ctx.store.lock, self._conn() as conn:
-            row = conn.execute("SELECT usage_id FROM claim_requests WHERE request_id = ?",
-                               (rid,)).fetchone()
-            if row is not None and row[0] is not None:
-                _release_usage(conn, int(row[0]))
+            _release_reservation(conn, rid)
             conn.execute(
                 "UPDATE claim_requests SET status = 'answered', usage_id = NULL, same_as = ?,"
                 " logged = 1, updated_at = ? WHERE request_id = ?",
@@ -166,10 +163,7 @@ class RequestBook:
     def failed(self, rid: str, status: str) -> None:
         """Give back the quota reservation: a refused or failed request costs nothing."""
         with self.ctx.store.lock, self._conn() as conn:
-            row = conn.execute("SELECT usage_id FROM claim_requests WHERE request_id = ?",
-                               (rid,)).fetchone()
-            if row is not None and row[0] is not None:
-                _release_usage(conn, int(row[0]))
+            _release_reservation(conn, rid)
             conn.execute(
                 "UPDATE claim_requests SET status = ?, usage_id = NULL, updated_at = ?"
                 " WHERE request_id = ?", (status, time.time(), rid))
@@ -211,6 +205,14 @@ class RequestBook:
             unlogged = [(rid, m) for rid, m in unlogged if rid not in self.metering]
             self.metering.update(rid for rid, _ in unlogged)
         return [(rid, json.loads(meter)) for rid, meter in unlogged]
+
+
+def _release_reservation(conn: sqlite3.Connection, rid: str) -> None:
+    """Give back the quota that request `rid` reserved, if it still holds any."""
+    row = conn.execute("SELECT usage_id FROM claim_requests WHERE request_id = ?",
+                       (rid,)).fetchone()
+    if row is not None and row[0] is not None:
+        _release_usage(conn, int(row[0]))
 
 
 def _release_usage(conn: sqlite3.Connection, usage_id: int) -> None:
