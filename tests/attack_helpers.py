@@ -215,13 +215,19 @@ class ClaimWorld:
     def ingest(self) -> None:
         self.cli("govern", "ingest", "--data", str(self.data), "--batch-rows", "200")
 
-    def sign_contracts(self) -> None:
+    def sign_contracts(self, checks_per_consent_per_day: int | None = None) -> None:
+        """Every party signs the scenario's contracts; a test that checks one consent many
+        times over buys a larger daily check budget."""
         from governance.contracts import SignedContract, load_contract, sign_contract
         from parties.agreements.cli import post_contract
         from parties.runtime.pki import load_signing_key
 
         for insurer in ("insurer-a", "insurer-b"):
-            signed = SignedContract(terms=load_contract(CONTRACTS / f"claim-check-{insurer}.toml"))
+            terms = load_contract(CONTRACTS / f"claim-check-{insurer}.toml")
+            if checks_per_consent_per_day is not None:
+                terms = terms.model_copy(update={"quota": terms.quota.model_copy(
+                    update={"checks_per_consent_per_day": checks_per_consent_per_day})})
+            signed = SignedContract(terms=terms)
             for party in signed.terms.parties:
                 signed = sign_contract(signed, party, load_signing_key(self.fed.state, party))
             post_contract(self.fed.state, self.fed.topology, signed, insurer)

@@ -219,7 +219,9 @@ def test_log_appends_survive_kill_9(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = ClaimWorld(tmp_path_factory.mktemp("crash"), patients=200, claims=40)
+    # enough claims that no two of the claim batches below ask the same question (one asked
+    # again is answered from the regulator's book, not computed)
+    w = ClaimWorld(tmp_path_factory.mktemp("crash"), patients=200, claims=80)
     yield w
     w.down()
 
@@ -309,7 +311,7 @@ def test_ingestion_survives_kill_9(world):
 def test_claim_batches_survive_kill_9(world):
     rng = random.Random(SEED + 3)
     fed = world.fed
-    world.sign_contracts()
+    world.sign_contracts(checks_per_consent_per_day=1000)  # retries under kills spend checks
     claims = world.claims_of("insurer-a")
     consents = {nid: world.consent(nid) for nid in claims["national_id"].unique()}
     crashes = Crashes()

@@ -18,12 +18,12 @@ class Answer(BaseModel):
     text: str
 
 
-ASK = Route("POST", "/v1/test/{topic}/ask", Kind.CLAIM, Question, Answer,
+ASK = Route("POST", "/test/{topic}/ask", Kind.CLAIM, Question, Answer,
             roles=(Role.INSURER,))
 
 
 def test_a_path_is_filled_with_exactly_its_parameters_quoted():
-    assert ASK.url(topic="a b?c#d") == "/v1/test/a%20b%3Fc%23d/ask"
+    assert ASK.url(topic="a b?c#d") == "/test/a%20b%3Fc%23d/ask"
     for bad in ({}, {"topic": "x", "extra": "y"}, {"topic": "../admin"}, {"topic": ".."},
                 {"topic": ""}):
         with pytest.raises(ValueError):

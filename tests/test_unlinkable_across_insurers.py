@@ -193,8 +193,10 @@ def _domain_of(world: ClaimWorld, insurer: str) -> str:
 
 
 def _check(lk_requests: dict[str, str], client, claims, consents, label: str) -> None:
+    """One ss batch; each call asks other amounts, so no answer comes from the book."""
     rid = f"link-{label}"
-    client.check(claims, consents, "ss", request_id=rid)
+    client.check(claims.assign(claimed_fen=100 + len(lk_requests)), consents, "ss",
+                 request_id=rid)
     lk_requests[label] = rid
 
 
@@ -203,7 +205,7 @@ def lk(tmp_path_factory) -> Linkage:
     world = ClaimWorld(tmp_path_factory.mktemp("unlink"), patients=200, claims=24)
     try:
         world.ingest()
-        world.sign_contracts()
+        world.sign_contracts(checks_per_consent_per_day=1000)  # many checks per consent
         _start_curious_regulator(world)
         people = _people(world)
         claims = {i: _claims(people, i) for i in INSURERS}
