@@ -1,64 +1,77 @@
-"""The claim check on the insurer's encrypted claim (TenSEAL BFV).
+"""The claim check on encrypted claims (TenSEAL BFV), with the key at a second server.
 
-The insurer encrypts its claims under its own key; the serving node evaluates the
-verdict against the plaintext anonymized candidate rows and answers ciphertexts that
-decrypt to the verdict and (almost) nothing more; only the insurer can decrypt.
+Who holds what:
+- the regulator holds the BFV secret key (`HeDecryptionKey`) and publishes its public
+  context; it is the node the insurer talks to;
+- the insurer encrypts its claims under that public key (`encrypt_claims`) and seals the
+  ciphertexts to the operator, so the regulator never sees them;
+- the operator holds the plaintext anonymized candidate rows; it evaluates every test on
+  the ciphertexts with plaintext multiplications only, masks each test value with fresh
+  uniform multipliers and answers ciphertexts for the regulator (`evaluate_encrypted`);
+- the regulator decrypts them and returns the three verdict bits of each claim, and
+  nothing else, to the insurer (`HeDecryptionKey.verdict_bits`).
 
-Parameters (`PARAMETERS`): BFV, polynomial degree N = 8192, coefficient modulus SEAL's
-`BFVDefault(8192)` = 218 bits (43+43+44+44+44), plaintext modulus the 60-bit prime
-t = 1152921504606830593 = 1 + 16384 * 70368744177663 (batching: t = 1 mod 2N). The
-HomomorphicEncryption.org security standard (Albrecht et al., 2018, Table 1, ternary
-secret) gives log q <= 218 for 128-bit classical security at N = 8192, so these
-parameters are at the 128-bit level. The server refuses any other parameters.
+Why this design (issue 14). In the earlier design the insurer held the key. It could then
+read and rewrite the noise of its own ciphertexts, and the answer's noise carried the
+server's secret multipliers, which encode the candidate rows: one crafted query recovered
+whole records. Noise flooding needs ciphertext access that TenSEAL does not offer and
+proofs of well-formed ciphertexts are not available either, so the key moved: the insurer
+never decrypts anything, and what it receives is three bits per claim computed in the
+clear by the regulator. Whatever keys, parameters and ciphertexts it sends (its own
+context is never used; the operator refuses ciphertexts that are not two-component BFV
+ciphertexts of the regulator's context), a malicious insurer learns per claim at most
+three nested bits, each the OR over the K candidate rows of zero tests chosen from the
+family below, and spends one check of the consent's daily budget for them.
 
-The circuit, per claim and candidate slot, with d = a - c (a: admission day of the
-row, c: the claim's visit day) and P(d) = d^3 - d = (a-c)^3 - (a-c), zero mod the prime t
-exactly when d is -1, 0 or 1:
+The tests, per claim and candidate row (a: admission day, s: self-pay, g: category of the
+row; c: day, m: claimed amount, h: category of the claim; all mod the prime t):
 
-    date      = r  * P                           0 iff the visit matches
-    diagnosis = r4 * P + r5 * (g - g_claim)      0 iff matched and same category
-    amount    = r3 * P + r1 * (s - claimed) + r2 sign is [claimed <= s] when matched
+    date     D = r * P(a - c),   P(d) = d^3 - d         0 iff |a - c| <= 1
+    category G = r' * P + r'' * (g - h)                 0 iff dated and same category
+    amount   A_i = q * P + q' * (x_i - s_i - 1) + q'' * (m_i - s >> (i+1)),  i = 0..30
 
-with r, r5 uniform nonzero and r3, r4 uniform mod t, r1 log-uniform in
-[2^R1_LOG_MIN, 2^R1_LOG_MAX) = [2^8, 2^27), 0 <= r2 < r1, fresh per slot. P is
-linear in Enc(c), Enc(c^2), Enc(c^3), so the insurer sends those powers and the
-server needs only plaintext multiplications.
+with x_i the bits of m and m_i = m >> (i+1), the prefixes the insurer encrypts. A_i is 0
+iff the row is dated and m > s is decided at bit i (bit i of m set, of s clear, all higher
+bits equal), so "dated and m <= s" is D = 0 with no A_i = 0: a comparison that shows only
+its bit, with no magnitude (the DGK comparison, Damgard, Geisler and Kroigaard 2007, with
+prefix equality instead of a running XOR count so each A_i needs five slots). Every
+multiplier r, r', r'', q, q', q'' is fresh, uniform and nonzero, drawn from the OS CSPRNG,
+so a nonzero test is a uniform nonzero value; two nonzero terms cancel with probability
+1/(t-1) < 2^-39 per test. The insurer puts each A_i's group at a position of its own
+random order (sent to the operator only, inside the sealed envelope), so the regulator
+does not see which bit decided. A dummy candidate's tests are uniform nonzero values.
 
-To need one ciphertext in and one out per chunk (no rotations), each output is
-spread over the slots of its terms: the insurer puts the 11 inputs of a slot group
-(c, c^2, c^3 | c, c^2, c^3, g_claim | c, c^2, c^3, claimed) in 11 consecutive slots;
-the server multiplies slot-wise and adds an additive sharing of each output's
-constant term, so every decrypted slot is uniform on its own and only each group's
-sum (mod t) is the output. The server adds a fresh public-key encryption of zero to
-the answer so its (c0, c1) look fresh.
+Each test is the sum (mod t) of a group of consecutive slots holding its inputs: the
+insurer encrypts (c, c^2, c^3 | c, c^2, c^3, h | 31 x (c, c^2, c^3, x_i, m_i)) for each of
+the K candidates (`GROUP` = 162 slots); the operator multiplies slot-wise and adds an
+additive sharing of each test's constant, so every slot alone is uniform, then adds a fresh
+encryption of zero.
 
-What the insurer learns (leakage statement):
-- unmatched real slots and dummy slots: three independent uniform values (date one
-  nonzero): nothing;
-- the matched slot: date = 0 (the verdict bit); diagnosis = 0 or a uniform nonzero
-  value (exactly the bit); amount = r1*(s - claimed) + r2. Its sign is the bit; its
-  magnitude bounds |s - claimed| to within [|v| / 2^27 - 1, |v| / 2^8]: never the
-  exact difference (r1 >= 256 with an unknown r2 < r1; an r1 allowed down to 1 would
-  hand over s - claimed exactly once in 27 slots), and with r1 log-uniform the
-  posterior on log2|s - claimed| is the prior cut to a window 19 bits wide. That
-  window is a real leak of the difference's order of magnitude when the draw of r1
-  is near an end of its range; a comparison without it needs bit decomposition;
-- the slot position of a match (slots are in random order: nothing).
-A dishonest insurer that encrypts arbitrary values instead of powers learns, per
-real slot, whether a cubic of its choice vanishes at the admission day (at most 3
-days) and the same masked category/amount tests: predicates on the consented
-person's own visits at the named hospital, never on dummies or other persons.
-Not "bits, not counts" yet. The verdict rule (`docs/verdict.md`) is three bits per
-claim, the nested OR over slots of (found, found and amount, found and amount and
-diagnosis), and `decrypt_verdicts` computes exactly those, so the three modes agree.
-But here the OR is applied by the insurer AFTER decryption: the key holder sees the
-per-slot outputs above, so it learns how many slots matched and which test held on
-which visit, which `ss` never opens. `he` does not meet the bits-not-counts promise
-until it is redesigned (issue 14 tracks it, with the noise-rewriting attack).
-Not covered: the decryption noise. TenSEAL exposes no noise flooding, so the raw
-noise of the answer (visible to the key holder, not through `decrypt`) is a function
-of the server's random plaintext multipliers; no attack is known to us at these
-sizes, but circuit privacy is not proven.
+What each party learns:
+- the insurer: the three nested verdict bits of each claim (`docs/verdict.md`), never a
+  per-candidate value or count. A malicious insurer's freedom is the family above: in
+  place of the powers of one day it can send any three values, which makes the date test
+  "admitted on one of three days of its choice"; in place of the bits and prefixes of one
+  amount any values, which makes the amount test "self-pay outside a union of up to 31
+  sets {s : bit i of s = x_i - 1, s >> (i+1) = m_i} of its choice". That is one bit per
+  level and claim about the consented person's candidate rows at the named hospital,
+  bounded by the check budget; what one such bit can be, the budget multiplies.
+- the regulator: per claim and candidate (in the operator's random order), whether the
+  row is dated, dated with the same category, and dated with m > s: so how many of the
+  person's candidate rows passed each test, and the verdict bits. Never a claim value, a
+  row value or which row.
+- the operator: the candidate rows it already holds, never a claim value or a verdict.
+- the answer's decryption noise, visible to the regulator, is a function of the
+  operator's multipliers and the insurer's encryption randomness: the regulator alone
+  does not know the latter; a regulator colluding with the insurer could solve for the
+  multipliers, i.e. the candidate rows (the attack this design removes from the insurer
+  alone). Noise flooding would close it; TenSEAL exposes no way to add it.
+
+Parameters (`PARAMETERS`): BFV, N = 8192, SEAL's `BFVDefault(8192)` coefficient modulus
+(218 bits), plaintext modulus the 40-bit prime t = 1099511480321 = 1 + 16384 * 67108879
+(batching: t = 1 mod 2N). The HomomorphicEncryption.org standard (2018, Table 1) gives
+log q <= 218 for 128-bit security at N = 8192. One plaintext multiplication leaves room to
+decrypt exactly (checked by the tests on every slot).
 """
 
 from __future__ import annotations
@@ -72,13 +85,14 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 
+from mpc.claim.constants import MAX_K
 from mpc.claim.encoding import MAX_CATEGORY, MAX_DAY, MAX_FEN
 from mpc.claim.errors import EngineMismatch
 from mpc.claim.plain import nested_or
 from mpc.errors import MalformedInput
 
 POLY_MODULUS_DEGREE = 8192
-PLAIN_MODULUS = 1152921504606830593
+PLAIN_MODULUS = 1099511480321
 COEFF_MODULUS_BITS = 218
 SLOTS = POLY_MODULUS_DEGREE
 PARAMETERS = {
@@ -89,43 +103,55 @@ PARAMETERS = {
     "security_bits": 128,
     "standard": "HomomorphicEncryption.org security standard (2018), Table 1",
 }
-GROUP = 11  # slots per (claim, candidate): 3 date terms, 4 diagnosis, 4 amount
-_DATE, _DIAG, _AMOUNT = slice(0, 3), slice(3, 7), slice(7, 11)
-R1_LOG_MIN, R1_LOG_MAX = 8, 27
-MAGIC_REQUEST = b"CGHEQ1"
-MAGIC_RESPONSE = b"CGHER1"
+AMOUNT_BITS = MAX_FEN.bit_length() - 1  # 31: amounts are in [0, 2^31)
+DATE_SLOTS, CATEGORY_SLOTS, AMOUNT_SLOTS = 3, 4, 5
+GROUP = DATE_SLOTS + CATEGORY_SLOTS + AMOUNT_BITS * AMOUNT_SLOTS  # slots per candidate
+MAGIC_REQUEST = b"CGHEQ2"
+MAGIC_RESPONSE = b"CGHER2"
 
 
 def claims_per_ciphertext(k: int) -> int:
     return SLOTS // (GROUP * k)
 
 
-# -- randomness mod t -------------------------------------------------------------------
-def _uniform_mod_t(count: int, nonzero: bool = False) -> np.ndarray:
-    """`count` uniform values in [0, t) (or [1, t)) from the OS CSPRNG, as Python ints."""
+# -- arithmetic mod t in uint64 (t < 2^40) --------------------------------------------------
+_T = np.uint64(PLAIN_MODULUS)
+_LOW = np.uint64((1 << 20) - 1)
+
+
+def _mulmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * b mod t for uint64 arrays in [0, t): b split in 20-bit halves, nothing overflows."""
+    a, b = np.asarray(a, np.uint64), np.asarray(b, np.uint64)
+    high = (a * (b >> np.uint64(20))) % _T
+    return ((high << np.uint64(20)) + a * (b & _LOW)) % _T
+
+
+def _mod(values: np.ndarray) -> np.ndarray:
+    """Signed int64 values as uint64 residues mod t."""
+    return (np.asarray(values, np.int64) % np.int64(PLAIN_MODULUS)).astype(np.uint64)
+
+
+def _uniform(shape: tuple[int, ...], nonzero: bool = False) -> np.ndarray:
+    """Uniform residues mod t (or nonzero ones) from the OS CSPRNG, uint64."""
+    count = int(np.prod(shape))
     out = np.empty(0, dtype=np.uint64)
     while len(out) < count:
-        need = count - len(out) + 8
-        draw = np.frombuffer(os.urandom(8 * need), dtype=np.uint64) >> np.uint64(4)
-        keep = draw < np.uint64(PLAIN_MODULUS)
+        need = count - len(out) + 16
+        draw = np.frombuffer(os.urandom(8 * need), dtype=np.uint64) >> np.uint64(24)
+        keep = draw < _T
         if nonzero:
             keep &= draw != 0
         out = np.concatenate([out, draw[keep]])
-    return out[:count].astype(object)
+    return out[:count].reshape(shape)
 
 
-def _log_uniform_r1(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """r1 log-uniform in [2^R1_LOG_MIN, 2^R1_LOG_MAX), r2 uniform in [0, r1), as Python ints."""
-    raw = np.frombuffer(os.urandom(24 * count), dtype=np.uint64).reshape(count, 3)
-    span = np.uint64(R1_LOG_MAX - R1_LOG_MIN)
-    exponent = (raw[:, 0] % span + np.uint64(R1_LOG_MIN)).astype(np.int64)
-    low = raw[:, 1] & ((np.uint64(1) << exponent.astype(np.uint64)) - np.uint64(1))
-    r1 = (np.uint64(1) << exponent.astype(np.uint64)) + low
-    r2 = raw[:, 2] % r1
-    return r1.astype(object), r2.astype(object)
+def _random_orders(count: int, size: int) -> np.ndarray:
+    """`count` uniform permutations of range(size) (argsort of CSPRNG words), int64."""
+    words = np.frombuffer(os.urandom(8 * count * size), dtype=np.uint64).reshape(count, size)
+    return np.argsort(words, axis=1, kind="stable").astype(np.int64)
 
 
-# -- wire format ------------------------------------------------------------------------
+# -- wire format ----------------------------------------------------------------------------
 def _pack(magic: bytes, header: dict, blobs: list[bytes]) -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [magic, struct.pack("!I", len(head)), head]
@@ -159,99 +185,39 @@ def _unpack(magic: bytes, data: bytes) -> tuple[dict, list[bytes]]:
 
 def _shape(header: dict) -> tuple[int, int]:
     n, k = header.get("n"), header.get("k")
-    if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and 1 <= k <= 64):
-        raise MalformedInput("bad claim count or slot count")
+    if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and 1 <= k <= MAX_K):
+        raise MalformedInput(f"bad claim count or slot count (K is 1 to {MAX_K})")
     return n, k
 
 
-# -- insurer side -----------------------------------------------------------------------
-class HeClaimKey:
-    """The insurer's BFV key pair. Keep it; send only `public_context()` to servers."""
-
-    def __init__(self, context: ts.Context) -> None:
-        if not context.is_private():
-            raise MalformedInput("an HE claim key needs the secret key")
-        self._context = context
-        public = context.copy()
-        public.make_context_public()
-        self._public = public.serialize(save_public_key=True, save_secret_key=False,
-                                        save_galois_keys=False, save_relin_keys=False)
-        self.context_digest = hashlib.sha256(self._public).hexdigest()
-
-    @classmethod
-    def generate(cls) -> HeClaimKey:
-        context = ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=POLY_MODULUS_DEGREE,
-                             plain_modulus=PLAIN_MODULUS)
-        return cls(context)
-
-    def public_context(self) -> bytes:
-        """The serialized public context (public key only: no secret, relin or Galois keys)."""
-        return self._public
-
-    def encrypt_claims(self, claims: np.ndarray, k: int) -> bytes:
-        """Encrypt int64 [n, 3] (visit_day, claimed_fen, category) for K-slot checking."""
-        claims = np.asarray(claims, dtype=np.int64)
-        if claims.ndim != 2 or claims.shape[1] != 3 or (claims < 0).any():
-            raise MalformedInput("claims must be non-negative int64 [n, 3]")
-        if (claims >= np.array([MAX_DAY, MAX_FEN, MAX_CATEGORY])).any():
-            raise MalformedInput("claim field out of range")
-        day = claims[:, 0].astype(object)
-        powers = [day % PLAIN_MODULUS, day * day % PLAIN_MODULUS,
-                  day * day * day % PLAIN_MODULUS]
-        cat, claimed = claims[:, 2].astype(object), claims[:, 1].astype(object)
-        group = np.stack(powers + powers + [cat] + powers + [claimed], axis=1)  # [n, 11]
-        slots = np.repeat(group[:, None, :], k, axis=1)  # [n, k, 11]
-        per = claims_per_ciphertext(k)
-        blobs = []
-        for start in range(0, len(claims), per):
-            chunk = slots[start:start + per].reshape(-1)
-            blobs.append(ts.bfv_vector(self._context, [int(v) for v in chunk]).serialize())
-        header = {"n": len(claims), "k": k, "context": self.context_digest}
-        return _pack(MAGIC_REQUEST, header, blobs)
-
-    def decrypt_slots(self, response: bytes, n: int, k: int) -> np.ndarray:
-        """Every decrypted slot, [n, k, 11] in [0, t): what the key holder can see."""
-        header, blobs = _unpack(MAGIC_RESPONSE, response)
-        if _shape(header) != (n, k) or header.get("context") != self.context_digest:
-            raise EngineMismatch("this answer is for another request or key")
-        per = claims_per_ciphertext(k)
-        if len(blobs) != -(-n // per):
-            raise MalformedInput("wrong number of answer ciphertexts")
-        values = [
-            np.array(_load_vector(self._context, blob, min(per, n - i * per) * k * GROUP)
-                     .decrypt(), dtype=object) % PLAIN_MODULUS
-            for i, blob in enumerate(blobs)
-        ]
-        if not values:
-            return np.zeros((0, k, GROUP), dtype=object)
-        return np.concatenate(values).reshape(n, k, GROUP)
-
-    def decrypt_outputs(self, response: bytes, n: int, k: int) -> np.ndarray:
-        """The [n, k, 3] outputs (date, diagnosis, amount) as centered integers."""
-        groups = self.decrypt_slots(response, n, k)
-        out = np.stack([groups[..., s].sum(-1) % PLAIN_MODULUS
-                        for s in (_DATE, _DIAG, _AMOUNT)], -1)
-        return np.where(out > PLAIN_MODULUS // 2, out - PLAIN_MODULUS, out)
-
-    def decrypt_verdicts(self, response: bytes, n: int, k: int) -> np.ndarray:
-        """int64 [n, 3] bits (visit_found, amount_consistent, diagnosis_match).
-
-        The nested OR of `docs/verdict.md` (OR_j f_j, OR_j f_j a_j, OR_j f_j a_j g_j),
-        applied HERE, after decryption: the key holder has already seen every slot's
-        outputs, so in `he` this is the honest insurer's decoding, not a privacy
-        boundary (see the module docstring).
-        """
-        out = self.decrypt_outputs(response, n, k)
-        found = out[..., 0] == 0
-        return nested_or(found, out[..., 2] >= 0, out[..., 1] == 0)
+def _chunks(n: int, k: int) -> list[slice]:
+    per = claims_per_ciphertext(k)
+    return [slice(i, min(n, i + per)) for i in range(0, n, per)]
 
 
-# -- server side ------------------------------------------------------------------------
+def _load_vector(context: ts.Context, blob: bytes, size: int) -> ts.BFVVector:
+    """A BFV vector of exactly `size` slots in one fresh-shaped (two-part) ciphertext."""
+    try:
+        vec = ts.bfv_vector_from(context, blob)
+        ciphertexts = vec.ciphertext()
+    except Exception as exc:
+        raise MalformedInput("not a BFV ciphertext for this context") from exc
+    if vec.size() != size or len(ciphertexts) != 1 or ciphertexts[0].size() != 2:
+        raise MalformedInput(f"ciphertext holds {vec.size()} slots, expected {size}")
+    return vec
+
+
+def _to_ints(values: np.ndarray) -> list[int]:
+    return [int(v) for v in np.asarray(values, np.uint64).reshape(-1)]
+
+
+# -- keys -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HePublicContext:
-    """An insurer's public context, checked to carry exactly our parameters."""
+    """The regulator's public context, checked to carry exactly our parameters."""
 
     context: ts.Context
+    data: bytes
     digest: str
 
     @classmethod
@@ -264,8 +230,7 @@ class HePublicContext:
             raise MalformedInput("the context carries a secret key; send the public one")
         if not context.has_public_key():
             raise MalformedInput("the context has no public key")
-        seal = context.seal_context().data
-        data_of = seal.key_context_data()
+        data_of = context.seal_context().data.key_context_data()
         parms = data_of.parms()
         plain = 2 * data_of.plain_upper_half_threshold() - 1
         if (
@@ -275,61 +240,184 @@ class HePublicContext:
             or data_of.total_coeff_modulus_bit_count() != COEFF_MODULUS_BITS
         ):
             raise MalformedInput("HE parameters differ from the claim-check parameters")
-        return cls(context, hashlib.sha256(data).hexdigest())
+        return cls(context, bytes(data), hashlib.sha256(data).hexdigest())
 
 
-def _load_vector(context: ts.Context, blob: bytes, size: int) -> ts.BFVVector:
+class HeDecryptionKey:
+    """The regulator's BFV key pair: it decrypts the operator's answers into verdict bits."""
+
+    def __init__(self, context: ts.Context, public: bytes | None = None) -> None:
+        if not context.is_private():
+            raise MalformedInput("an HE decryption key needs the secret key")
+        self._context = context
+        if public is None:
+            copy = context.copy()
+            copy.make_context_public()
+            public = copy.serialize(save_public_key=True, save_secret_key=False,
+                                    save_galois_keys=False, save_relin_keys=False)
+        # the public context is kept as bytes: its digest names the key, and TenSEAL's
+        # serialization of the same key is not stable across processes
+        self.public = HePublicContext.from_bytes(public)
+
+    @classmethod
+    def generate(cls) -> HeDecryptionKey:
+        return cls(ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=POLY_MODULUS_DEGREE,
+                              plain_modulus=PLAIN_MODULUS))
+
+    def to_bytes(self) -> bytes:
+        """The public and the secret context: for the key holder's sealed storage only."""
+        secret = self._context.serialize(save_public_key=True, save_secret_key=True,
+                                         save_galois_keys=False, save_relin_keys=False)
+        return struct.pack("!Q", len(self.public.data)) + self.public.data + secret
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HeDecryptionKey:
+        try:
+            (size,) = struct.unpack_from("!Q", data)
+            context = ts.context_from(data[8 + size:])
+        except Exception as exc:
+            raise MalformedInput("not a stored HE decryption key") from exc
+        key = cls(context, data[8:8 + size])
+        probe = [int(v) for v in _uniform((4,))]
+        opened = ts.bfv_vector(key.public.context, probe).decrypt(context.secret_key())
+        if [v % PLAIN_MODULUS for v in opened] != probe:
+            raise MalformedInput("the stored public context is not this secret key's")
+        return key
+
+    def test_values(self, answer: bytes, n: int, k: int) -> np.ndarray:
+        """uint64 [n, k, 2 + AMOUNT_BITS]: every test value (D, G, A_0..A_30) the key holder
+        sees, each the sum of its slot group."""
+        header, blobs = _unpack(MAGIC_RESPONSE, answer)
+        if _shape(header) != (n, k) or header.get("context") != self.public.digest:
+            raise EngineMismatch("this answer is for another request or key")
+        chunks = _chunks(n, k)
+        if len(blobs) != len(chunks):
+            raise MalformedInput("wrong number of answer ciphertexts")
+        if n == 0:
+            return np.zeros((0, k, 2 + AMOUNT_BITS), dtype=np.uint64)
+        slots = np.concatenate([
+            (np.array(_load_vector(self._context, blob, (part.stop - part.start) * k * GROUP)
+                      .decrypt(), dtype=object) % PLAIN_MODULUS).astype(np.uint64)
+            for part, blob in zip(chunks, blobs, strict=True)
+        ]).reshape(n, k, GROUP)
+        date = slots[..., :DATE_SLOTS].sum(-1) % _T
+        category = slots[..., DATE_SLOTS:DATE_SLOTS + CATEGORY_SLOTS].sum(-1) % _T
+        amount = slots[..., DATE_SLOTS + CATEGORY_SLOTS:].reshape(
+            n, k, AMOUNT_BITS, AMOUNT_SLOTS).sum(-1) % _T
+        return np.concatenate([date[..., None], category[..., None], amount], axis=-1)
+
+    def verdict_bits(self, answer: bytes, n: int, k: int) -> np.ndarray:
+        """int64 [n, 3]: per claim (visit_found, amount_consistent, diagnosis_match), the
+        nested OR over its candidates; the only thing the insurer receives."""
+        tests = self.test_values(answer, n, k) == 0
+        dated, same_category, claimed_more = tests[..., 0], tests[..., 1], tests[..., 2:].any(-1)
+        return nested_or(dated, ~claimed_more, same_category)
+
+
+# -- insurer side ---------------------------------------------------------------------------
+def encrypt_claims(public: HePublicContext, claims: np.ndarray, k: int) -> bytes:
+    """Encrypt int64 [n, 3] (visit_day, claimed_fen, category) under the regulator's key for
+    K-candidate checking; the bit order of each candidate's amount tests is random."""
+    claims = np.asarray(claims, dtype=np.int64)
+    if claims.ndim != 2 or claims.shape[1] != 3 or (claims < 0).any():
+        raise MalformedInput("claims must be non-negative int64 [n, 3]")
+    if (claims >= np.array([MAX_DAY, MAX_FEN, MAX_CATEGORY])).any():
+        raise MalformedInput("claim field out of range")
+    _shape({"n": len(claims), "k": k})
+    n = len(claims)
+    day = claims[:, 0]
+    powers = np.stack([day, day * day, day * day * day], axis=1)  # < 2^48: exact in int64
+    amount = claims[:, 1]
+    bit_index = np.arange(AMOUNT_BITS)
+    bits = (amount[:, None] >> bit_index) & 1  # [n, 31]
+    prefixes = amount[:, None] >> (bit_index + 1)  # [n, 31]
+    order = _random_orders(n * k, AMOUNT_BITS).reshape(n, k, AMOUNT_BITS)
+    per_bit = np.concatenate([
+        np.broadcast_to(powers[:, None, None, :], (n, k, AMOUNT_BITS, 3)),
+        np.take_along_axis(bits[:, None, :], order, axis=2)[..., None],
+        np.take_along_axis(prefixes[:, None, :], order, axis=2)[..., None],
+    ], axis=-1)  # [n, k, 31, 5]
+    head = np.concatenate([powers, powers, claims[:, 2:3]], axis=1)  # [n, 7]
+    slots = np.concatenate([np.broadcast_to(head[:, None, :], (n, k, 7)),
+                            per_bit.reshape(n, k, AMOUNT_BITS * AMOUNT_SLOTS)], axis=-1)
+    slots = _mod(slots)
+    blobs = [ts.bfv_vector(public.context, _to_ints(slots[part])).serialize()
+             for part in _chunks(n, k)]
+    header = {"n": n, "k": k, "context": public.digest,
+              "order": order.astype(np.uint8).tobytes().hex()}
+    return _pack(MAGIC_REQUEST, header, blobs)
+
+
+# -- operator side --------------------------------------------------------------------------
+def _order_of(header: dict, n: int, k: int) -> np.ndarray:
+    text = header.get("order")
     try:
-        vec = ts.bfv_vector_from(context, blob)
-        ciphertexts = vec.ciphertext()
-    except Exception as exc:
-        raise MalformedInput("not a BFV ciphertext for this context") from exc
-    if vec.size() != size or len(ciphertexts) != 1 or ciphertexts[0].size() != 2:
-        raise MalformedInput(f"ciphertext holds {vec.size()} slots, expected {size}")
-    return vec
+        order = np.frombuffer(bytes.fromhex(text), dtype=np.uint8).astype(np.int64)
+    except (TypeError, ValueError) as exc:
+        raise MalformedInput("the request's bit order is not hex") from exc
+    if order.size != n * k * AMOUNT_BITS:
+        raise MalformedInput("the request's bit order has the wrong length")
+    order = order.reshape(n, k, AMOUNT_BITS)
+    if n and not (np.sort(order, axis=-1) == np.arange(AMOUNT_BITS)).all():
+        raise MalformedInput("the request's bit order is not a permutation per candidate")
+    return order
 
 
-def _slot_plaintexts(rows: np.ndarray, valid: np.ndarray) -> tuple[list[int], list[int]]:
-    """Per-slot multipliers and additive terms for rows [m, k, 3], valid [m, k]."""
-    t = PLAIN_MODULUS
+def _plaintexts(rows: np.ndarray, valid: np.ndarray, order: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Slot multipliers and additive terms, uint64 [m, k, GROUP], for rows [m, k, 3]."""
     m, k = valid.shape
-    count = m * k
-    a = rows[..., 0].reshape(-1).astype(object)
-    s = rows[..., 1].reshape(-1).astype(object)
-    g = rows[..., 2].reshape(-1).astype(object)
-    live = valid.reshape(-1)
-    k0, k1, k2, k3 = (a * a * a - a) % t, (1 - 3 * a * a) % t, (3 * a) % t, t - 1
-    r, r5 = _uniform_mod_t(count, nonzero=True), _uniform_mod_t(count, nonzero=True)
-    r3, r4 = _uniform_mod_t(count), _uniform_mod_t(count)
-    r1, r2 = _log_uniform_r1(count)
-    mult = np.stack([
-        r * k1 % t, r * k2 % t, r * k3 % t,
-        r4 * k1 % t, r4 * k2 % t, r4 * k3 % t, (t - r5) % t,
-        r3 * k1 % t, r3 * k2 % t, r3 * k3 % t, (t - r1) % t,
-    ], axis=1)
-    constant = np.stack([
-        r * k0 % t, (r4 * k0 + r5 * g) % t, (r3 * k0 + r1 * s + r2) % t,
-    ], axis=1)
-    # dummy slots: no dependence on the claim, outputs fresh uniform (date nonzero)
-    mult[~live] = 0
-    dummy = np.stack([_uniform_mod_t(count, nonzero=True), _uniform_mod_t(count),
-                      _uniform_mod_t(count)], axis=1)
-    constant[~live] = dummy[~live]
-    # spread each constant as an additive sharing over its group's slots
-    add = _uniform_mod_t(count * GROUP).reshape(count, GROUP)
-    for j, part in enumerate((_DATE, _DIAG, _AMOUNT)):
-        last = part.stop - 1
-        add[:, last] = (constant[:, j] - add[:, part.start:last].sum(1)) % t
-    return [int(v) for v in mult.reshape(-1)], [int(v) for v in add.reshape(-1)]
+    a, s, g = rows[..., 0], rows[..., 1], rows[..., 2]
+    # P(a - c) = (a^3 - a) + (1 - 3a^2) c + 3a c^2 - c^3: the coefficients of (1, c, c^2, c^3)
+    p = np.stack([_mod(a * a * a - a), _mod(1 - 3 * a * a), _mod(3 * a),
+                  np.full(a.shape, PLAIN_MODULUS - 1, np.uint64)], axis=-1)  # [m, k, 4]
+    i = order  # [m, k, 31]: the bit each amount group tests
+    s_bit = (s[..., None] >> i) & 1
+    s_prefix = s[..., None] >> (i + 1)
+
+    r_date = _uniform((m, k), nonzero=True)
+    r_cat = _uniform((m, k, 2), nonzero=True)
+    r_amt = _uniform((m, k, AMOUNT_BITS, 3), nonzero=True)
+    neg = lambda x: (_T - x) % _T  # noqa: E731
+
+    date_mult = _mulmod(r_date[..., None], p[..., 1:])
+    date_const = _mulmod(r_date, p[..., 0])
+    cat_mult = np.concatenate([_mulmod(r_cat[..., :1], p[..., 1:]), neg(r_cat[..., 1:])], -1)
+    cat_const = (_mulmod(r_cat[..., 0], p[..., 0]) + _mulmod(r_cat[..., 1], _mod(g))) % _T
+    amt_mult = np.concatenate([
+        _mulmod(r_amt[..., :1], p[..., None, 1:]),  # q * P's terms in c, c^2, c^3
+        r_amt[..., 1:2],  # q' * x_i
+        r_amt[..., 2:3],  # q'' * m_i
+    ], axis=-1)  # [m, k, 31, 5]
+    amt_const = (_mulmod(r_amt[..., 0], p[..., None, 0])
+                 + _mulmod(r_amt[..., 1], neg(_mod(s_bit + 1)))
+                 + _mulmod(r_amt[..., 2], neg(_mod(s_prefix)))) % _T  # [m, k, 31]
+
+    mult = np.concatenate([date_mult, cat_mult, amt_mult.reshape(m, k, -1)], axis=-1)
+    const = np.concatenate([date_const[..., None], cat_const[..., None], amt_const], axis=-1)
+    # a dummy candidate: no dependence on the claim, every test a uniform nonzero value
+    mult[~valid] = 0
+    const[~valid] = _uniform((int((~valid).sum()), const.shape[-1]), nonzero=True)
+    # spread each test's constant as an additive sharing over its group's slots
+    add = _uniform((m, k, GROUP))
+    sizes = [DATE_SLOTS, CATEGORY_SLOTS] + [AMOUNT_SLOTS] * AMOUNT_BITS
+    ends = np.cumsum(sizes)
+    starts = ends - np.array(sizes)
+    group_sum = np.add.reduceat(add, starts, axis=-1) % _T
+    last = ends - 1
+    add[..., last] = (add[..., last] + const + _T - group_sum) % _T
+    return mult, add
 
 
 def evaluate_encrypted(
     public: HePublicContext, request: bytes, rows: np.ndarray, valid: np.ndarray
 ) -> bytes:
-    """Server: the encrypted verdict of each claim against its candidate rows.
+    """Operator: the masked test values of each claim against its candidate rows, encrypted
+    under the regulator's key (which only the regulator can open).
 
-    `rows` int64 [n, k, 3] (admission_day, self_pay_fen, category) and `valid`
-    bool [n, k] are the plaintext candidate slots in the request's claim order.
+    `rows` int64 [n, k, 3] (admission_day, self_pay_fen, category) and `valid` bool [n, k]
+    are the plaintext candidates in the request's claim order. Everything is validated
+    before any work.
     """
     header, blobs = _unpack(MAGIC_REQUEST, request)
     n, k = _shape(header)
@@ -339,24 +427,21 @@ def evaluate_encrypted(
     valid = np.asarray(valid, dtype=bool)
     if rows.shape != (n, k, 3) or valid.shape != (n, k):
         raise MalformedInput(f"candidate rows must be [{n}, {k}, 3] with valid [{n}, {k}]")
-    # shuffle each claim's slots (again): a match's position must not follow row order
-    order = np.argsort(np.frombuffer(os.urandom(8 * n * k), dtype=np.uint64).reshape(n, k),
-                       axis=1)
-    rows = np.take_along_axis(rows, order[..., None], axis=1)
-    valid = np.take_along_axis(valid, order, axis=1)
-    per = claims_per_ciphertext(k)
-    if len(blobs) != -(-n // per):
+    order = _order_of(header, n, k)
+    chunks = _chunks(n, k)
+    if len(blobs) != len(chunks):
         raise MalformedInput("wrong number of request ciphertexts")
-    vectors = [
-        _load_vector(public.context, blob, min(per, n - i * per) * k * GROUP)
-        for i, blob in enumerate(blobs)
-    ]  # validate everything before any work
+    vectors = [_load_vector(public.context, blob, (part.stop - part.start) * k * GROUP)
+               for part, blob in zip(chunks, blobs, strict=True)]
+    # the candidates in a fresh random order: a test's position says nothing of the row
+    shuffle = _random_orders(n, k) if n else np.zeros((0, k), np.int64)
+    rows = np.take_along_axis(rows, shuffle[..., None], axis=1)
+    valid = np.take_along_axis(valid, shuffle, axis=1)
     out = []
-    for i, vec in enumerate(vectors):
-        part = slice(i * per, min(n, (i + 1) * per))
-        mult, add = _slot_plaintexts(rows[part], valid[part])
-        vec.mul_(mult)
-        vec.add_(add)
-        vec.add_(ts.bfv_vector(public.context, [0] * len(add)))  # re-randomize
+    for part, vec in zip(chunks, vectors, strict=True):
+        mult, add = _plaintexts(rows[part], valid[part], order[part])
+        vec.mul_(_to_ints(mult))
+        vec.add_(_to_ints(add))
+        vec.add_(ts.bfv_vector(public.context, [0] * vec.size()))  # fresh (c0, c1)
         out.append(vec.serialize())
     return _pack(MAGIC_RESPONSE, {"n": n, "k": k, "context": public.digest}, out)

@@ -21,13 +21,14 @@ from mpc.claim import (
     evaluate_he,
     evaluate_plain,
     finish_verdicts,
+    he_verdict_payload,
     plain_verdicts,
     plan_candidate_slots,
     share_visit_rows,
 )
 from mpc.claim.candidates import CandidateSlots
 from mpc.claim.synthetic import KINDS, make_dataset
-from mpc.he import HePublicContext
+from mpc.he import HeDecryptionKey
 from mpc.ss.loopback import LoopbackCluster
 
 
@@ -107,11 +108,12 @@ def test_three_engines_agree_with_oracle(data, cluster):
     plain_result = finish_verdicts(claims, policies,
                                    plain.decode_verdicts(query, {SERVER: answer}))
 
-    he = InsurerClaims("he")
-    server_ctx = HePublicContext.from_bytes(he.public_context())
+    key = HeDecryptionKey.generate()  # the regulator's
+    he = InsurerClaims("he", he_public=key.public)
     query = he.encode_claims(claims)
-    answer = evaluate_he(server_ctx, query.payloads[SERVER], rows, _slots(claims, visits))
-    he_result = finish_verdicts(claims, policies, he.decode_verdicts(query, {SERVER: answer}))
+    answer = evaluate_he(key.public, query.payloads[SERVER], rows, _slots(claims, visits))
+    bits = he_verdict_payload(key, answer, len(claims), he.k)
+    he_result = finish_verdicts(claims, policies, he.decode_verdicts(query, {REGULATOR: bits}))
 
     ss = InsurerClaims("ss")
     parts = []

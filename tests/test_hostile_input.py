@@ -7,7 +7,6 @@ caller the topology allows, and compare the target's store (row count of every
 table, the refusal record and log tables aside) before and after each request.
 """
 
-import base64
 import json
 import struct
 import threading
@@ -22,7 +21,7 @@ from mpc.hazmat.group import is_valid_point
 from parties.agreements.api import REGISTER_CONSENT
 from parties.claims.api import (
     COMPUTE,
-    REGISTER_HE_CONTEXT,
+    KEEP_HE_CONTEXT,
     SHARE_TABLE,
     SHARE_TABLE_DOMAIN_HEADER,
 )
@@ -281,8 +280,8 @@ def test_malformed_claim_ciphertexts_are_refused_by_the_operator(fed, body):
 def test_malformed_he_contexts_are_refused(fed, context):
     with _unchanged(fed, "operator"):
         response = fed.callers.request(
-            "insurer-a", "regulator", REGISTER_HE_CONTEXT.method, REGISTER_HE_CONTEXT.path,
-            json={"context": base64.b64encode(context).decode()})
+            "regulator", "operator", KEEP_HE_CONTEXT.method, KEEP_HE_CONTEXT.path,
+            content=context, headers={"Content-Type": "application/octet-stream"})
         _typed(response, "MalformedInput")
 
 

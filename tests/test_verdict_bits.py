@@ -35,16 +35,18 @@ from mpc.claim import (
     evaluate_he,
     evaluate_plain,
     finish_verdicts,
+    he_verdict_payload,
     plain_verdicts,
     share_visit_rows,
     ss_shares,
 )
 from mpc.claim.errors import MalformedInput
-from mpc.he import HePublicContext
+from mpc.he import HeDecryptionKey
 from mpc.ss.loopback import LoopbackCluster
 from scenarios.claim_check.generator import CLAIM_KINDS, claim_verdict, generate
 
 K = 4
+HE_KEY = HeDecryptionKey.generate()  # the regulator's
 HOSPITAL = "hospital-1"
 DAY = dt.date(2025, 3, 10)
 TRUTH_COLUMNS = ["claim_id", "visit_found", "amount_consistent", "diagnosis_covered",
@@ -150,14 +152,14 @@ def cluster(scenario):
 
 def _bits(mode: str, claims: pd.DataFrame, scenario: Scenario, cluster) -> pd.DataFrame:
     """The decoded private bits of one batch in one engine."""
-    insurer = InsurerClaims(mode, K)
+    insurer = InsurerClaims(mode, K, HE_KEY.public if mode == "he" else None)
     query = insurer.encode_claims(claims)
     slots = scenario.slots(claims)
     if mode == "plain":
         answers = {SERVER: evaluate_plain(query.payloads[SERVER], scenario.rows, slots)}
     elif mode == "he":
-        server = HePublicContext.from_bytes(insurer.public_context())
-        answers = {SERVER: evaluate_he(server, query.payloads[SERVER], scenario.rows, slots)}
+        answer = evaluate_he(HE_KEY.public, query.payloads[SERVER], scenario.rows, slots)
+        answers = {REGULATOR: he_verdict_payload(HE_KEY, answer, len(claims), K)}
     else:
         result = cluster.evaluate(f"bits-{len(claims)}-{claims.iloc[0].claim_id}",
                                   (query.payloads[OPERATOR], query.payloads[REGULATOR]), slots)

@@ -2,7 +2,7 @@
 
 Insurer side::
 
-    insurer = InsurerClaims(mode, k=4)             # he: InsurerClaims("he", he_key=...)
+    insurer = InsurerClaims(mode, k=4)             # he: InsurerClaims("he", he_public=...)
     query = insurer.encode_claims(claims_df)       # query.payloads: destination -> bytes
     ... send each payload to its destination, collect the answers ...
     bits = insurer.decode_verdicts(query, answers) # [claim_id, visit_found, amount_consistent,
@@ -11,15 +11,16 @@ Insurer side::
 
 Every engine answers three BITS per claim, never counts (`docs/verdict.md`): the nested
 OR over the K slots of found, found and amount, found and amount and diagnosis. In
-`ss` only those bits are ever opened; `plain` has no privacy; in `he` the insurer still
-decrypts per-slot values and applies the OR itself (see `mpc.he`).
+`ss` only those bits are ever opened; `plain` has no privacy; in `he` the regulator
+decrypts the operator's masked tests and answers only those bits (see `mpc.he`).
 
 Destinations: `plain` and `he` -> "server" (the node holding the anonymized rows);
 `ss` -> "operator" and "regulator" (one additive share each; the node layer seals
 each payload to its node). Server side, per batch, after planning candidate slots
-(`plan_candidate_slots`): `evaluate_plain`, `evaluate_he`, or for `ss` the leader's
-`evaluate_ss_leader` and, on the follower, `ss_follower_inputs` inside
-`SsSession.serve_forever`. Every answer is bytes for the insurer.
+(`plan_candidate_slots`): `evaluate_plain`, `evaluate_he` (whose answer the regulator turns
+into bits with `he_verdict_payload`), or for `ss` the leader's `evaluate_ss_leader` and, on
+the follower, `ss_follower_inputs` inside `SsSession.serve_forever`. The insurer decodes
+`plain` from "server", `he` from "regulator", `ss` from both.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from mpc.claim.plain import (
 if TYPE_CHECKING:
     import torch
 
-    from mpc.he import HeClaimKey, HePublicContext
+    from mpc.he import HeDecryptionKey, HePublicContext
     from mpc.ss.session import BatchRequest, SsSession
 
 OPERATOR, REGULATOR, SERVER = "operator", "regulator", "server"
@@ -60,7 +61,8 @@ __all__ = [
     "ClaimQuery",
     "EncodedClaims", "EngineMismatch", "InsurerClaims", "MalformedInput", "TooManyCandidates",
     "encode_claims", "encode_visit_rows", "evaluate_he", "evaluate_plain",
-    "evaluate_ss_leader", "finish_verdicts", "gather_rows", "plain_verdicts",
+    "evaluate_ss_leader", "finish_verdicts", "gather_rows", "he_verdict_payload",
+    "plain_verdicts",
     "plan_candidate_slots", "share_visit_rows", "ss_follower_inputs",
 ]
 
@@ -78,14 +80,12 @@ class ClaimQuery:
 class InsurerClaims:
     """The insurer's side of one mode: encode claims, decode the private bits."""
 
-    def __init__(self, mode: str, k: int = DEFAULT_K, he_key: HeClaimKey | None = None):
+    def __init__(self, mode: str, k: int = DEFAULT_K, he_public: HePublicContext | None = None):
         if mode not in MODES:
             raise MalformedInput(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "he" and he_key is None:
-            from mpc.he import HeClaimKey
-
-            he_key = HeClaimKey.generate()
-        self.mode, self.k, self.he_key = mode, k, he_key
+        if mode == "he" and he_public is None:
+            raise MalformedInput("he encrypts under the key holder's public context: pass it")
+        self.mode, self.k, self.he_public = mode, k, he_public
 
     def encode_claims(self, claims: pd.DataFrame) -> ClaimQuery:
         encoded = encode_claims(claims)
@@ -98,7 +98,10 @@ class InsurerClaims:
                 REGULATOR: ss_shares.pack(ss_shares.KIND_CLAIMS, share_reg),
             }
         else:
-            payloads = {SERVER: self.he_key.encrypt_claims(encoded.values, self.k)}
+            from mpc.he import encrypt_claims
+
+            assert self.he_public is not None
+            payloads = {SERVER: encrypt_claims(self.he_public, encoded.values, self.k)}
         return ClaimQuery(self.mode, encoded.claim_ids, self.k, payloads)
 
     def decode_verdicts(self, query: ClaimQuery, answers: dict[str, bytes]) -> pd.DataFrame:
@@ -106,24 +109,17 @@ class InsurerClaims:
         if query.mode != self.mode:
             raise EngineMismatch(f"query of mode {query.mode} given to a {self.mode} decoder")
         try:
-            if self.mode == "plain":
-                bits = ss_shares.unpack(answers[SERVER], ss_shares.KIND_RESULT, (n, 3))
+            if self.mode in ("plain", "he"):
+                source = SERVER if self.mode == "plain" else REGULATOR
+                bits = ss_shares.unpack(answers[source], ss_shares.KIND_RESULT, (n, 3))
             elif self.mode == "ss":
                 bits = ss_shares.combine(
                     ss_shares.unpack(answers[OPERATOR], ss_shares.KIND_RESULT, (n, 3)),
                     ss_shares.unpack(answers[REGULATOR], ss_shares.KIND_RESULT, (n, 3)),
                 )
-            else:
-                bits = self.he_key.decrypt_verdicts(answers[SERVER], n, query.k)
         except KeyError as exc:
             raise MalformedInput(f"missing answer from {exc.args[0]}") from None
         return bits_frame(query.claim_ids, bits)
-
-    def public_context(self) -> bytes:
-        """`he` only: the serialized public context the server needs (send once)."""
-        if self.he_key is None:
-            raise EngineMismatch("only the he mode has a public context")
-        return self.he_key.public_context()
 
 
 def bits_frame(claim_ids: tuple[str, ...], bits: np.ndarray) -> pd.DataFrame:
@@ -163,10 +159,16 @@ def evaluate_plain(payload: bytes, rows: np.ndarray, slots: CandidateSlots) -> b
 def evaluate_he(
     public: HePublicContext, payload: bytes, rows: np.ndarray, slots: CandidateSlots
 ) -> bytes:
-    """`he`: the encrypted verdict against plaintext anonymized rows."""
+    """`he`, at the operator: the masked tests against plaintext anonymized rows, encrypted
+    under the regulator's key."""
     from mpc.he import evaluate_encrypted
 
     return evaluate_encrypted(public, payload, gather_rows(rows, slots), slots.valid)
+
+
+def he_verdict_payload(key: HeDecryptionKey, answer: bytes, n: int, k: int) -> bytes:
+    """`he`, at the regulator: the operator's answer decrypted to the insurer's verdict bits."""
+    return ss_shares.pack(ss_shares.KIND_RESULT, key.verdict_bits(answer, n, k))
 
 
 def evaluate_ss_leader(

@@ -14,6 +14,7 @@ Mode = Literal["plain", "he", "ss"]
 MODES: tuple[str, ...] = get_args(Mode)
 
 DEFAULT_K = 4  # candidate visit rows per claim (padded with dummies)
+MAX_K = 16  # the most an insurer may ask for
 
 # The record columns a claim check reads, as contracts and consents list them.
 RECORD_COLUMNS = ("admission_date", "diagnosis_code", "self_pay_fen")

@@ -1,7 +1,7 @@
 """The claim check's contract: its routes, models, typed errors and the binary framing of the
 computing routes.
 
-An insurer calls the regulator (`CHECK`, `REGISTER_HE_CONTEXT`, `OPERATOR_CERTIFICATE`, kind
+An insurer calls the regulator (`CHECK`, `HE_PUBLIC_CONTEXT`, `OPERATOR_CERTIFICATE`, kind
 `claim`); the regulator calls the operator (`COMPUTE`, `KEEP_HE_CONTEXT`, kind `product`);
 the operator hands the regulator its share table (`SHARE_TABLE`, kind `mpc`). Claim values
 travel only sealed to the operator or, in `ss`, as the regulator's additive share.
@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
-from mpc.claim.constants import DEFAULT_K, Mode
+from mpc.claim.constants import DEFAULT_K, MAX_K, Mode
 from mpc.errors import MalformedInput, MpcError
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Raw, Route
@@ -109,7 +109,8 @@ class UnknownShareTable(MpcError):
 
 
 class UnknownHeContext(MpcError):
-    """No public context with this digest was registered for this insurer."""
+    """The he claims are encrypted under a context that is not the regulator's key (the
+    regulator's check), or the operator was never handed it (the operator's)."""
 
     http_status = 404
 
@@ -163,7 +164,7 @@ class ClaimCheckRequest(BaseModel):
 
     contract_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{3,128}$")]
     mode: Mode
-    k: Annotated[int, Field(ge=1, le=16)] = DEFAULT_K
+    k: Annotated[int, Field(ge=1, le=MAX_K)] = DEFAULT_K
     claims: Annotated[list[ClaimRef], Field(min_length=1, max_length=MAX_CLAIMS)]
     operator_envelope: Base64Bytes = Field(
         description="sealed to the operator's X25519 key: tokens, hospitals, the operator's "
@@ -171,11 +172,13 @@ class ClaimCheckRequest(BaseModel):
     regulator_share: Base64Bytes | None = Field(
         None, description="ss only: the regulator's additive share of the encoded claims")
     he_context: Hex64 | None = Field(
-        None, description="he only: SHA-256 of the public TenSEAL context registered before")
+        None, description="he only: SHA-256 of the regulator's public TenSEAL context the "
+        "claims are encrypted under (`HE_PUBLIC_CONTEXT`)")
 
 
 class ClaimCheckResponse(BaseModel):
-    """The answer: the verdict bits, shared or encrypted for the insurer alone."""
+    """The answer: the verdict bits, shared (ss), sealed (plain) or, in he, from the regulator
+    that holds the key."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -184,12 +187,16 @@ class ClaimCheckResponse(BaseModel):
     claim_ids: list[str]
     operator_answer: Base64Bytes = Field(
         description="sealed to the insurer's reply key: the operator's result share (ss), "
-        "the result ciphertexts (he) or the plain bits")
+        "the plain bits, or (he) nothing but the request it answered")
     regulator_answer: Base64Bytes | None = Field(
-        None, description="ss only: the regulator's result share")
+        None, description="ss: the regulator's result share; he: the verdict bits the "
+        "regulator decrypted")
 
 
-class HeContextUpload(BaseModel):
+class HeContext(BaseModel):
+    """The regulator's public TenSEAL context, which he claims are encrypted under."""
+
+    digest: Hex64 = Field(description="SHA-256 of `context`")
     context: Base64Bytes = Field(description="serialized public TenSEAL context (no secret key)")
 
 
@@ -223,17 +230,13 @@ class ComputeHead(BaseModel):
 
 
 class ComputeResult(BaseModel):
-    """Head of the operator's answer; the sealed answer for the insurer follows it."""
+    """Head of the operator's answer; the sealed answer for the insurer follows it, then (he)
+    the answer ciphertexts for the regulator, the last `he_answer_bytes` bytes."""
 
     records_touched: int
     compute_ms: int
     table_id: str | None = None
-
-
-class HeContextHead(BaseModel):
-    """Head of the regulator's relay of a public context; the context follows it."""
-
-    insurer: str
+    he_answer_bytes: int = 0
 
 
 class ShareTableKept(BaseModel):
@@ -265,15 +268,15 @@ _COMPUTING_TAG = "claim check (computing)"
 
 CHECK = Route("POST", "/v1/claims/check", Kind.CLAIM, ClaimCheckRequest, ClaimCheckResponse,
               roles=_INSURERS, tag=_TAG)
-REGISTER_HE_CONTEXT = Route("POST", "/v1/claims/he-contexts", Kind.CLAIM, HeContextUpload,
-                            HeContextRegistered, roles=_INSURERS, tag=_TAG)
+HE_PUBLIC_CONTEXT = Route("GET", "/v1/claims/he-context", Kind.CLAIM, None, HeContext,
+                          roles=_INSURERS, tag=_TAG)
 OPERATOR_CERTIFICATE = Route("GET", "/v1/claims/operator-certificate", Kind.CLAIM, None,
                              OperatorCertificate, roles=_INSURERS, tag=_TAG)
 
 # Body and answer: `frame(ComputeHead, envelope)` -> `frame(ComputeResult, sealed answer)`.
 COMPUTE = Route("POST", "/v1/claims/compute", Kind.PRODUCT, Raw, Raw,
                 roles=(Role.REGULATOR,), tag=_COMPUTING_TAG)
-# Body: `frame(HeContextHead, context)`; the operator's side of `REGISTER_HE_CONTEXT`.
+# Body: the regulator's public context (the bytes `HE_PUBLIC_CONTEXT` serves).
 KEEP_HE_CONTEXT = Route("POST", "/v1/claims/he-contexts", Kind.PRODUCT, Raw,
                         HeContextRegistered, roles=(Role.REGULATOR,), tag=_COMPUTING_TAG)
 # Body: `ss_shares.pack(KIND_ROWS, shares)`, the shared domain in `SHARE_TABLE_DOMAIN_HEADER`.

@@ -64,14 +64,13 @@ from parties.claims.api import (
     CHECK,
     CLAIM_ID_PATTERN,
     ENVELOPE_PURPOSE,
+    HE_PUBLIC_CONTEXT,
     MAX_CLAIMS,
     OPERATOR_CERTIFICATE,
-    REGISTER_HE_CONTEXT,
     ClaimCheckRequest,
     ClaimCheckResponse,
     ClaimNotCheckable,
     ClaimRef,
-    HeContextUpload,
     refuse_unknown_hospitals,
 )
 from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
@@ -170,8 +169,7 @@ class Client:
         self._tokens: dict[str, bytes] = {}
         self._commitments: dict[tuple[str, str], str] = {}
         self._operator_key: bytes | None = None
-        self._he_key: Any = None
-        self._he_registered: str | None = None
+        self._he_public: Any = None
         self._check_secret: bytes | None = None
         self._prepared: dict[str, _Prepared] = {}
         self.bytes_sent = 0
@@ -269,18 +267,18 @@ class Client:
             self._operator_key = bytes(sealing_public_key(certificate_signing_key(cert)))
         return self._operator_key
 
-    def he_key(self) -> Any:
-        """The insurer's TenSEAL key (generated once per client), its public context
-        registered with the operator through the regulator."""
-        from mpc.he import HeClaimKey  # TenSEAL: loaded by clients that use the he mode
+    def he_public(self) -> Any:
+        """The regulator's public TenSEAL context (an `mpc.he.HePublicContext`), fetched once
+        and checked to carry the claim-check parameters and no secret key."""
+        from mpc.he import HePublicContext  # TenSEAL: loaded by clients that use the he mode
 
-        if self._he_key is None:
-            self._he_key = HeClaimKey.generate()
-        if self._he_registered != self._he_key.context_digest:
-            upload = HeContextUpload(context=base64.b64encode(self._he_key.public_context()))
-            self._he_registered = self._http.call(
-                self.regulator, REGISTER_HE_CONTEXT, upload).digest
-        return self._he_key
+        if self._he_public is None:
+            served = self._http.call(self.regulator, HE_PUBLIC_CONTEXT)
+            public = HePublicContext.from_bytes(served.context)
+            if public.digest != served.digest:
+                raise RemoteError(502, "AnswerMismatch", "the HE context is not its digest's")
+            self._he_public = public
+        return self._he_public
 
     # -- the check ------------------------------------------------------------------------------
     def check(
@@ -388,8 +386,9 @@ class Client:
                 for cid, c, nid, token, hospital, row in zip(
                     claims["claim_id"], consent_of, claims["national_id"], tokens, hospitals,
                     encoded, strict=True)]
-        engine = InsurerClaims(mode, self.k, self.he_key() if mode == "he" else None)
-        he_context = self._he_key.context_digest if mode == "he" else None
+        he_public = self.he_public() if mode == "he" else None
+        engine = InsurerClaims(mode, self.k, he_public)
+        he_context = he_public.digest if he_public is not None else None
         query = engine.encode_claims(claims)
         reply_key = self.reply_key(check_key(self.contract_id, mode, self.k, he_context, refs))
         envelope = seal(self.operator_key(), ENVELOPE_PURPOSE, {
@@ -439,9 +438,9 @@ class Client:
                 query.claim_ids):
             raise RemoteError(502, "AnswerMismatch", "the operator's answer is for another request")
         answers = {OPERATOR if query.mode == "ss" else SERVER: answer}
-        if query.mode == "ss":
+        if query.mode in ("ss", "he"):  # ss: the regulator's share; he: its decrypted bits
             if response.regulator_answer is None:
-                raise RemoteError(502, "AnswerMismatch", "the regulator's share is missing")
+                raise RemoteError(502, "AnswerMismatch", "the regulator's answer is missing")
             answers[REGULATOR] = response.regulator_answer
         bits = prepared.engine.decode_verdicts(query, answers)
         ids = set(prepared.claims["national_id"])

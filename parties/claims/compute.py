@@ -39,7 +39,6 @@ from parties.claims.api import (
     ClaimNotCheckable,
     ComputeHead,
     ComputeResult,
-    HeContextHead,
     HeContextRegistered,
     UnknownHeContext,
     frame,
@@ -62,13 +61,13 @@ MAX_BATCH_BYTES = 512 * 1024 * 1024
 MAX_HE_CONTEXT_BYTES = 16 * 1024 * 1024
 
 
-# --- the operator's HE contexts ---------------------------------------------------------------
+# --- the regulator's HE public context, kept at the operator ------------------------------------
 
 class HeContexts:
-    """Insurers' registered HE public contexts, parsed once, by (insurer, digest)."""
+    """The regulator's public contexts the operator was handed, parsed once, by digest."""
 
     def __init__(self) -> None:
-        self.by_key: dict[tuple[str, str], Any] = {}
+        self.by_digest: dict[str, Any] = {}
 
 
 HE_COMPONENT = "claims_he_contexts"
@@ -80,35 +79,42 @@ HE_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (insurer, digest)
     )
     """,
+    # the key moved from each insurer to the regulator (issue 14): contexts by digest only
+    "DROP TABLE claim_he_contexts",
+    """
+    CREATE TABLE he_public_contexts (
+        digest TEXT PRIMARY KEY, context BLOB NOT NULL,
+        kept_at TEXT NOT NULL DEFAULT (datetime('now'))
+    )
+    """,
 )
 
 
-def store_he_context(ctx: NodeContext, insurer: str, data: bytes) -> str:
+def store_he_context(ctx: NodeContext, data: bytes) -> str:
     from mpc.he import HePublicContext  # TenSEAL: loaded by the operator on its first he query
 
     public = HePublicContext.from_bytes(data)  # refuses secret keys and other parameters
     with ctx.store.lock, ctx.store.conn as conn:
-        conn.execute("INSERT OR IGNORE INTO claim_he_contexts (insurer, digest, context)"
-                     " VALUES (?, ?, ?)", (insurer, public.digest, data))
-    ctx.component(HeContexts, HeContexts).by_key[(insurer, public.digest)] = public
-    ctx.log.event("he_context_registered", insurer=insurer, digest=public.digest)
+        conn.execute("INSERT OR IGNORE INTO he_public_contexts (digest, context) VALUES (?, ?)",
+                     (public.digest, data))
+    ctx.component(HeContexts, HeContexts).by_digest[public.digest] = public
+    ctx.log.event("he_context_kept", digest=public.digest)
     return public.digest
 
 
-def he_context(ctx: NodeContext, insurer: str, digest: str) -> Any:
-    """The insurer's registered public context (an `mpc.he.HePublicContext`), parsed once."""
+def he_context(ctx: NodeContext, digest: str) -> Any:
+    """The regulator's public context (an `mpc.he.HePublicContext`) by digest, parsed once."""
     from mpc.he import HePublicContext  # TenSEAL: loaded by the operator on its first he query
 
-    cache = ctx.component(HeContexts, HeContexts).by_key
-    found = cache.get((insurer, digest))
+    cache = ctx.component(HeContexts, HeContexts).by_digest
+    found = cache.get(digest)
     if found is None:
         with ctx.store.lock:
             row = ctx.store.conn.execute(
-                "SELECT context FROM claim_he_contexts WHERE insurer = ? AND digest = ?",
-                (insurer, digest)).fetchone()
+                "SELECT context FROM he_public_contexts WHERE digest = ?", (digest,)).fetchone()
         if row is None:
-            raise UnknownHeContext(f"{insurer} registered no HE context {digest[:12]}")
-        found = cache[(insurer, digest)] = HePublicContext.from_bytes(bytes(row[0]))
+            raise UnknownHeContext(f"the regulator handed over no HE context {digest[:12]}")
+        found = cache[digest] = HePublicContext.from_bytes(bytes(row[0]))
     return found
 
 
@@ -216,13 +222,15 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     causes = _person_causes(head, table, token_bytes, consents)
     slots = _plan_or_refuse(ctx, head, table, token_bytes, hospitals, causes)
     started = time.perf_counter()
+    he_answer = b""
     if head.mode == "plain":
         answer = evaluate_plain(payload, table.rows, slots)
     elif head.mode == "he":
         if head.he_context is None:
             raise MalformedInput("he requests name their public context")
-        answer = evaluate_he(he_context(ctx, head.insurer, head.he_context), payload,
-                             table.rows, slots)
+        # for the regulator, which holds the key; the insurer gets a receipt only
+        he_answer = evaluate_he(he_context(ctx, head.he_context), payload, table.rows, slots)
+        answer = b""
     else:
         host = leader_host(ctx)
         before = host.traffic()
@@ -233,13 +241,14 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
                   {"request_id": rid, "mode": head.mode, "n": head.n_claims}, answer)
     ctx.log.event("claims_computed", insurer=head.insurer, mode=head.mode,
                   claims=head.n_claims, compute_ms=compute_ms, table=table.table_id,
-                  envelope_bytes=len(envelope), answer_bytes=len(sealed),
+                  envelope_bytes=len(envelope), answer_bytes=len(sealed) + len(he_answer),
                   ms={"open": round((t1 - t0) * 1000, 1), "table": round((t2 - t1) * 1000, 1),
                       "consents_plan": round((started - t2) * 1000, 1),
                       "seal": round((time.perf_counter() - started) * 1000 - compute_ms, 1)},
                   mpc_bytes=mpc_bytes if head.mode == "ss" else {})
     return ComputeResult(records_touched=head.n_claims * head.k, compute_ms=compute_ms,
-                         table_id=table.table_id if head.mode == "ss" else None), sealed
+                         table_id=table.table_id if head.mode == "ss" else None,
+                         he_answer_bytes=len(he_answer)), sealed + he_answer
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -258,10 +267,9 @@ def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
 
     @mount(router, KEEP_HE_CONTEXT)
     async def post_he_context(request: Request, caller: Caller) -> HeContextRegistered:
-        """Keep an insurer's public TenSEAL context (relayed by the regulator)."""
+        """Keep the regulator's public TenSEAL context, which he claims are encrypted under."""
         body = await read_limited_body(request, MAX_HE_CONTEXT_BYTES)
-        head, context = unframe(HeContextHead, body)
-        digest = await run_in_threadpool(store_he_context, ctx, head.insurer, context)
+        digest = await run_in_threadpool(store_he_context, ctx, body)
         return HeContextRegistered(digest=digest)
 
     return [router]

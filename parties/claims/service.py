@@ -66,9 +66,9 @@ from parties.agreements.books import consent_registry, contract_book
 from parties.claims.api import (
     CHECK,
     COMPUTE,
+    HE_PUBLIC_CONTEXT,
     KEEP_HE_CONTEXT,
     OPERATOR_CERTIFICATE,
-    REGISTER_HE_CONTEXT,
     ClaimCheckRequest,
     ClaimCheckResponse,
     ClaimNotCheckable,
@@ -77,11 +77,10 @@ from parties.claims.api import (
     ComputeHead,
     ComputeResult,
     ComputeUnavailable,
-    HeContextHead,
-    HeContextRegistered,
-    HeContextUpload,
+    HeContext,
     ModeNotAllowed,
     OperatorCertificate,
+    UnknownHeContext,
     frame,
     unframe,
 )
@@ -89,6 +88,9 @@ from parties.claims.check_budget import COMPONENT as BUDGET_COMPONENT
 from parties.claims.check_budget import MIGRATIONS as BUDGET_MIGRATIONS
 from parties.claims.check_budget import check_budget
 from parties.claims.fingerprints import check_key
+from parties.claims.he_key import COMPONENT as HE_KEY_COMPONENT
+from parties.claims.he_key import MIGRATIONS as HE_KEY_MIGRATIONS
+from parties.claims.he_key import regulator_he_key
 from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
@@ -137,8 +139,9 @@ def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -
             f"(served: {', '.join(served_modes(terms))})")
     if body.mode == "ss" and body.regulator_share is None:
         raise MalformedInput("ss requests carry the regulator's share of the claims")
-    if body.mode == "he" and body.he_context is None:
-        raise MalformedInput("he requests name the registered public context")
+    if body.mode == "he" and body.he_context != regulator_he_key(ctx).key().public.digest:
+        raise UnknownHeContext("he claims must be encrypted under the regulator's public "
+                               "context (GET it from the regulator)")
     ids = [c.claim_id for c in body.claims]
     if len(set(ids)) != len(ids):
         raise MalformedInput("duplicate claim_id in the batch")
@@ -193,6 +196,8 @@ def compute_at_operator(
         hospital_tags=[c.hospital_tag for c in body.claims],
     )
     try:
+        if body.mode == "he":
+            deliver_he_context(ctx)
         answer = node_client(ctx).call(operator_node(ctx), COMPUTE, content=frame(
             head, body.operator_envelope), headers=OCTET_STREAM)
     except NodeUnavailable as exc:
@@ -204,6 +209,34 @@ def compute_at_operator(
         raise ComputeFailed(f"operator: {exc.error} ({exc.http_status}): {exc.detail}; "
                             "nothing was billed") from None
     return unframe(ComputeResult, answer)
+
+
+def he_verdicts(ctx: NodeContext, result: ComputeResult, answer: bytes, n: int, k: int
+                ) -> tuple[bytes, bytes]:
+    """(the operator's sealed receipt, the verdict bits for the insurer): the operator's masked
+    tests, which follow its receipt, decrypted with this node's key."""
+    from mpc.claim import he_verdict_payload  # TenSEAL: loaded by the regulator in he only
+
+    split = len(answer) - result.he_answer_bytes
+    if result.he_answer_bytes <= 0 or split < 0:
+        raise ComputeFailed("operator: an he answer without its ciphertexts; nothing was billed")
+    try:
+        bits = he_verdict_payload(regulator_he_key(ctx).key(), answer[split:], n, k)
+    except MpcError as exc:
+        raise ComputeFailed(f"operator: unreadable he answer ({exc}); nothing was billed"
+                            ) from None
+    return answer[:split], bits
+
+
+def deliver_he_context(ctx: NodeContext) -> None:
+    """Hand the operator this node's public context once per operator and process."""
+    holder = regulator_he_key(ctx)
+    operator = operator_node(ctx)
+    if operator in holder.delivered_to:
+        return
+    node_client(ctx).call(operator, KEEP_HE_CONTEXT, content=holder.key().public.data,
+                          headers=OCTET_STREAM)
+    holder.delivered_to.add(operator)
 
 
 def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
@@ -267,6 +300,9 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
             regulator_answer = None
             if follower is not None:
                 regulator_answer = follower.result(rid)
+            elif body.mode == "he":
+                answer, regulator_answer = he_verdicts(ctx, result, answer, len(body.claims),
+                                                       body.k)
         finally:
             if follower is not None:
                 follower.forget(rid)
@@ -321,12 +357,6 @@ def _refused(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, exc: Excep
         ctx.log.event("refusal_not_logged", error=type(log_exc).__name__)
 
 
-def register_he_context(ctx: NodeContext, insurer: str, context: bytes) -> HeContextRegistered:
-    """Relay the insurer's public context to the operator, naming the authenticated insurer."""
-    return node_client(ctx).call(operator_node(ctx), KEEP_HE_CONTEXT, content=frame(
-        HeContextHead(insurer=insurer), context), headers=OCTET_STREAM)
-
-
 def meter_unlogged(ctx: NodeContext) -> None:
     """Meter the answered requests whose entry never reached the log (a crash in between)."""
     for rid, meter in request_book(ctx).unlogged():
@@ -359,10 +389,11 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         # The stored JSON itself: a retry gets the very bytes of the first answer.
         return Response(check_claims(ctx, caller.name, body), media_type="application/json")
 
-    @mount(router, REGISTER_HE_CONTEXT)
-    def post_he_context(body: HeContextUpload, caller: Caller) -> HeContextRegistered:
-        """Register the insurer's public TenSEAL context (once per key) with the operator."""
-        return register_he_context(ctx, caller.name, body.context)
+    @mount(router, HE_PUBLIC_CONTEXT)
+    def get_he_context(caller: Caller) -> HeContext:
+        """The public TenSEAL context to encrypt he claims under; this node holds its key."""
+        public = regulator_he_key(ctx).key().public
+        return HeContext(digest=public.digest, context=base64.b64encode(public.data))
 
     @mount(router, OPERATOR_CERTIFICATE)
     def get_operator_certificate(caller: Caller) -> OperatorCertificate:
@@ -386,6 +417,7 @@ REGULATOR_PRODUCT_SERVICE = Service(
     name="claims",
     roles=(Role.REGULATOR,),
     routers=_routes,
-    components=((COMPONENT, MIGRATIONS), (BUDGET_COMPONENT, BUDGET_MIGRATIONS)),
+    components=((COMPONENT, MIGRATIONS), (BUDGET_COMPONENT, BUDGET_MIGRATIONS),
+                (HE_KEY_COMPONENT, HE_KEY_MIGRATIONS)),
     background=_recover_in_background,
 )
