@@ -37,12 +37,13 @@ from mpc.claim import (
     encode_visit_rows,
     evaluate_he,
     evaluate_plain,
+    he_verdict_payload,
     share_visit_rows,
 )
 from mpc.claim.candidates import CandidateIndex
 from mpc.claim.constants import DEFAULT_K
 from mpc.claim.synthetic import make_dataset
-from mpc.he import HePublicContext
+from mpc.he import HeDecryptionKey
 from mpc.ss.loopback import LoopbackCluster
 
 RESULTS = Path(__file__).parent / "results" / "latest"
@@ -73,8 +74,8 @@ class Engines:
         self.rows = encode_visit_rows(data.visits)
         self.index = CandidateIndex(_keys(data.visits))
         self.plain = InsurerClaims("plain", DEFAULT_K)
-        self.he = InsurerClaims("he", DEFAULT_K)
-        self.he_server = HePublicContext.from_bytes(self.he.public_context())
+        self.he_key = HeDecryptionKey.generate()  # the regulator's
+        self.he = InsurerClaims("he", DEFAULT_K, self.he_key.public)
         self.ss = InsurerClaims("ss", DEFAULT_K)
         self.cluster = LoopbackCluster(share_visit_rows(data.visits))
         self.batch = 0
@@ -91,10 +92,12 @@ class Engines:
 
     def run_he(self, claims):
         query = self.he.encode_claims(claims)
-        answer = evaluate_he(self.he_server, query.payloads[SERVER], self.rows,
+        answer = evaluate_he(self.he_key.public, query.payloads[SERVER], self.rows,
                              self.slots(claims))
-        bits = self.he.decode_verdicts(query, {SERVER: answer})
-        return bits, {"insurer": len(query.payloads[SERVER]) + len(answer)}
+        verdicts = he_verdict_payload(self.he_key, answer, len(claims), DEFAULT_K)
+        bits = self.he.decode_verdicts(query, {REGULATOR: verdicts})
+        return bits, {"insurer": len(query.payloads[SERVER]) + len(verdicts),
+                      "operator-regulator": len(answer)}
 
     def run_ss(self, claims):
         query = self.ss.encode_claims(claims)
