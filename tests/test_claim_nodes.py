@@ -775,8 +775,9 @@ def test_killed_computing_node_fails_the_batch_then_a_retry_succeeds(cf, node, m
         _restart(cf, node)
     verdicts = client.check(big, cf.consents["insurer-a"], mode, request_id=rid)
     client.batch_size = 2000
-    expected = cf.truth.set_index("claim_id").loc[
-        pd.concat([cf.part("insurer-a")] * _repeat(mode))["claim_id"], "payable"].map(lambda v: f"{v:.2f}")
+    claim_ids = pd.concat([cf.part("insurer-a")] * _repeat(mode))["claim_id"]
+    expected = cf.truth.set_index("claim_id").loc[claim_ids, "payable"].map(
+        lambda v: f"{v:.2f}")
     assert list(verdicts["payable"]) == list(expected)
     assert _wait(lambda: len(cf.events("query_answered", rid)) == 1, timeout=20)
     time.sleep(0.5)
