@@ -19,7 +19,9 @@ proofs of well-formed ciphertexts are not available either, so the key moved: th
 never decrypts anything, and what it receives is three bits per claim computed in the
 clear by the regulator. Whatever keys, parameters and ciphertexts it sends (its own
 context is never used; the operator refuses ciphertexts that are not two-component BFV
-ciphertexts of the regulator's context), a malicious insurer learns per claim at most
+ciphertexts with the regulator's parameters, which is all a ciphertext can be checked
+for: one made under another key decrypts at the regulator to values the insurer cannot
+steer without the regulator's key), a malicious insurer learns per claim at most
 three nested bits, each the OR over the K candidate rows of zero tests chosen from the
 family below, and spends one check of the consent's daily budget for them.
 
@@ -39,7 +41,11 @@ multiplier r, r', r'', q, q', q'' is fresh, uniform and nonzero, drawn from the 
 so a nonzero test is a uniform nonzero value; two nonzero terms cancel with probability
 1/(t-1) < 2^-39 per test. The insurer puts each A_i's group at a position of its own
 random order (sent to the operator only, inside the sealed envelope), so the regulator
-does not see which bit decided. A dummy candidate's tests are uniform nonzero values.
+does not see which bit decided. A dummy candidate is a fake row with a uniform day mod t
+(and uniform category and self-pay), evaluated like a real one: its tests are distributed
+as those of a real row admitted far from the claim (it passes the date test with
+probability 3/t < 2^-38), and its multipliers, hence the answer's noise, are as full as a
+real row's (a dummy with zero multipliers had visibly more noise budget left).
 
 Each test is the sum (mod t) of a group of consecutive slots holding its inputs: the
 insurer encrypts (c, c^2, c^3 | c, c^2, c^3, h | 31 x (c, c^2, c^3, x_i, m_i)) for each of
@@ -50,12 +56,16 @@ encryption of zero.
 What each party learns:
 - the insurer: the three nested verdict bits of each claim (`docs/verdict.md`), never a
   per-candidate value or count. A malicious insurer's freedom is the family above: in
-  place of the powers of one day it can send any three values, which makes the date test
-  "admitted on one of three days of its choice"; in place of the bits and prefixes of one
-  amount any values, which makes the amount test "self-pay outside a union of up to 31
-  sets {s : bit i of s = x_i - 1, s >> (i+1) = m_i} of its choice". That is one bit per
-  level and claim about the consented person's candidate rows at the named hospital,
-  bounded by the check budget; what one such bit can be, the budget multiplies.
+  place of the powers of one day it can send any three values, which makes a test
+  "admitted on one of three days of its choice", and since every test group carries its
+  own copy of the powers, each test can use a day set of its own; in place of the bits and
+  prefixes of one amount any values, which makes the amount test "self-pay outside a
+  union of up to 31 sets {s : bit i of s = x_i - 1, s >> (i+1) = m_i} of its choice".
+  That is one bit per level and claim about the consented person's candidate rows at the
+  named hospital, bounded by the check budget; what one such bit can be, the budget
+  multiplies. The verdict is therefore evidence about the ciphertexts the insurer sent,
+  not about the claim it states: an insurer that crafts them can make its own claim read
+  "payable", and nobody can tell (only the insurer can, and it deceives only itself).
 - the regulator: per claim and candidate (in the operator's random order), whether the
   row is dated, dated with the same category, and dated with m > s: so how many of the
   person's candidate rows passed each test, and the verdict bits. Never a claim value, a
@@ -65,7 +75,9 @@ What each party learns:
   operator's multipliers and the insurer's encryption randomness: the regulator alone
   does not know the latter; a regulator colluding with the insurer could solve for the
   multipliers, i.e. the candidate rows (the attack this design removes from the insurer
-  alone). Noise flooding would close it; TenSEAL exposes no way to add it.
+  alone). Noise flooding would close it; TenSEAL exposes no way to add it. Alone, the
+  regulator sees each answer ciphertext's remaining noise budget; real and dummy rows
+  leave the same (tested), but the budget is a channel the design does not argue away.
 
 Parameters (`PARAMETERS`): BFV, N = 8192, SEAL's `BFVDefault(8192)` coefficient modulus
 (218 bits), plaintext modulus the 40-bit prime t = 1099511480321 = 1 + 16384 * 67108879
@@ -367,9 +379,18 @@ def _plaintexts(rows: np.ndarray, valid: np.ndarray, order: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Slot multipliers and additive terms, uint64 [m, k, GROUP], for rows [m, k, 3]."""
     m, k = valid.shape
-    a, s, g = rows[..., 0], rows[..., 1], rows[..., 2]
+    # A dummy candidate is a fake row with a uniform day, category and self-pay: its tests
+    # are those of a real row admitted far from the claim, under multipliers as full as a
+    # real row's, so neither the values nor the decryption noise tell it apart.
+    fake = ~valid
+    a, g = _mod(rows[..., 0]), _mod(rows[..., 2])
+    s = rows[..., 1].copy()
+    a[fake] = _uniform((int(fake.sum()),))
+    g[fake] = _uniform((int(fake.sum()),))
+    s[fake] = np.frombuffer(os.urandom(8 * int(fake.sum())), np.int64) & np.int64(MAX_FEN - 1)
+    a2 = _mulmod(a, a)
     # P(a - c) = (a^3 - a) + (1 - 3a^2) c + 3a c^2 - c^3: the coefficients of (1, c, c^2, c^3)
-    p = np.stack([_mod(a * a * a - a), _mod(1 - 3 * a * a), _mod(3 * a),
+    p = np.stack([(_mulmod(a2, a) + _T - a) % _T, (1 + _T - 3 * a2 % _T) % _T, 3 * a % _T,
                   np.full(a.shape, PLAIN_MODULUS - 1, np.uint64)], axis=-1)  # [m, k, 4]
     i = order  # [m, k, 31]: the bit each amount group tests
     s_bit = (s[..., None] >> i) & 1
@@ -383,7 +404,7 @@ def _plaintexts(rows: np.ndarray, valid: np.ndarray, order: np.ndarray
     date_mult = _mulmod(r_date[..., None], p[..., 1:])
     date_const = _mulmod(r_date, p[..., 0])
     cat_mult = np.concatenate([_mulmod(r_cat[..., :1], p[..., 1:]), neg(r_cat[..., 1:])], -1)
-    cat_const = (_mulmod(r_cat[..., 0], p[..., 0]) + _mulmod(r_cat[..., 1], _mod(g))) % _T
+    cat_const = (_mulmod(r_cat[..., 0], p[..., 0]) + _mulmod(r_cat[..., 1], g)) % _T
     amt_mult = np.concatenate([
         _mulmod(r_amt[..., :1], p[..., None, 1:]),  # q * P's terms in c, c^2, c^3
         r_amt[..., 1:2],  # q' * x_i
@@ -395,9 +416,6 @@ def _plaintexts(rows: np.ndarray, valid: np.ndarray, order: np.ndarray
 
     mult = np.concatenate([date_mult, cat_mult, amt_mult.reshape(m, k, -1)], axis=-1)
     const = np.concatenate([date_const[..., None], cat_const[..., None], amt_const], axis=-1)
-    # a dummy candidate: no dependence on the claim, every test a uniform nonzero value
-    mult[~valid] = 0
-    const[~valid] = _uniform((int((~valid).sum()), const.shape[-1]), nonzero=True)
     # spread each test's constant as an additive sharing over its group's slots
     add = _uniform((m, k, GROUP))
     sizes = [DATE_SLOTS, CATEGORY_SLOTS] + [AMOUNT_SLOTS] * AMOUNT_BITS

@@ -449,6 +449,25 @@ def test_he_claims_under_the_insurers_own_key_are_refused(cf):
     _assert_logged_refusal(cf, "he-own-key", "UnknownHeContext")
 
 
+def test_he_operator_that_lost_the_regulators_context_is_handed_it_again(cf):
+    """An operator whose store lost the public context (rebuilt or restored from an older
+    backup) refuses before touching a row; the regulator hands the context over again and
+    the claims are answered."""
+    client = cf.clients["insurer-b"]
+    before, part = cf.part("insurer-b").iloc[:2], cf.part("insurer-b").iloc[2:4]  # not asked
+    client.check(before, cf.consents["insurer-b"], "he", request_id="he-before-loss")
+    kept = len(cf.log("operator", "he_context_kept", None))
+    supervisor.stop_node(cf.fed.state, "operator")
+    with sqlite3.connect(cf.fed.state.node("operator").db) as conn:
+        conn.execute("DELETE FROM he_public_contexts")
+    _restart(cf, "operator")
+    verdicts = client.check(part, cf.consents["insurer-b"], "he", request_id="he-after-loss")
+    truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
+    assert list(verdicts["payable"]) == [f"{v:.2f}" for v in truth["payable"]]
+    assert len(cf.log("operator", "he_context_kept", None)) == kept + 1
+    assert _wait(lambda: len(cf.events("query_answered", "he-after-loss")) == 1)
+
+
 # -- idempotency ---------------------------------------------------------------------------
 
 

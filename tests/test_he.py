@@ -25,6 +25,7 @@ import struct
 import numpy as np
 import pytest
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from mpc.claim import ss_shares
 from mpc.claim.constants import MAX_K
@@ -35,10 +36,12 @@ from mpc.he import (
     AMOUNT_BITS,
     GROUP,
     MAGIC_REQUEST,
+    MAGIC_RESPONSE,
     PLAIN_MODULUS,
     POLY_MODULUS_DEGREE,
     HeDecryptionKey,
     HePublicContext,
+    _unpack,
     claims_per_ciphertext,
     encrypt_claims,
     evaluate_encrypted,
@@ -313,6 +316,32 @@ def test_dummy_candidates_never_pass_a_test(key, public, case):
     none_valid = np.zeros((n, K), dtype=bool)
     tests = key.test_values(_answer(public, claims[:n], rows[:n], none_valid), n, K)
     assert (tests != 0).all()
+
+
+def _noise_budgets(key, answer: bytes) -> list[int]:
+    """The regulator's view of an answer's noise: SEAL's remaining budget per ciphertext,
+    measured with the secret key the regulator holds."""
+    context = key._context  # the regulator's own key material
+    decryptor = sealapi.Decryptor(context.seal_context().data, context.secret_key().data)
+    _, blobs = _unpack(MAGIC_RESPONSE, answer)
+    return [decryptor.invariant_noise_budget(ts.bfv_vector_from(context, b).ciphertext()[0])
+            for b in blobs]
+
+
+def test_dummy_candidates_leave_the_noise_of_real_rows(key, public, case):
+    """A regulator reading the noise budget of each answer ciphertext cannot tell a claim
+    whose candidates are all dummies from one whose candidates are all real."""
+    claims, rows, _valid = case
+    n = 3 * claims_per_ciphertext(K)
+    real = _noise_budgets(key, _answer(public, claims[:n], rows[:n], np.ones((n, K), bool)))
+    dummy = _noise_budgets(key, _answer(public, claims[:n], rows[:n], np.zeros((n, K), bool)))
+    assert max(abs(a - b) for a in real for b in dummy) <= 1, (real, dummy)
+    # control: the measurement does see the difference a dummy with zero multipliers made
+    # (its slots were fresh encryptions, with the budget of one)
+    fresh = ts.bfv_vector(key._context, [0] * 8).ciphertext()[0]
+    decryptor = sealapi.Decryptor(key._context.seal_context().data,
+                                  key._context.secret_key().data)
+    assert decryptor.invariant_noise_budget(fresh) > max(real) + 20
 
 
 # -- refusals --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every engine compares integers: a date becomes its day number (days since
 1970-01-01), money stays integer fen, an ICD-10 category (`J18`) becomes a base-36
 number. The bounds below keep every difference the circuits form far inside the
-engines' rings (2^64 for secret sharing, a 60-bit prime for BFV).
+engines' rings (2^64 for secret sharing, the 40-bit prime t of BFV, where the
+comparison works on bits and prefixes, not on differences).
 """
 
 from __future__ import annotations

@@ -214,6 +214,10 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     refuse_unknown_hospitals(ctx.topology, hospitals, [f"claim {i}" for i in range(head.n_claims)])
     _check_hospital_tags(head, token_bytes, hospitals)
     consents = _consent_documents(head)
+    if head.mode == "he":  # before any row: the regulator re-delivers a context we lack
+        if head.he_context is None:
+            raise MalformedInput("he requests name their public context")
+        public = he_context(ctx, head.he_context)
     ctx.log.event("claims_compute_started", insurer=head.insurer, mode=head.mode,
                   claims=head.n_claims)
     t1 = time.perf_counter()
@@ -226,10 +230,8 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     if head.mode == "plain":
         answer = evaluate_plain(payload, table.rows, slots)
     elif head.mode == "he":
-        if head.he_context is None:
-            raise MalformedInput("he requests name their public context")
         # for the regulator, which holds the key; the insurer gets a receipt only
-        he_answer = evaluate_he(he_context(ctx, head.he_context), payload, table.rows, slots)
+        he_answer = evaluate_he(public, payload, table.rows, slots)
         answer = b""
     else:
         host = leader_host(ctx)

@@ -33,13 +33,14 @@ What travels where (per mode; see `compute` and `sessions` for the computing sid
   the operator (leader) and the regulator (follower) evaluate the verdict circuit
   on shares, the health authority dealing the correlated randomness; each answers
   its result share, the operator's sealed to the insurer's reply key;
-- `he`: the operator part is the claims encrypted under the insurer's TenSEAL key;
-  the answer is ciphertexts that decrypt to the verdict bits;
+- `he`: the operator part is the claims encrypted under the regulator's public TenSEAL
+  context (`mpc.he`); the operator answers masked tests for the regulator, which
+  decrypts them (`he_verdicts`) and answers the insurer three verdict bits per claim;
 - `plain`: the reference, readable by the operator; refused unless the contract
   lists `mode.plain` in its allowed outputs.
 
-The response carries only the answers; the insurer adds the two shares (or
-decrypts) and finishes the verdict with its own policy (covered categories,
+The response carries only the answers; the insurer adds the two shares (or reads
+the bits) and finishes the verdict with its own policy (covered categories,
 deductible). Every answered request is metered once (`query_answered`, keyed by
 the request id: a retry with the same id and the same body returns the stored
 answer and is not billed again; `parties.claims.request_book`); every refusal is
@@ -195,11 +196,21 @@ def compute_at_operator(
         consents=consents, he_context=body.he_context,
         hospital_tags=[c.hospital_tag for c in body.claims],
     )
-    try:
-        if body.mode == "he":
-            deliver_he_context(ctx)
-        answer = node_client(ctx).call(operator_node(ctx), COMPUTE, content=frame(
+    def call() -> bytes:
+        return node_client(ctx).call(operator_node(ctx), COMPUTE, content=frame(
             head, body.operator_envelope), headers=OCTET_STREAM)
+
+    try:
+        if body.mode != "he":
+            answer = call()
+        else:
+            deliver_he_context(ctx)
+            try:
+                answer = call()
+            except UnknownHeContext:  # the operator lost its copy (a rebuilt store): once more
+                regulator_he_key(ctx).delivered_to.discard(operator_node(ctx))
+                deliver_he_context(ctx)
+                answer = call()
     except NodeUnavailable as exc:
         raise ComputeUnavailable(f"{exc}; nothing was billed, retry with the same request id"
                                  ) from None
@@ -317,7 +328,7 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
             "contract_id": body.contract_id, "party": insurer,
             "records_touched": result.records_touched, "rows_returned": len(body.claims),
             "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
-            "scenario": terms.scenario,
+            "scenario": terms.scenario, "answered_at_ms": time.time_ns() // 1_000_000,
         }
         t2 = time.perf_counter()
         book.answered(rid, response, meter, question)
@@ -335,10 +346,14 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
 
 
 def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
-    """Append the request's `query_answered` entry (once; retried after a crash)."""
+    """Append the request's `query_answered` entry (once; retried after a crash).
+
+    The entry's time is the answer's, so a retry of an append whose reply was lost is the
+    same signed entry, which the log keeps once.
+    """
     token = current_request_id.set(rid)
     try:
-        append_entry(ctx, "query_answered", meter)
+        append_entry(ctx, "query_answered", meter, timestamp_ms=meter.get("answered_at_ms"))
         request_book(ctx).logged(rid)
     except Exception as exc:  # the entry is retried at the next start or replay
         request_book(ctx).logged(rid, ok=False)

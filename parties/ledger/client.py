@@ -19,16 +19,22 @@ from parties.runtime.context import NodeContext
 from parties.runtime.node_log import current_request_id, new_request_id
 
 
-def signed_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> SignedEntry:
+def signed_entry(ctx: NodeContext, kind: str, payload: dict[str, Any],
+                 timestamp_ms: int | None = None) -> SignedEntry:
     """A log entry of `kind` stating `payload`, signed by this node under the current
     request id."""
     rid = current_request_id.get() or new_request_id()
-    return sign_event(make_event(kind, ctx.name, rid, payload), ctx.signing_key)
+    return sign_event(make_event(kind, ctx.name, rid, payload, timestamp_ms), ctx.signing_key)
 
 
-def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:
-    """Sign a log entry as this node and append it to the federation's log."""
-    entry = signed_entry(ctx, kind, payload)
+def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any],
+                 timestamp_ms: int | None = None) -> EntriesAppended:
+    """Sign a log entry as this node and append it to the federation's log.
+
+    With a fixed `timestamp_ms` a retry signs the same bytes (Ed25519 is deterministic), so
+    the log keeps the entry once however often it is sent.
+    """
+    entry = signed_entry(ctx, kind, payload, timestamp_ms)
     if ctx.spec.role == LOG_NODE_ROLE:
         return append_entries(ctx, [entry])
     with ctx.client() as client:

@@ -47,7 +47,12 @@ class NodeLog:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """All records of a node log (for tests, `cogov logs` and audits)."""
+    """All complete records of a node log (for tests, `cogov logs` and audits).
+
+    A running node may be halfway through writing its last line; only lines that end in a
+    newline are records.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
