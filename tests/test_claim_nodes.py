@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -466,6 +467,78 @@ def test_he_operator_that_lost_the_regulators_context_is_handed_it_again(cf):
     assert list(verdicts["payable"]) == [f"{v:.2f}" for v in truth["payable"]]
     assert len(cf.log("operator", "he_context_kept", None)) == kept + 1
     assert _wait(lambda: len(cf.events("query_answered", "he-after-loss")) == 1)
+
+
+def test_a_forked_log_head_stops_the_claim_service_until_the_witnesses_clear_it(cf):
+    """The operator, with its own log key, re-signs its latest head over another root (a
+    rewritten history). The witnesses record it, and the serving node fails closed: the
+    insurer's claim is refused, nothing computed or billed, until the log is put right and
+    each witness's administrator clears its incident."""
+    from governance.ledger.tree_head import sign_tree_head
+    from parties.ledger.api import CLEAR_INCIDENTS, POLL, WITNESS_INCIDENTS
+    from parties.runtime.pki import load_signing_key
+    from scenarios.cli import app
+
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[10:12]
+    db = cf.fed.state.node("operator").db
+    key = load_signing_key(cf.fed.state, "operator")  # the operator's own log key
+    with sqlite3.connect(db) as conn:
+        size, log_id, root, ts, signature = conn.execute(
+            "SELECT tree_size, log_id, root_hash, timestamp_ms, signature"
+            " FROM ledger_tree_heads ORDER BY tree_size DESC LIMIT 1").fetchone()
+        forged = sign_tree_head(log_id, size, os.urandom(32), ts + 1, key)
+        conn.execute("UPDATE ledger_tree_heads SET root_hash = ?, timestamp_ms = ?,"
+                     " signature = ? WHERE tree_size = ?",
+                     (bytes.fromhex(forged.root_hash), forged.timestamp_ms,
+                      bytes.fromhex(forged.signature), size))
+    witnesses = ("health-authority", "regulator")
+    runner = CliRunner()
+    where = ["--state", str(cf.fed.state.root), "--topology", str(cf.fed.topology_path)]
+    try:
+        for witness in witnesses:
+            with NodeClient(cf.fed.state, cf.fed.topology, witness) as admin, \
+                    pytest.raises(RemoteError):
+                admin.call(witness, POLL)
+        refused = _wait(lambda: _refusal_or_none(cf, client, part, "forked-log"), timeout=20)
+        assert refused.error == "LogUnderIncident" and refused.http_status == 503
+        assert not cf.log("operator", "claims_compute_started", "forked-log")
+        with NodeClient(cf.fed.state, cf.fed.topology, "health-authority") as reader:
+            shown = reader.call("health-authority", WITNESS_INCIDENTS)
+        assert any(i.evidence["shown"]["root_hash"] == forged.root_hash for i in shown)
+        verified = runner.invoke(app, ["ledger", "verify", *where])
+        assert verified.exit_code == ExitCode.REFUSED and "open incident" in verified.output
+    finally:
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE ledger_tree_heads SET root_hash = ?, timestamp_ms = ?,"
+                         " signature = ? WHERE tree_size = ?", (root, ts, signature, size))
+        cleared = runner.invoke(app, ["ledger", "incidents", "--node", "health-authority",
+                                      "--clear", *where])
+        assert cleared.exit_code == 0 and "cleared" in cleared.output, cleared.output
+        with NodeClient(cf.fed.state, cf.fed.topology, "regulator") as admin:
+            assert admin.call("regulator", CLEAR_INCIDENTS).cleared >= 1
+    payable = _wait(lambda: _payable_or_none(client, part, cf.consents["insurer-a"]),
+                    timeout=20)
+    truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
+    assert payable == [f"{v:.2f}" for v in truth["payable"]]
+
+
+def _refusal_or_none(cf: ClaimFed, client: Client, part: pd.DataFrame, rid: str):
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", rid)
+    try:
+        client.send(prepared)
+    except RemoteError as exc:
+        return exc
+    finally:
+        client._prepared.pop(rid, None)
+    return None
+
+
+def _payable_or_none(client: Client, part: pd.DataFrame, consents) -> list[str] | None:
+    try:
+        return list(client.check(part, consents, "ss")["payable"])
+    except (RemoteError, ClaimBatchFailed):  # until the next gossip sees the clearing
+        return None
 
 
 # -- idempotency ---------------------------------------------------------------------------

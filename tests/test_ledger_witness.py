@@ -117,7 +117,7 @@ def test_stale_forged_and_backdated_heads(tmp_path, keys):
     new = _append(log, keys, 4, 4)
     witness.cosign(new)
     with pytest.raises(StaleTreeHead):
-        witness.cosign(old)
+        witness.cosign(old, log.consistency_proof(4, 8))  # a prefix of what it witnessed
     forged = new.model_copy(update={"tree_size": 9})
     with pytest.raises(TreeHeadInvalid):
         witness.cosign(forged)
@@ -128,6 +128,53 @@ def test_stale_forged_and_backdated_heads(tmp_path, keys):
     with pytest.raises(LogInconsistent, match="backwards"):
         witness.cosign(backdated, log.consistency_proof(8, 9))
     assert len(witness.incidents()) == 1
+
+
+def test_a_smaller_forked_head_is_an_incident_not_a_stale_one(tmp_path, keys):
+    """The log shows a shrunken head of another history: without a proof that it is a
+    prefix of what was witnessed, it is recorded as a fork, not waved off as stale."""
+    honest, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    witness.cosign(_append(honest, keys, 0, 8))
+    forked = _log(tmp_path / "fork.db", keys)
+    shrunk = _append(forked, keys, 0, 4, marker="b")
+    for proof in ([], honest.consistency_proof(4, 8)):  # none, or the honest log's own
+        with pytest.raises(LogInconsistent, match="not a prefix"):
+            witness.cosign(shrunk, proof)
+    (incident,) = witness.incidents()
+    assert incident["evidence"]["shown"]["root_hash"] == shrunk.root_hash
+    assert witness.latest("operator").tree_size == 8
+
+
+def test_a_far_future_head_is_refused_and_blocks_no_honest_head(tmp_path, keys):
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    now = T0 + 1_000
+    witness.cosign(_append(log, keys, 0, 3), now_ms=now)
+    _append(log, keys, 3, 2)
+    future = log.sign_tree_head(timestamp_ms=now + 365 * 86_400_000)
+    with pytest.raises(LogInconsistent, match="ahead of the witness's clock"):
+        witness.cosign(future, log.consistency_proof(3, 5), now_ms=now)
+    assert witness.latest("operator").tree_size == 3  # not remembered
+    honest = log.sign_tree_head(timestamp_ms=now + 10)
+    assert witness.cosign(honest, log.consistency_proof(3, 5), now_ms=now + 20).covers(honest)
+    assert [i["reason"] for i in witness.incidents()] == [
+        "tree head timestamp is ahead of the witness's clock"]
+
+
+def test_the_same_incident_is_counted_once_and_stays_open_until_cleared(tmp_path, keys):
+    honest, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    witness.cosign(_append(honest, keys, 0, 6))
+    other = _append(_log(tmp_path / "fork.db", keys), keys, 0, 6, marker="b")
+    for _ in range(5):  # the loop polls every 2 s: five polls, one incident
+        with pytest.raises(LogInconsistent):
+            witness.cosign(other)
+    (incident,) = witness.incidents(open_only=True)
+    assert incident["seen"] == 5 and incident["last_seen_ms"] >= incident["detected_at_ms"]
+    assert witness.clear_incidents() == 1
+    assert witness.incidents(open_only=True) == [] and len(witness.incidents()) == 1
+    with pytest.raises(LogInconsistent):  # shown again after clearing: open again
+        witness.cosign(other)
+    (again,) = witness.incidents(open_only=True)
+    assert again["incident_id"] == incident["incident_id"] and again["seen"] == 6
 
 
 def test_gossip_between_witnesses_catches_a_split_view_each_check_alone_missed(tmp_path, keys):
@@ -163,7 +210,8 @@ def test_gossip_between_witnesses_catches_a_split_view_each_check_alone_missed(t
     with pytest.raises(LogInconsistent, match="another root"):
         regulator.compare_with_peer("health-authority", keys["health-authority"].public_key(),
                                     shown, lambda a, b: [])
-    assert len(regulator.incidents()) == 3
+    # the two proofs of one split view are one incident, seen twice
+    assert [i["seen"] for i in regulator.incidents()] == [2, 1]
 
 
 def test_gossip_between_honest_witnesses_passes_and_forged_views_are_refused(tmp_path, keys):

@@ -13,8 +13,17 @@ witness's latest cosigned head and checks that it and its own latest head are
 one history (equal roots at one size, else a consistency proof from the log
 between the two). A log that forked cannot produce that proof; the failure is
 recorded as an incident with both cosigned heads as evidence.
+
+A smaller head is checked too: it must be a prefix of the witnessed history (a
+consistency proof from it to the latest head), or it is a fork and an incident. A
+head whose timestamp runs ahead of the witness's clock by more than
+`MAX_CLOCK_AHEAD_MS` is refused and recorded, so one far-future head cannot make
+every honest head after it look as if time ran backwards. The same inconsistency
+seen again (the loop polls every few seconds) counts up one incident instead of
+adding rows; incidents stay open until the witness's administrator clears them.
 """
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
 from governance.ledger.errors import LogInconsistent, StaleTreeHead, TreeHeadInvalid
-from governance.ledger.merkle import verify_consistency
+from governance.ledger.merkle import EMPTY_ROOT, verify_consistency
 from governance.ledger.signing import PublicKeyLike, public_key_bytes, public_key_hex
 from governance.ledger.transactions import write_transaction
 from governance.ledger.tree_head import Cosignature, SignedTreeHead, cosign_tree_head
@@ -53,7 +62,18 @@ MIGRATIONS: tuple[str, ...] = (
         evidence TEXT NOT NULL
     );
     """,
+    # Deduplicated incidents: one row per distinct inconsistency, counted, open until
+    # cleared by the witness's administrator.
+    """
+    ALTER TABLE witness_incidents ADD COLUMN fingerprint TEXT;
+    ALTER TABLE witness_incidents ADD COLUMN last_seen_ms INTEGER;
+    ALTER TABLE witness_incidents ADD COLUMN seen INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE witness_incidents ADD COLUMN cleared_at_ms INTEGER;
+    CREATE UNIQUE INDEX witness_incident_fingerprint ON witness_incidents (fingerprint);
+    UPDATE witness_incidents SET last_seen_ms = detected_at_ms;
+    """,
 )
+MAX_CLOCK_AHEAD_MS = 60_000
 
 
 class WitnessedHead(BaseModel):
@@ -163,23 +183,36 @@ class Witness:
             f"{peer} size {head.tree_size} root {head.root_hash[:16]}...)"
         )
 
-    def incidents(self, log_id: str | None = None) -> list[dict]:
-        """Recorded inconsistencies, oldest first."""
+    def incidents(self, log_id: str | None = None, *, open_only: bool = False) -> list[dict]:
+        """Recorded inconsistencies, oldest first (each distinct one once, with its count)."""
         cursor = self._conn.execute(
-            "SELECT incident_id, log_id, detected_at_ms, reason, evidence"
-            " FROM witness_incidents WHERE ? IS NULL OR log_id = ? ORDER BY incident_id",
-            (log_id, log_id),
+            "SELECT incident_id, log_id, detected_at_ms, last_seen_ms, seen, reason, evidence,"
+            " cleared_at_ms FROM witness_incidents WHERE (? IS NULL OR log_id = ?)"
+            " AND (? = 0 OR cleared_at_ms IS NULL) ORDER BY incident_id",
+            (log_id, log_id, int(open_only)),
         )
         return [
             {
                 "incident_id": r[0],
                 "log_id": r[1],
                 "detected_at_ms": r[2],
-                "reason": r[3],
-                "evidence": json.loads(r[4]),
+                "last_seen_ms": r[3],
+                "seen": r[4],
+                "reason": r[5],
+                "evidence": json.loads(r[6]),
+                "cleared_at_ms": r[7],
             }
             for r in cursor
         ]
+
+    def clear_incidents(self, *, now_ms: int | None = None) -> int:
+        """Close every open incident (the administrator has dealt with them); how many."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        with write_transaction(self._conn):
+            return self._conn.execute(
+                "UPDATE witness_incidents SET cleared_at_ms = ? WHERE cleared_at_ms IS NULL",
+                (now_ms,),
+            ).rowcount
 
     def cosign(
         self,
@@ -188,7 +221,8 @@ class Witness:
         *,
         now_ms: int | None = None,
     ) -> Cosignature:
-        """Countersign `head` given a consistency proof from the latest head witnessed."""
+        """Countersign `head` given a consistency proof from the latest head witnessed (for
+        a head smaller than that one, a proof from it to the latest: it is then stale)."""
         log_key = self._log_keys.get(head.log_id)
         if log_key is None:
             raise TreeHeadInvalid(f"witness {self.name} does not watch log {head.log_id!r}")
@@ -207,7 +241,7 @@ class Witness:
                     return Cosignature.model_validate_json(stored[1])
                 problem = _Problem("two roots for one tree size", seen)
             else:
-                problem = self._problem_with(head, consistency_proof)
+                problem = self._problem_with(head, consistency_proof, now_ms)
             if problem is None:
                 cosignature = cosign_tree_head(head, self.name, now_ms, self._key)
                 self._conn.execute(
@@ -236,20 +270,31 @@ class Witness:
         )
 
     def _record_incident(self, log_id: str, now_ms: int, reason: str, evidence: dict) -> None:
+        """One row per distinct inconsistency (what was shown against what was witnessed,
+        whatever proof came with it); seeing it again counts up and reopens it."""
+        document = json.dumps(evidence, sort_keys=True)
+        heads = {k: v for k, v in evidence.items() if k != "proof"}
+        fingerprint = hashlib.sha256(
+            json.dumps([log_id, reason, heads], sort_keys=True).encode()).hexdigest()
         self._conn.execute(
-            "INSERT INTO witness_incidents (log_id, detected_at_ms, reason, evidence)"
-            " VALUES (?, ?, ?, ?)",
-            (log_id, now_ms, reason, json.dumps(evidence, sort_keys=True)),
+            "INSERT INTO witness_incidents (log_id, detected_at_ms, reason, evidence,"
+            " fingerprint, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (fingerprint) DO UPDATE SET seen = seen + 1,"
+            " last_seen_ms = excluded.last_seen_ms, cleared_at_ms = NULL",
+            (log_id, now_ms, reason, document, fingerprint, now_ms),
         )
 
-    def _problem_with(self, head: SignedTreeHead, proof: Sequence[bytes]) -> "_Problem | None":
+    def _problem_with(
+        self, head: SignedTreeHead, proof: Sequence[bytes], now_ms: int
+    ) -> "_Problem | None":
         latest = self.latest(head.log_id)
+        if head.timestamp_ms > now_ms + MAX_CLOCK_AHEAD_MS:
+            return _Problem("tree head timestamp is ahead of the witness's clock",
+                            latest or head)
         if latest is None:
             return None  # first head seen: trust on first use
         if head.tree_size < latest.tree_size:
-            raise StaleTreeHead(
-                f"head of size {head.tree_size} is older than the witnessed {latest.tree_size}"
-            )
+            return self._smaller(head, latest, proof)
         if latest.tree_size == 0:
             return None  # every tree extends the empty one; RFC 9162 has no proof for it
         if head.tree_size > latest.tree_size and not proof:
@@ -263,6 +308,25 @@ class Witness:
         ):
             return _Problem("consistency proof fails: the log was rewritten or forked", latest)
         return None
+
+
+    @staticmethod
+    def _smaller(head: SignedTreeHead, latest: SignedTreeHead, proof: Sequence[bytes]
+                 ) -> "_Problem":
+        """A head older than the witnessed one: stale if it is a prefix of the witnessed
+        history (proof from it to the latest head), else a fork."""
+        # An honest log's head never shrinks, and it can always prove the old one a prefix
+        # of the new: a smaller head without that proof is evidence too.
+        if head.tree_size == 0:
+            consistent = head.root == EMPTY_ROOT
+        else:
+            consistent = bool(proof) and verify_consistency(
+                head.tree_size, latest.tree_size, head.root, latest.root, list(proof))
+        if not consistent:
+            return _Problem("a smaller head is not a prefix of the witnessed history", latest)
+        raise StaleTreeHead(
+            f"head of size {head.tree_size} is older than the witnessed {latest.tree_size}"
+        )
 
 
 class _Problem(NamedTuple):

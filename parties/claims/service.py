@@ -96,6 +96,7 @@ from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
 from parties.ledger.client import append_entry
+from parties.ledger.witness import refuse_under_incident
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeUnavailable, RemoteError
@@ -253,6 +254,7 @@ def deliver_he_context(ctx: NodeContext) -> None:
 def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
     """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
     rid = current_request_id.get() or ""
+    refuse_under_incident(ctx)  # before any state: a log under incident answers nothing
     book = request_book(ctx)
     t0 = time.perf_counter()
     state, stored, meter = book.begin(rid, insurer, body.contract_id, request_digest(body),

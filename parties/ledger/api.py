@@ -53,6 +53,30 @@ class CosignatureKept(BaseModel):
     tree_size: int
 
 
+class WitnessIncident(BaseModel):
+    """An inconsistency a witness recorded, with the signed heads that prove it."""
+
+    incident_id: int
+    log_id: str
+    detected_at_ms: int
+    last_seen_ms: int | None
+    seen: int
+    reason: str
+    evidence: dict
+    cleared_at_ms: int | None
+
+
+class IncidentsCleared(BaseModel):
+    cleared: int
+
+
+class LogUnderIncident(NodeError):
+    """A witness holds an open incident against the log: the serving node answers nothing
+    until that witness's administrator clears it (fail closed)."""
+
+    http_status = 503
+
+
 class InclusionProofBundle(BaseModel):
     """What a third party needs to check one log entry offline."""
 
@@ -80,3 +104,8 @@ POLL = Route("POST", "/v1/witness/poll", Kind.ADMIN, None, Cosignature | None, t
 WITNESSED_HEAD = Route("GET", "/v1/witness/head", Kind.WITNESS, None, WitnessedHead | None,
                        roles=WITNESS_ROLES, tag="ledger")
 GOSSIP = Route("POST", "/v1/witness/gossip", Kind.ADMIN, None, list[str], tag="ledger")
+# Any node the topology lets make witness calls (and the witness itself) reads them.
+WITNESS_INCIDENTS = Route("GET", "/v1/witness/incidents", Kind.WITNESS, None,
+                          list[WitnessIncident], tag="ledger")
+CLEAR_INCIDENTS = Route("POST", "/v1/witness/incidents/clear", Kind.ADMIN, None,
+                        IncidentsCleared, tag="ledger")

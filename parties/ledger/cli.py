@@ -1,4 +1,5 @@
-"""`cogov ledger verify|prove|check-proof`: check the federation's log with public keys only."""
+"""`cogov ledger verify|prove|check-proof|incidents`: check the federation's log with public
+keys only, and read or clear the witnesses' incidents."""
 
 import base64
 import json
@@ -15,7 +16,15 @@ from governance.ledger import (
     check_inclusion_proof,
     verify_log,
 )
-from parties.ledger.api import POLL, WITNESS_ROLES, InclusionProofBundle, log_node
+from parties.ledger.api import (
+    CLEAR_INCIDENTS,
+    POLL,
+    WITNESS_INCIDENTS,
+    WITNESS_ROLES,
+    InclusionProofBundle,
+    WitnessIncident,
+    log_node,
+)
 from parties.ledger.operator_log import inclusion_bundle, latest_cosignatures
 from parties.node import open_node
 from parties.runtime.cli import (
@@ -30,6 +39,7 @@ from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.pki import federation_signing_keys
 from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Topology
 
 console = Console()
 ledger_app = typer.Typer(help="The federation's tamper-evident log.", no_args_is_help=True)
@@ -46,7 +56,8 @@ def verify(
     state: StateOption = default_state_dir(),
     topology: TopologyOption = None,
     witness_now: Annotated[
-        bool, typer.Option(help="Ask running witness nodes to countersign the latest head first.")
+        bool, typer.Option(help="Ask the witness nodes to countersign the latest head and "
+                           "show their incidents (an unreachable witness fails the check).")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -66,6 +77,8 @@ def verify(
                     client.call(name, POLL)
             except NodeError as exc:
                 console.print(f"[yellow]{name} did not witness now: {exc}[/yellow]")
+    # Offline (no witness asked), the incidents are not checked, and the report says so.
+    open_incidents = _open_incidents(st, topo, witnesses) if witness_now else {}
     keys = federation_signing_keys(st, [n.name for n in topo.nodes])
     conn = _read_only(st.node(operator).db)
     leaves = [
@@ -103,8 +116,54 @@ def verify(
         console.print(report.summary())
         if latest is not None:
             console.print(f"entries after the witnessed head: {latest.summary()}")
-    if not report.ok or (latest is not None and not latest.ok):
+    for name, incidents in open_incidents.items():
+        for i in incidents:
+            console.print(f"[red]{name}: open incident {i.incident_id}: {i.reason} "
+                          f"(seen {i.seen} times)[/red]")
+    if not witness_now:
+        console.print("[yellow]offline: the witnesses' incidents were not checked[/yellow]")
+    if not report.ok or (latest is not None and not latest.ok) or open_incidents:
         raise typer.Exit(int(ExitCode.REFUSED))
+
+
+def _open_incidents(st: StateDir, topo: Topology, witnesses: list[str]
+                    ) -> dict[str, list[WitnessIncident]]:
+    """Each witness's open incidents, asked of the witness itself; a witness that does not
+    answer is an incident too (the log is not checked by it)."""
+    found: dict[str, list[WitnessIncident]] = {}
+    for name in witnesses:
+        try:
+            with NodeClient(st, topo, name, timeout=10) as client:
+                shown = [i for i in client.call(name, WITNESS_INCIDENTS)
+                         if i.cleared_at_ms is None]
+        except NodeError as exc:
+            fail("witness unreachable", f"{name}: {exc}", ExitCode.REFUSED)
+        if shown:
+            found[name] = shown
+    return found
+
+
+@ledger_app.command("incidents")
+def incidents(
+    node: Annotated[str, typer.Option(help="The witness node (run on its machine).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+    clear: Annotated[bool, typer.Option(help="Close the open incidents (admin; after the "
+                                              "log has been put right).")] = False,
+) -> None:
+    """List a witness's incidents against the log, or clear the open ones."""
+    _, topo = resolve_topology(state, topology)
+    with exit_on(NodeError), NodeClient(StateDir(state), topo, node, timeout=10) as client:
+        if clear:
+            cleared = client.call(node, CLEAR_INCIDENTS).cleared
+            console.print(f"{node}: {cleared} incident(s) cleared")
+            return
+        shown = client.call(node, WITNESS_INCIDENTS)
+    for i in shown:
+        state_text = "open" if i.cleared_at_ms is None else "cleared"
+        console.print(f"{i.incident_id} {state_text} seen {i.seen}x: {i.reason}")
+    if not shown:
+        console.print(f"{node}: no incidents")
 
 
 @ledger_app.command("prove")

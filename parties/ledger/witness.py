@@ -15,18 +15,24 @@ from fastapi import APIRouter
 
 from governance.ledger import Cosignature, LogInconsistent, Witness, WitnessedHead
 from parties.ledger.api import (
+    CLEAR_INCIDENTS,
     CONSISTENCY,
     COSIGN,
     GOSSIP,
     POLL,
     TREE_HEAD,
+    WITNESS_INCIDENTS,
     WITNESS_ROLES,
     WITNESSED_HEAD,
+    IncidentsCleared,
+    LogUnderIncident,
+    WitnessIncident,
     log_node,
 )
 from parties.runtime.access import Caller
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.store import connect
@@ -52,6 +58,11 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
         proof: list[bytes] = []
         if last is not None and last.tree_size <= head.tree_size:
             proof = _consistency_proof(client, operator, last.tree_size, head.tree_size)
+        elif last is not None and head.tree_size > 0:
+            try:  # a smaller head: the log must prove it a prefix of what was witnessed
+                proof = _consistency_proof(client, operator, head.tree_size, last.tree_size)
+            except RemoteError as exc:  # it cannot: the witness records the fork
+                ctx.log.event("consistency_refused", detail=str(exc))
         try:
             cosignature = witness.cosign(head, proof)
         except LogInconsistent as exc:
@@ -59,6 +70,13 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
             raise
         client.call(operator, COSIGN, cosignature)
     return cosignature
+
+
+class PeerIncidents:
+    """How many open incidents each fellow witness showed at the last gossip."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
 
 
 def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
@@ -69,10 +87,13 @@ def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
     operator = log_node(ctx.topology)
     keys = ctx.signing_public_keys()
     checked = []
+    peers = ctx.component(PeerIncidents, PeerIncidents)
     with ctx.client() as client:
         for peer in (n.name for role in WITNESS_ROLES for n in ctx.topology.nodes_with_role(role)):
             if peer == ctx.name:
                 continue
+            peers.open[peer] = sum(1 for i in client.call(peer, WITNESS_INCIDENTS)
+                                   if i.cleared_at_ms is None)
             shown = client.call(peer, WITNESSED_HEAD)
             if shown is not None:
                 try:
@@ -94,6 +115,18 @@ def node_witness(ctx: NodeContext) -> Witness:
         )
 
     return ctx.component(Witness, make)
+
+
+def refuse_under_incident(ctx: NodeContext) -> None:
+    """Fail closed: raise `LogUnderIncident` while this witness, or a fellow witness at the
+    last gossip, holds an open incident against the log."""
+    held = {ctx.name: len(node_witness(ctx).incidents(open_only=True))}
+    held.update(ctx.component(PeerIncidents, PeerIncidents).open)
+    named = sorted(name for name, count in held.items() if count)
+    if named:
+        raise LogUnderIncident(
+            f"open log incidents at {', '.join(named)}: no answer until their administrators "
+            "clear them (`cogov ledger incidents`)")
 
 
 def _witness_loop(ctx: NodeContext) -> None:
@@ -127,6 +160,18 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     def gossip(caller: Caller) -> list[str]:
         """Compare with every fellow witness now (the background loop does it every 2 s)."""
         return gossip_once(ctx, node_witness(ctx))
+
+    @mount(router, WITNESS_INCIDENTS)
+    def incidents(caller: Caller) -> list[WitnessIncident]:
+        """Every inconsistency this witness recorded, open or cleared, with its evidence."""
+        return [WitnessIncident(**i) for i in node_witness(ctx).incidents()]
+
+    @mount(router, CLEAR_INCIDENTS)
+    def clear(caller: Caller) -> IncidentsCleared:
+        """Close the open incidents once dealt with; the serving node answers again."""
+        cleared = node_witness(ctx).clear_incidents()
+        ctx.log.event("witness_incidents_cleared", cleared=cleared)
+        return IncidentsCleared(cleared=cleared)
 
     return [router]
 
