@@ -150,7 +150,7 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
     for party in contract.parties:
         signed = sign_contract(signed or contract, party, pki.load_signing_key(state, party))
     assert signed is not None
-    with NodeClient(state, topology, INSURER) as client:
+    with NodeClient(state, topology, "regulator") as client:  # the product owner registers
         client.call("regulator", REGISTER_CONTRACT, signed)
     frame = pd.read_csv(data / "claims.csv", dtype={"national_id": str})
     frame = frame[frame["insurer"] == INSURER].reset_index(drop=True)

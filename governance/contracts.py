@@ -132,6 +132,17 @@ class TerminationNotAllowed(ContractError):
     """The party may not terminate this contract."""
 
 
+class TerminationBackdated(ContractError):
+    """A termination notice dated away from the time it is filed: it takes effect when
+    filed, so a notice that claims an earlier (or later) moment is refused."""
+
+    http_status = 400
+
+
+# How far a notice's own time may lie from the serving node's clock when it is filed.
+TERMINATION_CLOCK_SKEW = timedelta(minutes=5)
+
+
 class PartyNotInContract(ContractError):
     """The requesting node is not a data user of the contract."""
 
@@ -482,8 +493,9 @@ class ContractBook:
         ).fetchone()
         return None if row is None else datetime.fromisoformat(row[0])
 
-    def terminate(self, termination: ContractTermination, now: datetime) -> None:
-        """End the contract at once (at the earlier of `now` and the notice's time)."""
+    def terminate(self, termination: ContractTermination, now: datetime) -> datetime:
+        """End the contract now; the effective time (a notice dated more than
+        `TERMINATION_CLOCK_SKEW` away from `now` is refused: no backdating)."""
         contract = self.get(termination.contract_id)
         terms = contract.terms
         if termination.party not in terms.termination.may_terminate:
@@ -495,11 +507,15 @@ class ContractBook:
             key, TERMINATION_DOMAIN, termination.body(), termination.signature
         ):
             raise ContractSignatureInvalid("termination is not signed by the terminating party")
-        effective = min(now, termination.terminated_at)
+        if abs(termination.terminated_at - now) > TERMINATION_CLOCK_SKEW:
+            raise TerminationBackdated(
+                f"the notice is dated {termination.terminated_at.isoformat()}, filed at "
+                f"{now.isoformat()}: a termination takes effect when it is filed")
+        effective = now
         with write_transaction(self._conn):
             previous = self.terminated_at(terms.contract_id)
             if previous is not None and previous <= effective:
-                return
+                return previous
             self._conn.execute(
                 "INSERT OR REPLACE INTO contract_terminations VALUES (?, ?, ?, ?)",
                 (
@@ -509,6 +525,7 @@ class ContractBook:
                     termination.model_dump_json(),
                 ),
             )
+        return effective
 
     def usage(self, contract_id: str, party: str, day: date) -> DailyUsage:
         row = self._conn.execute(

@@ -14,8 +14,8 @@ Who holds what:
 Why this design (issue 14). In the earlier design the insurer held the key. It could then
 read and rewrite the noise of its own ciphertexts, and the answer's noise carried the
 server's secret multipliers, which encode the candidate rows: one crafted query recovered
-whole records. Noise flooding needs ciphertext access that TenSEAL does not offer and
-proofs of well-formed ciphertexts are not available either, so the key moved: the insurer
+whole records. Noise flooding cannot help there (the insurer's crafted noise is unbounded)
+and proofs of well-formed ciphertexts are not available, so the key moved: the insurer
 never decrypts anything, and what it receives is three bits per claim computed in the
 clear by the regulator. Whatever keys, parameters and ciphertexts it sends (its own
 context is never used; the operator refuses ciphertexts that are not two-component BFV
@@ -72,12 +72,14 @@ What each party learns:
   row value or which row.
 - the operator: the candidate rows it already holds, never a claim value or a verdict.
 - the answer's decryption noise, visible to the regulator, is a function of the
-  operator's multipliers and the insurer's encryption randomness: the regulator alone
-  does not know the latter; a regulator colluding with the insurer could solve for the
-  multipliers, i.e. the candidate rows (the attack this design removes from the insurer
-  alone). Noise flooding would close it; TenSEAL exposes no way to add it. Alone, the
-  regulator sees each answer ciphertext's remaining noise budget; real and dummy rows
-  leave the same (tested), but the budget is a channel the design does not argue away.
+  operator's multipliers, the insurer's encryption randomness and the operator's flood
+  (`_flood`: an encryption of zero times two uniform plaintexts, about 2^45 times the
+  evaluation noise; heuristic, not a proven smoothing distribution). The regulator alone
+  knows neither of the first two nor the flood. A regulator colluding with the insurer
+  is not stopped: the insurer can inflate its ciphertexts' noise far past the flood
+  (the operator cannot measure it without the key) and the pair could then solve for
+  the multipliers, i.e. the candidate rows. Real and dummy rows leave the same noise
+  budget (tested); the budget remains a channel the design does not argue away.
 
 Parameters (`PARAMETERS`): BFV, N = 8192, SEAL's `BFVDefault(8192)` coefficient modulus
 (218 bits), plaintext modulus the 40-bit prime t = 1099511480321 = 1 + 16384 * 67108879
@@ -208,7 +210,9 @@ def _chunks(n: int, k: int) -> list[slice]:
 
 
 def _load_vector(context: ts.Context, blob: bytes, size: int) -> ts.BFVVector:
-    """A BFV vector of exactly `size` slots in one fresh-shaped (two-part) ciphertext."""
+    """A BFV vector of exactly `size` slots in one fresh-shaped ciphertext: two parts, at the
+    top of the modulus chain, in coefficient form (what a fresh encryption is; anything
+    else would fail inside SEAL after work was done)."""
     try:
         vec = ts.bfv_vector_from(context, blob)
         ciphertexts = vec.ciphertext()
@@ -216,6 +220,10 @@ def _load_vector(context: ts.Context, blob: bytes, size: int) -> ts.BFVVector:
         raise MalformedInput("not a BFV ciphertext for this context") from exc
     if vec.size() != size or len(ciphertexts) != 1 or ciphertexts[0].size() != 2:
         raise MalformedInput(f"ciphertext holds {vec.size()} slots, expected {size}")
+    top = context.seal_context().data.first_parms_id()
+    if ciphertexts[0].parms_id() != top or ciphertexts[0].is_ntt_form():
+        raise MalformedInput("not a fresh ciphertext: wrong level of the modulus chain or "
+                             "NTT form")
     return vec
 
 
@@ -427,6 +435,17 @@ def _plaintexts(rows: np.ndarray, valid: np.ndarray, order: np.ndarray
     return mult, add
 
 
+def _flood(context: ts.Context, size: int) -> ts.BFVVector:
+    """A fresh encryption of zero times two uniform plaintexts: fresh (c0, c1), so the answer
+    shows nothing of the insurer's c1, and noise about 2^45 times the evaluation's, which
+    drowns the operator's multipliers in it (a product distribution, not a proven smoothing
+    one: heuristic flooding). About 37 of the 82 remaining bits of budget stay."""
+    flood = ts.bfv_vector(context, [0] * size)
+    flood.mul_(_to_ints(_uniform((size,))))
+    flood.mul_(_to_ints(_uniform((size,))))
+    return flood
+
+
 def evaluate_encrypted(
     public: HePublicContext, request: bytes, rows: np.ndarray, valid: np.ndarray
 ) -> bytes:
@@ -460,6 +479,6 @@ def evaluate_encrypted(
         mult, add = _plaintexts(rows[part], valid[part], order[part])
         vec.mul_(_to_ints(mult))
         vec.add_(_to_ints(add))
-        vec.add_(ts.bfv_vector(public.context, [0] * vec.size()))  # fresh (c0, c1)
+        vec.add_(_flood(public.context, vec.size()))
         out.append(vec.serialize())
     return _pack(MAGIC_RESPONSE, {"n": n, "k": k, "context": public.digest}, out)

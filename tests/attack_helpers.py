@@ -230,7 +230,7 @@ class ClaimWorld:
             signed = SignedContract(terms=terms)
             for party in signed.terms.parties:
                 signed = sign_contract(signed, party, load_signing_key(self.fed.state, party))
-            post_contract(self.fed.state, self.fed.topology, signed, insurer)
+            post_contract(self.fed.state, self.fed.topology, signed, "regulator")
 
     def consent(self, national_id: str, insurer: str = "insurer-a", *,
                 key_of: str | None = None):

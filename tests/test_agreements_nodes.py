@@ -1,6 +1,7 @@
 """Contracts, consents and bills through real nodes, recorded in the log."""
 
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -9,9 +10,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from governance.consent import issue_consent
-from governance.contracts import SignedContract, load_contract, sign_contract
+from governance.contracts import (
+    ContractUnknown,
+    SignedContract,
+    load_contract,
+    sign_contract,
+    terminate_contract,
+)
 from governance.ledger import decode_leaf
-from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT
+from parties.agreements.api import (
+    CONTRACT as CONTRACT_ROUTE,
+)
+from parties.agreements.api import (
+    REGISTER_CONSENT,
+    REGISTER_CONTRACT,
+    TERMINATE_CONTRACT,
+)
 from parties.agreements.books import contract_book
 from parties.ledger.client import append_entry
 from parties.ledger.operator_log import operator_log
@@ -26,7 +40,7 @@ runner = CliRunner()
 CONTRACT = Path(__file__).resolve().parents[1] / (
     "scenarios/claim_check/contracts/claim-check-insurer-a.toml"
 )
-NODES = ["health-authority", "operator", "regulator", "insurer-a"]
+NODES = ["health-authority", "operator", "regulator", "insurer-a", "insurer-b"]
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +80,78 @@ def test_contract_in_force_only_when_every_party_signed(fed, tmp_path):
 def test_forged_party_signature_is_refused(fed):
     terms = load_contract(CONTRACT).model_copy(update={"contract_id": "forged-1"})
     forged = sign_contract(terms, "operator", Ed25519PrivateKey.generate())
-    with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+    with NodeClient(fed.state, fed.topology, "regulator") as client, \
             pytest.raises(RemoteError) as refused:
         client.call("regulator", REGISTER_CONTRACT, forged)
     assert refused.value.error == "ContractSignatureInvalid"
+
+
+def _signed_by_all(fed: Federation, terms) -> SignedContract:
+    signed = SignedContract(terms=terms)
+    for party in terms.parties:
+        signed = sign_contract(signed, party, load_signing_key(fed.state, party))
+    return signed
+
+
+def _refusals(fed: Federation, node: str, error: str) -> int:
+    conn = sqlite3.connect(f"file:{fed.state.node(node).db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM refusals WHERE error = ?", (error,)
+                            ).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_self_made_contract_authorizes_nothing(fed):
+    """Two insurers (or an insurer and the operator) sign a contract of their own: price 0,
+    a quota of 10^9, plain mode. Posted by them it is refused (only the product owner
+    registers); passed to the product owner it is refused (the required signatories are
+    missing). Nothing is stored, and each refusal is recorded."""
+    base = load_contract(CONTRACT)
+    price = base.price.model_copy(update={"per_query_fen": 0, "per_record_fen": 0,
+                                          "subscription_fen_per_month": 0})
+    quota = base.quota.model_copy(update={"queries_per_day": 10**9, "rows_per_day": 10**9})
+    for parties in (("insurer-a", "insurer-b"), ("insurer-a", "operator")):
+        terms = base.model_copy(update={
+            "contract_id": f"self-made-{parties[1]}", "parties": parties,
+            "data_users": ("insurer-a",), "price": price, "quota": quota,
+            "allowed_outputs": (*base.allowed_outputs, "mode.plain"),
+            "revenue_split_bp": {parties[1]: 10_000},
+            "termination": base.termination.model_copy(update={"may_terminate": parties}),
+        })
+        signed = _signed_by_all(fed, terms)
+        with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+                pytest.raises(RemoteError) as posted:
+            client.call("regulator", REGISTER_CONTRACT, signed)
+        assert posted.value.error == "RoleNotAllowed"
+        before = _refusals(fed, "regulator", "ContractSignatoriesMissing")
+        with NodeClient(fed.state, fed.topology, "regulator") as client, \
+                pytest.raises(RemoteError) as relayed:
+            client.call("regulator", REGISTER_CONTRACT, signed)
+        assert relayed.value.error == "ContractSignatoriesMissing"
+        assert _refusals(fed, "regulator", "ContractSignatoriesMissing") == before + 1
+        with pytest.raises(ContractUnknown):
+            contract_book(open_node(fed.state, fed.topology, "regulator")).get(
+                terms.contract_id)
+
+
+def test_only_a_contracts_parties_read_it(fed):
+    """insurer-b asks for insurer-a's contract (price, quota): refused exactly as for a
+    contract that does not exist, so it cannot even learn that one is registered."""
+    terms = load_contract(CONTRACT).model_copy(update={"contract_id": "private-terms-1"})
+    with NodeClient(fed.state, fed.topology, "regulator") as client:
+        client.call("regulator", REGISTER_CONTRACT, _signed_by_all(fed, terms))
+    with NodeClient(fed.state, fed.topology, "insurer-a") as party:
+        assert party.call("regulator", CONTRACT_ROUTE, params={"contract_id": "private-terms-1"}
+                          ).terms.price == terms.price
+    seen = []
+    with NodeClient(fed.state, fed.topology, "insurer-b") as stranger:
+        for contract_id in ("private-terms-1", "private-terms-2"):  # registered, and not
+            with pytest.raises(RemoteError) as refused:
+                stranger.call("regulator", CONTRACT_ROUTE, params={"contract_id": contract_id})
+            seen.append((refused.value.http_status, refused.value.error,
+                         refused.value.detail.replace(contract_id, "<id>")))
+    assert seen[0] == seen[1] == (404, "ContractUnknown", "no contract <id>")
 
 
 def _consent(insurer: str = "insurer-a", days: int = 30):
@@ -140,3 +222,29 @@ def test_termination_stops_the_contract(fed, tmp_path):
                        datetime.now(UTC), 1)
     assert type(refused.value).__name__ == "ContractTerminated"
     assert "contract_terminated" in _kinds(fed)
+    ctx = open_node(fed.state, fed.topology, "operator")
+    events = (decode_leaf(leaf).entry.event for leaf in operator_log(ctx).log.leaves())
+    (entry,) = [e for e in events
+                if e.kind == "contract_terminated" and e.payload["contract_id"] == "to-end-1"]
+    assert abs(entry.payload["effective_at_ms"] - entry.timestamp_ms) < 5_000
+    assert len(entry.payload["notice_sha256"]) == 64
+
+
+def test_a_backdated_termination_is_refused_and_the_contract_stays(fed):
+    """insurer-a files a notice dated yesterday, to void the queries it made since: refused
+    (typed, recorded), the contract still in force, nothing in the log."""
+    terms = load_contract(CONTRACT).model_copy(update={"contract_id": "backdate-1"})
+    with NodeClient(fed.state, fed.topology, "regulator") as client:
+        client.call("regulator", REGISTER_CONTRACT, _signed_by_all(fed, terms))
+    notice = terminate_contract("backdate-1", "insurer-a", datetime.now(UTC) - timedelta(days=1),
+                                load_signing_key(fed.state, "insurer-a"))
+    with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.call("regulator", TERMINATE_CONTRACT, notice,
+                    params={"contract_id": "backdate-1"})
+    assert refused.value.error == "TerminationBackdated"
+    book = contract_book(open_node(fed.state, fed.topology, "regulator"))
+    assert book.terminated_at("backdate-1") is None
+    assert book.authorize("backdate-1", "insurer-a", ["admission_date"], ["visit_found"],
+                          datetime.now(UTC), 1)
+    assert _refusals(fed, "regulator", "TerminationBackdated") >= 1

@@ -124,7 +124,7 @@ def _sign_and_register(cf: ClaimFed, terms: dict) -> str:
     for party in contract.parties:
         signed = sign_contract(signed or contract, party, load_signing_key(cf.fed.state, party))
     assert signed is not None
-    with cf.node_client(contract.data_users[0]) as client:
+    with cf.node_client("regulator") as client:  # the product owner registers
         client.call("regulator", REGISTER_CONTRACT, signed)
     return contract.contract_id
 

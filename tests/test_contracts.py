@@ -25,6 +25,7 @@ from governance.contracts import (
     PartyNotInContract,
     QueryMeter,
     QuotaExceeded,
+    TerminationBackdated,
     TerminationNotAllowed,
     load_contract,
     parse_contract,
@@ -283,6 +284,21 @@ def test_termination(book, keys):
     with pytest.raises(ContractTerminated):
         _authorize(book, at=later)
     assert _authorize(book, at=NOW + timedelta(minutes=30))  # before termination
+
+
+def test_a_backdated_or_postdated_termination_is_refused(book, keys):
+    """A party that wants past queries voided (or the contract kept alive) dates its notice
+    away from the filing time: refused, and the contract stays in force."""
+    contract_id = "claim-check-2026-insurer-a"
+    filed = NOW + timedelta(days=2)
+    for dated in (NOW, filed + timedelta(days=1)):
+        with pytest.raises(TerminationBackdated):
+            book.terminate(terminate_contract(contract_id, "insurer-a", dated,
+                                              keys["insurer-a"]), filed)
+    assert book.terminated_at(contract_id) is None
+    effective = book.terminate(terminate_contract(
+        contract_id, "insurer-a", filed - timedelta(seconds=30), keys["insurer-a"]), filed)
+    assert effective == filed  # in effect when filed, not at the notice's own time
 
 
 def test_quota_usage_is_recomputable_from_the_log(tmp_path, keys, book):

@@ -408,6 +408,47 @@ def test_a_three_part_ciphertext_is_refused(public, case):
         evaluate_encrypted(public, request, rows[:1], valid[:1])
 
 
+def _varint(x: int) -> bytes:
+    out = b""
+    while x > 0x7F:
+        out, x = out + bytes([x & 0x7F | 0x80]), x >> 7
+    return out + bytes([x])
+
+
+def _as_vector_blob(ciphertext, size: int, tmp_path) -> bytes:
+    """A raw SEAL ciphertext wrapped as TenSEAL's serialized BFV vector of `size` slots
+    (its protobuf: field 1 the shape, field 2 the ciphertext): what an attacker crafts."""
+    path = tmp_path / "ct.bin"
+    ciphertext.save(str(path))
+    raw, shape = path.read_bytes(), _varint(size)
+    return b"\x0a" + _varint(len(shape)) + shape + b"\x12" + _varint(len(raw)) + raw
+
+
+def test_ciphertexts_off_the_top_of_the_chain_or_in_ntt_form_are_refused(public, case,
+                                                                          tmp_path):
+    """A mod-switched or NTT-form ciphertext has two parts and the right slot count, but
+    SEAL would fail on it halfway through the evaluation: refused, typed, before any work."""
+    claims, rows, valid = case
+    header, blobs = _unpack(MAGIC_REQUEST, encrypt_claims(public, claims[:1], K))
+    fresh = ts.bfv_vector_from(public.context, blobs[0]).ciphertext()[0]
+    evaluator = sealapi.Evaluator(public.context.seal_context().data)
+    switched, ntt = sealapi.Ciphertext(), sealapi.Ciphertext()
+    evaluator.mod_switch_to_next(fresh, switched)
+    evaluator.multiply_plain(fresh, sealapi.Plaintext("1"), ntt)
+    evaluator.transform_to_ntt_inplace(ntt)
+    control = _as_vector_blob(fresh, K * GROUP, tmp_path)
+    for crafted, refused in ((control, False), (_as_vector_blob(switched, K * GROUP, tmp_path),
+                             True), (_as_vector_blob(ntt, K * GROUP, tmp_path), True)):
+        head = json.dumps(header).encode()
+        request = b"".join([MAGIC_REQUEST, struct.pack("!I", len(head)), head,
+                            struct.pack("!Q", len(crafted)), crafted])
+        if refused:
+            with pytest.raises(MalformedInput, match="not a fresh ciphertext"):
+                evaluate_encrypted(public, request, rows[:1], valid[:1])
+        else:  # the wrapping itself is sound: the honest ciphertext so wrapped is evaluated
+            evaluate_encrypted(public, request, rows[:1], valid[:1])
+
+
 def test_the_regulator_refuses_answers_for_other_requests_or_keys(key, public, case):
     claims, rows, valid = case
     answer = _answer(public, claims[:3], rows[:3], valid[:3])

@@ -64,7 +64,7 @@ def _register(world: ClaimWorld, contract_id: str, budget: int | None) -> None:
     signed = SignedContract(terms=parse_contract(terms))
     for party in signed.terms.parties:
         signed = sign_contract(signed, party, load_signing_key(world.fed.state, party))
-    post_contract(world.fed.state, world.fed.topology, signed, INSURER)
+    post_contract(world.fed.state, world.fed.topology, signed, "regulator")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,32 @@ their signatures are `governance.consent` and `governance.contracts`.
 from pydantic import BaseModel
 
 from governance.consent import Consent, ConsentRevocation
-from governance.contracts import ContractTermination, SignedContract
+from governance.contracts import ContractError, ContractTermination, SignedContract
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role, Topology
 
-SERVING_ROLE = Role.REGULATOR
+SERVING_ROLE = Role.REGULATOR  # serves the product and owns it: it registers its contracts
+DATA_USER_ROLE = Role.INSURER
+# The roles whose node must be a party to (so sign) each scenario's product contract,
+# besides its data users: the product owner, the operator, the data provider.
+REQUIRED_SIGNATORY_ROLES: dict[str, tuple[Role, ...]] = {
+    "claim_check": (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY),
+}
+
+
+class ContractSignatoriesMissing(ContractError):
+    """The contract does not name every party its scenario requires, or names a data user
+    that is not a data user's node."""
+
+    http_status = 400
+
+
+def required_signatories(topology: Topology, scenario: str) -> set[str]:
+    """The nodes that must be parties to a product contract of `scenario`."""
+    roles = REQUIRED_SIGNATORY_ROLES.get(scenario)
+    if roles is None:
+        raise ContractSignatoriesMissing(f"no product contract is defined for {scenario!r}")
+    return {topology.node_of(role) for role in roles}
 
 
 def serving_node(topology: Topology) -> str:
@@ -31,8 +52,10 @@ REGISTER_CONSENT = Route("POST", "/v1/consents", Kind.CLAIM, Consent, Registered
                          roles=(Role.INSURER,), tag="agreements")
 REVOKE_CONSENT = Route("POST", "/v1/admin/consents/revocations", Kind.ADMIN, ConsentRevocation,
                        Registered, tag="agreements")
+# The product owner registers its contracts (carrying the parties' signatures); only a
+# contract's parties read it.
 REGISTER_CONTRACT = Route("POST", "/v1/contracts", Kind.CONTRACT, SignedContract, Registered,
-                          tag="agreements")
+                          roles=(SERVING_ROLE,), tag="agreements")
 CONTRACT = Route("GET", "/v1/contracts/{contract_id}", Kind.CONTRACT, None, SignedContract,
                  tag="agreements")
 TERMINATE_CONTRACT = Route("POST", "/v1/contracts/{contract_id}/termination", Kind.CONTRACT,

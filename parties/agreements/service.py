@@ -6,6 +6,7 @@ registration is recorded in the federation's log. The claim product enforces
 both through `parties.agreements.books` before it touches any data.
 """
 
+import hashlib
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
@@ -16,12 +17,15 @@ from governance.consent import Consent, ConsentMismatch, ConsentRevocation
 from governance.contracts import ContractBook, ContractTermination, SignedContract
 from parties.agreements.api import (
     CONTRACT,
+    DATA_USER_ROLE,
     REGISTER_CONSENT,
     REGISTER_CONTRACT,
     REVOKE_CONSENT,
     SERVING_ROLE,
     TERMINATE_CONTRACT,
+    ContractSignatoriesMissing,
     Registered,
+    required_signatories,
 )
 from parties.agreements.books import consent_registry, contract_book
 from parties.ledger.client import append_entry
@@ -67,7 +71,12 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
 
     @mount(router, REGISTER_CONTRACT)
     def post_contract(body: SignedContract, caller: Caller) -> Registered:
-        """Register a contract with the signatures it carries; in force once all parties sign."""
+        """Register a contract with the signatures it carries; in force once all parties sign.
+
+        Only the product owner registers, and a contract that leaves out a party its
+        scenario requires, or names a data user that is not a data user's node, is refused.
+        """
+        _check_signatories(ctx, body)
         book = contract_book(ctx)
         before = book.get(body.contract_id).missing_signatures() if _known(
             book, body.contract_id) else body.terms.parties
@@ -80,7 +89,11 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
 
     @mount(router, CONTRACT)
     def get_contract(contract_id: str, caller: Caller) -> SignedContract:
-        return contract_book(ctx).get(contract_id)
+        """A contract, to its parties only; to anyone else it does not exist."""
+        contract = contract_book(ctx).get(contract_id)
+        if caller.name != ctx.name and caller.name not in contract.terms.parties:
+            raise contract_lib.ContractUnknown(f"no contract {contract_id}")
+        return contract
 
     @mount(router, TERMINATE_CONTRACT)
     def post_termination(
@@ -91,13 +104,29 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
             raise IdentityMismatch("the termination names another contract")
         if caller.name not in (body.party, ctx.name):
             raise IdentityMismatch(f"{caller.name} cannot file {body.party}'s termination")
-        contract_book(ctx).terminate(body, _now())
+        effective = contract_book(ctx).terminate(body, _now())
         append_entry(ctx, "contract_terminated", {
             "contract_id": contract_id, "party": body.party, "reason": body.reason,
+            "effective_at_ms": int(effective.timestamp() * 1000),
+            "notice_sha256": hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
         })
         return Registered(id=contract_id, status="terminated")
 
     return [router]
+
+
+def _check_signatories(ctx: NodeContext, contract: SignedContract) -> None:
+    terms = contract.terms
+    missing = sorted(required_signatories(ctx.topology, terms.scenario) - set(terms.parties))
+    if missing:
+        raise ContractSignatoriesMissing(
+            f"contract {terms.contract_id} must name {', '.join(missing)} as parties")
+    strangers = sorted(u for u in terms.data_users
+                       if not ctx.topology.has_node(u)
+                       or ctx.topology.node(u).role != DATA_USER_ROLE)
+    if strangers:
+        raise ContractSignatoriesMissing(
+            f"data users must be {DATA_USER_ROLE.value} nodes: {', '.join(strangers)}")
 
 
 def _known(book: ContractBook, contract_id: str) -> bool:
