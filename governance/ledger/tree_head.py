@@ -61,9 +61,11 @@ class Cosignature(BaseModel):
     timestamp_ms: Annotated[int, Field(ge=0)]
     cosigned_at_ms: Annotated[int, Field(ge=0)]
     signature: _Hex64
+    # The same statement as a C2SP tlog-cosignature line, for checkpoint clients.
+    checkpoint_cosignature: str | None = None
 
     def body(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"signature"})
+        return self.model_dump(mode="json", exclude={"signature", "checkpoint_cosignature"})
 
     def covers(self, head: SignedTreeHead) -> bool:
         """True when this cosignature is about exactly `head`."""

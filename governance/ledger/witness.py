@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
+from governance.ledger.checkpoint import checkpoint_text, cosign_line, origin_of
 from governance.ledger.errors import LogInconsistent, StaleTreeHead, TreeHeadInvalid
 from governance.ledger.merkle import EMPTY_ROOT, verify_consistency
 from governance.ledger.signing import PublicKeyLike, public_key_bytes, public_key_hex
@@ -243,7 +244,10 @@ class Witness:
             else:
                 problem = self._problem_with(head, consistency_proof, now_ms)
             if problem is None:
-                cosignature = cosign_tree_head(head, self.name, now_ms, self._key)
+                text = checkpoint_text(origin_of(head.log_id, log_key), head.tree_size, head.root)
+                cosignature = cosign_tree_head(head, self.name, now_ms, self._key).model_copy(
+                    update={"checkpoint_cosignature": cosign_line(
+                        text, self.name, self._key, now_ms // 1000)})
                 self._conn.execute(
                     "INSERT INTO witness_heads VALUES (?, ?, ?, ?, ?, ?)",
                     (

@@ -43,6 +43,10 @@ class Kind(StrEnum):
     CATALOGUE = "catalogue"
     PACKAGE = "package"
     SAMPLE = "sample"
+    # The log's public face (checkpoints, entries, proofs): any federation certificate may
+    # read it, whatever the flows, so the insurer who pays and the hospitals who own the
+    # data check the log themselves.
+    TRANSPARENCY = "transparency"
 
 
 class TopologyError(ValueError):
@@ -147,6 +151,8 @@ class Topology(_Strict):
         """Whether the topology lets node `source` call node `target` for `kind`."""
         if not (self.has_node(source) and self.has_node(target)):
             return False
+        if kind == Kind.TRANSPARENCY:
+            return True
         src, dst = self.node(source), self.node(target)
         return any(
             _matches(flow.source, src) and _matches(flow.target, dst) and kind in flow.kinds
