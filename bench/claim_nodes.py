@@ -124,7 +124,7 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
     topology_path = _write_topology(root)
     topology = load_topology(topology_path)
     pki.init_federation(state, topology)
-    os.environ.setdefault("COGOV_OPRF_RATE_LIMIT", "10000000/1000000")  # measure, not throttle
+    os.environ.setdefault("COGOV_OPRF_IDS_PER_DAY", "1000000000")  # measure, not throttle
     rows = supervisor.up(state, topology, topology_path)
     bad = [r for r in rows if r.status != "ok"]
     if bad:
