@@ -59,6 +59,7 @@ from parties.domains.registry import (
 from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
@@ -226,10 +227,13 @@ def _log_batch_refused(ctx: NodeContext, batch: SignedBatch, relay: str,
     the federation's log (data user as named, batch id, count; never points)."""
     ctx.log.event("oprf_batch_refused", relay=relay, data_user=batch.data_user,
                   batch_id=batch.batch_id, points=len(batch.points), error=type(exc).__name__)
-    append_entry(ctx, "query_refused", {
-        "reason": "oprf_batch_refused", "error": type(exc).__name__, "relay": relay,
-        "data_user": batch.data_user, "batch_id": batch.batch_id,
-        "points": len(batch.points)})
+    try:
+        append_entry(ctx, "query_refused", {
+            "reason": "oprf_batch_refused", "error": type(exc).__name__, "relay": relay,
+            "data_user": batch.data_user, "batch_id": batch.batch_id,
+            "points": len(batch.points)})
+    except NodeError as failed:  # the refusal stands; the node's own log has it
+        ctx.log.event("log_append_failed", kind="query_refused", error=repr(failed))
 
 
 OPERATOR_DOMAINS_SERVICE = Service(
