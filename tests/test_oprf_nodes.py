@@ -216,9 +216,11 @@ def test_expired_and_overlong_batches_are_refused(ing):
     assert (overlong.http_status, overlong.error) == (403, "BatchExpired")
 
 
-def _restart_authority(ing, monkeypatch) -> None:
+def _restart_authority(ing, monkeypatch, while_down=None) -> None:
     monkeypatch.setenv(IDS_PER_DAY_ENV, IDS_PER_DAY)
     supervisor.stop_node(ing.fed.state, "health-authority", grace=5)
+    if while_down:
+        while_down()
     supervisor.start_node(ing.fed.state, ing.fed.topology_path, "health-authority")
     status = supervisor.wait_healthy(ing.fed.state, ing.fed.topology, ["health-authority"])
     assert status["health-authority"] == "ok", status
@@ -264,3 +266,24 @@ def test_enumeration_past_the_daily_cap_stays_refused_after_a_restart(ing, monke
         assert domain_tokens(insurer, _ids(ing, 3)) == _direct(ing, "insurer-b", _ids(ing, 3))
     listed = ing.cli("govern", "oprf-budgets")
     assert "insurer-b" in listed and "open" in listed
+
+
+def _trip(ing, insurer: str) -> None:
+    guesses = [f"32050520{i:010d}" for i in range(1000)]
+    with ing.client(insurer) as client, pytest.raises(RemoteError) as refused:
+        for _ in range(3):
+            domain_tokens(client, guesses)
+    assert refused.value.error == "OprfBudgetSpent"
+
+
+def test_a_tripped_budget_opens_again_on_the_next_utc_day(ing, monkeypatch):
+    _trip(ing, "insurer-a")
+
+    def yesterday() -> None:  # the node is down: move its book back one day
+        with sqlite3.connect(ing.db("health-authority")) as conn:
+            for table in ("oprf_usage", "oprf_budget_incidents", "oprf_batches"):
+                conn.execute(f"UPDATE {table} SET day = date(day, '-1 day')")
+
+    _restart_authority(ing, monkeypatch, while_down=yesterday)
+    with ing.client("insurer-a") as insurer:
+        assert len(domain_tokens(insurer, _ids(ing, 3))) == 3
