@@ -124,7 +124,7 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
     topology_path = _write_topology(root)
     topology = load_topology(topology_path)
     pki.init_federation(state, topology)
-    os.environ.setdefault("COGOV_OPRF_RATE_LIMIT", "10000000/1000000")  # measure, not throttle
+    os.environ.setdefault("COGOV_OPRF_IDS_PER_DAY", "1000000000")  # measure, not throttle
     rows = supervisor.up(state, topology, topology_path)
     bad = [r for r in rows if r.status != "ok"]
     if bad:
@@ -226,7 +226,7 @@ def _batch(setup: Setup, mode: str, n: int, repeats: int) -> dict:
         with _client(setup, batch_size=n) as client:
             rid = f"bench-batch-{mode}-{n}-{r}"
             if mode == "he":
-                client.he_key()  # key generation and context upload: once per insurer key
+                client.he_public()  # key generation and context upload: once per insurer key
             started = time.perf_counter()
             result = client.check(batch, setup.consents, mode, request_id=rid)
             result = result.sort_values("claim_id", ignore_index=True)
@@ -258,7 +258,7 @@ def run(quick: bool = False) -> dict:
         sizes = (1000,) if quick else (1000, 10_000)
         single: dict = {}
         with _client(setup) as client:
-            client.he_key()
+            client.he_public()
             for mode in MODES:
                 single[mode] = {"cold": _single(setup, client, mode, repeats_single, True),
                                 "warm": _single(setup, client, mode, repeats_single, False)}

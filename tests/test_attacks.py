@@ -29,13 +29,13 @@ from governance.packages import (
     package_hash,
     verify_approval,
 )
-from mpc import xid
 from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
 from parties.agreements.books import contract_book
 from parties.claims.api import CHECK, COMPUTE, NOT_CHECKABLE
 from parties.claims.client import ClaimBatchFailed
-from parties.domains.api import DOMAIN_TOKENS, EVALUATE, RelayRequest
-from parties.domains.service import RATE_ENV
+from parties.domains.api import EVALUATE, LEVEL1_STEP
+from parties.domains.budget import IDS_PER_DAY_ENV
+from parties.domains.client import domain_tokens
 from parties.ledger.api import APPEND_ENTRIES, POLL, EntryBatch
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
@@ -58,13 +58,13 @@ from tests.attack_helpers import (
 from tests.federation import REPO, Federation
 
 MODE = "ss"
-# A small OPRF budget so enumeration trips it: 600 ids at once, 10 more per second.
-RATE = "600/10"
+# A small daily OPRF budget so enumeration trips it (the honest claims need far fewer ids).
+IDS_PER_DAY = 2000
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = ClaimWorld(tmp_path_factory.mktemp("attacks"), env={RATE_ENV: RATE})
+    w = ClaimWorld(tmp_path_factory.mktemp("attacks"), env={IDS_PER_DAY_ENV: str(IDS_PER_DAY)})
     try:
         w.ingest()
         w.sign_contracts()
@@ -245,24 +245,26 @@ def test_consent_naming_a_person_but_signed_by_another_is_refused_by_the_operato
 # --- enumeration and linkage -----------------------------------------------------------
 
 
-def test_token_enumeration_trips_the_rate_limit_and_is_logged(world):
-    guesses = [f"32050519{i:010d}" for i in range(400)]
-    blinded, _ = xid.blind(guesses)
-    body = RelayRequest(points=[p.hex() for p in blinded])
+def test_token_enumeration_trips_the_daily_budget_and_is_logged(world):
+    guesses = [f"32050519{i:010d}" for i in range(1000)]
     refused = None
     with NodeClient(world.fed.state, world.fed.topology, "insurer-b", timeout=120) as insurer:
-        for _ in range(5):
+        for _ in range(4):
             try:
-                insurer.call("regulator", DOMAIN_TOKENS, body)
+                domain_tokens(insurer, guesses)
             except RemoteError as exc:
                 refused = exc
                 break
-    assert refused is not None, "a budget of 600 ids must run out within 2000"
-    assert refused.http_status == 429 and refused.error == "RateLimited"
-    assert (EVALUATE.path, "RateLimited") in [
+    assert refused is not None, f"a budget of {IDS_PER_DAY} ids must run out within 4000"
+    assert refused.http_status == 429 and refused.error == "OprfBudgetSpent"
+    assert (EVALUATE.path, "OprfBudgetSpent") in [
         r[1:3] for r in refusal_rows(world.fed, "operator")]
-    assert wait_for(lambda: [p for p in _refused_entries(world, "oprf_rate_limited")
-                             if p.get("data_user") == "insurer-b"])
+    assert (LEVEL1_STEP.path, "OprfBudgetSpent") in [
+        r[1:3] for r in refusal_rows(world.fed, "health-authority")]
+    assert wait_for(lambda: [e for k, _, e in ledger_entries(world.fed)
+                             if k == "oprf_budget_tripped"
+                             and decode_leaf(e).entry.event.payload["data_user"] == "insurer-b"])
+    world.cli("govern", "reset-oprf-budget", "insurer-b")  # later tests use insurer-b
 
 
 def test_insurer_b_presenting_insurer_a_domain_tokens_is_refused(world):

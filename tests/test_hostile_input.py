@@ -7,7 +7,9 @@ caller the topology allows, and compare the target's store (row count of every
 table, the refusal record and log tables aside) before and after each request.
 """
 
+import hashlib
 import json
+import secrets
 import struct
 import threading
 import time
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from governance.ledger.signing import sign_document
 from mpc.hazmat.group import is_valid_point
 from parties.agreements.api import REGISTER_CONSENT
 from parties.claims.api import (
@@ -26,11 +29,13 @@ from parties.claims.api import (
     SHARE_TABLE_DOMAIN_HEADER,
 )
 from parties.domains.api import CREATE_DOMAIN, DOMAIN_TOKENS, LEVEL1_STEP, SharedDomainRequest
+from parties.domains.batch import SIGNATURE_DOMAIN
 from parties.ingest.api import EXPORT_BATCHES
 from parties.ledger.api import APPEND_ENTRIES
 from parties.runtime.api import PING
 from parties.runtime.mtls_server import HANDSHAKE_TIMEOUT_S, HEADER_TIMEOUT_S
 from parties.runtime.node_log import NODE_HEADER
+from parties.runtime.pki import load_signing_key
 from tests.attack_helpers import (
     REFUSAL_TABLES,
     closed_by_peer,
@@ -118,10 +123,22 @@ def _unchanged(fed: Federation, node: str):
 # --- first, while no key exists yet ------------------------------------------------------
 
 
+def _signed_points(fed: Federation, points: list[bytes]) -> dict:
+    """An insurer-a batch of arbitrary point bytes, signed in the batch format (written out
+    here, so a valid signature reaches the point checks whatever the bytes are)."""
+    body = {"data_user": "insurer-a", "scenario": "claim_check", "request_id": "fuzz",
+            "batch_id": secrets.token_hex(16), "expires_at": int(time.time()) + 60,
+            "points": [p.hex() for p in points]}
+    signed = {k: v for k, v in body.items() if k != "points"}
+    signed["points_sha256"] = hashlib.sha256(b"".join(points)).hexdigest()
+    key = load_signing_key(fed.state, "insurer-a")
+    return {**body, "signature": sign_document(key, SIGNATURE_DOMAIN, signed)}
+
+
 def test_refused_level1_request_writes_no_key(fed):
     with _unchanged(fed, "health-authority"):
         response = fed.callers.request("operator", "health-authority", "POST",
-                                       LEVEL1_STEP.path, json={"points": ["00" * 32]})
+                                       LEVEL1_STEP.path, json=_signed_points(fed, [bytes(32)]))
         _typed(response, "MalformedInput")
 
 
@@ -239,8 +256,7 @@ def test_malformed_oprf_points_are_refused_before_any_key_is_applied(fed, points
     all_valid = all(len(p) == 32 and is_valid_point(p) for p in points)
     with _unchanged(fed, "operator"):
         response = fed.callers.request("insurer-a", "regulator", "POST",
-                                       DOMAIN_TOKENS.path,
-                                       json={"points": [p.hex() for p in points]})
+                                       DOMAIN_TOKENS.path, json=_signed_points(fed, points))
     if all_valid:
         assert response.status_code in (200, 429), response.text
     else:

@@ -1,27 +1,39 @@
 """The blinded OPRF chain through real nodes: insurer -> regulator -> operator -> authority."""
 
 import sqlite3
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from mpc import xid
-from parties.domains.api import DOMAIN_TOKENS, EVALUATE, LOOKUP_TOKENS, RelayRequest, TokenLookup
+from parties.domains.api import (
+    DOMAIN_TOKENS,
+    EVALUATE,
+    LEVEL1_STEP,
+    LOOKUP_TOKENS,
+    SignedBatch,
+    TokenLookup,
+)
+from parties.domains.batch import sign_batch
+from parties.domains.budget import IDS_PER_DAY_ENV
 from parties.domains.client import domain_tokens
 from parties.domains.keys import K1_NAME
-from parties.domains.service import RATE_ENV
 from parties.node import open_node
+from parties.runtime import supervisor
 from parties.runtime.errors import FlowNotAllowed, RemoteError
+from parties.runtime.pki import load_signing_key
 from parties.runtime.routes import Kind
+from tests.attack_helpers import events, refusal_rows
 from tests.test_circulation import start
 
-# A small budget so the test can exhaust it: 1500 ids at once, 20 more per second.
-RATE = "1500/20"
+# A small daily budget so the enumeration test can exhaust it.
+IDS_PER_DAY = "1500"
 
 
 @pytest.fixture(scope="module")
 def ing(tmp_path_factory):
-    ingested = start(tmp_path_factory, {RATE_ENV: RATE}, cli_ingest=True)
+    ingested = start(tmp_path_factory, {IDS_PER_DAY_ENV: IDS_PER_DAY}, cli_ingest=True)
     yield ingested
     ingested.fed.down()
 
@@ -86,48 +98,192 @@ def test_no_key_holder_sees_an_id(ing):
             assert nid not in log and nid.encode() not in db
 
 
+def _batch(ing, signer: str, points: list[bytes], *, data_user: str | None = None,
+           **kw) -> SignedBatch:
+    """A batch naming `data_user` (the signer by default), signed with `signer`'s node key."""
+    key = load_signing_key(ing.fed.state, signer)
+    return sign_batch(key, data_user or signer, points, "attack-test", **kw)
+
+
+def _blinded(ing, n: int) -> list[bytes]:
+    return xid.blind(_ids(ing, n))[0]
+
+
+def _refused(call) -> RemoteError:
+    with pytest.raises(RemoteError) as refused:
+        call()
+    return refused.value
+
+
+def _refusals_by_caller(ing, node: str, route: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(ing.db(node)) as conn:
+        return conn.execute("SELECT caller, error FROM refusals WHERE route = ?",
+                            (route,)).fetchall()
+
+
+def _served_batches(ing) -> set[str]:
+    with sqlite3.connect(ing.db("health-authority")) as conn:
+        return {r[0] for r in conn.execute("SELECT batch_id FROM oprf_batches")}
+
+
 def test_malformed_points_are_refused_before_any_key_is_applied(ing):
-    with ing.client("insurer-a") as insurer, pytest.raises(RemoteError) as bad:
-        insurer.call("regulator", DOMAIN_TOKENS, RelayRequest(points=["00" * 32]))
-    assert bad.value.http_status == 422 and bad.value.error == "MalformedInput"
+    with ing.client("insurer-a") as insurer:
+        bad = _refused(lambda: insurer.call("regulator", DOMAIN_TOKENS,
+                                            _batch(ing, "insurer-a", [bytes(32)])))
+    assert bad.http_status == 422 and bad.error == "MalformedInput"
 
 
 def test_only_insurers_call_the_relay_and_only_the_regulator_the_operator(ing):
+    batch = _batch(ing, "insurer-a", _blinded(ing, 2)).model_dump()
     with ing.client("hospital-1") as hospital, pytest.raises(FlowNotAllowed):
-        hospital.request("regulator", "POST", DOMAIN_TOKENS.path, kind=Kind.OPRF, json={})
+        hospital.request("regulator", "POST", DOMAIN_TOKENS.path, kind=Kind.OPRF, json=batch)
     with ing.client("insurer-b") as insurer, pytest.raises(RemoteError) as direct:
         insurer.request("operator", "POST", EVALUATE.path, kind=Kind.OPRF, check_flow=False,
-                        json={"data_user": "insurer-a", "points": ["00" * 32]})
+                        json=batch)
     assert direct.value.http_status == 403
 
 
-def test_requests_over_the_rate_limit_are_refused_and_logged(ing):
-    blinded, _ = xid.blind([f"probe-{i}" for i in range(1000)])
-    body = RelayRequest(points=[p.hex() for p in blinded])
+def test_operator_cannot_have_k1_applied_to_a_hashed_id_of_its_choice(ing):
+    """The operator, with its own certificate and signing key, asks the authority for
+    k1·H(id) of a person it wants to re-identify: every form of the request is refused
+    and logged, and nothing is evaluated."""
+    target = xid.hash_to_group([_ids(ing, 1)[0]])
+    ha_refusals = len(refusal_rows(ing.fed, "health-authority"))
+    own = _batch(ing, "operator", target)  # signed by the operator as itself
+    as_insurer = _batch(ing, "operator", target, data_user="insurer-a")  # forged signer
+    # A batch insurer-a really signed, as the operator relays it, with the point swapped.
+    honest = _batch(ing, "insurer-a", _blinded(ing, 3))
+    swapped = honest.model_copy(update={"points": [target[0].hex(), *honest.points[1:]]})
+    with ing.client("regulator") as regulator:  # the honest batch is served, once
+        regulator.call("operator", EVALUATE, honest)
+    with ing.client("operator") as operator:
+        refusals = [_refused(lambda b=b: operator.call("health-authority", LEVEL1_STEP, b))
+                    for b in (own, as_insurer, swapped, honest)]
+    assert [(r.http_status, r.error) for r in refusals] == [
+        (403, "BatchSignatureInvalid"), (403, "BatchSignatureInvalid"),
+        (403, "BatchSignatureInvalid"), (409, "BatchReplayed")]
+    served = _served_batches(ing)
+    assert honest.batch_id in served and not {own.batch_id, as_insurer.batch_id} & served
+    rows = refusal_rows(ing.fed, "health-authority")[ha_refusals:]
+    assert [(r[1], r[2]) for r in rows] == [(LEVEL1_STEP.path, r.error) for r in refusals]
+    logged = events(ing.fed, "health-authority", "oprf_batch_refused")
+    assert {own.batch_id, as_insurer.batch_id, honest.batch_id} <= {e["batch_id"] for e in logged}
+    assert all(e["relay"] == "operator" for e in logged)
+    with sqlite3.connect(ing.db("operator")) as conn:
+        entries = conn.execute("SELECT COUNT(*) FROM ledger_entries WHERE kind = "
+                               "'query_refused'").fetchone()[0]
+    assert entries >= 4
+
+
+def test_regulator_cannot_obtain_another_insurers_domain_tokens(ing):
+    """The regulator names insurer-b's domain for points of its choice, or reuses or edits
+    a batch insurer-b signed: refused by the operator (and the authority), logged."""
+    chosen = _blinded(ing, 4)
+    forged = _batch(ing, "regulator", chosen, data_user="insurer-b")
+    itself = _batch(ing, "regulator", chosen)
+    with ing.client("insurer-b") as b:
+        captured = _batch(ing, "insurer-b", _blinded(ing, 2))
+        b.call("regulator", DOMAIN_TOKENS, captured)
+    edited = captured.model_copy(update={"points": [p.hex() for p in chosen[:2]]})
+    with ing.client("regulator") as regulator:
+        refusals = [_refused(lambda x=x: regulator.call("operator", EVALUATE, x))
+                    for x in (forged, itself, edited, captured)]
+    assert [(r.http_status, r.error) for r in refusals] == [
+        (403, "BatchSignatureInvalid"), (403, "BatchSignatureInvalid"),
+        (403, "BatchSignatureInvalid"), (409, "BatchReplayed")]
+    errors = [(r[1], r[2]) for r in refusal_rows(ing.fed, "operator") if r[1] == EVALUATE.path]
+    assert errors.count((EVALUATE.path, "BatchSignatureInvalid")) >= 3
+    assert (EVALUATE.path, "BatchReplayed") in errors
+    assert (LEVEL1_STEP.path, "BatchReplayed") in [
+        (r[1], r[2]) for r in refusal_rows(ing.fed, "health-authority")]
+    # An insurer cannot have the relay name another insurer either.
+    with ing.client("insurer-a") as a:
+        other = _refused(lambda: a.call("regulator", DOMAIN_TOKENS,
+                                        _batch(ing, "insurer-a", chosen, data_user="insurer-b")))
+        named = _refused(lambda: a.call("regulator", DOMAIN_TOKENS, forged))
+    assert (other.error, named.error) == ("BatchSignatureInvalid", "BatchSignatureInvalid")
+    assert ("insurer-a", "BatchSignatureInvalid") in _refusals_by_caller(ing, "regulator",
+                                                                        DOMAIN_TOKENS.path)
+
+
+def test_expired_and_overlong_batches_are_refused(ing):
+    with ing.client("insurer-a") as a:
+        stale = _refused(lambda: a.call("regulator", DOMAIN_TOKENS, _batch(
+            ing, "insurer-a", _blinded(ing, 2), now=time.time() - 600)))
+        overlong = _refused(lambda: a.call("regulator", DOMAIN_TOKENS, _batch(
+            ing, "insurer-a", _blinded(ing, 2), ttl_s=3600)))
+    assert (stale.http_status, stale.error) == (403, "BatchExpired")
+    assert (overlong.http_status, overlong.error) == (403, "BatchExpired")
+
+
+def _restart_authority(ing, monkeypatch, while_down=None) -> None:
+    monkeypatch.setenv(IDS_PER_DAY_ENV, IDS_PER_DAY)
+    supervisor.stop_node(ing.fed.state, "health-authority", grace=5)
+    if while_down:
+        while_down()
+    supervisor.start_node(ing.fed.state, ing.fed.topology_path, "health-authority")
+    status = supervisor.wait_healthy(ing.fed.state, ing.fed.topology, ["health-authority"])
+    assert status["health-authority"] == "ok", status
+
+
+def test_enumeration_past_the_daily_cap_stays_refused_after_a_restart(ing, monkeypatch):
+    """insurer-b enumerates guessed ids: the batch that crosses the daily cap trips an
+    incident; every later batch is refused, across a restart of the authority, until an
+    administrator resets the budget."""
+    guesses = [f"32050519{i:010d}" for i in range(1000)]
     refused = None
     with ing.client("insurer-b") as insurer:
-        for _ in range(4):
+        for _ in range(3):
             try:
-                insurer.call("regulator", DOMAIN_TOKENS, body)
+                domain_tokens(insurer, guesses)
             except RemoteError as exc:
                 refused = exc
                 break
-    assert refused is not None, "the budget of 1500 ids must run out within 4000"
-    assert refused.http_status == 429 and refused.error == "RateLimited"
+    assert refused is not None, f"a budget of {IDS_PER_DAY} ids must run out within 3000"
+    assert refused.http_status == 429 and refused.error == "OprfBudgetSpent"
+    with ing.client("insurer-b") as insurer:  # even a small batch, once tripped
+        assert _refused(lambda: domain_tokens(insurer, _ids(ing, 2))).error == "OprfBudgetSpent"
+    with sqlite3.connect(ing.db("health-authority")) as conn:
+        incidents = conn.execute("SELECT data_user, cap FROM oprf_budget_incidents"
+                                 " WHERE reset_at IS NULL").fetchall()
+    assert incidents == [("insurer-b", int(IDS_PER_DAY))]
     with sqlite3.connect(ing.db("operator")) as conn:
-        logged = conn.execute(
-            "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'query_refused'").fetchone()[0]
-        counted = conn.execute(
-            "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'oprf_evaluated'").fetchone()[0]
-        refusals = conn.execute(
-            "SELECT error FROM refusals WHERE route = ?", (EVALUATE.path,)).fetchall()
-    assert logged >= 1 and counted >= 1 and ("RateLimited",) in refusals
-    # The regulator passed the refusal on as its own typed one, recorded and logged.
-    with sqlite3.connect(ing.db("regulator")) as conn:
-        relayed = conn.execute("SELECT caller, error FROM refusals WHERE route = ?",
-                               (DOMAIN_TOKENS.path,)).fetchall()
-    assert ("insurer-b", "RateLimited") in relayed
-    assert '"oprf_refused"' in ing.fed.state.node("regulator").log.read_text()
-    # The other insurer's budget is its own.
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM ledger_entries")]
+    assert "oprf_budget_tripped" in kinds and "oprf_level1_applied" in kinds
+    # The regulator and the operator pass the refusal on as the same typed error.
+    assert ("insurer-b", "OprfBudgetSpent") in _refusals_by_caller(ing, "regulator",
+                                                                  DOMAIN_TOKENS.path)
+
+    _restart_authority(ing, monkeypatch)
+    with ing.client("insurer-b") as insurer:
+        assert _refused(lambda: domain_tokens(insurer, _ids(ing, 2))).error == "OprfBudgetSpent"
+    with ing.client("insurer-a") as insurer:  # the other insurer's budget is its own
+        assert len(domain_tokens(insurer, _ids(ing, 3))) == 3
+
+    out = ing.cli("govern", "reset-oprf-budget", "insurer-b")
+    assert "reset" in out
+    with ing.client("insurer-b") as insurer:
+        assert domain_tokens(insurer, _ids(ing, 3)) == _direct(ing, "insurer-b", _ids(ing, 3))
+    listed = ing.cli("govern", "oprf-budgets")
+    assert "insurer-b" in listed and "open" in listed
+
+
+def _trip(ing, insurer: str) -> None:
+    guesses = [f"32050520{i:010d}" for i in range(1000)]
+    with ing.client(insurer) as client, pytest.raises(RemoteError) as refused:
+        for _ in range(3):
+            domain_tokens(client, guesses)
+    assert refused.value.error == "OprfBudgetSpent"
+
+
+def test_a_tripped_budget_opens_again_on_the_next_utc_day(ing, monkeypatch):
+    _trip(ing, "insurer-a")
+
+    def yesterday() -> None:  # the node is down: move its book back one day
+        with sqlite3.connect(ing.db("health-authority")) as conn:
+            for table in ("oprf_usage", "oprf_budget_incidents", "oprf_batches"):
+                conn.execute(f"UPDATE {table} SET day = date(day, '-1 day')")
+
+    _restart_authority(ing, monkeypatch, while_down=yesterday)
     with ing.client("insurer-a") as insurer:
         assert len(domain_tokens(insurer, _ids(ing, 3))) == 3

@@ -8,13 +8,19 @@ user reaches its tokens only through the blinded chain:
 
     insurer --DOMAIN_TOKENS--> regulator --EVALUATE--> operator --LEVEL1_STEP--> authority
 
+Every hop carries the insurer's `SignedBatch`: the blinded points signed with the insurer's
+node key together with the request id, a fresh batch id and an expiry. The authority
+applies k1 only to such a batch, once, within the insurer's daily id budget
+(`OPRF_BUDGETS`, `RESET_OPRF_BUDGET`), so neither relay can have k1 applied to points of
+its own choosing or name another data user.
+
 k1 rotates at the health authority (`ROTATE_LEVEL1`), which streams the old -> new
 p1 mapping to the operator (`LEVEL1_MAPPING`) and commits it (`LEVEL1_COMMIT`).
 """
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from governance.errors import GovernanceError
 from governance.leak_tracing import LeakReport
@@ -32,6 +38,8 @@ MAX_POINTS = 1000  # blinded points per OPRF request
 Scenario = Annotated[str, Field(pattern=SCENARIO_PATTERN)]
 DataUser = Annotated[str, Field(pattern=DATA_USER_PATTERN)]
 HexPoint = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+BatchId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -61,8 +69,28 @@ class NotADataUser(DomainError):
     http_status = 422
 
 
-class RateLimited(DomainError):
-    """The data user exceeded its OPRF budget; retry later."""
+class BatchSignatureInvalid(DomainError):
+    """The batch does not carry a valid signature of the insurer it names, or the caller
+    relays for another insurer than the one who signed."""
+
+    http_status = 403
+
+
+class BatchExpired(DomainError):
+    """The batch's expiry has passed, or lies further ahead than a batch may live."""
+
+    http_status = 403
+
+
+class BatchReplayed(DomainError):
+    """This batch id was already evaluated: a signed batch is served once."""
+
+    http_status = 409
+
+
+class OprfBudgetSpent(DomainError):
+    """The data user's daily OPRF id budget tripped: refused until the next UTC day or an
+    administrator's reset."""
 
     http_status = 429
 
@@ -140,22 +168,40 @@ class SharedDomainKeyRotated(BaseModel):
 
 
 class BlindedPoints(BaseModel):
-    """Blinded points, as the authority's level-1 step takes and returns them."""
+    """Blinded points, as the authority's level-1 step returns them."""
 
     points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
 
 
-class RelayRequest(BaseModel):
-    """An insurer's blinded points; the regulator names the insurer it authenticated."""
+class SignedBatch(BaseModel):
+    """An insurer's blinded points, signed by its node key (`parties.domains.batch`).
 
-    scenario: Scenario = DEFAULT_SCENARIO
-    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+    The signature covers every field but itself, the points through their SHA-256
+    (`points_sha256` is recomputed, never sent), so a relay that alters, adds or drops a
+    point, renames the data user or the scenario, or reuses the batch for another request
+    breaks it. `batch_id` is the replay key; `expires_at` is UNIX seconds.
+    """
 
+    model_config = ConfigDict(extra="forbid")
 
-class OprfRequest(BaseModel):
-    scenario: Scenario = DEFAULT_SCENARIO
     data_user: DataUser
+    scenario: Scenario = DEFAULT_SCENARIO
+    request_id: RequestId
+    batch_id: BatchId
+    expires_at: Annotated[int, Field(ge=0)]
     points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+
+class OprfBudget(BaseModel):
+    """A data user's OPRF id budget at the health authority, for one UTC day."""
+
+    data_user: str
+    day: str
+    used: int
+    cap: int
+    spent: bool
+    incidents: int
 
 
 class Points(BaseModel):
@@ -208,12 +254,16 @@ TRACE_LEAK = Route("POST", "/v1/domains/trace-leak", Kind.ADMIN, LeakedTokens, L
 ROTATE_DOMAIN_KEY = Route("POST", "/v1/domains/{domain_id}/rotate", Kind.ADMIN, None,
                           SharedDomainKeyRotated, tag="domains")
 
-DOMAIN_TOKENS = Route("POST", "/v1/oprf/domain-tokens", Kind.OPRF, RelayRequest, Points,
+DOMAIN_TOKENS = Route("POST", "/v1/oprf/domain-tokens", Kind.OPRF, SignedBatch, Points,
                       roles=(Role.INSURER,), tag="oprf")
-EVALUATE = Route("POST", "/v1/oprf/evaluate", Kind.OPRF, OprfRequest, Points,
+EVALUATE = Route("POST", "/v1/oprf/evaluate", Kind.OPRF, SignedBatch, Points,
                  roles=(Role.REGULATOR,), tag="oprf")
-LEVEL1_STEP = Route("POST", "/v1/oprf/level1", Kind.OPRF, BlindedPoints, BlindedPoints,
+LEVEL1_STEP = Route("POST", "/v1/oprf/level1", Kind.OPRF, SignedBatch, BlindedPoints,
                     roles=(Role.OPERATOR,), tag="oprf")
+OPRF_BUDGETS = Route("GET", "/v1/oprf/budgets", Kind.ADMIN, None, list[OprfBudget],
+                     tag="health authority")
+RESET_OPRF_BUDGET = Route("POST", "/v1/oprf/budgets/{data_user}/reset", Kind.ADMIN, None,
+                          OprfBudget, tag="health authority")
 
 ROTATE_LEVEL1 = Route("POST", "/v1/governance/level1/rotate", Kind.ADMIN, None, Level1Rotation,
                       tag="health authority")

@@ -1,5 +1,6 @@
-"""`cogov domain ...`, `cogov govern trace-leak` and `cogov govern rotate-k1`: the shared
-domains and the keys behind them, as the operator's or the authority's local operator
+"""`cogov domain ...`, `cogov govern trace-leak`, `cogov govern rotate-k1` and `cogov govern
+oprf-budgets` / `reset-oprf-budget`: the shared domains, the keys behind them and the
+authority's OPRF budgets, as the operator's or the authority's local operator
 (its own certificate, admin routes)."""
 
 from pathlib import Path
@@ -16,10 +17,13 @@ from parties.domains.api import (
     DEFAULT_SCENARIO,
     DELETE_DOMAIN,
     LIST_DOMAINS,
+    OPRF_BUDGETS,
+    RESET_OPRF_BUDGET,
     ROTATE_DOMAIN_KEY,
     ROTATE_LEVEL1,
     TRACE_LEAK,
     LeakedTokens,
+    OprfBudget,
     SharedDomain,
     SharedDomainRequest,
 )
@@ -92,6 +96,44 @@ def rotate_k1(
         f"{done.persons:,} persons ({done.visits:,} visits) re-keyed at the authority; "
         f"the operator moved {op.persons:,} persons and re-derived the tokens of "
         f"{op.domains} shared domains; key_rotated and tokens_rederived are logged")
+
+
+def _budget_table(rows: list[OprfBudget]) -> Table:
+    table = Table(title="OPRF id budgets at the health authority")
+    for head in ("data user", "day", "used", "cap", "state", "incidents"):
+        table.add_column(head)
+    for b in rows:
+        table.add_row(b.data_user, b.day, f"{b.used:,}", f"{b.cap:,}",
+                      "spent" if b.spent else "open", str(b.incidents))
+    return table
+
+
+@govern_commands.command("oprf-budgets")
+def oprf_budgets(
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Today's OPRF id budget of every data user, as the health authority keeps it."""
+    _, topo = resolve_topology(state, topology)
+    authority = role_node(topo, Role.HEALTH_AUTHORITY)
+    with exit_on(NodeError), long_client(state, topo, authority) as client:
+        rows = client.call(authority, OPRF_BUDGETS)
+    console.print(_budget_table(rows))
+
+
+@govern_commands.command("reset-oprf-budget")
+def reset_oprf_budget(
+    data_user: Annotated[str, typer.Argument(help="The insurer node whose budget tripped.")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Lift a data user's tripped OPRF budget and zero its count of today (logged)."""
+    _, topo = resolve_topology(state, topology)
+    authority = role_node(topo, Role.HEALTH_AUTHORITY)
+    with exit_on(NodeError), long_client(state, topo, authority) as client:
+        done = client.call(authority, RESET_OPRF_BUDGET, params={"data_user": data_user})
+    console.print(_budget_table([done]))
+    console.print(f"OPRF budget of {data_user} reset; oprf_budget_reset is logged")
 
 
 def _domain_table(rows: list[SharedDomain]) -> Table:

@@ -1,19 +1,28 @@
-"""The regulator's step of the OPRF chain: it relays an authenticated insurer's blinded
-points to the operator, naming that insurer as the data user.
+"""The regulator's step of the OPRF chain: it relays an authenticated insurer's signed
+batch of blinded points to the operator.
 
-    insurer: r·H(id)  ->  regulator (authenticates the insurer, relays, names it)
-             ->  operator (asks the health authority for k1, applies k2 of the
+    insurer: r·H(id), signed  ->  regulator (the caller must be the insurer who signed)
+             ->  operator (asks the health authority for k1, applies k2 of the signing
                  insurer's shared domain)  ->  back;  insurer: r^-1·k2·k1·r·H(id) = T_d(id)
 
-The regulator sees only blinded points. A refusal of the operator (`RateLimited`,
-`DomainDeleted`, ...) propagates as its own typed error: the regulator answers with
-the same name, status and detail and records the refusal. The insurer's side is
-`parties.domains.client`; the operator's step is `parties.domains.service`.
+The regulator sees only blinded points and cannot name a data user: the batch names the
+insurer who signed it, and the regulator relays it only for that insurer's own mTLS
+connection. A refusal of the operator or the authority (`OprfBudgetSpent`,
+`BatchReplayed`, `DomainDeleted`, ...) propagates as its own typed error: the regulator
+answers with the same name, status and detail and records the refusal. The insurer's
+side is `parties.domains.client`; the operator's step is `parties.domains.service`.
 """
 
 from fastapi import APIRouter
 
-from parties.domains.api import DOMAIN_TOKENS, EVALUATE, OprfRequest, Points, RelayRequest
+from parties.domains.api import (
+    DOMAIN_TOKENS,
+    EVALUATE,
+    BatchSignatureInvalid,
+    Points,
+    SignedBatch,
+)
+from parties.domains.batch import insurer_keys, verify_batch
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import RemoteError
@@ -26,13 +35,18 @@ def _relay_routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
 
     @mount(router, DOMAIN_TOKENS)
-    def relay(body: RelayRequest, caller: Caller) -> Points:
-        """Relay an insurer's blinded points to the operator, naming the authenticated insurer."""
+    def relay(body: SignedBatch, caller: Caller) -> Points:
+        """Relay the calling insurer's signed batch of blinded points to the operator."""
+        if body.data_user != caller.name:
+            ctx.log.event("oprf_refused", data_user=caller.name, named=body.data_user,
+                          error="BatchSignatureInvalid")
+            raise BatchSignatureInvalid(
+                f"{caller.name} relays only its own batches, not {body.data_user}'s")
+        verify_batch(body, insurer_keys(ctx))
         operator = ctx.topology.node_of(Role.OPERATOR)
         try:
             with ctx.client() as client:
-                out = client.call(operator, EVALUATE, OprfRequest(
-                    scenario=body.scenario, data_user=caller.name, points=body.points))
+                out = client.call(operator, EVALUATE, body)
         except RemoteError as exc:
             ctx.log.event("oprf_refused", data_user=caller.name, error=exc.error,
                           status=exc.http_status)

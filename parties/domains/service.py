@@ -2,15 +2,13 @@
 tracing, and the health authority's level-1 OPRF step.
 
 Data users reach their shared domain's tokens only through the blinded OPRF chain
-(`EVALUATE`, called by the regulator on behalf of an authenticated insurer): the
-operator has the health authority apply k1 (`LEVEL1_STEP`; k1 never leaves it), then
-applies k2[d] of the caller's shared domain. Requests are rate-limited per data user.
+(`EVALUATE`, called by the regulator with the insurer's signed batch): the operator has
+the health authority apply k1 (`LEVEL1_STEP`; k1 never leaves it), then applies k2[d] of
+the signing insurer's shared domain. The authority evaluates only insurer-signed batches,
+once each, within the insurer's daily id budget (`parties.domains.budget`).
 Leak tracing matches leaked tokens against every live shared domain.
 """
 
-import os
-import threading
-import time
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -19,29 +17,35 @@ from fastapi import APIRouter, Path
 from governance.leak_tracing import trace_leak
 from governance.ledger.events import register_event_kind
 from mpc import xid
-from mpc.errors import MalformedInput
 from parties.domains.api import (
     CREATE_DOMAIN,
+    DATA_USER_PATTERN,
     DELETE_DOMAIN,
     DOMAIN_ID_PATTERN,
     EVALUATE,
     LEVEL1_STEP,
     LIST_DOMAINS,
     LOOKUP_TOKENS,
+    OPRF_BUDGETS,
+    RESET_OPRF_BUDGET,
     TRACE_LEAK,
     BlindedPoints,
     DomainError,
     LeakedTokens,
     LeakTrace,
     LookupResult,
-    OprfRequest,
+    OprfBudget,
     Points,
-    RateLimited,
     SharedDomain,
     SharedDomainAttribution,
     SharedDomainRequest,
+    SignedBatch,
     TokenLookup,
 )
+from parties.domains.batch import insurer_keys, verify_batch
+from parties.domains.budget import COMPONENT as BUDGET_COMPONENT
+from parties.domains.budget import MIGRATIONS as BUDGET_MIGRATIONS
+from parties.domains.budget import admit_batch, list_budgets, reset_budget
 from parties.domains.keys import K1_NAME, domain_key_name
 from parties.domains.registry import (
     COMPONENT,
@@ -55,89 +59,40 @@ from parties.domains.registry import (
 from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
+from parties.runtime.errors import NodeError
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 
-#: default OPRF budget per data user: burst capacity and refill, in ids (points)
-DEFAULT_RATE = (20_000, 2_000.0)
-RATE_ENV = "COGOV_OPRF_RATE_LIMIT"  # "capacity/refill_per_second", e.g. "5000/500"
 OPRF_EVALUATED = register_event_kind("oprf_evaluated")
 
 DomainId = Annotated[str, Path(pattern=DOMAIN_ID_PATTERN)]
 
 
-# --- OPRF: the operator's step, rate-limited per data user --------------------------------
+# --- OPRF: the operator's step, for the insurer that signed the batch -----------------------
 
 
-class TokenBucket:
-    """`capacity` ids at once, refilled at `refill` ids per second."""
-
-    def __init__(self, capacity: int, refill: float) -> None:
-        self.capacity, self.refill = capacity, refill
-        self.level = float(capacity)
-        self.stamp = time.monotonic()
-        self.lock = threading.Lock()
-
-    def take(self, cost: int) -> bool:
-        with self.lock:
-            now = time.monotonic()
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.refill)
-            self.stamp = now
-            if cost > self.level:
-                return False
-            self.level -= cost
-            return True
-
-
-def rate_limit() -> tuple[int, float]:
-    """(capacity, refill per second) from $COGOV_OPRF_RATE_LIMIT, else the default."""
-    raw = os.environ.get(RATE_ENV)
-    if not raw:
-        return DEFAULT_RATE
-    capacity, _, refill = raw.partition("/")
-    return int(capacity), float(refill or 0)
-
-
-class OprfBuckets:
-    def __init__(self) -> None:
-        self.by_user: dict[str, TokenBucket] = {}
-
-
-def _bucket(ctx: NodeContext, data_user: str) -> TokenBucket:
-    buckets = ctx.component(OprfBuckets, OprfBuckets).by_user
-    with ctx.store.lock:
-        if data_user not in buckets:
-            buckets[data_user] = TokenBucket(*rate_limit())
-        return buckets[data_user]
-
-
-def evaluate_for_data_user(
-    ctx: NodeContext, scenario: str, data_user: str, points: Sequence[bytes]
-) -> list[bytes]:
-    """k2[d]·k1·P for blinded points P of `data_user`'s shared domain; k1 applied by the
-    authority."""
-    domain_id = live_domain(ctx, scenario, data_user)
-    if not _bucket(ctx, data_user).take(len(points)):
-        append_entry(ctx, "query_refused", {
-            "reason": "oprf_rate_limited", "data_user": data_user, "domain": domain_id,
-            "points": len(points),
-        })
-        raise RateLimited(f"{data_user} exceeded its OPRF budget ({rate_limit()[0]} ids, "
-                          f"{rate_limit()[1]:g} per second)")
+def evaluate_signed_batch(ctx: NodeContext, batch: SignedBatch) -> list[bytes]:
+    """k2[d]·k1·P for the blinded points of an insurer's signed batch, d being the shared
+    domain of the insurer who signed it; k1 applied by the authority, which checks the
+    signature again, refuses replays and charges the insurer's daily budget."""
+    digest = verify_batch(batch, insurer_keys(ctx))
+    domain_id = live_domain(ctx, batch.scenario, batch.data_user)
     key = ctx.secrets.xid_key(domain_key_name(domain_id))
+    points = [bytes.fromhex(p) for p in batch.points]
     xid.evaluate_blinded(key, points)  # refuse malformed points before the authority sees them
     authority = ctx.topology.node_of(Role.HEALTH_AUTHORITY)
     with ctx.client() as client:
-        stepped = client.call(authority, LEVEL1_STEP,
-                              BlindedPoints(points=[bytes(p).hex() for p in points]))
+        stepped = client.call(authority, LEVEL1_STEP, batch)
     if len(stepped.points) != len(points):
         raise DomainError("the health authority returned the wrong number of points")
     result = xid.evaluate_blinded(key, [bytes.fromhex(p) for p in stepped.points])
     append_entry(ctx, OPRF_EVALUATED, {
-        "data_user": data_user, "domain": domain_id, "scenario": scenario, "points": len(points),
+        "data_user": batch.data_user, "domain": domain_id, "scenario": batch.scenario,
+        "points": len(points), "batch_id": batch.batch_id, "batch_digest": digest,
     })
-    ctx.log.event("oprf_evaluated", data_user=data_user, domain=domain_id, points=len(points))
+    ctx.log.event("oprf_evaluated", data_user=batch.data_user, domain=domain_id,
+                  points=len(points), batch_id=batch.batch_id)
     return result
 
 
@@ -213,15 +168,10 @@ def _operator_routes(ctx: NodeContext) -> list[APIRouter]:
         return trace_leaked_tokens(ctx, body.tokens)
 
     @mount(router, EVALUATE)
-    def post_evaluate(body: OprfRequest, caller: Caller) -> Points:
-        """Apply k1 (via the health authority) and k2 of the data user's shared domain to
-        blinded points.
-
-        The regulator relays for the insurer it authenticated and names it in `data_user`.
-        """
-        points = [bytes.fromhex(p) for p in body.points]
-        out = evaluate_for_data_user(ctx, body.scenario, body.data_user, points)
-        return Points(points=[p.hex() for p in out])
+    def post_evaluate(body: SignedBatch, caller: Caller) -> Points:
+        """Apply k1 (via the health authority) and k2 of the signing insurer's shared domain
+        to its signed batch of blinded points, relayed by the regulator."""
+        return Points(points=[p.hex() for p in evaluate_signed_batch(ctx, body)])
 
     return [router]
 
@@ -230,22 +180,60 @@ def _authority_routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
 
     @mount(router, LEVEL1_STEP)
-    def level1(body: BlindedPoints, caller: Caller) -> BlindedPoints:
-        """k1·P for blinded points relayed by the operator (the authority never sees an id).
+    def level1(body: SignedBatch, caller: Caller) -> BlindedPoints:
+        """k1·P for an insurer's signed batch of blinded points, relayed by the operator (the
+        authority never sees an id).
 
-        k1 exists once data was governed; this route never creates it, so a refused
-        request leaves no key behind.
+        Only a batch signed by the insurer it names, alive, never served before and within
+        that insurer's daily budget is evaluated; each is recorded and logged (count and
+        digest, never points). k1 exists once data was governed; this route never creates
+        it, so a refused request leaves no key behind.
         """
         try:
-            points = [bytes.fromhex(p) for p in body.points]
-        except ValueError as exc:
-            raise MalformedInput(f"points must be hex: {exc}") from None
+            digest = verify_batch(body, insurer_keys(ctx))
+        except DomainError as exc:
+            _log_batch_refused(ctx, body, caller.name, exc)
+            raise
+        points = [bytes.fromhex(p) for p in body.points]
         xid.check_points(points)
-        out = xid.evaluate_blinded(ctx.secrets.xid_key(K1_NAME), points)
-        ctx.log.event("oprf_level1", caller=caller.name, points=len(out))
+        key = ctx.secrets.xid_key(K1_NAME)
+        try:
+            admit_batch(ctx, body, digest)
+        except DomainError as exc:
+            _log_batch_refused(ctx, body, caller.name, exc)
+            raise
+        out = xid.evaluate_blinded(key, points)
+        ctx.log.event("oprf_level1", caller=caller.name, data_user=body.data_user,
+                      batch_id=body.batch_id, points=len(out), batch_digest=digest)
         return BlindedPoints(points=[p.hex() for p in out])
 
+    @mount(router, OPRF_BUDGETS)
+    def get_budgets(caller: Caller) -> list[OprfBudget]:
+        """Today's OPRF id budget of every data user."""
+        return list_budgets(ctx)
+
+    @mount(router, RESET_OPRF_BUDGET)
+    def post_reset(data_user: Annotated[str, Path(pattern=DATA_USER_PATTERN)],
+                   caller: Caller) -> OprfBudget:
+        """Lift a tripped OPRF budget and zero the data user's count of today (logged)."""
+        return reset_budget(ctx, data_user, caller.name)
+
     return [router]
+
+
+def _log_batch_refused(ctx: NodeContext, batch: SignedBatch, relay: str,
+                       exc: DomainError) -> None:
+    """A refused batch is a possible attack by the relay or the insurer: logged here and in
+    the federation's log (data user as named, batch id, count; never points)."""
+    ctx.log.event("oprf_batch_refused", relay=relay, data_user=batch.data_user,
+                  batch_id=batch.batch_id, points=len(batch.points), error=type(exc).__name__)
+    try:
+        append_entry(ctx, "query_refused", {
+            "reason": "oprf_batch_refused", "error": type(exc).__name__, "relay": relay,
+            "data_user": batch.data_user, "batch_id": batch.batch_id,
+            "points": len(batch.points)})
+    except NodeError as failed:  # the refusal stands; the node's own log has it
+        ctx.log.event("log_append_failed", kind="query_refused", error=repr(failed))
 
 
 OPERATOR_DOMAINS_SERVICE = Service(
@@ -259,4 +247,5 @@ AUTHORITY_LEVEL1_OPRF_SERVICE = Service(
     name="level1-oprf",
     roles=(Role.HEALTH_AUTHORITY,),
     routers=_authority_routes,
+    components=((BUDGET_COMPONENT, BUDGET_MIGRATIONS),),
 )

@@ -52,6 +52,7 @@ class NodeClient:
         context: ssl.SSLContext | None = None,
     ) -> None:
         self.me = me
+        self.state = state
         self.topology = topology
         self.log = log
         # A local administrator's second-factor session, sent only to this node itself.
