@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
-from parties.ledger.api import APPEND_ENTRIES, GOSSIP, POLL, WITNESSED_HEAD
+from parties.ledger.api import APPEND_ENTRIES, CHECKPOINT, GOSSIP, POLL, WITNESSED_HEAD
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
 from parties.runtime.client import NodeClient
@@ -22,7 +22,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     fed = Federation(
-        tmp_path_factory.mktemp("ledger"), nodes=["health-authority", "operator", "regulator"]
+        tmp_path_factory.mktemp("ledger"),
+        nodes=["health-authority", "operator", "regulator", "insurer-a"],
     )
     fed.up()
     ha = open_node(fed.state, fed.topology, "health-authority")
@@ -58,12 +59,11 @@ def test_witnesses_gossip_their_cosigned_heads(logged):
         assert client.call("regulator", GOSSIP) == ["health-authority"]
     with NodeClient(logged.state, logged.topology, "health-authority") as client:
         assert client.call("health-authority", GOSSIP) == ["regulator"]
-    # Only fellow witnesses read a witness's head.
-    with NodeClient(logged.state, logged.topology, "operator") as client, \
-            pytest.raises(RemoteError) as refused:
-        client.request("regulator", "GET", WITNESSED_HEAD.path, kind=Kind.WITNESS,
-                       check_flow=False)
-    assert refused.value.http_status == 403
+    # A witness's head is public to the federation (the transparency API): an insurer, with
+    # no flow to the health authority, reads it there.
+    with NodeClient(logged.state, logged.topology, "insurer-a") as client:
+        assert client.call("health-authority", WITNESSED_HEAD).cosignature.witness == (
+            "health-authority")
     for node in ("regulator", "health-authority"):
         conn = sqlite3.connect(logged.state.node(node).db)
         try:
@@ -134,3 +134,52 @@ def test_tampered_store_fails_verification_and_says_where(tmp_path, how):
     assert result.exit_code == 1
     assert "FAILED" in result.output
     assert "entry 1" in result.output or "entry 2" in result.output
+
+
+def _flat(result) -> str:
+    return " ".join(result.output.split())  # the console wraps long lines
+
+
+def _poll_witnesses(fed: Federation) -> None:
+    for node in ("regulator", "health-authority"):
+        with NodeClient(fed.state, fed.topology, node) as client:
+            client.call(node, POLL)
+
+
+def test_an_insurer_audits_the_log_with_public_keys_only(logged):
+    """From the insurer's node: the cosigned C2SP checkpoint, each witness's head asked of
+    the witness itself, the incidents, every entry against the root."""
+    _poll_witnesses(logged)
+    with NodeClient(logged.state, logged.topology, "insurer-a") as client:
+        text = client.call("operator", CHECKPOINT).decode()
+    assert "\n\n\u2014 " in text and text.count("\u2014 ") == 3  # log + 2 witnesses
+    result = _cli(logged, "ledger", "audit", "--as", "insurer-a")
+    assert result.exit_code == 0, result.output
+    assert "cosigned by health-authority, regulator" in _flat(result)
+
+
+def test_an_operator_that_drops_cosignatures_or_rewrites_its_tail_fails_the_audit(logged):
+    """The operator edits its own store: it drops the witnesses' cosignature rows (to show a
+    head they never saw), or rewrites the last entry. The insurer's audit fails either way."""
+    _poll_witnesses(logged)
+    db = sqlite3.connect(logged.state.node("operator").db)
+    try:
+        with db:
+            saved = db.execute("SELECT * FROM ledger_cosignatures").fetchall()
+            db.execute("DELETE FROM ledger_cosignatures WHERE witness = 'health-authority'")
+        dropped = _cli(logged, "ledger", "audit", "--as", "insurer-a")
+        assert dropped.exit_code != 0 and "missing: health-authority" in _flat(dropped)
+        with db:
+            db.executemany("INSERT OR REPLACE INTO ledger_cosignatures VALUES (?, ?, ?)", saved)
+            last, leaf = db.execute("SELECT leaf_index, leaf FROM ledger_entries"
+                                    " ORDER BY leaf_index DESC LIMIT 1").fetchone()
+            forged = bytes(leaf).replace(b"c-1", b"c-9")
+            assert forged != bytes(leaf)
+            db.execute("UPDATE ledger_entries SET leaf = ? WHERE leaf_index = ?", (forged, last))
+        rewritten = _cli(logged, "ledger", "audit", "--as", "insurer-a")
+        assert rewritten.exit_code != 0 and "do not hash to the checkpoint" in _flat(rewritten)
+        with db:
+            db.execute("UPDATE ledger_entries SET leaf = ? WHERE leaf_index = ?", (leaf, last))
+    finally:
+        db.close()
+    assert _cli(logged, "ledger", "audit", "--as", "insurer-a").exit_code == 0

@@ -12,12 +12,13 @@ from pydantic import BaseModel, Field, RootModel
 
 from governance.ledger import Cosignature, SignedEntry, SignedTreeHead, WitnessedHead
 from parties.runtime.errors import NodeError
-from parties.runtime.routes import Kind, Route
+from parties.runtime.routes import Kind, Raw, Route
 from parties.runtime.topology import Role, Topology
 
 LOG_NODE_ROLE = Role.OPERATOR
 WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)
 MAX_ENTRIES_PER_APPEND = 1000
+MAX_ENTRIES_PER_READ = 1000
 
 
 class LedgerUnavailable(NodeError):
@@ -77,6 +78,17 @@ class LogUnderIncident(NodeError):
     http_status = 503
 
 
+class EntryRangeInvalid(NodeError):
+    http_status = 400
+
+
+class LeafRange(BaseModel):
+    """Stored leaves (the bytes the Merkle tree hashes), base64, from index `start`."""
+
+    start: int
+    leaves: list[str]
+
+
 class InclusionProofBundle(BaseModel):
     """What a third party needs to check one log entry offline."""
 
@@ -89,23 +101,28 @@ class InclusionProofBundle(BaseModel):
 # At the operator.
 APPEND_ENTRIES = Route("POST", "/v1/ledger/entries", Kind.LEDGER, EntryBatch, EntriesAppended,
                        roles=WITNESS_ROLES, tag="ledger")
-TREE_HEAD = Route("GET", "/v1/ledger/head", Kind.WITNESS, None, SignedTreeHead,
-                  roles=WITNESS_ROLES, tag="ledger")
-# Query parameters `first` and `second`: the two tree sizes.
-CONSISTENCY = Route("GET", "/v1/ledger/consistency", Kind.WITNESS, None, ConsistencyProof,
-                    roles=WITNESS_ROLES, tag="ledger")
 COSIGN = Route("POST", "/v1/ledger/cosignatures", Kind.WITNESS, Cosignature, CosignatureKept,
                roles=WITNESS_ROLES, tag="ledger")
-INCLUSION_PROOF = Route("GET", "/v1/ledger/proof/{index}", Kind.WITNESS, None,
-                        InclusionProofBundle, roles=WITNESS_ROLES, tag="ledger")
+# The transparency API: read-only, for every federation certificate.
+TREE_HEAD = Route("GET", "/v1/ledger/head", Kind.TRANSPARENCY, None, SignedTreeHead,
+                  tag="ledger")
+# Query parameters `first` and `second`: the two tree sizes.
+CONSISTENCY = Route("GET", "/v1/ledger/consistency", Kind.TRANSPARENCY, None, ConsistencyProof,
+                    tag="ledger")
+INCLUSION_PROOF = Route("GET", "/v1/ledger/proof/{index}", Kind.TRANSPARENCY, None,
+                        InclusionProofBundle, tag="ledger")
+# The largest head the most witnesses cosigned, as a C2SP checkpoint (text/plain) carrying
+# the log's signature and their cosignatures.
+CHECKPOINT = Route("GET", "/v1/ledger/checkpoint", Kind.TRANSPARENCY, None, Raw, tag="ledger")
+# Query parameters `start` and `end`: at most MAX_ENTRIES_PER_READ leaves of [start, end).
+ENTRIES = Route("GET", "/v1/ledger/entries", Kind.TRANSPARENCY, None, LeafRange, tag="ledger")
 
 # At each witness.
 POLL = Route("POST", "/v1/witness/poll", Kind.ADMIN, None, Cosignature | None, tag="ledger")
-WITNESSED_HEAD = Route("GET", "/v1/witness/head", Kind.WITNESS, None, WitnessedHead | None,
-                       roles=WITNESS_ROLES, tag="ledger")
+WITNESSED_HEAD = Route("GET", "/v1/witness/head", Kind.TRANSPARENCY, None,
+                       WitnessedHead | None, tag="ledger")
 GOSSIP = Route("POST", "/v1/witness/gossip", Kind.ADMIN, None, list[str], tag="ledger")
-# Any node the topology lets make witness calls (and the witness itself) reads them.
-WITNESS_INCIDENTS = Route("GET", "/v1/witness/incidents", Kind.WITNESS, None,
+WITNESS_INCIDENTS = Route("GET", "/v1/witness/incidents", Kind.TRANSPARENCY, None,
                           list[WitnessIncident], tag="ledger")
 CLEAR_INCIDENTS = Route("POST", "/v1/witness/incidents/clear", Kind.ADMIN, None,
                         IncidentsCleared, tag="ledger")

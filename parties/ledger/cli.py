@@ -12,15 +12,26 @@ from rich.console import Console
 
 from governance.ledger import (
     InclusionProofInvalid,
+    LedgerError,
+    LogInconsistent,
     SignedTreeHead,
+    TreeHeadInvalid,
     check_inclusion_proof,
     verify_log,
 )
+from governance.ledger.checkpoint import Checkpoint, origin_of, verify_checkpoint
+from governance.ledger.merkle import leaf_hash, root_hash, verify_consistency
+from governance.ledger.verify import check_leaves
 from parties.ledger.api import (
+    CHECKPOINT,
     CLEAR_INCIDENTS,
+    CONSISTENCY,
+    ENTRIES,
+    MAX_ENTRIES_PER_READ,
     POLL,
     WITNESS_INCIDENTS,
     WITNESS_ROLES,
+    WITNESSED_HEAD,
     InclusionProofBundle,
     WitnessIncident,
     log_node,
@@ -37,7 +48,7 @@ from parties.runtime.cli import (
 )
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
-from parties.runtime.pki import federation_signing_keys
+from parties.runtime.pki import PkiError, federation_signing_keys
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Topology
 
@@ -141,6 +152,72 @@ def _open_incidents(st: StateDir, topo: Topology, witnesses: list[str]
         if shown:
             found[name] = shown
     return found
+
+
+@ledger_app.command("audit")
+def audit(
+    node: Annotated[str, typer.Option("--as", help="The node auditing (any federation node: "
+                                                    "an insurer, a hospital).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Check the log from any node, with public keys only, through the transparency API.
+
+    The operator's cosigned C2SP checkpoint must carry the log's signature and every
+    witness's cosignature; each witness's own latest head, asked of the witness itself,
+    must be one history with it; no witness may hold an open incident; and every entry
+    up to the checkpoint must verify and hash to its root.
+    """
+    _, topo = resolve_topology(state, topology)
+    st = StateDir(state)
+    operator = log_node(topo)
+    witnesses = [n.name for n in topo.nodes if n.role in WITNESS_ROLES]
+    with exit_on(NodeError, LedgerError, PkiError), NodeClient(st, topo, node) as client:
+        keys = federation_signing_keys(st, [n.name for n in topo.nodes])
+        checked = verify_checkpoint(
+            client.call(operator, CHECKPOINT).decode(), origin_of(operator, keys[operator]),
+            keys[operator], {w: keys[w] for w in witnesses})
+        leaves = []
+        while len(leaves) < checked.tree_size:
+            got = client.call(operator, ENTRIES, query={
+                "start": len(leaves), "end": min(checked.tree_size,
+                                                 len(leaves) + MAX_ENTRIES_PER_READ)})
+            if not got.leaves:
+                raise LogInconsistent("the log serves fewer entries than its checkpoint")
+            leaves += [base64.b64decode(x) for x in got.leaves]
+        problems = check_leaves(0, leaves, keys)
+        if problems or root_hash(leaf_hash(x) for x in leaves) != checked.root:
+            raise LogInconsistent(f"the entries do not hash to the checkpoint's root "
+                                  f"({len(problems)} bad entries)")
+        for witness in witnesses:
+            shown = client.call(witness, WITNESSED_HEAD)
+            if shown is None or not (shown.head.signature_valid(keys[operator])
+                                     and shown.cosignature.covers(shown.head)
+                                     and shown.cosignature.signature_valid(keys[witness])):
+                raise TreeHeadInvalid(f"{witness} shows no valid cosigned head")
+            _same_history(client, operator, shown.head, checked)
+            open_ones = [i for i in client.call(witness, WITNESS_INCIDENTS)
+                         if i.cleared_at_ms is None]
+            if open_ones:
+                raise LogInconsistent(f"{witness} holds {len(open_ones)} open incident(s): "
+                                      f"{open_ones[0].reason}")
+    console.print(f"[green]log verified from {node}: {checked.tree_size} entries, checkpoint "
+                  f"cosigned by {', '.join(sorted(checked.cosigned_at))}[/green]")
+
+
+def _same_history(client: NodeClient, operator: str, head: SignedTreeHead,
+                  checked: Checkpoint) -> None:
+    """A witness's head and the checkpoint are one history (a consistency proof between)."""
+    small, large = sorted([(head.tree_size, head.root), (checked.tree_size, checked.root)])
+    if small[0] == large[0]:
+        consistent = small[1] == large[1]
+    else:
+        proof = client.call(operator, CONSISTENCY, query={"first": small[0], "second": large[0]})
+        consistent = small[0] == 0 or verify_consistency(
+            small[0], large[0], small[1], large[1], [bytes.fromhex(p) for p in proof.path])
+    if not consistent:
+        raise LogInconsistent(f"the checkpoint and a witness's head of size {head.tree_size} "
+                              "are not one history")
 
 
 @ledger_app.command("incidents")

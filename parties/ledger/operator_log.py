@@ -9,6 +9,7 @@ import sqlite3
 import threading
 
 from governance.ledger import Cosignature, MerkleLog, SignedEntry
+from governance.ledger.checkpoint import checkpoint_text, note, origin_of, sign_line
 from parties.ledger.api import EntriesAppended, InclusionProofBundle
 from parties.runtime.context import NodeContext
 from parties.runtime.store import connect
@@ -76,3 +77,25 @@ def latest_cosignatures(conn: sqlite3.Connection) -> list[Cosignature]:
         ") m ON c.witness = m.witness AND c.tree_size = m.size"
     ).fetchall()
     return [Cosignature.model_validate_json(r[0]) for r in rows]
+
+
+def checkpoint_note(ctx: NodeContext) -> str:
+    """The C2SP checkpoint of the largest head that the most witnesses cosigned (the latest
+    head if none has been), signed by the log and carrying those witnesses' cosignatures."""
+    holder = operator_log(ctx)
+    with ctx.store.lock:
+        best = ctx.store.conn.execute(
+            "SELECT tree_size FROM ledger_cosignatures GROUP BY tree_size"
+            " ORDER BY COUNT(DISTINCT witness) DESC, tree_size DESC LIMIT 1").fetchone()
+        rows = [] if best is None else ctx.store.conn.execute(
+            "SELECT cosignature FROM ledger_cosignatures WHERE tree_size = ? ORDER BY witness",
+            (best[0],)).fetchall()
+    with holder.lock:
+        holder.log.sync()
+        head = holder.log.tree_head(None if best is None else best[0])
+    origin = origin_of(ctx.name, ctx.signing_key.public_key())
+    text = checkpoint_text(origin, head.tree_size, head.root)
+    cosignatures = [Cosignature.model_validate_json(r[0]) for r in rows]
+    return note(text, [sign_line(text, origin, ctx.signing_key)] + [
+        c.checkpoint_cosignature for c in cosignatures
+        if c.checkpoint_cosignature and c.root_hash == head.root_hash])

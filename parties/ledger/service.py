@@ -7,30 +7,39 @@
   over mTLS from other nodes.
 - Witnesses (`parties.ledger.witness`) read the signed tree head and consistency
   proofs here and send their cosignatures back.
+- Any federation certificate reads the transparency API: the cosigned C2SP checkpoint,
+  the entries, inclusion and consistency proofs (`cogov ledger audit`).
 """
 
+import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from governance.ledger import Cosignature, SignedTreeHead
 from parties.ledger.api import (
     APPEND_ENTRIES,
+    CHECKPOINT,
     CONSISTENCY,
     COSIGN,
+    ENTRIES,
     INCLUSION_PROOF,
     LOG_NODE_ROLE,
+    MAX_ENTRIES_PER_READ,
     TREE_HEAD,
     ConsistencyProof,
     CosignatureKept,
     EntriesAppended,
     EntryBatch,
+    EntryRangeInvalid,
     InclusionProofBundle,
+    LeafRange,
 )
 from parties.ledger.operator_log import (
     COMPONENT,
     MIGRATIONS,
     append_entries,
+    checkpoint_note,
     inclusion_bundle,
     keep_cosignature,
     operator_log,
@@ -87,6 +96,23 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     @mount(router, INCLUSION_PROOF)
     def get_proof(index: int, caller: Caller) -> InclusionProofBundle:
         return inclusion_bundle(ctx, index)
+
+    @mount(router, CHECKPOINT)
+    def get_checkpoint(caller: Caller) -> Response:
+        """The latest cosigned checkpoint (C2SP tlog-checkpoint with tlog-cosignatures)."""
+        return Response(checkpoint_note(ctx), media_type="text/plain; charset=utf-8")
+
+    @mount(router, ENTRIES)
+    def get_entries(start: Annotated[int, Query(ge=0)], end: Annotated[int, Query(ge=0)],
+                    caller: Caller) -> LeafRange:
+        """Stored leaves [start, end), at most MAX_ENTRIES_PER_READ, to recompute the root."""
+        if end < start or end - start > MAX_ENTRIES_PER_READ:
+            raise EntryRangeInvalid(f"0 to {MAX_ENTRIES_PER_READ} entries per read")
+        holder = operator_log(ctx)
+        with holder.lock:
+            holder.log.sync()
+            leaves = holder.log.leaves(start, min(end, holder.log.size))
+        return LeafRange(start=start, leaves=[base64.b64encode(x).decode() for x in leaves])
 
     return [router]
 
