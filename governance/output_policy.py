@@ -47,6 +47,13 @@ class IdentifierInOutput(OutputRefused):
     """An output cell equals an identifier value of the inputs."""
 
 
+class OutputUnreadable(OutputSchemaMismatch):
+    """The output is missing, not a regular file, over its size or row cap, or unparsable.
+
+    One refusal for all of these: which one it was would tell whether a path exists.
+    """
+
+
 @dataclass(frozen=True)
 class PolicyResult:
     """The releasable output and what the policy removed from it."""
