@@ -207,11 +207,17 @@ def read_untrusted(directory: Path, name: str, max_bytes: int) -> bytes:
             os.close(dir_fd)
     except OSError:
         raise OutputUnreadable("the output is missing or unreadable") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             raise OutputUnreadable("the output is missing or unreadable")
-        data = handle.read(max_bytes + 1)
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, 1024 * 1024)):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise OutputUnreadable("the output is missing or unreadable")
     return data
