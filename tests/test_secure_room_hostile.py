@@ -17,7 +17,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -67,10 +66,10 @@ import os
 import platform
 import time
 
-import pandas as pd
 
-NUMBERS = {{"x86_64": {{"ptrace": 101, "process_vm_readv": 310, "unshare": 272}},
-           "aarch64": {{"ptrace": 117, "process_vm_readv": 270, "unshare": 97}}}}[platform.machine()]
+TABLE = {{"x86_64": {{"ptrace": 101, "process_vm_readv": 310, "unshare": 272}},
+         "aarch64": {{"ptrace": 117, "process_vm_readv": 270, "unshare": 97}}}}
+NUMBERS = TABLE[platform.machine()]
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -327,7 +326,6 @@ import errno
 import os
 import threading
 
-import pandas as pd
 
 
 def fill(directory):
