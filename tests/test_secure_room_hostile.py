@@ -66,6 +66,7 @@ import os
 import platform
 import time
 
+import pandas as pd
 
 TABLE = {{"x86_64": {{"ptrace": 101, "process_vm_readv": 310, "unshare": 272}},
          "aarch64": {{"ptrace": 117, "process_vm_readv": 270, "unshare": 97}}}}
@@ -326,6 +327,7 @@ import errno
 import os
 import threading
 
+import pandas as pd
 
 
 def fill(directory):
