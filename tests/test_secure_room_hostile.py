@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from governance.packages import approve_package
+from governance.packages import approve_package, check_package
 from governance.synthetic import write_library
 from parties.secure_room.cli import package_app as app
 from parties.secure_room.room import PackageRun, run_package
@@ -380,3 +380,26 @@ def test_tmp_and_out_are_size_capped_and_a_thread_bomb_is_stopped(tmp_path, libr
     # RLIMIT_NPROC on the sandbox's host uid: the thread bomb stops under the task cap.
     thread_error, threads = seen["threads"].split(":")
     assert thread_error == "RuntimeError" and 0 < int(threads) < limits.tasks
+
+
+# --- 5. the gate cannot be shadowed ---------------------------------------------------------
+
+
+def test_a_package_module_that_shadows_os_or_pandas_is_refused(tmp_path, libraries):
+    code = """\
+    import os
+
+    import pandas as pd
+
+
+    def run(tables):
+        return pd.DataFrame({"hospital_id": [os.getcwd()]})
+    """
+    pkg = make_package(tmp_path / "p", code)
+    (pkg / "os.py").write_text("def getcwd():\n    return 'harmless'\n")
+    (pkg / "pandas").mkdir()
+    (pkg / "pandas" / "__init__.py").write_text("")
+    shadowed = {f.file for f in check_package(pkg) if f.code == "shadowed_module"}
+    assert shadowed == {"os.py", "pandas/__init__.py"}
+    run = run_package(pkg, libraries["sample"], limits=FAST)
+    assert (run.report.outcome, run.report.ran) == ("static_checks_failed", False)
