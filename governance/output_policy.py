@@ -6,12 +6,20 @@ Three rules, applied to every output before anyone sees it:
 - aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
   are suppressed: their rows are dropped and counted;
 - row-level output is refused unless the manifest declares it and the contract allows it;
-  without that, no output cell may equal an identifier value of the inputs.
+  without that, no output cell may carry an identifier value of the inputs: equal to
+  it, embedded in text, reversed, hex or base64, padded, full-width or with zero-width
+  characters, or as eleven or more of its digits in a number.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import datetime as dt
+import math
+import re
+import unicodedata
 from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
@@ -128,15 +136,87 @@ def conform_to_schema(table: pd.DataFrame, output: PackageOutput) -> pd.DataFram
     return pd.DataFrame(conformed, columns=declared).reset_index(drop=True)
 
 
+_IGNORED = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff"), None)
+_SEPARATORS = re.compile(r"[\s\-_.:/|,;'\"()\[\]{}]+")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+_MIN_EMBEDDED = 6  # shorter identifiers (names) are refused only as whole cells
+_MIN_DIGITS = 11  # a number is refused when this many of its digits are an id's
+_DIGIT_RUN = re.compile(rf"[0-9]{{{_MIN_DIGITS},}}")
+
+
+def _canonical(text: str) -> str:
+    """Full-width to ASCII, no zero-width characters, no separators or padding, upper case."""
+    return _SEPARATORS.sub("", unicodedata.normalize("NFKC", text).translate(_IGNORED)).upper()
+
+
+def _decoded(text: str) -> list[str]:
+    """`text` as it is, reversed, and hex- or base64-decoded where it parses as such."""
+    views = [text, text[::-1]]
+    raw = text.strip()
+    if len(raw) >= 2 * _MIN_EMBEDDED and _HEX.fullmatch(raw):
+        views.append(bytes.fromhex(raw).decode("utf-8", errors="ignore"))
+    if len(raw) >= 8 and _BASE64.fullmatch(raw):
+        padded = raw + "=" * (-len(raw) % 4)
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            with contextlib.suppress(ValueError, binascii.Error):
+                views.append(decode(padded).decode("utf-8", errors="ignore"))
+    return [_canonical(v) for v in views]
+
+
+def _digit_windows(text: str) -> set[str]:
+    """Every run of `_MIN_DIGITS` consecutive digits in `text`."""
+    return {run[i:i + _MIN_DIGITS] for run in _DIGIT_RUN.findall(text)
+            for i in range(len(run) - _MIN_DIGITS + 1)}
+
+
+class _IdentifierIndex:
+    """Input identifier values, as whole cells, embedded in text, or as digits of a number."""
+
+    def __init__(self, identifiers: Collection[str]) -> None:
+        self.exact = set(identifiers)
+        canonical = {_canonical(v) for v in identifiers}
+        self.embedded = {c for c in canonical if len(c) >= _MIN_EMBEDDED}
+        self.lengths = sorted({len(c) for c in self.embedded})
+        self.digit_windows = {w for c in canonical for w in _digit_windows(c)}
+
+    def in_text(self, value: str) -> bool:
+        if value in self.exact:
+            return True
+        for view in _decoded(value):
+            for length in self.lengths:
+                if any(view[i:i + length] in self.embedded
+                       for i in range(len(view) - length + 1)):
+                    return True
+            if not self.digit_windows.isdisjoint(_digit_windows(view)):
+                return True
+        return False
+
+    def in_number(self, value: object) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        digits = format(Decimal(str(value)), "f").replace(".", "").lstrip("-")
+        return not self.digit_windows.isdisjoint(_digit_windows(digits))
+
+
 def _refuse_identifiers(table: pd.DataFrame, identifiers: Collection[str]) -> None:
+    """Refuse identifier values in any column: whole, embedded, transformed or as numbers.
+
+    Booleans are not scanned: one bit a cell says nothing about a single value, and
+    spreading an id over bits is what the verdict shape and the row cap must bound.
+    """
     if not identifiers:
         return
-    lookup = identifiers if isinstance(identifiers, set | frozenset) else set(identifiers)
+    index = _IdentifierIndex(identifiers)
     for name in table.columns:
         column = table[name]
-        if ptypes.is_bool_dtype(column) or ptypes.is_numeric_dtype(column):
+        if ptypes.is_bool_dtype(column):
             continue
-        if column.map(lambda v: isinstance(v, str) and v in lookup).any():
+        numeric = ptypes.is_numeric_dtype(column) or column.map(
+            lambda v: isinstance(v, Decimal)).all()
+        found = index.in_number if numeric else (
+            lambda v: isinstance(v, str) and index.in_text(v))
+        if column.map(found).any():
             raise IdentifierInOutput(f"column '{name}' carries identifier values of the inputs")
 
 

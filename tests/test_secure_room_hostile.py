@@ -403,3 +403,25 @@ def test_a_package_module_that_shadows_os_or_pandas_is_refused(tmp_path, librari
     assert shadowed == {"os.py", "pandas/__init__.py"}
     run = run_package(pkg, libraries["sample"], limits=FAST)
     assert (run.report.outcome, run.report.ran) == ("static_checks_failed", False)
+
+
+# --- 6. the output policy does not trust the package's encoding ----------------------------
+
+
+def test_ids_as_numbers_or_transformed_text_are_refused_in_the_room(tmp_path, libraries):
+    manifest = NATIONAL_IDS + '\n[[output.columns]]\nname = "n"\ntype = "int64"\n'
+    code = """\
+    import pandas as pd
+
+
+    def run(tables):
+        ids = tables["visits"]["national_id"]
+        return pd.DataFrame({"hospital_id": [i[::-1] for i in ids],
+                             "n": [int(i[:17]) for i in ids]})
+    """
+    run = run_package(make_package(tmp_path / "p", code, manifest), libraries["sample"],
+                      limits=FAST)
+    assert (run.report.outcome, run.report.policy_decision) == (
+        "output_refused", "IdentifierInOutput")
+    view = developer_view(run)
+    assert not any(i in view or i[::-1] in view for i in libraries["ids"])
