@@ -4,7 +4,8 @@ Three rules, applied to every output before anyone sees it:
 - the output has exactly the declared columns and types (a verdict, exactly its verdict
   columns);
 - aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
-  are suppressed: their rows are dropped and counted;
+  are suppressed: their rows are dropped and counted; the group's size is the smaller
+  of the package's count and the size the caller measured on the inputs;
 - row-level output is refused unless the manifest declares it and the contract allows it;
   without that, no output cell may carry an identifier value of the inputs: equal to
   it, embedded in text, reversed, hex or base64, padded, full-width or with zero-width
@@ -220,6 +221,18 @@ def _refuse_identifiers(table: pd.DataFrame, identifiers: Collection[str]) -> No
             raise IdentifierInOutput(f"column '{name}' carries identifier values of the inputs")
 
 
+GROUP_SIZE = "__group_size__"
+
+
+def _measured_sizes(table: pd.DataFrame, group_sizes: pd.DataFrame) -> pd.Series:
+    """Each output row's group size as measured on the inputs (0 for an unknown group)."""
+    keys = [c for c in group_sizes.columns if c != GROUP_SIZE]
+    if not keys:
+        return pd.Series(int(group_sizes[GROUP_SIZE].sum()), index=table.index)
+    merged = table[keys].merge(group_sizes, on=keys, how="left")
+    return pd.Series(merged[GROUP_SIZE].fillna(0).to_numpy(), index=table.index)
+
+
 def apply_output_policy(
     table: pd.DataFrame,
     output: PackageOutput,
@@ -227,12 +240,15 @@ def apply_output_policy(
     row_level_allowed: bool,
     k: int = DEFAULT_MIN_GROUP_SIZE,
     identifier_values: Collection[str] = (),
+    group_sizes: pd.DataFrame | None = None,
 ) -> PolicyResult:
     """Conform `table` to the declaration and apply the disclosure rules.
 
     `row_level_allowed` is the contract's word; `identifier_values` are the inputs'
     identifier values (national IDs, names, phones, tokens...) that a non-row-level
-    output must never contain.
+    output must never contain. `group_sizes`, for an aggregate, is the group sizes the
+    caller computed from the inputs (key columns and `GROUP_SIZE`): a group is released
+    only when both its own count and that size reach the floor.
     """
     if output.row_level and not row_level_allowed:
         raise RowLevelOutputRefused("the manifest declares row-level output; the contract "
@@ -244,8 +260,9 @@ def apply_output_policy(
     suppressed = 0
     if output.disclosure == "aggregate":
         floor = max(k, output.group_size_floor)
-        counts = conformed[output.count_column]
-        keep = counts >= floor
+        keep = conformed[output.count_column] >= floor
+        if group_sizes is not None:
+            keep &= _measured_sizes(conformed, group_sizes) >= floor
         suppressed = int((~keep).sum())
         conformed = conformed[keep].reset_index(drop=True)
     return PolicyResult(table=conformed, disclosure=output.disclosure, k=floor,

@@ -40,7 +40,7 @@ AUTHORIZED = NATIONAL_IDS.replace('libraries = ["sample", "test"]',
 def libraries(tmp_path_factory) -> dict[str, object]:
     sandbox_available()
     root = tmp_path_factory.mktemp("hostile")
-    visits = visits_table({"hospital-1": 40, "hospital-2": 25})
+    visits = visits_table({"hospital-1": 40, "hospital-2": 25, "hospital-3": 4})
     write_library(root / "sample", "sample", {"visits": visits})
     write_library(root / "authorized", "authorized", {"visits": visits})
     return {"sample": root / "sample", "authorized": root / "authorized",
@@ -425,3 +425,36 @@ def test_ids_as_numbers_or_transformed_text_are_refused_in_the_room(tmp_path, li
         "output_refused", "IdentifierInOutput")
     view = developer_view(run)
     assert not any(i in view or i[::-1] in view for i in libraries["ids"])
+
+
+def test_a_lie_about_group_counts_does_not_release_a_small_group(tmp_path, libraries):
+    pkg = tmp_path / "agg"
+    assert CliRunner().invoke(app, ["init", str(pkg), "--name", "liar"]).exit_code == 0
+    module = pkg / "liar.py"
+    module.write_text(module.read_text().replace(
+        'return grouped[["hospital_id", "n", "total_fen"]]',
+        'grouped["n"] = grouped["n"].clip(lower=10)\n'
+        '    invented = pd.DataFrame({"hospital_id": ["hospital-9"], "n": [50],\n'
+        '                             "total_fen": [1]})\n'
+        '    return pd.concat([grouped, invented])[["hospital_id", "n", "total_fen"]]'))
+    run = run_package(pkg, libraries["sample"], limits=FAST)
+    assert run.report.outcome == "ok" and run.report.accepted, run.report
+    # hospital-3 has 4 visits but claims 10; hospital-9 is in no input: both suppressed
+    # on the room's own counts.
+    assert sorted(r["hospital_id"] for r in run.output) == ["hospital-1", "hospital-2"]
+    assert run.report.suppressed_groups == 2
+
+
+def test_outputs_over_the_row_cap_are_refused(tmp_path, libraries):
+    code = """\
+    import pandas as pd
+
+
+    def run(tables):
+        return pd.DataFrame({"hospital_id": [f"row-{i}" for i in range(1001)]})
+    """
+    limits = SandboxLimits(cpu_seconds=10, memory_bytes=1024**3, wall_seconds=30,
+                           output_rows=1000)
+    run = run_package(make_package(tmp_path / "p", code), libraries["sample"], limits=limits)
+    assert (run.report.outcome, run.report.policy_decision) == (
+        "output_refused", "OutputUnreadable")

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from governance.output_policy import (
+    GROUP_SIZE,
     OutputRefused,
     OutputSchemaMismatch,
     OutputUnreadable,
@@ -173,6 +174,34 @@ def _identifier_values(manifest: PackageManifest, data_dir: Path) -> set[str]:
             for column in table.columns:
                 values.update(v for v in column.to_pylist() if isinstance(v, str))
     return values
+
+
+def _input_group_sizes(manifest: PackageManifest, data_dir: Path) -> pd.DataFrame | None:
+    """For an aggregate, the room's own group sizes: persons (or rows) per key in the inputs.
+
+    The keys are the output's string and date columns; the first input that has them all
+    is counted, by distinct `national_id` when it declares one, else by rows. When no
+    input has the keys, every group measures 0 and is suppressed: a package cannot
+    vouch for the size of a group the room cannot see.
+    """
+    output = manifest.output
+    if output.disclosure != "aggregate":
+        return None
+    keys = [c.name for c in output.columns
+            if c.type in ("string", "date") and c.name != output.count_column]
+    for item in manifest.inputs:
+        if set(keys) <= set(item.columns):
+            person = ["national_id"] if "national_id" in item.columns else []
+            frame = pq.read_table(data_dir / f"{item.name}.parquet",
+                                  columns=keys + person).to_pandas()
+            if not keys:
+                size = frame["national_id"].nunique() if person else len(frame)
+                return pd.DataFrame({GROUP_SIZE: [size]})
+            grouped = frame.groupby(keys, dropna=False)
+            sizes = grouped["national_id"].nunique() if person else grouped.size()
+            return sizes.rename(GROUP_SIZE).reset_index()
+    return pd.DataFrame({**{k: pd.Series(dtype=object) for k in keys},
+                         GROUP_SIZE: pd.Series(dtype="int64")})
 
 
 def _outcome(run: SandboxRun, limits: SandboxLimits) -> Outcome:
@@ -342,6 +371,7 @@ def run_package(
                        "/data": area.data, "/job": area.job},
             out_dir=area.out, logs=area.logs, limits=limits, harness_args=[])
         identifiers = _identifier_values(manifest, area.data)
+        group_sizes = _input_group_sizes(manifest, area.data)
         outcome = _outcome(run, limits)
         table, decision = None, None
         if outcome == "ok":
@@ -363,7 +393,7 @@ def run_package(
         try:
             result = apply_output_policy(
                 table, manifest.output, row_level_allowed=row_level_allowed, k=k,
-                identifier_values=identifiers)
+                identifier_values=identifiers, group_sizes=group_sizes)
         except OutputRefused as exc:
             decision = exc
     if decision is not None:
