@@ -28,6 +28,7 @@ SUITES: tuple[str, ...] = (
     "claim_nodes",
     "federated",
     "load",
+    "secure_room",
 )
 
 

@@ -4,14 +4,23 @@ Three rules, applied to every output before anyone sees it:
 - the output has exactly the declared columns and types (a verdict, exactly its verdict
   columns);
 - aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
-  are suppressed: their rows are dropped and counted;
+  are suppressed: their rows are dropped and counted; the group's size is the smaller
+  of the package's count and the size the caller measured on the inputs;
 - row-level output is refused unless the manifest declares it and the contract allows it;
-  without that, no output cell may equal an identifier value of the inputs.
+  without that, no output cell may carry an identifier value of the inputs: equal to
+  it, embedded in text, reversed, hex or base64, padded, full-width or with zero-width
+  characters, or as eleven or more of its digits in a number.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import datetime as dt
+import math
+import re
+import unicodedata
 from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
@@ -45,6 +54,13 @@ class RowLevelOutputRefused(OutputRefused):
 
 class IdentifierInOutput(OutputRefused):
     """An output cell equals an identifier value of the inputs."""
+
+
+class OutputUnreadable(OutputSchemaMismatch):
+    """The output is missing, not a regular file, over its size or row cap, or unparsable.
+
+    One refusal for all of these: which one it was would tell whether a path exists.
+    """
 
 
 @dataclass(frozen=True)
@@ -121,16 +137,100 @@ def conform_to_schema(table: pd.DataFrame, output: PackageOutput) -> pd.DataFram
     return pd.DataFrame(conformed, columns=declared).reset_index(drop=True)
 
 
+_IGNORED = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff"), None)
+_SEPARATORS = re.compile(r"[\s\-_.:/|,;'\"()\[\]{}]+")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+_MIN_EMBEDDED = 6  # shorter identifiers (names) are refused only as whole cells
+_MIN_DIGITS = 11  # a number is refused when this many of its digits are an id's
+_DIGIT_RUN = re.compile(rf"[0-9]{{{_MIN_DIGITS},}}")
+
+
+def _canonical(text: str) -> str:
+    """Full-width to ASCII, no zero-width characters, no separators or padding, upper case."""
+    return _SEPARATORS.sub("", unicodedata.normalize("NFKC", text).translate(_IGNORED)).upper()
+
+
+def _decoded(text: str) -> list[str]:
+    """`text` as it is, reversed, and hex- or base64-decoded where it parses as such."""
+    views = [text, text[::-1]]
+    raw = text.strip()
+    if len(raw) >= 2 * _MIN_EMBEDDED and _HEX.fullmatch(raw):
+        views.append(bytes.fromhex(raw).decode("utf-8", errors="ignore"))
+    if len(raw) >= 8 and _BASE64.fullmatch(raw):
+        padded = raw + "=" * (-len(raw) % 4)
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            with contextlib.suppress(ValueError, binascii.Error):
+                views.append(decode(padded).decode("utf-8", errors="ignore"))
+    return [_canonical(v) for v in views]
+
+
+def _digit_windows(text: str) -> set[str]:
+    """Every run of `_MIN_DIGITS` consecutive digits in `text`."""
+    return {run[i:i + _MIN_DIGITS] for run in _DIGIT_RUN.findall(text)
+            for i in range(len(run) - _MIN_DIGITS + 1)}
+
+
+class _IdentifierIndex:
+    """Input identifier values, as whole cells, embedded in text, or as digits of a number."""
+
+    def __init__(self, identifiers: Collection[str]) -> None:
+        self.exact = set(identifiers)
+        canonical = {_canonical(v) for v in identifiers}
+        self.embedded = {c for c in canonical if len(c) >= _MIN_EMBEDDED}
+        self.lengths = sorted({len(c) for c in self.embedded})
+        self.digit_windows = {w for c in canonical for w in _digit_windows(c)}
+
+    def in_text(self, value: str) -> bool:
+        if value in self.exact:
+            return True
+        for view in _decoded(value):
+            for length in self.lengths:
+                if any(view[i:i + length] in self.embedded
+                       for i in range(len(view) - length + 1)):
+                    return True
+            if not self.digit_windows.isdisjoint(_digit_windows(view)):
+                return True
+        return False
+
+    def in_number(self, value: object) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        digits = format(Decimal(str(value)), "f").replace(".", "").lstrip("-")
+        return not self.digit_windows.isdisjoint(_digit_windows(digits))
+
+
 def _refuse_identifiers(table: pd.DataFrame, identifiers: Collection[str]) -> None:
+    """Refuse identifier values in any column: whole, embedded, transformed or as numbers.
+
+    Booleans are not scanned: one bit a cell says nothing about a single value, and
+    spreading an id over bits is what the verdict shape and the row cap must bound.
+    """
     if not identifiers:
         return
-    lookup = identifiers if isinstance(identifiers, set | frozenset) else set(identifiers)
+    index = _IdentifierIndex(identifiers)
     for name in table.columns:
         column = table[name]
-        if ptypes.is_bool_dtype(column) or ptypes.is_numeric_dtype(column):
+        if ptypes.is_bool_dtype(column):
             continue
-        if column.map(lambda v: isinstance(v, str) and v in lookup).any():
+        numeric = ptypes.is_numeric_dtype(column) or column.map(
+            lambda v: isinstance(v, Decimal)).all()
+        found = index.in_number if numeric else (
+            lambda v: isinstance(v, str) and index.in_text(v))
+        if column.map(found).any():
             raise IdentifierInOutput(f"column '{name}' carries identifier values of the inputs")
+
+
+GROUP_SIZE = "__group_size__"
+
+
+def _measured_sizes(table: pd.DataFrame, group_sizes: pd.DataFrame) -> pd.Series:
+    """Each output row's group size as measured on the inputs (0 for an unknown group)."""
+    keys = [c for c in group_sizes.columns if c != GROUP_SIZE]
+    if not keys:
+        return pd.Series(int(group_sizes[GROUP_SIZE].sum()), index=table.index)
+    merged = table[keys].merge(group_sizes, on=keys, how="left")
+    return pd.Series(merged[GROUP_SIZE].fillna(0).to_numpy(), index=table.index)
 
 
 def apply_output_policy(
@@ -140,12 +240,15 @@ def apply_output_policy(
     row_level_allowed: bool,
     k: int = DEFAULT_MIN_GROUP_SIZE,
     identifier_values: Collection[str] = (),
+    group_sizes: pd.DataFrame | None = None,
 ) -> PolicyResult:
     """Conform `table` to the declaration and apply the disclosure rules.
 
     `row_level_allowed` is the contract's word; `identifier_values` are the inputs'
     identifier values (national IDs, names, phones, tokens...) that a non-row-level
-    output must never contain.
+    output must never contain. `group_sizes`, for an aggregate, is the group sizes the
+    caller computed from the inputs (key columns and `GROUP_SIZE`): a group is released
+    only when both its own count and that size reach the floor.
     """
     if output.row_level and not row_level_allowed:
         raise RowLevelOutputRefused("the manifest declares row-level output; the contract "
@@ -157,8 +260,9 @@ def apply_output_policy(
     suppressed = 0
     if output.disclosure == "aggregate":
         floor = max(k, output.group_size_floor)
-        counts = conformed[output.count_column]
-        keep = counts >= floor
+        keep = conformed[output.count_column] >= floor
+        if group_sizes is not None:
+            keep &= _measured_sizes(conformed, group_sizes) >= floor
         suppressed = int((~keep).sum())
         conformed = conformed[keep].reset_index(drop=True)
     return PolicyResult(table=conformed, disclosure=output.disclosure, k=floor,

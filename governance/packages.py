@@ -24,8 +24,10 @@ from __future__ import annotations
 import ast
 import base64
 import hashlib
+import importlib.machinery
 import json
 import re
+import sys
 import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -347,6 +349,7 @@ FindingCode = Literal[
     "forbidden_attribute",
     "undeclared_column",
     "forbidden_file",
+    "shadowed_module",
 ]
 
 
@@ -492,6 +495,26 @@ def _local_modules(root: Path, files: Iterable[Path]) -> set[str]:
     return names
 
 
+def _check_shadowing(root: Path, files: Iterable[Path]) -> list[Finding]:
+    """A package module named like a standard or installed module is refused.
+
+    Such a file makes the gate read `import os` as the package's own harmless module
+    while the interpreter gives the real one (already imported by the harness).
+    """
+    findings, seen = [], set()
+    for path in files:
+        rel = path.relative_to(root)
+        name = rel.parts[0] if len(rel.parts) > 1 else path.stem
+        if path.suffix != ".py" or name in seen:
+            continue
+        seen.add(name)
+        if name in sys.stdlib_module_names or name in sys.builtin_module_names or (
+                importlib.machinery.PathFinder.find_spec(name) is not None):
+            findings.append(Finding(code="shadowed_module", file=rel.as_posix(),
+                                    message=f"'{name}' shadows a standard or installed module"))
+    return findings
+
+
 def _check_entry_point(
     root: Path, manifest: PackageManifest, trees: dict[str, ast.Module]
 ) -> list[Finding]:
@@ -552,6 +575,7 @@ def check_package(
                 findings.append(Finding(
                     code="undeclared_column", file=checker.file, line=line,
                     message=f"column '{column}' is not a declared input column"))
+    findings.extend(_check_shadowing(root, files))
     findings.extend(_check_entry_point(root, manifest, trees))
     return findings
 

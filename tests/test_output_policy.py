@@ -127,3 +127,54 @@ def test_identifier_values_never_leave_without_row_level_permission():
 def test_output_must_be_a_dataframe():
     with pytest.raises(OutputSchemaMismatch):
         conform_to_schema([{"claim_id": "C1"}], VERDICT)
+
+
+NATIONAL_ID = "32050519900101123X"
+PHONE = "13812345678"
+OTHER_IDS = [f"3205051990010{i:04d}X" for i in range(200)] + ["hospital-1:V00000042"]
+TRANSFORMS = {
+    "embedded_in_claim_id": f"C-{NATIONAL_ID}-01",
+    "reversed": NATIONAL_ID[::-1],
+    "hex": NATIONAL_ID.encode().hex(),
+    "base64": "MzIwNTA1MTk5MDAxMDExMjNY",
+    "padded": f"   {NATIONAL_ID}   ",
+    "full_width": "".join(chr(ord(c) + 0xFEE0) for c in NATIONAL_ID),
+    "zero_width": "\u200b".join(NATIONAL_ID),
+    "lower_case_with_dashes": "3205-0519-9001-0112-3x",
+    "visit_id_spaced": "hospital 1 V00000042",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_identifiers_are_refused_embedded_or_transformed(name):
+    value = TRANSFORMS[name]
+    assert value not in {NATIONAL_ID, *OTHER_IDS}  # the exact-match rule alone let it pass
+    table = pd.DataFrame({"claim_id": [value], "visit_found": [True],
+                          "payable": [Decimal("1.00")]})
+    with pytest.raises(IdentifierInOutput):
+        apply_output_policy(table, VERDICT, row_level_allowed=False,
+                            identifier_values=[NATIONAL_ID, *OTHER_IDS])
+
+
+@pytest.mark.parametrize("payable", [Decimal("320505199001011.23"), Decimal("13812345678.00")],
+                         ids=["national_id_digits", "phone"])
+def test_identifiers_as_numbers_are_refused(payable):
+    table = pd.DataFrame({"claim_id": ["C1"], "visit_found": [True], "payable": [payable]})
+    with pytest.raises(IdentifierInOutput):
+        apply_output_policy(table, VERDICT, row_level_allowed=False,
+                            identifier_values=[NATIONAL_ID, PHONE])
+    numbers = pd.DataFrame({"diagnosis": ["D1"], "n": [int(str(payable).split(".")[0][:15])],
+                            "mean_fen": [float(payable)]})
+    with pytest.raises(IdentifierInOutput):
+        apply_output_policy(numbers, aggregate_output(), row_level_allowed=False, k=1,
+                            identifier_values=[NATIONAL_ID, PHONE])
+
+
+def test_ordinary_verdicts_and_aggregates_are_not_mistaken_for_identifiers():
+    verdict = pd.DataFrame({"claim_id": [f"C{i:05d}" for i in range(50)],
+                            "visit_found": [True] * 50,
+                            "payable": [Decimal("1234567.89")] * 50})
+    apply_output_policy(verdict, VERDICT, row_level_allowed=False,
+                        identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS])
+    apply_output_policy(groups([12, 40]), aggregate_output(), row_level_allowed=False,
+                        identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS])

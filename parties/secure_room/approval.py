@@ -257,10 +257,10 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
                           row_level_allowed=False, k=K_ANONYMITY,
                           approval=approval_for(ctx, manifest.name, manifest.version),
                           owner_public_key=owner_key)
-    report = run.report
+    report, measured = run.report, run.diagnostics
     output_sha = records_sha256(run.output)
     rows_out = len(run.output or [])
-    wall_ms = int((report.wall_seconds or 0) * 1000)
+    wall_ms = int(measured.wall_seconds * 1000) if measured else 0
     with ctx.store.lock, ctx.store.conn as conn:
         conn.execute(
             "INSERT INTO pa_runs (run_id, sha256, requester, outcome, accepted, rows_in,"
@@ -274,11 +274,17 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
         "outcome": report.outcome, "accepted": report.accepted,
         "records_touched": rows_in, "rows_returned": rows_out,
         "suppressed_groups": report.suppressed_groups or 0,
-        "compute_ms": int((report.cpu_seconds or 0) * 1000), "wall_ms": wall_ms,
-        "peak_memory_kib": (report.peak_memory_bytes or 0) // 1024,
+        "compute_ms": int(measured.cpu_seconds * 1000) if measured else 0, "wall_ms": wall_ms,
+        "peak_memory_kib": measured.peak_memory_bytes // 1024 if measured else 0,
         "output_sha256": output_sha,
     })
-    ctx.log.event("package_run", package=sha, outcome=report.outcome, wall_ms=wall_ms)
+    # The run's stderr and the policy's message name columns and may carry data: they
+    # stay in this node's log; the requester gets the outcome and the policy's decision.
+    ctx.log.event("package_run", package=sha, outcome=report.outcome, wall_ms=wall_ms,
+                  decision=report.policy_decision,
+                  exit_code=measured.exit_code if measured else None,
+                  policy_message=measured.policy_message if measured else None,
+                  stderr_tail=measured.stderr_tail if measured else None)
     return ProductionRun(run_id=run_id, owner=ctx.name, package_sha256=sha,
                          report=report.model_dump(mode="json"), output=run.output,
                          output_sha256=output_sha)

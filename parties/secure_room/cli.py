@@ -125,14 +125,14 @@ def _show(run: PackageRun, rows: int) -> None:
     for finding in report.static_findings:
         console.print(f"  {finding.severity} {finding.code} {finding.file}:{finding.line or '-'}"
                       f" {finding.message}")
-    if report.ran:
+    if report.ran and report.wall_seconds is not None:
         memory = (report.peak_memory_bytes or 0) / 1024**2
         console.print(f"  exit {report.exit_code}, {report.wall_seconds:.2f} s wall, "
                       f"{report.cpu_seconds or 0:.2f} s CPU, peak {memory:.0f} MiB")
-    if report.error_type:
-        console.print(f"  {report.error_type}: {report.error}")
-    if report.policy_error:
-        console.print(f"  policy: {report.policy_error}")
+    if report.policy_decision:
+        console.print(f"  policy: {report.policy_decision}")
+    if report.detail:  # sample and test libraries only: capped and scrubbed by the room
+        console.print(report.detail, markup=False, highlight=False)
     if report.suppressed_groups:
         console.print(f"  suppressed {report.suppressed_groups} groups under k={report.k}")
     _show_rows(run.output, rows)

@@ -1,32 +1,45 @@
-"""The OS sandbox: bubblewrap namespaces, rlimits via prlimit, a wall clock, /proc metering.
+"""The OS sandbox: bubblewrap as an unprivileged host user, seccomp from the start, rlimits.
 
 Inside: new user, pid, net (empty), ipc, uts, cgroup and mount namespaces; uid/gid
 65534 with no capabilities; a root made of read-only binds of /usr, the Python
 installation and the venv, the staged package (/pkg), the projected inputs (/data) and
-the job (/job); a tmpfs /tmp; one writable bind (/out). No /etc, no /home, no host
-/proc. The harness adds a seccomp filter before the package's code runs.
+the job (/job); a size-capped tmpfs /tmp; one writable, size-capped /out. No /etc, no
+/home; a fresh /proc, remounted read-only.
+
+Outside: when the node is root, bwrap runs as the dedicated host uid 65530 (setpriv), so
+the sandbox's uid maps to an unprivileged host user and nothing in it can write a host
+kernel setting. The run's directories live on a tmpfs the node mounts for the run (its
+host path does not show in the sandbox's mountinfo), and /out is a tmpfs of its own,
+capped at `output_bytes`. bwrap installs the seccomp filter (`--seccomp`) just before it
+executes the harness as pid 1 (`--as-pid-1`): no process in the sandbox is unfiltered.
+CPU time, wall time and peak memory are measured from here (wait4), never read from
+the sandbox.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from parties.secure_room._harness import seccomp_program
 from parties.secure_room.api import SandboxUnavailable
 
 HARNESS_FILE = Path(__file__).with_name("_harness.py")
-SANDBOX_UID = 65534
+SANDBOX_UID = 65534  # the uid inside the sandbox
+HOST_UID = 65530  # the unprivileged host uid bwrap runs as when the node is root
 _POLL_SECONDS = 0.01
-_TAIL_CHARS = 4000
+_TAIL_BYTES = 4000
 
 
 @dataclass(frozen=True)
@@ -36,8 +49,11 @@ class SandboxLimits:
     cpu_seconds: int = 30
     memory_bytes: int = 2 * 1024**3
     wall_seconds: float = 60.0
-    output_bytes: int = 256 * 1024**2
+    output_bytes: int = 64 * 1024**2  # all of /out together
+    tmp_bytes: int = 64 * 1024**2  # the sandbox's /tmp
+    tasks: int = 64  # processes and threads of the sandbox user (RLIMIT_NPROC)
     open_files: int = 256
+    output_rows: int = 100_000
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -45,17 +61,95 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxRun:
-    """What the OS saw of one run (the harness's own account is in `status`)."""
+    """What the node measured of one run from outside the sandbox."""
 
     command: list[str]
     exit_code: int
     signal: int | None
     timed_out: bool
     wall_seconds: float
+    cpu_seconds: float
     peak_memory_bytes: int
-    stdout_tail: str
     stderr_tail: str
-    status: dict | None
+
+
+@dataclass(frozen=True)
+class RunArea:
+    """One run's directories: pkg, data, job (read-only inside) and out (writable)."""
+
+    root: Path
+    harness: Path
+    pkg: Path
+    data: Path
+    job: Path
+    out: Path
+    logs: Path
+    parse_in: Path
+    parsed: Path
+    python: dict[str, Path]  # path inside the sandbox -> a directory the sandbox user can read
+
+
+def _privileged() -> bool:
+    return os.geteuid() == 0
+
+
+def _mount_tmpfs(target: Path, options: str) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "cogov-room", str(target)],
+                   check=True, capture_output=True)
+
+
+def _unmount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def run_area(limits: SandboxLimits) -> Iterator[RunArea]:
+    """A fresh area for one run; as root, on tmpfs mounts removed when the run ends.
+
+    The area's root is a tmpfs readable by the sandbox user and writable by the node
+    only; its `out` is a second tmpfs owned by the sandbox user, capped at
+    `limits.output_bytes`; so is `parsed`, where the output parser writes. Without
+    root, plain directories (and no total cap on /out).
+    """
+    with tempfile.TemporaryDirectory(prefix="cogov-secure-room-") as work:
+        root = Path(work)
+        mounted: list[Path] = []
+        try:
+            if _privileged():
+                _mount_tmpfs(root, "mode=0755,nosuid,nodev")
+                mounted.append(root)
+            area = RunArea(root=root, harness=root / "harness", pkg=root / "pkg",
+                           data=root / "data", job=root / "job", out=root / "out",
+                           logs=root / "logs", parse_in=root / "parse-in",
+                           parsed=root / "parsed", python={})
+            for path in (area.harness, area.pkg, area.data, area.job, area.out, area.logs,
+                         area.parse_in, area.parsed):
+                path.mkdir()
+            area.logs.chmod(0o700)
+            for writable in (area.out, area.parsed):
+                if _privileged():
+                    _mount_tmpfs(writable, f"size={limits.output_bytes},mode=0700,"
+                                           f"uid={HOST_UID},gid={HOST_UID},nosuid,nodev,noexec")
+                    mounted.append(writable)
+                else:
+                    writable.chmod(0o777)
+            shutil.copyfile(HARNESS_FILE, area.harness / "harness.py")
+            for index, python_root in enumerate(_python_roots()):
+                if _privileged():
+                    # The interpreter may live under a directory only root can enter
+                    # (/root/.pyenv): a read-only bind here makes it reachable.
+                    target = root / f"python-{index}"
+                    target.mkdir()
+                    subprocess.run(["mount", "--bind", "-o", "ro", str(python_root),
+                                    str(target)], check=True, capture_output=True)
+                    mounted.append(target)
+                    area.python[str(python_root)] = target
+                else:
+                    area.python[str(python_root)] = python_root
+            yield area
+        finally:
+            for path in reversed(mounted):
+                _unmount(path)
 
 
 def _python_roots() -> list[Path]:
@@ -79,10 +173,22 @@ def _system_binds() -> list[str]:
     return args
 
 
+def _unprivileged_prefix() -> list[str]:
+    if not _privileged():
+        return []
+    return [shutil.which("setpriv") or "setpriv", f"--reuid={HOST_UID}", f"--regid={HOST_UID}",
+            "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--"]
+
+
 def sandbox_command(
-    *, package_dir: Path, data_dir: Path, job_dir: Path, out_dir: Path, limits: SandboxLimits,
+    *, read_only: dict[str, Path], out_dir: Path, limits: SandboxLimits, harness_args: list[str],
+    seccomp_fd: int,
 ) -> list[str]:
-    """The exact command line: prlimit (rlimits) then bwrap (namespaces, mounts) then Python."""
+    """The exact command line: prlimit, setpriv (as root), bwrap, then the harness.
+
+    `read_only` maps a path inside the sandbox to the host directory bound there, the
+    Python installation (`RunArea.python`) included.
+    """
     cpu_hard = limits.cpu_seconds + 1  # SIGXCPU at the soft limit, SIGKILL one second later
     command = [
         shutil.which("prlimit") or "prlimit",
@@ -90,13 +196,15 @@ def sandbox_command(
         f"--as={limits.memory_bytes}",
         f"--fsize={limits.output_bytes}",
         f"--nofile={limits.open_files}",
+        f"--nproc={limits.tasks}",
         "--core=0",
         "--",
+        *_unprivileged_prefix(),
         shutil.which("bwrap") or "bwrap",
-        "--unshare-all", "--unshare-user",
+        "--unshare-all", "--unshare-user", "--disable-userns",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--cap-drop", "ALL",
-        "--die-with-parent", "--new-session",
+        "--die-with-parent", "--new-session", "--as-pid-1",
         "--hostname", "secure-room",
         "--clearenv",
         "--setenv", "PATH", "/usr/bin",
@@ -108,20 +216,17 @@ def sandbox_command(
         *_system_binds(),
         # Mounted before the Python roots: bwrap applies mounts in order, and a venv
         # that lives under /tmp (a clone in /tmp) must stay visible above this tmpfs.
-        "--tmpfs", "/tmp",
+        "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
     ]
-    for root in _python_roots():
-        command += ["--ro-bind", str(root), str(root)]
+    for inside, host in read_only.items():
+        command += ["--ro-bind", str(host), inside]
     command += [
-        "--ro-bind", str(HARNESS_FILE), "/harness/harness.py",
-        "--ro-bind", str(package_dir), "/pkg",
-        "--ro-bind", str(data_dir), "/data",
-        "--ro-bind", str(job_dir), "/job",
         "--bind", str(out_dir), "/out",
-        "--proc", "/proc",
+        "--proc", "/proc", "--remount-ro", "/proc",
         "--dev", "/dev",
         "--chdir", "/tmp",
-        sys.executable, "-I", "-B", "/harness/harness.py",
+        "--seccomp", str(seccomp_fd),
+        sys.executable, "-I", "-B", "/harness/harness.py", *harness_args,
     ]
     return command
 
@@ -133,11 +238,15 @@ def sandbox_available() -> str:
     if bwrap is None:
         raise SandboxUnavailable(
             "bubblewrap is not installed (apt-get install -y bubblewrap)")
-    if shutil.which("prlimit") is None:
-        raise SandboxUnavailable("prlimit (util-linux) is not installed")
-    probe = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID),
-             "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--die-with-parent",
-             *_system_binds(), "--proc", "/proc", "--dev", "/dev", "/usr/bin/true"]
+    for tool in ("prlimit", *(("setpriv", "mount") if _privileged() else ())):
+        if shutil.which(tool) is None:
+            raise SandboxUnavailable(f"{tool} (util-linux) is not installed")
+    if platform.machine() not in ("x86_64", "aarch64"):
+        raise SandboxUnavailable(f"no seccomp filter for machine {platform.machine()!r}")
+    probe = [*_unprivileged_prefix(), bwrap, "--unshare-all", "--unshare-user",
+             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
+             "--die-with-parent", "--as-pid-1", *_system_binds(), "--proc", "/proc",
+             "--remount-ro", "/proc", "--dev", "/dev", "/usr/bin/true"]
     result = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)
     if result.returncode != 0:
         raise SandboxUnavailable(f"bwrap cannot create namespaces here: {result.stderr.strip()}")
@@ -182,56 +291,51 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _tree_peak_rss(root: int) -> int:
-    """Largest VmHWM (peak resident set) among `root` and its descendants, in bytes."""
-    peak, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        try:
-            with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-                        break
-        except OSError:
-            continue
-        stack += _children(pid)
-    return peak
-
-
 def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-_TAIL_CHARS:].decode("utf-8", errors="replace")
+    with open(path, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - _TAIL_BYTES))
+        return handle.read(_TAIL_BYTES).decode("utf-8", errors="replace")
+
+
+def _seccomp_pipe() -> int:
+    """A pipe's read end holding the BPF program for bwrap's `--seccomp`."""
+    program = seccomp_program(platform.machine(), exec_allowed=True)
+    read_end, write_end = os.pipe()
+    os.write(write_end, program)  # a few hundred bytes: far below the pipe's buffer
+    os.close(write_end)
+    return read_end
 
 
 def run_sandboxed(
-    *, package_dir: Path, data_dir: Path, job_dir: Path, out_dir: Path, limits: SandboxLimits,
+    *, read_only: dict[str, Path], out_dir: Path, logs: Path, limits: SandboxLimits,
+    harness_args: list[str],
 ) -> SandboxRun:
-    """Run the harness in the sandbox; kill the whole process group at the wall limit."""
+    """Run the harness in the sandbox; kill the whole process group at the wall limit.
+
+    stdout and stderr go to files under `logs` (the node's, never the sandbox's).
+    """
     sandbox_available()
-    command = sandbox_command(package_dir=package_dir, data_dir=data_dir, job_dir=job_dir,
-                              out_dir=out_dir, limits=limits)
-    logs = job_dir.parent / "logs"
-    logs.mkdir(exist_ok=True)
-    started = time.monotonic()
-    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout,
-                                   stderr=stderr, start_new_session=True, close_fds=True,
-                                   env={"PATH": "/usr/bin:/bin"})
-    peak, timed_out = 0, False
+    seccomp_fd = _seccomp_pipe()
+    try:
+        command = sandbox_command(read_only=read_only, out_dir=out_dir, limits=limits,
+                                  harness_args=harness_args, seccomp_fd=seccomp_fd)
+        started = time.monotonic()
+        with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=stderr, start_new_session=True,
+                                       pass_fds=(seccomp_fd,), env={"PATH": "/usr/bin:/bin"})
+    finally:
+        os.close(seccomp_fd)
+    timed_out = False
     while True:
-        pid, wait_status, _ = os.wait4(process.pid, os.WNOHANG)
+        pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
-        peak = max(peak, _tree_peak_rss(process.pid))
         if time.monotonic() - started > limits.wall_seconds:
             timed_out = True
             inside = _descendants(process.pid)
             os.killpg(process.pid, signal.SIGKILL)
-            _, wait_status, _ = os.wait4(process.pid, 0)
+            _, wait_status, usage = os.wait4(process.pid, 0)
             # The sandboxed processes run in their own session (bwrap --new-session) and
             # die by PR_SET_PDEATHSIG, asynchronously: wait until they are really gone.
             _kill_and_wait(inside)
@@ -247,16 +351,9 @@ def run_sandboxed(
         sig = exit_code - 128
     else:
         sig = None
-    status = None
-    status_file = out_dir / "status.json"
-    if status_file.is_file():
-        try:
-            status = json.loads(status_file.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            status = None
-    if status and isinstance(status.get("maxrss_kb"), int):
-        peak = max(peak, status["maxrss_kb"] * 1024)
+    # wait4's usage covers the waited process and every descendant it reaped (bwrap
+    # reaps the harness), so this is the sandbox's CPU time and largest resident set.
     return SandboxRun(command=command, exit_code=exit_code, signal=sig, timed_out=timed_out,
-                      wall_seconds=wall, peak_memory_bytes=peak,
-                      stdout_tail=_tail(logs / "stdout"), stderr_tail=_tail(logs / "stderr"),
-                      status=status)
+                      wall_seconds=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
+                      peak_memory_bytes=usage.ru_maxrss * 1024,
+                      stderr_tail=_tail(logs / "stderr"))
