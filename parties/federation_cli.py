@@ -46,16 +46,32 @@ def pki_issue(
     topology: TopologyOption = None,
 ) -> None:
     """Issue a new key and certificate for node NAME (e.g. after a revocation)."""
+    _issue(name, state, topology, renew=False)
+
+
+@pki_app.command("renew")
+def pki_renew(
+    name: str,
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Renew node NAME's TLS key and certificate, keeping its log signing key."""
+    _issue(name, state, topology, renew=True)
+
+
+def _issue(name: str, state: Path, topology: Path | None, *, renew: bool) -> None:
     _, topo = resolve_topology(state, topology)
     if not topo.has_node(name):
         console.print(f"[red]{name!r} is not a node of topology {topo.name!r}[/red]")
         raise typer.Exit(2)
     try:
-        cert = pki.issue_node_certificate(StateDir(state), name, topo.node(name).host)
-    except pki.PkiError as exc:
+        cert = pki.issue_node_certificate(StateDir(state), name, topo.node(name).host,
+                                          renew=renew)
+    except (pki.PkiError, OSError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
-    console.print(f"issued certificate {cert.serial_number:x} to {name}")
+    kept = " (same signing key)" if renew else ""
+    console.print(f"issued certificate {cert.serial_number:x} to {name}{kept}")
 
 
 @pki_app.command("revoke")

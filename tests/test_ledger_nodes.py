@@ -183,3 +183,28 @@ def test_an_operator_that_drops_cosignatures_or_rewrites_its_tail_fails_the_audi
     finally:
         db.close()
     assert _cli(logged, "ledger", "audit", "--as", "insurer-a").exit_code == 0
+
+
+def test_a_renewed_certificate_keeps_the_whole_history_verifiable(tmp_path):
+    """Renewal issues a new TLS key and certificate but keeps the signing key, so every
+    entry the node signed before still verifies. Control: a new signing key (`pki issue`,
+    after a compromise) makes its old entries fail, which shows verify really checks them."""
+    fed = Federation(tmp_path, nodes=["health-authority", "operator", "regulator"])
+    fed.up()
+    try:
+        ha = open_node(fed.state, fed.topology, "health-authority")
+        for i in range(3):
+            append_entry(ha, "data_registered", {"dataset": f"r{i}", "rows": i})
+        assert _cli(fed, "ledger", "verify").exit_code == 0  # the witnesses cosign
+    finally:
+        fed.down()
+    before = (fed.state.node("health-authority").cert.read_bytes(),
+              federation_signing_keys(fed.state, ["health-authority"]))
+    renewed = _cli(fed, "pki", "renew", "health-authority")
+    assert renewed.exit_code == 0, renewed.output
+    assert fed.state.node("health-authority").cert.read_bytes() != before[0]
+    assert federation_signing_keys(fed.state, ["health-authority"]) == before[1]
+    assert _cli(fed, "ledger", "verify", "--no-witness-now").exit_code == 0
+    assert _cli(fed, "pki", "issue", "health-authority").exit_code == 0
+    rotated = _cli(fed, "ledger", "verify", "--no-witness-now")
+    assert rotated.exit_code == 1 and "FAILED" in rotated.output

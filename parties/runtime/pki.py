@@ -87,10 +87,13 @@ def issue_node_certificate(
     *,
     not_before: dt.datetime | None = None,
     validity: dt.timedelta = NODE_VALIDITY,
+    renew: bool = False,
 ) -> x509.Certificate:
-    """Issue a fresh TLS key, signing key and certificate for node `name`."""
+    """Issue a fresh TLS key and certificate for node `name`, with a fresh signing key, or,
+    to `renew`, with the node's current one: the log's entries it signed stay verifiable
+    under its certificates old and new."""
     ca_key, ca_cert = _load_ca(state)
-    signing_key = Ed25519PrivateKey.generate()
+    signing_key = load_signing_key(state, name) if renew else Ed25519PrivateKey.generate()
     signing_public = signing_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
