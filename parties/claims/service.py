@@ -96,7 +96,7 @@ from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
 from parties.ledger.client import append_entry
-from parties.ledger.witness import refuse_under_incident
+from parties.ledger.incidents import refuse_under_incident
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeUnavailable, RemoteError

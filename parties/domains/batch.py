@@ -10,17 +10,22 @@ to points it altered, or for another data user. Replays are the authority's to r
 No web framework: the insurer's SDK imports this module.
 """
 
+from __future__ import annotations
+
 import hashlib
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.ledger.signing import sign_document, verify_document
 from parties.domains.api import DEFAULT_SCENARIO, BatchExpired, BatchSignatureInvalid, SignedBatch
-from parties.runtime.context import NodeContext
 from parties.runtime.topology import Role
+
+if TYPE_CHECKING:  # the SDK imports this module: no node runtime, no database
+    from parties.runtime.context import NodeContext
 
 SIGNATURE_DOMAIN = "cogov/oprf-batch/v1"
 #: how long the SDK's batches live, and the most any batch may ask for

@@ -25,17 +25,16 @@ from parties.ledger.api import (
     WITNESS_ROLES,
     WITNESSED_HEAD,
     IncidentsCleared,
-    LogUnderIncident,
     WitnessIncident,
     log_node,
 )
+from parties.ledger.incidents import PeerIncidents, node_witness
 from parties.runtime.access import Caller
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import RemoteError
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
-from parties.runtime.store import connect
 
 WITNESS_INTERVAL_S = 2.0
 
@@ -72,13 +71,6 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
     return cosignature
 
 
-class PeerIncidents:
-    """How many open incidents each fellow witness showed at the last gossip."""
-
-    def __init__(self) -> None:
-        self.open: dict[str, int] = {}
-
-
 def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
     """Compare this witness's view of the log with every fellow witness's; the peers checked.
 
@@ -104,29 +96,6 @@ def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
                     raise
             checked.append(peer)
     return checked
-
-
-def node_witness(ctx: NodeContext) -> Witness:
-    def make() -> Witness:
-        operator = log_node(ctx.topology)
-        conn = connect(ctx.paths.db, explicit_transactions=True)
-        return Witness(
-            conn, ctx.name, ctx.signing_key, {operator: ctx.signing_public_keys()[operator]}
-        )
-
-    return ctx.component(Witness, make)
-
-
-def refuse_under_incident(ctx: NodeContext) -> None:
-    """Fail closed: raise `LogUnderIncident` while this witness, or a fellow witness at the
-    last gossip, holds an open incident against the log."""
-    held = {ctx.name: len(node_witness(ctx).incidents(open_only=True))}
-    held.update(ctx.component(PeerIncidents, PeerIncidents).open)
-    named = sorted(name for name, count in held.items() if count)
-    if named:
-        raise LogUnderIncident(
-            f"open log incidents at {', '.join(named)}: no answer until their administrators "
-            "clear them (`cogov ledger incidents`)")
 
 
 def _witness_loop(ctx: NodeContext) -> None:
