@@ -89,6 +89,9 @@ from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology, load_topology
 
 DEFAULT_BATCH = 2000
+# An `he` request carries about 432 KB of ciphertext per ciphertext of claims, base64 in
+# JSON: 96 ciphertexts keep it under the nodes' 64 MiB body limit.
+HE_CIPHERTEXTS_PER_REQUEST = 96
 CLAIM_COLUMNS = ("claim_id", "national_id", "hospital_id", "visit_date", "claimed_fen",
                  "diagnosis_code")
 CHECK_SECRET_INFO = b"cogov-claim-check-secret-v1"
@@ -299,8 +302,8 @@ class Client:
         absent = sorted(set(claims["national_id"]) - set(consents))
         if absent:
             raise MissingConsent(f"{len(absent)} claimants gave no consent")
-        batches = [claims.iloc[i:i + self.batch_size]
-                   for i in range(0, len(claims), self.batch_size)]
+        size = self.batch_size if mode != "he" else min(self.batch_size, _he_batch(self.k))
+        batches = [claims.iloc[i:i + size] for i in range(0, len(claims), size)]
         base = request_id or uuid.uuid4().hex
         done: list[pd.DataFrame] = []
         for i, batch in enumerate(batches):
@@ -483,3 +486,10 @@ def verdicts_to_csv(verdicts: pd.DataFrame, path: Path | str) -> None:
     tmp = target.with_suffix(target.suffix + ".tmp")
     out.to_csv(tmp, index=False)
     tmp.replace(target)
+
+
+def _he_batch(k: int) -> int:
+    """Claims per `he` request at K = `k` (see HE_CIPHERTEXTS_PER_REQUEST)."""
+    from mpc.he import claims_per_ciphertext  # TenSEAL: loaded in he mode only
+
+    return HE_CIPHERTEXTS_PER_REQUEST * claims_per_ciphertext(k)
