@@ -38,6 +38,7 @@ from parties.claims.api import (
     CHECK,
     COMPUTE,
     NOT_CHECKABLE,
+    REQUEST_SIGNATURE_HEADER,
     ClaimCheckResponse,
     HospitalNotInTopology,
 )
@@ -101,18 +102,27 @@ class ClaimFed:
             conn.close()
         return [decode_leaf(bytes(r[0])).entry.event for r in rows]
 
+    def log_ids(self, request_id: str) -> set[str]:
+        """The ids the nodes know a client's request id by (each insurer's log id of it)."""
+        return {self.clients[insurer].log_id(request_id) for insurer in INSURERS}
+
     def events(self, kind: str, request_id: str) -> list:
-        return [e for e in self.ledger() if e.kind == kind and e.request_id == request_id]
+        ids = self.log_ids(request_id)
+        return [e for e in self.ledger() if e.kind == kind and e.request_id in ids]
 
     def log(self, node: str, event: str, request_id: str | None = None) -> list[dict]:
+        ids = None if request_id is None else self.log_ids(request_id)
         return [e for e in read_log(self.fed.state.node(node).log) if e["event"] == event
-                and (request_id is None or e.get("request_id") == request_id)]
+                and (ids is None or e.get("request_id") in ids)]
 
     def usage_rows(self, request_id: str) -> int:
         conn = sqlite3.connect(f"file:{self.fed.state.node('regulator').db}?mode=ro", uri=True)
         try:
-            return conn.execute("SELECT COUNT(*) FROM contract_usage WHERE request_id = ?",
-                                (request_id,)).fetchone()[0]
+            ids = sorted(self.log_ids(request_id))
+            marks = ", ".join("?" * len(ids))
+            return conn.execute(
+                f"SELECT COUNT(*) FROM contract_usage WHERE request_id IN ({marks})", ids
+            ).fetchone()[0]
         finally:
             conn.close()
 
@@ -398,7 +408,8 @@ def test_response_holds_only_verdict_material(cf):
         prepared = client.prepare(part, cf.consents["insurer-a"], mode, f"schema-{mode}")
         response = client._http.request(
             "regulator", CHECK.method, CHECK.path, kind=CHECK.kind, content=prepared.body,
-            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
+            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id,
+                     REQUEST_SIGNATURE_HEADER: prepared.signature})
         body = response.json()
         ClaimCheckResponse.model_validate(body)  # extra fields are forbidden
         assert set(body) <= set(ClaimCheckResponse.model_fields)
@@ -424,7 +435,7 @@ def test_he_insurer_receives_the_verdict_bits_only(cf):
     prepared = client.prepare(part, cf.consents["insurer-b"], "he", "he-leakage")
     response = client.send(prepared)
     head, receipt = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
-    assert receipt == b"" and head["request_id"] == "he-leakage"
+    assert receipt == b"" and head["request_id"] == prepared.log_id
     bits = ss_shares.unpack(response.regulator_answer, ss_shares.KIND_RESULT, (len(part), 3))
     assert np.isin(bits, (0, 1)).all() and (np.diff(bits, axis=1) <= 0).all()
     truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
@@ -463,8 +474,8 @@ def test_retried_request_is_answered_again_but_billed_once(cf):
     time.sleep(0.5)
     assert len(cf.events("query_answered", "retry-same-id")) == 1
     assert cf.usage_rows("retry-same-id") == 1
-    other = client.prepare(part.head(5), cf.consents["insurer-a"], "ss", "retry-other-body")
-    other.request_id = "retry-same-id"
+    client._prepared.pop("retry-same-id")
+    other = client.prepare(part.head(5), cf.consents["insurer-a"], "ss", "retry-same-id")
     with pytest.raises(RemoteError) as reused:
         client.send(other)
     assert reused.value.error == "RequestIdReused" and reused.value.http_status == 409
@@ -708,7 +719,8 @@ def test_insurer_calling_the_operator_directly_is_refused(cf):
             client.call("operator", COMPUTE, content=b"x")
         with pytest.raises(RemoteError) as refused:
             client.request("operator", COMPUTE.method, COMPUTE.path, kind=COMPUTE.kind,
-                           content=b"x", check_flow=False, headers={"X-Request-ID": "refuse-flow"})
+                           content=b"x", check_flow=False,
+                           headers={"X-Request-ID": cf.clients["insurer-a"].log_id("refuse-flow")})
     assert refused.value.error == "FlowNotAllowed" and refused.value.http_status == 403
     assert _wait(lambda: cf.log("operator", "refused", "refuse-flow"))
     assert not cf.log("operator", "claims_computed", "refuse-flow")

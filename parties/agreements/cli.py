@@ -33,11 +33,12 @@ from parties.node import open_node
 from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
-from parties.runtime.pki import load_signing_key
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Topology
 
 console = Console()
+ANOMALIES_EXIT = 3  # the statement is printed, but the log holds meters that are not billed
 contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",
                            no_args_is_help=True)
 consent_app = typer.Typer(help="Consumer consents.", no_args_is_help=True)
@@ -165,7 +166,11 @@ def billing_statement(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     issue: Annotated[bool, typer.Option(help="Record the bill in the log (bill_issued).")] = True,
 ) -> None:
-    """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen)."""
+    """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen).
+
+    Only meters appended by the serving node and signed by the data user are billed; any
+    other `query_answered` entry naming the contract is listed as an anomaly (and the
+    command exits 3 when there is one, after printing the statement)."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
     serving = serving_node(topo)
@@ -177,13 +182,16 @@ def billing_statement(
                    conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
     conn.close()
     with exit_on(ContractError, ValueError):
-        result = statement(signed.terms, period, log_entries)
+        result = statement(signed.terms, period, log_entries, serving,
+                           federation_signing_keys(st, [n.name for n in topo.nodes]))
     if issue:
         append_entry(open_node(st, topo, operator), "bill_issued", result.log_payload())
     if as_json:
         print(result.to_json())
     else:
         console.print(result.render())
+    if result.anomalies:
+        raise typer.Exit(ANOMALIES_EXIT)
 
 
 def register(app: typer.Typer) -> None:

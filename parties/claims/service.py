@@ -48,18 +48,17 @@ operator's typed refusals reach the insurer unchanged.
 """
 
 import base64
-import hashlib
-import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from governance.consent import ConsentError, ConsentMissing, ConsentSubjectMismatch
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
+from governance.meters import meter_fields, request_signature_valid
 from mpc.claim.constants import CLAIM_SCENARIO, RECORD_COLUMNS, VERDICT_OUTPUTS
 from mpc.errors import MalformedInput, MpcError
 from parties.agreements.books import consent_registry, contract_book
@@ -69,6 +68,7 @@ from parties.claims.api import (
     HE_PUBLIC_CONTEXT,
     KEEP_HE_CONTEXT,
     OPERATOR_CERTIFICATE,
+    REQUEST_SIGNATURE_HEADER,
     ClaimCheckRequest,
     ClaimCheckResponse,
     ClaimNotCheckable,
@@ -80,8 +80,11 @@ from parties.claims.api import (
     HeContext,
     ModeNotAllowed,
     OperatorCertificate,
+    RequestSignatureInvalid,
     UnknownHeContext,
+    body_digest,
     frame,
+    signed_request,
     unframe,
 )
 from parties.claims.check_budget import COMPONENT as BUDGET_COMPONENT
@@ -177,15 +180,6 @@ def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -
 # --- the orchestration ---------------------------------------------------------------------
 
 
-def request_digest(body: ClaimCheckRequest) -> str:
-    h = hashlib.sha256()
-    head = body.model_dump(mode="json", exclude={"operator_envelope", "regulator_share"})
-    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
-    h.update(hashlib.sha256(body.operator_envelope).digest())
-    h.update(hashlib.sha256(body.regulator_share or b"").digest())
-    return h.hexdigest()
-
-
 def compute_at_operator(
     ctx: NodeContext, insurer: str, body: ClaimCheckRequest, consents: list[dict[str, Any]]
 ) -> tuple[ComputeResult, bytes]:
@@ -239,12 +233,25 @@ def deliver_he_context(ctx: NodeContext) -> None:
     holder.delivered_to.add(operator)
 
 
-def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
-    """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
+def check_signature(ctx: NodeContext, rid: str, insurer: str, body: ClaimCheckRequest,
+                    signature: str | None) -> None:
+    """Serve only requests the insurer signed with its node key: the meter carries it."""
+    if signature is None or not request_signature_valid(
+            ctx.signing_public_keys()[insurer], signed_request(rid, insurer, body), signature):
+        raise RequestSignatureInvalid(
+            f"sign the request with {insurer}'s node key ({REQUEST_SIGNATURE_HEADER})")
+
+
+def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
+                 signature: str | None) -> bytes:
+    """Check the insurer's signature, enforce, compute, meter once; the JSON of the
+    `ClaimCheckResponse`."""
     rid = current_request_id.get() or ""
+    check_signature(ctx, rid, insurer, body, signature)
+    assert signature is not None
     book = request_book(ctx)
     t0 = time.perf_counter()
-    state, stored, meter = book.begin(rid, insurer, body.contract_id, request_digest(body),
+    state, stored, meter = book.begin(rid, insurer, body.contract_id, body_digest(body),
                                       body.mode, len(body.claims))
     if state == "answered":
         assert stored is not None
@@ -318,6 +325,7 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
             "records_touched": result.records_touched, "rows_returned": len(body.claims),
             "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
             "scenario": terms.scenario,
+            **meter_fields(CHECK.method, CHECK.path, body_digest(body), signature),
         }
         t2 = time.perf_counter()
         book.answered(rid, response, meter, question)
@@ -378,16 +386,22 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                       429: {"description": "over the contract's quota, or the consent's "
                                            "checks at a hospital for the day are spent"},
                       503: {"description": "a computing node is down; nothing billed"}})
-    def post_check(body: ClaimCheckRequest, caller: Caller) -> Response:
+    def post_check(body: ClaimCheckRequest, caller: Caller, signature: Annotated[
+            str | None, Header(alias=REQUEST_SIGNATURE_HEADER)] = None) -> Response:
         """Check a batch of claims; the answer decodes to the verdict at the insurer only.
 
-        Send `X-Request-ID`: a retry with the same id and body returns the same answer and
-        is not billed again. The same question under another id (identical claims, tags and
-        mode) gets the stored answer too, at no cost in budget or bill. Each new claim spends
-        one check of its consent's daily budget at its hospital, refused or not.
+        Send `X-Request-ID` (1-128 of `[A-Za-z0-9._-]`; the log knows the request by a
+        derived id, `parties.runtime.request_ids`): a retry with the same id and body returns
+        the same answer and is not billed again. Send `X-Cogov-Request-Signature`: the
+        insurer node's Ed25519 signature of the request (`parties.claims.api.signed_request`),
+        which its meter carries; unsigned requests are refused. The same question under another id
+        (identical claims, tags and mode) gets the stored answer too, at no cost in budget or
+        bill. Each new claim spends one check of its consent's daily budget at its hospital,
+        refused or not.
         """
         # The stored JSON itself: a retry gets the very bytes of the first answer.
-        return Response(check_claims(ctx, caller.name, body), media_type="application/json")
+        return Response(check_claims(ctx, caller.name, body, signature),
+                        media_type="application/json")
 
     @mount(router, HE_PUBLIC_CONTEXT)
     def get_he_context(caller: Caller) -> HeContext:
