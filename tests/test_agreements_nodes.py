@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from governance.consent import issue_consent
 from governance.contracts import SignedContract, load_contract, sign_contract
 from governance.ledger import decode_leaf
+from governance.meters import meter_fields, request_document, sign_request
 from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT
 from parties.agreements.books import contract_book
 from parties.ledger.client import append_entry
@@ -18,6 +19,7 @@ from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.node_log import current_request_id
 from parties.runtime.pki import load_signing_key
 from scenarios.cli import app
 from tests.federation import Federation
@@ -105,22 +107,56 @@ def test_consent_for_another_insurer_is_refused(fed):
     assert refused.value.error == "ConsentMismatch"
 
 
-def test_billing_statement_traces_to_log_and_reconciles(fed):
+def test_billing_statement_bills_only_meters_that_prove_themselves(fed):
+    """The forged bill of the issue: every node that can append writes `query_answered`
+    entries naming insurer-a's contract. Only the meter the serving node appended for a
+    request insurer-a signed is billed; every forgery is listed as an anomaly (exit 3)."""
+    contract_id = "claim-check-insurer-a-2026"
+    path = "/v1/claims/check"
+    insurer = load_signing_key(fed.state, "insurer-a")
     regulator = open_node(fed.state, fed.topology, "regulator")
-    for i in range(3):
-        append_entry(regulator, "query_answered", {
-            "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
-            "records_touched": 10 + i, "rows_returned": 10 + i, "compute_ms": 5,
-        })
+
+    def meter(rid: str, rows: int, signer=insurer) -> dict:
+        body_sha256 = rid.encode().hex().ljust(64, "0")
+        document = request_document("POST", path, rid, body_sha256, contract_id, "insurer-a",
+                                    rows)
+        return {"contract_id": contract_id, "party": "insurer-a", "records_touched": 4 * rows,
+                "rows_returned": rows, "compute_ms": 5,
+                **meter_fields("POST", path, body_sha256, sign_request(signer, document))}
+
+    token = current_request_id.set("rq-honest")
+    try:
+        append_entry(regulator, "query_answered", meter("rq-honest", 2))
+    finally:
+        current_request_id.reset(token)
+    for node in ("operator", "health-authority", "regulator"):
+        ctx = open_node(fed.state, fed.topology, node)
+        token = current_request_id.set(f"rq-forged-by-{node}")
+        try:
+            forged = meter(f"rq-forged-by-{node}", 1_000_000)
+            if node == "regulator":  # the serving node, without the payer's signature
+                forged = {k: v for k, v in forged.items() if k != "data_user_signature"}
+            append_entry(ctx, "query_answered", forged)
+        finally:
+            current_request_id.reset(token)
     period = datetime.now(UTC).astimezone().strftime("%Y-%m")
-    result = _cli(fed, "billing", "statement", "--contract", "claim-check-insurer-a-2026",
+    result = _cli(fed, "billing", "statement", "--contract", contract_id,
                   "--period", period, "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     bill = json.loads(result.output)
+    assert bill["meters"] == {"queries": 1, "records_touched": 8, "rows_returned": 2,
+                              "compute_ms": 5}
     assert bill["total_fen"] == sum(line["amount_fen"] for line in bill["lines"])
     assert bill["total_fen"] == bill["risk_reserve_fen"] + sum(
         s["amount_fen"] for s in bill["shares"])
     assert all(line["entry_indices"] for line in bill["lines"])
+    anomalies = {a["request_id"]: a for a in bill["anomalies"]}
+    assert set(anomalies) == {f"rq-forged-by-{n}" for n in
+                              ("operator", "health-authority", "regulator")}
+    assert anomalies["rq-forged-by-operator"]["actor"] == "operator"
+    assert "not by the serving node regulator" in anomalies["rq-forged-by-operator"]["reason"]
+    assert anomalies["rq-forged-by-regulator"]["reason"] == (
+        "no data-user signature over the request")
     assert "bill_issued" in _kinds(fed)
 
 

@@ -26,9 +26,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from governance.billing import statement
 from governance.consent import Consent, consent_signing_key, revoke_consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from governance.ledger import decode_leaf
+from governance.meters import sign_request
 from mpc.claim import ss_shares
 from mpc.claim.constants import VERDICT_COLUMNS
 from mpc.errors import MalformedInput
@@ -39,8 +41,10 @@ from parties.claims.api import (
     COMPUTE,
     NOT_CHECKABLE,
     REQUEST_SIGNATURE_HEADER,
+    ClaimCheckRequest,
     ClaimCheckResponse,
     HospitalNotInTopology,
+    signed_request,
 )
 from parties.claims.cli import consumer_keys, issue_consents
 from parties.claims.client import ClaimBatchFailed, Client
@@ -50,7 +54,7 @@ from parties.runtime.cli import ExitCode
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
-from parties.runtime.pki import load_signing_key
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.routes import Kind
 from parties.runtime.sealing import open_sealed
 from scenarios.claim_check.generator import generate
@@ -839,3 +843,127 @@ def _domain_of(cf: ClaimFed, insurer: str) -> str:
     with cf.node_client("operator") as client:
         domains = client.call("operator", LIST_DOMAINS)
     return next(d.domain_id for d in domains if d.data_user == insurer)
+
+
+# -- evidence: request ids at the edge, signed requests, meters that prove themselves ------
+
+
+def _evidence_counts(cf: ClaimFed) -> dict:
+    ledger = cf.ledger()
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('regulator').db}?mode=ro", uri=True)
+    try:
+        usage, requests, budget = (conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                                   for t in ("contract_usage", "claim_requests",
+                                             "claim_check_budget"))
+    finally:
+        conn.close()
+    return {"query entries": sum(e.kind.startswith("query_") for e in ledger),
+            "usage": usage, "requests": requests, "budget": budget,
+            "received": len(cf.log("regulator", "claims_received")),
+            "computed": len(cf.log("operator", "claims_compute_started"))}
+
+
+BAD_REQUEST_IDS = ["", "a/b", "a+b", "a=b", "a b", "a:b", "x" * 129, "claim;drop", "%2F"]
+
+
+def test_bad_request_ids_are_refused_at_the_edge(cf):
+    """Each bad `X-Request-ID` (the issue's `/`, `+`, `=`, space, over 128 characters, ...),
+    on a request the insurer signed for it: a typed 400 before any handler runs, logged,
+    and nothing is reserved, computed, charged or metered."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").head(2)
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "edge-ids")
+    client._prepared.pop("edge-ids")
+    before = _evidence_counts(cf)
+    for bad in BAD_REQUEST_IDS:
+        with pytest.raises(RemoteError) as refused:
+            client._http.request(
+                "regulator", CHECK.method, CHECK.path, kind=CHECK.kind, content=prepared.body,
+                headers={"Content-Type": "application/json", "X-Request-ID": bad,
+                         REQUEST_SIGNATURE_HEADER: prepared.signature})
+        assert refused.value.http_status == 400 and refused.value.error == "InvalidRequestId"
+        assert bad == "" or bad not in refused.value.detail
+    logged = [e for e in cf.log("regulator", "refused") if e["error"] == "InvalidRequestId"]
+    assert len(logged) >= len(BAD_REQUEST_IDS)
+    assert all(e["request_id"].startswith("rq-") for e in logged)
+    time.sleep(0.5)  # metering would run off the request path
+    assert _evidence_counts(cf) == before
+
+
+def test_national_id_as_request_id_never_reaches_the_log(cf):
+    """The insurer names a request after the claimant's national id: it is answered and
+    metered under the derived log id, and the id appears in no log entry, node log or
+    refusal record of the serving and computing nodes."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[40:42].reset_index(drop=True)
+    national_id = str(part["national_id"][0])
+    assert len(national_id) == 18
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=national_id)
+    assert len(verdicts) == 2
+    log_id = client.log_id(national_id)
+    assert _wait(lambda: cf.events("query_answered", national_id))[0].request_id == log_id
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = b"".join(bytes(r[0]) for r in conn.execute("SELECT leaf FROM ledger_entries"))
+    finally:
+        conn.close()
+    assert national_id.encode() not in leaves
+    for node in ("regulator", "operator", "health-authority"):
+        assert national_id not in cf.fed.state.node(node).log.read_text(), node
+        conn = sqlite3.connect(f"file:{cf.fed.state.node(node).db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT request_id FROM refusals").fetchall()
+        finally:
+            conn.close()
+        assert national_id not in {r[0] for r in rows}, node
+
+
+def test_unsigned_or_badly_signed_requests_are_refused_and_not_billed(cf):
+    """The insurer's signature is what makes a meter billable, so the serving node serves
+    nothing without it: no signature, another node's signature, and a signature of another
+    request are each refused (403, logged) before anything is reserved or computed."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[50:52].reset_index(drop=True)
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "unsigned-check")
+    other = client.prepare(part.head(1), cf.consents["insurer-a"], "ss", "other-signed")
+    stranger = sign_request(load_signing_key(cf.fed.state, "insurer-b"), signed_request(
+        prepared.log_id, "insurer-a", ClaimCheckRequest.model_validate_json(prepared.body)))
+    before = _evidence_counts(cf)
+    for signature in (None, stranger, other.signature, "00" * 64, "not-hex"):
+        headers = {"Content-Type": "application/json", "X-Request-ID": "unsigned-check"}
+        if signature is not None:
+            headers[REQUEST_SIGNATURE_HEADER] = signature
+        with pytest.raises(RemoteError) as refused:
+            client._http.request("regulator", CHECK.method, CHECK.path, kind=CHECK.kind,
+                                 content=prepared.body, headers=headers)
+        assert refused.value.http_status == 403
+        assert refused.value.error == "RequestSignatureInvalid"
+    time.sleep(0.5)
+    assert _evidence_counts(cf) == before
+    assert len([e for e in cf.log("regulator", "refused", "unsigned-check")
+                if e["error"] == "RequestSignatureInvalid"]) == 5
+    # The honest request, signed, is answered and its meter proves itself.
+    client.decode(prepared, client.send(prepared))
+    entry = _wait(lambda: cf.events("query_answered", "unsigned-check"))[0]
+    assert entry.payload["data_user_signature"] == prepared.signature
+    client._prepared.clear()
+
+
+def test_real_meters_prove_themselves_and_are_billed(cf, verdicts):
+    """Every meter the regulator appended for the checks above carries insurer-a's valid
+    signature: billing over the real log finds no anomaly and bills each one."""
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = [decode_leaf(bytes(r[0])) for r in
+                  conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+    finally:
+        conn.close()
+    terms = parse_contract(_terms("insurer-a", "test-insurer-a"))
+    keys = federation_signing_keys(cf.fed.state, [n.name for n in cf.fed.topology.nodes])
+    period = datetime.now(UTC).astimezone(terms.timezone).strftime("%Y-%m")
+    bill = statement(terms, period, leaves, "regulator", keys)
+    answered = {e.entry.event.request_id for e in leaves
+                if e.entry.event.kind == "query_answered"
+                and e.entry.event.payload.get("contract_id") == "test-insurer-a"}
+    assert answered and bill.anomalies == ()
+    assert bill.meters.queries == len(answered)
