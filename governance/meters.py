@@ -11,9 +11,13 @@ not make a meter true. A meter counts only when:
   it into the meter with the fields it covers.
 
 Everything else naming the contract is an anomaly (`MeterAnomaly`): reported, never
-billed, never counted against a quota. Anyone holding the log and the federation's
-public keys can recheck every meter, so a node that forges or inflates a meter is
-caught by the payer, whose signature it cannot make.
+billed, never counted against a quota. A meter the serving node voided with a
+`query_withheld` entry (the answer was withheld because the log could not take its meter
+in time, or the node died before releasing it) is neither billed nor an anomaly.
+
+Anyone holding the log and the federation's public keys can recheck every meter, so a
+node that forges or inflates a meter is caught by the payer, whose signature it cannot
+make.
 
 Not covered: `records_touched` and `compute_ms` are stated by the serving node alone
 (the data user cannot know them before the answer), so a per-record price rests on the
@@ -98,13 +102,20 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
 def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving_node: str,
                 keys: Mapping[str, PublicKeyLike]) -> tuple[list[LogEntry], list[MeterAnomaly]]:
     """(the contract's `query_answered` entries that prove themselves, every other one naming
-    the contract as an anomaly), both in log order."""
+    the contract as an anomaly), both in log order; meters the serving node voided are in
+    neither."""
+    log_entries = list(log_entries)
+    voided = {e.entry.event.payload.get("meter_signature") for e in log_entries
+              if e.entry.event.kind == EventKind.QUERY_WITHHELD
+              and e.entry.event.actor == serving_node
+              and e.entry.event.payload.get("contract_id") == terms.contract_id}
     meters: list[LogEntry] = []
     anomalies: list[MeterAnomaly] = []
     for log_entry in log_entries:
         event = log_entry.entry.event
         if (event.kind != EventKind.QUERY_ANSWERED
-                or event.payload.get("contract_id") != terms.contract_id):
+                or event.payload.get("contract_id") != terms.contract_id
+                or log_entry.entry.signature in voided):
             continue
         problem = meter_problem(log_entry, terms, serving_node, keys)
         if problem is None:

@@ -1,6 +1,7 @@
 """Contracts, consents and bills through real nodes, recorded in the log."""
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,13 +16,21 @@ from governance.meters import meter_fields, request_document, sign_request
 from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT
 from parties.agreements.books import contract_book
 from parties.ledger.client import append_entry
+from parties.ledger.deferred import (
+    BOUND_ENV,
+    append_or_defer,
+    complete_deferred,
+    deferral_incidents,
+)
 from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
-from parties.runtime.node_log import current_request_id
+from parties.runtime.node_log import current_request_id, read_log
 from parties.runtime.pki import load_signing_key
+from parties.runtime.supervisor import start_node, stop_node, wait_healthy
 from scenarios.cli import app
+from tests.attack_helpers import wait_for
 from tests.federation import Federation
 
 runner = CliRunner()
@@ -176,3 +185,43 @@ def test_termination_stops_the_contract(fed, tmp_path):
                        datetime.now(UTC), 1)
     assert type(refused.value).__name__ == "ContractTerminated"
     assert "contract_terminated" in _kinds(fed)
+
+
+def test_log_outage_defers_entries_and_a_long_deferral_raises_an_incident(fed, monkeypatch):
+    """The log node is down: the regulator keeps the refusal it must log, signed; an entry
+    deferred beyond the bound raises one incident (not one per pass); once the log is back
+    the node's own loop appends it, once."""
+    regulator = open_node(fed.state, fed.topology, "regulator")
+    stop_node(fed.state, "operator", grace=5)
+    try:
+        token = current_request_id.set("rq-deferred-during-outage")
+        try:
+            assert not append_or_defer(regulator, "query_refused", {
+                "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
+                "reason": "ConsentRevoked"})
+        finally:
+            current_request_id.reset(token)
+        monkeypatch.setenv(BOUND_ENV, "0.2")
+        time.sleep(0.3)
+        first = complete_deferred(regulator)
+        assert (first.appended, first.pending, first.incidents) == (0, 1, 1)
+        assert complete_deferred(regulator).incidents == 0  # raised once
+        [incident] = deferral_incidents(regulator)
+        assert incident["kind"] == "query_refused" and incident["last_error"] == (
+            "NodeUnavailable")
+        assert [e for e in read_log(fed.state.node("regulator").log)
+                if e["event"] == "log_deferral_incident" and e["kind"] == "query_refused"]
+    finally:
+        start_node(fed.state, fed.topology_path, "operator")
+        assert wait_healthy(fed.state, fed.topology, ["operator"])["operator"] == "ok"
+        fed.admin_login()
+
+    def logged() -> list:
+        ctx = open_node(fed.state, fed.topology, "operator")
+        return [e for e in (decode_leaf(leaf).entry.event for leaf in
+                            operator_log(ctx).log.leaves())
+                if e.request_id == "rq-deferred-during-outage"]
+
+    assert wait_for(lambda: logged() and not deferral_incidents(regulator), timeout=15)
+    time.sleep(1.5)  # another pass of the loop stores nothing twice
+    assert len(logged()) == 1 and logged()[0].kind == "query_refused"

@@ -967,3 +967,60 @@ def test_real_meters_prove_themselves_and_are_billed(cf, verdicts):
                 and e.entry.event.payload.get("contract_id") == "test-insurer-a"}
     assert answered and bill.anomalies == ()
     assert bill.meters.queries == len(answered)
+
+
+def test_log_outage_during_a_query_withholds_the_answer_and_bills_nothing(cf):
+    """The log's store is locked by another writer (a real outage of the log: the operator
+    still computes, its log cannot commit). The answer is computed but never leaves: a
+    typed 503, its quota given back, its meter voided by a `query_withheld` entry once the
+    log is back (the slow append may commit late), nothing billed. A retry with the same
+    request id is then answered and billed once."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[60:62].reset_index(drop=True)
+    client.tokens(list(part["national_id"]))  # OPRF evaluations are logged too
+    rid = "log-outage"
+    lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the log's appends wait, then fail
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClaimBatchFailed) as withheld:
+            client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+        waited = time.monotonic() - started
+    finally:
+        lock.rollback()
+        lock.close()
+    assert withheld.value.error == "AnswerNotLogged" and withheld.value.http_status == 503
+    assert waited < 20
+    assert cf.log("operator", "claims_computed", rid)  # the answer existed ...
+    assert cf.log("regulator", "answer_withheld", rid)  # ... and was kept back
+    assert cf.usage_rows(rid) == 0
+    voided = _wait(lambda: cf.events("query_withheld", rid), timeout=15)
+    assert voided[0].actor == "regulator"
+
+    def leaves() -> list:
+        conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+        try:
+            return [decode_leaf(bytes(r[0])) for r in
+                    conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+        finally:
+            conn.close()
+
+    # The regulator gave up on the append, the log committed it once the lock was gone:
+    # the withheld answer's meter is in the log, and only the void keeps it off the bill.
+    landed = _wait(lambda: [e for e in leaves()
+                            if e.entry.signature == voided[0].payload["meter_signature"]])
+    assert landed and landed[0].entry.event.kind == "query_answered"
+    terms = parse_contract(_terms("insurer-a", "test-insurer-a"))
+    keys = federation_signing_keys(cf.fed.state, [n.name for n in cf.fed.topology.nodes])
+    period = datetime.now(UTC).astimezone(terms.timezone).strftime("%Y-%m")
+    log_id = client.log_id(rid)
+    bill = statement(terms, period, leaves(), "regulator", keys)
+    billed = {i for line in bill.lines for i in line.entry_indices}
+    assert landed[0].index not in billed and not bill.anomalies
+    assert not [e for e in leaves() if e.index in billed and e.entry.event.request_id == log_id]
+    # The log is back: the same request is answered, and billed once.
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+    assert len(verdicts) == 2 and cf.usage_rows(rid) == 1
+    meters = [e for e in cf.events("query_answered", rid)
+              if e.payload.get("data_user_signature")]
+    assert meters and cf.log("regulator", "claims_answered", rid)

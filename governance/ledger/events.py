@@ -55,6 +55,7 @@ class EventKind(StrEnum):
     PACKAGE_REJECTED = "package_rejected"
     QUERY_ANSWERED = "query_answered"
     QUERY_REFUSED = "query_refused"
+    QUERY_WITHHELD = "query_withheld"  # an answer withheld: its meter, if logged, is void
     FLOW_REFUSED = "flow_refused"
     BILL_ISSUED = "bill_issued"
     KEY_DESTROYED = "key_destroyed"

@@ -101,6 +101,13 @@ class RequestSignatureInvalid(ClaimRefused):
     HEADER`): nothing is served, so nothing can be metered without the payer's signature."""
 
 
+class AnswerNotLogged(ClaimRefused):
+    """The log did not take the answer's meter in time: the answer was withheld (it never
+    leaves before its entry), nothing is billed, the quota is given back; retry later."""
+
+    http_status = 503
+
+
 class ComputeUnavailable(ClaimRefused):
     """A computing node is down or lost its session; nothing was billed, retry later."""
 

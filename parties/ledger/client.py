@@ -2,6 +2,8 @@
 
 Every capability records what it did with `append_entry`: at the operator the entry
 is appended in place, from any other node it is sent to the operator over mutual TLS.
+An entry that must reach the log but may wait for it goes through
+`parties.ledger.deferred.append_or_defer` instead.
 """
 
 from typing import Any
@@ -26,10 +28,16 @@ def signed_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> Signed
     return sign_event(make_event(kind, ctx.name, rid, payload), ctx.signing_key)
 
 
-def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:
-    """Sign a log entry as this node and append it to the federation's log."""
-    entry = signed_entry(ctx, kind, payload)
+def append_signed(ctx: NodeContext, entry: SignedEntry, timeout: float | None = None
+                  ) -> EntriesAppended:
+    """Append an entry this node signed (idempotent: the log stores an entry once); a call
+    to the operator gives up after `timeout` seconds (default: the client's)."""
     if ctx.spec.role == LOG_NODE_ROLE:
         return append_entries(ctx, [entry])
-    with ctx.client() as client:
+    with ctx.client(timeout) as client:
         return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
+
+
+def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:
+    """Sign a log entry as this node and append it to the federation's log."""
+    return append_signed(ctx, signed_entry(ctx, kind, payload))
