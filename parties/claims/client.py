@@ -23,7 +23,11 @@ client side, `mpc` and `governance`.
 
 A failed batch raises `ClaimBatchFailed`; calling `check` again with the same
 `request_id` re-sends the very same request (same shares or ciphertexts), which the
-regulator answers at most once and bills at most once.
+regulator answers at most once and bills at most once. Every request is signed with the
+insurer node's key (`api.signed_request`): the meter of its answer carries the signature,
+and a bill counts no meter without one. The nodes and the log know a request by its log
+id (`Client.log_id`, keyed by a secret only this insurer and the regulator derive), never
+by `request_id` itself.
 
 Each claim carries a hospital tag (its consent's budget bucket at a hospital) and a digest
 keyed with this insurer's own check secret (`parties.claims.fingerprints`). The same batch
