@@ -15,6 +15,7 @@ from governance.ledger import decode_leaf
 from governance.meters import meter_fields, request_document, sign_request
 from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT
 from parties.agreements.books import contract_book
+from parties.claims.api import CHECK
 from parties.ledger.client import append_entry
 from parties.ledger.deferred import (
     BOUND_ENV,
@@ -119,9 +120,9 @@ def test_consent_for_another_insurer_is_refused(fed):
 def test_billing_statement_bills_only_meters_that_prove_themselves(fed):
     """The forged bill of the issue: every node that can append writes `query_answered`
     entries naming insurer-a's contract. Only the meter the serving node appended for a
-    request insurer-a signed is billed; every forgery is listed as an anomaly (exit 3)."""
+    request insurer-a signed is billed; every forgery is listed as an anomaly (exit 1)."""
     contract_id = "claim-check-insurer-a-2026"
-    path = "/v1/claims/check"
+    path = CHECK.path
     insurer = load_signing_key(fed.state, "insurer-a")
     regulator = open_node(fed.state, fed.topology, "regulator")
 
@@ -151,7 +152,7 @@ def test_billing_statement_bills_only_meters_that_prove_themselves(fed):
     period = datetime.now(UTC).astimezone().strftime("%Y-%m")
     result = _cli(fed, "billing", "statement", "--contract", contract_id,
                   "--period", period, "--json")
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 1, result.output
     bill = json.loads(result.output)
     assert bill["meters"] == {"queries": 1, "records_touched": 8, "rows_returned": 2,
                               "compute_ms": 5}

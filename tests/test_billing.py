@@ -20,6 +20,7 @@ from governance.billing import (
 from governance.contracts import ContractTerms, QueryMeter, parse_contract, usage_from_log
 from governance.ledger import LogEntry, MerkleLog, make_event, sign_event
 from governance.meters import meter_fields, request_document, sign_request
+from parties.claims.api import CHECK
 
 KEY = Ed25519PrivateKey.generate()  # the serving node's (the regulator's)
 INSURER_KEY = Ed25519PrivateKey.generate()  # the data user's: it signs every request it sends
@@ -27,7 +28,7 @@ OTHER_KEYS = {name: Ed25519PrivateKey.generate() for name in ("operator", "healt
 KEYS = {"regulator": KEY.public_key(), "insurer-a": INSURER_KEY.public_key(),
         **{name: key.public_key() for name, key in OTHER_KEYS.items()}}
 CID = "claim-check-2026-insurer-a"
-PATH = "/v1/claims/check"
+PATH = CHECK.path
 
 
 def _bill(terms, period, log_entries):

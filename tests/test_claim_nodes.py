@@ -863,6 +863,15 @@ def _evidence_counts(cf: ClaimFed) -> dict:
             "computed": len(cf.log("operator", "claims_compute_started"))}
 
 
+def _fresh_tokens(client: Client, claims: pd.DataFrame) -> None:
+    """Fetch these claimants' tokens anew: earlier tests rotate keys, and a stale token
+    would be refused (and the batch renewed under another request id)."""
+    ids = list(claims["national_id"])
+    for nid in ids:
+        client._tokens.pop(nid, None)
+    client.tokens(ids)
+
+
 BAD_REQUEST_IDS = ["", "a/b", "a+b", "a=b", "a b", "a:b", "x" * 129, "claim;drop", "%2F"]
 
 
@@ -898,6 +907,7 @@ def test_national_id_as_request_id_never_reaches_the_log(cf):
     part = cf.part("insurer-a").iloc[40:42].reset_index(drop=True)
     national_id = str(part["national_id"][0])
     assert len(national_id) == 18
+    _fresh_tokens(client, part)
     verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=national_id)
     assert len(verdicts) == 2
     log_id = client.log_id(national_id)
@@ -924,6 +934,7 @@ def test_unsigned_or_badly_signed_requests_are_refused_and_not_billed(cf):
     request are each refused (403, logged) before anything is reserved or computed."""
     client = cf.clients["insurer-a"]
     part = cf.part("insurer-a").iloc[50:52].reset_index(drop=True)
+    _fresh_tokens(client, part)
     prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "unsigned-check")
     other = client.prepare(part.head(1), cf.consents["insurer-a"], "ss", "other-signed")
     stranger = sign_request(load_signing_key(cf.fed.state, "insurer-b"), signed_request(
@@ -977,7 +988,7 @@ def test_log_outage_during_a_query_withholds_the_answer_and_bills_nothing(cf):
     request id is then answered and billed once."""
     client = cf.clients["insurer-a"]
     part = cf.part("insurer-a").iloc[60:62].reset_index(drop=True)
-    client.tokens(list(part["national_id"]))  # OPRF evaluations are logged too
+    _fresh_tokens(client, part)  # OPRF evaluations are logged too: not under the lock
     rid = "log-outage"
     lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # the log's appends wait, then fail

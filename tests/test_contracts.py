@@ -34,6 +34,7 @@ from governance.contracts import (
 )
 from governance.ledger import MerkleLog, make_event, sign_event
 from governance.meters import meter_fields, request_document, sign_request
+from parties.claims.api import CHECK
 
 SCENARIO_CONTRACTS = Path(__file__).resolve().parents[1] / "scenarios" / "claim_check" / "contracts"
 PARTIES = ("operator", "regulator", "health-authority", "insurer-a")
@@ -305,9 +306,9 @@ def test_quota_usage_is_recomputable_from_the_log(tmp_path, keys, book):
             compute_ms=30,
         )
         rid, body_sha256 = f"req-{minute}", f"{minute:064x}"
-        request = request_document("POST", "/v1/claims/check", rid, body_sha256,
+        request = request_document(CHECK.method, CHECK.path, rid, body_sha256,
                                    grant.contract_id, "insurer-a", 1)
-        signed = meter_fields("POST", "/v1/claims/check", body_sha256,
+        signed = meter_fields(CHECK.method, CHECK.path, body_sha256,
                               sign_request(keys["insurer-a"], request))
         event = make_event(
             "query_answered",

@@ -30,7 +30,13 @@ from parties.agreements.api import (
 from parties.ledger.api import log_node
 from parties.ledger.client import append_entry
 from parties.node import open_node
-from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.cli import (
+    ExitCode,
+    StateOption,
+    TopologyOption,
+    exit_on,
+    resolve_topology,
+)
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
 from parties.runtime.pki import federation_signing_keys, load_signing_key
@@ -38,7 +44,6 @@ from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Topology
 
 console = Console()
-ANOMALIES_EXIT = 3  # the statement is printed, but the log holds meters that are not billed
 contract_app = typer.Typer(help="Contracts: sign, register, terminate, show.",
                            no_args_is_help=True)
 consent_app = typer.Typer(help="Consumer consents.", no_args_is_help=True)
@@ -170,7 +175,7 @@ def billing_statement(
 
     Only meters appended by the serving node and signed by the data user are billed; any
     other `query_answered` entry naming the contract is listed as an anomaly (and the
-    command exits 3 when there is one, after printing the statement)."""
+    command exits 1 when there is one, after printing the statement)."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
     serving = serving_node(topo)
@@ -191,7 +196,7 @@ def billing_statement(
     else:
         console.print(result.render())
     if result.anomalies:
-        raise typer.Exit(ANOMALIES_EXIT)
+        raise typer.Exit(ExitCode.REFUSED)  # printed, but the log holds meters not billed
 
 
 def register(app: typer.Typer) -> None:
