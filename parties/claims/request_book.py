@@ -169,11 +169,11 @@ class RequestBook:
         with self.lock:
             self.in_flight.discard(rid)
 
-    def release_dead(self) -> list[tuple[str, str]]:
+    def release_dead(self) -> tuple[int, list[str]]:
         """At start, before serving: requests left pending died with the last process; give
-        back their quota reservations. Returns (request id, signed meter) of those that died
-        with a meter on its way to the log: their answers never left, so the meters, if
-        they landed, are to be voided."""
+        back their quota reservations. Returns how many, and the signed meters of those
+        that died with a meter on its way to the log: their answers never left, so the
+        meters, if they landed, are to be voided."""
         with self.ctx.store.lock, self._conn() as conn:
             dead = conn.execute(
                 "SELECT request_id, usage_id, meter FROM claim_requests"
@@ -183,7 +183,7 @@ class RequestBook:
                     _release_usage(conn, int(usage_id))
             conn.execute("UPDATE claim_requests SET status = 'failed', usage_id = NULL,"
                          " meter = NULL WHERE status = 'pending'")
-        return [(rid, meter) for rid, _, meter in dead if meter is not None]
+        return len(dead), [meter for _, _, meter in dead if meter is not None]
 
 
 def _release_reservation(conn: sqlite3.Connection, rid: str) -> None:

@@ -269,7 +269,8 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
     assert signature is not None
     book = request_book(ctx)
     t0 = time.perf_counter()
-    state, stored = book.begin(rid, insurer, body.contract_id, body_digest(body), body.mode,
+    digest = body_digest(body)
+    state, stored = book.begin(rid, insurer, body.contract_id, digest, body.mode,
                                len(body.claims))
     if state == "answered":
         assert stored is not None
@@ -341,7 +342,7 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
             "records_touched": result.records_touched, "rows_returned": len(body.claims),
             "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
             "scenario": terms.scenario,
-            **meter_fields(CHECK.method, CHECK.path, body_digest(body), signature),
+            **meter_fields(CHECK.method, CHECK.path, digest, signature),
         }
         t2 = time.perf_counter()
         log_before_release(ctx, rid, meter)
@@ -408,11 +409,12 @@ def _refused(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, exc: Excep
 
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
-    dead = request_book(ctx).release_dead()  # before the node serves its first request
-    for _, meter in dead:  # died between the log and the release: the answers never left
+    released, metered = request_book(ctx).release_dead()  # before serving a first request
+    for meter in metered:  # died between the log and the release: the answers never left
         withhold(ctx, SignedEntry.model_validate_json(meter), "node_restarted")
-    if dead:
-        ctx.log.event("claims_released_dead_requests", requests=len(dead))
+    if released:
+        ctx.log.event("claims_released_dead_requests", requests=released,
+                      meters_voided=len(metered))
 
     @mount(router, CHECK,
            responses={403: {"description": "refused: contract, consent, mode or flow"},
