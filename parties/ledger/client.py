@@ -6,6 +6,7 @@ An entry that must reach the log but may wait for it goes through
 `parties.ledger.deferred.append_or_defer` instead.
 """
 
+import threading
 from typing import Any
 
 from governance.ledger import SignedEntry, make_event, sign_event
@@ -17,6 +18,7 @@ from parties.ledger.api import (
     log_node,
 )
 from parties.ledger.operator_log import append_entries
+from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
 from parties.runtime.node_log import current_request_id, new_request_id
 
@@ -28,14 +30,35 @@ def signed_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> Signed
     return sign_event(make_event(kind, ctx.name, rid, payload), ctx.signing_key)
 
 
+class LogClients:
+    """This node's long-lived clients to the log, one per timeout: an answer waits for its
+    log entry, and a TLS handshake per entry would double that wait."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.lock = threading.Lock()
+        self.clients: dict[float | None, NodeClient] = {}
+
+    def client(self, timeout: float | None) -> NodeClient:
+        with self.lock:
+            found = self.clients.get(timeout)
+            if found is None:
+                found = self.clients[timeout] = self.ctx.client(timeout)
+            return found
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
 def append_signed(ctx: NodeContext, entry: SignedEntry, timeout: float | None = None
                   ) -> EntriesAppended:
     """Append an entry this node signed (idempotent: the log stores an entry once); a call
     to the operator gives up after `timeout` seconds (default: the client's)."""
     if ctx.spec.role == LOG_NODE_ROLE:
         return append_entries(ctx, [entry])
-    with ctx.client(timeout) as client:
-        return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
+    client = ctx.component(LogClients).client(timeout)
+    return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
 
 
 def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:
