@@ -1035,3 +1035,57 @@ def test_log_outage_during_a_query_withholds_the_answer_and_bills_nothing(cf):
     meters = [e for e in cf.events("query_answered", rid)
               if e.payload.get("data_user_signature")]
     assert meters and cf.log("regulator", "claims_answered", rid)
+
+
+def test_serving_node_killed_before_the_release_voids_the_meter(cf):
+    """kill -9 of the regulator while its answer waits for the log (the log's store held
+    by another writer): the meter commits once the log frees up, but the answer never
+    left. At restart the regulator gives the quota back and voids that meter
+    (`query_withheld`), so nothing is billed; a retry is answered and billed once."""
+    import os
+    import signal
+
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[70:72].reset_index(drop=True)
+    _fresh_tokens(client, part)
+    rid = "killed-before-release"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["verdicts"] = client.check(part, cf.consents["insurer-a"], "ss",
+                                               request_id=rid)
+        except Exception as exc:  # the outcome under test
+            outcome["error"] = exc
+
+    lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert _wait(lambda: cf.log("operator", "claims_computed", rid), timeout=30)
+        time.sleep(1.5)  # the regulator now waits (up to 5 s) for the log to take the meter
+        os.kill(supervisor.running_pid(cf.fed.state, "regulator"), signal.SIGKILL)
+        worker.join(60)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert isinstance(outcome.get("error"), ClaimBatchFailed)
+    meter = _wait(lambda: cf.events("query_answered", rid))  # committed after all
+    _restart(cf, "regulator")
+    voided = _wait(lambda: cf.events("query_withheld", rid), timeout=15)
+    assert voided[0].payload["meter_signature"] == _meter_signature(cf, meter[0])
+    assert voided[0].payload["reason"] == "node_restarted"
+    assert cf.usage_rows(rid) == 0
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+    assert len(verdicts) == 2 and cf.usage_rows(rid) == 1
+
+
+def _meter_signature(cf: ClaimFed, event) -> str:
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = [decode_leaf(bytes(r[0]))
+                  for r in conn.execute("SELECT leaf FROM ledger_entries")]
+    finally:
+        conn.close()
+    return next(e.entry.signature for e in leaves if e.entry.event == event)
