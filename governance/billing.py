@@ -1,12 +1,15 @@
 """Metering, billing and revenue sharing, computed from the log alone.
 
 Every answered query is metered in its `query_answered` entry (records
-touched, rows returned, compute ms). `statement()` turns a contract and the
-log's entries into a monthly statement whose every line names the log entry
-indices it was computed from, so any party holding the log can recompute
-the bill. Amounts are integer fen; the total is split into the risk reserve
-and the parties' shares by largest remainder, so the parts always sum
-exactly to the total.
+touched, rows returned, compute ms). Only meters that prove themselves are
+billed: appended by the contract's serving node and carrying the data user's
+signature over the request (`governance.meters`); any other entry naming the
+contract is listed in the statement's `anomalies`, never billed.
+`statement()` turns a contract and the log's entries into a monthly
+statement whose every line names the log entry indices it was computed
+from, so any party holding the log can recompute the bill. Amounts are
+integer fen; the total is split into the risk reserve and the parties'
+shares by largest remainder, so the parts always sum exactly to the total.
 """
 
 import re
@@ -22,7 +25,8 @@ from rich.table import Table
 from governance.contracts import FULL_SPLIT_BP, ContractTerms, QueryMeter
 from governance.errors import GovernanceError
 from governance.ledger.events import EventKind, LogEntry, sha256_hex
-from governance.ledger.signing import canonical_json
+from governance.ledger.signing import PublicKeyLike, canonical_json
+from governance.meters import MeterAnomaly, sort_meters
 
 RISK_RESERVE = "risk-reserve"
 
@@ -72,6 +76,7 @@ class Statement(BaseModel):
     total_fen: int
     risk_reserve_fen: int
     shares: tuple[Share, ...]
+    anomalies: tuple[MeterAnomaly, ...] = ()  # meters that did not prove themselves
 
     def to_json(self) -> str:
         return canonical_json(self.model_dump(mode="json")).decode()
@@ -109,7 +114,15 @@ class Statement(BaseModel):
         split.add_row(RISK_RESERVE, "", f"{self.risk_reserve_fen:,}")
         for share in self.shares:
             split.add_row(share.party, f"{share.basis_points:,}", f"{share.amount_fen:,}")
-        return Group(lines, split)
+        if not self.anomalies:
+            return Group(lines, split)
+        anomalies = Table(title="Meters not billed (anomalies)")
+        for column in ("log entry", "request id", "appended by", "reason"):
+            anomalies.add_column(column)
+        for anomaly in self.anomalies:
+            anomalies.add_row(str(anomaly.index), anomaly.request_id, anomaly.actor,
+                              anomaly.reason)
+        return Group(lines, split, anomalies)
 
 
 def _ranges(indices: Iterable[int]) -> str:
@@ -159,23 +172,31 @@ def _month(period: str, terms: ContractTerms) -> tuple[datetime, datetime]:
     return start, end
 
 
+def _moment_of(timestamp_ms: int) -> datetime:
+    return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+
+
 def _moment(log_entry: LogEntry) -> datetime:
-    return datetime.fromtimestamp(log_entry.entry.event.timestamp_ms / 1000, tz=UTC)
+    return _moment_of(log_entry.entry.event.timestamp_ms)
 
 
-def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEntry]) -> Statement:
+def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEntry],
+              serving_node: str, keys: Mapping[str, PublicKeyLike]) -> Statement:
     """The contract's statement for `period` ('YYYY-MM', contract time zone) from log entries.
 
     Billed: each distinct request answered (`query_answered`, deduplicated by
-    request id) at the per-query and per-record prices, and the monthly
-    subscription if the contract was signed (a `contract_signed` entry) and in
-    service during the month; service ends at a `contract_terminated` entry
-    plus the notice period.
+    request id) at the per-query and per-record prices, when its meter proves
+    itself (appended by `serving_node`, signed by the data user: `keys` are the
+    federation's public signing keys), and the monthly subscription if the
+    contract was signed (a `contract_signed` entry) and in service during the
+    month; service ends at a `contract_terminated` entry plus the notice period.
+    Every other meter naming the contract is reported in `anomalies`.
     """
     start, end = _month(period, contract)
+    log_entries = list(log_entries)
+    meters, anomalies = sort_meters(log_entries, contract, serving_node, keys)
     signed: list[int] = []
     terminated: list[tuple[int, datetime]] = []
-    answered: dict[str, list[tuple[LogEntry, QueryMeter]]] = {}
     for log_entry in log_entries:
         event = log_entry.entry.event
         if event.payload.get("contract_id") != contract.contract_id:
@@ -184,14 +205,17 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
             signed.append(log_entry.index)
         elif event.kind == EventKind.CONTRACT_TERMINATED:
             terminated.append((log_entry.index, _moment(log_entry)))
-        elif event.kind == EventKind.QUERY_ANSWERED and start <= _moment(log_entry) < end:
-            try:
-                meter = QueryMeter.model_validate(event.payload)
-            except ValidationError as exc:
-                field = ".".join(str(p) for p in exc.errors()[0]["loc"])
-                raise MeteringError(
-                    f"entry {log_entry.index}: meter field {field} invalid") from None
-            answered.setdefault(event.request_id, []).append((log_entry, meter))
+    answered: dict[str, list[tuple[LogEntry, QueryMeter]]] = {}
+    for log_entry in meters:
+        if not start <= _moment(log_entry) < end:
+            continue
+        try:
+            meter = QueryMeter.model_validate(log_entry.entry.event.payload)
+        except ValidationError as exc:
+            field = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise MeteringError(
+                f"entry {log_entry.index}: meter field {field} invalid") from None
+        answered.setdefault(log_entry.entry.event.request_id, []).append((log_entry, meter))
 
     lines: list[BillLine] = []
     meters = Meters()
@@ -253,6 +277,7 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
             Share(party=p, basis_points=contract.revenue_split_bp[p], amount_fen=parts[p])
             for p in sorted(contract.revenue_split_bp)
         ),
+        anomalies=tuple(a for a in anomalies if start <= _moment_of(a.timestamp_ms) < end),
     )
 
 

@@ -12,7 +12,8 @@ extends a subscription's billing).
 `ContractBook.authorize` is the gate a serving node calls before answering:
 it checks everything and reserves the query against the daily quota in one
 transaction. The same quota is also computable from the log alone
-(`usage_from_log` over `query_answered` entries), so any party can recompute
+(`usage_from_log` over the `query_answered` entries that prove themselves:
+appended by the serving node, signed by the data user), so any party can recompute
 and audit it: the paper's "contract terms as code".
 """
 
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import GovernanceError
-from governance.ledger.events import EventKind, LogEntry
+from governance.ledger.events import LogEntry
 from governance.ledger.signing import (
     PublicKeyLike,
     canonical_json,
@@ -38,6 +39,7 @@ from governance.ledger.signing import (
     verify_document,
 )
 from governance.ledger.transactions import write_transaction
+from governance.meters import MeterAnomaly, sort_meters
 from governance.migrations import apply_migrations
 
 if TYPE_CHECKING:
@@ -384,6 +386,7 @@ class QueryMeter(BaseModel):
 class DailyUsage:
     queries: int
     rows: int
+    anomalies: tuple[MeterAnomaly, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,22 +402,22 @@ class Authorization:
 
 
 def usage_from_log(
-    log_entries: Iterable[LogEntry], terms: ContractTerms, party: str, day: date
+    log_entries: Iterable[LogEntry], terms: ContractTerms, party: str, day: date,
+    serving_node: str, keys: Mapping[str, PublicKeyLike],
 ) -> DailyUsage:
-    """Quota usage of `party` on `day`, recomputed from `query_answered` entries alone."""
+    """Quota usage of `party` on `day`, recomputed from `query_answered` entries alone: only
+    meters that prove themselves count (`governance.meters`); the others are `anomalies`."""
+    meters, anomalies = sort_meters(log_entries, terms, serving_node, keys)
     queries = rows = 0
-    for log_entry in log_entries:
+    for log_entry in meters:
         event = log_entry.entry.event
-        if event.kind != EventKind.QUERY_ANSWERED:
-            continue
-        payload = event.payload
-        if payload.get("contract_id") != terms.contract_id or payload.get("party") != party:
+        if event.payload.get("party") != party:
             continue
         moment = datetime.fromtimestamp(event.timestamp_ms / 1000, tz=UTC)
         if terms.day_of(moment) == day:
             queries += 1
-            rows += int(payload.get("rows_returned", 0))
-    return DailyUsage(queries=queries, rows=rows)
+            rows += int(event.payload.get("rows_returned", 0))
+    return DailyUsage(queries=queries, rows=rows, anomalies=tuple(anomalies))
 
 
 class ContractBook:

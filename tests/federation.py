@@ -7,6 +7,7 @@ from pathlib import Path
 
 from parties.admin.api import ENROLL
 from parties.runtime import pki, supervisor
+from parties.runtime.request_ids import log_request_id, pair_key
 from parties.runtime.state import StateDir
 from parties.runtime.topology import Topology, load_topology
 
@@ -94,3 +95,12 @@ class Federation:
 
     def down(self) -> dict[str, str]:
         return supervisor.down(self.state, self.topology, grace=5.0)
+
+    def log_id(self, caller: str, target: str, request_id: str) -> str:
+        return request_log_id(self.state, caller, target, request_id)
+
+
+def request_log_id(state: StateDir, caller: str, target: str, request_id: str) -> str:
+    """The id `target` knows `caller`'s `request_id` by (`parties.runtime.request_ids`)."""
+    public = pki.federation_signing_keys(state, [target])[target]
+    return log_request_id(pair_key(pki.load_signing_key(state, caller), public), request_id)

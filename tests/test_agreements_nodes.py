@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,22 +19,27 @@ from governance.contracts import (
     terminate_contract,
 )
 from governance.ledger import decode_leaf
-from parties.agreements.api import (
-    CONTRACT as CONTRACT_ROUTE,
-)
-from parties.agreements.api import (
-    REGISTER_CONSENT,
-    REGISTER_CONTRACT,
-    TERMINATE_CONTRACT,
-)
+from governance.meters import meter_fields, request_document, sign_request
+from parties.agreements.api import CONTRACT as CONTRACT_ROUTE
+from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT, TERMINATE_CONTRACT
 from parties.agreements.books import contract_book
+from parties.claims.api import CHECK
 from parties.ledger.client import append_entry
+from parties.ledger.deferred import (
+    BOUND_ENV,
+    append_or_defer,
+    complete_deferred,
+    deferral_incidents,
+)
 from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.node_log import current_request_id, read_log
 from parties.runtime.pki import load_signing_key
+from parties.runtime.supervisor import start_node, stop_node, wait_healthy
 from scenarios.cli import app
+from tests.attack_helpers import wait_for
 from tests.federation import Federation
 
 runner = CliRunner()
@@ -187,22 +193,56 @@ def test_consent_for_another_insurer_is_refused(fed):
     assert refused.value.error == "ConsentMismatch"
 
 
-def test_billing_statement_traces_to_log_and_reconciles(fed):
+def test_billing_statement_bills_only_meters_that_prove_themselves(fed):
+    """The forged bill of the issue: every node that can append writes `query_answered`
+    entries naming insurer-a's contract. Only the meter the serving node appended for a
+    request insurer-a signed is billed; every forgery is listed as an anomaly (exit 1)."""
+    contract_id = "claim-check-insurer-a-2026"
+    path = CHECK.path
+    insurer = load_signing_key(fed.state, "insurer-a")
     regulator = open_node(fed.state, fed.topology, "regulator")
-    for i in range(3):
-        append_entry(regulator, "query_answered", {
-            "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
-            "records_touched": 10 + i, "rows_returned": 10 + i, "compute_ms": 5,
-        })
+
+    def meter(rid: str, rows: int, signer=insurer) -> dict:
+        body_sha256 = rid.encode().hex().ljust(64, "0")
+        document = request_document("POST", path, rid, body_sha256, contract_id, "insurer-a",
+                                    rows)
+        return {"contract_id": contract_id, "party": "insurer-a", "records_touched": 4 * rows,
+                "rows_returned": rows, "compute_ms": 5,
+                **meter_fields("POST", path, body_sha256, sign_request(signer, document))}
+
+    token = current_request_id.set("rq-honest")
+    try:
+        append_entry(regulator, "query_answered", meter("rq-honest", 2))
+    finally:
+        current_request_id.reset(token)
+    for node in ("operator", "health-authority", "regulator"):
+        ctx = open_node(fed.state, fed.topology, node)
+        token = current_request_id.set(f"rq-forged-by-{node}")
+        try:
+            forged = meter(f"rq-forged-by-{node}", 1_000_000)
+            if node == "regulator":  # the serving node, without the payer's signature
+                forged = {k: v for k, v in forged.items() if k != "data_user_signature"}
+            append_entry(ctx, "query_answered", forged)
+        finally:
+            current_request_id.reset(token)
     period = datetime.now(UTC).astimezone().strftime("%Y-%m")
-    result = _cli(fed, "billing", "statement", "--contract", "claim-check-insurer-a-2026",
+    result = _cli(fed, "billing", "statement", "--contract", contract_id,
                   "--period", period, "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     bill = json.loads(result.output)
+    assert bill["meters"] == {"queries": 1, "records_touched": 8, "rows_returned": 2,
+                              "compute_ms": 5}
     assert bill["total_fen"] == sum(line["amount_fen"] for line in bill["lines"])
     assert bill["total_fen"] == bill["risk_reserve_fen"] + sum(
         s["amount_fen"] for s in bill["shares"])
     assert all(line["entry_indices"] for line in bill["lines"])
+    anomalies = {a["request_id"]: a for a in bill["anomalies"]}
+    assert set(anomalies) == {f"rq-forged-by-{n}" for n in
+                              ("operator", "health-authority", "regulator")}
+    assert anomalies["rq-forged-by-operator"]["actor"] == "operator"
+    assert "not by the serving node regulator" in anomalies["rq-forged-by-operator"]["reason"]
+    assert anomalies["rq-forged-by-regulator"]["reason"] == (
+        "no data-user signature over the request")
     assert "bill_issued" in _kinds(fed)
 
 
@@ -248,3 +288,43 @@ def test_a_backdated_termination_is_refused_and_the_contract_stays(fed):
     assert book.authorize("backdate-1", "insurer-a", ["admission_date"], ["visit_found"],
                           datetime.now(UTC), 1)
     assert _refusals(fed, "regulator", "TerminationBackdated") >= 1
+
+
+def test_log_outage_defers_entries_and_a_long_deferral_raises_an_incident(fed, monkeypatch):
+    """The log node is down: the regulator keeps the refusal it must log, signed; an entry
+    deferred beyond the bound raises one incident (not one per pass); once the log is back
+    the node's own loop appends it, once."""
+    regulator = open_node(fed.state, fed.topology, "regulator")
+    stop_node(fed.state, "operator", grace=5)
+    try:
+        token = current_request_id.set("rq-deferred-during-outage")
+        try:
+            assert not append_or_defer(regulator, "query_refused", {
+                "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
+                "reason": "ConsentRevoked"})
+        finally:
+            current_request_id.reset(token)
+        monkeypatch.setenv(BOUND_ENV, "0.2")
+        time.sleep(0.3)
+        first = complete_deferred(regulator)
+        assert (first.appended, first.pending, first.incidents) == (0, 1, 1)
+        assert complete_deferred(regulator).incidents == 0  # raised once
+        [incident] = deferral_incidents(regulator)
+        assert incident["kind"] == "query_refused" and incident["last_error"] == (
+            "NodeUnavailable")
+        assert [e for e in read_log(fed.state.node("regulator").log)
+                if e["event"] == "log_deferral_incident" and e["kind"] == "query_refused"]
+    finally:
+        start_node(fed.state, fed.topology_path, "operator")
+        assert wait_healthy(fed.state, fed.topology, ["operator"])["operator"] == "ok"
+        fed.admin_login()
+
+    def logged() -> list:
+        ctx = open_node(fed.state, fed.topology, "operator")
+        return [e for e in (decode_leaf(leaf).entry.event for leaf in
+                            operator_log(ctx).log.leaves())
+                if e.request_id == "rq-deferred-during-outage"]
+
+    assert wait_for(lambda: logged() and not deferral_incidents(regulator), timeout=15)
+    time.sleep(1.5)  # another pass of the loop stores nothing twice
+    assert len(logged()) == 1 and logged()[0].kind == "query_refused"

@@ -23,6 +23,7 @@ from governance.ledger import (
     sign_event,
     verify_log,
 )
+from governance.meters import sign_request
 from governance.packages import (
     PackageHashMismatch,
     approve_package,
@@ -31,7 +32,14 @@ from governance.packages import (
 )
 from parties.agreements.api import REGISTER_CONSENT, REVOKE_CONSENT
 from parties.agreements.books import contract_book
-from parties.claims.api import CHECK, COMPUTE, NOT_CHECKABLE
+from parties.claims.api import (
+    CHECK,
+    COMPUTE,
+    NOT_CHECKABLE,
+    REQUEST_SIGNATURE_HEADER,
+    ClaimCheckRequest,
+    signed_request,
+)
 from parties.claims.client import ClaimBatchFailed
 from parties.domains.api import EVALUATE, LEVEL1_STEP
 from parties.domains.budget import IDS_PER_DAY_ENV
@@ -84,8 +92,14 @@ def _refused_entries(w: ClaimWorld, reason: str) -> list[dict]:
     return found
 
 
+def _log_id(w: ClaimWorld, rid: str, insurer: str = "insurer-a") -> str:
+    return w.fed.log_id(insurer, "regulator", rid)
+
+
 def _answered(w: ClaimWorld, rid: str) -> int:
-    return sum(1 for kind, r, _ in ledger_entries(w.fed) if kind == "query_answered" and r == rid)
+    log_id = _log_id(w, rid)
+    return sum(1 for kind, r, _ in ledger_entries(w.fed)
+               if kind == "query_answered" and r == log_id)
 
 
 def _one_claim(w: ClaimWorld, i: int, insurer: str = "insurer-a"):
@@ -111,17 +125,21 @@ def test_replayed_request_gets_the_same_answer_and_a_reused_id_is_refused(world)
         replayed = client.send(prepared)  # the very same bytes, the same request id
         assert replayed.model_dump() == first.model_dump()
         assert len(client.decode(prepared, replayed)) == 2
-        # The same id for another request (k changed) is refused, not answered.
+        # The same id for another request (k changed, signed anew by the insurer) is
+        # refused, not answered.
         tampered = prepared.body.replace(b'"k":4', b'"k":3')
         assert tampered != prepared.body
+        signature = sign_request(load_signing_key(world.fed.state, "insurer-a"), signed_request(
+            prepared.log_id, "insurer-a", ClaimCheckRequest.model_validate_json(tampered)))
         with pytest.raises(RemoteError) as reused:
             client._http.request("regulator", CHECK.method, CHECK.path, kind=CHECK.kind,
                                  content=tampered, headers={"Content-Type": "application/json",
-                                                            REQUEST_ID_HEADER: rid})
+                                                            REQUEST_ID_HEADER: rid,
+                                                            REQUEST_SIGNATURE_HEADER: signature})
     assert reused.value.http_status == 409 and reused.value.error == "RequestIdReused"
-    assert (rid, CHECK.path, "RequestIdReused") in [
+    assert (prepared.log_id, CHECK.path, "RequestIdReused") in [
         r[:3] for r in refusal_rows(world.fed, "regulator")]
-    assert any(e["request_id"] == rid and e["error"] == "RequestIdReused"
+    assert any(e["request_id"] == prepared.log_id and e["error"] == "RequestIdReused"
                for e in events(world.fed, "regulator", "refused"))
     assert _answered(world, rid) == 1  # the replay was not billed again
 
@@ -216,7 +234,7 @@ def test_consent_of_one_person_presented_for_another_is_refused(world):
     # The uniform refusal: the insurer is not told that the commitment was the problem.
     assert refused.value.error == "ClaimNotCheckable" and refused.value.http_status == 403
     assert refused.value.detail == NOT_CHECKABLE
-    rid = refused.value.request_id
+    rid = _log_id(world, refused.value.request_id)
     assert wait_for(lambda: [p for p in _refused_entries(world, "ClaimNotCheckable")
                              if p.get("party") == "insurer-a"])
     assert any(r[0] == rid and r[2] == "ClaimNotCheckable"
@@ -283,7 +301,8 @@ def test_insurer_b_presenting_insurer_a_domain_tokens_is_refused(world):
     assert refused.value.error == "ClaimNotCheckable" and refused.value.http_status == 403
     assert wait_for(lambda: [p for p in _refused_entries(world, "ClaimNotCheckable")
                              if p.get("party") == "insurer-b"])
-    assert ("linkage-attempt", COMPUTE.path, "ClaimNotCheckable") in [
+    assert (_log_id(world, "linkage-attempt", "insurer-b"), COMPUTE.path,
+            "ClaimNotCheckable") in [
         r[:3] for r in refusal_rows(world.fed, "operator") if "unknown_token" in r[3]]
 
 

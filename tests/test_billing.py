@@ -17,11 +17,22 @@ from governance.billing import (
     split_largest_remainder,
     statement,
 )
-from governance.contracts import ContractTerms, QueryMeter, parse_contract
+from governance.contracts import ContractTerms, QueryMeter, parse_contract, usage_from_log
 from governance.ledger import LogEntry, MerkleLog, make_event, sign_event
+from governance.meters import meter_fields, request_document, sign_request
+from parties.claims.api import CHECK
 
-KEY = Ed25519PrivateKey.generate()
+KEY = Ed25519PrivateKey.generate()  # the serving node's (the regulator's)
+INSURER_KEY = Ed25519PrivateKey.generate()  # the data user's: it signs every request it sends
+OTHER_KEYS = {name: Ed25519PrivateKey.generate() for name in ("operator", "health-authority")}
+KEYS = {"regulator": KEY.public_key(), "insurer-a": INSURER_KEY.public_key(),
+        **{name: key.public_key() for name, key in OTHER_KEYS.items()}}
 CID = "claim-check-2026-insurer-a"
+PATH = CHECK.path
+
+
+def _bill(terms, period, log_entries):
+    return statement(terms, period, log_entries, "regulator", KEYS)
 
 
 def _terms(**changes) -> ContractTerms:
@@ -55,7 +66,10 @@ def _event(kind, request_id, at_ms, **payload):
     return sign_event(make_event(kind, "regulator", request_id, payload, timestamp_ms=at_ms), KEY)
 
 
-def _answered(request_id, at_ms, records, contract_id=CID, rows=1, compute_ms=25):
+def _answered(request_id, at_ms, records, contract_id=CID, rows=1, compute_ms=25,
+              actor="regulator", signer=INSURER_KEY):
+    """A meter as the serving node appends it: with the data user's signature of the request
+    (`actor` and `signer` let a test forge one)."""
     meter = QueryMeter(
         contract_id=contract_id,
         party="insurer-a",
@@ -63,7 +77,14 @@ def _answered(request_id, at_ms, records, contract_id=CID, rows=1, compute_ms=25
         rows_returned=rows,
         compute_ms=compute_ms,
     )
-    return _event("query_answered", request_id, at_ms, **meter.payload())
+    body_sha256 = f"{request_id}-body".encode().hex().ljust(64, "0")[:64]
+    document = request_document("POST", PATH, request_id, body_sha256, contract_id, "insurer-a",
+                                rows)
+    signed = meter_fields("POST", PATH, body_sha256, sign_request(signer, document))
+    key = KEY if actor == "regulator" else OTHER_KEYS[actor]
+    event = make_event("query_answered", actor, request_id, {**meter.payload(), **signed},
+                       timestamp_ms=at_ms)
+    return sign_event(event, key)
 
 
 @pytest.fixture
@@ -93,7 +114,7 @@ def leaves(tmp_path):
 
 
 def test_statement_lines_trace_to_log_entries(leaves):
-    bill = statement(_terms(), "2026-11", leaves)
+    bill = _bill(_terms(), "2026-11", leaves)
     by_item = {(line.item, line.day.isoformat() if line.day else None): line for line in bill.lines}
     nov1_queries = by_item[("queries answered", "2026-11-01")]
     assert nov1_queries.quantity == 2 and nov1_queries.entry_indices == (2, 3, 4)
@@ -109,7 +130,7 @@ def test_statement_lines_trace_to_log_entries(leaves):
 
 
 def test_json_rich_and_log_payload(leaves):
-    bill = statement(_terms(), "2026-11", leaves)
+    bill = _bill(_terms(), "2026-11", leaves)
     assert Statement.model_validate(json.loads(bill.to_json())) == bill
     console = Console(file=io.StringIO(), width=140)
     console.print(bill.render())
@@ -124,23 +145,26 @@ def test_json_rich_and_log_payload(leaves):
 def test_termination_with_notice_bounds_the_subscription(leaves):
     terminated = _event("contract_terminated", "t-1", _ms(2026, 10, 10), contract_id=CID)
     extra = [*leaves, LogEntry(index=9, entry=terminated)]
-    assert any(line.item == "subscription" for line in statement(_terms(), "2026-11", extra).lines)
+    assert any(line.item == "subscription" for line in _bill(_terms(), "2026-11", extra).lines)
     no_notice = _terms(termination={"notice_days": 0, "may_terminate": ["insurer-a"]})
     assert not any(
-        line.item == "subscription" for line in statement(no_notice, "2026-11", extra).lines
+        line.item == "subscription" for line in _bill(no_notice, "2026-11", extra).lines
     )
     unsigned = [leaf for leaf in leaves if leaf.entry.event.kind != "contract_signed"]
     assert not any(
-        line.item == "subscription" for line in statement(_terms(), "2026-11", unsigned).lines
+        line.item == "subscription" for line in _bill(_terms(), "2026-11", unsigned).lines
     )
 
 
 def test_malformed_meter_names_the_entry():
-    bad = _event("query_answered", "q-x", _ms(2026, 11, 5), contract_id=CID, records_touched=3)
+    signed = _answered("q-x", _ms(2026, 11, 5), records=3).event
+    payload = {k: v for k, v in signed.payload.items() if k != "compute_ms"}
+    bad = sign_event(make_event("query_answered", "regulator", "q-x", payload,
+                                timestamp_ms=signed.timestamp_ms), KEY)
     with pytest.raises(MeteringError, match="entry 4"):
-        statement(_terms(), "2026-11", [LogEntry(index=4, entry=bad)])
+        _bill(_terms(), "2026-11", [LogEntry(index=4, entry=bad)])
     with pytest.raises(ValueError, match="YYYY-MM"):
-        statement(_terms(), "2026-13", [])
+        _bill(_terms(), "2026-13", [])
 
 
 def test_largest_remainder_examples():
@@ -202,9 +226,72 @@ def test_statement_totals_reconcile_exactly(
     for i, count in enumerate(records):
         at = int((start + timedelta(hours=7 * i)).timestamp() * 1000)
         leaves.append(LogEntry(i + 1, _answered(f"q-{i}", at, records=count)))
-    bill = statement(terms, "2026-11", leaves)
+    bill = _bill(terms, "2026-11", leaves)
     assert bill.total_fen == sum(line.amount_fen for line in bill.lines)
     assert bill.total_fen == len(records) * per_query + sum(records) * per_record + subscription
     assert bill.risk_reserve_fen + sum(s.amount_fen for s in bill.shares) == bill.total_fen
     traced = sorted({i for line in bill.lines if line.day for i in line.entry_indices})
     assert traced == list(range(1, len(records) + 1)) or not (per_query or per_record)
+
+
+def _forged_meters():
+    """Meters naming the contract that no honest serving node appended for a signed request:
+    each node that can append forges its own, with the freedom to copy a real signature."""
+    honest = _answered("q-honest", _ms(2026, 11, 3), records=4)
+    copied = honest.event.payload
+    forged = {
+        # the operator and the health authority append meters as themselves, even carrying
+        # the insurer's real signature of another request
+        "operator": _answered("q-op", _ms(2026, 11, 3), records=10**6, actor="operator"),
+        "health-authority": _answered("q-ha", _ms(2026, 11, 3), records=10**6,
+                                      actor="health-authority"),
+        "operator-copy": sign_event(make_event("query_answered", "operator", "q-honest",
+                                               copied, timestamp_ms=_ms(2026, 11, 3)),
+                                    OTHER_KEYS["operator"]),
+        # the serving node itself: no signature, a signature by another key, an honest
+        # signature replayed under a new request id, or more rows than were signed
+        "unsigned": _event("query_answered", "q-unsigned", _ms(2026, 11, 3), contract_id=CID,
+                           party="insurer-a", records_touched=10**6, rows_returned=1,
+                           compute_ms=1),
+        "wrong-signer": _answered("q-wrong", _ms(2026, 11, 3), records=10**6,
+                                  signer=OTHER_KEYS["operator"]),
+        "replayed": sign_event(make_event("query_answered", "regulator", "q-replayed", copied,
+                                          timestamp_ms=_ms(2026, 11, 3)), KEY),
+        "inflated": sign_event(make_event("query_answered", "regulator", "q-honest",
+                                          {**copied, "rows_returned": 500},
+                                          timestamp_ms=_ms(2026, 11, 3) + 1), KEY),
+    }
+    return honest, forged
+
+
+def test_forged_meters_are_anomalies_never_billed():
+    honest, forged = _forged_meters()
+    leaves = [LogEntry(0, honest)] + [
+        LogEntry(i + 1, entry) for i, entry in enumerate(forged.values())]
+    terms = _terms(price={"per_query_fen": 150, "per_record_fen": 20})
+    bill = _bill(terms, "2026-11", leaves)
+    assert bill.meters.queries == 1 and bill.meters.records_touched == 4
+    assert bill.total_fen == 150 + 4 * 20
+    assert [line.entry_indices for line in bill.lines] == [(0,), (0,)]
+    anomalies = {a.index: a for a in bill.anomalies}
+    assert sorted(anomalies) == list(range(1, len(forged) + 1))
+    by_name = dict(zip(forged, (anomalies[i + 1] for i in range(len(forged))), strict=True))
+    assert "not by the serving node" in by_name["operator"].reason
+    assert "not by the serving node" in by_name["health-authority"].reason
+    assert "not by the serving node" in by_name["operator-copy"].reason
+    assert by_name["unsigned"].reason == "no data-user signature over the request"
+    for name in ("wrong-signer", "replayed", "inflated"):
+        assert by_name[name].reason == "the data user's signature does not sign this request"
+    console = Console(file=io.StringIO(), width=160)
+    console.print(bill.render())
+    assert "anomalies" in console.file.getvalue()
+
+
+def test_quota_from_log_counts_only_meters_that_prove_themselves():
+    honest, forged = _forged_meters()
+    leaves = [LogEntry(0, honest)] + [
+        LogEntry(i + 1, entry) for i, entry in enumerate(forged.values())]
+    day = datetime(2026, 11, 3, tzinfo=UTC).date()
+    usage = usage_from_log(leaves, _terms(), "insurer-a", day, "regulator", KEYS)
+    assert (usage.queries, usage.rows) == (1, 1)
+    assert len(usage.anomalies) == len(forged)

@@ -27,9 +27,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from governance.billing import statement
 from governance.consent import Consent, consent_signing_key, revoke_consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from governance.ledger import decode_leaf
+from governance.meters import sign_request
 from mpc.claim import ss_shares
 from mpc.claim.constants import VERDICT_COLUMNS
 from mpc.errors import MalformedInput
@@ -39,8 +41,11 @@ from parties.claims.api import (
     CHECK,
     COMPUTE,
     NOT_CHECKABLE,
+    REQUEST_SIGNATURE_HEADER,
+    ClaimCheckRequest,
     ClaimCheckResponse,
     HospitalNotInTopology,
+    signed_request,
 )
 from parties.claims.cli import consumer_keys, issue_consents
 from parties.claims.client import ClaimBatchFailed, Client
@@ -50,7 +55,7 @@ from parties.runtime.cli import ExitCode
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
 from parties.runtime.node_log import read_log
-from parties.runtime.pki import load_signing_key
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.routes import Kind
 from parties.runtime.sealing import open_sealed
 from scenarios.claim_check.generator import generate
@@ -102,18 +107,27 @@ class ClaimFed:
             conn.close()
         return [decode_leaf(bytes(r[0])).entry.event for r in rows]
 
+    def log_ids(self, request_id: str) -> set[str]:
+        """The ids the nodes know a client's request id by (each insurer's log id of it)."""
+        return {self.clients[insurer].log_id(request_id) for insurer in INSURERS}
+
     def events(self, kind: str, request_id: str) -> list:
-        return [e for e in self.ledger() if e.kind == kind and e.request_id == request_id]
+        ids = self.log_ids(request_id)
+        return [e for e in self.ledger() if e.kind == kind and e.request_id in ids]
 
     def log(self, node: str, event: str, request_id: str | None = None) -> list[dict]:
+        ids = None if request_id is None else self.log_ids(request_id)
         return [e for e in read_log(self.fed.state.node(node).log) if e["event"] == event
-                and (request_id is None or e.get("request_id") == request_id)]
+                and (ids is None or e.get("request_id") in ids)]
 
     def usage_rows(self, request_id: str) -> int:
         conn = sqlite3.connect(f"file:{self.fed.state.node('regulator').db}?mode=ro", uri=True)
         try:
-            return conn.execute("SELECT COUNT(*) FROM contract_usage WHERE request_id = ?",
-                                (request_id,)).fetchone()[0]
+            ids = sorted(self.log_ids(request_id))
+            marks = ", ".join("?" * len(ids))
+            return conn.execute(
+                f"SELECT COUNT(*) FROM contract_usage WHERE request_id IN ({marks})", ids
+            ).fetchone()[0]
         finally:
             conn.close()
 
@@ -399,7 +413,8 @@ def test_response_holds_only_verdict_material(cf):
         prepared = client.prepare(part, cf.consents["insurer-a"], mode, f"schema-{mode}")
         response = client._http.request(
             "regulator", CHECK.method, CHECK.path, kind=CHECK.kind, content=prepared.body,
-            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id})
+            headers={"Content-Type": "application/json", "X-Request-ID": prepared.request_id,
+                     REQUEST_SIGNATURE_HEADER: prepared.signature})
         body = response.json()
         ClaimCheckResponse.model_validate(body)  # extra fields are forbidden
         assert set(body) <= set(ClaimCheckResponse.model_fields)
@@ -425,7 +440,7 @@ def test_he_insurer_receives_the_verdict_bits_only(cf):
     prepared = client.prepare(part, cf.consents["insurer-b"], "he", "he-leakage")
     response = client.send(prepared)
     head, receipt = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
-    assert receipt == b"" and head["request_id"] == "he-leakage"
+    assert receipt == b"" and head["request_id"] == prepared.log_id
     bits = ss_shares.unpack(response.regulator_answer, ss_shares.KIND_RESULT, (len(part), 3))
     assert np.isin(bits, (0, 1)).all() and (np.diff(bits, axis=1) <= 0).all()
     truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
@@ -466,7 +481,7 @@ def test_he_operator_that_lost_the_regulators_context_is_handed_it_again(cf):
     truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
     assert list(verdicts["payable"]) == [f"{v:.2f}" for v in truth["payable"]]
     assert len(cf.log("operator", "he_context_kept", None)) == kept + 1
-    assert _wait(lambda: len(cf.events("query_answered", "he-after-loss")) == 1)
+    assert _wait(lambda: len(cf.events("query_answered", client.log_id("he-after-loss"))) == 1)
 
 
 def test_a_forked_log_head_stops_the_claim_service_until_the_witnesses_clear_it(cf):
@@ -502,7 +517,8 @@ def test_a_forked_log_head_stops_the_claim_service_until_the_witnesses_clear_it(
                 admin.call(witness, POLL)
         refused = _wait(lambda: _refusal_or_none(cf, client, part, "forked-log"), timeout=20)
         assert refused.error == "LogUnderIncident" and refused.http_status == 503
-        assert not cf.log("operator", "claims_compute_started", "forked-log")
+        assert not cf.log("operator", "claims_compute_started", client.log_id("forked-log"))
+        assert not cf.events("query_answered", client.log_id("forked-log"))
         with NodeClient(cf.fed.state, cf.fed.topology, "health-authority") as reader:
             shown = reader.call("health-authority", WITNESS_INCIDENTS)
         assert any(i.evidence["shown"]["root_hash"] == forged.root_hash for i in shown)
@@ -555,8 +571,8 @@ def test_retried_request_is_answered_again_but_billed_once(cf):
     time.sleep(0.5)
     assert len(cf.events("query_answered", "retry-same-id")) == 1
     assert cf.usage_rows("retry-same-id") == 1
-    other = client.prepare(part.head(5), cf.consents["insurer-a"], "ss", "retry-other-body")
-    other.request_id = "retry-same-id"
+    client._prepared.pop("retry-same-id")
+    other = client.prepare(part.head(5), cf.consents["insurer-a"], "ss", "retry-same-id")
     with pytest.raises(RemoteError) as reused:
         client.send(other)
     assert reused.value.error == "RequestIdReused" and reused.value.http_status == 409
@@ -800,7 +816,8 @@ def test_insurer_calling_the_operator_directly_is_refused(cf):
             client.call("operator", COMPUTE, content=b"x")
         with pytest.raises(RemoteError) as refused:
             client.request("operator", COMPUTE.method, COMPUTE.path, kind=COMPUTE.kind,
-                           content=b"x", check_flow=False, headers={"X-Request-ID": "refuse-flow"})
+                           content=b"x", check_flow=False,
+                           headers={"X-Request-ID": cf.clients["insurer-a"].log_id("refuse-flow")})
     assert refused.value.error == "FlowNotAllowed" and refused.value.http_status == 403
     assert _wait(lambda: cf.log("operator", "refused", "refuse-flow"))
     assert not cf.log("operator", "claims_computed", "refuse-flow")
@@ -919,3 +936,249 @@ def _domain_of(cf: ClaimFed, insurer: str) -> str:
     with cf.node_client("operator") as client:
         domains = client.call("operator", LIST_DOMAINS)
     return next(d.domain_id for d in domains if d.data_user == insurer)
+
+
+# -- evidence: request ids at the edge, signed requests, meters that prove themselves ------
+
+
+def _evidence_counts(cf: ClaimFed) -> dict:
+    ledger = cf.ledger()
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('regulator').db}?mode=ro", uri=True)
+    try:
+        usage, requests, budget = (conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                                   for t in ("contract_usage", "claim_requests",
+                                             "claim_check_budget"))
+    finally:
+        conn.close()
+    return {"query entries": sum(e.kind.startswith("query_") for e in ledger),
+            "usage": usage, "requests": requests, "budget": budget,
+            "received": len(cf.log("regulator", "claims_received")),
+            "computed": len(cf.log("operator", "claims_compute_started"))}
+
+
+def _fresh_tokens(client: Client, claims: pd.DataFrame) -> None:
+    """Fetch these claimants' tokens anew: earlier tests rotate keys, and a stale token
+    would be refused (and the batch renewed under another request id)."""
+    ids = list(claims["national_id"])
+    for nid in ids:
+        client._tokens.pop(nid, None)
+    client.tokens(ids)
+
+
+BAD_REQUEST_IDS = ["", "a/b", "a+b", "a=b", "a b", "a:b", "x" * 129, "claim;drop", "%2F"]
+
+
+def test_bad_request_ids_are_refused_at_the_edge(cf):
+    """Each bad `X-Request-ID` (the issue's `/`, `+`, `=`, space, over 128 characters, ...),
+    on a request the insurer signed for it: a typed 400 before any handler runs, logged,
+    and nothing is reserved, computed, charged or metered."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").head(2)
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "edge-ids")
+    client._prepared.pop("edge-ids")
+    before = _evidence_counts(cf)
+    for bad in BAD_REQUEST_IDS:
+        with pytest.raises(RemoteError) as refused:
+            client._http.request(
+                "regulator", CHECK.method, CHECK.path, kind=CHECK.kind, content=prepared.body,
+                headers={"Content-Type": "application/json", "X-Request-ID": bad,
+                         REQUEST_SIGNATURE_HEADER: prepared.signature})
+        assert refused.value.http_status == 400 and refused.value.error == "InvalidRequestId"
+        assert bad == "" or bad not in refused.value.detail
+    logged = [e for e in cf.log("regulator", "refused") if e["error"] == "InvalidRequestId"]
+    assert len(logged) >= len(BAD_REQUEST_IDS)
+    assert all(e["request_id"].startswith("rq-") for e in logged)
+    time.sleep(0.5)  # metering would run off the request path
+    assert _evidence_counts(cf) == before
+
+
+def test_national_id_as_request_id_never_reaches_the_log(cf):
+    """The insurer names a request after the claimant's national id: it is answered and
+    metered under the derived log id, and the id appears in no log entry, node log or
+    refusal record of the serving and computing nodes."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[40:42].reset_index(drop=True)
+    national_id = str(part["national_id"][0])
+    assert len(national_id) == 18
+    _fresh_tokens(client, part)
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=national_id)
+    assert len(verdicts) == 2
+    log_id = client.log_id(national_id)
+    assert _wait(lambda: cf.events("query_answered", national_id))[0].request_id == log_id
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = b"".join(bytes(r[0]) for r in conn.execute("SELECT leaf FROM ledger_entries"))
+    finally:
+        conn.close()
+    assert national_id.encode() not in leaves
+    for node in ("regulator", "operator", "health-authority"):
+        assert national_id not in cf.fed.state.node(node).log.read_text(), node
+        conn = sqlite3.connect(f"file:{cf.fed.state.node(node).db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT request_id FROM refusals").fetchall()
+        finally:
+            conn.close()
+        assert national_id not in {r[0] for r in rows}, node
+
+
+def test_unsigned_or_badly_signed_requests_are_refused_and_not_billed(cf):
+    """The insurer's signature is what makes a meter billable, so the serving node serves
+    nothing without it: no signature, another node's signature, and a signature of another
+    request are each refused (403, logged) before anything is reserved or computed."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[50:52].reset_index(drop=True)
+    _fresh_tokens(client, part)
+    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", "unsigned-check")
+    other = client.prepare(part.head(1), cf.consents["insurer-a"], "ss", "other-signed")
+    stranger = sign_request(load_signing_key(cf.fed.state, "insurer-b"), signed_request(
+        prepared.log_id, "insurer-a", ClaimCheckRequest.model_validate_json(prepared.body)))
+    before = _evidence_counts(cf)
+    for signature in (None, stranger, other.signature, "00" * 64, "not-hex"):
+        headers = {"Content-Type": "application/json", "X-Request-ID": "unsigned-check"}
+        if signature is not None:
+            headers[REQUEST_SIGNATURE_HEADER] = signature
+        with pytest.raises(RemoteError) as refused:
+            client._http.request("regulator", CHECK.method, CHECK.path, kind=CHECK.kind,
+                                 content=prepared.body, headers=headers)
+        assert refused.value.http_status == 403
+        assert refused.value.error == "RequestSignatureInvalid"
+    time.sleep(0.5)
+    assert _evidence_counts(cf) == before
+    assert len([e for e in cf.log("regulator", "refused", "unsigned-check")
+                if e["error"] == "RequestSignatureInvalid"]) == 5
+    # The honest request, signed, is answered and its meter proves itself.
+    client.decode(prepared, client.send(prepared))
+    entry = _wait(lambda: cf.events("query_answered", "unsigned-check"))[0]
+    assert entry.payload["data_user_signature"] == prepared.signature
+    client._prepared.clear()
+
+
+def test_real_meters_prove_themselves_and_are_billed(cf, verdicts):
+    """Every meter the regulator appended for the checks above carries insurer-a's valid
+    signature: billing over the real log finds no anomaly and bills each one."""
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = [decode_leaf(bytes(r[0])) for r in
+                  conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+    finally:
+        conn.close()
+    terms = parse_contract(_terms("insurer-a", "test-insurer-a"))
+    keys = federation_signing_keys(cf.fed.state, [n.name for n in cf.fed.topology.nodes])
+    period = datetime.now(UTC).astimezone(terms.timezone).strftime("%Y-%m")
+    bill = statement(terms, period, leaves, "regulator", keys)
+    answered = {e.entry.event.request_id for e in leaves
+                if e.entry.event.kind == "query_answered"
+                and e.entry.event.payload.get("contract_id") == "test-insurer-a"}
+    assert answered and bill.anomalies == ()
+    assert bill.meters.queries == len(answered)
+
+
+def test_log_outage_during_a_query_withholds_the_answer_and_bills_nothing(cf):
+    """The log's store is locked by another writer (a real outage of the log: the operator
+    still computes, its log cannot commit). The answer is computed but never leaves: a
+    typed 503, its quota given back, its meter voided by a `query_withheld` entry once the
+    log is back (the slow append may commit late), nothing billed. A retry with the same
+    request id is then answered and billed once."""
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[60:62].reset_index(drop=True)
+    _fresh_tokens(client, part)  # OPRF evaluations are logged too: not under the lock
+    rid = "log-outage"
+    lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the log's appends wait, then fail
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClaimBatchFailed) as withheld:
+            client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+        waited = time.monotonic() - started
+    finally:
+        lock.rollback()
+        lock.close()
+    assert withheld.value.error == "AnswerNotLogged" and withheld.value.http_status == 503
+    assert waited < 20
+    assert cf.log("operator", "claims_computed", rid)  # the answer existed ...
+    assert cf.log("regulator", "answer_withheld", rid)  # ... and was kept back
+    assert cf.usage_rows(rid) == 0
+    voided = _wait(lambda: cf.events("query_withheld", rid), timeout=15)
+    assert voided[0].actor == "regulator"
+
+    def leaves() -> list:
+        conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+        try:
+            return [decode_leaf(bytes(r[0])) for r in
+                    conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
+        finally:
+            conn.close()
+
+    # The regulator gave up on the append, the log committed it once the lock was gone:
+    # the withheld answer's meter is in the log, and only the void keeps it off the bill.
+    landed = _wait(lambda: [e for e in leaves()
+                            if e.entry.signature == voided[0].payload["meter_signature"]])
+    assert landed and landed[0].entry.event.kind == "query_answered"
+    terms = parse_contract(_terms("insurer-a", "test-insurer-a"))
+    keys = federation_signing_keys(cf.fed.state, [n.name for n in cf.fed.topology.nodes])
+    period = datetime.now(UTC).astimezone(terms.timezone).strftime("%Y-%m")
+    log_id = client.log_id(rid)
+    bill = statement(terms, period, leaves(), "regulator", keys)
+    billed = {i for line in bill.lines for i in line.entry_indices}
+    assert landed[0].index not in billed and not bill.anomalies
+    assert not [e for e in leaves() if e.index in billed and e.entry.event.request_id == log_id]
+    # The log is back: the same request is answered, and billed once.
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+    assert len(verdicts) == 2 and cf.usage_rows(rid) == 1
+    meters = [e for e in cf.events("query_answered", rid)
+              if e.payload.get("data_user_signature")]
+    assert meters and cf.log("regulator", "claims_answered", rid)
+
+
+def test_serving_node_killed_before_the_release_voids_the_meter(cf):
+    """kill -9 of the regulator while its answer waits for the log (the log's store held
+    by another writer): the meter commits once the log frees up, but the answer never
+    left. At restart the regulator gives the quota back and voids that meter
+    (`query_withheld`), so nothing is billed; a retry is answered and billed once."""
+    import os
+    import signal
+
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[70:72].reset_index(drop=True)
+    _fresh_tokens(client, part)
+    rid = "killed-before-release"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["verdicts"] = client.check(part, cf.consents["insurer-a"], "ss",
+                                               request_id=rid)
+        except Exception as exc:  # the outcome under test
+            outcome["error"] = exc
+
+    lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert _wait(lambda: cf.log("operator", "claims_computed", rid), timeout=30)
+        time.sleep(1.5)  # the regulator now waits (up to 5 s) for the log to take the meter
+        os.kill(supervisor.running_pid(cf.fed.state, "regulator"), signal.SIGKILL)
+        worker.join(60)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert isinstance(outcome.get("error"), ClaimBatchFailed)
+    meter = _wait(lambda: cf.events("query_answered", rid))  # committed after all
+    _restart(cf, "regulator")
+    voided = _wait(lambda: cf.events("query_withheld", rid), timeout=15)
+    assert voided[0].payload["meter_signature"] == _meter_signature(cf, meter[0])
+    assert voided[0].payload["reason"] == "node_restarted"
+    assert cf.usage_rows(rid) == 0
+    verdicts = client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
+    assert len(verdicts) == 2 and cf.usage_rows(rid) == 1
+
+
+def _meter_signature(cf: ClaimFed, event) -> str:
+    conn = sqlite3.connect(f"file:{cf.fed.state.node('operator').db}?mode=ro", uri=True)
+    try:
+        leaves = [decode_leaf(bytes(r[0]))
+                  for r in conn.execute("SELECT leaf FROM ledger_entries")]
+    finally:
+        conn.close()
+    return next(e.entry.signature for e in leaves if e.entry.event == event)

@@ -34,6 +34,8 @@ from governance.contracts import (
     usage_from_log,
 )
 from governance.ledger import MerkleLog, make_event, sign_event
+from governance.meters import meter_fields, request_document, sign_request
+from parties.claims.api import CHECK
 
 SCENARIO_CONTRACTS = Path(__file__).resolve().parents[1] / "scenarios" / "claim_check" / "contracts"
 PARTIES = ("operator", "regulator", "health-authority", "insurer-a")
@@ -319,17 +321,24 @@ def test_quota_usage_is_recomputable_from_the_log(tmp_path, keys, book):
             rows_returned=1,
             compute_ms=30,
         )
+        rid, body_sha256 = f"req-{minute}", f"{minute:064x}"
+        request = request_document(CHECK.method, CHECK.path, rid, body_sha256,
+                                   grant.contract_id, "insurer-a", 1)
+        signed = meter_fields(CHECK.method, CHECK.path, body_sha256,
+                              sign_request(keys["insurer-a"], request))
         event = make_event(
             "query_answered",
             "regulator",
-            f"req-{minute}",
-            meter.payload(),
+            rid,
+            {**meter.payload(), **signed},
             timestamp_ms=int(at.timestamp() * 1000),
         )
         entries.append(sign_event(event, keys["regulator"]))
     log.append(entries)
+    public = {name: key.public_key() for name, key in keys.items()}
     from_log = usage_from_log(
-        log.entries(), book.get(grant.contract_id).terms, "insurer-a", NOW.date()
+        log.entries(), book.get(grant.contract_id).terms, "insurer-a", NOW.date(), "regulator",
+        public,
     )
     stored = book.usage(grant.contract_id, "insurer-a", NOW.date())
     assert from_log.queries == stored.queries == 3 and from_log.rows == stored.rows == 3

@@ -30,7 +30,7 @@ from parties.runtime import pki
 from parties.runtime.state import StateDir
 from parties.runtime.topology import load_topology
 from tests.attack_helpers import events, wait_for
-from tests.federation import REPO, SUZHOU
+from tests.federation import REPO, SUZHOU, request_log_id
 
 pytestmark = pytest.mark.slow
 
@@ -275,11 +275,12 @@ def test_flow_the_topology_forbids_is_blocked_across_hosts(netns):
     local = netns.drive("hospital-1", "ping", source="hospital-1", target="insurer-a",
                         rid="netns-forbidden-2")
     assert local["error"] == "FlowNotAllowed"  # refused before it leaves the hospital
+    first, second = (request_log_id(netns.state, "hospital-1", "insurer-a", f"netns-forbidden-{i}")
+                     for i in (1, 2))
     refused = wait_for(lambda: [
-        e for e in events(fed, "insurer-a", "refused") if e["request_id"] == "netns-forbidden-1"])
+        e for e in events(fed, "insurer-a", "refused") if e["request_id"] == first])
     assert refused and refused[0]["error"] == "FlowNotAllowed"
-    assert not [e for e in events(fed, "insurer-a", "request")
-                if e["request_id"] == "netns-forbidden-2"]
+    assert not [e for e in events(fed, "insurer-a", "request") if e["request_id"] == second]
 
 
 def test_claim_check_runs_across_hosts(netns):
@@ -297,5 +298,7 @@ def test_claim_check_runs_across_hosts(netns):
         for column in ("visit_found", "amount_consistent", "diagnosis_covered"):
             assert row[column].lower() == truth.at[row["claim_id"], column]
     answered = [e for e in events(types.SimpleNamespace(state=netns.state), "regulator",
-                                  "claims_answered") if e["request_id"] == "netns-claims-1"]
+                                  "claims_answered")
+                if e["request_id"] == request_log_id(netns.state, "insurer-a", "regulator",
+                                              "netns-claims-1")]
     assert answered

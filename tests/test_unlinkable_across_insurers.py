@@ -89,7 +89,8 @@ class Linkage:
     consents: dict[str, dict[str, Consent]]  # insurer -> national id -> consent
     person_of_consent: dict[str, str]
     tokens: dict[str, dict[str, bytes]]  # insurer -> national id -> current domain token
-    requests: dict[str, str]  # label -> request id the regulator saw computed
+    # label -> the log ids the regulator knows the request by (the request's, its renewal's)
+    requests: dict[str, tuple[str, str]]
 
 
 # --- the curious regulator -----------------------------------------------------------------
@@ -194,12 +195,13 @@ def _domain_of(world: ClaimWorld, insurer: str) -> str:
     return next(d.domain_id for d in domains if d.data_user == insurer)
 
 
-def _check(lk_requests: dict[str, str], client, claims, consents, label: str) -> None:
+def _check(lk_requests: dict[str, tuple[str, str]], client, claims, consents,
+           label: str) -> None:
     """One ss batch; each call asks other amounts, so no answer comes from the book."""
     rid = f"link-{label}"
     client.check(claims.assign(claimed_fen=100 + len(lk_requests)), consents, "ss",
                  request_id=rid)
-    lk_requests[label] = rid
+    lk_requests[label] = (client.log_id(rid), client.log_id(f"{rid}-renewed"))
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +215,7 @@ def lk(tmp_path_factory) -> Linkage:
         claims = {i: _claims(people, i) for i in INSURERS}
         consents = {i: {n: world.consent(n, i) for n in people["national_id"]} for i in INSURERS}
         person_of = {c.consent_id: n for by in consents.values() for n, c in by.items()}
-        requests: dict[str, str] = {}
+        requests: dict[str, tuple[str, str]] = {}
         clients = {i: world.client(i) for i in INSURERS}
         try:
             for insurer, client in clients.items():
@@ -238,8 +240,8 @@ def lk(tmp_path_factory) -> Linkage:
 
 def _seen(lk: Linkage, label: str) -> Observed:
     observed = _observed(lk.world)
-    rid = lk.requests[label]
-    seen = observed.get(rid) or observed[f"{rid}-renewed"]  # after a rotation: renewed once
+    first, renewed = lk.requests[label]
+    seen = observed.get(first) or observed[renewed]  # after a rotation: renewed once
     return seen
 
 
@@ -431,9 +433,11 @@ def test_a_consent_signed_with_the_insurer_a_key_is_refused_for_insurer_b(lk):
         assert len(client.check(claim, lk.consents["insurer-b"], "ss")) == 1
     # the key is about the person: the one uniform refusal
     assert refused.value.http_status == 403 and refused.value.error == "ClaimNotCheckable"
-    assert wait_for(lambda: (rid, CHECK.path, "ClaimNotCheckable") in [
+    log_id = world.fed.log_id("insurer-b", "regulator", rid)
+    assert wait_for(lambda: (log_id, CHECK.path, "ClaimNotCheckable") in [
         r[:3] for r in refusal_rows(world.fed, "regulator")])
-    assert not [e for e in ledger_entries(world.fed) if e[0] == "query_answered" and e[1] == rid]
+    assert not [e for e in ledger_entries(world.fed)
+                if e[0] == "query_answered" and e[1] == log_id]
 
 
 # --- 3. the health authority's delivery --------------------------------------------------------

@@ -26,9 +26,18 @@ import pandas as pd
 import pytest
 
 from governance.contracts import DEFAULT_CHECKS_PER_CONSENT_PER_DAY, load_contract
-from parties.claims.api import CHECK, NOT_CHECKABLE, ClaimCheckResponse
+from governance.meters import sign_request
+from parties.claims.api import (
+    CHECK,
+    NOT_CHECKABLE,
+    REQUEST_SIGNATURE_HEADER,
+    ClaimCheckRequest,
+    ClaimCheckResponse,
+    signed_request,
+)
 from parties.claims.client import ClaimBatchFailed, Client
 from parties.runtime.node_log import REQUEST_ID_HEADER
+from parties.runtime.pki import load_signing_key
 from parties.runtime.supervisor import start_node, stop_node, wait_healthy
 from tests.attack_helpers import (
     CONTRACTS,
@@ -134,6 +143,15 @@ def _check(client: Client, visit, claimed_fen: int, consent) -> dict | str:
         return exc.error
 
 
+def _signed_headers(world: ClaimWorld, prepared, body: bytes) -> dict[str, str]:
+    """The headers of `body` sent as `prepared`'s request, signed by the insurer (which
+    may sign whatever it sends, altered bodies included)."""
+    signature = sign_request(load_signing_key(world.fed.state, INSURER), signed_request(
+        prepared.log_id, INSURER, ClaimCheckRequest.model_validate_json(body)))
+    return {"Content-Type": "application/json", REQUEST_ID_HEADER: prepared.request_id,
+            REQUEST_SIGNATURE_HEADER: signature}
+
+
 def _spent(world: ClaimWorld, contract: str, consent_id: str) -> int:
     conn = read_only(world.fed.state.node("regulator").db)
     try:
@@ -180,9 +198,9 @@ def test_refusals_that_depend_on_the_person_are_byte_identical(world, visits):
         for cause, (sdk, claim, given) in probes.items():
             rid = f"probe-{uuid.uuid4().hex}"  # one length, so the bodies can be compared
             prepared = sdk.prepare(claim, {claim.iloc[0]["national_id"]: given}, "ss", rid)
-            sent[cause] = (rid, raw_request(
+            sent[cause] = (prepared.log_id, raw_request(
                 world.fed, INSURER, "regulator", CHECK.method, CHECK.path, content=prepared.body,
-                headers={"Content-Type": "application/json", REQUEST_ID_HEADER: rid}))
+                headers=_signed_headers(world, prepared, prepared.body)))
     # The control: each probe's claim, asked properly, is answered (they were well formed).
     with _client(world, ROOMY) as honest:
         for visit in (present, other, many):
@@ -235,6 +253,7 @@ def test_the_same_claim_ten_times_costs_one_check_and_answers_the_same(world, vi
             answers.append(response.model_dump())
             verdicts.append(sdk.decode(prepared, response))
         assert all(a == answers[0] for a in answers)  # the stored bytes, not a new answer
+        rids = [client.log_id(rid) for rid in rids]  # one insurer: both clients alike
         assert answers[0]["request_id"] == rids[0]
         for v in verdicts:
             pd.testing.assert_frame_equal(v, verdicts[0])
@@ -253,15 +272,14 @@ def test_the_same_claim_ten_times_costs_one_check_and_answers_the_same(world, vi
         body = json.loads(prepared.body)
         old = json.loads(client.prepare(claim, consents, "ss", "relabel-old").body)
         body["claims"][0]["claim_digest"] = old["claims"][0]["claim_digest"]
+        content = json.dumps(body).encode()
         response = raw_request(world.fed, INSURER, "regulator", CHECK.method, CHECK.path,
-                               content=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json",
-                                        REQUEST_ID_HEADER: prepared.request_id})
+                               content=content, headers=_signed_headers(world, prepared, content))
         assert response.status_code == 200
         assert ClaimCheckResponse.model_validate(response.json()).model_dump() == answers[0]
         assert _spent(world, DEFAULT, consent.consent_id) == 1
         assert not [e for e in events(world.fed, "operator", "claims_computed")
-                    if e["request_id"] == prepared.request_id]
+                    if e["request_id"] == prepared.log_id]
 
         # The control: asked honestly, the new claim is a new check, computed and charged.
         honest = _check(client, target, int(target.self_pay_fen) + 1, consent)
@@ -293,14 +311,13 @@ def test_refused_checks_spend_the_budget_and_invented_tags_buy_none(world, visit
         prepared = client.prepare(_claim(many, 100), {many.national_id: consent}, "ss", rid)
         body = json.loads(prepared.body)
         body["claims"][0]["hospital_tag"] = os.urandom(32).hex()
+        content = json.dumps(body).encode()
         response = raw_request(world.fed, INSURER, "regulator", CHECK.method, CHECK.path,
-                               content=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json",
-                                        REQUEST_ID_HEADER: rid})
+                               content=content, headers=_signed_headers(world, prepared, content))
         assert (response.status_code, response.json()["error"]) == (422, "MalformedInput")
         assert "hospital_tag" in response.json()["detail"]
         assert not [e for e in events(world.fed, "operator", "claims_computed")
-                    if e["request_id"] == rid]
+                    if e["request_id"] == prepared.log_id]
 
 
 # --- 2. binary search within one consent ---------------------------------------------------

@@ -3,7 +3,8 @@ leaf encoding (the bytes RFC 6962 hashes as the Merkle leaf).
 
 An entry's event says what happened (kind), who did it (actor node), when, under which
 request id, with a payload of hashes, ids and counters only. A simple guard
-refuses payload values that look like personal data (national ids, phone
+refuses any string of an entry (payload values, the actor, the request id) that looks like
+personal data (national ids, phone
 numbers, e-mail addresses, free text); it catches mistakes, not an adversary.
 """
 
@@ -23,6 +24,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -53,6 +55,7 @@ class EventKind(StrEnum):
     PACKAGE_REJECTED = "package_rejected"
     QUERY_ANSWERED = "query_answered"
     QUERY_REFUSED = "query_refused"
+    QUERY_WITHHELD = "query_withheld"  # an answer withheld: its meter, if logged, is void
     FLOW_REFUSED = "flow_refused"
     BILL_ISSUED = "bill_issued"
     KEY_DESTROYED = "key_destroyed"
@@ -144,6 +147,16 @@ class LogEvent(BaseModel):
     timestamp_ms: Annotated[int, Field(ge=0, lt=2**53)]
     request_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
     payload: Annotated[dict[str, PayloadValue], Field(max_length=64)] = {}
+
+    @field_validator("actor", "request_id")
+    @classmethod
+    def _not_personal(cls, value: str, info: ValidationInfo) -> str:
+        # Every string of an entry is guarded, not only the payload: a client-chosen request
+        # id that is a national id must never reach the log (nodes log a derived id).
+        problem = personal_data_problem(str(info.field_name), value)
+        if problem:
+            raise ValueError(problem.split(": ", 1)[-1])
+        return value
 
     @field_validator("payload")
     @classmethod

@@ -30,10 +30,16 @@ from parties.agreements.api import (
 from parties.ledger.api import log_node
 from parties.ledger.client import append_entry
 from parties.node import open_node
-from parties.runtime.cli import StateOption, TopologyOption, exit_on, resolve_topology
+from parties.runtime.cli import (
+    ExitCode,
+    StateOption,
+    TopologyOption,
+    exit_on,
+    resolve_topology,
+)
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError
-from parties.runtime.pki import load_signing_key
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Topology
 
@@ -165,7 +171,11 @@ def billing_statement(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     issue: Annotated[bool, typer.Option(help="Record the bill in the log (bill_issued).")] = True,
 ) -> None:
-    """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen)."""
+    """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen).
+
+    Only meters appended by the serving node and signed by the data user are billed; any
+    other `query_answered` entry naming the contract is listed as an anomaly (and the
+    command exits 1 when there is one, after printing the statement)."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
     serving = serving_node(topo)
@@ -177,13 +187,16 @@ def billing_statement(
                    conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
     conn.close()
     with exit_on(ContractError, ValueError):
-        result = statement(signed.terms, period, log_entries)
+        result = statement(signed.terms, period, log_entries, serving,
+                           federation_signing_keys(st, [n.name for n in topo.nodes]))
     if issue:
         append_entry(open_node(st, topo, operator), "bill_issued", result.log_payload())
     if as_json:
         print(result.to_json())
     else:
         console.print(result.render())
+    if result.anomalies:
+        raise typer.Exit(ExitCode.REFUSED)  # printed, but the log holds meters not billed
 
 
 def register(app: typer.Typer) -> None:

@@ -7,12 +7,15 @@ the operator hands the regulator its share table (`SHARE_TABLE`, kind `mpc`). Cl
 travel only sealed to the operator or, in `ss`, as the regulator's additive share.
 """
 
+import hashlib
+import json
 import struct
 from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
+from governance.meters import request_document
 from mpc.claim.constants import DEFAULT_K, MAX_K, Mode
 from mpc.errors import MalformedInput, MpcError
 from parties.runtime.errors import NodeError
@@ -24,6 +27,9 @@ ENVELOPE_PURPOSE = "cogov-claim-envelope-v1"  # the insurer's envelope, sealed t
 ANSWER_PURPOSE = "cogov-claim-answer-v1"  # the operator's answer, sealed to the insurer
 SHARE_TABLE_DOMAIN_HEADER = "X-Cogov-Domain"  # the shared domain a share table belongs to
 CLAIM_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+# The insurer's signature (hex) of the request it sends (`signed_request`): the meter of the
+# answer carries it, so a bill counts only requests the payer signed (`governance.meters`).
+REQUEST_SIGNATURE_HEADER = "X-Cogov-Request-Signature"
 
 Head = TypeVar("Head", bound=BaseModel)
 
@@ -88,6 +94,18 @@ class RequestInProgress(ClaimRefused):
     """A request with this id is being answered right now."""
 
     http_status = 409
+
+
+class RequestSignatureInvalid(ClaimRefused):
+    """The request carries no valid signature of the insurer's node key (`REQUEST_SIGNATURE_
+    HEADER`): nothing is served, so nothing can be metered without the payer's signature."""
+
+
+class AnswerNotLogged(ClaimRefused):
+    """The log did not take the answer's meter in time: the answer was withheld (it never
+    leaves before its entry), nothing is billed, the quota is given back; retry later."""
+
+    http_status = 503
 
 
 class ComputeUnavailable(ClaimRefused):
@@ -191,6 +209,23 @@ class ClaimCheckResponse(BaseModel):
     regulator_answer: Base64Bytes | None = Field(
         None, description="ss: the regulator's result share; he: the verdict bits the "
         "regulator decrypted")
+
+
+def body_digest(body: ClaimCheckRequest) -> str:
+    """SHA-256 (hex) of a check request's content: the same request hashes alike on both
+    sides of the wire (the bulk fields are hashed apart, not re-encoded)."""
+    h = hashlib.sha256()
+    head = body.model_dump(mode="json", exclude={"operator_envelope", "regulator_share"})
+    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
+    h.update(hashlib.sha256(body.operator_envelope).digest())
+    h.update(hashlib.sha256(body.regulator_share or b"").digest())
+    return h.hexdigest()
+
+
+def signed_request(log_id: str, insurer: str, body: ClaimCheckRequest) -> dict[str, Any]:
+    """What the insurer signs for a check request known to the log as `log_id`."""
+    return request_document(CHECK.method, CHECK.path, log_id, body_digest(body),
+                            body.contract_id, insurer, len(body.claims))
 
 
 class HeContext(BaseModel):

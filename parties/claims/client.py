@@ -23,7 +23,11 @@ client side, `mpc` and `governance`.
 
 A failed batch raises `ClaimBatchFailed`; calling `check` again with the same
 `request_id` re-sends the very same request (same shares or ciphertexts), which the
-regulator answers at most once and bills at most once.
+regulator answers at most once and bills at most once. Every request is signed with the
+insurer node's key (`api.signed_request`): the meter of its answer carries the signature,
+and a bill counts no meter without one. The nodes and the log know a request by its log
+id (`Client.log_id`, keyed by a secret only this insurer and the regulator derive), never
+by `request_id` itself.
 
 Each claim carries a hospital tag (its consent's budget bucket at a hospital) and a digest
 keyed with this insurer's own check secret (`parties.claims.fingerprints`). The same batch
@@ -55,6 +59,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from governance.consent import Consent, subject_commitment
+from governance.meters import sign_request
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, encode_claims, finish_verdicts
 from mpc.claim.constants import DEFAULT_K, MODES, VERDICT_COLUMNS
 from mpc.errors import MalformedInput
@@ -67,11 +72,13 @@ from parties.claims.api import (
     HE_PUBLIC_CONTEXT,
     MAX_CLAIMS,
     OPERATOR_CERTIFICATE,
+    REQUEST_SIGNATURE_HEADER,
     ClaimCheckRequest,
     ClaimCheckResponse,
     ClaimNotCheckable,
     ClaimRef,
     refuse_unknown_hospitals,
+    signed_request,
 )
 from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
@@ -80,10 +87,12 @@ from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
 from parties.runtime.pki import (
     certificate_signing_key,
+    federation_signing_keys,
     load_certificate,
     load_signing_key,
     verified_node_certificate,
 )
+from parties.runtime.request_ids import log_request_id, pair_key
 from parties.runtime.sealing import open_sealed, seal, sealing_public_key
 from parties.runtime.state import StateDir, default_state_dir
 from parties.runtime.topology import Role, Topology, load_topology
@@ -128,6 +137,8 @@ class _Prepared:
     query: Any
     reply_key: nacl.public.PrivateKey
     body: bytes
+    log_id: str  # what the log and every node know the request by
+    signature: str  # this insurer's signature of the request (its meter carries it)
 
 
 def _claims_digest(claims: pd.DataFrame, mode: str, consent_ids: Sequence[str]) -> str:
@@ -174,6 +185,7 @@ class Client:
         self._operator_key: bytes | None = None
         self._he_public: Any = None
         self._check_secret: bytes | None = None
+        self._request_id_key: bytes | None = None
         self._prepared: dict[str, _Prepared] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -250,6 +262,15 @@ class Client:
             self._check_secret = HKDF(hashes.SHA256(), 32, salt=None,
                                       info=CHECK_SECRET_INFO).derive(seed)
         return self._check_secret
+
+    def log_id(self, request_id: str) -> str:
+        """The id the regulator (and the log) will know `request_id` by: keyed by a secret
+        only this insurer and the regulator derive, so the log never shows `request_id`."""
+        if self._request_id_key is None:
+            regulator = federation_signing_keys(self.state, [self.regulator])[self.regulator]
+            self._request_id_key = pair_key(load_signing_key(self.state, self.insurer),
+                                            regulator)
+        return log_request_id(self._request_id_key, request_id)
 
     def reply_key(self, question: str) -> nacl.public.PrivateKey:
         """The key the operator seals the answer to `question` (a check key) to: the same
@@ -394,8 +415,9 @@ class Client:
         he_context = he_public.digest if he_public is not None else None
         query = engine.encode_claims(claims)
         reply_key = self.reply_key(check_key(self.contract_id, mode, self.k, he_context, refs))
+        log_id = self.log_id(request_id)
         envelope = seal(self.operator_key(), ENVELOPE_PURPOSE, {
-            "request_id": request_id, "mode": mode, "k": self.k,
+            "request_id": log_id, "mode": mode, "k": self.k,
             "tokens": [t.hex() for t in tokens],
             "hospitals": hospitals,
             "reply_key": bytes(reply_key.public_key).hex(),
@@ -407,8 +429,10 @@ class Client:
             else None,
             he_context=he_context,
         )
+        signature = sign_request(load_signing_key(self.state, self.insurer),
+                                 signed_request(log_id, self.insurer, request))
         prepared = _Prepared(request_id, digest, claims, engine, query, reply_key,
-                             request.model_dump_json().encode())
+                             request.model_dump_json().encode(), log_id, signature)
         self._prepared[request_id] = prepared
         return prepared
 
@@ -417,7 +441,8 @@ class Client:
         so a retry is the same request)."""
         response = self._http.call(
             self.regulator, CHECK, content=prepared.body,
-            headers={"Content-Type": "application/json", REQUEST_ID_HEADER: prepared.request_id})
+            headers={"Content-Type": "application/json", REQUEST_ID_HEADER: prepared.request_id,
+                     REQUEST_SIGNATURE_HEADER: prepared.signature})
         self.bytes_sent += len(prepared.body)
         # The regulator answers this model's own JSON: its size is the answer's size.
         self.bytes_received += len(response.model_dump_json())
@@ -433,7 +458,7 @@ class Client:
         query = prepared.query
         if len(response.claim_ids) != len(query.claim_ids) or response.mode != query.mode:
             raise RemoteError(502, "AnswerMismatch", "the answer is for other claims")
-        deduplicated = response.request_id != prepared.request_id
+        deduplicated = response.request_id != prepared.log_id
         if not deduplicated and response.claim_ids != list(query.claim_ids):
             raise RemoteError(502, "AnswerMismatch", "the answer is for other claims")
         head, answer = open_sealed(prepared.reply_key, ANSWER_PURPOSE, response.operator_answer)
@@ -467,7 +492,7 @@ class Client:
     def _run_batch(self, claims: pd.DataFrame, consents: Mapping[str, Consent], mode: str,
                    request_id: str) -> pd.DataFrame:
         # The batch's request id also tags its OPRF calls: one id follows it through every node.
-        token = current_request_id.set(request_id)
+        token = current_request_id.set(self.log_id(request_id))
         try:
             prepared = self.prepare(claims, consents, mode, request_id)
             verdicts = self.decode(prepared, self.send(prepared))

@@ -9,16 +9,15 @@ the first answer: nothing is computed, charged to the check budget or billed, so
 claim again yields the same verdict and nothing more. The stored answer opens only with the
 reply key the insurer derived for that question. The quota a
 request reserved (`ContractBook.authorize`) is given back when it is refused or fails, and
-at start for requests that died with the previous process. Answered requests are metered
-once, off the request path; an entry that never reached the log is metered at the next
-start or replay.
+at start for requests that died with the previous process. An answer is kept, and
+released, only once its meter is in the log: the signed meter is noted first
+(`metering`), so a request that died between the log and the book is known at start
+(`release_dead`) and its meter voided.
 """
 
-import json
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from parties.claims.api import RequestIdReused, RequestInProgress
 from parties.runtime.context import NodeContext
@@ -37,8 +36,8 @@ MIGRATIONS: tuple[str, ...] = (
         claims INTEGER NOT NULL,
         status TEXT NOT NULL,          -- pending | answered | failed | refused
         usage_id INTEGER,              -- the contract quota reservation
-        meter TEXT,                    -- JSON metering payload once answered
-        logged INTEGER NOT NULL DEFAULT 0,
+        meter TEXT,                    -- the signed meter entry (JSON), noted before appending
+        logged INTEGER NOT NULL DEFAULT 0, -- 1 once the meter is in the log
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
     );
@@ -69,26 +68,23 @@ class RequestBook:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.in_flight: set[str] = set()
-        self.metering: set[str] = set()  # answered, entry on its way to the log
         self.lock = threading.Lock()
         self.purged_at = 0.0
-        # Metering runs off the request path, in order, on one thread of its own.
-        self.meter_queue = ThreadPoolExecutor(1, thread_name_prefix="claims-meter")
 
     def _conn(self) -> sqlite3.Connection:
         return self.ctx.store.conn
 
     def begin(self, rid: str, insurer: str, contract_id: str, digest: str, mode: str,
-              claims: int) -> tuple[str, bytes | None, dict | None]:
-        """('new', None, None) | ('answered', response, meter-if-unlogged)."""
+              claims: int) -> tuple[str, bytes | None]:
+        """('new', None) | ('answered', the stored response)."""
         now = time.time()
         with self.lock:
             if rid in self.in_flight:
                 raise RequestInProgress(f"request {rid} is being answered")
             with self.ctx.store.lock, self._conn() as conn:
                 row = conn.execute(
-                    "SELECT r.insurer, r.digest, r.status, a.response, r.meter, r.logged,"
-                    " r.usage_id FROM claim_requests r LEFT JOIN claim_responses a"
+                    "SELECT r.insurer, r.digest, r.status, a.response, r.usage_id"
+                    " FROM claim_requests r LEFT JOIN claim_responses a"
                     " ON a.request_id = COALESCE(r.same_as, r.request_id)"
                     " WHERE r.request_id = ?", (rid,)).fetchone()
                 if row is not None:
@@ -96,13 +92,9 @@ class RequestBook:
                         raise RequestIdReused(
                             f"request id {rid} was used for another request; use a fresh id")
                     if row[2] == "answered" and row[3] is not None:
-                        unlogged = not row[5] and rid not in self.metering
-                        if unlogged:
-                            self.metering.add(rid)
-                        return "answered", bytes(row[3]), json.loads(row[4]) if unlogged \
-                            else None
-                    if row[6] is not None:  # a crashed attempt's reservation
-                        _release_usage(conn, int(row[6]))
+                        return "answered", bytes(row[3])
+                    if row[4] is not None:  # a crashed attempt's reservation
+                        _release_usage(conn, int(row[4]))
                 conn.execute(
                     "INSERT OR REPLACE INTO claim_requests (request_id, insurer, contract_id,"
                     " digest, mode, claims, status, created_at, updated_at)"
@@ -115,23 +107,27 @@ class RequestBook:
                                  (now - RESPONSE_RETENTION_S,))
                     self.purged_at = now
             self.in_flight.add(rid)
-        return "new", None, None
+        return "new", None
 
     def reserved(self, rid: str, usage_id: int) -> None:
         with self.ctx.store.lock, self._conn() as conn:
             conn.execute("UPDATE claim_requests SET usage_id = ? WHERE request_id = ?",
                          (usage_id, rid))
 
-    def answered(self, rid: str, response: bytes, meter: dict, check_key: str) -> None:
-        """Keep the answer: for retries of `rid`, and for any later request that asks the
-        same question (`check_key`)."""
-        with self.lock:
-            self.metering.add(rid)
+    def metering(self, rid: str, meter_entry: str) -> None:
+        """Note the signed meter about to be appended (before it is: see `release_dead`)."""
+        with self.ctx.store.lock, self._conn() as conn:
+            conn.execute("UPDATE claim_requests SET meter = ? WHERE request_id = ?",
+                         (meter_entry, rid))
+
+    def answered(self, rid: str, response: bytes, check_key: str) -> None:
+        """Keep the answer, its meter being in the log: for retries of `rid`, and for any
+        later request that asks the same question (`check_key`)."""
         with self.ctx.store.lock, self._conn() as conn:
             now = time.time()
             conn.execute(
-                "UPDATE claim_requests SET status = 'answered', meter = ?, updated_at = ?"
-                " WHERE request_id = ?", (json.dumps(meter), now, rid))
+                "UPDATE claim_requests SET status = 'answered', logged = 1, updated_at = ?"
+                " WHERE request_id = ?", (now, rid))
             conn.execute("INSERT OR REPLACE INTO claim_responses VALUES (?, ?, ?)",
                          (rid, response, now))
             conn.execute(
@@ -165,46 +161,29 @@ class RequestBook:
         with self.ctx.store.lock, self._conn() as conn:
             _release_reservation(conn, rid)
             conn.execute(
-                "UPDATE claim_requests SET status = ?, usage_id = NULL, updated_at = ?"
-                " WHERE request_id = ?", (status, time.time(), rid))
+                "UPDATE claim_requests SET status = ?, usage_id = NULL, meter = NULL,"
+                " updated_at = ? WHERE request_id = ?", (status, time.time(), rid))
         self._done(rid)
-
-    def logged(self, rid: str, ok: bool = True) -> None:
-        if ok:
-            with self.ctx.store.lock, self._conn() as conn:
-                conn.execute("UPDATE claim_requests SET logged = 1 WHERE request_id = ?",
-                             (rid,))
-        with self.lock:
-            self.metering.discard(rid)
 
     def _done(self, rid: str) -> None:
         with self.lock:
             self.in_flight.discard(rid)
 
-    def release_dead(self) -> int:
+    def release_dead(self) -> tuple[int, list[str]]:
         """At start, before serving: requests left pending died with the last process; give
-        back their quota reservations."""
+        back their quota reservations. Returns how many, and the signed meters of those
+        that died with a meter on its way to the log: their answers never left, so the
+        meters, if they landed, are to be voided."""
         with self.ctx.store.lock, self._conn() as conn:
             dead = conn.execute(
-                "SELECT request_id, usage_id FROM claim_requests WHERE status = 'pending'"
-            ).fetchall()
-            for _, usage_id in dead:
+                "SELECT request_id, usage_id, meter FROM claim_requests"
+                " WHERE status = 'pending'").fetchall()
+            for _, usage_id, _ in dead:
                 if usage_id is not None:
                     _release_usage(conn, int(usage_id))
-            conn.execute("UPDATE claim_requests SET status = 'failed', usage_id = NULL"
-                         " WHERE status = 'pending'")
-        return len(dead)
-
-    def unlogged(self) -> list[tuple[str, dict]]:
-        """Answered requests whose metering entry never reached the log (not in progress)."""
-        with self.ctx.store.lock, self._conn() as conn:
-            unlogged = conn.execute(
-                "SELECT request_id, meter FROM claim_requests"
-                " WHERE status = 'answered' AND logged = 0").fetchall()
-        with self.lock:
-            unlogged = [(rid, m) for rid, m in unlogged if rid not in self.metering]
-            self.metering.update(rid for rid, _ in unlogged)
-        return [(rid, json.loads(meter)) for rid, meter in unlogged]
+            conn.execute("UPDATE claim_requests SET status = 'failed', usage_id = NULL,"
+                         " meter = NULL WHERE status = 'pending'")
+        return len(dead), [meter for _, _, meter in dead if meter is not None]
 
 
 def _release_reservation(conn: sqlite3.Connection, rid: str) -> None:

@@ -39,28 +39,34 @@ What travels where (per mode; see `compute` and `sessions` for the computing sid
 - `plain`: the reference, readable by the operator; refused unless the contract
   lists `mode.plain` in its allowed outputs.
 
-The response carries only the answers; the insurer adds the two shares (or reads
-the bits) and finishes the verdict with its own policy (covered categories,
-deductible). Every answered request is metered once (`query_answered`, keyed by
-the request id: a retry with the same id and the same body returns the stored
-answer and is not billed again; `parties.claims.request_book`); every refusal is
-logged (`query_refused`, with the refusal's name: never the cause of a uniform one). The
-operator's typed refusals reach the insurer unchanged.
+The response carries only the answers; the insurer adds the two shares (or
+reads the bits) and finishes the verdict with its own policy (covered categories,
+deductible). The insurer signs every request with its node key
+(`X-Cogov-Request-Signature` over `api.signed_request`; refused unsigned with
+`RequestSignatureInvalid`), and every answered request is metered once
+(`query_answered`, keyed by the request's log id and carrying that signature, so the
+bill counts it: `governance.meters`; a retry with the same id and the same body returns
+the stored answer and is not billed again; `parties.claims.request_book`). The meter is
+committed to the log before the answer leaves (`log_before_release`): if the log cannot
+take it the answer is withheld (`AnswerNotLogged`, 503), nothing is billed and the quota
+is given back. Every refusal is logged (`query_refused`, with the refusal's name: never
+the cause of a uniform one; deferred while the log is down, `parties.ledger.deferred`).
+The operator's typed refusals reach the insurer unchanged.
 """
 
 import base64
-import hashlib
-import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from governance.consent import ConsentError, ConsentMissing, ConsentSubjectMismatch
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
+from governance.ledger import SignedEntry
+from governance.meters import meter_fields, request_signature_valid
 from mpc.claim.constants import CLAIM_SCENARIO, RECORD_COLUMNS, VERDICT_OUTPUTS
 from mpc.errors import MalformedInput, MpcError
 from parties.agreements.books import consent_registry, contract_book
@@ -70,6 +76,8 @@ from parties.claims.api import (
     HE_PUBLIC_CONTEXT,
     KEEP_HE_CONTEXT,
     OPERATOR_CERTIFICATE,
+    REQUEST_SIGNATURE_HEADER,
+    AnswerNotLogged,
     ClaimCheckRequest,
     ClaimCheckResponse,
     ClaimNotCheckable,
@@ -81,8 +89,11 @@ from parties.claims.api import (
     HeContext,
     ModeNotAllowed,
     OperatorCertificate,
+    RequestSignatureInvalid,
     UnknownHeContext,
+    body_digest,
     frame,
+    signed_request,
     unframe,
 )
 from parties.claims.check_budget import COMPONENT as BUDGET_COMPONENT
@@ -95,7 +106,15 @@ from parties.claims.he_key import regulator_he_key
 from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
-from parties.ledger.client import append_entry
+from parties.ledger.client import append_signed, signed_entry
+from parties.ledger.deferred import COMPONENT as DEFERRED_COMPONENT
+from parties.ledger.deferred import MIGRATIONS as DEFERRED_MIGRATIONS
+from parties.ledger.deferred import (
+    append_or_defer,
+    complete_deferred_forever,
+    defer,
+    log_unavailable,
+)
 from parties.ledger.incidents import refuse_under_incident
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
@@ -108,6 +127,8 @@ from parties.runtime.topology import Role
 DEFAULT_MODES = ("ss", "he")  # plain is the oracle: served only when the contract lists it
 MODE_OUTPUT_PREFIX = "mode."  # e.g. allowed_outputs = [..., "mode.plain"]
 OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+# How long an answer waits for the log to take its meter before it is withheld.
+LOG_BEFORE_RELEASE_S = 5.0
 
 
 # --- enforcement -------------------------------------------------------------------------
@@ -179,15 +200,6 @@ def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -
 # --- the orchestration ---------------------------------------------------------------------
 
 
-def request_digest(body: ClaimCheckRequest) -> str:
-    h = hashlib.sha256()
-    head = body.model_dump(mode="json", exclude={"operator_envelope", "regulator_share"})
-    h.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
-    h.update(hashlib.sha256(body.operator_envelope).digest())
-    h.update(hashlib.sha256(body.regulator_share or b"").digest())
-    return h.hexdigest()
-
-
 def compute_at_operator(
     ctx: NodeContext, insurer: str, body: ClaimCheckRequest, consents: list[dict[str, Any]]
 ) -> tuple[ComputeResult, bytes]:
@@ -251,19 +263,31 @@ def deliver_he_context(ctx: NodeContext) -> None:
     holder.delivered_to.add(operator)
 
 
-def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> bytes:
-    """Enforce, compute, meter once; the JSON of the `ClaimCheckResponse`."""
+def check_signature(ctx: NodeContext, rid: str, insurer: str, body: ClaimCheckRequest,
+                    signature: str | None) -> None:
+    """Serve only requests the insurer signed with its node key: the meter carries it."""
+    if signature is None or not request_signature_valid(
+            ctx.signing_public_keys()[insurer], signed_request(rid, insurer, body), signature):
+        raise RequestSignatureInvalid(
+            f"sign the request with {insurer}'s node key ({REQUEST_SIGNATURE_HEADER})")
+
+
+def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
+                 signature: str | None) -> bytes:
+    """Check the insurer's signature, enforce, compute, meter once; the JSON of the
+    `ClaimCheckResponse`."""
     rid = current_request_id.get() or ""
     refuse_under_incident(ctx)  # before any state: a log under incident answers nothing
+    check_signature(ctx, rid, insurer, body, signature)
+    assert signature is not None
     book = request_book(ctx)
     t0 = time.perf_counter()
-    state, stored, meter = book.begin(rid, insurer, body.contract_id, request_digest(body),
-                                      body.mode, len(body.claims))
+    digest = body_digest(body)
+    state, stored = book.begin(rid, insurer, body.contract_id, digest, body.mode,
+                               len(body.claims))
     if state == "answered":
         assert stored is not None
         ctx.log.event("claims_replayed", insurer=insurer, claims=len(body.claims))
-        if meter is not None:  # answered before a crash that kept it from the log
-            book.meter_queue.submit(_meter, ctx, rid, meter)
         return stored
     ctx.log.event("claims_received", insurer=insurer, mode=body.mode, claims=len(body.claims),
                   contract=body.contract_id)
@@ -330,54 +354,67 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest) -> byt
             "contract_id": body.contract_id, "party": insurer,
             "records_touched": result.records_touched, "rows_returned": len(body.claims),
             "compute_ms": compute_ms, "mode": body.mode, "claims": len(body.claims),
-            "scenario": terms.scenario, "answered_at_ms": time.time_ns() // 1_000_000,
+            "scenario": terms.scenario,
+            **meter_fields(CHECK.method, CHECK.path, digest, signature),
         }
         t2 = time.perf_counter()
-        book.answered(rid, response, meter, question)
+        log_before_release(ctx, rid, meter)
+        book.answered(rid, response, question)
         status = "answered"
     finally:
         if status != "answered":
             book.failed(rid, status)
     ms = {"book": (t1 - t0) * 1000, "enforce": (started - t1) * 1000, "compute": compute_ms,
-          "respond": (time.perf_counter() - t2) * 1000}
+          "log": (time.perf_counter() - t2) * 1000}
     ctx.log.event("claims_answered", insurer=insurer, mode=body.mode, claims=len(body.claims),
                   records_touched=result.records_touched,
                   ms={k: round(v, 1) for k, v in ms.items()})
-    book.meter_queue.submit(_meter, ctx, rid, meter)
     return response
 
 
-def _meter(ctx: NodeContext, rid: str, meter: dict) -> None:
-    """Append the request's `query_answered` entry (once; retried after a crash).
+def log_before_release(ctx: NodeContext, rid: str, meter: dict[str, Any]) -> None:
+    """Commit the answer's meter (`query_answered`) to the log before the answer leaves.
 
-    The entry's time is the answer's, so a retry of an append whose reply was lost is the
-    same signed entry, which the log keeps once.
+    When the log cannot take it within `LOG_BEFORE_RELEASE_S` the answer is withheld
+    (`AnswerNotLogged`; the caller gives back the quota): nothing left, so nothing is
+    billed, and a `query_withheld` entry (deferred until the log takes it) voids the meter
+    in case the slow append was committed after all.
     """
-    token = current_request_id.set(rid)
+    entry = signed_entry(ctx, "query_answered", meter)
+    request_book(ctx).metering(rid, entry.model_dump_json())
     try:
-        append_entry(ctx, "query_answered", meter, timestamp_ms=meter.get("answered_at_ms"))
-        request_book(ctx).logged(rid)
-    except Exception as exc:  # the entry is retried at the next start or replay
-        request_book(ctx).logged(rid, ok=False)
-        ctx.log.event("metering_deferred", error=type(exc).__name__, detail=str(exc))
+        append_signed(ctx, entry, timeout=LOG_BEFORE_RELEASE_S)
+    except Exception as exc:
+        if not log_unavailable(exc):
+            raise
+        withhold(ctx, entry, type(exc).__name__)
+        ctx.log.event("answer_withheld", error=type(exc).__name__, detail=str(exc))
+        raise AnswerNotLogged("the log did not take the answer's entry: the answer was "
+                              "withheld, nothing is billed and the quota is given back; "
+                              "retry with the same request id") from None
+
+
+def withhold(ctx: NodeContext, meter: SignedEntry, reason: str) -> None:
+    """Defer the entry that voids a meter whose answer never left this node."""
+    payload = meter.event.payload
+    token = current_request_id.set(meter.event.request_id)
+    try:
+        defer(ctx, signed_entry(ctx, "query_withheld", {
+            "contract_id": payload["contract_id"], "party": payload["party"],
+            "meter_signature": meter.signature, "reason": reason,
+            "scenario": payload["scenario"]}), reason)
     finally:
         current_request_id.reset(token)
 
 
 def _refused(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, exc: Exception) -> None:
     try:
-        append_entry(ctx, "query_refused", {
+        append_or_defer(ctx, "query_refused", {
             "contract_id": body.contract_id, "party": insurer, "reason": type(exc).__name__,
             "mode": body.mode, "claims": len(body.claims), "scenario": CLAIM_SCENARIO,
         })
-    except Exception as log_exc:  # the refusal stands even if the log is unreachable
+    except Exception as log_exc:  # the refusal stands even if the log refuses its entry
         ctx.log.event("refusal_not_logged", error=type(log_exc).__name__)
-
-
-def meter_unlogged(ctx: NodeContext) -> None:
-    """Meter the answered requests whose entry never reached the log (a crash in between)."""
-    for rid, meter in request_book(ctx).unlogged():
-        _meter(ctx, rid, meter)
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -385,26 +422,36 @@ def meter_unlogged(ctx: NodeContext) -> None:
 
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
-    released = request_book(ctx).release_dead()  # before the node serves its first request
+    released, metered = request_book(ctx).release_dead()  # before serving a first request
+    for meter in metered:  # died between the log and the release: the answers never left
+        withhold(ctx, SignedEntry.model_validate_json(meter), "node_restarted")
     if released:
-        ctx.log.event("claims_released_dead_requests", requests=released)
+        ctx.log.event("claims_released_dead_requests", requests=released,
+                      meters_voided=len(metered))
 
     @mount(router, CHECK,
            responses={403: {"description": "refused: contract, consent, mode or flow"},
                       409: {"description": "request id reused or in progress"},
                       429: {"description": "over the contract's quota, or the consent's "
                                            "checks at a hospital for the day are spent"},
-                      503: {"description": "a computing node is down; nothing billed"}})
-    def post_check(body: ClaimCheckRequest, caller: Caller) -> Response:
+                      503: {"description": "a computing node or the log is down; nothing "
+                                           "billed"}})
+    def post_check(body: ClaimCheckRequest, caller: Caller, signature: Annotated[
+            str | None, Header(alias=REQUEST_SIGNATURE_HEADER)] = None) -> Response:
         """Check a batch of claims; the answer decodes to the verdict at the insurer only.
 
-        Send `X-Request-ID`: a retry with the same id and body returns the same answer and
-        is not billed again. The same question under another id (identical claims, tags and
-        mode) gets the stored answer too, at no cost in budget or bill. Each new claim spends
-        one check of its consent's daily budget at its hospital, refused or not.
+        Send `X-Request-ID` (1-128 of `[A-Za-z0-9._-]`; the log knows the request by a
+        derived id, `parties.runtime.request_ids`): a retry with the same id and body returns
+        the same answer and is not billed again. Send `X-Cogov-Request-Signature`: the
+        insurer node's Ed25519 signature of the request (`parties.claims.api.signed_request`),
+        which its meter carries; unsigned requests are refused. The same question under another id
+        (identical claims, tags and mode) gets the stored answer too, at no cost in budget or
+        bill. Each new claim spends one check of its consent's daily budget at its hospital,
+        refused or not.
         """
         # The stored JSON itself: a retry gets the very bytes of the first answer.
-        return Response(check_claims(ctx, caller.name, body), media_type="application/json")
+        return Response(check_claims(ctx, caller.name, body, signature),
+                        media_type="application/json")
 
     @mount(router, HE_PUBLIC_CONTEXT)
     def get_he_context(caller: Caller) -> HeContext:
@@ -422,19 +469,12 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     return [router]
 
 
-def _recover_in_background(ctx: NodeContext) -> None:
-    time.sleep(1.0)  # let the node serve first: metering talks to the operator's log
-    try:
-        meter_unlogged(ctx)
-    except Exception as exc:
-        ctx.log.event("claims_recovery_failed", error=type(exc).__name__, detail=str(exc))
-
-
 REGULATOR_PRODUCT_SERVICE = Service(
     name="claims",
     roles=(Role.REGULATOR,),
     routers=_routes,
     components=((COMPONENT, MIGRATIONS), (BUDGET_COMPONENT, BUDGET_MIGRATIONS),
-                (HE_KEY_COMPONENT, HE_KEY_MIGRATIONS)),
-    background=_recover_in_background,
+                (HE_KEY_COMPONENT, HE_KEY_MIGRATIONS),
+                (DEFERRED_COMPONENT, DEFERRED_MIGRATIONS)),
+    background=complete_deferred_forever,
 )

@@ -27,12 +27,8 @@ from parties.runtime.errors import (
     error_detail,
 )
 from parties.runtime.mount import mount
-from parties.runtime.node_log import (
-    NODE_HEADER,
-    REQUEST_ID_HEADER,
-    current_request_id,
-    new_request_id,
-)
+from parties.runtime.node_log import NODE_HEADER, REQUEST_ID_HEADER, current_request_id
+from parties.runtime.request_ids import log_request_id, new_log_id, pair_key
 from parties.runtime.routes import Kind
 
 # Bodies are cut off before they are read: any request may carry at most
@@ -104,6 +100,14 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     app.state.node_name = ctx.name
     app.state.topology = ctx.topology
     app.state.ctx = ctx
+    pair_keys: dict[tuple[str, bytes], bytes] = {}  # (caller, its key) -> request-id key
+
+    def log_id_of(caller: Caller, claimed: str) -> str:
+        public = ctx.signing_public_keys()[caller.name]
+        found = pair_keys.get((caller.name, public))
+        if found is None:
+            found = pair_keys[(caller.name, public)] = pair_key(ctx.signing_key, public)
+        return log_request_id(found, claimed)
 
     def refuse(
         request: Request, exc: Exception, status: int, error: str | None = None
@@ -126,12 +130,18 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
     async def identity_and_request_id(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        # Until the caller's id is checked the request is known by a fresh id: the raw
+        # header is client input, never logged, stored or forwarded.
+        rid = new_log_id()
         token = current_request_id.set(rid)
         started = time.perf_counter()
         try:
             try:
                 request.state.caller = _identify(request, ctx)
+                claimed = request.headers.get(REQUEST_ID_HEADER)
+                if claimed is not None:
+                    rid = log_id_of(request.state.caller, claimed)
+                    current_request_id.set(rid)
                 too_big = _body_refusal(request, _body_limit_of(bulk_paths, request.url.path))
                 if too_big is not None:
                     raise too_big

@@ -1,0 +1,127 @@
+"""Meters that prove themselves: which `query_answered` entries a bill or a quota may count.
+
+Any node can append a `query_answered` entry naming any contract, so the log alone does
+not make a meter true. A meter counts only when:
+
+- the contract's serving node appended it (the entry's actor), and
+- it carries the data user's signature over the request it meters: the data user signs,
+  before sending, the request's method, path, log request id, body digest, contract, its
+  own name and the number of rows it asks for (`request_document`, domain
+  `REQUEST_DOMAIN`); the serving node checks that signature before it serves, and copies
+  it into the meter with the fields it covers.
+
+Everything else naming the contract is an anomaly (`MeterAnomaly`): reported, never
+billed, never counted against a quota. A meter the serving node voided with a
+`query_withheld` entry (the answer was withheld because the log could not take its meter
+in time, or the node died before releasing it) is neither billed nor an anomaly.
+
+Anyone holding the log and the federation's public keys can recheck every meter, so a
+node that forges or inflates a meter is caught by the payer, whose signature it cannot
+make.
+
+Not covered: `records_touched` and `compute_ms` are stated by the serving node alone
+(the data user cannot know them before the answer), so a per-record price rests on the
+serving node's word.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from governance.ledger.events import EventKind, LogEntry
+from governance.ledger.signing import PublicKeyLike, sign_document, verify_document
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from governance.contracts import ContractTerms
+
+REQUEST_DOMAIN = "cogov-request-v1"
+
+
+def request_document(method: str, path: str, request_id: str, body_sha256: str,
+                     contract_id: str, party: str, rows: int) -> dict[str, Any]:
+    """What the data user signs for one request (and a verifier rebuilds from its meter)."""
+    return {"method": method, "path": path, "request_id": request_id,
+            "body_sha256": body_sha256, "contract_id": contract_id, "party": party,
+            "rows": rows}
+
+
+def sign_request(key: "Ed25519PrivateKey", document: dict[str, Any]) -> str:
+    """The data user's signature (hex) of a `request_document`."""
+    return sign_document(key, REQUEST_DOMAIN, document)
+
+
+def request_signature_valid(public_key: PublicKeyLike, document: dict[str, Any],
+                            signature: str) -> bool:
+    return verify_document(public_key, REQUEST_DOMAIN, document, signature)
+
+
+def meter_fields(method: str, path: str, body_sha256: str, signature: str) -> dict[str, str]:
+    """The signed request's fields a serving node puts in its `query_answered` payload."""
+    return {"method": method, "path": path, "body_sha256": body_sha256,
+            "data_user_signature": signature}
+
+
+class MeterAnomaly(BaseModel):
+    """A `query_answered` entry naming a contract that does not prove itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    request_id: str
+    actor: str
+    timestamp_ms: int
+    reason: str
+
+
+def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str,
+                  keys: Mapping[str, PublicKeyLike]) -> str | None:
+    """Why a `query_answered` entry of `terms`' contract must not be counted, or None."""
+    event = log_entry.entry.event
+    payload = event.payload
+    if event.actor != serving_node:
+        return f"appended by {event.actor}, not by the serving node {serving_node}"
+    party = payload.get("party")
+    if party not in terms.data_users:
+        return f"party {party!r} is not a data user of the contract"
+    method, path, body_sha256, signature = (
+        payload.get(f) for f in ("method", "path", "body_sha256", "data_user_signature"))
+    rows = payload.get("rows_returned")
+    if (not all(isinstance(v, str) for v in (method, path, body_sha256, signature))
+            or type(rows) is not int or party not in keys):
+        return "no data-user signature over the request"
+    document = request_document(method, path, event.request_id, body_sha256,
+                                terms.contract_id, party, rows)
+    if not request_signature_valid(keys[party], document, signature):
+        return "the data user's signature does not sign this request"
+    return None
+
+
+def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving_node: str,
+                keys: Mapping[str, PublicKeyLike]) -> tuple[list[LogEntry], list[MeterAnomaly]]:
+    """(the contract's `query_answered` entries that prove themselves, every other one naming
+    the contract as an anomaly), both in log order; meters the serving node voided are in
+    neither."""
+    log_entries = list(log_entries)
+    voided = {e.entry.event.payload.get("meter_signature") for e in log_entries
+              if e.entry.event.kind == EventKind.QUERY_WITHHELD
+              and e.entry.event.actor == serving_node
+              and e.entry.event.payload.get("contract_id") == terms.contract_id}
+    meters: list[LogEntry] = []
+    anomalies: list[MeterAnomaly] = []
+    for log_entry in log_entries:
+        event = log_entry.entry.event
+        if (event.kind != EventKind.QUERY_ANSWERED
+                or event.payload.get("contract_id") != terms.contract_id
+                or log_entry.entry.signature in voided):
+            continue
+        problem = meter_problem(log_entry, terms, serving_node, keys)
+        if problem is None:
+            meters.append(log_entry)
+        else:
+            anomalies.append(MeterAnomaly(index=log_entry.index, request_id=event.request_id,
+                                          actor=event.actor, timestamp_ms=event.timestamp_ms,
+                                          reason=problem))
+    return meters, anomalies
