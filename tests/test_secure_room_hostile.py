@@ -125,9 +125,10 @@ def test_kernel_settings_pid1_io_uring_and_ptrace_are_stopped(tmp_path, librarie
                              static_checks=False)
         while not future.done():
             for pid in harness_pids() - before:
-                try:  # the harness itself, not prlimit or setpriv on their way to bwrap
+                try:  # the harness itself, not the spawner, prlimit or setpriv before bwrap
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                        if handle.read().split(b"\0")[0] != sys.executable.encode():
+                        argv = handle.read().split(b"\0")
+                        if argv[0] != sys.executable.encode() or b"-c" in argv:
                             continue
                     with open(f"/proc/{pid}/status") as handle:
                         host_uids |= {line.split()[1] for line in handle

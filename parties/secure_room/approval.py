@@ -275,7 +275,7 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
         "records_touched": rows_in, "rows_returned": rows_out,
         "suppressed_groups": report.suppressed_groups or 0,
         "compute_ms": int(measured.cpu_seconds * 1000) if measured else 0, "wall_ms": wall_ms,
-        "peak_memory_kib": measured.peak_memory_bytes // 1024 if measured else 0,
+        "peak_memory_kib": (measured.peak_memory_bytes or 0) // 1024 if measured else 0,
         "output_sha256": output_sha,
     })
     # The run's stderr and the policy's message name columns and may carry data: they

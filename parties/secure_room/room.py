@@ -113,7 +113,7 @@ class RunDiagnostics(BaseModel):
     signal: int | None
     wall_seconds: float
     cpu_seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     stderr_tail: str
     policy_message: str | None = None
 

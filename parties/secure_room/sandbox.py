@@ -13,7 +13,10 @@ host path does not show in the sandbox's mountinfo), and /out is a tmpfs of its 
 capped at `output_bytes`. bwrap installs the seccomp filter (`--seccomp`) just before it
 executes the harness as pid 1 (`--as-pid-1`): no process in the sandbox is unfiltered.
 CPU time, wall time and peak memory are measured from here (wait4), never read from
-the sandbox.
+the sandbox. A forked child's peak resident set starts at its parent's, so a large node
+would read as a large sandbox: the command runs under a small spawner process
+(`_SPAWNER`), which forks the sandbox from its own few megabytes and reports the
+sandbox's peak over a pipe the sandbox cannot reach.
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ HARNESS_FILE = Path(__file__).with_name("_harness.py")
 SANDBOX_UID = 65534  # the uid inside the sandbox
 HOST_UID = 65530  # the unprivileged host uid bwrap runs as when the node is root
 _POLL_SECONDS = 0.01
+# argv: report fd, then the command. Forks it, waits, writes its peak RSS (KiB) to the
+# report fd (close-on-exec, so the sandbox never holds it) and exits with its status.
+_SPAWNER = (
+    "import os, sys\n"
+    "report = int(sys.argv[1])\n"
+    "os.set_inheritable(report, False)\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "os.write(report, str(usage.ru_maxrss).encode())\n"
+    "os._exit(os.waitstatus_to_exitcode(status) & 0xFF)\n"
+)
 _TAIL_BYTES = 4000
 
 
@@ -69,7 +85,7 @@ class SandboxRun:
     timed_out: bool
     wall_seconds: float
     cpu_seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None  # None: killed at the wall limit before it was measured
     stderr_tail: str
 
 
@@ -316,16 +332,20 @@ def run_sandboxed(
     """
     sandbox_available()
     seccomp_fd = _seccomp_pipe()
+    report_read, report_write = os.pipe()
     try:
         command = sandbox_command(read_only=read_only, out_dir=out_dir, limits=limits,
                                   harness_args=harness_args, seccomp_fd=seccomp_fd)
         started = time.monotonic()
         with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=stderr, start_new_session=True,
-                                       pass_fds=(seccomp_fd,), env={"PATH": "/usr/bin:/bin"})
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SPAWNER, str(report_write), *command],
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                start_new_session=True, pass_fds=(seccomp_fd, report_write),
+                env={"PATH": "/usr/bin:/bin"})
     finally:
         os.close(seccomp_fd)
+        os.close(report_write)
     timed_out = False
     while True:
         pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -352,8 +372,11 @@ def run_sandboxed(
     else:
         sig = None
     # wait4's usage covers the waited process and every descendant it reaped (bwrap
-    # reaps the harness), so this is the sandbox's CPU time and largest resident set.
+    # reaps the harness), so this is the sandbox's CPU time; its largest resident set is
+    # the spawner's report (none if the spawner was killed at the wall limit).
+    with os.fdopen(report_read, "rb") as report:
+        peak_kib = report.read(32)
     return SandboxRun(command=command, exit_code=exit_code, signal=sig, timed_out=timed_out,
                       wall_seconds=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
-                      peak_memory_bytes=usage.ru_maxrss * 1024,
+                      peak_memory_bytes=int(peak_kib) * 1024 if peak_kib.isdigit() else None,
                       stderr_tail=_tail(logs / "stderr"))
