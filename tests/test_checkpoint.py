@@ -118,3 +118,13 @@ def test_forged_missing_and_foreign_signatures_are_refused():
     many = note(text, [sign_line(text, ORIGIN, log)] * 17)
     with pytest.raises(TreeHeadInvalid, match="signature lines"):
         verify_checkpoint(many, ORIGIN, log.public_key(), {})
+
+
+def test_a_tree_size_in_other_digits_is_refused():
+    """Unicode digits pass `str.isdigit`: the size line is ASCII decimal only."""
+    log = Ed25519PrivateKey.generate()
+    for size in ("\u0663", "\uff13", "\u00b2", "03", "+3"):
+        text = f"{ORIGIN}\n{size}\n{base64.b64encode(ROOT).decode()}\n"
+        data = note(text, [sign_line(text, ORIGIN, log)])
+        with pytest.raises(TreeHeadInvalid, match="not a checkpoint"):
+            verify_checkpoint(data, ORIGIN, log.public_key(), {})

@@ -539,8 +539,40 @@ def test_a_forked_log_head_stops_the_claim_service_until_the_witnesses_clear_it(
     assert payable == [f"{v:.2f}" for v in truth["payable"]]
 
 
-def _refusal_or_none(cf: ClaimFed, client: Client, part: pd.DataFrame, rid: str):
-    prepared = client.prepare(part, cf.consents["insurer-a"], "ss", rid)
+def test_a_witness_gone_silent_stops_the_claim_service(cf, monkeypatch):
+    """The regulator cannot check its fellow witness (here: stopped; a log that stalls the
+    gossip looks the same): past the silence bound it answers no claim, since it cannot
+    know whether that witness holds an incident. Once they gossip again it answers."""
+    from parties.ledger.incidents import SILENCE_ENV
+
+    client = cf.clients["insurer-a"]
+    part = cf.part("insurer-a").iloc[14:16]
+    monkeypatch.setenv(SILENCE_ENV, "3")
+    supervisor.stop_node(cf.fed.state, "regulator")
+    _restart(cf, "regulator")  # with the short bound in its environment
+    client.tokens(list(part["national_id"]))  # the OPRF chain needs the authority
+    try:
+        supervisor.stop_node(cf.fed.state, "health-authority")
+        # he: no dealer needed, so nothing but the silence can refuse it
+        attempt = iter(range(1000))  # a fresh id per attempt: one answered before the bound
+        refused = _wait(lambda: _refusal_or_none(cf, client, part,
+                                                 f"silent-witness-{next(attempt)}", "he"),
+                        timeout=30)
+        assert refused.error == "LogUnderIncident" and "health-authority" in refused.detail
+    finally:
+        _restart(cf, "health-authority")
+    payable = _wait(lambda: _payable_or_none(client, part, cf.consents["insurer-a"]),
+                    timeout=30)
+    truth = cf.truth.set_index("claim_id").loc[part["claim_id"]]
+    assert payable == [f"{v:.2f}" for v in truth["payable"]]
+    monkeypatch.delenv(SILENCE_ENV)
+    supervisor.stop_node(cf.fed.state, "regulator")
+    _restart(cf, "regulator")
+
+
+def _refusal_or_none(cf: ClaimFed, client: Client, part: pd.DataFrame, rid: str,
+                     mode: str = "ss"):
+    prepared = client.prepare(part, cf.consents["insurer-a"], mode, rid)
     try:
         client.send(prepared)
     except RemoteError as exc:

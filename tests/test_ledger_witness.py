@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from governance.ledger import (
     LogInconsistent,
     MerkleLog,
+    ProofUnavailable,
     StaleTreeHead,
     TreeHeadInvalid,
     Witness,
@@ -16,6 +17,7 @@ from governance.ledger import (
     verify_log,
 )
 from governance.ledger.signing import public_key_hex
+from governance.ledger.tree_head import sign_tree_head
 
 T0 = 1_794_000_000_000
 
@@ -243,3 +245,73 @@ def test_gossip_between_honest_witnesses_passes_and_forged_views_are_refused(tmp
         regulator.compare_with_peer("health-authority", peer_key, shown.model_copy(
             update={"head": log.tree_head()}), proof)
     assert not regulator.incidents()
+
+
+def _split_view(tmp_path, keys):
+    """The log shows each witness its own continuation of a cosigned prefix of size 5, at
+    different sizes (10 and 12), so no size has two roots."""
+    honest, forked = _log(tmp_path / "log.db", keys), _log(tmp_path / "fork.db", keys)
+    regulator = _witness(tmp_path / "r.db", keys, "regulator")
+    authority = _witness(tmp_path / "a.db", keys, "health-authority")
+    shared = _append(honest, keys, 0, 5)
+    _append(forked, keys, 0, 5)
+    regulator.cosign(shared)
+    authority.cosign(shared)
+    regulator.cosign(_append(honest, keys, 5, 5), honest.consistency_proof(5, 10))
+    authority.cosign(_append(forked, keys, 5, 7, marker="b"), forked.consistency_proof(5, 12))
+    return regulator, authority
+
+
+def test_a_log_that_refuses_the_cross_fork_proof_is_an_incident(tmp_path, keys):
+    """Shown a split view, the log answers the gossip's proof request with an error instead
+    of a proof it cannot make: that refusal is the incident, not a failed round."""
+    regulator, authority = _split_view(tmp_path, keys)
+
+    def refuse(first, second):
+        raise ProofUnavailable("the log answered 503")
+
+    with pytest.raises(LogInconsistent, match="will not prove"):
+        regulator.compare_with_peer("health-authority", keys["health-authority"].public_key(),
+                                    authority.witnessed("operator"), refuse)
+    assert [i["reason"] for i in regulator.incidents(open_only=True)] == [
+        "the log will not prove health-authority's head and this one's"]
+
+
+def test_a_larger_head_the_log_will_not_prove_is_an_incident(tmp_path, keys):
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    witness.cosign(_append(log, keys, 0, 4))
+    forked = _log(tmp_path / "fork.db", keys)
+    _append(forked, keys, 0, 4, marker="b")
+    unproven = _append(forked, keys, 4, 3, marker="b")
+    with pytest.raises(LogInconsistent, match="will not prove its head"):
+        witness.refuse_unproven(unproven)
+    (incident,) = witness.incidents(open_only=True)
+    assert incident["evidence"]["shown"]["root_hash"] == unproven.root_hash
+    assert witness.latest("operator").tree_size == 4
+
+
+def test_a_freshly_signed_smaller_head_is_a_rollback_not_a_stale_head(tmp_path, keys):
+    """The log rolls back to a real prefix and signs it anew: the proof holds, but a head
+    signed after a larger one is proof the log shrank. An old head shown late stays stale."""
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    old = _append(log, keys, 0, 5)
+    witness.cosign(_append(log, keys, 5, 5), now_ms=T0 + 100)
+    with pytest.raises(StaleTreeHead):
+        witness.cosign(old, log.consistency_proof(5, 10), now_ms=T0 + 100)
+    # same size and root, re-signed later with the log's key
+    rolled_back = sign_tree_head("operator", 5, old.root, T0 + 50, keys["operator"])
+    with pytest.raises(LogInconsistent, match="smaller head after a larger one"):
+        witness.cosign(rolled_back, log.consistency_proof(5, 10), now_ms=T0 + 100)
+
+
+def test_far_future_heads_signed_at_new_times_are_one_incident(tmp_path, keys):
+    log, witness = _log(tmp_path / "log.db", keys), _witness(tmp_path / "w.db", keys)
+    now = T0 + 1_000
+    witness.cosign(_append(log, keys, 0, 3), now_ms=now)
+    _append(log, keys, 3, 2)
+    for i in range(5):  # a new timestamp each poll: one distinct head, one incident
+        future = log.sign_tree_head(timestamp_ms=now + 86_400_000 + i)
+        with pytest.raises(LogInconsistent):
+            witness.cosign(future, log.consistency_proof(3, 5), now_ms=now)
+    (incident,) = witness.incidents()
+    assert incident["seen"] == 5

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ ED25519 = 0x01
 COSIGNATURE_ED25519 = 0x04
 DASH = "\u2014"
 MAX_SIGNATURES = 16  # the spec: accept at least 16, and bound them
+_TREE_SIZE = re.compile(r"0|[1-9][0-9]{0,19}")  # ASCII decimal, no leading zero
 
 
 def origin_of(log_id: str, log_public_key: PublicKeyLike) -> str:
@@ -133,8 +135,7 @@ def verify_checkpoint(data: str, origin: str, log_public_key: PublicKeyLike,
     cosignatures from at least `required` of `witnesses` (default: all of them)."""
     text = verify_note(data, origin, log_public_key)
     lines = text.split("\n")
-    if len(lines) < 4 or lines[0] != origin or not lines[1].isdigit() or (
-            lines[1] != "0" and lines[1].startswith("0")):
+    if len(lines) < 4 or lines[0] != origin or not _TREE_SIZE.fullmatch(lines[1]):
         raise TreeHeadInvalid("not a checkpoint of this origin")
     try:
         root = base64.b64decode(lines[2], validate=True)

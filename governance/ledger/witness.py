@@ -33,7 +33,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
 from governance.ledger.checkpoint import checkpoint_text, cosign_line, origin_of
-from governance.ledger.errors import LogInconsistent, StaleTreeHead, TreeHeadInvalid
+from governance.ledger.errors import (
+    LogInconsistent,
+    ProofUnavailable,
+    StaleTreeHead,
+    TreeHeadInvalid,
+)
 from governance.ledger.merkle import EMPTY_ROOT, verify_consistency
 from governance.ledger.signing import PublicKeyLike, public_key_bytes, public_key_hex
 from governance.ledger.transactions import write_transaction
@@ -140,9 +145,11 @@ class Witness:
         """Check that fellow witness `peer` saw the same log as this one (gossip).
 
         `shown` is the peer's latest cosigned head; `consistency_proof(first, second)`
-        asks the log for a proof between the two heads' sizes when they differ. A
-        split view is recorded as an incident and raised as `LogInconsistent`; a
-        head or cosignature that does not verify is refused with `TreeHeadInvalid`.
+        asks the log for a proof between the two heads' sizes when they differ (it raises
+        `ProofUnavailable` when the log answers without one). A split view, or a log that
+        will not prove two cosigned heads one history, is recorded as an incident and
+        raised as `LogInconsistent`; a head or cosignature that does not verify is refused
+        with `TreeHeadInvalid`.
         """
         head, cosignature = shown.head, shown.cosignature
         log_key = self._log_keys.get(head.log_id)
@@ -166,10 +173,15 @@ class Witness:
         elif small.tree_size == 0:
             return  # every tree extends the empty one
         else:
-            proof = list(consistency_proof(small.tree_size, large.tree_size))
-            if verify_consistency(small.tree_size, large.tree_size, small.root, large.root, proof):
-                return
-            reason = f"split view: {peer}'s head and this witness's are not one history"
+            try:
+                proof = list(consistency_proof(small.tree_size, large.tree_size))
+            except ProofUnavailable:  # an honest log can always prove two heads it signed
+                proof, reason = [], f"the log will not prove {peer}'s head and this one's"
+            else:
+                if verify_consistency(small.tree_size, large.tree_size, small.root,
+                                      large.root, proof):
+                    return
+                reason = f"split view: {peer}'s head and this witness's are not one history"
         now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         evidence = {
             "witnessed": mine.model_dump(mode="json"),
@@ -205,6 +217,24 @@ class Witness:
             }
             for r in cursor
         ]
+
+    def refuse_unproven(self, head: SignedTreeHead, *, now_ms: int | None = None) -> None:
+        """The log showed `head`, larger than the witnessed one, and would not prove it
+        extends it: recorded as an incident and raised as `LogInconsistent`."""
+        log_key = self._log_keys.get(head.log_id)
+        if log_key is None or not head.signature_valid(log_key):
+            raise TreeHeadInvalid(f"tree head of size {head.tree_size} does not verify")
+        latest = self.latest(head.log_id)
+        if latest is None or latest.tree_size >= head.tree_size:
+            raise TreeHeadInvalid("only a larger head than the witnessed one needs its proof")
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        reason = "the log will not prove its head extends the witnessed one"
+        with write_transaction(self._conn):
+            self._record_incident(head.log_id, now_ms, reason, {
+                "witnessed": latest.model_dump(mode="json"),
+                "shown": head.model_dump(mode="json"), "proof": []})
+        raise LogInconsistent(f"{reason} (witnessed size {latest.tree_size}, shown size "
+                              f"{head.tree_size})")
 
     def clear_incidents(self, *, now_ms: int | None = None) -> int:
         """Close every open incident (the administrator has dealt with them); how many."""
@@ -277,7 +307,10 @@ class Witness:
         """One row per distinct inconsistency (what was shown against what was witnessed,
         whatever proof came with it); seeing it again counts up and reopens it."""
         document = json.dumps(evidence, sort_keys=True)
-        heads = {k: v for k, v in evidence.items() if k != "proof"}
+        # the heads by size and root: a log re-signing one head at ever new times (or with
+        # ever new proofs) repeats one incident, it does not add rows
+        heads = {k: (v["tree_size"], v["root_hash"]) if "root_hash" in v else v
+                 for k, v in evidence.items() if k != "proof"}
         fingerprint = hashlib.sha256(
             json.dumps([log_id, reason, heads], sort_keys=True).encode()).hexdigest()
         self._conn.execute(
@@ -328,6 +361,8 @@ class Witness:
                 head.tree_size, latest.tree_size, head.root, latest.root, list(proof))
         if not consistent:
             return _Problem("a smaller head is not a prefix of the witnessed history", latest)
+        if head.timestamp_ms > latest.timestamp_ms:  # signed after the larger one: shrunk
+            return _Problem("the log signed a smaller head after a larger one", latest)
         raise StaleTreeHead(
             f"head of size {head.tree_size} is older than the witnessed {latest.tree_size}"
         )

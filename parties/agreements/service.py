@@ -104,7 +104,10 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
             raise IdentityMismatch("the termination names another contract")
         if caller.name not in (body.party, ctx.name):
             raise IdentityMismatch(f"{caller.name} cannot file {body.party}'s termination")
-        effective = contract_book(ctx).terminate(body, _now())
+        book = contract_book(ctx)
+        if body.party not in book.get(contract_id).terms.parties:  # as if it did not exist
+            raise contract_lib.ContractUnknown(f"no contract {contract_id}")
+        effective = book.terminate(body, _now())
         append_entry(ctx, "contract_terminated", {
             "contract_id": contract_id, "party": body.party, "reason": body.reason,
             "effective_at_ms": int(effective.timestamp() * 1000),

@@ -72,8 +72,9 @@ class IncidentsCleared(BaseModel):
 
 
 class LogUnderIncident(NodeError):
-    """A witness holds an open incident against the log: the serving node answers nothing
-    until that witness's administrator clears it (fail closed)."""
+    """A witness holds an open incident against the log, or has not been checked lately:
+    the serving node answers no claim and no statistic until that witness's administrator
+    clears it and the witnesses gossip again (fail closed)."""
 
     http_status = 503
 

@@ -2,6 +2,7 @@
 keys only, and read or clear the witnesses' incidents."""
 
 import base64
+import itertools
 import json
 import sqlite3
 from pathlib import Path
@@ -19,7 +20,7 @@ from governance.ledger import (
     check_inclusion_proof,
     verify_log,
 )
-from governance.ledger.checkpoint import Checkpoint, origin_of, verify_checkpoint
+from governance.ledger.checkpoint import origin_of, verify_checkpoint
 from governance.ledger.merkle import leaf_hash, root_hash, verify_consistency
 from governance.ledger.verify import check_leaves
 from parties.ledger.api import (
@@ -189,26 +190,31 @@ def audit(
         if problems or root_hash(leaf_hash(x) for x in leaves) != checked.root:
             raise LogInconsistent(f"the entries do not hash to the checkpoint's root "
                                   f"({len(problems)} bad entries)")
+        heads = [(checked.tree_size, checked.root)]
         for witness in witnesses:
             shown = client.call(witness, WITNESSED_HEAD)
             if shown is None or not (shown.head.signature_valid(keys[operator])
                                      and shown.cosignature.covers(shown.head)
                                      and shown.cosignature.signature_valid(keys[witness])):
                 raise TreeHeadInvalid(f"{witness} shows no valid cosigned head")
-            _same_history(client, operator, shown.head, checked)
+            heads.append((shown.head.tree_size, shown.head.root))
             open_ones = [i for i in client.call(witness, WITNESS_INCIDENTS)
                          if i.cleared_at_ms is None]
             if open_ones:
                 raise LogInconsistent(f"{witness} holds {len(open_ones)} open incident(s): "
                                       f"{open_ones[0].reason}")
+        # the checkpoint and every witness's own head, each next larger one proven to
+        # extend the last: one history, not one per witness
+        heads.sort()
+        for small, large in itertools.pairwise(heads):
+            _one_history(client, operator, small, large)
     console.print(f"[green]log verified from {node}: {checked.tree_size} entries, checkpoint "
                   f"cosigned by {', '.join(sorted(checked.cosigned_at))}[/green]")
 
 
-def _same_history(client: NodeClient, operator: str, head: SignedTreeHead,
-                  checked: Checkpoint) -> None:
-    """A witness's head and the checkpoint are one history (a consistency proof between)."""
-    small, large = sorted([(head.tree_size, head.root), (checked.tree_size, checked.root)])
+def _one_history(client: NodeClient, operator: str, small: tuple[int, bytes],
+                 large: tuple[int, bytes]) -> None:
+    """Two (size, root) heads are one history: a consistency proof from the log between."""
     if small[0] == large[0]:
         consistent = small[1] == large[1]
     else:
@@ -216,8 +222,8 @@ def _same_history(client: NodeClient, operator: str, head: SignedTreeHead,
         consistent = small[0] == 0 or verify_consistency(
             small[0], large[0], small[1], large[1], [bytes.fromhex(p) for p in proof.path])
     if not consistent:
-        raise LogInconsistent(f"the checkpoint and a witness's head of size {head.tree_size} "
-                              "are not one history")
+        raise LogInconsistent(f"heads of sizes {small[0]} and {large[0]} (the checkpoint's "
+                              "and the witnesses') are not one history")
 
 
 @ledger_app.command("incidents")

@@ -13,7 +13,13 @@ from functools import partial
 
 from fastapi import APIRouter
 
-from governance.ledger import Cosignature, LogInconsistent, Witness, WitnessedHead
+from governance.ledger import (
+    Cosignature,
+    LogInconsistent,
+    ProofUnavailable,
+    Witness,
+    WitnessedHead,
+)
 from parties.ledger.api import (
     CLEAR_INCIDENTS,
     CONSISTENCY,
@@ -41,8 +47,14 @@ WITNESS_INTERVAL_S = 2.0
 
 def _consistency_proof(client: NodeClient, operator: str, first: int,
                        second: int) -> list[bytes]:
-    proof = client.call(operator, CONSISTENCY, query={"first": first, "second": second})
-    return [bytes.fromhex(p) for p in proof.path]
+    """The log's proof between two sizes; `ProofUnavailable` when the log answers without
+    one (a refusal or a malformed proof; an unreachable log raises `NodeUnavailable`)."""
+    try:
+        proof = client.call(operator, CONSISTENCY, query={"first": first, "second": second})
+        return [bytes.fromhex(p) for p in proof.path]
+    except (RemoteError, ValueError) as exc:
+        raise ProofUnavailable(f"the log gave no proof from {first} to {second}: {exc}"
+                               ) from None
 
 
 def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
@@ -55,14 +67,19 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
                 last.root_hash == head.root_hash:
             return None
         proof: list[bytes] = []
-        if last is not None and last.tree_size <= head.tree_size:
-            proof = _consistency_proof(client, operator, last.tree_size, head.tree_size)
-        elif last is not None and head.tree_size > 0:
-            try:  # a smaller head: the log must prove it a prefix of what was witnessed
-                proof = _consistency_proof(client, operator, head.tree_size, last.tree_size)
-            except RemoteError as exc:  # it cannot: the witness records the fork
-                ctx.log.event("consistency_refused", detail=str(exc))
         try:
+            if last is not None and last.tree_size <= head.tree_size:
+                try:
+                    proof = _consistency_proof(client, operator, last.tree_size,
+                                               head.tree_size)
+                except ProofUnavailable:  # a larger head it will not prove: an incident
+                    witness.refuse_unproven(head)
+            elif last is not None and head.tree_size > 0:
+                try:  # a smaller head: the log must prove it a prefix of what was witnessed
+                    proof = _consistency_proof(client, operator, head.tree_size,
+                                               last.tree_size)
+                except ProofUnavailable as exc:  # it cannot: the witness records the fork
+                    ctx.log.event("consistency_refused", detail=str(exc))
             cosignature = witness.cosign(head, proof)
         except LogInconsistent as exc:
             ctx.log.event("log_inconsistent", log=head.log_id, detail=str(exc))
@@ -94,6 +111,7 @@ def gossip_once(ctx: NodeContext, witness: Witness) -> list[str]:
                 except LogInconsistent as exc:
                     ctx.log.event("log_inconsistent", peer=peer, detail=str(exc))
                     raise
+            peers.refreshed[peer] = time.monotonic()  # its incidents and its head: checked
             checked.append(peer)
     return checked
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from mpc.errors import IntersectionTooSmall, MalformedInput, ProtocolStateError
 from mpc.psi import IntersectionPolicy, JoinOutcome, JoinRequest, JoinResponse
 from parties.ledger.client import append_entry
+from parties.ledger.incidents import refuse_under_incident
 from parties.runtime.access import Caller
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
@@ -283,6 +284,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                       409: {"description": "noisy query repeated"}})
     def post_join(body: StatsJoin, caller: Caller) -> JoinResponse:
         """Round 1 of the claimants' self-pay statistic: the insurer's keyed claimants."""
+        refuse_under_incident(ctx)  # a log under incident answers nothing
         return regulator_join(ctx, caller.name, body)
 
     @mount(router, SELF_PAY_OUTCOME)
