@@ -68,13 +68,13 @@ def witness_once(ctx: NodeContext, witness: Witness) -> Cosignature | None:
             return None
         proof: list[bytes] = []
         try:
-            if last is not None and last.tree_size <= head.tree_size:
+            if last is not None and 0 < last.tree_size < head.tree_size:
                 try:
                     proof = _consistency_proof(client, operator, last.tree_size,
                                                head.tree_size)
                 except ProofUnavailable:  # a larger head it will not prove: an incident
                     witness.refuse_unproven(head)
-            elif last is not None and head.tree_size > 0:
+            elif last is not None and 0 < head.tree_size < last.tree_size:
                 try:  # a smaller head: the log must prove it a prefix of what was witnessed
                     proof = _consistency_proof(client, operator, head.tree_size,
                                                last.tree_size)
