@@ -66,15 +66,20 @@ def _consent(key: Ed25519PrivateKey, now: datetime) -> Consent:
 
 
 def _store(path: Path) -> SimpleNamespace:
+    return SimpleNamespace(store=SimpleNamespace(conn=_connect(path), lock=threading.Lock()))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # WAL with synchronous=NORMAL: no fsync per commit, as the nodes' stores run
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    return SimpleNamespace(store=SimpleNamespace(conn=conn, lock=threading.Lock()))
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
 
 
 def _setup(root: Path, n: int) -> tuple[ConsentRegistry, SimpleNamespace, list[str], dict]:
     now = datetime.now(UTC)
-    reg_conn = sqlite3.connect(root / "regulator.db", isolation_level=None)
-    registry = ConsentRegistry(reg_conn, secrets.token_bytes(32))
+    registry = ConsentRegistry(_connect(root / "regulator.db"), secrets.token_bytes(32))
     key = Ed25519PrivateKey.generate()
     consents = [_consent(key, now) for _ in range(n)]
     for c in consents:

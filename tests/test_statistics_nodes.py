@@ -35,6 +35,7 @@ from parties.stats.api import (
     STATISTIC,
     SelfPayQuery,
     SelfPayRequest,
+    StatsAnswer,
 )
 from parties.stats.client import claimant_self_pay, self_pay_request
 from tests.attack_helpers import CONTRACTS, ClaimWorld, ledger_entries, read_only, wait_for
@@ -281,3 +282,17 @@ def test_claim_with_a_forged_consent_does_not_join_the_set(world):
     finally:
         conn.close()
     assert after == before
+
+
+def test_cli_asks_the_statistic_and_lists_the_answer_book(world):
+    hospital, _ = world.truth.best_hospital(world.consenting)
+    out = world.cli("stats", "claimant-self-pay", "--insurer", "insurer-a",
+                    "--contract", CONTRACT["insurer-a"], "--hospital", hospital,
+                    "--month", FIRST, "--through", LAST, "--epsilon", "0.5",
+                    "--max-value", str(MAX_VALUE), "--json")
+    answer = StatsAnswer.model_validate_json(out.strip().splitlines()[-1])
+    assert answer.epsilon == 0.5 and answer.insurer == "insurer-a"
+    book = [StatsAnswer.model_validate_json(line) for line in
+            world.cli("stats", "answers", "--json", "--limit", "100").splitlines() if line]
+    assert answer in book
+    assert all(a.insurer == "insurer-a" for a in book)  # insurer-b was never answered
