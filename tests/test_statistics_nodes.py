@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 import pytest
 
+from governance.billing import statement
 from governance.consent import issue_consent
 from governance.contracts import load_contract
 from governance.ledger import decode_leaf
@@ -182,6 +183,9 @@ def test_statistic_counts_the_consenting_checked_claimants_only_and_is_metered(w
     meters, anomalies = sort_meters(entries, terms, "regulator", keys)
     stats_meters = [m for m in meters if m.entry.event.payload.get("statistic") == STATISTIC]
     assert len(stats_meters) == 1 and not anomalies
+    bill = statement(terms, terms.day_of(datetime.now(UTC)).strftime("%Y-%m"), entries,
+                     "regulator", keys)
+    assert bill.meters.queries == len(meters) and not bill.anomalies  # billed per query
     payload = stats_meters[0].entry.event.payload
     assert payload["records_touched"] == 0 and "claimants" not in payload  # no true size
 
