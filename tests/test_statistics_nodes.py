@@ -20,14 +20,14 @@ from governance.billing import statement
 from governance.consent import issue_consent
 from governance.contracts import load_contract
 from governance.ledger import decode_leaf
-from governance.meters import sort_meters
+from governance.meters import sign_request, sort_meters
 from mpc.claim.constants import RECORD_COLUMNS, VERDICT_OUTPUTS
 from parties.claims.api import REQUEST_SIGNATURE_HEADER
 from parties.claims.client import ClaimBatchFailed
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
 from parties.runtime.node_log import current_request_id
-from parties.runtime.pki import federation_signing_keys
+from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.stats.api import (
     EPSILON_BUDGET_MILLI,
     MIN_GROUP_SIZE,
@@ -37,6 +37,7 @@ from parties.stats.api import (
     SelfPayQuery,
     SelfPayRequest,
     StatsAnswer,
+    signed_self_pay,
 )
 from parties.stats.client import claimant_self_pay, self_pay_request
 from tests.attack_helpers import CONTRACTS, ClaimWorld, ledger_entries, read_only, wait_for
@@ -196,6 +197,28 @@ def test_repeated_identical_queries_spend_budget_and_get_fresh_noise(world):
     answers = [_ask(world, "insurer-a", hospital, 1.0) for _ in range(2)]
     assert _spent_milli(world, "insurer-a") == before + 2000
     assert [a.epsilon_spent for a in answers] == [(before + 1000) / 1000, (before + 2000) / 1000]
+    assert answers[0] != answers[1]  # fresh noise (and request id) each time
+    # A retry of one request (same request id, same signed body) is not a repeat: the
+    # stored answer, nothing spent; the id under another body is refused.
+    body = SelfPayRequest(contract_id=CONTRACT["insurer-a"], epsilon=1.0,
+                          query=SelfPayQuery(hospital=hospital, month=FIRST, through=LAST))
+    with _client(world, "insurer-a") as client:
+        log_id, signature = self_pay_request(client, body)
+        token = current_request_id.set(log_id)
+        try:
+            first, again = (client.call("regulator", SELF_PAY, body,
+                                        headers={REQUEST_SIGNATURE_HEADER: signature})
+                            for _ in range(2))
+            other = body.model_copy(update={"epsilon": 0.5})
+            with pytest.raises(RemoteError) as reused:
+                client.call("regulator", SELF_PAY, other,
+                            headers={REQUEST_SIGNATURE_HEADER: sign_request(
+                                load_signing_key(world.fed.state, "insurer-a"),
+                                signed_self_pay(log_id, "insurer-a", other))})
+        finally:
+            current_request_id.reset(token)
+    assert first == again and reused.value.error == "RequestIdReused"
+    before += 1000
     # No noiseless query exists: ε is required and bounded.
     with _client(world, "insurer-a") as client:
         for epsilon in (None, 0, 0.0001, 50):

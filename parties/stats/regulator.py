@@ -6,11 +6,13 @@ over the request (its meter carries it); the contract is in force for this insur
 `claimant_self_pay` among its allowed outputs and the statistic's columns allowed, and
 the query fits its quota (`ContractBook.authorize`); the ε is spent in the insurer's
 persistent accountant (`stats_epsilon`). A query that would exceed the budget is refused
-before the contract is asked, and changes nothing. Then the regulator hands the operator
-the consents in force that the insurer registered for the contract's purpose, and the
-operator answers the noised statistic or the uniform `StatisticNotReleased`. A refusal
-from the data keeps its ε spent (a free refusal would let the insurer probe the group
-size without cost), and the contract's quota reservation stays: the query was asked.
+before the contract is asked, and changes nothing; a retry of an answered request (same
+request id, same body) gets the stored answer and spends nothing. Then the regulator
+hands the operator the consents in force that the insurer registered for the contract's
+purpose, and the operator answers the noised statistic or the uniform
+`StatisticNotReleased`. A refusal from the data keeps its ε spent (a free refusal would
+let the insurer probe the group size without cost), and the contract's quota
+reservation stays: the query was asked.
 
 Refusals that the insurer must not tell apart (the group too small, the budget spent, no
 consent in force) are one `StatisticNotReleased`, same status and message; the log's
@@ -84,6 +86,7 @@ MIGRATIONS: tuple[str, ...] = (
         data_user TEXT NOT NULL,
         statistic TEXT NOT NULL,
         epsilon_milli INTEGER NOT NULL,
+        body_sha256 TEXT NOT NULL,     -- the request it was spent for (retries match it)
         spent_at REAL NOT NULL
     );
     CREATE INDEX stats_epsilon_by_user ON stats_epsilon (data_user);
@@ -107,21 +110,39 @@ def epsilon_spent_milli(ctx: NodeContext, data_user: str) -> int:
             (data_user,)).fetchone()[0]
 
 
-def spend_epsilon(ctx: NodeContext, rid: str, data_user: str, milli: int) -> int:
+def stored_answer(ctx: NodeContext, rid: str, data_user: str, body_sha256: str
+                  ) -> StatsAnswer | None:
+    """The answer already released for this very request (a retry), or None for a new one.
+
+    A request id used for another request, or whose request was refused, is refused."""
+    with ctx.store.lock:
+        row = ctx.store.conn.execute(
+            "SELECT e.data_user, e.body_sha256, a.answer FROM stats_epsilon e LEFT JOIN"
+            " stats_answers a ON a.request_id = e.request_id WHERE e.request_id = ?",
+            (rid,)).fetchone()
+    if row is None:
+        return None
+    if row[0] != data_user or row[1] != body_sha256 or row[2] is None:
+        raise RequestIdReused(f"request id {rid} was already used; use a fresh id")
+    return StatsAnswer.model_validate_json(row[2])
+
+
+def spend_epsilon(ctx: NodeContext, rid: str, data_user: str, milli: int,
+                  body_sha256: str) -> int:
     """Spend `milli` of `data_user`'s ε for request `rid`; the total spent after it.
 
     Refused (`StatisticNotReleased`, nothing written) when it would exceed the budget."""
     with ctx.store.lock, ctx.store.conn as conn:
         if conn.execute("SELECT 1 FROM stats_epsilon WHERE request_id = ?",
                         (rid,)).fetchone():
-            raise RequestIdReused(f"request id {rid} was already used; use a fresh id")
+            raise RequestIdReused(f"request id {rid} is being answered; use a fresh id")
         spent = conn.execute(
             "SELECT COALESCE(SUM(epsilon_milli), 0) FROM stats_epsilon WHERE data_user = ?",
             (data_user,)).fetchone()[0]
         if spent + milli > EPSILON_BUDGET_MILLI:
             raise StatisticNotReleased("epsilon_budget_spent")
-        conn.execute("INSERT INTO stats_epsilon VALUES (?, ?, ?, ?, ?)",
-                     (rid, data_user, STATISTIC, milli, time.time()))
+        conn.execute("INSERT INTO stats_epsilon VALUES (?, ?, ?, ?, ?, ?)",
+                     (rid, data_user, STATISTIC, milli, body_sha256, time.time()))
     return spent + milli
 
 
@@ -164,7 +185,11 @@ def regulator_self_pay(ctx: NodeContext, insurer: str, body: SelfPayRequest,
     try:
         if body.query.hospital not in hospitals:
             raise UnknownHospital(f"{body.query.hospital!r} is not a hospital of this federation")
-        spent = spend_epsilon(ctx, rid, insurer, body.epsilon_milli)
+        stored = stored_answer(ctx, rid, insurer, body.digest())
+        if stored is not None:  # a retry: the same answer, no ε, no second meter
+            ctx.log.event("stats_replayed", party=insurer)
+            return stored
+        spent = spend_epsilon(ctx, rid, insurer, body.epsilon_milli, body.digest())
         book = contract_book(ctx)
         try:
             book.authorize(body.contract_id, insurer, STATISTIC_COLUMNS, [STATISTIC], _now(), 1,
