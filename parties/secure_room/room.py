@@ -59,6 +59,7 @@ from parties.secure_room._harness import (
     EXIT_SETUP,
 )
 from parties.secure_room.api import LibraryInvalid, LibraryNotDeclared
+from parties.secure_room.cgroup import Isolation
 from parties.secure_room.sandbox import (
     RunArea,
     SandboxLimits,
@@ -103,6 +104,7 @@ class ValidationReport(BaseModel):
     suppressed_groups: int | None = None
     k: int | None = None
     limits: dict[str, float] = Field(default_factory=dict)
+    isolation: Isolation | None = None  # "rlimits_only": no cgroup, see SECURITY.md
     sandbox_command: list[str] = Field(default_factory=list)
 
 
@@ -115,6 +117,8 @@ class RunDiagnostics(BaseModel):
     cpu_seconds: float
     peak_memory_bytes: int | None
     stderr_tail: str
+    oom_kills: int
+    tasks_refused: int
     policy_message: str | None = None
 
 
@@ -212,6 +216,8 @@ def _outcome(run: SandboxRun, limits: SandboxLimits) -> Outcome:
     """
     if run.timed_out:
         return "wall_time_limit"
+    if run.oom_kills:
+        return "memory_limit"
     if run.signal == _SIGXCPU or (run.signal == _SIGKILL
                                   and run.cpu_seconds >= limits.cpu_seconds - 0.5):
         return "cpu_time_limit"
@@ -382,12 +388,13 @@ def run_package(
     diagnostics = RunDiagnostics(
         exit_code=run.exit_code, signal=run.signal, wall_seconds=run.wall_seconds,
         cpu_seconds=run.cpu_seconds, peak_memory_bytes=run.peak_memory_bytes,
-        stderr_tail=run.stderr_tail)
+        stderr_tail=run.stderr_tail, oom_kills=run.oom_kills, tasks_refused=run.tasks_refused)
     production = info.kind == "authorized"
     measured = {} if production else {
         "exit_code": run.exit_code, "signal": run.signal, "wall_seconds": run.wall_seconds,
         "cpu_seconds": run.cpu_seconds, "peak_memory_bytes": run.peak_memory_bytes}
-    fields = dict(base, ran=True, sandbox_command=run.command, **measured)
+    fields = dict(base, ran=True, sandbox_command=run.command, isolation=run.isolation,
+                  **measured)
     result = None
     if table is not None:
         try:
