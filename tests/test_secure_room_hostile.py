@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 from governance.packages import approve_package, check_package
 from governance.synthetic import write_library
 from parties.secure_room.cli import package_app as app
+from parties.secure_room.cgroup import cgroup_version
 from parties.secure_room.room import PackageRun, run_package
 from parties.secure_room.sandbox import HOST_UID, SANDBOX_UID, SandboxLimits, sandbox_available
 from tests.test_secure_room import FAST, MANIFEST, harness_pids, make_package, visits_table
@@ -369,18 +371,60 @@ def run(tables):
 
 
 def test_tmp_and_out_are_size_capped_and_a_thread_bomb_is_stopped(tmp_path, libraries):
-    limits = SandboxLimits(cpu_seconds=10, memory_bytes=1024**3, wall_seconds=30,
+    # 4 GiB of address space: each thread reserves a malloc arena, and the task cap
+    # must be what stops the bomb.
+    limits = SandboxLimits(cpu_seconds=10, memory_bytes=4 * 1024**3, wall_seconds=30,
                            output_bytes=16 * 1024**2, tmp_bytes=24 * 1024**2, tasks=32)
-    seen = facts(run_package(make_package(tmp_path / "p", LIMIT_PROBES), libraries["sample"],
-                             limits=limits, static_checks=False))
+    run = run_package(make_package(tmp_path / "p", LIMIT_PROBES), libraries["sample"],
+                      limits=limits, static_checks=False)
+    seen = facts(run)
     # ENOSPC, not EFBIG: the tmpfs size caps stopped these, not the per-file limit.
     tmp_error, tmp_written = seen["tmp"].split(":")
     out_error, out_written = seen["out"].split(":")
     assert tmp_error == "ENOSPC" and int(tmp_written) <= limits.tmp_bytes
     assert out_error == "ENOSPC" and int(out_written) <= limits.output_bytes
-    # RLIMIT_NPROC on the sandbox's host uid: the thread bomb stops under the task cap.
+    # The run's cgroup (pids.max; RLIMIT_NPROC only without one): the bomb stops under the cap.
     thread_error, threads = seen["threads"].split(":")
     assert thread_error == "RuntimeError" and 0 < int(threads) < limits.tasks
+    assert run.report.isolation == cgroup_version()
+    if cgroup_version() != "rlimits_only":
+        assert run.diagnostics.tasks_refused > 0
+        assert f"--nproc={limits.tasks}" not in run.report.sandbox_command
+
+
+TMP_FILL = """\
+import pandas as pd
+
+
+def run(tables):
+    chunk = b"x" * (4 * 1024 * 1024)
+    for i in range(512):  # 2 GiB, under the /tmp size cap, over the memory limit
+        with open(f"/tmp/fill-{i}", "wb") as handle:
+            handle.write(chunk)
+    return pd.DataFrame({"hospital_id": ["filled=" + ",".join(tables["visits"]["national_id"])]})
+"""
+
+
+@pytest.mark.skipif(cgroup_version() == "rlimits_only",
+                    reason="needs a cgroup: without one, /tmp is bounded by its size only")
+def test_a_tmp_fill_beyond_the_memory_limit_is_stopped_by_the_cgroup(tmp_path, libraries):
+    limits = SandboxLimits(cpu_seconds=20, memory_bytes=768 * 1024**2, wall_seconds=60,
+                           tmp_bytes=4 * 1024**3)
+    run = run_package(make_package(tmp_path / "p", TMP_FILL, NATIONAL_IDS),
+                      libraries["sample"], limits=limits, static_checks=False)
+    # tmpfs pages are charged to the writer's cgroup: the kernel killed the run at the
+    # memory limit, not the /tmp cap (ENOSPC) and not the address space (MemoryError).
+    assert run.report.outcome == "memory_limit" and run.output is None
+    assert run.diagnostics.oom_kills >= 1 and run.report.signal == 9
+    assert run.report.peak_memory_bytes <= limits.memory_bytes
+    assert run.report.isolation == cgroup_version()
+    view = developer_view(run)
+    assert not any(national_id in view for national_id in libraries["ids"])
+    assert not _run_cgroups()  # removed with the run
+
+
+def _run_cgroups() -> list[str]:
+    return [str(p) for p in Path("/sys/fs/cgroup").rglob("cogov-room-*")]
 
 
 # --- 5. the gate cannot be shadowed ---------------------------------------------------------
