@@ -37,7 +37,7 @@ libraries = ["sample"]
 columns = ["hospital_id", "total_fen"]
 
 [output]
-disclosure = "verdict"
+disclosure = "model"
 
 [[output.columns]]
 name = "hospital_id"
@@ -71,7 +71,7 @@ def test_manifest_errors_name_the_field(tmp_path):
     make_package(tmp_path / "a", "def run(t):\n    return t\n", bad_library)
     with pytest.raises(PackageInvalid, match=r"inputs\.0\.libraries\.0"):
         load_manifest(tmp_path / "a")
-    aggregate = MANIFEST.replace('disclosure = "verdict"', 'disclosure = "aggregate"')
+    aggregate = MANIFEST.replace('disclosure = "model"', 'disclosure = "aggregate"')
     make_package(tmp_path / "b", "def run(t):\n    return t\n", aggregate)
     with pytest.raises(PackageInvalid, match="count_column"):
         load_manifest(tmp_path / "b")

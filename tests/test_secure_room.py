@@ -54,7 +54,7 @@ libraries = ["sample", "test"]
 columns = ["hospital_id", "total_fen"]
 
 [output]
-disclosure = "verdict"
+disclosure = "model"
 
 [[output.columns]]
 name = "hospital_id"
@@ -474,7 +474,8 @@ def test_report_carries_the_run_facts(tmp_path, sample_library):
 
 def test_sandbox_command_binds_nothing_writable_but_out(tmp_path):
     command = sandbox_command(read_only={"/pkg": tmp_path / "p", "/data": tmp_path / "d"},
-                              out_dir=tmp_path / "o", limits=FAST, harness_args=[], seccomp_fd=3, isolation="rlimits_only")
+                              out_dir=tmp_path / "o", limits=FAST, harness_args=[], seccomp_fd=3,
+                              isolation="rlimits_only")
     writable = [command[i + 2] for i, arg in enumerate(command) if arg == "--bind"]
     assert writable == ["/out"]
     assert f"--as={FAST.memory_bytes}" in command

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 
 from governance.packages import approve_package, check_package
 from governance.synthetic import write_library
-from parties.secure_room.cli import package_app as app
 from parties.secure_room.cgroup import cgroup_version
+from parties.secure_room.cli import package_app as app
 from parties.secure_room.room import PackageRun, run_package
 from parties.secure_room.sandbox import HOST_UID, SANDBOX_UID, SandboxLimits, sandbox_available
 from tests.test_secure_room import FAST, MANIFEST, harness_pids, make_package, visits_table

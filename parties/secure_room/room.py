@@ -39,6 +39,7 @@ from governance.output_policy import (
     apply_output_policy,
 )
 from governance.packages import (
+    VERDICT_KEY,
     Finding,
     PackageApproval,
     PackageHashMismatch,
@@ -103,6 +104,7 @@ class ValidationReport(BaseModel):
     output_rows: int | None = None
     suppressed_groups: int | None = None
     k: int | None = None
+    bits_per_claim: float | None = None  # a verdict's capacity a claim (PackageOutput)
     limits: dict[str, float] = Field(default_factory=dict)
     isolation: Isolation | None = None  # "rlimits_only": no cgroup, see SECURITY.md
     sandbox_command: list[str] = Field(default_factory=list)
@@ -206,6 +208,14 @@ def _input_group_sizes(manifest: PackageManifest, data_dir: Path) -> pd.DataFram
             return sizes.rename(GROUP_SIZE).reset_index()
     return pd.DataFrame({**{k: pd.Series(dtype=object) for k in keys},
                          GROUP_SIZE: pd.Series(dtype="int64")})
+
+
+def _input_claim_ids(manifest: PackageManifest, data_dir: Path) -> set[str] | None:
+    """For a verdict, the claim ids of the claims input exactly as the package received them."""
+    if manifest.claims_input is None:
+        return None
+    table = pq.read_table(data_dir / f"{manifest.claims_input}.parquet", columns=[VERDICT_KEY])
+    return {str(v) for v in table.column(0).to_pylist()}
 
 
 def _outcome(run: SandboxRun, limits: SandboxLimits) -> Outcome:
@@ -329,7 +339,7 @@ def run_package(
     *,
     limits: SandboxLimits | None = None,
     static_checks: bool = True,
-    row_level_allowed: bool = False,
+    row_level_max_rows: int | None = None,
     k: int = 10,
     approval: PackageApproval | None = None,
     owner_public_key: Ed25519PublicKey | None = None,
@@ -339,7 +349,9 @@ def run_package(
     Raises typed errors only for bad requests: a malformed package or library, a library
     tier the package does not declare, or an unapproved package on the authorized library.
     `static_checks=False` skips the gate (the findings are still reported): tests use it to
-    prove the sandbox holds on its own.
+    prove the sandbox holds on its own. `row_level_max_rows` is the contract's cap on
+    row-level output (None: not allowed); on the authorized library the cap the owner
+    signed in the approval replaces it.
     """
     package_dir, library_dir = Path(package_dir), Path(library_dir)
     limits = limits or SandboxLimits()
@@ -357,6 +369,7 @@ def run_package(
         if owner_public_key is None:
             raise PackageNotApproved("the authorized library needs the owner's approval and key")
         approved_hash = verify_approval(package_dir, approval, owner_public_key)
+        row_level_max_rows = approval.row_level_max_rows
     findings = check_package(package_dir, manifest)
     with run_area(limits) as area:
         staged_hash = _stage_package(package_dir, area.pkg)
@@ -378,6 +391,7 @@ def run_package(
             out_dir=area.out, logs=area.logs, limits=limits, harness_args=[])
         identifiers = _identifier_values(manifest, area.data)
         group_sizes = _input_group_sizes(manifest, area.data)
+        claim_ids = _input_claim_ids(manifest, area.data)
         outcome = _outcome(run, limits)
         table, decision = None, None
         if outcome == "ok":
@@ -399,8 +413,8 @@ def run_package(
     if table is not None:
         try:
             result = apply_output_policy(
-                table, manifest.output, row_level_allowed=row_level_allowed, k=k,
-                identifier_values=identifiers, group_sizes=group_sizes)
+                table, manifest.output, row_level_max_rows=row_level_max_rows, k=k,
+                identifier_values=identifiers, group_sizes=group_sizes, claim_ids=claim_ids)
         except OutputRefused as exc:
             decision = exc
     if decision is not None:
@@ -423,5 +437,6 @@ def run_package(
     report = ValidationReport(
         **fields, outcome="ok", accepted=not has_errors(findings), schema_ok=True,
         disclosure_ok=True, output_rows=len(result.table),
+        bits_per_claim=manifest.output.bits_per_claim,
         suppressed_groups=result.suppressed_groups, k=result.k)
     return PackageRun(report=report, output=_records(result.table), diagnostics=diagnostics)
