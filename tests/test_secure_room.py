@@ -331,7 +331,7 @@ def test_aggregate_groups_under_k_are_suppressed(tmp_path, sample_library):
     assert {r["hospital_id"]: r["n"] for r in run.output} == {"hospital-1": 40, "hospital-2": 25}
 
 
-def test_verdict_with_an_undeclared_column_is_refused(tmp_path, sample_library):
+def test_an_output_with_an_undeclared_column_is_refused(tmp_path, sample_library):
     code = """\
     def run(tables):
         visits = tables["visits"]
@@ -339,7 +339,7 @@ def test_verdict_with_an_undeclared_column_is_refused(tmp_path, sample_library):
     """
     run = run_package(make_package(tmp_path / "p", code), sample_library, limits=FAST)
     assert run.report.outcome == "output_refused" and not run.report.accepted
-    assert run.report.policy_decision == "VerdictColumnsMismatch"
+    assert run.report.policy_decision == "OutputSchemaMismatch"
     assert run.report.schema_ok is False
     assert run.output is None
 
