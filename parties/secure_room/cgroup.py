@@ -112,6 +112,8 @@ def cgroup_version() -> Isolation:
 
 
 class RunCgroup:
+    """One run's cgroup: its directories, the files the spawner joins it by, its counters."""
+
     def __init__(self, version: Isolation, directories: dict[str, Path]) -> None:
         self.version = version
         self.directories = directories  # controller ('' on v2) -> this run's directory
