@@ -83,6 +83,17 @@ def test_manifest_errors_name_the_field(tmp_path):
         load_manifest(tmp_path / "d")
 
 
+def test_a_verdict_needs_exactly_one_claims_input(tmp_path):
+    verdict = MANIFEST.replace('disclosure = "model"', 'disclosure = "verdict"').replace(
+        'name = "hospital_id"\ntype = "string"', 'name = "claim_id"\ntype = "string"')
+    make_package(tmp_path / "a", "", verdict)
+    with pytest.raises(PackageInvalid, match="exactly one input declaring 'claim_id'"):
+        load_manifest(tmp_path / "a")
+    make_package(tmp_path / "b", "", verdict.replace('"hospital_id", "total_fen"]',
+                                                     '"claim_id", "total_fen"]'))
+    assert load_manifest(tmp_path / "b").claims_input == "visits"
+
+
 def test_hash_follows_the_published_canonical_listing(tmp_path):
     pkg = make_package(tmp_path / "p", "def run(tables):\n    return tables['visits']\n")
     (pkg / "lib").mkdir()
