@@ -5,7 +5,9 @@ Layers: the unprivileged host uid and the read-only /proc (kernel settings), the
 filter bwrap installs before the harness becomes pid 1 (io_uring, pidfd, ptrace,
 process_vm), the node's untrusting read of /out (no links, regular files, size caps,
 parsing in a second sandbox), outcome codes in place of text (stderr, exceptions,
-column names), and the size caps of /tmp and /out and the task cap.
+column names), the run's cgroup (memory with the tmpfs pages, tasks), the size caps of
+/tmp and /out, the verdict's shape (one row per input claim, declared columns,
+tolerances) and the row-level cap the owner signs.
 Most packages run with the static gate off, so what stops them is never the AST checker.
 """
 
@@ -417,6 +419,7 @@ def run(tables):
 def test_a_tmp_fill_beyond_the_memory_limit_is_stopped_by_the_cgroup(tmp_path, libraries):
     limits = SandboxLimits(cpu_seconds=20, memory_bytes=768 * 1024**2, wall_seconds=60,
                            tmp_bytes=4 * 1024**3)
+    before = _run_cgroups()
     run = run_package(make_package(tmp_path / "p", TMP_FILL, NATIONAL_IDS),
                       libraries["sample"], limits=limits, static_checks=False)
     # tmpfs pages are charged to the writer's cgroup: the kernel killed the run at the
@@ -427,11 +430,11 @@ def test_a_tmp_fill_beyond_the_memory_limit_is_stopped_by_the_cgroup(tmp_path, l
     assert run.report.isolation == cgroup_version()
     view = developer_view(run)
     assert not any(national_id in view for national_id in libraries["ids"])
-    assert not _run_cgroups()  # removed with the run
+    assert not _run_cgroups() - before  # removed with the run
 
 
-def _run_cgroups() -> list[str]:
-    return [str(p) for p in Path("/sys/fs/cgroup").rglob("cogov-room-*")]
+def _run_cgroups() -> set[Path]:
+    return set(Path("/sys/fs/cgroup").rglob("cogov-room-*"))
 
 
 # --- 5. the gate cannot be shadowed ---------------------------------------------------------
@@ -665,8 +668,8 @@ def test_row_level_output_is_capped_by_the_signed_approval(tmp_path, libraries):
     uncapped = production(approve_package(pkg, owner, "health-authority"))
     assert uncapped.report.policy_decision == "RowLevelOutputRefused"
     capped = approve_package(pkg, owner, "health-authority", row_level_max_rows=10)
-    assert production(capped).report.policy_decision == "RowCapExceeded"
-    assert production(capped).output is None
+    over = production(capped)
+    assert (over.report.policy_decision, over.output) == ("RowCapExceeded", None)
     # The requester raises the cap in the approval it holds: the signature no longer holds.
     with pytest.raises(PackageNotApproved):
         production(capped.model_copy(update={"row_level_max_rows": 1000}))
