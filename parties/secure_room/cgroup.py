@@ -138,6 +138,8 @@ class RunCgroup:
                 _write(made.directories["pids"] / "pids.max", str(tasks))
             else:
                 directory = made.directories[""]
+                if not (directory / "memory.peak").exists():  # Linux 5.19 on: no peak, no meter
+                    raise FileNotFoundError(directory / "memory.peak")
                 _write(directory / "memory.max", str(memory_bytes))
                 if (directory / "memory.swap.max").exists():
                     _write(directory / "memory.swap.max", "0")
