@@ -1,15 +1,18 @@
 """What an algorithm package's output may disclose.
 
-Three rules, applied to every output before anyone sees it:
+Four rules, applied to every output before anyone sees it:
 - the output has exactly the declared columns and types (a verdict, exactly its verdict
-  columns);
+  columns), amounts rounded to their declared tolerance and within their declared range;
+- a verdict has exactly one row per claim the room handed in, keyed by that claim's id,
+  so it carries at most `PackageOutput.bits_per_claim` bits a claim;
 - aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
   are suppressed: their rows are dropped and counted; the group's size is the smaller
   of the package's count and the size the caller measured on the inputs;
-- row-level output is refused unless the manifest declares it and the contract allows it;
-  without that, no output cell may carry an identifier value of the inputs: equal to
-  it, embedded in text, reversed, hex or base64, padded, full-width or with zero-width
-  characters, or as eleven or more of its digits in a number.
+- row-level output is refused unless the manifest declares it and the contract allows it,
+  and capped at the smaller of the two row counts they declare; without that, no output
+  cell may carry an identifier value of the inputs: equal to it, embedded in text,
+  reversed, hex or base64, padded, full-width or with zero-width characters, or as
+  eleven or more of its digits in a number.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ import pandas as pd
 from pandas.api import types as ptypes
 
 from governance.errors import GovernanceError
-from governance.packages import DEFAULT_MIN_GROUP_SIZE, OutputColumn, PackageOutput
+from governance.packages import (
+    DEFAULT_MIN_GROUP_SIZE,
+    VERDICT_KEY,
+    OutputColumn,
+    PackageOutput,
+)
 
 
 class OutputRefused(GovernanceError):
@@ -48,8 +56,16 @@ class VerdictColumnsMismatch(OutputSchemaMismatch):
     """A verdict output does not have exactly the declared verdict columns."""
 
 
+class VerdictRowsMismatch(OutputSchemaMismatch):
+    """A verdict's rows are not exactly one per input claim, keyed by its claim id."""
+
+
 class RowLevelOutputRefused(OutputRefused):
     """Row-level output was not declared by the manifest or not allowed by the contract."""
+
+
+class RowCapExceeded(RowLevelOutputRefused):
+    """Row-level output has more rows than the manifest or the contract allows."""
 
 
 class IdentifierInOutput(OutputRefused):
@@ -77,7 +93,26 @@ def _is_date(value: object) -> bool:
     return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
 
 
+def _released(series: pd.Series, column: OutputColumn) -> pd.Series:
+    """Refuse values out of the declared range; round to the tolerance (half to even)."""
+    if column.maximum is not None:
+        top = column.maximum if column.type == "decimal" else float(column.maximum)
+        if not series.map(lambda v: 0 <= v <= top).all():
+            raise OutputSchemaMismatch(f"column '{column.name}': values outside [0, {top}]")
+    if column.tolerance is None:
+        return series
+    step = column.tolerance
+    if column.type == "float64":
+        return (series / float(step)).round() * float(step)
+    quantum = Decimal(1).scaleb(-(column.scale or 0))
+    return series.map(lambda v: ((v / step).to_integral_value() * step).quantize(quantum))
+
+
 def _conform_column(series: pd.Series, column: OutputColumn) -> pd.Series:
+    return _released(_conform_type(series, column), column)
+
+
+def _conform_type(series: pd.Series, column: OutputColumn) -> pd.Series:
     name, kind = column.name, column.type
     if series.isna().any():
         raise OutputSchemaMismatch(f"column '{name}': missing values are not allowed")
@@ -233,27 +268,45 @@ def _measured_sizes(table: pd.DataFrame, group_sizes: pd.DataFrame) -> pd.Series
     return pd.Series(merged[GROUP_SIZE].fillna(0).to_numpy(), index=table.index)
 
 
+def _refuse_unkeyed_verdict(table: pd.DataFrame, claim_ids: Collection[str] | None) -> None:
+    """One row per input claim, keyed by its id: nothing missing, extra or repeated."""
+    if claim_ids is None:
+        raise VerdictRowsMismatch("a verdict needs the claim ids the room handed in")
+    keys = table[VERDICT_KEY]
+    expected = set(claim_ids)
+    if len(keys) != len(expected) or keys.duplicated().any() or set(keys) != expected:
+        raise VerdictRowsMismatch("the verdict's rows are not one per input claim")
+
+
 def apply_output_policy(
     table: pd.DataFrame,
     output: PackageOutput,
     *,
-    row_level_allowed: bool,
+    row_level_max_rows: int | None,
     k: int = DEFAULT_MIN_GROUP_SIZE,
     identifier_values: Collection[str] = (),
     group_sizes: pd.DataFrame | None = None,
+    claim_ids: Collection[str] | None = None,
 ) -> PolicyResult:
     """Conform `table` to the declaration and apply the disclosure rules.
 
-    `row_level_allowed` is the contract's word; `identifier_values` are the inputs'
-    identifier values (national IDs, names, phones, tokens...) that a non-row-level
-    output must never contain. `group_sizes`, for an aggregate, is the group sizes the
-    caller computed from the inputs (key columns and `GROUP_SIZE`): a group is released
-    only when both its own count and that size reach the floor.
+    `row_level_max_rows` is the contract's word: the most rows of row-level output it
+    allows (None: none at all); `identifier_values` are the inputs' identifier values
+    (national IDs, names, phones, tokens...) that a non-row-level output must never
+    contain. `group_sizes`, for an aggregate, is the group sizes the caller computed
+    from the inputs (key columns and `GROUP_SIZE`): a group is released only when both
+    its own count and that size reach the floor. `claim_ids`, for a verdict, are the
+    claim ids of the input the caller handed the package.
     """
-    if output.row_level and not row_level_allowed:
+    if output.row_level and row_level_max_rows is None:
         raise RowLevelOutputRefused("the manifest declares row-level output; the contract "
                                     "does not allow it")
     conformed = conform_to_schema(table, output)
+    if output.row_level and len(conformed) > min(row_level_max_rows,
+                                                  output.max_rows or row_level_max_rows):
+        raise RowCapExceeded("the row-level output has more rows than its cap")
+    if output.disclosure == "verdict":
+        _refuse_unkeyed_verdict(conformed, claim_ids)
     if not output.row_level:
         _refuse_identifiers(conformed, identifier_values)
     floor = k

@@ -26,11 +26,13 @@ import base64
 import hashlib
 import importlib.machinery
 import json
+import math
 import re
 import sys
 import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +46,7 @@ MANIFEST_FILE = "manifest.toml"
 HASH_FILE = "package.sha256"
 HASH_DOMAIN = b"cogov-package-v1\x00"
 DEFAULT_MIN_GROUP_SIZE = 10
+VERDICT_KEY = "claim_id"  # a verdict's rows are keyed by the claim ids the room hands in
 
 Library = Literal["sample", "test", "authorized"]
 Disclosure = Literal["verdict", "aggregate", "model"]
@@ -131,12 +134,32 @@ class OutputColumn(_Model):
     name: str = Field(min_length=1, max_length=64)
     type: ColumnType
     scale: int | None = Field(default=None, ge=0, le=18, description="decimal places")
+    tolerance: Decimal | None = Field(
+        default=None, gt=0, description="released precision: values are rounded to a multiple")
+    maximum: Decimal | None = Field(
+        default=None, ge=0, description="released values lie in [0, maximum]; others are refused")
 
     @model_validator(mode="after")
     def _scale_only_for_decimal(self) -> OutputColumn:
         if (self.type == "decimal") != (self.scale is not None):
             raise ValueError("scale is required for type 'decimal' and only for it")
+        if (self.tolerance is not None or self.maximum is not None) and self.type not in (
+                "decimal", "float64"):
+            raise ValueError("tolerance/maximum: only for 'decimal' and 'float64' columns")
+        if self.tolerance is not None and self.scale is not None and (
+                self.tolerance.as_tuple().exponent < -self.scale):
+            raise ValueError("tolerance: finer than the column's scale")
         return self
+
+    @property
+    def bits(self) -> float | None:
+        """Most bits one cell can carry: 1 for a boolean, log2 of the released values of
+        a bounded amount (0 to `maximum` in steps of `tolerance`); None when unbounded."""
+        if self.type == "bool":
+            return 1.0
+        if self.tolerance is None or self.maximum is None:
+            return None
+        return math.log2(int(self.maximum / self.tolerance) + 1)
 
 
 class PackageInput(_Model):
@@ -157,6 +180,8 @@ class PackageOutput(_Model):
     disclosure: Disclosure
     columns: list[OutputColumn] = Field(min_length=1)
     row_level: bool = False
+    max_rows: int | None = Field(
+        default=None, ge=1, description="row-level output: the most rows a run releases")
     min_group_size: int | None = Field(default=None, ge=1)
     count_column: str | None = None
 
@@ -173,7 +198,35 @@ class PackageOutput(_Model):
                 raise ValueError("count_column: must name an int64 output column")
         elif self.count_column is not None or self.min_group_size is not None:
             raise ValueError("count_column/min_group_size: only for disclosure 'aggregate'")
+        if self.disclosure == "verdict":
+            self._verdict_shape()
+        if self.max_rows is not None and not self.row_level:
+            raise ValueError("max_rows: only for row-level output")
         return self
+
+    def _verdict_shape(self) -> None:
+        """A verdict is `claim_id` plus booleans and bounded amounts: one row per claim."""
+        if self.row_level:
+            raise ValueError("row_level: a verdict is one row per claim, not row-level output")
+        by_name = {c.name: c for c in self.columns}
+        if VERDICT_KEY not in by_name or by_name[VERDICT_KEY].type != "string":
+            raise ValueError(f"columns: a verdict needs a string column '{VERDICT_KEY}'")
+        for column in self.columns:
+            if column.name == VERDICT_KEY:
+                continue
+            if column.type not in ("bool", "decimal"):
+                raise ValueError(f"columns: verdict column '{column.name}' must be a boolean "
+                                 "or a decimal amount")
+            if column.type == "decimal" and (column.tolerance is None or column.maximum is None):
+                raise ValueError(f"columns: verdict amount '{column.name}' needs a tolerance "
+                                 "and a maximum")
+
+    @property
+    def bits_per_claim(self) -> float | None:
+        """For a verdict, the most bits one claim's row can carry beyond its own id."""
+        if self.disclosure != "verdict":
+            return None
+        return sum(c.bits or 0.0 for c in self.columns if c.name != VERDICT_KEY)
 
     @property
     def column_names(self) -> list[str]:
@@ -199,6 +252,21 @@ class PackageManifest(_Model):
         if len(set(names)) != len(names):
             raise ValueError("input names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _verdict_claims(self) -> PackageManifest:
+        if self.output.disclosure == "verdict" and len(
+                [i for i in self.inputs if VERDICT_KEY in i.columns]) != 1:
+            raise ValueError(f"inputs: a verdict needs exactly one input declaring "
+                             f"'{VERDICT_KEY}' (the claims it judges)")
+        return self
+
+    @property
+    def claims_input(self) -> str | None:
+        """The input whose claim ids key a verdict's rows."""
+        if self.output.disclosure != "verdict":
+            return None
+        return next(i.name for i in self.inputs if VERDICT_KEY in i.columns)
 
     @property
     def entry_module(self) -> str:
@@ -595,22 +663,25 @@ class PackageApproval(_Model):
     package_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     owner: str
     approved_at: str
+    # The contract's cap on row-level output (None: none allowed); signed when set.
+    row_level_max_rows: int | None = Field(default=None, ge=1)
     signature_b64: str
 
     def signed_bytes(self) -> bytes:
-        return _approval_message(self.model_dump(exclude={"signature_b64"}))
+        return _approval_message(self.model_dump(exclude={"signature_b64"}, exclude_none=True))
 
 
-def _approval_message(fields: dict[str, str]) -> bytes:
+def _approval_message(fields: dict[str, str | int]) -> bytes:
     body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return b"cogov-package-approval-v1\x00" + body.encode("utf-8")
 
 
 def approve_package(
     package_dir: Path | str, owner_key: Ed25519PrivateKey, owner: str,
-    approved_at: datetime | None = None,
+    approved_at: datetime | None = None, row_level_max_rows: int | None = None,
 ) -> PackageApproval:
-    """Sign an approval bound to the package's current content hash."""
+    """Sign an approval bound to the package's current content hash (and, for row-level
+    output, the most rows a run may release)."""
     manifest = load_manifest(package_dir)
     fields = {
         "package_name": manifest.name,
@@ -619,6 +690,8 @@ def approve_package(
         "owner": owner,
         "approved_at": (approved_at or datetime.now(UTC)).isoformat(),
     }
+    if row_level_max_rows is not None:
+        fields["row_level_max_rows"] = row_level_max_rows
     signature = owner_key.sign(_approval_message(fields))
     return PackageApproval(**fields, signature_b64=base64.b64encode(signature).decode("ascii"))
 

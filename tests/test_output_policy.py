@@ -1,6 +1,7 @@
 """Output policy: group suppression under k, exact verdict columns, row-level refusal."""
 
 import datetime as dt
+import math
 from decimal import Decimal
 
 import pandas as pd
@@ -9,18 +10,20 @@ import pytest
 from governance.output_policy import (
     IdentifierInOutput,
     OutputSchemaMismatch,
+    RowCapExceeded,
     RowLevelOutputRefused,
     VerdictColumnsMismatch,
+    VerdictRowsMismatch,
     apply_output_policy,
     conform_to_schema,
 )
 from governance.packages import PackageOutput
 
 
-def aggregate_output(min_group_size=None, row_level=False) -> PackageOutput:
+def aggregate_output(min_group_size=None, row_level=False, max_rows=None) -> PackageOutput:
     return PackageOutput(
         disclosure="aggregate", count_column="n", min_group_size=min_group_size,
-        row_level=row_level,
+        row_level=row_level, max_rows=max_rows,
         columns=[{"name": "diagnosis", "type": "string"}, {"name": "n", "type": "int64"},
                  {"name": "mean_fen", "type": "float64"}],
     )
@@ -29,8 +32,10 @@ def aggregate_output(min_group_size=None, row_level=False) -> PackageOutput:
 VERDICT = PackageOutput(
     disclosure="verdict",
     columns=[{"name": "claim_id", "type": "string"}, {"name": "visit_found", "type": "bool"},
-             {"name": "payable", "type": "decimal", "scale": 2}],
+             {"name": "payable", "type": "decimal", "scale": 2, "tolerance": "0.01",
+              "maximum": "1000000000000000"}],
 )
+CLAIMS = {"C1", "C2"}
 
 
 def groups(counts: list[int]) -> pd.DataFrame:
@@ -40,7 +45,7 @@ def groups(counts: list[int]) -> pd.DataFrame:
 
 def test_groups_under_k_are_suppressed_and_counted():
     result = apply_output_policy(groups([3, 9, 10, 11, 250, 1]), aggregate_output(),
-                                 row_level_allowed=False)
+                                 row_level_max_rows=None)
     assert result.k == 10
     assert result.suppressed_groups == 3
     assert result.table["n"].tolist() == [10, 11, 250]
@@ -49,10 +54,10 @@ def test_groups_under_k_are_suppressed_and_counted():
 
 def test_manifest_floor_raises_k_and_contract_k_cannot_be_undercut():
     result = apply_output_policy(groups([10, 19, 20]), aggregate_output(min_group_size=20),
-                                 row_level_allowed=False)
+                                 row_level_max_rows=None)
     assert (result.k, result.suppressed_groups, result.table["n"].tolist()) == (20, 2, [20])
     stricter = apply_output_policy(groups([10, 19, 20]), aggregate_output(min_group_size=5),
-                                   row_level_allowed=False, k=10)
+                                   row_level_max_rows=None, k=10)
     assert (stricter.k, stricter.suppressed_groups) == (10, 0)
 
 
@@ -66,17 +71,17 @@ def verdicts(**extra) -> pd.DataFrame:
 
 def test_verdict_with_exactly_the_declared_columns_passes_in_declared_order():
     shuffled = verdicts()[["payable", "claim_id", "visit_found"]]
-    result = apply_output_policy(shuffled, VERDICT, row_level_allowed=False)
+    result = apply_output_policy(shuffled, VERDICT, row_level_max_rows=None, claim_ids=CLAIMS)
     assert list(result.table.columns) == ["claim_id", "visit_found", "payable"]
     assert result.table["payable"].tolist() == [Decimal("49.09"), Decimal("0.00")]
 
 
 def test_verdict_with_an_extra_or_missing_column_is_refused():
     with pytest.raises(VerdictColumnsMismatch, match="undeclared"):
-        apply_output_policy(verdicts(self_pay_fen=[1, 2]), VERDICT, row_level_allowed=False)
+        apply_output_policy(verdicts(self_pay_fen=[1, 2]), VERDICT, row_level_max_rows=None)
     with pytest.raises(VerdictColumnsMismatch, match="missing"):
         apply_output_policy(verdicts().drop(columns=["payable"]), VERDICT,
-                            row_level_allowed=False)
+                            row_level_max_rows=None)
 
 
 @pytest.mark.parametrize(
@@ -105,22 +110,77 @@ def test_dates_must_be_whole_days():
         conform_to_schema(pd.DataFrame({"day": pd.to_datetime(["2025-01-02 10:00"])}), output)
 
 
-def test_row_level_output_needs_manifest_and_contract():
+def test_row_level_output_needs_manifest_and_contract_and_keeps_under_both_caps():
     output = aggregate_output(row_level=True)
     with pytest.raises(RowLevelOutputRefused) as caught:
-        apply_output_policy(groups([50]), output, row_level_allowed=False)
+        apply_output_policy(groups([50]), output, row_level_max_rows=None)
     assert caught.value.http_status == 403
-    assert len(apply_output_policy(groups([50]), output, row_level_allowed=True).table) == 1
+    assert len(apply_output_policy(groups([50]), output, row_level_max_rows=1).table) == 1
+    with pytest.raises(RowCapExceeded):  # the contract's cap
+        apply_output_policy(groups([50, 60, 70]), output, row_level_max_rows=2)
+    declared = aggregate_output(row_level=True, max_rows=2)
+    assert len(apply_output_policy(groups([50, 60]), declared, row_level_max_rows=5).table) == 2
+    with pytest.raises(RowCapExceeded):  # the manifest's, under a looser contract
+        apply_output_policy(groups([50, 60, 70]), declared, row_level_max_rows=5)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "duplicated", "foreign", "no_ids"])
+def test_a_verdict_is_exactly_one_row_per_input_claim(change):
+    frame = {"missing": verdicts().iloc[:1],
+             "extra": pd.concat([verdicts(), verdicts().iloc[:1].assign(claim_id="C3")]),
+             "duplicated": pd.concat([verdicts(), verdicts().iloc[:1]]),
+             "foreign": verdicts().assign(claim_id=["C1", "C9"]),
+             "no_ids": verdicts()}[change]
+    with pytest.raises(VerdictRowsMismatch) as caught:
+        apply_output_policy(frame, VERDICT, row_level_max_rows=None,
+                            claim_ids=None if change == "no_ids" else CLAIMS)
+    assert caught.value.http_status == 422
+    assert "C9" not in str(caught.value) and "C3" not in str(caught.value)
+
+
+def test_amounts_are_released_at_the_declared_tolerance_and_range():
+    coarse = PackageOutput(disclosure="verdict", columns=[
+        {"name": "claim_id", "type": "string"},
+        {"name": "payable", "type": "decimal", "scale": 2, "tolerance": "10", "maximum": "100"}])
+    table = pd.DataFrame({"claim_id": ["C1", "C2", "C3"],
+                          "payable": [Decimal("14.99"), Decimal("15.00"), Decimal("25.00")]})
+    result = apply_output_policy(table, coarse, row_level_max_rows=None,
+                                 claim_ids={"C1", "C2", "C3"})
+    assert result.table["payable"].tolist() == [Decimal("10.00"), Decimal("20.00"),
+                                                Decimal("20.00")]  # half to even
+    assert coarse.bits_per_claim == pytest.approx(math.log2(11))
+    for bad in (Decimal("100.01"), Decimal("-1.00")):
+        with pytest.raises(OutputSchemaMismatch, match="outside"):
+            apply_output_policy(table.assign(payable=[bad] * 3), coarse,
+                                row_level_max_rows=None, claim_ids={"C1", "C2", "C3"})
+    floats = PackageOutput(disclosure="model", columns=[
+        {"name": "mean", "type": "float64", "tolerance": "0.5"}])
+    rounded = apply_output_policy(pd.DataFrame({"mean": [1.26, 1.74, 2.2]}), floats,
+                                  row_level_max_rows=None)
+    assert rounded.table["mean"].tolist() == [1.5, 1.5, 2.0]
+
+
+@pytest.mark.parametrize("columns", [
+    [{"name": "visit_found", "type": "bool"}],  # no claim_id
+    [{"name": "claim_id", "type": "string"}, {"name": "birth_date", "type": "date"}],
+    [{"name": "claim_id", "type": "string"}, {"name": "sex", "type": "string"}],
+    [{"name": "claim_id", "type": "string"}, {"name": "fee", "type": "int64"}],
+    [{"name": "claim_id", "type": "string"}, {"name": "payable", "type": "decimal", "scale": 2}],
+])
+def test_row_level_fields_cannot_pass_as_a_verdict(columns):
+    with pytest.raises(ValueError, match="verdict"):
+        PackageOutput(disclosure="verdict", columns=columns)
 
 
 def test_identifier_values_never_leave_without_row_level_permission():
     frame = verdicts()
     frame["claim_id"] = ["320505199001011234", "C2"]
     with pytest.raises(IdentifierInOutput):
-        apply_output_policy(frame, VERDICT, row_level_allowed=False,
-                            identifier_values={"320505199001011234"})
-    clean = apply_output_policy(verdicts(), VERDICT, row_level_allowed=False,
-                                identifier_values={"320505199001011234"})
+        apply_output_policy(frame, VERDICT, row_level_max_rows=None,
+                            identifier_values={"320505199001011234"},
+                            claim_ids=set(frame["claim_id"]))
+    clean = apply_output_policy(verdicts(), VERDICT, row_level_max_rows=None,
+                                identifier_values={"320505199001011234"}, claim_ids=CLAIMS)
     assert len(clean.table) == 2
 
 
@@ -152,8 +212,8 @@ def test_identifiers_are_refused_embedded_or_transformed(name):
     table = pd.DataFrame({"claim_id": [value], "visit_found": [True],
                           "payable": [Decimal("1.00")]})
     with pytest.raises(IdentifierInOutput):
-        apply_output_policy(table, VERDICT, row_level_allowed=False,
-                            identifier_values=[NATIONAL_ID, *OTHER_IDS])
+        apply_output_policy(table, VERDICT, row_level_max_rows=None,
+                            identifier_values=[NATIONAL_ID, *OTHER_IDS], claim_ids={value})
 
 
 @pytest.mark.parametrize("payable", [Decimal("320505199001011.23"), Decimal("13812345678.00")],
@@ -161,12 +221,12 @@ def test_identifiers_are_refused_embedded_or_transformed(name):
 def test_identifiers_as_numbers_are_refused(payable):
     table = pd.DataFrame({"claim_id": ["C1"], "visit_found": [True], "payable": [payable]})
     with pytest.raises(IdentifierInOutput):
-        apply_output_policy(table, VERDICT, row_level_allowed=False,
-                            identifier_values=[NATIONAL_ID, PHONE])
+        apply_output_policy(table, VERDICT, row_level_max_rows=None,
+                            identifier_values=[NATIONAL_ID, PHONE], claim_ids={"C1"})
     numbers = pd.DataFrame({"diagnosis": ["D1"], "n": [int(str(payable).split(".")[0][:15])],
                             "mean_fen": [float(payable)]})
     with pytest.raises(IdentifierInOutput):
-        apply_output_policy(numbers, aggregate_output(), row_level_allowed=False, k=1,
+        apply_output_policy(numbers, aggregate_output(), row_level_max_rows=None, k=1,
                             identifier_values=[NATIONAL_ID, PHONE])
 
 
@@ -174,7 +234,8 @@ def test_ordinary_verdicts_and_aggregates_are_not_mistaken_for_identifiers():
     verdict = pd.DataFrame({"claim_id": [f"C{i:05d}" for i in range(50)],
                             "visit_found": [True] * 50,
                             "payable": [Decimal("1234567.89")] * 50})
-    apply_output_policy(verdict, VERDICT, row_level_allowed=False,
-                        identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS])
-    apply_output_policy(groups([12, 40]), aggregate_output(), row_level_allowed=False,
+    apply_output_policy(verdict, VERDICT, row_level_max_rows=None,
+                        identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS],
+                        claim_ids=set(verdict["claim_id"]))
+    apply_output_policy(groups([12, 40]), aggregate_output(), row_level_max_rows=None,
                         identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS])

@@ -37,7 +37,7 @@ libraries = ["sample"]
 columns = ["hospital_id", "total_fen"]
 
 [output]
-disclosure = "verdict"
+disclosure = "model"
 
 [[output.columns]]
 name = "hospital_id"
@@ -71,7 +71,7 @@ def test_manifest_errors_name_the_field(tmp_path):
     make_package(tmp_path / "a", "def run(t):\n    return t\n", bad_library)
     with pytest.raises(PackageInvalid, match=r"inputs\.0\.libraries\.0"):
         load_manifest(tmp_path / "a")
-    aggregate = MANIFEST.replace('disclosure = "verdict"', 'disclosure = "aggregate"')
+    aggregate = MANIFEST.replace('disclosure = "model"', 'disclosure = "aggregate"')
     make_package(tmp_path / "b", "def run(t):\n    return t\n", aggregate)
     with pytest.raises(PackageInvalid, match="count_column"):
         load_manifest(tmp_path / "b")
@@ -81,6 +81,17 @@ def test_manifest_errors_name_the_field(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(PackageInvalid, match=r"manifest\.toml"):
         load_manifest(tmp_path / "d")
+
+
+def test_a_verdict_needs_exactly_one_claims_input(tmp_path):
+    verdict = MANIFEST.replace('disclosure = "model"', 'disclosure = "verdict"').replace(
+        'name = "hospital_id"\ntype = "string"', 'name = "claim_id"\ntype = "string"')
+    make_package(tmp_path / "a", "", verdict)
+    with pytest.raises(PackageInvalid, match="exactly one input declaring 'claim_id'"):
+        load_manifest(tmp_path / "a")
+    make_package(tmp_path / "b", "", verdict.replace('"hospital_id", "total_fen"]',
+                                                     '"claim_id", "total_fen"]'))
+    assert load_manifest(tmp_path / "b").claims_input == "visits"
 
 
 def test_hash_follows_the_published_canonical_listing(tmp_path):

@@ -5,26 +5,33 @@ Layers: the unprivileged host uid and the read-only /proc (kernel settings), the
 filter bwrap installs before the harness becomes pid 1 (io_uring, pidfd, ptrace,
 process_vm), the node's untrusting read of /out (no links, regular files, size caps,
 parsing in a second sandbox), outcome codes in place of text (stderr, exceptions,
-column names), and the size caps of /tmp and /out and the task cap.
+column names), the run's cgroup (memory with the tmpfs pages, tasks), the size caps of
+/tmp and /out, the verdict's shape (one row per input claim, declared columns,
+tolerances) and the row-level cap the owner signs.
 Most packages run with the static gate off, so what stops them is never the AST checker.
 """
 
 import ctypes
 import json
+import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from governance.packages import approve_package, check_package
+from governance.packages import PackageNotApproved, approve_package, check_package
 from governance.synthetic import write_library
+from parties.secure_room.cgroup import cgroup_version
 from parties.secure_room.cli import package_app as app
 from parties.secure_room.room import PackageRun, run_package
 from parties.secure_room.sandbox import HOST_UID, SANDBOX_UID, SandboxLimits, sandbox_available
@@ -41,10 +48,14 @@ def libraries(tmp_path_factory) -> dict[str, object]:
     sandbox_available()
     root = tmp_path_factory.mktemp("hostile")
     visits = visits_table({"hospital-1": 40, "hospital-2": 25, "hospital-3": 4})
-    write_library(root / "sample", "sample", {"visits": visits})
-    write_library(root / "authorized", "authorized", {"visits": visits})
+    claims = pd.DataFrame({"claim_id": [f"CLM-{i:04d}" for i in range(12)],
+                           "national_id": visits["national_id"][:12].tolist()})
+    tables = {"visits": visits, "claims": claims}
+    write_library(root / "sample", "sample", tables)
+    write_library(root / "authorized", "authorized", tables)
     return {"sample": root / "sample", "authorized": root / "authorized",
-            "ids": sorted(visits["national_id"]), "root": root}
+            "ids": sorted(visits["national_id"]), "claim_ids": sorted(claims["claim_id"]),
+            "root": root}
 
 
 def facts(run: PackageRun) -> dict[str, str]:
@@ -302,7 +313,7 @@ def test_a_production_report_carries_outcome_codes_only(tmp_path, libraries, lea
     assert report.detail is None and report.exit_code is None and report.wall_seconds is None
     assert report.outcome in ("error", "output_refused") and not report.accepted
     if leak == "column_names":
-        assert report.policy_decision == "VerdictColumnsMismatch"
+        assert report.policy_decision == "OutputSchemaMismatch"
     # The detail stays with the node, for its log.
     assert production.diagnostics is not None and "diagnostics" not in json.loads(view)
     if leak == "stderr_and_exception":
@@ -369,18 +380,61 @@ def run(tables):
 
 
 def test_tmp_and_out_are_size_capped_and_a_thread_bomb_is_stopped(tmp_path, libraries):
-    limits = SandboxLimits(cpu_seconds=10, memory_bytes=1024**3, wall_seconds=30,
+    # 4 GiB of address space: each thread reserves a malloc arena, and the task cap
+    # must be what stops the bomb.
+    limits = SandboxLimits(cpu_seconds=10, memory_bytes=4 * 1024**3, wall_seconds=30,
                            output_bytes=16 * 1024**2, tmp_bytes=24 * 1024**2, tasks=32)
-    seen = facts(run_package(make_package(tmp_path / "p", LIMIT_PROBES), libraries["sample"],
-                             limits=limits, static_checks=False))
+    run = run_package(make_package(tmp_path / "p", LIMIT_PROBES), libraries["sample"],
+                      limits=limits, static_checks=False)
+    seen = facts(run)
     # ENOSPC, not EFBIG: the tmpfs size caps stopped these, not the per-file limit.
     tmp_error, tmp_written = seen["tmp"].split(":")
     out_error, out_written = seen["out"].split(":")
     assert tmp_error == "ENOSPC" and int(tmp_written) <= limits.tmp_bytes
     assert out_error == "ENOSPC" and int(out_written) <= limits.output_bytes
-    # RLIMIT_NPROC on the sandbox's host uid: the thread bomb stops under the task cap.
+    # The run's cgroup (pids.max; RLIMIT_NPROC only without one): the bomb stops under the cap.
     thread_error, threads = seen["threads"].split(":")
     assert thread_error == "RuntimeError" and 0 < int(threads) < limits.tasks
+    assert run.report.isolation == cgroup_version()
+    if cgroup_version() != "rlimits_only":
+        assert run.diagnostics.tasks_refused > 0
+        assert f"--nproc={limits.tasks}" not in run.report.sandbox_command
+
+
+TMP_FILL = """\
+import pandas as pd
+
+
+def run(tables):
+    chunk = b"x" * (4 * 1024 * 1024)
+    for i in range(512):  # 2 GiB, under the /tmp size cap, over the memory limit
+        with open(f"/tmp/fill-{i}", "wb") as handle:
+            handle.write(chunk)
+    return pd.DataFrame({"hospital_id": ["filled=" + ",".join(tables["visits"]["national_id"])]})
+"""
+
+
+@pytest.mark.skipif(cgroup_version() == "rlimits_only",
+                    reason="needs a cgroup: without one, /tmp is bounded by its size only")
+def test_a_tmp_fill_beyond_the_memory_limit_is_stopped_by_the_cgroup(tmp_path, libraries):
+    limits = SandboxLimits(cpu_seconds=20, memory_bytes=768 * 1024**2, wall_seconds=60,
+                           tmp_bytes=4 * 1024**3)
+    before = _run_cgroups()
+    run = run_package(make_package(tmp_path / "p", TMP_FILL, NATIONAL_IDS),
+                      libraries["sample"], limits=limits, static_checks=False)
+    # tmpfs pages are charged to the writer's cgroup: the kernel killed the run at the
+    # memory limit, not the /tmp cap (ENOSPC) and not the address space (MemoryError).
+    assert run.report.outcome == "memory_limit" and run.output is None
+    assert run.diagnostics.oom_kills >= 1 and run.report.signal == 9
+    assert run.report.peak_memory_bytes <= limits.memory_bytes
+    assert run.report.isolation == cgroup_version()
+    view = developer_view(run)
+    assert not any(national_id in view for national_id in libraries["ids"])
+    assert not _run_cgroups() - before  # removed with the run
+
+
+def _run_cgroups() -> set[Path]:
+    return set(Path("/sys/fs/cgroup").rglob("cogov-room-*"))
 
 
 # --- 5. the gate cannot be shadowed ---------------------------------------------------------
@@ -459,3 +513,171 @@ def test_outputs_over_the_row_cap_are_refused(tmp_path, libraries):
     run = run_package(make_package(tmp_path / "p", code), libraries["sample"], limits=limits)
     assert (run.report.outcome, run.report.policy_decision) == (
         "output_refused", "OutputUnreadable")
+
+
+# --- 7. a verdict is one row per input claim: no room for bits beyond its columns ----------
+
+VERDICT_MANIFEST = """\
+name = "spread"
+version = "0.1.0"
+entry_point = "main:run"
+
+[[inputs]]
+name = "claims"
+dataset = "claims"
+libraries = ["sample", "authorized"]
+columns = ["claim_id", "national_id"]
+
+[output]
+disclosure = "verdict"
+
+[[output.columns]]
+name = "claim_id"
+type = "string"
+
+[[output.columns]]
+name = "visit_found"
+type = "bool"
+
+[[output.columns]]
+name = "payable"
+type = "decimal"
+scale = 2
+tolerance = "{tolerance}"
+maximum = "1000.00"
+"""
+
+# Each package spreads the national id of a claim's person over what a verdict releases.
+SPREADS = {
+    "bits_in_extra_boolean_columns": ("VerdictColumnsMismatch", """\
+        import pandas as pd
+
+
+        def run(tables):
+            claims = tables["claims"]
+            frame = pd.DataFrame({"claim_id": claims["claim_id"],
+                                  "visit_found": True, "payable": [Decimal("1.00")] * len(claims)})
+            for bit in range(64):
+                frame[f"b{bit}"] = [bool(int(i[:17]) >> bit & 1) for i in claims["national_id"]]
+            return frame
+        """),
+    "bits_in_extra_rows": ("VerdictRowsMismatch", """\
+        import pandas as pd
+
+
+        def run(tables):
+            rows, claims = [], tables["claims"]
+            for claim, person in zip(claims["claim_id"], claims["national_id"]):
+                for bit in range(64):
+                    rows.append({"claim_id": claim, "payable": Decimal(bit),
+                                 "visit_found": bool(int(person[:17]) >> bit & 1)})
+            return pd.DataFrame(rows)
+        """),
+    "bits_in_invented_claim_ids": ("VerdictRowsMismatch", """\
+        import pandas as pd
+
+
+        def run(tables):
+            ids = tables["claims"]["national_id"]
+            return pd.DataFrame({"claim_id": [f"C{int(i[:17]) ^ 0x5A5A5A:x}" for i in ids],
+                                 "visit_found": True, "payable": [Decimal("1.00")] * len(ids)})
+        """),
+    "bits_in_a_dropped_claim": ("VerdictRowsMismatch", """\
+        import pandas as pd
+
+
+        def run(tables):
+            claims = tables["claims"]
+            keep = [int(i[-2]) % 2 == 0 for i in claims["national_id"]]  # presence is a bit
+            kept = claims[keep]
+            return pd.DataFrame({"claim_id": kept["claim_id"], "visit_found": True,
+                                 "payable": [Decimal("1.00")] * len(kept)})
+        """),
+    "bits_in_the_cents_below_the_tolerance": (None, """\
+        import pandas as pd
+
+
+        def run(tables):
+            claims = tables["claims"]
+            cents = [Decimal(int(i[-4:-1]) % 100) / 100 for i in claims["national_id"]]
+            return pd.DataFrame({"claim_id": claims["claim_id"], "visit_found": True,
+                                 "payable": [Decimal("7") + c for c in cents]})
+        """),
+}
+
+
+@pytest.mark.parametrize("spread", sorted(SPREADS))
+def test_an_id_spread_over_verdict_columns_or_rows_is_refused(tmp_path, libraries, spread):
+    decision, code = SPREADS[spread]
+    manifest = VERDICT_MANIFEST.format(tolerance="1.00")
+    pkg = make_package(tmp_path / "p", "from decimal import Decimal\n" + textwrap.dedent(code),
+                       manifest)
+    run = run_package(pkg, libraries["sample"], limits=FAST, static_checks=False)
+    view = developer_view(run)
+    assert not any(national_id in view for national_id in libraries["ids"])
+    if decision is None:
+        # Within the declared shape: the amount is released at its tolerance, a whole yuan,
+        # so the cents that carried the digits are gone; a claim carries at most the
+        # declared capacity: 1 bit for the boolean, log2(1001) for the bounded amount.
+        assert run.report.outcome == "ok", run.report
+        assert {r["payable"] for r in run.output} == {"7.00"}
+        assert run.report.bits_per_claim == pytest.approx(1 + math.log2(1001))
+        return
+    # The verdict shape stopped it (the policy, not the gate: the gate was off).
+    assert (run.report.outcome, run.report.policy_decision) == ("output_refused", decision)
+    assert run.output is None
+
+
+def test_the_verdict_released_is_keyed_by_exactly_the_claims_handed_in(tmp_path, libraries):
+    code = """\
+    import pandas as pd
+    from decimal import Decimal
+
+
+    def run(tables):
+        claims = tables["claims"]
+        return pd.DataFrame({"claim_id": claims["claim_id"][::-1], "visit_found": True,
+                             "payable": [Decimal("12.34")] * len(claims)})
+    """
+    pkg = make_package(tmp_path / "p", code, VERDICT_MANIFEST.format(tolerance="0.01"))
+    run = run_package(pkg, libraries["sample"], limits=FAST)
+    assert run.report.outcome == "ok" and run.report.accepted, run.report
+    assert sorted(r["claim_id"] for r in run.output) == libraries["claim_ids"]
+
+
+# --- 8. row-level output is capped by the contract the owner signed -------------------------
+
+ROW_LEVEL = AUTHORIZED.replace('disclosure = "model"', 'disclosure = "model"\nrow_level = true')
+ROWS = """\
+import pandas as pd
+
+
+def run(tables):
+    return pd.DataFrame({"hospital_id": [f"row-{i}" for i in range(12)]})
+"""
+
+
+def test_row_level_output_is_capped_by_the_signed_approval(tmp_path, libraries):
+    pkg = make_package(tmp_path / "p", ROWS, ROW_LEVEL)
+    owner = Ed25519PrivateKey.generate()
+
+    def production(approval):
+        return run_package(pkg, libraries["authorized"], limits=FAST, approval=approval,
+                           owner_public_key=owner.public_key())
+
+    uncapped = production(approve_package(pkg, owner, "health-authority"))
+    assert uncapped.report.policy_decision == "RowLevelOutputRefused"
+    capped = approve_package(pkg, owner, "health-authority", row_level_max_rows=10)
+    over = production(capped)
+    assert (over.report.policy_decision, over.output) == ("RowCapExceeded", None)
+    # The requester raises the cap in the approval it holds: the signature no longer holds.
+    with pytest.raises(PackageNotApproved):
+        production(capped.model_copy(update={"row_level_max_rows": 1000}))
+    enough = approve_package(pkg, owner, "health-authority", row_level_max_rows=12)
+    released = production(enough)
+    assert released.report.outcome == "ok" and len(released.output) == 12
+    # On the test tiers the caller's contract cap applies; none means none allowed.
+    assert run_package(pkg, libraries["sample"], limits=FAST).report.policy_decision == (
+        "RowLevelOutputRefused")
+    assert run_package(pkg, libraries["sample"], limits=FAST,
+                       row_level_max_rows=11).report.policy_decision == "RowCapExceeded"

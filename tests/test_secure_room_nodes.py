@@ -62,7 +62,7 @@ libraries = ["sample", "test", "authorized"]
 columns = ["hospital_id", "diagnosis_code", "self_pay_fen"]
 
 [output]
-disclosure = "verdict"
+disclosure = "model"
 
 [[output.columns]]
 name = "hospital_id"

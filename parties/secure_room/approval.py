@@ -254,7 +254,7 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
         library = Path(work) / "authorized"
         rows_in = _authorized_library(ctx, library, query, os.urandom(32))
         run = run_package(package_dir, library, limits=SandboxLimits(**PRODUCTION_LIMITS),
-                          row_level_allowed=False, k=K_ANONYMITY,
+                          k=K_ANONYMITY,
                           approval=approval_for(ctx, manifest.name, manifest.version),
                           owner_public_key=owner_key)
     report, measured = run.report, run.diagnostics

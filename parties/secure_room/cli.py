@@ -128,11 +128,14 @@ def _show(run: PackageRun, rows: int) -> None:
     if report.ran and report.wall_seconds is not None:
         memory = (report.peak_memory_bytes or 0) / 1024**2
         console.print(f"  exit {report.exit_code}, {report.wall_seconds:.2f} s wall, "
-                      f"{report.cpu_seconds or 0:.2f} s CPU, peak {memory:.0f} MiB")
+                      f"{report.cpu_seconds or 0:.2f} s CPU, peak {memory:.0f} MiB, "
+                      f"isolation {report.isolation}")
     if report.policy_decision:
         console.print(f"  policy: {report.policy_decision}")
     if report.detail:  # sample and test libraries only: capped and scrubbed by the room
         console.print(report.detail, markup=False, highlight=False)
+    if report.bits_per_claim is not None:
+        console.print(f"  a verdict row carries at most {report.bits_per_claim:.1f} bits")
     if report.suppressed_groups:
         console.print(f"  suppressed {report.suppressed_groups} groups under k={report.k}")
     _show_rows(run.output, rows)
@@ -367,13 +370,15 @@ def reviews_command(
             f" {'approved' if r.approval else 'not approved'}")
 
 
-def _approve_here(directory: Path, key: Path, owner: str, out: Path) -> None:
+def _approve_here(directory: Path, key: Path, owner: str, out: Path,
+                  row_level_max_rows: int | None) -> None:
     """Sign an approval of the package directory's content hash with a local key file."""
     with exit_on(GovernanceError):
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise typer.BadParameter("not an Ed25519 private key", param_hint="--key")
-        approval = approve_package(directory, private, owner)
+        approval = approve_package(directory, private, owner,
+                                   row_level_max_rows=row_level_max_rows)
     out.write_text(approval.model_dump_json(indent=2), encoding="utf-8")
     console.print(f"approved {approval.package_name} {approval.package_version} "
                   f"sha256 {approval.package_sha256} -> {out}")
@@ -390,13 +395,16 @@ def approve_command(
     = "health-authority",
     out: Annotated[Path, typer.Option(help="approval file to write (with --key)")]
     = Path("approval.json"),
+    row_level_max_rows: Annotated[int | None, typer.Option(
+        min=1, help="with --key: the most rows of row-level output a run may release "
+        "(signed; without it, no row-level output)")] = None,
     node: NodeOption = None,
     state: StateOption = default_state_dir(),
     topology: TopologyOption = None,
 ) -> None:
     """As the data owner: sign an approval bound to this package hash (after its report)."""
     if key is not None:
-        _approve_here(Path(package), key, owner, out)
+        _approve_here(Path(package), key, owner, out, row_level_max_rows)
         return
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.HEALTH_AUTHORITY)

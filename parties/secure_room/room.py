@@ -39,6 +39,7 @@ from governance.output_policy import (
     apply_output_policy,
 )
 from governance.packages import (
+    VERDICT_KEY,
     Finding,
     PackageApproval,
     PackageHashMismatch,
@@ -59,6 +60,7 @@ from parties.secure_room._harness import (
     EXIT_SETUP,
 )
 from parties.secure_room.api import LibraryInvalid, LibraryNotDeclared
+from parties.secure_room.cgroup import Isolation
 from parties.secure_room.sandbox import (
     RunArea,
     SandboxLimits,
@@ -102,7 +104,9 @@ class ValidationReport(BaseModel):
     output_rows: int | None = None
     suppressed_groups: int | None = None
     k: int | None = None
+    bits_per_claim: float | None = None  # a verdict's capacity a claim (PackageOutput)
     limits: dict[str, float] = Field(default_factory=dict)
+    isolation: Isolation | None = None  # "rlimits_only": no cgroup, see SECURITY.md
     sandbox_command: list[str] = Field(default_factory=list)
 
 
@@ -115,6 +119,8 @@ class RunDiagnostics(BaseModel):
     cpu_seconds: float
     peak_memory_bytes: int | None
     stderr_tail: str
+    oom_kills: int
+    tasks_refused: int
     policy_message: str | None = None
 
 
@@ -204,6 +210,14 @@ def _input_group_sizes(manifest: PackageManifest, data_dir: Path) -> pd.DataFram
                          GROUP_SIZE: pd.Series(dtype="int64")})
 
 
+def _input_claim_ids(manifest: PackageManifest, data_dir: Path) -> set[str] | None:
+    """For a verdict, the claim ids of the claims input exactly as the package received them."""
+    if manifest.claims_input is None:
+        return None
+    table = pq.read_table(data_dir / f"{manifest.claims_input}.parquet", columns=[VERDICT_KEY])
+    return {str(v) for v in table.column(0).to_pylist()}
+
+
 def _outcome(run: SandboxRun, limits: SandboxLimits) -> Outcome:
     """The outcome from what the node saw: the wall clock, the signal, the CPU it measured.
 
@@ -212,6 +226,8 @@ def _outcome(run: SandboxRun, limits: SandboxLimits) -> Outcome:
     """
     if run.timed_out:
         return "wall_time_limit"
+    if run.oom_kills:
+        return "memory_limit"
     if run.signal == _SIGXCPU or (run.signal == _SIGKILL
                                   and run.cpu_seconds >= limits.cpu_seconds - 0.5):
         return "cpu_time_limit"
@@ -323,7 +339,7 @@ def run_package(
     *,
     limits: SandboxLimits | None = None,
     static_checks: bool = True,
-    row_level_allowed: bool = False,
+    row_level_max_rows: int | None = None,
     k: int = 10,
     approval: PackageApproval | None = None,
     owner_public_key: Ed25519PublicKey | None = None,
@@ -333,7 +349,9 @@ def run_package(
     Raises typed errors only for bad requests: a malformed package or library, a library
     tier the package does not declare, or an unapproved package on the authorized library.
     `static_checks=False` skips the gate (the findings are still reported): tests use it to
-    prove the sandbox holds on its own.
+    prove the sandbox holds on its own. `row_level_max_rows` is the contract's cap on
+    row-level output (None: not allowed); on the authorized library the cap the owner
+    signed in the approval replaces it.
     """
     package_dir, library_dir = Path(package_dir), Path(library_dir)
     limits = limits or SandboxLimits()
@@ -351,6 +369,7 @@ def run_package(
         if owner_public_key is None:
             raise PackageNotApproved("the authorized library needs the owner's approval and key")
         approved_hash = verify_approval(package_dir, approval, owner_public_key)
+        row_level_max_rows = approval.row_level_max_rows
     findings = check_package(package_dir, manifest)
     with run_area(limits) as area:
         staged_hash = _stage_package(package_dir, area.pkg)
@@ -372,6 +391,7 @@ def run_package(
             out_dir=area.out, logs=area.logs, limits=limits, harness_args=[])
         identifiers = _identifier_values(manifest, area.data)
         group_sizes = _input_group_sizes(manifest, area.data)
+        claim_ids = _input_claim_ids(manifest, area.data)
         outcome = _outcome(run, limits)
         table, decision = None, None
         if outcome == "ok":
@@ -382,18 +402,19 @@ def run_package(
     diagnostics = RunDiagnostics(
         exit_code=run.exit_code, signal=run.signal, wall_seconds=run.wall_seconds,
         cpu_seconds=run.cpu_seconds, peak_memory_bytes=run.peak_memory_bytes,
-        stderr_tail=run.stderr_tail)
+        stderr_tail=run.stderr_tail, oom_kills=run.oom_kills, tasks_refused=run.tasks_refused)
     production = info.kind == "authorized"
     measured = {} if production else {
         "exit_code": run.exit_code, "signal": run.signal, "wall_seconds": run.wall_seconds,
         "cpu_seconds": run.cpu_seconds, "peak_memory_bytes": run.peak_memory_bytes}
-    fields = dict(base, ran=True, sandbox_command=run.command, **measured)
+    fields = dict(base, ran=True, sandbox_command=run.command, isolation=run.isolation,
+                  **measured)
     result = None
     if table is not None:
         try:
             result = apply_output_policy(
-                table, manifest.output, row_level_allowed=row_level_allowed, k=k,
-                identifier_values=identifiers, group_sizes=group_sizes)
+                table, manifest.output, row_level_max_rows=row_level_max_rows, k=k,
+                identifier_values=identifiers, group_sizes=group_sizes, claim_ids=claim_ids)
         except OutputRefused as exc:
             decision = exc
     if decision is not None:
@@ -416,5 +437,6 @@ def run_package(
     report = ValidationReport(
         **fields, outcome="ok", accepted=not has_errors(findings), schema_ok=True,
         disclosure_ok=True, output_rows=len(result.table),
+        bits_per_claim=manifest.output.bits_per_claim,
         suppressed_groups=result.suppressed_groups, k=result.k)
     return PackageRun(report=report, output=_records(result.table), diagnostics=diagnostics)

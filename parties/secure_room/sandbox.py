@@ -12,11 +12,15 @@ kernel setting. The run's directories live on a tmpfs the node mounts for the ru
 host path does not show in the sandbox's mountinfo), and /out is a tmpfs of its own,
 capped at `output_bytes`. bwrap installs the seccomp filter (`--seccomp`) just before it
 executes the harness as pid 1 (`--as-pid-1`): no process in the sandbox is unfiltered.
-CPU time, wall time and peak memory are measured from here (wait4), never read from
-the sandbox. A forked child's peak resident set starts at its parent's, so a large node
-would read as a large sandbox: the command runs under a small spawner process
-(`_SPAWNER`), which forks the sandbox from its own few megabytes and reports the
-sandbox's peak over a pipe the sandbox cannot reach.
+Each run gets a cgroup of its own (`cgroup.py`) where the node can make one: memory,
+the sandbox's tmpfs pages included, and tasks are capped there, and CPU time and peak
+memory are the kernel's account of it. The command runs under a small spawner process
+(`_SPAWNER`), which puts its forked child into that cgroup before executing the
+sandbox. Without a cgroup the run says so (`isolation = "rlimits_only"`): memory is
+capped as address space only, tasks per host uid, and CPU time and peak memory come
+from wait4 and the spawner (which forks the sandbox from its own few megabytes, so the
+node's resident set is not inherited) over a pipe the sandbox cannot reach. Nothing is
+ever read from the sandbox for metering.
 """
 
 from __future__ import annotations
@@ -37,20 +41,31 @@ from pathlib import Path
 
 from parties.secure_room._harness import seccomp_program
 from parties.secure_room.api import SandboxUnavailable
+from parties.secure_room.cgroup import Isolation, run_cgroup
 
 HARNESS_FILE = Path(__file__).with_name("_harness.py")
 SANDBOX_UID = 65534  # the uid inside the sandbox
 HOST_UID = 65530  # the unprivileged host uid bwrap runs as when the node is root
 _POLL_SECONDS = 0.01
-# argv: report fd, then the command. Forks it, waits, writes its peak RSS (KiB) to the
+# argv: report fd, the number of cgroup.procs files, those files, then the command.
+# Forks; the child joins the run's cgroup before it executes the command (or exits 70
+# without running it); the spawner waits, writes the child's peak RSS (KiB) to the
 # report fd (close-on-exec, so the sandbox never holds it) and exits with its status.
 _SPAWNER = (
     "import os, sys\n"
-    "report = int(sys.argv[1])\n"
+    "report, count = int(sys.argv[1]), int(sys.argv[2])\n"
+    "procs, command = sys.argv[3:3 + count], sys.argv[3 + count:]\n"
     "os.set_inheritable(report, False)\n"
     "pid = os.fork()\n"
     "if pid == 0:\n"
-    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "    try:\n"
+    "        for path in procs:\n"
+    "            fd = os.open(path, os.O_WRONLY)\n"
+    "            os.write(fd, str(os.getpid()).encode())\n"
+    "            os.close(fd)\n"
+    "        os.execvp(command[0], command)\n"
+    "    finally:\n"
+    "        os._exit(70)\n"
     "_, status, usage = os.wait4(pid, 0)\n"
     "os.write(report, str(usage.ru_maxrss).encode())\n"
     "os._exit(os.waitstatus_to_exitcode(status) & 0xFF)\n"
@@ -63,11 +78,11 @@ class SandboxLimits:
     """Resource ceilings of one sandboxed run."""
 
     cpu_seconds: int = 30
-    memory_bytes: int = 2 * 1024**3
+    memory_bytes: int = 2 * 1024**3  # the run's cgroup (tmpfs pages included), and RLIMIT_AS
     wall_seconds: float = 60.0
     output_bytes: int = 64 * 1024**2  # all of /out together
     tmp_bytes: int = 64 * 1024**2  # the sandbox's /tmp
-    tasks: int = 64  # processes and threads of the sandbox user (RLIMIT_NPROC)
+    tasks: int = 64  # processes and threads: the cgroup's pids.max, else RLIMIT_NPROC
     open_files: int = 256
     output_rows: int = 100_000
 
@@ -87,6 +102,9 @@ class SandboxRun:
     cpu_seconds: float
     peak_memory_bytes: int | None  # None: killed at the wall limit before it was measured
     stderr_tail: str
+    isolation: Isolation
+    oom_kills: int = 0  # processes the cgroup's memory limit killed
+    tasks_refused: int = 0  # forks and threads the cgroup's task limit refused
 
 
 @dataclass(frozen=True)
@@ -198,12 +216,14 @@ def _unprivileged_prefix() -> list[str]:
 
 def sandbox_command(
     *, read_only: dict[str, Path], out_dir: Path, limits: SandboxLimits, harness_args: list[str],
-    seccomp_fd: int,
+    seccomp_fd: int, isolation: Isolation,
 ) -> list[str]:
     """The exact command line: prlimit, setpriv (as root), bwrap, then the harness.
 
     `read_only` maps a path inside the sandbox to the host directory bound there, the
-    Python installation (`RunArea.python`) included.
+    Python installation (`RunArea.python`) included. In a cgroup the task cap is the
+    cgroup's own; RLIMIT_NPROC, counted per host uid and so shared by concurrent runs,
+    is only the fallback.
     """
     cpu_hard = limits.cpu_seconds + 1  # SIGXCPU at the soft limit, SIGKILL one second later
     command = [
@@ -212,7 +232,7 @@ def sandbox_command(
         f"--as={limits.memory_bytes}",
         f"--fsize={limits.output_bytes}",
         f"--nofile={limits.open_files}",
-        f"--nproc={limits.tasks}",
+        *([] if isolation != "rlimits_only" else [f"--nproc={limits.tasks}"]),
         "--core=0",
         "--",
         *_unprivileged_prefix(),
@@ -326,44 +346,52 @@ def run_sandboxed(
     *, read_only: dict[str, Path], out_dir: Path, logs: Path, limits: SandboxLimits,
     harness_args: list[str],
 ) -> SandboxRun:
-    """Run the harness in the sandbox; kill the whole process group at the wall limit.
+    """Run the harness in the sandbox, in a cgroup of its own where the node can make one;
+    kill the whole sandbox at the wall limit.
 
     stdout and stderr go to files under `logs` (the node's, never the sandbox's).
     """
     sandbox_available()
-    seccomp_fd = _seccomp_pipe()
-    report_read, report_write = os.pipe()
-    try:
-        command = sandbox_command(read_only=read_only, out_dir=out_dir, limits=limits,
-                                  harness_args=harness_args, seccomp_fd=seccomp_fd)
-        started = time.monotonic()
-        with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _SPAWNER, str(report_write), *command],
-                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                start_new_session=True, pass_fds=(seccomp_fd, report_write),
-                env={"PATH": "/usr/bin:/bin"})
-    finally:
-        os.close(seccomp_fd)
-        os.close(report_write)
-    timed_out = False
-    while True:
-        pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() - started > limits.wall_seconds:
-            timed_out = True
-            inside = _descendants(process.pid)
-            os.killpg(process.pid, signal.SIGKILL)
-            _, wait_status, usage = os.wait4(process.pid, 0)
-            # The sandboxed processes run in their own session (bwrap --new-session) and
-            # die by PR_SET_PDEATHSIG, asynchronously: wait until they are really gone.
-            _kill_and_wait(inside)
-            break
-        time.sleep(_POLL_SECONDS)
-    wall = time.monotonic() - started
-    exit_code = os.waitstatus_to_exitcode(wait_status)
-    process.returncode = exit_code
+    with run_cgroup(memory_bytes=limits.memory_bytes, tasks=limits.tasks) as cgroup:
+        isolation = cgroup.version if cgroup is not None else "rlimits_only"
+        procs = [str(p) for p in cgroup.procs_files] if cgroup is not None else []
+        seccomp_fd = _seccomp_pipe()
+        report_read, report_write = os.pipe()
+        try:
+            command = sandbox_command(read_only=read_only, out_dir=out_dir, limits=limits,
+                                      harness_args=harness_args, seccomp_fd=seccomp_fd,
+                                      isolation=isolation)
+            started = time.monotonic()
+            with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+                process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _SPAWNER, str(report_write),
+                     str(len(procs)), *procs, *command],
+                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                    start_new_session=True, pass_fds=(seccomp_fd, report_write),
+                    env={"PATH": "/usr/bin:/bin"})
+        finally:
+            os.close(seccomp_fd)
+            os.close(report_write)
+        timed_out = False
+        while True:
+            pid, wait_status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - started > limits.wall_seconds:
+                timed_out = True
+                inside = _descendants(process.pid)
+                os.killpg(process.pid, signal.SIGKILL)
+                _, wait_status, usage = os.wait4(process.pid, 0)
+                # The sandboxed processes run in their own session (bwrap --new-session)
+                # and die by PR_SET_PDEATHSIG, asynchronously: wait until they are gone.
+                _kill_and_wait(inside)
+                break
+            time.sleep(_POLL_SECONDS)
+        wall = time.monotonic() - started
+        if cgroup is not None:
+            cgroup.kill()  # nothing of the run outlives it, whatever it escaped from
+            measured = cgroup.usage()
+    process.returncode = exit_code = os.waitstatus_to_exitcode(wait_status)
     # bwrap reports a child killed by signal N as exit status 128 + N.
     if exit_code < 0:
         sig: int | None = -exit_code
@@ -371,12 +399,20 @@ def run_sandboxed(
         sig = exit_code - 128
     else:
         sig = None
-    # wait4's usage covers the waited process and every descendant it reaped (bwrap
-    # reaps the harness), so this is the sandbox's CPU time; its largest resident set is
-    # the spawner's report (none if the spawner was killed at the wall limit).
     with os.fdopen(report_read, "rb") as report:
         peak_kib = report.read(32)
+    if cgroup is not None:
+        # The kernel's account of the cgroup: every process of the run, tmpfs pages too.
+        return SandboxRun(command=command, exit_code=exit_code, signal=sig,
+                          timed_out=timed_out, wall_seconds=wall,
+                          cpu_seconds=measured.cpu_seconds,
+                          peak_memory_bytes=measured.peak_memory_bytes,
+                          stderr_tail=_tail(logs / "stderr"), isolation=isolation,
+                          oom_kills=measured.oom_kills, tasks_refused=measured.tasks_refused)
+    # Without a cgroup: wait4's usage covers the waited process and every descendant it
+    # reaped (bwrap reaps the harness); the largest resident set is the spawner's report
+    # (none if the spawner was killed at the wall limit).
     return SandboxRun(command=command, exit_code=exit_code, signal=sig, timed_out=timed_out,
                       wall_seconds=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
                       peak_memory_bytes=int(peak_kib) * 1024 if peak_kib.isdigit() else None,
-                      stderr_tail=_tail(logs / "stderr"))
+                      stderr_tail=_tail(logs / "stderr"), isolation=isolation)
