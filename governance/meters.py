@@ -72,7 +72,7 @@ class MeterAnomaly(BaseModel):
     index: int
     request_id: str
     actor: str
-    timestamp_ms: int
+    timestamp_ms: int  # when the log integrated it (`LogEntry.time_ms`)
     reason: str
 
 
@@ -122,6 +122,6 @@ def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving
             meters.append(log_entry)
         else:
             anomalies.append(MeterAnomaly(index=log_entry.index, request_id=event.request_id,
-                                          actor=event.actor, timestamp_ms=event.timestamp_ms,
+                                          actor=event.actor, timestamp_ms=log_entry.time_ms,
                                           reason=problem))
     return meters, anomalies

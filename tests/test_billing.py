@@ -95,8 +95,7 @@ def leaves(tmp_path):
         Ed25519PrivateKey.generate(),
         {"regulator": KEY.public_key()},
     )
-    log.append(
-        [
+    for entry in [
             _event("contract_signed", "sign-1", _ms(2026, 10, 1), contract_id=CID),  # 0
             _answered("q-1", _ms(2026, 10, 31, 15, 59), records=9),  # 1 Oct 31 local
             _answered("q-2", _ms(2026, 10, 31, 16, 0), records=3),  # 2 Nov 1 local
@@ -108,8 +107,9 @@ def leaves(tmp_path):
             _answered("q-5", _ms(2026, 11, 2, 8, 0), records=2, contract_id="other-deal"),  # 6
             _answered("q-6", _ms(2026, 11, 20, 1, 0), records=5, rows=2, compute_ms=40),  # 7 Nov 20
             _answered("q-7", _ms(2026, 11, 30, 16, 0), records=7),  # 8 Dec 1 local
-        ]
-    )
+    ]:
+        # the log's clock reads what each entry claims: bills follow the integration time
+        log.append([entry], timestamp_ms=entry.event.timestamp_ms)
     return list(log.entries())
 
 
