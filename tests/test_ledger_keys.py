@@ -5,8 +5,12 @@ forged without the old key, the operator splicing entries into its own log, and 
 that back- or forward-dates its entries.
 """
 
+import hashlib
+import json
 import sqlite3
+from pathlib import Path
 
+import nacl.signing
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -17,6 +21,7 @@ from governance.ledger import (
     encode_leaf,
     make_event,
     sign_event,
+    validate_event,
     verify_log,
 )
 from governance.ledger.errors import KeyEntryInvalid, TimestampSkewed
@@ -26,7 +31,7 @@ from governance.ledger.key_history import (
     rotation_entry,
 )
 from governance.ledger.merkle import CompactRange, leaf_hash
-from governance.ledger.signing import public_key_hex
+from governance.ledger.signing import private_key_from_hex, public_key_hex
 from governance.ledger.tree_head import sign_tree_head
 from parties.ledger import operator_log
 from parties.runtime import pki
@@ -226,3 +231,49 @@ def test_renewing_a_certificate_keeps_the_signing_key(tmp_path):
     assert pki.federation_signing_keys(state, names) == before
     assert state.node("health-authority").key.read_bytes() != tls_before
     assert SIGNING_KEY_ROTATED == "signing_key_rotated"
+
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "ledger_entry_v2.json").read_text())
+
+
+def test_entry_and_rotation_vectors_reproduce():
+    old = private_key_from_hex(VECTORS["old_seed"])
+    new = private_key_from_hex(VECTORS["new_seed"])
+    assert public_key_hex(old) == VECTORS["old_public_key"]
+    vector = VECTORS["entry"]
+    entry = sign_event(validate_event(vector["event"]), old)
+    assert entry.signature == vector["signature"]
+    leaf = encode_leaf(vector["index"], entry, vector["integrated_ms"])
+    assert leaf.decode() == vector["leaf"] and leaf_hash(leaf).hex() == vector["leaf_hash"]
+    assert encode_leaf(vector["index"], entry, None).decode() == VECTORS["format_1_leaf"]
+    rotation = VECTORS["rotation"]
+    made = rotation_entry("health-authority", old, new, rotation["event"]["request_id"],
+                          rotation["event"]["timestamp_ms"])
+    assert made.event.document() == rotation["event"] and made.signature == rotation["signature"]
+    assert encode_leaf(rotation["index"], made, rotation["integrated_ms"]).decode() == \
+        rotation["leaf"]
+
+
+def test_vectors_check_with_an_independent_reader():
+    """Parse the leaves with json and check them with hashlib and libsodium only: the
+    leaf layout, the RFC 6962 leaf hash, and both signatures of the rotation."""
+    for name in ("entry", "rotation"):
+        vector = VECTORS[name]
+        leaf = vector["leaf"].encode()
+        document = json.loads(leaf)
+        assert list(document) == ["entry", "index", "integrated_ms", "v"]
+        assert document["v"] == 2 and document["index"] == vector["index"]
+        assert hashlib.sha256(b"\x00" + leaf).hexdigest() == vector["leaf_hash"]
+        event = json.dumps(document["entry"]["event"], sort_keys=True, separators=(",", ":"))
+        message = VECTORS["entry_domain"].encode() + b"\x00" + event.encode()
+        nacl.signing.VerifyKey(bytes.fromhex(VECTORS["old_public_key"])).verify(
+            message, bytes.fromhex(document["entry"]["signature"]))
+    payload = json.loads(VECTORS["rotation"]["leaf"])["entry"]["event"]["payload"]
+    statement = json.dumps({"actor": "health-authority", "old_key": payload["old_key"],
+                            "new_key": payload["new_key"],
+                            "request_id": VECTORS["rotation"]["event"]["request_id"]},
+                           sort_keys=True, separators=(",", ":")).encode()
+    message = VECTORS["rotation_domain"].encode() + b"\x00" + statement
+    assert message.hex() == VECTORS["rotation"]["statement_message_hex"]
+    nacl.signing.VerifyKey(bytes.fromhex(VECTORS["new_public_key"])).verify(
+        message, bytes.fromhex(payload["new_key_signature"]))
