@@ -8,6 +8,7 @@ that back- or forward-dates its entries.
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import nacl.signing
@@ -277,3 +278,30 @@ def test_vectors_check_with_an_independent_reader():
     assert message.hex() == VECTORS["rotation"]["statement_message_hex"]
     nacl.signing.VerifyKey(bytes.fromhex(VECTORS["new_public_key"])).verify(
         message, bytes.fromhex(payload["new_key_signature"]))
+
+
+def test_an_entry_kept_through_a_long_outage_is_redated_not_lost(tmp_path):
+    """The log was away longer than its skew bound: the kept entry is refused as dated, then
+    signed again with its original time in the payload, and appended once."""
+    from governance.migrations import apply_migrations
+    from parties.ledger.deferred import COMPONENT, MIGRATIONS, complete_deferred, defer
+    from parties.ledger.operator_log import operator_log
+    from parties.node import open_node
+    from parties.runtime.topology import load_topology
+
+    state = StateDir(tmp_path / "state")
+    topology = load_topology(write_topology(tmp_path, ["operator", "health-authority"]))
+    pki.init_federation(state, topology)
+    ctx = open_node(state, topology, "operator")
+    apply_migrations(ctx.store.conn, COMPONENT, MIGRATIONS)  # as a serving node has them
+    old = int(time.time() * 1000) - 3_600_000  # an hour ago
+    kept = sign_event(make_event("query_refused", "operator", "rq-kept", {"reason": "x"},
+                                 timestamp_ms=old), ctx.signing_key)
+    defer(ctx, kept, "NodeUnavailable")
+    done = complete_deferred(ctx)
+    assert (done.appended, done.pending) == (1, 0)
+    log = operator_log(ctx).log
+    (logged,) = list(log.entries(kind="query_refused"))
+    assert logged.entry.event.payload["deferred_from_ms"] == old
+    assert logged.entry.signature != kept.signature
+    assert abs(logged.entry.event.timestamp_ms - logged.integrated_ms) < log.max_skew_ms

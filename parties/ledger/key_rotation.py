@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from governance.ledger.errors import KeyEntryInvalid
 from governance.ledger.key_history import revocation_entry, rotation_entry
 from governance.ledger.signing import public_key_hex
+from parties.ledger.api import log_node
 from parties.ledger.client import append_signed
 from parties.node import open_node
 from parties.runtime import pki
@@ -33,7 +35,12 @@ class KeyChange:
 
 def rotate_signing_key(state: StateDir, topology: Topology, name: str) -> KeyChange:
     """Rotate node `name`'s signing key: log `signing_key_rotated`, then store and certify
-    the new key (the TLS key is renewed with it)."""
+    the new key (the TLS key is renewed with it). The log's own key also signs every tree
+    head and checkpoint, which verifiers check with its certified key: it does not rotate
+    here."""
+    if name == log_node(topology):
+        raise KeyEntryInvalid(f"{name} keeps the log: its key signs the tree heads and "
+                              "checkpoints, and rotating it is not supported")
     ctx = open_node(state, topology, name)
     old = ctx.signing_key
     new = Ed25519PrivateKey.generate()
