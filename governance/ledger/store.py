@@ -24,6 +24,7 @@ from governance.ledger.errors import (
     UnknownActor,
 )
 from governance.ledger.events import (
+    ENTRY_PREFIX,
     LogEntry,
     SignedEntry,
     decode_leaf,
@@ -44,6 +45,7 @@ from governance.ledger.signing import (
     canonical_json,
     public_key_bytes,
     public_key_hex,
+    verify_message,
 )
 from governance.ledger.transactions import write_transaction
 from governance.ledger.tree_head import SignedTreeHead, sign_tree_head
@@ -263,9 +265,10 @@ class MerkleLog:
                 f"(at most {self.max_skew_ms // 1000} s)")
         return canonical_json(document)
 
-    def _admit(self, history: KeyHistory, index: int, entry: SignedEntry) -> None:
-        """Check `entry`'s signature with its actor's current key; take a key entry into
-        `history` (the batch's working copy)."""
+    def _admit(self, history: KeyHistory, index: int, entry: SignedEntry, canonical: bytes
+               ) -> None:
+        """Check `entry`'s signature (over its `canonical` event bytes) with its actor's
+        current key; take a key entry into `history` (the batch's working copy)."""
         event = entry.event
         if event.kind in KEY_KINDS:
             problem = history.apply(index, entry)
@@ -275,7 +278,7 @@ class MerkleLog:
         key = history.current_key(event.actor)
         if key is None or not history.anchored(event.actor):
             raise UnknownActor(f"no valid signing key for actor {event.actor!r}")
-        if not entry.signature_valid(key):
+        if not verify_message(key, ENTRY_PREFIX + canonical, bytes.fromhex(entry.signature)):
             raise EntrySignatureInvalid(
                 f"entry by {event.actor!r} (request {event.request_id}) is not signed with "
                 f"its current key")
@@ -319,7 +322,7 @@ class MerkleLog:
                     raise EntrySignatureInvalid("one signature over two events in a batch")
                 if entry.signature in seen or self._is_stored(entry, canonical):
                     continue
-                self._admit(history, first + len(fresh), entry)
+                self._admit(history, first + len(fresh), entry, canonical)
                 seen[entry.signature] = canonical
                 fresh.append((entry, canonical))
             if not fresh:
