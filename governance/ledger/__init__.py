@@ -4,7 +4,8 @@ Front door: build the event an entry states (`make_event`), the actor signs it i
 log entry (`sign_event`), the operator appends batches of entries (`MerkleLog.append`),
 witnesses countersign heads (`Witness.cosign`), anyone verifies offline (`verify_log`,
 `check_inclusion_proof`). A node changes its signing key in the log itself
-(`rotation_entry`, `revocation_entry`); verifiers follow the key history the log gives. Tree arithmetic lives one level down in `merkle`.
+(`rotation_entry`, `revocation_entry`); verifiers follow the key history the log gives.
+Tree arithmetic lives one level down in `merkle`.
 """
 
 from governance.ledger.errors import (
