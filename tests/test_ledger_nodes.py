@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
-from governance.ledger import make_event, sign_event
+from governance.ledger import make_event, public_key_hex, sign_event
 from parties.ledger.api import (
     APPEND_ENTRIES,
     CHECKPOINT,
@@ -237,6 +237,13 @@ def test_renewal_and_rotation_keep_the_whole_history_verifiable(tmp_path):
         _poll_witnesses(fed)
         audited = _cli(fed, "ledger", "audit", "--as", "insurer-a")
         assert audited.exit_code == 0, audited.output
+        # the node bounds its old key at the rotation (nothing it signed before is
+        # disowned), signed with its new key: the history still verifies
+        at = int(_flat(rotated).split("(log entry ")[1].split(")")[0])
+        revoked = _cli(fed, "ledger", "revoke-key", "--node", "health-authority", "--key",
+                       public_key_hex(old_key), "--invalid-from", str(at))
+        assert revoked.exit_code == 0, revoked.output
+        assert _cli(fed, "ledger", "verify").exit_code == 0
     finally:
         fed.down()
     assert _cli(fed, "pki", "issue", "health-authority").exit_code == 0
