@@ -334,3 +334,23 @@ def test_bills_follow_the_logs_clock_not_the_nodes_claim():
     day = datetime.fromtimestamp(integrated / 1000, UTC).astimezone(_terms().timezone).date()
     usage = usage_from_log(entries, _terms(), "insurer-a", day, "regulator", KEYS)
     assert usage.queries == 1
+
+
+def test_meters_are_checked_with_the_data_users_key_valid_at_their_index():
+    """The insurer rotates its signing key: meters it signed before stay billable; a meter
+    signed with the rotated-out key after the rotation (a thief's) is an anomaly."""
+    from governance.ledger import rotation_entry
+
+    new_key = Ed25519PrivateKey.generate()
+    at = _ms(2026, 11, 3)
+    rotation = rotation_entry("insurer-a", INSURER_KEY, new_key, "rotate-1", at)
+    entries = [
+        LogEntry(0, _answered("q-before", at, records=1)),
+        LogEntry(1, rotation),
+        LogEntry(2, _answered("q-after", at + 1, records=1, signer=new_key)),
+        LogEntry(3, _answered("q-stolen", at + 2, records=1)),  # the old key, after its end
+    ]
+    bill = _bill(_terms(), "2026-11", entries)
+    assert bill.meters.queries == 2
+    assert [(a.index, a.request_id) for a in bill.anomalies] == [(3, "q-stolen")]
+    assert "signature does not sign" in bill.anomalies[0].reason
