@@ -65,7 +65,8 @@ def _signed(keys, start: int, count: int):
 def make_leaves(start: int, count: int, seed: int) -> list[bytes]:
     """Worker: signed, encoded leaves [start, start+count) (same bytes the store writes)."""
     keys = _actor_keys(seed)
-    return [encode_leaf(start + k, entry) for k, entry in enumerate(_signed(keys, start, count))]
+    return [encode_leaf(start + k, entry, T0 + start + k)
+            for k, entry in enumerate(_signed(keys, start, count))]
 
 
 def _pool(processes: int) -> ProcessPoolExecutor:
@@ -103,7 +104,8 @@ def bench_appends(n: int, batch: int, repeats: int) -> dict:
             )
             started, cpu = time.perf_counter(), time.process_time()
             for start in range(0, n, batch):
-                log.append(_signed(keys, start, min(batch, n - start)))  # actors sign, log appends
+                # actors sign, the log appends (its clock reads the entries' dates)
+                log.append(_signed(keys, start, min(batch, n - start)), timestamp_ms=T0 + start)
             ours.append(n / (time.perf_counter() - started))
             ours_cpu.append(n / (time.process_time() - cpu))
             if repeat == repeats - 1:

@@ -177,7 +177,8 @@ def _moment_of(timestamp_ms: int) -> datetime:
 
 
 def _moment(log_entry: LogEntry) -> datetime:
-    return _moment_of(log_entry.entry.event.timestamp_ms)
+    """When the log integrated the entry (its own clock, not the actor's claim)."""
+    return _moment_of(log_entry.time_ms)
 
 
 def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEntry],
@@ -185,7 +186,8 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
     """The contract's statement for `period` ('YYYY-MM', contract time zone) from log entries.
 
     Billed: each distinct request answered (`query_answered`, deduplicated by
-    request id) at the per-query and per-record prices, when its meter proves
+    request id over the whole log, billed in the month the log integrated its first
+    meter) at the per-query and per-record prices, when its meter proves
     itself (appended by `serving_node`, signed by the data user: `keys` are the
     federation's public signing keys), and the monthly subscription if the
     contract was signed (a `contract_signed` entry) and in service during the
@@ -205,10 +207,10 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
             signed.append(log_entry.index)
         elif event.kind == EventKind.CONTRACT_TERMINATED:
             terminated.append((log_entry.index, _moment(log_entry)))
+    # Deduplicated over the whole log, not the month: a request is billed once, in the
+    # month its first meter was integrated, however far apart its duplicates are.
     answered: dict[str, list[tuple[LogEntry, QueryMeter]]] = {}
     for log_entry in meters:
-        if not start <= _moment(log_entry) < end:
-            continue
         try:
             meter = QueryMeter.model_validate(log_entry.entry.event.payload)
         except ValidationError as exc:
@@ -222,6 +224,8 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
     per_day: dict[date, list[tuple[list[int], QueryMeter]]] = defaultdict(list)
     for occurrences in answered.values():
         first, meter = occurrences[0]
+        if not start <= _moment(first) < end:
+            continue
         per_day[contract.day_of(_moment(first))].append(
             ([log_entry.index for log_entry, _ in occurrences], meter)
         )

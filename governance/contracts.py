@@ -405,15 +405,19 @@ def usage_from_log(
     log_entries: Iterable[LogEntry], terms: ContractTerms, party: str, day: date,
     serving_node: str, keys: Mapping[str, PublicKeyLike],
 ) -> DailyUsage:
-    """Quota usage of `party` on `day`, recomputed from `query_answered` entries alone: only
-    meters that prove themselves count (`governance.meters`); the others are `anomalies`."""
+    """Quota usage of `party` on `day` (the log's integration day), recomputed from
+    `query_answered` entries alone: only meters that prove themselves count
+    (`governance.meters`), each request once over the whole log; the others are
+    `anomalies`."""
     meters, anomalies = sort_meters(log_entries, terms, serving_node, keys)
     queries = rows = 0
+    counted: set[str] = set()
     for log_entry in meters:
         event = log_entry.entry.event
-        if event.payload.get("party") != party:
+        if event.payload.get("party") != party or event.request_id in counted:
             continue
-        moment = datetime.fromtimestamp(event.timestamp_ms / 1000, tz=UTC)
+        counted.add(event.request_id)
+        moment = datetime.fromtimestamp(log_entry.time_ms / 1000, tz=UTC)  # the log's time
         if terms.day_of(moment) == day:
             queries += 1
             rows += int(event.payload.get("rows_returned", 0))

@@ -17,7 +17,10 @@ in time, or the node died before releasing it) is neither billed nor an anomaly.
 
 Anyone holding the log and the federation's public keys can recheck every meter, so a
 node that forges or inflates a meter is caught by the payer, whose signature it cannot
-make.
+make. The data user's signature is checked with its key valid at the meter's log index
+(the key history the log's key entries and the certified keys give,
+`governance.ledger.key_history`), so a rotation leaves older meters billable and a key
+revoked from an index on bills nothing after it.
 
 Not covered: `records_touched` and `compute_ms` are stated by the serving node alone
 (the data user cannot know them before the answer), so a per-record price rests on the
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from governance.ledger.events import EventKind, LogEntry
+from governance.ledger.key_history import KEY_KINDS, KeyHistory, derive_key_history
 from governance.ledger.signing import PublicKeyLike, sign_document, verify_document
 
 if TYPE_CHECKING:
@@ -72,13 +76,14 @@ class MeterAnomaly(BaseModel):
     index: int
     request_id: str
     actor: str
-    timestamp_ms: int
+    timestamp_ms: int  # when the log integrated it (`LogEntry.time_ms`)
     reason: str
 
 
 def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str,
-                  keys: Mapping[str, PublicKeyLike]) -> str | None:
-    """Why a `query_answered` entry of `terms`' contract must not be counted, or None."""
+                  history: KeyHistory) -> str | None:
+    """Why a `query_answered` entry of `terms`' contract must not be counted, or None
+    (`history`: the federation's signing keys over the log's indices)."""
     event = log_entry.entry.event
     payload = event.payload
     if event.actor != serving_node:
@@ -90,11 +95,14 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
         payload.get(f) for f in ("method", "path", "body_sha256", "data_user_signature"))
     rows = payload.get("rows_returned")
     if (not all(isinstance(v, str) for v in (method, path, body_sha256, signature))
-            or type(rows) is not int or party not in keys):
+            or type(rows) is not int):
         return "no data-user signature over the request"
+    key = history.key_at(party, log_entry.index) if history.anchored(party) else None
+    if key is None:
+        return f"no key of {party} is valid at entry {log_entry.index}"
     document = request_document(method, path, event.request_id, body_sha256,
                                 terms.contract_id, party, rows)
-    if not request_signature_valid(keys[party], document, signature):
+    if not request_signature_valid(key, document, signature):
         return "the data user's signature does not sign this request"
     return None
 
@@ -105,6 +113,8 @@ def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving
     the contract as an anomaly), both in log order; meters the serving node voided are in
     neither."""
     log_entries = list(log_entries)
+    history = derive_key_history(
+        (e for e in log_entries if e.entry.event.kind in KEY_KINDS), keys)
     voided = {e.entry.event.payload.get("meter_signature") for e in log_entries
               if e.entry.event.kind == EventKind.QUERY_WITHHELD
               and e.entry.event.actor == serving_node
@@ -117,11 +127,11 @@ def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving
                 or event.payload.get("contract_id") != terms.contract_id
                 or log_entry.entry.signature in voided):
             continue
-        problem = meter_problem(log_entry, terms, serving_node, keys)
+        problem = meter_problem(log_entry, terms, serving_node, history)
         if problem is None:
             meters.append(log_entry)
         else:
             anomalies.append(MeterAnomaly(index=log_entry.index, request_id=event.request_id,
-                                          actor=event.actor, timestamp_ms=event.timestamp_ms,
+                                          actor=event.actor, timestamp_ms=log_entry.time_ms,
                                           reason=problem))
     return meters, anomalies

@@ -65,8 +65,10 @@ def _issue(name: str, state: Path, topology: Path | None, *, renew: bool) -> Non
         console.print(f"[red]{name!r} is not a node of topology {topo.name!r}[/red]")
         raise typer.Exit(2)
     try:
-        cert = pki.issue_node_certificate(StateDir(state), name, topo.node(name).host,
-                                          renew=renew)
+        st = StateDir(state)
+        cert = pki.issue_node_certificate(
+            st, name, topo.node(name).host,
+            signing_key=pki.load_signing_key(st, name) if renew else None)
     except (pki.PkiError, OSError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc

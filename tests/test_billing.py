@@ -95,8 +95,7 @@ def leaves(tmp_path):
         Ed25519PrivateKey.generate(),
         {"regulator": KEY.public_key()},
     )
-    log.append(
-        [
+    for entry in [
             _event("contract_signed", "sign-1", _ms(2026, 10, 1), contract_id=CID),  # 0
             _answered("q-1", _ms(2026, 10, 31, 15, 59), records=9),  # 1 Oct 31 local
             _answered("q-2", _ms(2026, 10, 31, 16, 0), records=3),  # 2 Nov 1 local
@@ -108,8 +107,9 @@ def leaves(tmp_path):
             _answered("q-5", _ms(2026, 11, 2, 8, 0), records=2, contract_id="other-deal"),  # 6
             _answered("q-6", _ms(2026, 11, 20, 1, 0), records=5, rows=2, compute_ms=40),  # 7 Nov 20
             _answered("q-7", _ms(2026, 11, 30, 16, 0), records=7),  # 8 Dec 1 local
-        ]
-    )
+    ]:
+        # the log's clock reads what each entry claims: bills follow the integration time
+        log.append([entry], timestamp_ms=entry.event.timestamp_ms)
     return list(log.entries())
 
 
@@ -295,3 +295,62 @@ def test_quota_from_log_counts_only_meters_that_prove_themselves():
     usage = usage_from_log(leaves, _terms(), "insurer-a", day, "regulator", KEYS)
     assert (usage.queries, usage.rows) == (1, 1)
     assert len(usage.anomalies) == len(forged)
+
+
+def _integrated(entries_at: list[tuple[object, int]]) -> list[LogEntry]:
+    """A real log that integrates each entry at the given log clock reading."""
+    log = MerkleLog(sqlite3.connect(":memory:"), "operator", Ed25519PrivateKey.generate(),
+                    {"regulator": KEY.public_key()})
+    for entry, clock in entries_at:
+        log.append([entry], timestamp_ms=clock)
+    return list(log.entries())
+
+
+def test_a_duplicate_meter_across_a_month_boundary_is_billed_once():
+    """The serving node meters one request twice, either side of midnight on Oct 31 (local
+    time): the request is billed in October only, never again in November."""
+    before, after = _ms(2026, 10, 31, 15, 59, 30), _ms(2026, 10, 31, 16, 0, 30)
+    entries = _integrated([
+        (_event("contract_signed", "sign-1", _ms(2026, 10, 1), contract_id=CID),
+         _ms(2026, 10, 1)),
+        (_answered("q-dup", before, records=5), before),
+        (_answered("q-dup", after, records=5), after),  # the retry, after midnight
+    ])
+    october, november = _bill(_terms(), "2026-10", entries), _bill(_terms(), "2026-11", entries)
+    assert october.meters.queries == 1 and october.meters.records_touched == 5
+    assert november.meters.queries == 0
+    queries = [line for line in october.lines if line.item == "queries answered"]
+    assert [line.entry_indices for line in queries] == [(1, 2)]
+
+
+def test_bills_follow_the_logs_clock_not_the_nodes_claim():
+    """A serving node backdates a meter to the previous month, within the log's skew bound:
+    the bill counts it when the log integrated it."""
+    claimed, integrated = _ms(2026, 10, 31, 15, 57), _ms(2026, 10, 31, 16, 1)  # 4 min apart
+    entries = _integrated([(_answered("q-late", claimed, records=3), integrated)])
+    assert entries[0].integrated_ms == integrated and entries[0].time_ms == integrated
+    assert _bill(_terms(), "2026-10", entries).meters.queries == 0
+    assert _bill(_terms(), "2026-11", entries).meters.queries == 1
+    day = datetime.fromtimestamp(integrated / 1000, UTC).astimezone(_terms().timezone).date()
+    usage = usage_from_log(entries, _terms(), "insurer-a", day, "regulator", KEYS)
+    assert usage.queries == 1
+
+
+def test_meters_are_checked_with_the_data_users_key_valid_at_their_index():
+    """The insurer rotates its signing key: meters it signed before stay billable; a meter
+    signed with the rotated-out key after the rotation (a thief's) is an anomaly."""
+    from governance.ledger import rotation_entry
+
+    new_key = Ed25519PrivateKey.generate()
+    at = _ms(2026, 11, 3)
+    rotation = rotation_entry("insurer-a", INSURER_KEY, new_key, "rotate-1", at)
+    entries = [
+        LogEntry(0, _answered("q-before", at, records=1)),
+        LogEntry(1, rotation),
+        LogEntry(2, _answered("q-after", at + 1, records=1, signer=new_key)),
+        LogEntry(3, _answered("q-stolen", at + 2, records=1)),  # the old key, after its end
+    ]
+    bill = _bill(_terms(), "2026-11", entries)
+    assert bill.meters.queries == 2
+    assert [(a.index, a.request_id) for a in bill.anomalies] == [(3, "q-stolen")]
+    assert "signature does not sign" in bill.anomalies[0].reason

@@ -334,7 +334,7 @@ def test_quota_usage_is_recomputable_from_the_log(tmp_path, keys, book):
             timestamp_ms=int(at.timestamp() * 1000),
         )
         entries.append(sign_event(event, keys["regulator"]))
-    log.append(entries)
+    log.append(entries, timestamp_ms=int(NOW.timestamp() * 1000) + 60_000)  # the log's clock
     public = {name: key.public_key() for name, key in keys.items()}
     from_log = usage_from_log(
         log.entries(), book.get(grant.contract_id).terms, "insurer-a", NOW.date(), "regulator",

@@ -6,7 +6,15 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
-from parties.ledger.api import APPEND_ENTRIES, CHECKPOINT, GOSSIP, POLL, WITNESSED_HEAD
+from governance.ledger import make_event, public_key_hex, sign_event
+from parties.ledger.api import (
+    APPEND_ENTRIES,
+    CHECKPOINT,
+    GOSSIP,
+    POLL,
+    WITNESSED_HEAD,
+    EntryBatch,
+)
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
 from parties.runtime.client import NodeClient
@@ -185,26 +193,59 @@ def test_an_operator_that_drops_cosignatures_or_rewrites_its_tail_fails_the_audi
     assert _cli(logged, "ledger", "audit", "--as", "insurer-a").exit_code == 0
 
 
-def test_a_renewed_certificate_keeps_the_whole_history_verifiable(tmp_path):
-    """Renewal issues a new TLS key and certificate but keeps the signing key, so every
-    entry the node signed before still verifies. Control: a new signing key (`pki issue`,
-    after a compromise) makes its old entries fail, which shows verify really checks them."""
-    fed = Federation(tmp_path, nodes=["health-authority", "operator", "regulator"])
+@pytest.mark.slow
+def test_renewal_and_rotation_keep_the_whole_history_verifiable(tmp_path):
+    """Renewal issues a new TLS key and certificate but keeps the signing key; a rotation
+    (`ledger rotate-key`) logs `signing_key_rotated` signed by the old and the new key and
+    certifies the new one. Every entry signed before either still verifies, from the
+    operator's store and from an insurer with public material only; the rotated-out key
+    can no longer append. Control: a new signing key outside the log (`pki issue`) makes the
+    node's entries fail, which shows verify really checks them."""
+    fed = Federation(tmp_path, nodes=["health-authority", "operator", "regulator", "insurer-a"])
     fed.up()
     try:
         ha = open_node(fed.state, fed.topology, "health-authority")
         for i in range(3):
             append_entry(ha, "data_registered", {"dataset": f"r{i}", "rows": i})
+        old_key = ha.signing_key
         assert _cli(fed, "ledger", "verify").exit_code == 0  # the witnesses cosign
+        before = (fed.state.node("health-authority").cert.read_bytes(),
+                  federation_signing_keys(fed.state, ["health-authority"]))
+        renewed = _cli(fed, "pki", "renew", "health-authority")
+        assert renewed.exit_code == 0, renewed.output
+        assert fed.state.node("health-authority").cert.read_bytes() != before[0]
+        assert federation_signing_keys(fed.state, ["health-authority"]) == before[1]
+        assert _cli(fed, "ledger", "verify", "--no-witness-now").exit_code == 0
+        rotated = _cli(fed, "ledger", "rotate-key", "--node", "health-authority")
+        assert rotated.exit_code == 0, rotated.output
+        assert federation_signing_keys(fed.state, ["health-authority"]) != before[1]
     finally:
         fed.down()
-    before = (fed.state.node("health-authority").cert.read_bytes(),
-              federation_signing_keys(fed.state, ["health-authority"]))
-    renewed = _cli(fed, "pki", "renew", "health-authority")
-    assert renewed.exit_code == 0, renewed.output
-    assert fed.state.node("health-authority").cert.read_bytes() != before[0]
-    assert federation_signing_keys(fed.state, ["health-authority"]) == before[1]
-    assert _cli(fed, "ledger", "verify", "--no-witness-now").exit_code == 0
+    fed.up()  # every node loads the new certificate; health-authority its new key
+    try:
+        ha = open_node(fed.state, fed.topology, "health-authority")
+        append_entry(ha, "data_registered", {"dataset": "after-rotation", "rows": 7})
+        # the thief of the old key, with the node's TLS identity, appends as the node
+        stale = sign_event(make_event("data_registered", "health-authority", "rq-stale",
+                                      {"dataset": "forged", "rows": 1}), old_key)
+        with NodeClient(fed.state, fed.topology, "health-authority") as client, \
+                pytest.raises(RemoteError) as refused:
+            client.call("operator", APPEND_ENTRIES, EntryBatch([stale]))
+        assert refused.value.http_status == 400
+        verified = _cli(fed, "ledger", "verify")
+        assert verified.exit_code == 0, verified.output
+        _poll_witnesses(fed)
+        audited = _cli(fed, "ledger", "audit", "--as", "insurer-a")
+        assert audited.exit_code == 0, audited.output
+        # the node bounds its old key at the rotation (nothing it signed before is
+        # disowned), signed with its new key: the history still verifies
+        at = int(_flat(rotated).split("(log entry ")[1].split(")")[0])
+        revoked = _cli(fed, "ledger", "revoke-key", "--node", "health-authority", "--key",
+                       public_key_hex(old_key), "--invalid-from", str(at))
+        assert revoked.exit_code == 0, revoked.output
+        assert _cli(fed, "ledger", "verify").exit_code == 0
+    finally:
+        fed.down()
     assert _cli(fed, "pki", "issue", "health-authority").exit_code == 0
-    rotated = _cli(fed, "ledger", "verify", "--no-witness-now")
-    assert rotated.exit_code == 1 and "FAILED" in rotated.output
+    unlinked = _cli(fed, "ledger", "verify", "--no-witness-now")
+    assert unlinked.exit_code == 1 and "FAILED" in unlinked.output

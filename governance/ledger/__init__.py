@@ -3,18 +3,22 @@
 Front door: build the event an entry states (`make_event`), the actor signs it into a
 log entry (`sign_event`), the operator appends batches of entries (`MerkleLog.append`),
 witnesses countersign heads (`Witness.cosign`), anyone verifies offline (`verify_log`,
-`check_inclusion_proof`). Tree arithmetic lives one level down in `merkle`.
+`check_inclusion_proof`). A node changes its signing key in the log itself
+(`rotation_entry`, `revocation_entry`); verifiers follow the key history the log gives.
+Tree arithmetic lives one level down in `merkle`.
 """
 
 from governance.ledger.errors import (
     EntryInvalid,
     EntrySignatureInvalid,
     InclusionProofInvalid,
+    KeyEntryInvalid,
     LedgerError,
     LogInconsistent,
     PersonalDataInPayload,
     ProofUnavailable,
     StaleTreeHead,
+    TimestampSkewed,
     TreeHeadInvalid,
     UnknownActor,
     UnknownEventKind,
@@ -31,6 +35,12 @@ from governance.ledger.events import (
     sha256_hex,
     sign_event,
     validate_event,
+)
+from governance.ledger.key_history import (
+    KeyHistory,
+    derive_key_history,
+    revocation_entry,
+    rotation_entry,
 )
 from governance.ledger.signing import private_key_from_hex, public_key_hex
 from governance.ledger.store import AppendResult, InclusionProof, MerkleLog
@@ -52,6 +62,8 @@ __all__ = [
     "Finding",
     "InclusionProof",
     "InclusionProofInvalid",
+    "KeyEntryInvalid",
+    "KeyHistory",
     "LedgerError",
     "LogEntry",
     "LogEvent",
@@ -62,6 +74,7 @@ __all__ = [
     "SignedEntry",
     "SignedTreeHead",
     "StaleTreeHead",
+    "TimestampSkewed",
     "TreeHeadInvalid",
     "UnknownActor",
     "UnknownEventKind",
@@ -70,11 +83,14 @@ __all__ = [
     "WitnessedHead",
     "check_inclusion_proof",
     "decode_leaf",
+    "derive_key_history",
     "encode_leaf",
     "make_event",
     "private_key_from_hex",
     "public_key_hex",
     "register_event_kind",
+    "revocation_entry",
+    "rotation_entry",
     "sha256_hex",
     "sign_event",
     "validate_event",

@@ -29,6 +29,19 @@ class UnknownActor(LedgerError):
     http_status = 403
 
 
+class TimestampSkewed(EntryInvalid):
+    """An entry claims a time too far from the log's clock (back- or forward-dated)."""
+
+    http_status = 422
+
+
+class KeyEntryInvalid(LedgerError):
+    """A signing-key rotation or revocation is refused (not signed by the current key, a
+    rotation the new key did not sign, a revocation of no earlier key)."""
+
+    http_status = 400
+
+
 class EntrySignatureInvalid(LedgerError):
     """An entry's signature does not verify with its actor's key."""
 

@@ -243,26 +243,42 @@ def sign_event(event: LogEvent, key: Ed25519PrivateKey) -> SignedEntry:
 
 
 class LogEntry(NamedTuple):
-    """A log entry as the log holds it: its index and the signed entry (a decoded leaf)."""
+    """A log entry as the log holds it: its index, the signed entry (a decoded leaf) and the
+    log's integration time (None in a leaf of format 1, which had none)."""
 
     index: int
     entry: SignedEntry
+    integrated_ms: int | None = None
+
+    @property
+    def time_ms(self) -> int:
+        """When the entry happened for billing and quotas: the log's integration time, or
+        the actor's claimed time in a format-1 leaf."""
+        return self.entry.event.timestamp_ms if self.integrated_ms is None else self.integrated_ms
 
 
+# Leaf format 2 adds the log's integration time (and says its version); format 1 leaves,
+# `{"entry":...,"index":N}`, stay readable so logs written before stay verifiable.
+LEAF_VERSION = 2
 LEAF_HEAD = b'{"entry":{"event":'
 LEAF_SIGNATURE = b',"signature":"'
 
 
-def encode_leaf(index: int, entry: SignedEntry) -> bytes:
+def encode_leaf(index: int, entry: SignedEntry, integrated_ms: int | None) -> bytes:
     """The exact bytes stored and hashed as leaf `index`.
 
-    Equal to `canonical_json({"entry": entry.document(), "index": index})`.
+    Equal to `canonical_json({"entry": entry.document(), "index": index,
+    "integrated_ms": integrated_ms, "v": 2})`, or without the last two keys (format 1)
+    when `integrated_ms` is None.
     """
-    return encode_leaf_parts(index, entry.event.canonical(), entry.signature)
+    return encode_leaf_parts(index, entry.event.canonical(), entry.signature, integrated_ms)
 
 
-def encode_leaf_parts(index: int, event_canonical: bytes, signature_hex: str) -> bytes:
+def encode_leaf_parts(index: int, event_canonical: bytes, signature_hex: str,
+                      integrated_ms: int | None) -> bytes:
     """`encode_leaf` from the event's canonical bytes, so a hot path encodes the event once."""
+    tail = b"}" if integrated_ms is None else b',"integrated_ms":%d,"v":%d}' % (
+        integrated_ms, LEAF_VERSION)
     return b"".join(
         (
             LEAF_HEAD,
@@ -271,20 +287,28 @@ def encode_leaf_parts(index: int, event_canonical: bytes, signature_hex: str) ->
             signature_hex.encode("ascii"),
             b'"},"index":',
             str(index).encode("ascii"),
-            b"}",
+            tail,
         )
     )
 
 
 def decode_leaf(data: bytes) -> LogEntry:
-    """Parse stored leaf bytes, refusing anything not in canonical form."""
+    """Parse stored leaf bytes (format 1 or 2), refusing anything not in canonical form."""
     try:
         document = json.loads(data)
+        keys = set(document)
+        if keys not in ({"entry", "index"}, {"entry", "index", "integrated_ms", "v"}):
+            raise ValueError(f"leaf keys {sorted(keys)}")
+        integrated = document.get("integrated_ms")
+        if "v" in document and (document["v"] != LEAF_VERSION or type(integrated) is not int
+                                or not 0 <= integrated < 2**53):
+            raise ValueError("format 2 leaf with a bad version or integration time")
         decoded = LogEntry(index=document["index"],
-                           entry=SignedEntry.model_validate(document["entry"]))
+                           entry=SignedEntry.model_validate(document["entry"]),
+                           integrated_ms=integrated)
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         raise EntryInvalid(f"stored entry does not parse: {str(exc).splitlines()[0]}") from None
-    if encode_leaf(decoded.index, decoded.entry) != bytes(data):
+    if encode_leaf(decoded.index, decoded.entry, decoded.integrated_ms) != bytes(data):
         raise EntryInvalid("stored entry is not in canonical form")
     return decoded
 

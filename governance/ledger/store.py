@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from governance.ledger.errors import (
     EntrySignatureInvalid,
+    KeyEntryInvalid,
     ProofUnavailable,
+    TimestampSkewed,
     UnknownActor,
 )
 from governance.ledger.events import (
@@ -29,6 +31,7 @@ from governance.ledger.events import (
     encode_leaf_parts,
     validate_event,
 )
+from governance.ledger.key_history import KEY_KINDS, KeyHistory, derive_key_history
 from governance.ledger.merkle import (
     EMPTY_ROOT,
     CompactRange,
@@ -90,7 +93,12 @@ MIGRATIONS: tuple[str, ...] = (
                leaf_index
         FROM ledger_entries;
     """,
+    # Leaf format 2: the log's own integration time (NULL in format-1 leaves, which had none).
+    """
+    ALTER TABLE ledger_entries ADD COLUMN integrated_ms INTEGER;
+    """,
 )
+DEFAULT_MAX_SKEW_MS = 300_000
 
 
 def _b64(data: bytes) -> str:
@@ -153,9 +161,12 @@ class AppendResult:
 class MerkleLog:
     """The operator's append-only log: verify, store and commit signed entries.
 
-    `actor_keys` maps node names to the Ed25519 public keys their entries must
-    verify with; a batch with any unknown actor, unregistered kind or bad
-    signature is refused whole and nothing is written.
+    `actor_keys` maps node names to their certified Ed25519 public keys; with the log's
+    key entries they give each node's key history (`governance.ledger.key_history`),
+    and an entry must verify with its actor's current key. Each leaf records the log's
+    integration time, and an entry whose claimed time is more than `max_skew_ms` away from
+    it is refused (`TimestampSkewed`). A batch with any unknown actor, unregistered kind,
+    bad signature, refused key entry or skewed time is refused whole; nothing is written.
     """
 
     def __init__(
@@ -164,6 +175,8 @@ class MerkleLog:
         log_id: str,
         signing_key: Ed25519PrivateKey,
         actor_keys: Mapping[str, PublicKeyLike],
+        *,
+        max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
     ) -> None:
         apply_migrations(conn, COMPONENT, MIGRATIONS)
         self._conn = conn
@@ -172,9 +185,12 @@ class MerkleLog:
         if row and [r[0] for r in row] != [log_id]:
             raise ValueError(f"this store holds log {row[0][0]!r}, not {log_id!r}")
         self._key = signing_key
+        self.max_skew_ms = max_skew_ms
         self._actor_keys = {name: public_key_bytes(k) for name, k in actor_keys.items()}
         self._actor_keys.setdefault(log_id, public_key_bytes(signing_key))
         self._compact = self._load_compact_range()
+        self._history = self._load_key_history()
+        self._last_integrated_ms = self._load_last_integrated_ms()
 
     # -- keys and size -------------------------------------------------------------
 
@@ -186,14 +202,33 @@ class MerkleLog:
     def size(self) -> int:
         return self._compact.size
 
+    @property
+    def key_history(self) -> KeyHistory:
+        """Every node's signing keys over the log's indices (a copy)."""
+        return self._history.copy()
+
     def sync(self) -> None:
         """Catch up with entries another connection appended (e.g. a local CLI)."""
         if self._stored_size() != self._compact.size:
             self._compact = self._load_compact_range()
+            self._history = self._load_key_history()
+            self._last_integrated_ms = self._load_last_integrated_ms()
 
     def register_actor(self, name: str, public_key: PublicKeyLike) -> None:
-        """Accept entries signed by `name` with `public_key` from now on."""
+        """Accept entries signed by `name`, whose certified key is `public_key`, from now on."""
         self._actor_keys[name] = public_key_bytes(public_key)
+        self._history = self._load_key_history()
+
+    def _load_key_history(self) -> KeyHistory:
+        marks = ",".join("?" * len(KEY_KINDS))
+        cursor = self._conn.execute(
+            f"SELECT leaf FROM ledger_entries WHERE kind IN ({marks}) ORDER BY leaf_index",
+            sorted(KEY_KINDS))
+        return derive_key_history((decode_leaf(bytes(r[0])) for r in cursor), self._actor_keys)
+
+    def _load_last_integrated_ms(self) -> int:
+        row = self._conn.execute("SELECT MAX(integrated_ms) FROM ledger_entries").fetchone()
+        return int(row[0] or 0)
 
     def _stored_size(self) -> int:
         row = self._conn.execute("SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM ledger_entries")
@@ -215,21 +250,50 @@ class MerkleLog:
 
     # -- writing -------------------------------------------------------------------
 
-    def _checked_event_bytes(self, entry: SignedEntry) -> bytes:
-        """The event's canonical bytes, once its kind, actor and signature are checked."""
+    def _checked_event_bytes(self, entry: SignedEntry, integrated_ms: int) -> bytes:
+        """The event's canonical bytes, once its kind, actor and claimed time are checked."""
         document = entry.event.document()
         # Re-validate: model_copy(update=...) elsewhere could have skipped the guards.
         event = validate_event(document)
-        key = self._actor_keys.get(event.actor)
-        if key is None:
+        if event.actor not in self._actor_keys:
             raise UnknownActor(f"no public key for actor {event.actor!r}")
-        canonical = canonical_json(document)
-        message = ENTRY_PREFIX + canonical
-        if not verify_message(key, message, bytes.fromhex(entry.signature)):
+        skew = event.timestamp_ms - integrated_ms
+        if abs(skew) > self.max_skew_ms:
+            raise TimestampSkewed(
+                f"entry by {event.actor!r} (request {event.request_id}) claims a time "
+                f"{abs(skew) // 1000} s {'ahead of' if skew > 0 else 'behind'} the log's clock "
+                f"(at most {self.max_skew_ms // 1000} s)")
+        return canonical_json(document)
+
+    def _admit(self, history: KeyHistory, index: int, entry: SignedEntry, canonical: bytes
+               ) -> None:
+        """Check `entry`'s signature (over its `canonical` event bytes) with its actor's
+        current key; take a key entry into `history` (the batch's working copy)."""
+        event = entry.event
+        if event.kind in KEY_KINDS:
+            problem = history.apply(index, entry)
+            if problem:
+                raise KeyEntryInvalid(f"{event.kind} by {event.actor!r} refused: {problem}")
+            return
+        key = history.current_key(event.actor)
+        if key is None or not history.anchored(event.actor):
+            raise UnknownActor(f"no valid signing key for actor {event.actor!r}")
+        if not verify_message(key, ENTRY_PREFIX + canonical, bytes.fromhex(entry.signature)):
             raise EntrySignatureInvalid(
-                f"entry by {event.actor!r} (request {event.request_id}) has a bad signature"
-            )
-        return canonical
+                f"entry by {event.actor!r} (request {event.request_id}) is not signed with "
+                f"its current key")
+
+    def _is_stored(self, entry: SignedEntry, canonical: bytes) -> bool:
+        """Whether this very entry is in the log already; the same signature over another
+        event is refused."""
+        row = self._conn.execute(
+            "SELECT leaf_index FROM ledger_signatures WHERE signature = ?", (entry.signature,)
+        ).fetchone()
+        if row is None:
+            return False
+        if decode_leaf(self.leaf(row[0])).entry.event.canonical() != canonical:
+            raise EntrySignatureInvalid("a stored entry's signature over another event")
+        return True
 
     def append(
         self, entries: Sequence[SignedEntry], *, timestamp_ms: int | None = None
@@ -237,29 +301,36 @@ class MerkleLog:
         """Append a batch in one transaction and sign the new tree head; all or nothing.
 
         Entries already in the log (same signature) are skipped, so a retried or
-        replayed batch adds nothing; `AppendResult.duplicates` counts them.
+        replayed batch adds nothing; `AppendResult.duplicates` counts them. `timestamp_ms`
+        sets the log's clock for this batch (default: now); it never runs backwards.
         """
         if not entries:
             raise ValueError("empty batch")
-        event_bytes = [self._checked_event_bytes(entry) for entry in entries]
         with write_transaction(self._conn):
             self.sync()  # another connection may have appended since we loaded
-            fresh, seen = [], set()
+            # The log's own clock, never running backwards: it dates the batch and the head.
+            now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+            integrated = max(now, self._last_integrated_ms)
+            event_bytes = [self._checked_event_bytes(entry, integrated) for entry in entries]
+            history = self._history.copy()
+            compact = self._compact.copy()
+            first = compact.size
+            fresh: list[tuple[SignedEntry, bytes]] = []
+            seen: dict[str, bytes] = {}
             for entry, canonical in zip(entries, event_bytes, strict=True):
-                if entry.signature in seen or self._conn.execute(
-                    "SELECT 1 FROM ledger_signatures WHERE signature = ?", (entry.signature,)
-                ).fetchone():
+                if seen.get(entry.signature, canonical) != canonical:
+                    raise EntrySignatureInvalid("one signature over two events in a batch")
+                if entry.signature in seen or self._is_stored(entry, canonical):
                     continue
-                seen.add(entry.signature)
+                self._admit(history, first + len(fresh), entry, canonical)
+                seen[entry.signature] = canonical
                 fresh.append((entry, canonical))
             if not fresh:
                 return AppendResult(first_index=self._compact.size, count=0,
                                     tree_head=self.tree_head(), duplicates=len(entries))
-            compact = self._compact.copy()
-            first = compact.size
             rows, nodes = [], []
             for offset, (entry, canonical) in enumerate(fresh):
-                leaf = encode_leaf_parts(first + offset, canonical, entry.signature)
+                leaf = encode_leaf_parts(first + offset, canonical, entry.signature, integrated)
                 nodes.extend(compact.append(leaf_hash(leaf)))
                 event = entry.event
                 rows.append(
@@ -270,16 +341,21 @@ class MerkleLog:
                         event.actor,
                         event.request_id,
                         event.timestamp_ms,
+                        integrated,
                     )
                 )
-            self._conn.executemany("INSERT INTO ledger_entries VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(
+                "INSERT INTO ledger_entries (leaf_index, leaf, kind, actor, request_id,"
+                " timestamp_ms, integrated_ms) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self._conn.executemany(
                 "INSERT INTO ledger_signatures VALUES (?, ?)",
                 [(entry.signature, first + i) for i, (entry, _) in enumerate(fresh)],
             )
             self._conn.executemany("INSERT INTO ledger_nodes VALUES (?, ?, ?)", nodes)
-            head = self._store_tree_head(compact.size, compact.root(), timestamp_ms)
+            head = self._store_tree_head(compact.size, compact.root(), integrated)
         self._compact = compact
+        self._history = history
+        self._last_integrated_ms = integrated
         return AppendResult(first_index=first, count=len(fresh), tree_head=head,
                             duplicates=len(entries) - len(fresh))
 
@@ -353,12 +429,13 @@ class MerkleLog:
         since_ms: int | None = None,
         until_ms: int | None = None,
     ) -> Iterator[LogEntry]:
-        """Decoded entries in log order, optionally of one kind within [since_ms, until_ms)."""
+        """Decoded entries in log order, optionally of one kind integrated within
+        [since_ms, until_ms) (format-1 leaves: by their claimed time)."""
         clauses, params = [], []
         for clause, value in (
             ("kind = ?", kind),
-            ("timestamp_ms >= ?", since_ms),
-            ("timestamp_ms < ?", until_ms),
+            ("COALESCE(integrated_ms, timestamp_ms) >= ?", since_ms),
+            ("COALESCE(integrated_ms, timestamp_ms) < ?", until_ms),
         ):
             if value is not None:
                 clauses.append(clause)

@@ -1,6 +1,9 @@
 """Offline verification of the log, needing only public keys and the stored entries.
 
-`verify_log` checks every entry (canonical form, position, actor signature),
+`verify_log` derives each node's key history from the log's key entries and the
+certified keys (`governance.ledger.key_history`), checks every entry (canonical form,
+position, the actor's signature with the key valid at its index, integration times that
+never run backwards),
 recomputes the root, and checks the signed tree head, its witness
 cosignatures and any earlier heads given as checkpoints. Findings name the
 place: the entry index and what is wrong with it. Signature checks run in a
@@ -20,7 +23,20 @@ import nacl.exceptions
 import nacl.signing
 
 from governance.ledger.errors import InclusionProofInvalid
-from governance.ledger.events import ENTRY_PREFIX, LEAF_HEAD, LEAF_SIGNATURE
+from governance.ledger.events import (
+    ENTRY_PREFIX,
+    LEAF_HEAD,
+    LEAF_SIGNATURE,
+    LEAF_VERSION,
+    SignedEntry,
+    decode_leaf,
+)
+from governance.ledger.key_history import (
+    KEY_KINDS,
+    KeyHistory,
+    derive_key_history,
+    entry_problem,
+)
 from governance.ledger.merkle import CompactRange, leaf_hash, verify_inclusion
 from governance.ledger.signing import PublicKeyLike, canonical_json, public_key_bytes
 from governance.ledger.store import InclusionProof
@@ -30,11 +46,16 @@ PARALLEL_THRESHOLD = 50_000
 _CHUNK = 20_000
 _SIGNATURE_HEX = re.compile(r"[0-9a-f]{128}")
 _EVENT_FIELDS = {"kind", "actor", "timestamp_ms", "request_id", "payload"}
+_LEAF_KEYS = ({"entry", "index"}, {"entry", "index", "integrated_ms", "v"})
+_KEY_ENTRY_MARK = b'"kind":"signing_key_'  # a pre-filter; the decoded kind decides
+_V2_END = b',"v":%d}' % LEAF_VERSION
+_INTEGRATED = b',"integrated_ms":'
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One verification failure: where (entry/tree/tree_head/checkpoint/witness) and what."""
+    """One verification failure: where (entry/time/tree/tree_head/checkpoint/witness) and
+    what."""
 
     where: str
     what: str
@@ -81,27 +102,59 @@ class VerificationReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_leaves(
-    start: int, leaves: Sequence[bytes], keys: Mapping[str, bytes]
-) -> list[tuple[int, str]]:
-    """Check leaves [start, start+len) for form, position and signature; returns (index, what)."""
-    verifiers = {actor: nacl.signing.VerifyKey(key) for actor, key in keys.items()}
+def key_history_of(leaves: Iterable[bytes], certified: Mapping[str, PublicKeyLike]
+                   ) -> KeyHistory:
+    """The key history the log's own key entries and the certified keys give."""
+    key_entries = []
+    for data in leaves:
+        if _KEY_ENTRY_MARK in data:
+            try:
+                decoded = decode_leaf(data)
+            except ValueError:
+                continue  # reported by the entry checks
+            if decoded.entry.event.kind in KEY_KINDS:
+                key_entries.append(decoded)
+    return derive_key_history(key_entries, certified)
+
+
+Verifiers = Mapping[str, Sequence[tuple[int, int | None, nacl.signing.VerifyKey]]]
+
+
+def check_leaves(start: int, leaves: Sequence[bytes], history: KeyHistory
+                 ) -> list[tuple[int, str]]:
+    """Check leaves [start, start+len) for form, position and signature by the key valid at
+    each index (`history`, from `key_history_of`); returns (index, what)."""
+    verifiers = {
+        actor: [(s.start, s.end, nacl.signing.VerifyKey(s.key)) for s in spans]
+        for actor, spans in history.spans.items() if history.anchored(actor)
+    }
     problems: list[tuple[int, str]] = []
     for offset, data in enumerate(leaves):
         index = start + offset
-        if not _leaf_is_valid(index, data, verifiers):
-            problems.append((index, _leaf_problem(index, data, verifiers) or _NOT_CANONICAL))
+        if index in history.refused or not _leaf_is_valid(index, data, verifiers):
+            # the slow path decides: a rotation whose old key a revocation cut short stands
+            # on the new key's signature (`key_history.entry_problem`)
+            problem = _leaf_problem(index, data, history)
+            if problem:
+                problems.append((index, problem))
     return problems
 
 
 _ACTOR_AT = len(LEAF_HEAD) + len(b'{"actor":"')
-_LEAF_TAIL = re.compile(rb',"signature":"([0-9a-f]{128})"\},"index":(0|[1-9][0-9]{0,17})\}')
+_LEAF_TAIL = re.compile(rb',"signature":"([0-9a-f]{128})"\},"index":(0|[1-9][0-9]{0,17})'
+                        rb'(?:,"integrated_ms":(?:0|[1-9][0-9]{0,15}),"v":2)?\}')
 _NOT_CANONICAL = "is not in canonical form (bytes were altered)"
 
 
-def _leaf_is_valid(
-    index: int, data: bytes, verifiers: Mapping[str, nacl.signing.VerifyKey]
-) -> bool:
+def _verifier_at(verifiers: Verifiers, actor: str, index: int
+                 ) -> nacl.signing.VerifyKey | None:
+    for start, end, verifier in verifiers.get(actor, ()):
+        if start <= index and (end is None or index < end):
+            return verifier
+    return None
+
+
+def _leaf_is_valid(index: int, data: bytes, verifiers: Verifiers) -> bool:
     """Fast path without JSON parsing: slice out the exact bytes the actor signed.
 
     Canonical JSON fixes the layout: the head, the event object (whose first key
@@ -114,7 +167,8 @@ def _leaf_is_valid(
     if tail is None or not data.startswith(LEAF_HEAD) or int(tail[2]) != index:
         return False
     actor_end = data.find(b'"', _ACTOR_AT)
-    verifier = verifiers.get(data[_ACTOR_AT:actor_end].decode("ascii", "replace"))
+    verifier = _verifier_at(verifiers, data[_ACTOR_AT:actor_end].decode("ascii", "replace"),
+                            index)
     if verifier is None or data[len(LEAF_HEAD) : _ACTOR_AT] != b'{"actor":"':
         return False
     try:
@@ -126,13 +180,14 @@ def _leaf_is_valid(
     return True
 
 
-def _leaf_problem(index: int, data: bytes, verifiers: Mapping[str, nacl.signing.VerifyKey]) -> str:
+def _leaf_problem(index: int, data: bytes, history: KeyHistory) -> str:
     try:
         document = json.loads(data)
         entry, claimed = document["entry"], document["index"]
         event, signature_hex = entry["event"], entry["signature"]
         well_formed = (
-            set(document) == {"entry", "index"}
+            set(document) in _LEAF_KEYS
+            and document.get("v", LEAF_VERSION) == LEAF_VERSION
             and set(entry) == {"event", "signature"}
             and isinstance(event, dict)
             and set(event) == _EVENT_FIELDS
@@ -148,26 +203,22 @@ def _leaf_problem(index: int, data: bytes, verifiers: Mapping[str, nacl.signing.
         return _NOT_CANONICAL
     if claimed != index:
         return f"claims index {claimed}: an entry is missing, inserted or moved here"
-    verifier = verifiers.get(event["actor"])
-    if verifier is None:
-        return f"actor {event['actor']!r} has no known public key"
     try:
-        signature = bytes.fromhex(signature_hex)
-        verifier.verify(ENTRY_PREFIX + canonical_json(event), signature)
-    except (ValueError, TypeError, nacl.exceptions.BadSignatureError):
-        return f"signature by {event['actor']!r} does not verify (content or signature altered)"
-    return ""
+        signed = SignedEntry.model_validate(entry)
+    except ValueError:
+        return "is not a well-formed log entry"
+    return entry_problem(history, index, signed) or ""
 
 
 def _check_all(
-    leaves: Sequence[bytes], keys: Mapping[str, bytes], processes: int
+    leaves: Sequence[bytes], history: KeyHistory, processes: int
 ) -> Iterable[tuple[int, str]]:
     if processes <= 1 or len(leaves) < PARALLEL_THRESHOLD:
-        return check_leaves(0, leaves, keys)
+        return check_leaves(0, leaves, history)
     context = multiprocessing.get_context("spawn")  # safe in threaded servers, unlike fork
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=context)
     starts = range(0, len(leaves), _CHUNK)
-    futures = [pool.submit(check_leaves, s, leaves[s : s + _CHUNK], keys) for s in starts]
+    futures = [pool.submit(check_leaves, s, leaves[s : s + _CHUNK], history) for s in starts]
     pool.shutdown(wait=False)
     return (problem for future in futures for problem in future.result())
 
@@ -185,13 +236,14 @@ def verify_log(
     """Verify stored entries against a signed tree head and its witness cosignatures.
 
     `public_keys` maps node names (actors, the log, the witnesses) to their
-    Ed25519 public keys. `checkpoints` are earlier signed heads (a witness's
+    certified Ed25519 public keys; entries are checked with the key each actor's history
+    gives at their index. `checkpoints` are earlier signed heads (a witness's
     store keeps them); they narrow down where a rewritten history diverges.
     """
     started = time.perf_counter()
     keys = {name: public_key_bytes(key) for name, key in public_keys.items()}
     processes = processes or min(2, os.cpu_count() or 1)
-    entry_problems = _check_all(entries, keys, processes)
+    entry_problems = _check_all(entries, key_history_of(entries, keys), processes)
 
     heads = sorted(
         {h.tree_size: h for h in (*checkpoints, tree_head)}.values(), key=lambda h: h.tree_size
@@ -203,8 +255,11 @@ def verify_log(
     while next_size == 0:
         roots[0] = compact.root()
         next_size = next(wanted, None)
-    for data in entries:
+    time_problems: list[Finding] = []
+    last_integrated: int | None = None
+    for index, data in enumerate(entries):
         compact.append(leaf_hash(data))
+        last_integrated = _check_integration_time(index, data, last_integrated, time_problems)
         while next_size == compact.size:
             roots[next_size] = compact.root()
             next_size = next(wanted, None)
@@ -217,6 +272,7 @@ def verify_log(
     )
     problems = report.problems
     problems.extend(Finding("entry", what, index) for index, what in entry_problems)
+    problems.extend(time_problems)
     log_key = keys.get(tree_head.log_id)
     _check_heads(heads, tree_head, roots, log_key, problems)
     if tree_head.tree_size != len(entries):
@@ -232,6 +288,27 @@ def verify_log(
     )
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_integration_time(index: int, data: bytes, last: int | None,
+                            problems: list[Finding]) -> int | None:
+    """The log's clock never runs backwards from one leaf to the next, and once leaves carry
+    it (format 2) every later leaf does; returns this leaf's integration time. Findings are
+    "time" ones: the entry itself may be authentic, its place in time is not."""
+    if not data.endswith(_V2_END):
+        if last is not None:
+            problems.append(Finding("time", "a format-1 leaf (no integration time) after "
+                                    "format-2 leaves", index))
+        return last
+    at = data.rfind(_INTEGRATED) + len(_INTEGRATED)
+    digits = data[at : len(data) - len(_V2_END)]
+    if not digits.isdigit():
+        return last  # not canonical: reported by the entry checks
+    integrated = int(digits)
+    if last is not None and integrated < last:
+        problems.append(Finding("time", f"integration time {integrated} runs backwards "
+                                f"(after {last})", index))
+    return integrated
 
 
 def _check_heads(

@@ -1,5 +1,6 @@
-"""`cogov ledger verify|prove|check-proof|incidents`: check the federation's log with public
-keys only, and read or clear the witnesses' incidents."""
+"""`cogov ledger verify|audit|prove|check-proof|incidents|rotate-key|revoke-key`: check the
+federation's log with public keys only, read or clear the witnesses' incidents, and change
+a node's signing key in the log."""
 
 import base64
 import itertools
@@ -22,7 +23,7 @@ from governance.ledger import (
 )
 from governance.ledger.checkpoint import origin_of, verify_checkpoint
 from governance.ledger.merkle import leaf_hash, root_hash, verify_consistency
-from governance.ledger.verify import check_leaves
+from governance.ledger.verify import check_leaves, key_history_of
 from parties.ledger.api import (
     CHECKPOINT,
     CLEAR_INCIDENTS,
@@ -37,6 +38,7 @@ from parties.ledger.api import (
     WitnessIncident,
     log_node,
 )
+from parties.ledger.key_rotation import revoke_signing_key, rotate_signing_key
 from parties.ledger.operator_log import inclusion_bundle, latest_cosignatures
 from parties.node import open_node
 from parties.runtime.cli import (
@@ -186,7 +188,7 @@ def audit(
             if not got.leaves:
                 raise LogInconsistent("the log serves fewer entries than its checkpoint")
             leaves += [base64.b64decode(x) for x in got.leaves]
-        problems = check_leaves(0, leaves, keys)
+        problems = check_leaves(0, leaves, key_history_of(leaves, keys))
         if problems or root_hash(leaf_hash(x) for x in leaves) != checked.root:
             raise LogInconsistent(f"the entries do not hash to the checkpoint's root "
                                   f"({len(problems)} bad entries)")
@@ -291,6 +293,40 @@ def check_proof(
     head = bundle.tree_head
     console.print(f"[green]entry {index} is in the log of size {head.tree_size}[/green] "
                   f"(root {head.root_hash[:16]}...)")
+
+
+@ledger_app.command("rotate-key")
+def rotate_key(
+    node: Annotated[str, typer.Option(help="The node whose signing key rotates (run on its "
+                                           "machine; restart the nodes afterwards).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Rotate a node's log signing key: a `signing_key_rotated` entry signed by the old and
+    the new key, then a certificate for the new one."""
+    _, topo = resolve_topology(state, topology)
+    with exit_on(NodeError, LedgerError, PkiError):
+        done = rotate_signing_key(StateDir(state), topo, node)
+    console.print(f"{node}: signing key {done.old_key[:16]}... -> {done.new_key[:16]}... "
+                  f"(log entry {done.index}); restart the nodes to load it")
+
+
+@ledger_app.command("revoke-key")
+def revoke_key(
+    node: Annotated[str, typer.Option(help="The node revoking one of its earlier keys.")],
+    key: Annotated[str, typer.Option(help="The earlier signing public key (hex).")],
+    invalid_from: Annotated[int, typer.Option(help="First log index the key no longer "
+                                                   "signs validly (from the compromise).")],
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
+) -> None:
+    """Bound an earlier signing key's validity after a compromise (`signing_key_revoked`):
+    entries it signed from INVALID_FROM on fail verification."""
+    _, topo = resolve_topology(state, topology)
+    with exit_on(NodeError, LedgerError, PkiError):
+        done = revoke_signing_key(StateDir(state), topo, node, key, invalid_from)
+    console.print(f"{node}: key {key[:16]}... invalid from entry {invalid_from} "
+                  f"(log entry {done.index})")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,11 @@ and `complete_deferred`, run every `RETRY_S` by the node, appends the kept entri
 order once the log is back. Appends are idempotent (the log stores an entry once, by its
 signature), so a retry after a lost response stores nothing twice.
 
+The log refuses an entry dated further from its clock than its skew bound; a kept entry
+that outlived it is signed again, dated now, with its original time in the payload
+(`deferred_from_ms`), so a long outage loses no entry. (The log never held the first
+signature, so nothing is stored twice.)
+
 An entry still deferred `bound_s()` seconds after it was made raises an incident, once:
 recorded in this node's store (`incident_at`) and its node log
 (`log_deferral_incident`), so an operator and an auditor see that the log is behind.
@@ -20,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from governance.ledger import SignedEntry
+from governance.ledger import SignedEntry, make_event, sign_event
+from governance.ledger.errors import TimestampSkewed
 from parties.ledger.client import append_signed, signed_entry
 from parties.runtime.context import NodeContext
 from parties.runtime.errors import NodeUnavailable, RemoteError
@@ -99,7 +105,7 @@ def complete_deferred(ctx: NodeContext, now: float | None = None) -> Completed:
     for seq, document in rows:
         entry = SignedEntry.model_validate_json(document)
         try:
-            append_signed(ctx, entry)
+            _append_kept(ctx, entry)
         except Exception as exc:
             if log_unavailable(exc):
                 with ctx.store.lock, ctx.store.conn as conn:
@@ -115,6 +121,16 @@ def complete_deferred(ctx: NodeContext, now: float | None = None) -> Completed:
         with ctx.store.lock, ctx.store.conn as conn:
             conn.execute("DELETE FROM ledger_deferred WHERE seq = ?", (seq,))
     return Completed(appended, *_raise_incidents(ctx, time.time() if now is None else now))
+
+
+def _append_kept(ctx: NodeContext, entry: SignedEntry) -> None:
+    try:
+        append_signed(ctx, entry)
+    except TimestampSkewed:
+        event = entry.event
+        redated = make_event(event.kind, event.actor, event.request_id,
+                             {**event.payload, "deferred_from_ms": event.timestamp_ms})
+        append_signed(ctx, sign_event(redated, ctx.signing_key))
 
 
 def _raise_incidents(ctx: NodeContext, now: float) -> tuple[int, int]:

@@ -5,11 +5,13 @@ Used by the operator's routes, by any code appending in place at the operator
 """
 
 import base64
+import os
 import sqlite3
 import threading
 
 from governance.ledger import Cosignature, MerkleLog, SignedEntry
 from governance.ledger.checkpoint import checkpoint_text, note, origin_of, sign_line
+from governance.ledger.store import DEFAULT_MAX_SKEW_MS
 from parties.ledger.api import EntriesAppended, InclusionProofBundle
 from parties.runtime.context import NodeContext
 from parties.runtime.store import connect
@@ -23,6 +25,14 @@ MIGRATIONS: tuple[str, ...] = (
     )
     """,
 )
+MAX_SKEW_ENV = "COGOV_LOG_MAX_SKEW_S"
+
+
+def max_skew_ms() -> int:
+    """How far an entry's claimed time may be from the log's clock ($COGOV_LOG_MAX_SKEW_S,
+    else five minutes); further back- or forward-dated entries are refused."""
+    seconds = os.environ.get(MAX_SKEW_ENV)
+    return DEFAULT_MAX_SKEW_MS if not seconds else int(float(seconds) * 1000)
 
 
 class OperatorLog:
@@ -31,7 +41,8 @@ class OperatorLog:
     def __init__(self, ctx: NodeContext) -> None:
         self.conn: sqlite3.Connection = connect(ctx.paths.db, explicit_transactions=True)
         self.lock = threading.Lock()
-        self.log = MerkleLog(self.conn, ctx.name, ctx.signing_key, ctx.signing_public_keys())
+        self.log = MerkleLog(self.conn, ctx.name, ctx.signing_key, ctx.signing_public_keys(),
+                             max_skew_ms=max_skew_ms())
 
 
 def operator_log(ctx: NodeContext) -> OperatorLog:

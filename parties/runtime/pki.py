@@ -87,13 +87,14 @@ def issue_node_certificate(
     *,
     not_before: dt.datetime | None = None,
     validity: dt.timedelta = NODE_VALIDITY,
-    renew: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> x509.Certificate:
-    """Issue a fresh TLS key and certificate for node `name`, with a fresh signing key, or,
-    to `renew`, with the node's current one: the log's entries it signed stay verifiable
-    under its certificates old and new."""
+    """Issue a fresh TLS key and certificate for node `name` carrying `signing_key` (default:
+    a fresh one, for a new node). A renewal passes the node's current key, so the log's
+    entries it signed stay verifiable; a node that is in the log changes its signing key
+    only by a rotation (`cogov ledger rotate-key`), which the log records."""
     ca_key, ca_cert = _load_ca(state)
-    signing_key = load_signing_key(state, name) if renew else Ed25519PrivateKey.generate()
+    signing_key = signing_key or Ed25519PrivateKey.generate()
     signing_public = signing_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
