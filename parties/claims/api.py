@@ -159,9 +159,6 @@ class ClaimRef(BaseModel):
 
     claim_id: ClaimId
     consent_id: ConsentId
-    subject_commitment: Hex64 = Field(
-        description="subject_commitment(national_id, consent_id, consent nonce): proves the "
-        "consent is about the person the insurer names")
     hospital_tag: Hex64 = Field(
         description="HMAC-SHA256 under the person's domain token of (consent_id, hospital): "
         "the check budget's (consent, hospital) bucket, without naming the hospital; the "
