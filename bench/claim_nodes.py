@@ -18,7 +18,8 @@ generated data ingested through the circulation chain; the insurer uses
 Consents are issued (an Ed25519 signature each; format v2 carries no id commitment, so
 no scrypt) and registered once before timing: that is the consent intake, not a
 per-query cost; its cost per consent is reported too. Goals (measured, not asserted):
-single claim p50 <= 100 ms in ss and he; batches >= 1,000 claims/s. Run: `python -m bench.claim_nodes
+single claim p50 <= 100 ms in ss and he; batches >= 1,000 claims/s.
+Run: `python -m bench.claim_nodes
 [--quick]`; writes bench/results/latest/claim_nodes.json and .md.
 """
 

@@ -120,9 +120,11 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE consent_subjects;
     """,
     # Consent format v2: consents of v1 carry scrypt(national id) with its salt, an offline
-    # oracle on the id. They leave the store (their revocations with them) and their ids are
-    # kept, so a query or registration naming one gets `ConsentSchemeRetired`.
+    # oracle on the id. They leave the store (their revocations with them; secure_delete so
+    # the freed pages are zeroed) and their ids are kept, so a query or registration naming
+    # one gets `ConsentSchemeRetired`.
     f"""
+    PRAGMA secure_delete = ON;
     CREATE TABLE consents_retired (
         consent_id TEXT PRIMARY KEY,
         document_sha256 TEXT NOT NULL,

@@ -164,7 +164,7 @@ def _consent(insurer: str = "insurer-a", days: int = 30):
     key = Ed25519PrivateKey.generate()
     now = datetime.now(UTC)
     consent = issue_consent(
-        key, "320505199001011234", insurer=insurer, purpose="claim_settlement",
+        key, insurer=insurer, purpose="claim_settlement",
         columns=["admission_date"], outputs=["visit_found"],
         not_before=now - timedelta(minutes=1), not_after=now + timedelta(days=days),
     )
