@@ -645,7 +645,7 @@ def test_claim_without_registered_consent_is_refused(cf):
     insurer = "insurer-a"
     claim = cf.part(insurer).head(1)
     nid = claim.iloc[0]["national_id"]
-    unregistered = issue_consents(cf.keys, [nid], insurer, workers=1)
+    unregistered = issue_consents(cf.keys, [nid], insurer)
     error = _refused(cf, cf.clients[insurer], claim, unregistered, "ss", "refuse-no-consent")
     assert error.error == "ConsentMissing" and error.http_status == 403
     _assert_logged_refusal(cf, "refuse-no-consent", "ConsentMissing")
@@ -655,7 +655,7 @@ def test_revoked_consent_is_refused(cf):
     insurer = "insurer-b"
     claim = cf.part(insurer).head(1)
     nid = claim.iloc[0]["national_id"]
-    consent = issue_consents(cf.keys, [nid], insurer, workers=1)[nid]
+    consent = issue_consents(cf.keys, [nid], insurer)[nid]
     client = cf.clients[insurer]
     client.register_consents([consent])
     key = consent_signing_key(bytes.fromhex(cf.keys[nid]), insurer)  # the app's key for it
