@@ -160,10 +160,13 @@ class Keyring:
             raise AtRestError(f"not a keyring document: {exc}") from exc
 
     def save(self, path: Path | str) -> None:
-        """Write atomically (temp file, fsync, rename), so a crash never half-writes keys."""
+        """Write atomically (temp file, fsync, rename), so a crash never half-writes keys;
+        mode 0600 from the first byte."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its old mode otherwise
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(self.to_json())
             fh.flush()
             os.fsync(fh.fileno())

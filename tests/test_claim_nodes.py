@@ -97,7 +97,6 @@ class ClaimFed:
                         contract_id=contract, policies=self.policies)
         base = self.clients[insurer]
         client._tokens.update(base._tokens)  # same insurer, same domain: reuse its tokens
-        client._commitments.update(base._commitments)
         return client
 
     def ledger(self) -> list:

@@ -1,4 +1,4 @@
-"""A node's secret keys: its key-encryption key, data keys and xID keys.
+"""A node's secret keys: its key-encryption key, data keys and xID keys, and its admin key.
 
 The key-encryption key (KEK) is 32 random bytes in `<state>/<node>/kek.key`
 (mode 0600) and never leaves the node. Data keys for encryption at rest live
@@ -6,12 +6,29 @@ in `keyring.json`, wrapped by the KEK (`governance.at_rest.Keyring`); xID keys
 live in the store, sealed with AES-256-GCM under the KEK. Destroying a key
 overwrites its sealed form, so what it protected is unreadable for good
 (crypto-shredding).
+
+The admin key is another 32 random bytes, in `<state>/<node>/admin.key` (0600): the
+root of the second factor's keys, never derived from the KEK, so a copy of `kek.key`
+opens neither the TOTP secret nor an admin session. Each use gets its own subkey,
+HKDF-SHA256(admin key, salt "cogov/admin-key/v1", info = the use's label), so a key
+that leaks from one use (a session MAC) says nothing about another (the TOTP wrapping).
+The limit: both files sit in the same directory with the same owner, so whoever reads
+the directory (root, a backup of it) holds both; they are apart against a leak of one
+file, not against the machine.
+
+Every node directory is 0700 and its secret files 0600 (`check_private_modes`, on
+start): a looser mode is tightened and logged; a file that is not this user's, which
+cannot be tightened, is refused.
 """
 
 import os
+import stat
 import threading
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from governance.at_rest import Keyring
 from governance.errors import GovernanceError
@@ -40,6 +57,39 @@ class UnknownKey(GovernanceError):
     http_status = 404
 
 
+class UnsafeStateFile(GovernanceError):
+    """A node's directory or secret file is not this user's, so its mode cannot be made
+    private: the node does not start on it."""
+
+    http_status = 500
+
+
+ADMIN_KEY_SALT = b"cogov/admin-key/v1"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+# The node's files that hold secrets or personal data (relative to its directory).
+PRIVATE_FILES = ("kek.key", "admin.key", "keyring.json", "node.db", "node.db-wal",
+                 "node.db-shm", "admin.session")
+
+
+def check_private_modes(root: Path) -> list[str]:
+    """Make the node directory 0700 and its private files 0600; returns what was tightened
+    (`path: old mode`). Raises `UnsafeStateFile` for one owned by another user."""
+    tightened = []
+    for path, mode in [(root, PRIVATE_DIR_MODE),
+                       *((root / name, PRIVATE_FILE_MODE) for name in PRIVATE_FILES)]:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+            raise UnsafeStateFile(f"{path} is a link or not owned by this user: refusing it")
+        if stat.S_IMODE(info.st_mode) & ~mode:
+            os.chmod(path, mode)
+            tightened.append(f"{path.name}: {stat.S_IMODE(info.st_mode):o}")
+    return tightened
+
+
 class NodeSecrets:
     def __init__(self, paths: NodePaths, store: NodeStore) -> None:
         self._paths = paths
@@ -49,6 +99,10 @@ class NodeSecrets:
         if not kek_path.exists():
             write_private(kek_path, os.urandom(32))
         self._kek = kek_path.read_bytes()
+        admin_path = paths.root / "admin.key"
+        if not admin_path.exists():
+            write_private(admin_path, os.urandom(32))
+        self._admin_key = admin_path.read_bytes()
         self._keyring_path = paths.root / "keyring.json"
         self.keyring = (
             Keyring.load(self._keyring_path, self._kek)
@@ -60,6 +114,10 @@ class NodeSecrets:
     def kek(self) -> bytes:
         """The key-encryption key; only for deriving further node-local keys."""
         return self._kek
+
+    def admin_subkey(self, label: str) -> bytes:
+        """The 32-byte key of one admin use (`label`), derived from the admin key alone."""
+        return HKDF(SHA256(), 32, ADMIN_KEY_SALT, label.encode()).derive(self._admin_key)
 
     # -- data keys for encryption at rest -------------------------------------------
 
