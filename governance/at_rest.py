@@ -127,6 +127,18 @@ class Keyring:
         self.active.pop(table, None)
         return destroyed
 
+    def rewrapped(self, kek: bytes) -> "Keyring":
+        """This keyring with every live data key wrapped under `kek` instead (a KEK rotation;
+        tombstones stay tombstones)."""
+        records = {
+            r.key_id: DataKeyRecord(
+                key_id=r.key_id, table=r.table, created_at=r.created_at,
+                destroyed_at=r.destroyed_at,
+                wrapped=None if r.wrapped is None else aes_key_wrap(kek, self.data_key(r.key_id)))
+            for r in self.records.values()
+        }
+        return Keyring(kek=kek, records=records, active=dict(self.active))
+
     def tables(self) -> list[str]:
         return sorted({r.table for r in self.records.values() if r.wrapped is not None})
 
