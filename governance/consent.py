@@ -443,6 +443,11 @@ class ConsentRegistry:
             if any(k == public_key for i, k in rows.items() if i != bound_for):
                 raise ConsentConflict("a consent key serves one insurer: this one is already "
                                       "registered for another")
+            if self._conn.execute(  # the key is the consent's only binding to the person
+                    "SELECT 1 FROM consent_subject_keys WHERE public_key = ? AND id_digest != ?",
+                    (public_key, digest)).fetchone() is not None:
+                raise ConsentConflict("a consent key serves one person: this one is already "
+                                      "registered for another")
             self._conn.execute(
                 "INSERT OR REPLACE INTO consent_subject_keys VALUES (?, ?, ?, ?)",
                 (digest, bound_for, public_key, now.isoformat()),

@@ -136,6 +136,8 @@ def test_a_consent_of_person_a_is_refused_for_person_b(tmp_path):
     registry.register_subject(bob, public_key_hex(key_b), NOW, insurer="insurer-a")
     consent_a = _consent(key_a)
     registry.register(consent_a, TRUE_ID, NOW)
+    with pytest.raises(ConsentConflict, match="one person"):  # A's key cannot become B's too
+        registry.register_subject(bob, public_key_hex(key_a), NOW, insurer="insurer-b")
     for attempt in (lambda: registry.check_subject(consent_a, bob),
                     lambda: registry.register(consent_a, bob, NOW)):
         with pytest.raises(ConsentSubjectMismatch) as refused:
