@@ -15,10 +15,11 @@ generated data ingested through the circulation chain; the insurer uses
   (sealed envelope and answer), operator <-> regulator/dealer MPC frames (ss);
 * ratio of each to plain measured in the same run.
 
-Consents are issued and each consent's subject commitment (scrypt) is computed once
-before timing: that is the insurer's consent intake, not a per-query cost; its cost
-per consent is reported too. Goals (measured, not asserted): single claim p50 <= 100
-ms in ss and he; batches >= 1,000 claims/s. Run: `python -m bench.claim_nodes
+Consents are issued (an Ed25519 signature each; format v2 carries no id commitment, so
+no scrypt) and registered once before timing: that is the consent intake, not a
+per-query cost; its cost per consent is reported too. Goals (measured, not asserted):
+single claim p50 <= 100 ms in ss and he; batches >= 1,000 claims/s.
+Run: `python -m bench.claim_nodes
 [--quick]`; writes bench/results/latest/claim_nodes.json and .md.
 """
 
@@ -110,7 +111,6 @@ class Setup:
     claims: pd.DataFrame
     policies: pd.DataFrame
     consents: dict[str, Consent]
-    commitments: dict
     seconds: dict
 
 
@@ -164,19 +164,13 @@ def _setup(root: Path, patients: int, claims: int) -> Setup:
         started = time.perf_counter()
         client.register_consents(consents.values())
         seconds["register_consents"] = time.perf_counter() - started
-        started = time.perf_counter()
-        client.precompute_commitments((consents[n], n) for n in frame["national_id"])
-        seconds["commitments"] = time.perf_counter() - started
-        commitments = dict(client._commitments)
-    return Setup(root, state, topology_path, frame, policies, consents, commitments, seconds)
+    return Setup(root, state, topology_path, frame, policies, consents, seconds)
 
 
 def _client(setup: Setup, batch_size: int = 10_000) -> Client:
-    client = Client(INSURER, state=setup.state, topology=load_topology(setup.topology_path),
-                    contract_id="bench-insurer-a", policies=setup.policies,
-                    batch_size=batch_size)
-    client._commitments.update(setup.commitments)  # the consent intake, done once
-    return client
+    return Client(INSURER, state=setup.state, topology=load_topology(setup.topology_path),
+                  contract_id="bench-insurer-a", policies=setup.policies,
+                  batch_size=batch_size)
 
 
 def _node_bytes(setup: Setup, request_ids: set[str]) -> dict:
@@ -288,7 +282,7 @@ def run(quick: bool = False) -> dict:
                                                1)
                 b["bytes_vs_plain"] = round(
                     b["insurer_bytes"] / batches[str(n)]["plain"]["insurer_bytes"], 1)
-        per_consent = setup.seconds["commitments"] / max(1, len(setup.consents))
+        per_consent = setup.seconds["issue_consents"] / max(1, len(setup.consents))
         result = {
             "k": DEFAULT_K,
             "cores": os.cpu_count(),
@@ -321,7 +315,7 @@ def _markdown(r: dict) -> str:
         "",
         f"K = {r['k']}; {r['cores']} cores (shared, load {r['load_average']}); "
         f"{r['data']['claims_of_insurer']:,} claims of {r['data']['claimants']:,} claimants. "
-        f"Consent intake (scrypt commitment): {r['consent_intake_ms_per_consent']} ms per "
+        f"Consent issue (Ed25519, no id commitment): {r['consent_intake_ms_per_consent']} ms per "
         "consent, once.",
         "",
         "| mode | single cold p50 ms | cold p99 | warm p50 ms | warm p99 | vs plain (cold) |",

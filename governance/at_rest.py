@@ -127,6 +127,18 @@ class Keyring:
         self.active.pop(table, None)
         return destroyed
 
+    def rewrapped(self, kek: bytes) -> "Keyring":
+        """This keyring with every live data key wrapped under `kek` instead (a KEK rotation;
+        tombstones stay tombstones)."""
+        records = {
+            r.key_id: DataKeyRecord(
+                key_id=r.key_id, table=r.table, created_at=r.created_at,
+                destroyed_at=r.destroyed_at,
+                wrapped=None if r.wrapped is None else aes_key_wrap(kek, self.data_key(r.key_id)))
+            for r in self.records.values()
+        }
+        return Keyring(kek=kek, records=records, active=dict(self.active))
+
     def tables(self) -> list[str]:
         return sorted({r.table for r in self.records.values() if r.wrapped is not None})
 
@@ -160,10 +172,13 @@ class Keyring:
             raise AtRestError(f"not a keyring document: {exc}") from exc
 
     def save(self, path: Path | str) -> None:
-        """Write atomically (temp file, fsync, rename), so a crash never half-writes keys."""
+        """Write atomically (temp file, fsync, rename), so a crash never half-writes keys;
+        mode 0600 from the first byte."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its old mode otherwise
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(self.to_json())
             fh.flush()
             os.fsync(fh.fileno())

@@ -2,18 +2,31 @@
 
 The consumer signs a `Consent` with their Ed25519 key for that insurer (raw
 32-byte keys in hex). It names the insurer, purpose, scenario, data scope and
-validity window, and binds the person twice:
+validity window. What binds it to the person is its key, and only its key:
+`subject.public_key` must be the key the health authority registered for that person
+and that insurer. The serving side never sees a national id, so the check is made by
+the party that can tie the key to the queried person: the operator compares the
+consent's key with the key the health authority delivered for the person behind the
+queried domain token (`parties.claims.compute`); with a national id at hand,
+`ConsentRegistry.register` compares it with the key bound to that id. An insurer
+cannot mint a consent for someone (it would need that person's private key), and a
+consent of person A presented for person B's token names A's key, not B's: refused.
+The health authority binds a key to one person and one insurer (a key registered for a
+second person is refused), so a key names exactly one person.
 
-* `subject.id_commitment` = scrypt(national id, salt = consent id || nonce).
-  The serving side checks a query's national id (or the commitment the
-  insurer computed from it) against it. Another person's id gives another
-  commitment, so the document cannot authorize a query about anyone else;
-  scrypt, rather than a bare salted hash, makes guessing the id from the
-  document costly (an 18-digit id has only ~10^11 plausible values).
-* `subject.public_key` must be the key a registrar bound to that national id for
-  that insurer (`ConsentRegistry.register_subject`). An insurer cannot mint a consent for
-  someone: it would need that person's private key, and a consent signed by
-  any other key is refused when it is registered.
+Why the document carries no commitment to the national id (format v2; v1 carried
+`subject.id_commitment` = scrypt(id, consent id || nonce)): any function of the id
+that the holder of a consent can evaluate is an offline oracle, since a region's ids
+are ~10^11 values, and one a key holder evaluates would only repeat the key binding:
+the health authority would compute it for the registration and the operator compare
+it with the value delivered for the token's person, which is what the key already is.
+The v1 commitment was no binding either: the insurer presented it itself, copied from
+the document, and nothing compared it with the queried token. So v2 drops it, and the
+document is a function of the consumer's key and the terms alone: nothing in it
+depends on the national id. Consents of the v1 scheme are refused with
+`ConsentSchemeRetired` wherever they appear (registration, a stored copy, a check);
+the consumer's app issues a new consent and the insurer registers it again (README,
+"Consent, and how it is bound to the person").
 
 A consumer's consent key is per insurer (`consent_signing_key`): the consumer's app
 keeps one master seed and derives the key for an insurer as
@@ -23,17 +36,13 @@ person it could link a person's consents to different insurers by their equal pu
 keys. Per-insurer keys are pseudo-random functions of the master seed, so without it
 the keys one person shows two insurers are as unrelated as two people's. (Ed25519 has
 no public derivation: a public key cannot be computed from another public key and an
-insurer id, so the registrar stores one public key per person and insurer.) The
-document format is unchanged; only which key signs it.
+insurer id, so the registrar stores one public key per person and insurer.)
 
-Registering a consent needs the national id once (to check both bindings);
-later checks may present the national id or only its commitment. Whatever
-fails about the person (another person's commitment, no key registered for
-them, another key) is one refusal, `ConsentSubjectMismatch`, with one message,
-checked after everything that depends on the document alone. Revocation
-is a document signed by the same key; it stops every later check at once.
-Replaying a consent for the same person within its validity is allowed;
-replay of a query is the node's concern.
+Whatever fails about the person (no key registered for them, another key) is one
+refusal, `ConsentSubjectMismatch`, with one message, checked after everything that
+depends on the document alone. Revocation is a document signed by the same key; it
+stops every later check at once. Replaying a consent for the same person within its
+validity is allowed; replay of a query is the node's concern.
 """
 
 import hashlib
@@ -44,7 +53,7 @@ import secrets
 import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -65,9 +74,9 @@ from mpc.claim.constants import CLAIM_SCENARIO
 if TYPE_CHECKING:
     import sqlite3  # annotations only: the caller opens the connection
 
-CONSENT_DOMAIN = "cogov-consent-v1"
+CONSENT_DOMAIN = "cogov-consent-v2"  # v1 carried the retired id commitment
 REVOCATION_DOMAIN = "cogov-consent-revocation-v1"
-COMMITMENT_SCHEME = "scrypt-n16384-r8-p1"
+RETIRED_SCHEME = "scrypt-n16384-r8-p1"  # v1's subject.scheme: an offline oracle on the id
 CONSENT_KEY_SALT = b"cogov/consent-key/v1"
 CONSENT_KEY_LABEL = b"cogov consent signing key for insurer\x00"
 MASTER_SEED_BYTES = 32
@@ -111,6 +120,24 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT id_digest, '*', public_key, registered_at FROM consent_subjects;
     DROP TABLE consent_subjects;
     """,
+    # Consent format v2: consents of v1 carry scrypt(national id) with its salt, an offline
+    # oracle on the id. They leave the store (their revocations with them; secure_delete so
+    # the freed pages are zeroed) and their ids are kept, so a query or registration naming
+    # one gets `ConsentSchemeRetired`.
+    f"""
+    PRAGMA secure_delete = ON;
+    CREATE TABLE consents_retired (
+        consent_id TEXT PRIMARY KEY,
+        document_sha256 TEXT NOT NULL,
+        retired_at TEXT NOT NULL
+    );
+    INSERT INTO consents_retired (consent_id, document_sha256, retired_at)
+        SELECT consent_id, document_sha256, datetime('now') FROM consents
+        WHERE json_extract(document, '$.terms.subject.scheme') = '{RETIRED_SCHEME}';
+    DELETE FROM consent_revocations
+        WHERE consent_id IN (SELECT consent_id FROM consents_retired);
+    DELETE FROM consents WHERE consent_id IN (SELECT consent_id FROM consents_retired);
+    """,
 )
 ANY_INSURER = "*"  # a subject key bound for every insurer (one key per person: linkable)
 
@@ -143,6 +170,17 @@ class ConsentExpired(ConsentError):
     """The consent's validity window has ended."""
 
 
+class ConsentSchemeRetired(ConsentError):
+    """The consent is of format v1, whose id commitment is an offline oracle on the national
+    id: the consumer's app issues a new consent and the insurer registers that one."""
+
+    http_status = 410
+
+
+RETIRED = ("consents of format v1 (scrypt id commitment) are retired: the consumer's app "
+           "issues a new consent, which the insurer registers")
+
+
 class ConsentRevoked(ConsentError):
     """The subject revoked the consent."""
 
@@ -152,8 +190,8 @@ class ConsentMismatch(ConsentError):
 
 
 class ConsentSubjectMismatch(ConsentMismatch):
-    """The consent does not bind the person queried: the id commitment is another person's,
-    no key is registered for the person, or another key is.
+    """The consent does not bind the person queried: no key is registered for the person, or
+    another key is.
 
     One message whatever the cause (`SUBJECT_MISMATCH`): which cause holds depends on what
     the registry holds about the person (is a key registered? which one?), so telling the
@@ -178,7 +216,7 @@ _Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _Code = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
 _NODE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _Node = Annotated[str, Field(pattern=_NODE_PATTERN)]
-_COMMITMENT = re.compile(r"^[0-9a-f]{64}$")
+_PUBLIC_KEY = re.compile(r"^[0-9a-f]{64}$")
 _NODE = re.compile(_NODE_PATTERN)
 
 
@@ -206,21 +244,20 @@ def consent_signing_key(master_seed: bytes, insurer: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
-def subject_commitment(national_id: str, consent_id: str, nonce: str) -> str:
-    """The commitment to a person's id inside consent `consent_id` (hex)."""
-    salt = b"cogov-consent-subject-v1\x00" + consent_id.encode() + b"\x00" + nonce.encode()
-    digest = hashlib.scrypt(
-        normalize_national_id(national_id).encode(), salt=salt, n=2**14, r=8, p=1, dklen=32
-    )
-    return digest.hex()
-
-
 class SubjectBinding(BaseModel):
+    """The person, as the key the health authority registered for them and this insurer."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scheme: Literal["scrypt-n16384-r8-p1"] = COMMITMENT_SCHEME
-    id_commitment: _Hex32
     public_key: _Hex32
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_retired(cls, data: Any) -> Any:
+        # Not a validation error (422): a typed refusal that says what to do instead.
+        if isinstance(data, dict) and ("id_commitment" in data or "scheme" in data):
+            raise ConsentSchemeRetired(RETIRED)
+        return data
 
 
 class DataScope(BaseModel):
@@ -306,7 +343,6 @@ def _first_error(exc: ValidationError) -> str:
 
 def issue_consent(
     subject_key: Ed25519PrivateKey,
-    national_id: str,
     *,
     insurer: str,
     purpose: str,
@@ -323,10 +359,7 @@ def issue_consent(
     try:
         terms = ConsentTerms(
             consent_id=consent_id,
-            subject=SubjectBinding(
-                id_commitment=subject_commitment(national_id, consent_id, nonce),
-                public_key=public_key_hex(subject_key),
-            ),
+            subject=SubjectBinding(public_key=public_key_hex(subject_key)),
             insurer=insurer,
             purpose=purpose,
             scenario=scenario,
@@ -395,7 +428,7 @@ class ConsentRegistry:
     ) -> None:
         """Bind a person's national id to their consent-signing key for `insurer` (the
         registrar's step); without an insurer, one key for every insurer (linkable)."""
-        if not _COMMITMENT.fullmatch(public_key):
+        if not _PUBLIC_KEY.fullmatch(public_key):
             raise ConsentInvalid("public_key: 64 lowercase hex chars")
         if insurer is not None and not _NODE.fullmatch(insurer):
             raise ConsentInvalid(f"insurer: {insurer!r} is not a node name")
@@ -410,6 +443,11 @@ class ConsentRegistry:
                 raise ConsentConflict("this person already has another key registered")
             if any(k == public_key for i, k in rows.items() if i != bound_for):
                 raise ConsentConflict("a consent key serves one insurer: this one is already "
+                                      "registered for another")
+            if self._conn.execute(  # the key is the consent's only binding to the person
+                    "SELECT 1 FROM consent_subject_keys WHERE public_key = ? AND id_digest != ?",
+                    (public_key, digest)).fetchone() is not None:
+                raise ConsentConflict("a consent key serves one person: this one is already "
                                       "registered for another")
             self._conn.execute(
                 "INSERT OR REPLACE INTO consent_subject_keys VALUES (?, ?, ?, ?)",
@@ -426,17 +464,17 @@ class ConsentRegistry:
         return rows.get(ANY_INSURER)
 
     def register(self, consent: Consent, national_id: str, now: datetime) -> None:
-        """Accept a consent after checking its signature and both bindings to the person."""
-        terms = consent.terms
-        registered_key = self.subject_key(national_id, terms.insurer)
-        # No key registered and another key registered are one refusal (see
-        # `ConsentSubjectMismatch`); the commitment is checked whatever the key said.
-        key_matches = registered_key is not None and hmac.compare_digest(
-            registered_key, terms.subject.public_key)
-        self._check_subject(consent, national_id)
-        if not key_matches:
-            raise ConsentSubjectMismatch(SUBJECT_MISMATCH)
+        """Accept a consent after checking its signature and its key binding to the person."""
+        self.check_subject(consent, national_id)
         self.store(consent, now)
+
+    def check_subject(self, consent: Consent, national_id: str) -> None:
+        """Refuse (`ConsentSubjectMismatch`) unless the consent is signed by the key bound to
+        `national_id` for its insurer; no key and another key are one refusal."""
+        registered_key = self.subject_key(national_id, consent.terms.insurer)
+        if registered_key is None or not hmac.compare_digest(
+                registered_key, consent.terms.subject.public_key):
+            raise ConsentSubjectMismatch(SUBJECT_MISMATCH)
 
     def store(self, consent: Consent, now: datetime) -> bool:
         """Keep a signed, unexpired consent whose person binding is checked elsewhere.
@@ -453,6 +491,8 @@ class ConsentRegistry:
             raise ConsentExpired(f"consent {consent.consent_id} ended at {terms.not_after}")
         document = consent.model_dump_json()
         with write_transaction(self._conn):
+            if self._retired(consent.consent_id):
+                raise ConsentConflict(f"consent id {consent.consent_id} is a retired consent's")
             row = self._conn.execute(
                 "SELECT document_sha256 FROM consents WHERE consent_id = ?", (consent.consent_id,)
             ).fetchone()
@@ -476,10 +516,17 @@ class ConsentRegistry:
         return True
 
     def get(self, consent_id: str) -> Consent | None:
+        """The registered consent `consent_id`; `ConsentSchemeRetired` for a retired one."""
         row = self._conn.execute(
             "SELECT document FROM consents WHERE consent_id = ?", (consent_id,)
         ).fetchone()
+        if row is None and self._retired(consent_id):
+            raise ConsentSchemeRetired(RETIRED)
         return None if row is None else Consent.model_validate_json(row[0])
+
+    def _retired(self, consent_id: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM consents_retired WHERE consent_id = ?",
+                                  (consent_id,)).fetchone() is not None
 
     def revoke(self, revocation: ConsentRevocation, now: datetime) -> None:
         """Record the subject's signed revocation; idempotent, the earliest time wins."""
@@ -542,7 +589,6 @@ class ConsentRegistry:
     def check(
         self,
         consent: Consent,
-        national_id_or_commitment: str,
         insurer: str,
         purpose: str,
         now: datetime,
@@ -553,8 +599,9 @@ class ConsentRegistry:
     ) -> ConsentTerms:
         """Raise the typed error that refuses this query, or return the consent's terms.
 
-        `national_id_or_commitment` is the queried person's national id or the
-        64-hex commitment computed from it for this consent.
+        Everything but the person: the serving node sees no national id, and the person is
+        bound by the operator (the consent's key against the key delivered for the person
+        behind the queried token), or by `check_subject` where the id is at hand.
         """
         if not consent.signature_valid():
             raise ConsentSignatureInvalid(f"consent {consent.consent_id}: bad signature")
@@ -585,19 +632,4 @@ class ConsentRegistry:
             raise ConsentScopeExceeded(
                 f"outside the consent's scope: columns {extra_columns}, outputs {extra_outputs}"
             )
-        # Last: every refusal above depends on the document and the query alone, this one on
-        # the person, so a caller can tell "the document refuses" from "the person does not
-        # match" and refuse the latter uniformly (`ConsentSubjectMismatch`).
-        self._check_subject(consent, national_id_or_commitment)
         return terms
-
-    @staticmethod
-    def _check_subject(consent: Consent, national_id_or_commitment: str) -> None:
-        terms = consent.terms
-        value = national_id_or_commitment.strip()
-        if _COMMITMENT.fullmatch(value):
-            commitment = value
-        else:
-            commitment = subject_commitment(value, terms.consent_id, terms.nonce)
-        if not hmac.compare_digest(commitment, terms.subject.id_commitment):
-            raise ConsentSubjectMismatch(SUBJECT_MISMATCH)

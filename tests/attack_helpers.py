@@ -234,7 +234,8 @@ class ClaimWorld:
 
     def consent(self, national_id: str, insurer: str = "insurer-a", *,
                 key_of: str | None = None):
-        """A consent by the person `key_of` (default: the person it names) for `insurer`."""
+        """A consent for `insurer` presented for `national_id`, signed with the key of the
+        person `key_of` (default: that person's own)."""
         from datetime import UTC, datetime, timedelta
 
         from governance.consent import issue_consent
@@ -243,7 +244,7 @@ class ClaimWorld:
         key = self.consent_key(key_of or national_id, insurer)
         now = datetime.now(UTC)
         return issue_consent(
-            key, national_id, insurer=insurer, purpose="claim_settlement",
+            key, insurer=insurer, purpose="claim_settlement",
             columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS,
             not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=30))
 

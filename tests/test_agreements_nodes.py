@@ -164,7 +164,7 @@ def _consent(insurer: str = "insurer-a", days: int = 30):
     key = Ed25519PrivateKey.generate()
     now = datetime.now(UTC)
     consent = issue_consent(
-        key, "320505199001011234", insurer=insurer, purpose="claim_settlement",
+        key, insurer=insurer, purpose="claim_settlement",
         columns=["admission_date"], outputs=["visit_found"],
         not_before=now - timedelta(minutes=1), not_after=now + timedelta(days=days),
     )
@@ -191,6 +191,22 @@ def test_consent_for_another_insurer_is_refused(fed):
             pytest.raises(RemoteError) as refused:
         client.call("regulator", REGISTER_CONSENT, consent)
     assert refused.value.error == "ConsentMismatch"
+
+
+def test_a_v1_consent_is_refused_with_a_typed_error_and_not_registered(fed):
+    """A consent of the retired format (scrypt id commitment, an offline oracle on the id)
+    is refused before anything is stored or logged, with what to do instead."""
+    _, consent = _consent()
+    document = consent.model_dump(mode="json")
+    document["terms"]["subject"] |= {"scheme": "scrypt-n16384-r8-p1",
+                                     "id_commitment": "ab" * 32}
+    before = _kinds(fed).count("consent_given")
+    with NodeClient(fed.state, fed.topology, "insurer-a") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.send("regulator", REGISTER_CONSENT, json=document)
+    assert (refused.value.http_status, refused.value.error) == (410, "ConsentSchemeRetired")
+    assert "issues a new consent" in refused.value.detail
+    assert _kinds(fed).count("consent_given") == before
 
 
 def test_billing_statement_bills_only_meters_that_prove_themselves(fed):

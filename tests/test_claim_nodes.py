@@ -54,11 +54,12 @@ from parties.runtime import supervisor
 from parties.runtime.cli import ExitCode
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import FlowNotAllowed, RemoteError
-from parties.runtime.node_log import read_log
+from parties.runtime.node_log import REQUEST_ID_HEADER, read_log
 from parties.runtime.pki import federation_signing_keys, load_signing_key
 from parties.runtime.routes import Kind
 from parties.runtime.sealing import open_sealed
 from scenarios.claim_check.generator import generate
+from tests.attack_helpers import raw_request
 from tests.federation import Federation
 
 ALL_NODES = ["hospital-1", "hospital-2", "hospital-3", "health-authority", "operator",
@@ -96,7 +97,6 @@ class ClaimFed:
                         contract_id=contract, policies=self.policies)
         base = self.clients[insurer]
         client._tokens.update(base._tokens)  # same insurer, same domain: reuse its tokens
-        client._commitments.update(base._commitments)
         return client
 
     def ledger(self) -> list:
@@ -644,7 +644,7 @@ def test_claim_without_registered_consent_is_refused(cf):
     insurer = "insurer-a"
     claim = cf.part(insurer).head(1)
     nid = claim.iloc[0]["national_id"]
-    unregistered = issue_consents(cf.keys, [nid], insurer, workers=1)
+    unregistered = issue_consents(cf.keys, [nid], insurer)
     error = _refused(cf, cf.clients[insurer], claim, unregistered, "ss", "refuse-no-consent")
     assert error.error == "ConsentMissing" and error.http_status == 403
     _assert_logged_refusal(cf, "refuse-no-consent", "ConsentMissing")
@@ -654,7 +654,7 @@ def test_revoked_consent_is_refused(cf):
     insurer = "insurer-b"
     claim = cf.part(insurer).head(1)
     nid = claim.iloc[0]["national_id"]
-    consent = issue_consents(cf.keys, [nid], insurer, workers=1)[nid]
+    consent = issue_consents(cf.keys, [nid], insurer)[nid]
     client = cf.clients[insurer]
     client.register_consents([consent])
     key = consent_signing_key(bytes.fromhex(cf.keys[nid]), insurer)  # the app's key for it
@@ -708,31 +708,40 @@ def test_token_from_another_domain_is_refused(cf):
     _assert_cause_logged(cf, "operator", "refuse-domain", "unknown_token")
 
 
-def test_consent_of_another_person_is_refused_at_the_regulator(cf):
-    part = cf.part("insurer-a")
-    a, b = part["national_id"].unique()[:2]
-    claim_b = part[part["national_id"] == b].head(1)
-    consent_a = cf.consents["insurer-a"][a]
-    error = _refused(cf, cf.clients["insurer-a"], claim_b, {b: consent_a}, "ss",
-                     "refuse-person-regulator")
-    assert error.error == "ClaimNotCheckable" and error.detail == NOT_CHECKABLE
-    _assert_logged_refusal(cf, "refuse-person-regulator", "ClaimNotCheckable")
-    _assert_cause_logged(cf, "regulator", "refuse-person-regulator",
-                         "subject_commitment_mismatch")
-
-
 def test_consent_of_another_person_is_refused_at_the_operator(cf):
-    """The insurer shows A's commitment (the regulator's check passes) but B's token."""
+    """The insurer shows A's registered consent (the regulator, which sees no person, passes
+    it) for B's claim: A's key is not the key delivered for the person behind B's token."""
     part = cf.part("insurer-a")
     a, b = part["national_id"].unique()[2:4]
     claim_b = part[part["national_id"] == b].head(1)
     consent_a = cf.consents["insurer-a"][a]
     with cf.client("insurer-a", "test-insurer-a") as client:
-        client._commitments[(consent_a.consent_id, b)] = client.commitment(consent_a, a)
         error = _refused(cf, client, claim_b, {b: consent_a}, "ss", "refuse-person-operator")
     assert error.error == "ClaimNotCheckable" and error.detail == NOT_CHECKABLE
     _assert_logged_refusal(cf, "refuse-person-operator", "ClaimNotCheckable")
     _assert_cause_logged(cf, "operator", "refuse-person-operator", "consent_key_mismatch")
+
+
+def test_a_query_carrying_a_copied_commitment_is_refused_before_anything_runs(cf):
+    """The v1 query field `subject_commitment` is gone: an insurer that copies a commitment
+    from some consent into its query gets a 422 naming the field, nothing is reserved."""
+    part = cf.part("insurer-a")
+    nid = part["national_id"].unique()[4]
+    claim = part[part["national_id"] == nid].head(1)
+    with cf.client("insurer-a", "test-insurer-a") as client:
+        prepared = client.prepare(claim, {nid: cf.consents["insurer-a"][nid]}, "ss",
+                                  "copied-commitment")
+        body = json.loads(prepared.body)
+        body["claims"][0]["subject_commitment"] = "ab" * 32
+        client._prepared.pop("copied-commitment", None)
+    response = raw_request(cf.fed, "insurer-a", "regulator", CHECK.method, CHECK.path,
+                           content=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json",
+                                    REQUEST_ID_HEADER: prepared.request_id})
+    assert response.status_code == 422
+    assert "subject_commitment" in response.text
+    assert not cf.log("regulator", "claims_received", "copied-commitment")
+    assert cf.usage_rows("copied-commitment") == 0
 
 
 # -- malformed claims: refused before anything is sent, computed or billed ---------------

@@ -22,7 +22,6 @@ from governance.consent import (
     ConsentSubjectMismatch,
     issue_consent,
     revoke_consent,
-    subject_commitment,
 )
 from governance.ledger import make_event
 from governance.ledger.signing import private_key_from_hex, public_key_hex
@@ -46,7 +45,7 @@ def registry(tmp_path, alice_key):
     return registry
 
 
-def _consent(key, national_id=ALICE_ID, **overrides) -> Consent:
+def _consent(key, **overrides) -> Consent:
     fields = {
         "insurer": "insurer-a",
         "purpose": "claim_settlement",
@@ -55,11 +54,11 @@ def _consent(key, national_id=ALICE_ID, **overrides) -> Consent:
         **SCOPE,
         **overrides,
     }
-    return issue_consent(key, national_id, **fields)
+    return issue_consent(key, **fields)
 
 
-def _check(registry, consent, who=ALICE_ID, at=NOW, **kwargs):
-    return registry.check(consent, who, "insurer-a", "claim_settlement", at, **kwargs)
+def _check(registry, consent, at=NOW, **kwargs):
+    return registry.check(consent, "insurer-a", "claim_settlement", at, **kwargs)
 
 
 def test_registered_consent_authorizes_queries_about_its_person(registry, alice_key):
@@ -67,9 +66,7 @@ def test_registered_consent_authorizes_queries_about_its_person(registry, alice_
     registry.register(consent, ALICE_ID, NOW)
     terms = _check(registry, consent, columns=["amount_fen"], outputs=["verdict"])
     assert terms.insurer == "insurer-a"
-    commitment = subject_commitment(ALICE_ID, consent.consent_id, consent.terms.nonce)
-    assert _check(registry, consent, who=commitment) == terms
-    assert _check(registry, consent, who=" 320502199001011234 ") == terms  # normalized
+    registry.check_subject(consent, " 320502199001011234 ")  # normalized
     # Replaying the same consent for the same person within its validity is fine.
     assert _check(registry, consent, at=NOW + timedelta(days=1)) == terms
     # JSON round trip: the node receives it over the wire.
@@ -80,19 +77,19 @@ def test_a_consent_cannot_be_used_for_another_person(registry, alice_key):
     consent = _consent(alice_key)
     registry.register(consent, ALICE_ID, NOW)
     with pytest.raises(ConsentSubjectMismatch, match=SUBJECT_MISMATCH):
-        _check(registry, consent, who=BOB_ID)
-    bob_commitment = subject_commitment(BOB_ID, consent.consent_id, consent.terms.nonce)
+        registry.check_subject(consent, BOB_ID)
+    registry.register_subject(BOB_ID, public_key_hex(private_key_from_hex("22" * 32)), NOW)
     with pytest.raises(ConsentSubjectMismatch, match=SUBJECT_MISMATCH):
-        _check(registry, consent, who=bob_commitment)
+        registry.check_subject(consent, BOB_ID)
 
 
 def test_an_insurer_cannot_mint_a_consent_for_someone(registry):
     insurer_key = private_key_from_hex(os.urandom(32).hex())
-    forged = _consent(insurer_key, national_id=ALICE_ID)  # commits to Alice, signed by insurer
+    forged = _consent(insurer_key)  # presented for Alice, signed by the insurer
     with pytest.raises(ConsentSubjectMismatch):
         registry.register(forged, ALICE_ID, NOW)
     with pytest.raises(ConsentSubjectMismatch):
-        registry.register(_consent(insurer_key, national_id=BOB_ID), BOB_ID, NOW)
+        registry.register(forged, BOB_ID, NOW)
     with pytest.raises(ConsentMissing):
         _check(registry, forged)
 
@@ -103,7 +100,7 @@ def test_altered_document_is_refused(registry, alice_key):
     widened = consent.terms.model_copy(update={"purpose": "underwriting"})
     altered = consent.model_copy(update={"terms": widened})
     with pytest.raises(ConsentSignatureInvalid):
-        registry.check(altered, ALICE_ID, "insurer-a", "underwriting", NOW)
+        registry.check(altered, "insurer-a", "underwriting", NOW)
     with pytest.raises(ConsentSignatureInvalid):
         registry.register(altered, ALICE_ID, NOW)
 
@@ -127,9 +124,9 @@ def test_wrong_insurer_purpose_scenario_or_scope(registry, alice_key):
     consent = _consent(alice_key)
     registry.register(consent, ALICE_ID, NOW)
     with pytest.raises(ConsentMismatch, match="insurer-a"):
-        registry.check(consent, ALICE_ID, "insurer-b", "claim_settlement", NOW)
+        registry.check(consent, "insurer-b", "claim_settlement", NOW)
     with pytest.raises(ConsentMismatch, match="purpose"):
-        registry.check(consent, ALICE_ID, "insurer-a", "marketing", NOW)
+        registry.check(consent, "insurer-a", "marketing", NOW)
     with pytest.raises(ConsentMismatch, match="scenario"):
         _check(registry, consent, scenario="underwriting")
     with pytest.raises(ConsentScopeExceeded, match="home_address"):
@@ -200,15 +197,14 @@ def test_log_payload_carries_no_personal_data(alice_key):
 
 def test_every_refusal_about_the_person_is_one_refusal(registry, alice_key):
     """Whoever presents a consent cannot tell from the refusal whether the person has no key
-    registered, another key, or another id: one class, one message."""
+    registered or another key: one class, one message."""
     insurer_key = private_key_from_hex(os.urandom(32).hex())
     consent = _consent(alice_key)
     registry.register(consent, ALICE_ID, NOW)
     causes = [
-        lambda: registry.register(_consent(alice_key, national_id=BOB_ID), BOB_ID, NOW),
-        lambda: registry.register(_consent(insurer_key, national_id=ALICE_ID), ALICE_ID, NOW),
-        lambda: registry.register(_consent(alice_key), BOB_ID, NOW),
-        lambda: _check(registry, consent, who=BOB_ID),
+        lambda: registry.register(_consent(alice_key), BOB_ID, NOW),  # no key for Bob
+        lambda: registry.register(_consent(insurer_key), ALICE_ID, NOW),  # another key
+        lambda: registry.check_subject(consent, BOB_ID),
     ]
     refusals = []
     for cause in causes:
@@ -216,15 +212,6 @@ def test_every_refusal_about_the_person_is_one_refusal(registry, alice_key):
             cause()
         refusals.append((type(refused.value), str(refused.value)))
     assert refusals == [(ConsentSubjectMismatch, SUBJECT_MISMATCH)] * len(causes)
-
-
-def test_the_person_is_checked_after_the_document(registry, alice_key):
-    """A document-only refusal (scope) comes first even when the person does not match, so
-    the person-dependent refusal is the last word and can be made uniform by the caller."""
-    consent = _consent(alice_key)
-    registry.register(consent, ALICE_ID, NOW)
-    with pytest.raises(ConsentScopeExceeded):
-        _check(registry, consent, who=BOB_ID, columns=["not_in_scope"])
 
 
 def test_in_force_lists_only_consents_that_allow_the_use_now(registry, alice_key):

@@ -32,8 +32,8 @@ NOW = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
 ALICE_ID = "320502199001011234"
 
 
-def _consent(key, insurer: str, national_id: str = ALICE_ID):
-    return issue_consent(key, national_id, insurer=insurer, purpose="claim_settlement",
+def _consent(key, insurer: str):
+    return issue_consent(key, insurer=insurer, purpose="claim_settlement",
                          columns=("self_pay_fen",), outputs=("visit_found",),
                          not_before=NOW - timedelta(hours=1), not_after=NOW + timedelta(days=3))
 

@@ -9,6 +9,8 @@ import sqlite3
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mpc import xid
 from parties.domains.api import (
@@ -25,6 +27,7 @@ from parties.domains.client import domain_tokens
 from parties.domains.keys import K1_NAME
 from parties.node import open_node
 from parties.runtime.errors import RemoteError
+from parties.runtime.node_log import read_log
 from parties.runtime.routes import Kind
 from parties.runtime.secrets import KeyDestroyed
 from tests.test_circulation import start
@@ -122,8 +125,27 @@ def test_deleted_domain_is_shredded_for_good(ing):
                         columns=["national_id"]).to_pandas()["national_id"].head(3).tolist()
     with ing.client("insurer-a") as insurer:
         before = domain_tokens(insurer, ids)
+    # The attacker's backup from before the shred: the store and the KEK of that day.
+    root = ing.fed.state.node("operator").root
+    old_kek = (root / "kek.key").read_bytes()
+    backup = ing.fed.state.root / "operator-backup.db"
+    with sqlite3.connect(f"file:{ing.db('operator')}?mode=ro", uri=True) as live, \
+            sqlite3.connect(backup) as copy:
+        live.backup(copy)
     out = ing.cli("domain", "delete", a, "--yes")
     assert "destroyed" in out
+    # The KEK rotated with the shred: the backup's sealed key opens under the old KEK only.
+    with sqlite3.connect(backup) as copy:
+        (sealed,) = copy.execute("SELECT sealed FROM xid_keys WHERE name = ?",
+                                 (f"domain:{a}",)).fetchone()
+    sealed, name = bytes(sealed), f"domain:{a}".encode()
+    assert AESGCM(old_kek).decrypt(sealed[:12], sealed[12:], name)  # the control
+    new_kek = (root / "kek.key").read_bytes()
+    assert new_kek != old_kek and not (root / "kek.key.next").exists()
+    with pytest.raises(InvalidTag):
+        AESGCM(new_kek).decrypt(sealed[:12], sealed[12:], name)
+    assert [e for e in read_log(ing.fed.state.node("operator").log)
+            if e["event"] == "kek_rotated"]
     # The key is gone from the operator's store and cannot be brought back.
     op = open_node(ing.fed.state, ing.fed.topology, "operator")
     try:

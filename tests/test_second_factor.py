@@ -1,4 +1,4 @@
-"""TOTP second factor: RFC 6238 Appendix B vectors, ±1 step window, replay, lockout."""
+"""TOTP second factor: RFC 6238 Appendix B vectors, ±1 step window, replay, backoff."""
 
 import base64
 import os
@@ -8,11 +8,15 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from governance.second_factor import (
+    BACKOFF_BASE_S,
+    BACKOFF_MAX_S,
+    FREE_FAILURES,
     SecondFactor,
     SecondFactorInvalid,
     SecondFactorLocked,
     SecondFactorReplayed,
     SecondFactorUnknownAccount,
+    backoff_seconds,
     provisioning_uri,
     totp_code,
 )
@@ -65,25 +69,82 @@ def test_enrolled_code_is_accepted_once_within_one_step(factor):
 
 
 def test_codes_outside_the_window_or_malformed_are_wrong(factor):
-    secret = factor.enroll("ops-admin")
-    for code in (totp_code(secret, NOW + 60), totp_code(secret, NOW - 60), "12345", "abcdef", ""):
+    codes = lambda secret: (totp_code(secret, NOW + 60), totp_code(secret, NOW - 60),  # noqa: E731
+                            "12345", "abcdef", "")
+    for i in range(5):  # a fresh account each: the backoff does not close it in between
+        secret = factor.enroll(f"ops-admin-{i}")
         with pytest.raises(SecondFactorInvalid):
-            factor.verify("ops-admin", code, now=NOW)
+            factor.verify(f"ops-admin-{i}", codes(secret)[i], now=NOW)
     with pytest.raises(SecondFactorUnknownAccount):
         factor.verify("nobody", "123456", now=NOW)
 
 
-def test_five_wrong_codes_lock_the_account(factor):
+def _wrong(secret: str, at: float) -> str:
+    """A code that is wrong at `at` for every step of the window."""
+    window = {totp_code(secret, at + d) for d in (-30, 0, 30)}
+    return next(f"{n:06d}" for n in range(10**6) if f"{n:06d}" not in window)
+
+
+def test_guessing_codes_hits_an_exponential_backoff_that_survives_a_restart(tmp_path):
+    """The attacker walks the code space as fast as the node answers: after FREE_FAILURES
+    wrong codes nothing more is looked at, the right code included, until the stored time;
+    each further wrong code doubles the wait; a new process on the store keeps it all."""
+    db = tmp_path / "2fa.db"
+    factor = SecondFactor(sqlite3.connect(db), wrapping_key=b"k" * 32)
     secret = factor.enroll("ops-admin")
-    right = totp_code(secret, NOW)
-    wrong = f"{(int(right) + 1) % 10**6:06d}"
-    for _ in range(5):
-        with pytest.raises(SecondFactorInvalid):
-            factor.verify("ops-admin", wrong, now=NOW)
-    with pytest.raises(SecondFactorLocked):
-        factor.verify("ops-admin", right, now=NOW + 1)
-    later = NOW + 301
-    assert factor.verify("ops-admin", totp_code(secret, later), now=later)
+    guesses = [f"{n:06d}" for n in range(200) if f"{n:06d}" != totp_code(secret, NOW)
+               and f"{n:06d}" not in {totp_code(secret, NOW + d) for d in (-30, 30)}]
+    outcomes = []
+    for guess in guesses:
+        try:
+            factor.verify("ops-admin", guess, now=NOW)
+        except SecondFactorInvalid:
+            outcomes.append("looked at")
+        except SecondFactorLocked as exc:
+            outcomes.append(exc.retry_after_s)
+    assert outcomes[:FREE_FAILURES] == ["looked at"] * FREE_FAILURES
+    assert set(outcomes[FREE_FAILURES:]) == {int(BACKOFF_BASE_S)}  # refused unseen, no count
+    assert factor.failure_state("ops-admin") == (FREE_FAILURES, NOW + BACKOFF_BASE_S)
+    with pytest.raises(SecondFactorLocked):  # the right code too
+        factor.verify("ops-admin", totp_code(secret, NOW), now=NOW + 1)
+
+    restarted = SecondFactor(sqlite3.connect(db), wrapping_key=b"k" * 32)
+    assert restarted.failure_state("ops-admin") == (FREE_FAILURES, NOW + BACKOFF_BASE_S)
+    later = NOW + BACKOFF_BASE_S + 1
+    with pytest.raises(SecondFactorInvalid):  # one guess bought by waiting, then twice as long
+        restarted.verify("ops-admin", _wrong(secret, later), now=later)
+    assert restarted.failure_state("ops-admin") == (FREE_FAILURES + 1,
+                                                    later + 2 * BACKOFF_BASE_S)
+    with pytest.raises(SecondFactorLocked) as closed:
+        restarted.verify("ops-admin", totp_code(secret, later), now=later + 1)
+    assert closed.value.retry_after_s == int(2 * BACKOFF_BASE_S) - 1
+    opened = later + 2 * BACKOFF_BASE_S + 1
+    assert restarted.verify("ops-admin", totp_code(secret, opened), now=opened)
+    assert restarted.failure_state("ops-admin")[0] == 0  # only an accepted code resets
+
+
+def test_the_backoff_doubles_up_to_a_day():
+    assert [backoff_seconds(n) for n in range(FREE_FAILURES + 3)] == [
+        0, 0, 0, BACKOFF_BASE_S, 2 * BACKOFF_BASE_S, 4 * BACKOFF_BASE_S][:FREE_FAILURES + 3]
+    assert backoff_seconds(10**6) == BACKOFF_MAX_S == 24 * 3600
+    waited, guesses = 0.0, 0
+    while waited < 24 * 3600:  # the guesser who waits out every delay, for one day
+        guesses += 1
+        waited += backoff_seconds(guesses)
+    assert guesses == 14  # the docstring's bound
+
+
+def test_secrets_wrapped_under_an_earlier_key_are_rewrapped(tmp_path):
+    conn = sqlite3.connect(tmp_path / "2fa.db")
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    secret = SecondFactor(conn, wrapping_key=old_key).enroll("ops-admin")
+    factor = SecondFactor(conn, wrapping_key=new_key)
+    assert factor.rewrap_from(old_key) == 1
+    assert factor.rewrap_from(old_key) == 0  # already under the new key
+    assert factor.verify("ops-admin", totp_code(secret, NOW), now=NOW)
+    with pytest.raises(InvalidTag):
+        SecondFactor(conn, wrapping_key=old_key).verify(
+            "ops-admin", totp_code(secret, NOW + 30), now=NOW + 30)
 
 
 def test_secret_is_stored_encrypted(tmp_path, factor):

@@ -382,7 +382,7 @@ def test_control_one_key_per_person_is_linked_by_an_equality_join(lk):
         single = Ed25519PrivateKey.from_private_bytes(consumer_master_seed(23, nid))
         for insurer in INSURERS:
             signed[insurer][nid] = issue_consent(
-                single, nid, insurer=insurer, purpose="claim_settlement",
+                single, insurer=insurer, purpose="claim_settlement",
                 columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS, not_before=now,
                 not_after=now + timedelta(days=1)).terms.subject.public_key
     linked = set(signed["insurer-a"].values()) & set(signed["insurer-b"].values())
@@ -421,7 +421,7 @@ def test_a_consent_signed_with_the_insurer_a_key_is_refused_for_insurer_b(lk):
     claim = lk.claims["insurer-b"][lk.claims["insurer-b"]["national_id"] == nid].head(1)
     now = datetime.now(UTC)
     wrong_key = issue_consent(  # names insurer-b, signed with the key for insurer-a
-        world.consent_key(nid, "insurer-a"), nid, insurer="insurer-b",
+        world.consent_key(nid, "insurer-a"), insurer="insurer-b",
         purpose="claim_settlement", columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS,
         not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1))
     rid = "link-wrong-insurer-key"

@@ -173,7 +173,7 @@ def _refused_reasons(world: ClaimWorld, rid: str) -> list[str]:
 
 
 def test_refusals_that_depend_on_the_person_are_byte_identical(world, visits):
-    """Four probes whose refusal used to say who is present, under which key and with how
+    """Three probes whose refusal used to say who is present, under which key and with how
     many visits: the insurer receives the same bytes (its request id aside) for each."""
     lone, crowded = _lone_visits(visits), _crowded(visits)
     present, other = lone.iloc[0], lone.iloc[1]
@@ -191,9 +191,6 @@ def test_refusals_that_depend_on_the_person_are_byte_identical(world, visits):
         # (c) a person with more visits at the hospital than the K = 1 slots
         probes["too_many_candidates"] = (
             narrow, _claim(many, 100), _consent(world, narrow, many.national_id))
-        # (d) a consent about another person: `present`'s consent for a claim about `other`
-        probes["subject_commitment_mismatch"] = (client, _claim(other, 100),
-                                                 _consent(world, client, present.national_id))
         sent = {}
         for cause, (sdk, claim, given) in probes.items():
             rid = f"probe-{uuid.uuid4().hex}"  # one length, so the bodies can be compared
@@ -217,18 +214,18 @@ def test_refusals_that_depend_on_the_person_are_byte_identical(world, visits):
                    response.headers["content-length"]))
     assert len(views) == 1, views  # byte-identical apart from the request id
 
-    # The node that refused keeps the real, distinct causes: its log and refusal record.
+    # The operator, which refused, keeps the real, distinct causes: its log and refusal record.
     for cause, (rid, _) in sent.items():
-        node = "regulator" if cause == "subject_commitment_mismatch" else "operator"
-        logged = wait_for(lambda n=node, r=rid: [
-            e for e in events(world.fed, n, "claim_not_checkable") if e["request_id"] == r])
+        logged = wait_for(lambda r=rid: [
+            e for e in events(world.fed, "operator", "claim_not_checkable")
+            if e["request_id"] == r])
         assert [c["cause"] for c in logged[0]["causes"]] == [cause]
-        assert any(r[0] == rid and cause in r[3] for r in refusal_rows(world.fed, node))
-        if node == "operator":  # refused at one point: after planning, before computing
-            assert [e for e in events(world.fed, "operator", "claims_compute_started")
+        assert any(r[0] == rid and cause in r[3] for r in refusal_rows(world.fed, "operator"))
+        # refused at one point: after planning, before computing
+        assert [e for e in events(world.fed, "operator", "claims_compute_started")
+                if e["request_id"] == rid]
+        assert not [e for e in events(world.fed, "operator", "claims_computed")
                     if e["request_id"] == rid]
-            assert not [e for e in events(world.fed, "operator", "claims_computed")
-                        if e["request_id"] == rid]
         # The shared log names the uniform refusal only.
         assert wait_for(lambda r=rid: _refused_reasons(world, r)) == ["ClaimNotCheckable"]
     too_many = next(e for e in events(world.fed, "operator", "claim_not_checkable")

@@ -43,9 +43,9 @@ def _now() -> datetime:
 def register_consent(ctx: NodeContext, consent: Consent, insurer: str) -> None:
     """Store a consent given to `insurer` (its signature, addressee and window checked).
 
-    The person binding is checked per query: the insurer proves it names the
-    person of the commitment, and the operator checks that the consent's key
-    is the key delivered for the person behind the queried token.
+    The person binding is checked per query, by the operator: the consent's key must be
+    the key the health authority delivered for the person behind the queried token
+    (`governance.consent`: the key is the only binding).
     """
     if consent.terms.insurer != insurer:
         raise ConsentMismatch(f"consent is given to {consent.terms.insurer}, not {insurer}")

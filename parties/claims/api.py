@@ -55,9 +55,9 @@ class ClaimNotCheckable(ClaimRefused):
 
     A claim whose token names nobody in the insurer's shared domain (another domain's, a
     stale or an invented one), whose consent is not signed by the key delivered for the
-    person behind the token, whose subject commitment is another person's, or whose person
-    has more visits at the hospital than the K candidate slots: each tells something about
-    the person (present or absent, which key, how many visits), so the insurer receives the
+    person behind the token (another person's consent), or whose person has more visits at
+    the hospital than the K candidate slots: each tells something about the person
+    (present or absent, which key, how many visits), so the insurer receives the
     same name, status and message for all of them, with no count, claim index or reason.
     The cause goes to the refusing node's own log and refusal record (`log_detail`).
     """
@@ -159,9 +159,6 @@ class ClaimRef(BaseModel):
 
     claim_id: ClaimId
     consent_id: ConsentId
-    subject_commitment: Hex64 = Field(
-        description="subject_commitment(national_id, consent_id, consent nonce): proves the "
-        "consent is about the person the insurer names")
     hospital_tag: Hex64 = Field(
         description="HMAC-SHA256 under the person's domain token of (consent_id, hospital): "
         "the check budget's (consent, hospital) bucket, without naming the hospital; the "

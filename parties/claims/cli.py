@@ -18,10 +18,8 @@ with one line naming the claim and the field (exit code 2, bad input).
 """
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -44,27 +42,15 @@ claim_app = typer.Typer(help="The fast-claim check, as an insurer.", no_args_is_
 CONSENT_DAYS = 365
 
 
-def _issue_one(args: tuple[str, str, str, str, str, str, tuple[str, ...]]) -> str:
-    master_seed_hex, national_id, insurer, purpose, not_before, not_after, outputs = args
-    consent = issue_consent(
-        consent_signing_key(bytes.fromhex(master_seed_hex), insurer), national_id,
-        insurer=insurer, purpose=purpose,
-        columns=RECORD_COLUMNS, outputs=outputs,
-        not_before=datetime.fromisoformat(not_before), not_after=datetime.fromisoformat(not_after))
-    return consent.model_dump_json()
-
-
 def issue_consents(
     master_seeds: Mapping[str, str], national_ids: Iterable[str], insurer: str, *,
-    purpose: str = "claim_settlement", days: int = CONSENT_DAYS, workers: int | None = None,
-    statistics: bool = False,
+    purpose: str = "claim_settlement", days: int = CONSENT_DAYS, statistics: bool = False,
 ) -> dict[str, Consent]:
     """What the consumers' apps do: each signs a consent for `insurer` (national id -> Consent);
     with `statistics`, its scope also lets the regulator's statistic count the claimant.
 
     `master_seeds` maps national id -> the consumer's master seed (hex); each consent is
-    signed with the key derived from it for `insurer` alone. Issuing costs a scrypt per
-    consent, so it runs on `workers` processes (default: every core).
+    signed with the key derived from it for `insurer` alone.
     """
     now = datetime.now(UTC)
     ids = list(dict.fromkeys(national_ids))
@@ -72,15 +58,11 @@ def issue_consents(
     if unknown:
         raise KeyError(f"no consumer key for {len(unknown)} claimants")
     outputs = (*VERDICT_OUTPUTS, STATISTIC) if statistics else VERDICT_OUTPUTS
-    jobs = [(master_seeds[i], i, insurer, purpose, (now - timedelta(hours=1)).isoformat(),
-             (now + timedelta(days=days)).isoformat(), outputs) for i in ids]
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(jobs) > 8:
-        with ProcessPoolExecutor(workers) as pool:
-            docs = list(pool.map(_issue_one, jobs, chunksize=8))
-    else:
-        docs = [_issue_one(j) for j in jobs]
-    return {i: Consent.model_validate_json(d) for i, d in zip(ids, docs, strict=True)}
+    return {i: issue_consent(
+        consent_signing_key(bytes.fromhex(master_seeds[i]), insurer), insurer=insurer,
+        purpose=purpose, columns=RECORD_COLUMNS, outputs=outputs,
+        not_before=now - timedelta(hours=1), not_after=now + timedelta(days=days))
+        for i in ids}
 
 
 def consumer_keys(path: Path) -> dict[str, str]:

@@ -7,8 +7,8 @@
 
 The client connects as the insurer node with its own certificate from the state dir.
 Per batch it obtains the claimants' domain tokens through the blinded OPRF chain
-(cached: a token is stable for the life of the shared domain), computes each consent's
-subject commitment (cached per consent), encodes the claims for the mode, seals the
+(cached: a token is stable for the life of the shared domain), encodes the claims for
+the mode, seals the
 operator's part to the operator's certified key, and sends one request to the
 regulator. The answer decodes here, and only here, to the verdict:
 `claim_id, visit_found, amount_consistent, diagnosis_covered, payable` (`docs/verdict.md`).
@@ -43,11 +43,9 @@ ones stale), then given up.
 import base64
 import hashlib
 import hmac
-import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from governance.consent import Consent, subject_commitment
+from governance.consent import Consent
 from governance.meters import sign_request
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, encode_claims, finish_verdicts
 from mpc.claim.constants import DEFAULT_K, MODES, VERDICT_COLUMNS
@@ -181,7 +179,6 @@ class Client:
         self.regulator = self.topology.node_of(Role.REGULATOR)
         self._http = NodeClient(self.state, self.topology, insurer, timeout=timeout)
         self._tokens: dict[str, bytes] = {}
-        self._commitments: dict[tuple[str, str], str] = {}
         self._operator_key: bytes | None = None
         self._he_public: Any = None
         self._check_secret: bytes | None = None
@@ -208,33 +205,6 @@ class Client:
             self._http.call(self.regulator, REGISTER_CONSENT, consent)
             count += 1
         return count
-
-    def commitment(self, consent: Consent, national_id: str) -> str:
-        """The subject commitment naming `national_id` in `consent` (scrypt; cached)."""
-        key = (consent.consent_id, national_id)
-        found = self._commitments.get(key)
-        if found is None:
-            found = self._commitments[key] = subject_commitment(
-                national_id, consent.consent_id, consent.terms.nonce)
-        return found
-
-    def precompute_commitments(self, pairs: Iterable[tuple[Consent, str]],
-                               workers: int | None = None) -> None:
-        """Commitments of many (consent, national id) pairs; scrypt on every core."""
-        todo = list(dict.fromkeys(
-            (c.consent_id, nid, c.terms.nonce) for c, nid in pairs
-            if (c.consent_id, nid) not in self._commitments))
-        if not todo:
-            return
-        workers = workers or os.cpu_count() or 1
-        ids, cids, nonces = ([t[1] for t in todo], [t[0] for t in todo], [t[2] for t in todo])
-        if workers > 1 and len(todo) > 16:
-            with ProcessPoolExecutor(workers) as pool:
-                values = list(pool.map(subject_commitment, ids, cids, nonces, chunksize=8))
-        else:
-            values = [subject_commitment(*t) for t in zip(ids, cids, nonces, strict=True)]
-        for (cid, nid, _), value in zip(todo, values, strict=True):
-            self._commitments[(cid, nid)] = value
 
     # -- tokens -----------------------------------------------------------------------------
     def tokens(self, national_ids: Sequence[str]) -> list[bytes]:
@@ -399,17 +369,14 @@ class Client:
                 raise ValueError(f"request id {request_id} was prepared for other claims")
             return found
         tokens = self.tokens(list(claims["national_id"]))
-        self.precompute_commitments(zip(consent_of, claims["national_id"], strict=True))
         hospitals = [str(h) for h in claims["hospital_id"]]
         encoded = encode_claims(claims).values  # what the engines compute on, per claim
         secret = self.check_secret()
         refs = [ClaimRef(claim_id=cid, consent_id=c.consent_id,
-                         subject_commitment=self.commitment(c, nid),
                          hospital_tag=hospital_tag(token, c.consent_id, hospital),
                          claim_digest=claim_digest(secret, c.consent_id, token, hospital, row))
-                for cid, c, nid, token, hospital, row in zip(
-                    claims["claim_id"], consent_of, claims["national_id"], tokens, hospitals,
-                    encoded, strict=True)]
+                for cid, c, token, hospital, row in zip(
+                    claims["claim_id"], consent_of, tokens, hospitals, encoded, strict=True)]
         he_public = self.he_public() if mode == "he" else None
         engine = InsurerClaims(mode, self.k, he_public)
         he_context = he_public.digest if he_public is not None else None

@@ -6,15 +6,14 @@ enforces, before any data is touched, in this order: the mode is served under th
 contract; the contract is live and the query fits its quota (`ContractBook.authorize`,
 which reserves it); every claim's consent is registered, unrevoked, unexpired, given to
 this insurer for the contract's purpose and scope. Those refusals depend on the documents
-and the insurer's own input alone and keep their names. Then:
+and the insurer's own input alone and keep their names. This node sees no national id and
+no token, so it does not check the person: the consent's key is its binding to the
+person, checked by the operator (below; `governance.consent`). Then:
 
 - a question answered before (`fingerprints.check_key`) gets the stored answer: nothing is
   computed, charged or billed (`request_book`);
 - otherwise each claim spends one check of its consent's budget at its hospital
-  (`check_budget`; `CheckBudgetSpent`, 429, when spent), refused or not from here on;
-- a claim whose consent is about another person (the insurer presents the commitment
-  `subject_commitment(national_id, consent_id, nonce)`) is refused with the uniform
-  `ClaimNotCheckable`, its cause in this node's log only.
+  (`check_budget`; `CheckBudgetSpent`, 429, when spent), refused or not from here on.
 
 Only then does it ask the operator to compute (`api.COMPUTE`, kind `product`); the
 operator checks, per claim, that the hospital is one of the topology's, that the hospital
@@ -62,7 +61,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
-from governance.consent import ConsentError, ConsentMissing, ConsentSubjectMismatch
+from governance.consent import ConsentError, ConsentMissing
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
 from governance.ledger import SignedEntry
@@ -80,7 +79,6 @@ from parties.claims.api import (
     AnswerNotLogged,
     ClaimCheckRequest,
     ClaimCheckResponse,
-    ClaimNotCheckable,
     ClaimRefused,
     ComputeFailed,
     ComputeHead,
@@ -146,13 +144,12 @@ def served_modes(terms: ContractTerms) -> tuple[str, ...]:
 
 
 def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -> tuple[
-        ContractTerms, int, list[dict[str, Any]], list[int]]:
+        ContractTerms, int, list[dict[str, Any]]]:
     """The rules on the documents and the insurer's input; returns (terms, usage id,
-    consent documents, the claims whose consent is about another person).
+    consent documents).
 
     Raises the typed refusal (contract, consent, quota, mode); on a refusal after the
-    quota was reserved the caller releases it. A consent about another person is not
-    raised here: it is the uniform refusal, after the check budget is spent.
+    quota was reserved the caller releases it.
     """
     book = contract_book(ctx)
     terms = book.get(body.contract_id).terms
@@ -175,26 +172,15 @@ def enforce(ctx: NodeContext, insurer: str, body: ClaimCheckRequest, rid: str) -
     registry = consent_registry(ctx)
     now = _now()
     documents: dict[str, dict[str, Any]] = {}
-    checked: dict[tuple[str, str], bool] = {}  # (consent, commitment) -> about its person
-    about_another: list[int] = []
-    for i, claim in enumerate(body.claims):
-        pair = (claim.consent_id, claim.subject_commitment)
-        if pair not in checked:
+    for claim in body.claims:
+        if claim.consent_id not in documents:
             consent = registry.get(claim.consent_id)
             if consent is None:
                 raise ConsentMissing(f"consent {claim.consent_id} is not registered")
-            try:
-                # The person is checked last, after every check on the document itself.
-                registry.check(consent, claim.subject_commitment, insurer, terms.purpose, now,
-                               scenario=terms.scenario, columns=RECORD_COLUMNS,
-                               outputs=outputs)
-                checked[pair] = True
-            except ConsentSubjectMismatch:
-                checked[pair] = False
-            documents.setdefault(claim.consent_id, consent.model_dump(mode="json"))
-        if not checked[pair]:
-            about_another.append(i)
-    return terms, authorization.usage_id, list(documents.values()), about_another
+            registry.check(consent, insurer, terms.purpose, now, scenario=terms.scenario,
+                           columns=RECORD_COLUMNS, outputs=outputs)
+            documents[claim.consent_id] = consent.model_dump(mode="json")
+    return terms, authorization.usage_id, list(documents.values())
 
 
 # --- the orchestration ---------------------------------------------------------------------
@@ -295,10 +281,10 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
     try:
         try:
             t1 = time.perf_counter()
-            terms, _usage, consents, about_another = enforce(ctx, insurer, body, rid)
+            terms, _usage, consents = enforce(ctx, insurer, body, rid)
             question = check_key(body.contract_id, body.mode, body.k, body.he_context,
                                  body.claims)
-            stored = None if about_another else book.stored_check(insurer, question)
+            stored = book.stored_check(insurer, question)
             if stored is not None:
                 book.deduplicated(rid, stored[0])
                 status = "answered"
@@ -311,12 +297,6 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
             ctx.log.event("check_budget_spent", insurer=insurer, claims=len(body.claims),
                           buckets=len(spent), fullest=max(spent.values()),
                           limit=terms.quota.checks_per_consent_per_day)
-            if about_another:
-                causes = [{"claim": i, "cause": "subject_commitment_mismatch"}
-                          for i in about_another]
-                ctx.log.event("claim_not_checkable", insurer=insurer, causes=causes)
-                raise ClaimNotCheckable("; ".join(
-                    f"claim {c['claim']}: {c['cause']}" for c in causes))
         except (ContractError, ConsentError, ClaimRefused, MpcError) as exc:
             status = "refused"
             _refused(ctx, insurer, body, exc)

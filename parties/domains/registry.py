@@ -132,7 +132,8 @@ def create_domain(ctx: NodeContext, scenario: str, data_user: str) -> SharedDoma
 
 
 def delete_domain(ctx: NodeContext, domain_id: str) -> SharedDomain:
-    """Crypto-shred a shared domain: destroy k2[d], drop its tokens, log both."""
+    """Crypto-shred a shared domain: destroy k2[d], drop its tokens, rotate the node's KEK
+    (so a backup of the store from before does not open under it), log both."""
     info = get_domain(ctx, domain_id)
     with ctx.store.lock:
         conn = ctx.store.conn
@@ -145,8 +146,11 @@ def delete_domain(ctx: NodeContext, domain_id: str) -> SharedDomain:
         row = conn.execute(f"SELECT {_COLUMNS} FROM domains WHERE domain_id = ?",
                            (domain_id,)).fetchone()
         deleted = _info(conn, row)
+    ctx.secrets.rotate_kek()
+    ctx.log.event("kek_rotated", reason="key_destroyed", key_id=domain_key_name(domain_id))
     append_entry(ctx, "key_destroyed", {
         "key_id": domain_key_name(domain_id), "domain": domain_id, "purpose": "domain_key",
+        "kek": "rotated",
     })
     append_entry(ctx, "domain_deleted", {
         "domain": domain_id, "scenario": info.scenario, "data_user": info.data_user,

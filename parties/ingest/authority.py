@@ -128,6 +128,15 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE ha_consumer_keys;
     ALTER TABLE ha_consumer_keys_by_insurer RENAME TO ha_consumer_keys
     """,
+    # A consent key names one person: the key is the consent's only binding to the person
+    # (`governance.consent`). A key held by two persons names neither: both rows go (their
+    # consents are refused until the consumers register keys of their own).
+    """
+    DELETE FROM ha_consumer_keys WHERE public_key IN (
+        SELECT public_key FROM ha_consumer_keys GROUP BY public_key
+        HAVING COUNT(DISTINCT p1) > 1);
+    CREATE UNIQUE INDEX ha_consumer_keys_one_key_one_row ON ha_consumer_keys (public_key)
+    """,
 )
 CONSUMER_KEY_COLUMNS = ["insurer", "national_id", "public_key"]  # sorted
 
@@ -335,9 +344,9 @@ def _apply_consumer_keys(ctx: NodeContext) -> Callable[[sqlite3.Connection, pa.T
                 "ON CONFLICT (p1, insurer) DO UPDATE SET public_key = excluded.public_key",
                 list(zip(p1s, insurers, keys, strict=True)),
             )
-        except sqlite3.IntegrityError:  # UNIQUE (p1, public_key): one key, two insurers
-            raise AuthorityError("a consent key serves one insurer: a person registered "
-                                 "the same key for two insurers") from None
+        except sqlite3.IntegrityError:  # UNIQUE (public_key): one person, one insurer
+            raise AuthorityError("a consent key serves one person and one insurer: this key "
+                                 "is already registered for another") from None
         return len(ids)
 
     return apply

@@ -124,7 +124,10 @@ def build_node_app(ctx: NodeContext, routers: Iterable[APIRouter] = ()) -> FastA
             error=error, detail=kept, status=status,
         )
         ctx.store.record_refusal(rid, caller_name, request.url.path, error, kept)
-        return JSONResponse(_error_body(error, detail, rid), status_code=status)
+        retry_after = getattr(exc, "retry_after_s", None)  # RFC 9110 §10.2.3, in seconds
+        return JSONResponse(_error_body(error, detail, rid), status_code=status,
+                            headers=None if retry_after is None else {
+                                "Retry-After": str(retry_after)})
 
     @app.middleware("http")
     async def identity_and_request_id(

@@ -13,6 +13,7 @@ from parties.runtime.mtls_server import mutual_tls_protocol
 from parties.runtime.node_log import NodeLog
 from parties.runtime.secrets import COMPONENT as SECRETS
 from parties.runtime.secrets import MIGRATIONS as SECRETS_MIGRATIONS
+from parties.runtime.secrets import check_private_modes
 from parties.runtime.service import Service
 from parties.runtime.state import StateDir
 from parties.runtime.store import NodeStore
@@ -23,7 +24,8 @@ from parties.runtime.topology import Topology
 def open_node(
     state: StateDir, topology: Topology, name: str, services: Sequence[Service]
 ) -> NodeContext:
-    """The context of node `name`: its store migrated for `services`, its log open."""
+    """The context of node `name`: its store migrated for `services`, its log open, its
+    directory and secret files private (tightened and logged if they were not)."""
     paths = state.node(name)
     if not paths.cert.exists():
         raise FileNotFoundError(
@@ -32,8 +34,13 @@ def open_node(
     components = [(SECRETS, SECRETS_MIGRATIONS)]
     for service in services:
         components.extend(service.components)
+    tightened = check_private_modes(paths.root)  # before a looser file is opened
     store = NodeStore(paths.db, components)
-    return NodeContext(name, topology, state, store, NodeLog(paths.log, name))
+    ctx = NodeContext(name, topology, state, store, NodeLog(paths.log, name))
+    ctx.secrets  # noqa: B018  (creates kek.key and admin.key now, not on a first request)
+    if tightened:
+        ctx.log.event("state_modes_tightened", files=tightened)
+    return ctx
 
 
 def serve_node(

@@ -4,6 +4,7 @@ Components (the ledger, consent registry, ...) bring their own migration lists;
 the runtime's own tables are the component `node`.
 """
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,9 @@ class NodeStore:
     """The node's database, migrated on open; one shared connection guarded by a lock."""
 
     def __init__(self, path: Path, components: Iterable[Component] = ()) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():  # private from its first byte; SQLite gives its journals its mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.path = path
         self.conn = connect(path)
         self.lock = threading.RLock()
