@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
+from governance.ledger.checkpoint import cosign_line
 from parties.ledger.api import APPEND_ENTRIES, CHECKPOINT, GOSSIP, POLL, WITNESSED_HEAD
 from parties.ledger.client import append_entry, signed_entry
 from parties.node import open_node
@@ -84,20 +85,31 @@ def test_a_node_cannot_append_another_nodes_entry(logged):
     assert refused.value.http_status == 403
 
 
-def test_inclusion_proof_checks_offline_with_the_pinned_log_key(logged, tmp_path):
+def test_a_proof_bundle_carries_its_cosigned_checkpoint_and_checks_offline(logged, tmp_path):
+    for node in ("regulator", "health-authority"):
+        with NodeClient(logged.state, logged.topology, node) as client:
+            client.call(node, POLL)
     bundle = tmp_path / "proof.json"
     result = _cli(logged, "ledger", "prove", "3", "--out", str(bundle))
     assert result.exit_code == 0, result.output
-    key = federation_signing_keys(logged.state, ["operator"])["operator"].hex()
-    checked = runner.invoke(app, ["ledger", "check-proof", str(bundle), "--log-key", key])
+    checked = _cli(logged, "ledger", "check-proof", str(bundle))
     assert checked.exit_code == 0, checked.output
     assert "entry 3 is in the log" in checked.output
+    assert "health-authority" in checked.output and "regulator" in checked.output
     doc = json.loads(bundle.read_text())
-    assert len(doc["proof"]) <= 1024
-    wrong_key = "00" * 31 + "01"
-    assert runner.invoke(
-        app, ["ledger", "check-proof", str(bundle), "--log-key", wrong_key]
-    ).exit_code == 1
+    # The adversary: the operator's bundle with a witness's cosignature line swapped for one
+    # by a key that is no witness's (an insurer's, under the witness's name).
+    insurer = open_node(logged.state, logged.topology, "insurer-a")
+    text, _, lines = doc["checkpoint"].partition("\n\n")
+    forged = [line for line in lines.splitlines() if not line.startswith("\u2014 regulator ")]
+    forged.append(cosign_line(text + "\n", "regulator", insurer.signing_key, 1).rstrip("\n"))
+    bundle.write_text(json.dumps({**doc, "checkpoint": text + "\n\n" + "\n".join(forged)
+                                  + "\n"}))
+    refused = _cli(logged, "ledger", "check-proof", str(bundle))
+    assert refused.exit_code == 1 and "regulator" in refused.output
+    # Another entry under the same proof.
+    bundle.write_text(json.dumps({**doc, "index": 2}))
+    assert _cli(logged, "ledger", "check-proof", str(bundle)).exit_code == 1
 
 
 def _tamper(fed: Federation, how: str) -> None:

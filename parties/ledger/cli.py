@@ -12,16 +12,15 @@ import typer
 from rich.console import Console
 
 from governance.ledger import (
-    InclusionProofInvalid,
     LedgerError,
     LogInconsistent,
     SignedTreeHead,
     TreeHeadInvalid,
-    check_inclusion_proof,
     verify_log,
 )
 from governance.ledger.checkpoint import origin_of, verify_checkpoint
 from governance.ledger.merkle import leaf_hash, root_hash, verify_consistency
+from governance.ledger.proofs import ProofBundle, verify_bundle
 from governance.ledger.verify import check_leaves
 from parties.ledger.api import (
     CHECKPOINT,
@@ -33,7 +32,6 @@ from parties.ledger.api import (
     WITNESS_INCIDENTS,
     WITNESS_ROLES,
     WITNESSED_HEAD,
-    InclusionProofBundle,
     WitnessIncident,
     log_node,
 )
@@ -256,7 +254,8 @@ def prove(
     topology: TopologyOption = None,
     out: Annotated[Path | None, typer.Option(help="Write the proof bundle here.")] = None,
 ) -> None:
-    """Print an inclusion proof of ENTRY that a third party checks with `check-proof`."""
+    """Print ENTRY with its inclusion proof against the cosigned checkpoint (a proof bundle
+    that a third party checks with `check-proof`)."""
     _, topo = resolve_topology(state, topology)
     ctx = open_node(StateDir(state), topo, log_node(topo))
     with exit_on(Exception):
@@ -264,7 +263,7 @@ def prove(
     text = bundle.model_dump_json(indent=2)
     if out:
         out.write_text(text)
-        console.print(f"proof of entry {entry} written to {out} ({len(bundle.proof)} bytes)")
+        console.print(f"proof of entry {entry} written to {out} ({len(text)} bytes)")
     else:
         print(text)
 
@@ -272,25 +271,23 @@ def prove(
 @ledger_app.command("check-proof")
 def check_proof(
     bundle_file: Annotated[Path, typer.Argument(help="A bundle written by `cogov ledger prove`.")],
-    log_key: Annotated[
-        str | None,
-        typer.Option(help="The log's Ed25519 public key (hex), pinned by the checker. Default: "
-                     "the key in the bundle, which only proves self-consistency."),
-    ] = None,
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
 ) -> None:
-    """Check an inclusion proof offline: needs only the bundle and the log's public key."""
+    """Check a proof bundle offline: the log's signature and every witness's cosignature on
+    its checkpoint, and the entry's audit path, with the CA-certified public keys only."""
+    _, topo = resolve_topology(state, topology)
+    operator = log_node(topo)
+    witnesses = [n.name for n in topo.nodes if n.role in WITNESS_ROLES]
     try:
-        bundle = InclusionProofBundle.model_validate_json(bundle_file.read_text())
-        index = check_inclusion_proof(bundle.proof, bundle.tree_head,
-                                      log_key or bundle.log_public_key,
-                                      leaf=base64.b64decode(bundle.entry))
-    except (InclusionProofInvalid, ValueError) as exc:
+        keys = federation_signing_keys(StateDir(state), [operator, *witnesses])
+        bundle = ProofBundle.model_validate_json(bundle_file.read_text())
+        _, checked = verify_bundle(bundle, origin_of(operator, keys[operator]), keys[operator],
+                                   {w: keys[w] for w in witnesses})
+    except (LedgerError, PkiError, ValueError) as exc:
         fail("proof rejected", str(exc), ExitCode.REFUSED, exc)
-    if log_key is None:
-        console.print("[yellow]no --log-key given: checked against the bundle's own key[/yellow]")
-    head = bundle.tree_head
-    console.print(f"[green]entry {index} is in the log of size {head.tree_size}[/green] "
-                  f"(root {head.root_hash[:16]}...)")
+    console.print(f"[green]entry {bundle.index} is in the log of size {checked.tree_size}"
+                  f"[/green] (checkpoint cosigned by {', '.join(sorted(checked.cosigned_at))})")
 
 
 def register(app: typer.Typer) -> None:
