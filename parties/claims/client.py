@@ -85,6 +85,7 @@ from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
 from parties.ledger.api import WITNESS_ROLES, ReceiptInvalid, log_node
 from parties.ledger.log_view import VIEW_FILE, LogView
+from parties.ledger.pin import load_pin
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
@@ -192,6 +193,7 @@ class Client:
         self._prepared: dict[str, _Prepared] = {}
         self._log_view: LogView | None = None
         self._regulator_key = b""
+        self.last_receipt_bytes = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -461,8 +463,11 @@ class Client:
                          for n in self.topology.nodes_with_role(role)]
             keys = federation_signing_keys(self.state, [operator, *witnesses, self.regulator])
             self._regulator_key = keys[self.regulator]
-            self._log_view = LogView(self.state.node(self.insurer).root / VIEW_FILE, self._http,
-                                     operator, keys[operator], {w: keys[w] for w in witnesses})
+            paths = self.state.node(self.insurer)
+            pin = load_pin(paths)
+            self._log_view = LogView(paths.root / VIEW_FILE, self._http, operator,
+                                     keys[operator], {w: keys[w] for w in witnesses},
+                                     None if pin is None else pin.checkpoint)
         return self._log_view
 
     def take_receipt(self, prepared: _Prepared, response: ClaimCheckResponse) -> None:
@@ -486,6 +491,7 @@ class Client:
             raise ReceiptInvalid("the answer's log entry is not the meter of this request")
         view.accept(response.receipt, response.log_entry)
         view.refresh()
+        self.last_receipt_bytes = len(response.receipt.model_dump_json())
 
     def decode(self, prepared: _Prepared, response: ClaimCheckResponse) -> pd.DataFrame:
         """The verdicts a response decodes to (here, with the reply key and HE key).

@@ -80,6 +80,12 @@ class LogUnderIncident(NodeError):
     http_status = 503
 
 
+class LogAlreadyStarted(NodeError):
+    """The log's first checkpoint is pinned once, on an empty log, at federation setup."""
+
+    http_status = 409
+
+
 class EntryRangeInvalid(NodeError):
     http_status = 400
 

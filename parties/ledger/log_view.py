@@ -1,7 +1,8 @@
 """A client's own view of the federation's log: receipts checked against one history.
 
 A node that takes answers with receipts (the insurer) keeps, in `<node>/log_view.json`,
-the largest checkpoint the log showed it and the latest checkpoint every witness cosigned,
+starting from the log's first checkpoint pinned at setup, the largest checkpoint the log
+showed it and the latest checkpoint every witness cosigned,
 as the signed notes themselves (checked again when loaded), and the entries whose receipts
 no cosigned checkpoint covers yet.
 
@@ -41,7 +42,9 @@ class LogView:
     """The largest and the latest cosigned checkpoint of the log this node has seen."""
 
     def __init__(self, path: Path, client: NodeClient, operator: str, log_key: PublicKeyLike,
-                 witnesses: dict[str, PublicKeyLike]) -> None:
+                 witnesses: dict[str, PublicKeyLike], pin: str | None = None) -> None:
+        """`pin`: the log's first checkpoint pinned at setup (`parties.ledger.pin`), where
+        a view with nothing saved starts: every checkpoint shown must extend it."""
         self.path = path
         self._client = client
         self._operator = operator
@@ -54,6 +57,8 @@ class LogView:
         self._notes: dict[str, str] = {}
         if path.exists():
             self._load(json.loads(path.read_text()))
+        elif pin is not None:
+            self._load({"largest": pin})
 
     def _load(self, saved: dict) -> None:
         for field, required in (("largest", 0), ("cosigned", None)):

@@ -62,7 +62,7 @@ def inclusion_bundle(ctx: NodeContext, index: int) -> ProofBundle:
                                    f"witnesses cosigned size {head.tree_size})")
         path = holder.log.inclusion_proof(index, head.tree_size).path
         leaf = holder.log.leaf(index)
-    return ProofBundle(index=index, checkpoint=_signed_note(ctx, head, cosignatures),
+    return ProofBundle(index=index, checkpoint=signed_note(ctx, head, cosignatures),
                        inclusion=join_path(path), entry=base64.b64encode(leaf).decode())
 
 
@@ -81,7 +81,7 @@ def receipt(ctx: NodeContext, signature: str) -> ProofBundle:
             "SELECT cosignature FROM ledger_cosignatures WHERE tree_size = ? ORDER BY witness",
             (head.tree_size,)).fetchall()
     cosignatures = [Cosignature.model_validate_json(r[0]) for r in rows]
-    return ProofBundle(index=index, checkpoint=_signed_note(ctx, head, cosignatures),
+    return ProofBundle(index=index, checkpoint=signed_note(ctx, head, cosignatures),
                        inclusion=join_path(path), entry=base64.b64encode(leaf).decode())
 
 
@@ -116,7 +116,7 @@ def _best_cosigned(ctx: NodeContext) -> tuple[int | None, list[Cosignature]]:
             [Cosignature.model_validate_json(r[0]) for r in rows])
 
 
-def _signed_note(ctx: NodeContext, head: SignedTreeHead, cosignatures: list[Cosignature]
+def signed_note(ctx: NodeContext, head: SignedTreeHead, cosignatures: list[Cosignature]
                  ) -> str:
     """The C2SP checkpoint of `head`, signed by the log, with the cosignatures of it."""
     origin = origin_of(ctx.name, ctx.signing_key.public_key())
@@ -135,4 +135,4 @@ def checkpoint_note(ctx: NodeContext) -> str:
     with holder.lock:
         holder.log.sync()
         head = holder.log.tree_head(size)
-    return _signed_note(ctx, head, cosignatures)
+    return signed_note(ctx, head, cosignatures)
