@@ -2,13 +2,22 @@
 
 import json
 import sqlite3
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from governance.ledger.checkpoint import cosign_line
-from parties.ledger.api import APPEND_ENTRIES, CHECKPOINT, GOSSIP, POLL, WITNESSED_HEAD
+from parties.ledger.api import (
+    APPEND_ENTRIES,
+    CHECKPOINT,
+    GOSSIP,
+    POLL,
+    WITNESSED_HEAD,
+    LogAlreadyStarted,
+)
 from parties.ledger.client import append_entry, signed_entry
+from parties.ledger.pin import load_pin, pin_first_checkpoint
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
@@ -26,6 +35,7 @@ def logged(tmp_path_factory):
         tmp_path_factory.mktemp("ledger"),
         nodes=["health-authority", "operator", "regulator", "insurer-a"],
     )
+    pin_first_checkpoint(open_node(fed.state, fed.topology, "operator"))  # as `pki init`
     fed.up()
     ha = open_node(fed.state, fed.topology, "health-authority")
     regulator = open_node(fed.state, fed.topology, "regulator")
@@ -45,7 +55,7 @@ def _cli(fed: Federation, *args: str):
 def test_verify_checks_entries_head_and_witnesses(logged):
     result = _cli(logged, "ledger", "verify")
     assert result.exit_code == 0, result.output
-    assert "log verified: 6 entries" in result.output
+    assert "log verified: 7 entries" in result.output  # log_started, then six
     assert "health-authority" in result.output and "regulator" in result.output
 
 
@@ -110,6 +120,51 @@ def test_a_proof_bundle_carries_its_cosigned_checkpoint_and_checks_offline(logge
     # Another entry under the same proof.
     bundle.write_text(json.dumps({**doc, "index": 2}))
     assert _cli(logged, "ledger", "check-proof", str(bundle)).exit_code == 1
+
+
+def test_the_first_checkpoint_is_pinned_and_the_witnesses_start_from_it(logged):
+    pin = load_pin(logged.state.node("insurer-a"))
+    assert pin is not None and pin.tree_head.tree_size == 1
+    assert load_pin(logged.state.node("regulator")) == pin
+    for node in ("regulator", "health-authority"):
+        conn = sqlite3.connect(logged.state.node(node).db)
+        try:
+            first = conn.execute("SELECT tree_size, root_hash FROM witness_heads"
+                                 " ORDER BY tree_size LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        assert first == (1, pin.tree_head.root_hash)
+    with pytest.raises(LogAlreadyStarted):  # pinned once, on the empty log
+        pin_first_checkpoint(open_node(logged.state, logged.topology, "operator"))
+
+
+def test_a_log_rewritten_from_its_start_is_refused_by_a_witness_started_from_the_pin(
+        logged, tmp_path):
+    """The operator, with its own key, shows a witness with no history of its own (a new
+    one, or one whose store was lost) a log it rebuilt from the start, with a valid
+    consistency proof within that rebuilt log. Trusting the first head seen, the witness
+    would cosign it; started from the pin it refuses and records the fork."""
+    from governance.ledger import LogInconsistent, Witness
+    from governance.ledger.merkle import MemoryTree, leaf_hash
+    from governance.ledger.tree_head import sign_tree_head
+    from parties.ledger.pin import start_from_pin
+    from parties.runtime.pki import load_signing_key
+    from parties.runtime.store import connect
+
+    key = load_signing_key(logged.state, "operator")
+    forged = MemoryTree(leaf_hash(b"rebuilt entry %d" % i) for i in range(8))
+    head = sign_tree_head("operator", 8, forged.root(), int(time.time() * 1000), key)
+    regulator = load_signing_key(logged.state, "regulator")
+    def witness(db: str) -> Witness:
+        return Witness(connect(tmp_path / db, explicit_transactions=True), "regulator",
+                       regulator, {"operator": key.public_key()})
+
+    witness("tofu.db").cosign(head)  # trust on first use: the rebuilt log passes
+    pinned = witness("pinned.db")
+    start_from_pin(pinned, "operator", load_pin(logged.state.node("regulator")))
+    with pytest.raises(LogInconsistent):
+        pinned.cosign(head, forged.consistency_proof(1))
+    assert pinned.incidents()[0]["reason"].startswith("consistency proof fails")
 
 
 def _tamper(fed: Federation, how: str) -> None:

@@ -36,6 +36,7 @@ from parties.ledger.api import (
     log_node,
 )
 from parties.ledger.operator_log import inclusion_bundle, latest_cosignatures
+from parties.ledger.pin import load_pin
 from parties.node import open_node
 from parties.runtime.cli import (
     ExitCode,
@@ -112,10 +113,14 @@ def verify(
     head = heads[-1]
     common = min(witnessed) if len(witnessed) == len(witnesses) and witnessed else None
     target = next((h for h in heads if h.tree_size == common), head)
+    # the first checkpoint, pinned at setup, must be a prefix of the history verified
+    pin = load_pin(st.node(operator))
+    pinned = [] if pin is None else [pin.tree_head]
     report = verify_log(
         leaves[: target.tree_size] if target is not head else leaves, target,
         [c for c in cosignatures if c.tree_size == target.tree_size], keys,
-        checkpoints=[h for h in heads if h.tree_size <= target.tree_size],
+        checkpoints=pinned + [h for h in heads if h.tree_size <= target.tree_size
+                              and h.tree_size not in {p.tree_size for p in pinned}],
         required_witnesses=witnesses,
     )
     latest = verify_log(leaves, head, [], keys, checkpoints=heads) if target is not head else None
@@ -164,8 +169,9 @@ def audit(
 
     The operator's cosigned C2SP checkpoint must carry the log's signature and every
     witness's cosignature; each witness's own latest head, asked of the witness itself,
-    must be one history with it; no witness may hold an open incident; and every entry
-    up to the checkpoint must verify and hash to its root.
+    must be one history with it and with the first checkpoint pinned at setup; no witness
+    may hold an open incident; and every entry up to the checkpoint must verify and hash to
+    its root.
     """
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
@@ -189,6 +195,11 @@ def audit(
             raise LogInconsistent(f"the entries do not hash to the checkpoint's root "
                                   f"({len(problems)} bad entries)")
         heads = [(checked.tree_size, checked.root)]
+        pin = load_pin(st.node(node))
+        if pin is not None:  # the first checkpoint, pinned at setup: the history extends it
+            first = verify_checkpoint(pin.checkpoint, checked.origin, keys[operator], {},
+                                      required=0)
+            heads.append((first.tree_size, first.root))
         for witness in witnesses:
             shown = client.call(witness, WITNESSED_HEAD)
             if shown is None or not (shown.head.signature_valid(keys[operator])
