@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from parties.ledger.api import LogAlreadyStarted, log_node
-from parties.ledger.pin import LogPin, pin_first_checkpoint
+from parties.ledger.first_checkpoint import pin_first_checkpoint
+from parties.ledger.pin import LogPin
 from parties.node import open_node, serve_node
 from parties.runtime import pki, supervisor
 from parties.runtime.cli import (

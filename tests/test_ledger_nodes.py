@@ -17,7 +17,8 @@ from parties.ledger.api import (
     LogAlreadyStarted,
 )
 from parties.ledger.client import append_entry, signed_entry
-from parties.ledger.pin import load_pin, pin_first_checkpoint
+from parties.ledger.first_checkpoint import pin_first_checkpoint
+from parties.ledger.pin import load_pin
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError

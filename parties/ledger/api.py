@@ -10,7 +10,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, RootModel
 
-from governance.ledger import Cosignature, SignedEntry, SignedTreeHead, WitnessedHead
+from governance.ledger import (
+    Cosignature,
+    SignedEntry,
+    SignedTreeHead,
+    WitnessedHead,
+    register_event_kind,
+)
 from governance.ledger.proofs import ProofBundle
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Kind, Raw, Route
@@ -20,6 +26,8 @@ LOG_NODE_ROLE = Role.OPERATOR
 WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)
 MAX_ENTRIES_PER_APPEND = 1000
 MAX_ENTRIES_PER_READ = 1000
+# The log's first entry, whose checkpoint is pinned at setup (`parties.ledger.pin`).
+LOG_STARTED = register_event_kind("log_started")
 
 
 class LedgerUnavailable(NodeError):

@@ -1,25 +1,21 @@
 """The log's first checkpoint, pinned when the federation is set up.
 
-`cogov pki init` has the operator append the log's first entry (`log_started`, naming
-the federation) and writes the checkpoint of that one-entry tree, signed by the log, into
-every node's directory (`<node>/log_pin.json`: the C2SP note and the signed tree head),
-which travels with the node's certificate. Each witness starts from it instead of trusting
-the first head it is shown (a log that rewrote its start is refused and recorded from the
-first poll), the insurer's log view starts from it, and `cogov ledger audit` requires the
-audited checkpoint to extend it. Without a pin (a federation whose log predates it)
-witnesses and clients fall back to trusting the first head they see (SECURITY.md).
+`cogov pki init` (`parties.ledger.first_checkpoint`) has the operator append the log's
+first entry (`log_started`, naming the federation) and writes the checkpoint of that
+one-entry tree, signed by the log, into every node's directory (`<node>/log_pin.json`: the
+C2SP note and the signed tree head), which travels with the node's certificate. Each
+witness starts from it instead of trusting the first head it is shown (a log that rewrote
+its start is refused and recorded from the first poll), the insurer's log view starts
+from it, and `cogov ledger audit` and `verify` require the history to extend it. Without a
+pin (a federation whose log predates it) witnesses and clients fall back to trusting the
+first head they see (SECURITY.md).
 """
 
 from pydantic import BaseModel, ConfigDict
 
-from governance.ledger import SignedTreeHead, Witness, register_event_kind
-from parties.ledger.api import LogAlreadyStarted
-from parties.ledger.client import signed_entry
-from parties.ledger.operator_log import append_entries, operator_log, signed_note
-from parties.runtime.context import NodeContext
-from parties.runtime.state import NodePaths, write_public
+from governance.ledger import SignedTreeHead, Witness
+from parties.runtime.state import NodePaths
 
-LOG_STARTED = register_event_kind("log_started")
 PIN_FILE = "log_pin.json"
 
 
@@ -30,22 +26,6 @@ class LogPin(BaseModel):
 
     checkpoint: str
     tree_head: SignedTreeHead
-
-
-def pin_first_checkpoint(ctx: NodeContext) -> LogPin:
-    """At the operator, on an empty log: append `log_started` and pin the checkpoint of
-    that one-entry tree in every node's directory."""
-    holder = operator_log(ctx)
-    holder.log.sync()
-    if holder.log.size:
-        raise LogAlreadyStarted("the log already holds entries: its first checkpoint is "
-                                "pinned when the federation is set up")
-    append_entries(ctx, [signed_entry(ctx, LOG_STARTED, {"federation": ctx.topology.name})])
-    head = holder.log.tree_head(1)
-    pin = LogPin(checkpoint=signed_note(ctx, head, []), tree_head=head)
-    for node in ctx.topology.nodes:
-        write_public(ctx.state.node(node.name).root / PIN_FILE, pin.model_dump_json().encode())
-    return pin
 
 
 def start_from_pin(witness: Witness, log_id: str, pin: LogPin | None) -> None:
