@@ -633,7 +633,7 @@ def test_every_answer_carries_a_receipt_that_ends_up_against_a_cosigned_checkpoi
     assert logged.index == response.receipt.index
     assert logged.entry.event.payload["data_user_signature"] == prepared.signature
     assert len(response.receipt.model_dump_json()) <= 1536
-    assert view.confirm(timeout_s=60)  # the witnesses poll every 2 s
+    assert view.confirm(timeout_s=60)  # the witnesses poll every 0.5 s
     assert view.cosigned.tree_size > response.receipt.index
     # kept on the insurer's side: a fresh client of the same insurer starts from it
     again = LogView(view.path, client._http, "operator", *list(view_keys(cf)))
