@@ -28,9 +28,14 @@ node_app = typer.Typer(help="Run a single node in the foreground.", no_args_is_h
 
 
 def init_federation(state: StateDir, topology: Topology, *, force: bool = False) -> LogPin:
-    """The CA, every node's key and certificate, and the log's first checkpoint pinned."""
+    """The CA, every node's key and certificate, and the log's first checkpoint pinned;
+    refused, before anything is written, where the operator already keeps a log."""
+    operator = log_node(topology)
+    if state.node(operator).db.exists():
+        raise LogAlreadyStarted(f"{state.node(operator).db} exists: the log's first "
+                                "checkpoint is pinned once, on a new federation")
     pki.init_federation(state, topology, force=force)
-    return pin_first_checkpoint(open_node(state, topology, log_node(topology)))
+    return pin_first_checkpoint(open_node(state, topology, operator))
 
 
 @pki_app.command("init")
