@@ -381,8 +381,8 @@ def log_before_release(ctx: NodeContext, rid: str, meter: dict[str, Any]) -> Pro
 
     When the log cannot take it (or give its receipt) within `LOG_BEFORE_RELEASE_S` the
     answer is withheld (`AnswerNotLogged`; the caller gives back the quota): nothing left,
-    so nothing is billed, and a `query_withheld` entry (deferred until the log takes it) voids the meter
-    in case the slow append was committed after all.
+    so nothing is billed, and a `query_withheld` entry (deferred until the log takes it)
+    voids the meter in case the slow append was committed after all.
     """
     entry = signed_entry(ctx, "query_answered", meter)
     request_book(ctx).metering(rid, entry.model_dump_json())
