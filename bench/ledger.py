@@ -3,13 +3,18 @@
 Goals (measured, not asserted): >= 5,000 signed appends/s in batches (actor
 signatures, signature checks and tree-head signing included); 1,000,000
 entries verified in <= 60 s on 2 cores (`quick` uses 100,000); an inclusion
-proof at 1M entries <= 1 KiB. Peers measured in the same run: plain batched
+proof at 1M entries <= 1 KiB; a receipt (`governance.ledger.proofs.Receipt`, its
+checkpoint cosigned by both witnesses) at 1M entries <= 1.5 KiB; one entry from its
+append to a receipt against a checkpoint both witnesses cosigned <= 1 s, here the
+work of the log and the witnesses in one process (`bench.claim_nodes` measures it
+through the nodes, witness polling included). Peers measured in the same run: plain batched
 SQLite inserts of the same events (no signatures, no tree) for appends, and
 single-process verification for the parallel verifier.
 
 Run: `python -m bench.ledger [--quick]`; writes bench/results/latest/ledger.json and .md.
 """
 
+import base64
 import json
 import multiprocessing
 import os
@@ -26,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.ledger import (
     MerkleLog,
+    Witness,
     check_inclusion_proof,
     encode_leaf,
     make_event,
@@ -33,7 +39,9 @@ from governance.ledger import (
     sign_event,
     verify_log,
 )
+from governance.ledger.checkpoint import checkpoint_text, cosign_line, note, origin_of, sign_line
 from governance.ledger.merkle import MemoryTree, leaf_hash
+from governance.ledger.proofs import ProofBundle, Receipt, join_path, verify_receipt
 from governance.ledger.signing import canonical_json, private_key_from_hex, public_key_hex
 from governance.ledger.tree_head import sign_tree_head
 
@@ -155,6 +163,68 @@ def _proof_timings(log: MerkleLog) -> dict:
     }
 
 
+def bench_cosigned_receipt(n: int, repeats: int) -> dict:
+    """One entry appended to a log of `n`, cosigned by two witnesses (each given the
+    consistency proof from the head it holds), then its receipt against that checkpoint."""
+    keys = _actor_keys(3)
+    public = {a: k.public_key() for a, k in keys.items()}
+    log_key = Ed25519PrivateKey.generate()
+    witnesses = {w: Ed25519PrivateKey.generate() for w in ("health-authority", "regulator")}
+    times = []
+    with tempfile.TemporaryDirectory() as directory:
+        log = MerkleLog(_connect(directory, "log.db"), "operator", log_key, public)
+        for start in range(0, n, 1000):
+            log.append(_signed(keys, start, min(1000, n - start)))
+        watching = {w: Witness(_connect(directory, f"{w}.db"), w, k, {"operator": log_key})
+                    for w, k in witnesses.items()}
+        for witness in watching.values():
+            witness.cosign(log.tree_head())
+        origin = origin_of("operator", log_key.public_key())
+        for i in range(repeats):
+            started = time.perf_counter()
+            entry = _signed(keys, n + i, 1)[0]
+            head = log.append([entry]).tree_head
+            text = checkpoint_text(origin, head.tree_size, head.root)
+            lines = [sign_line(text, origin, log_key)]
+            for witness in watching.values():
+                held = witness.latest("operator")
+                cosignature = witness.cosign(head, log.consistency_proof(held.tree_size))
+                lines.append(cosignature.checkpoint_cosignature)
+            index = log.index_of(entry.signature)
+            receipt = Receipt(index=index, checkpoint=note(text, lines),
+                              inclusion=join_path(log.inclusion_proof(index).path))
+            verify_receipt(receipt, log.leaf(index), origin, log_key.public_key(),
+                           {w: k.public_key() for w, k in witnesses.items()}, required=2)
+            times.append(time.perf_counter() - started)
+    return {"log_entries": n, "repeats": repeats,
+            "append_to_cosigned_receipt_ms_median": round(1000 * statistics.median(times), 2),
+            "append_to_cosigned_receipt_ms_max": round(1000 * max(times), 2),
+            "goal_ms": 1000}
+
+
+def _receipt_sizes(tree: MemoryTree, leaves: list[bytes], log_key: Ed25519PrivateKey) -> dict:
+    """The wire size of a receipt (and of a proof bundle, which adds the entry) at the
+    tree's size, its checkpoint signed by the log and cosigned by both witnesses."""
+    n = tree.size
+    origin = origin_of("operator", log_key.public_key())
+    text = checkpoint_text(origin, n, tree.root())
+    witnesses = {w: Ed25519PrivateKey.generate() for w in ("health-authority", "regulator")}
+    cosigned = note(text, [sign_line(text, origin, log_key)] + [
+        cosign_line(text, w, k, T0 // 1000) for w, k in witnesses.items()])
+    receipts, bundles = [], []
+    for index in (0, n // 3, n // 2, n - 1):
+        receipt = Receipt(index=index, checkpoint=cosigned,
+                          inclusion=join_path(tree.inclusion_proof(index, n)))
+        verify_receipt(receipt, leaves[index], origin, log_key.public_key(),
+                       {w: k.public_key() for w, k in witnesses.items()}, required=2)
+        receipts.append(len(receipt.model_dump_json().encode()))
+        bundles.append(len(ProofBundle(**receipt.model_dump(), entry=base64.b64encode(
+            leaves[index]).decode()).model_dump_json().encode()))
+    return {"receipt_json_bytes_max": max(receipts), "receipt_goal_bytes": 1536,
+            "receipt_goal_met": max(receipts) <= 1536,
+            "proof_bundle_json_bytes_max": max(bundles)}
+
+
 def bench_verify(n: int, processes: int, peer_n: int) -> dict:
     seed = 7
     started = time.perf_counter()
@@ -202,6 +272,7 @@ def bench_verify(n: int, processes: int, peer_n: int) -> dict:
         "goal_met_on_2_idle_cores": verify_cpu_s / 2 * 1_000_000 / n <= 60,
         "inclusion_proof_json_bytes_max": max(sizes),
         "inclusion_proof_goal_bytes": 1024,
+        **_receipt_sizes(tree, leaves, log_key),
     }
 
 
@@ -226,6 +297,7 @@ def run(quick: bool = False) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0],
         "appends": bench_appends(n=5_000 if quick else 20_000, batch=500, repeats=3),
+        "cosigned_receipt": bench_cosigned_receipt(n=10_000 if quick else 100_000, repeats=50),
         "verify": bench_verify(
             n=100_000 if quick else 1_000_000,
             processes=processes,
@@ -239,7 +311,7 @@ def run(quick: bool = False) -> dict:
 
 
 def _markdown(result: dict) -> str:
-    a, v = result["appends"], result["verify"]
+    a, v, c = result["appends"], result["verify"], result["cosigned_receipt"]
     p = a["proofs_from_store"]
     rows = [
         (
@@ -276,6 +348,17 @@ def _markdown(result: dict) -> str:
             "inclusion proof JSON at this size (max)",
             f"{v['inclusion_proof_json_bytes_max']} B",
             "<= 1,024 B",
+        ),
+        (
+            f"receipt at {v['entries']:,} entries, checkpoint cosigned (max)",
+            f"{v['receipt_json_bytes_max']} B",
+            f"<= 1,536 B (proof bundle with the entry: {v['proof_bundle_json_bytes_max']} B)",
+        ),
+        (
+            f"append -> receipt against a cosigned checkpoint, log of "
+            f"{c['log_entries']:,} (median, in process)",
+            f"{c['append_to_cosigned_receipt_ms_median']} ms",
+            "<= 1,000 ms (through the nodes: bench/results/latest/claim_nodes.md)",
         ),
         (
             f"inclusion proof from store at {p['tree_size']:,}",

@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from parties.node import serve_node
+from parties.ledger.api import LogAlreadyStarted, log_node
+from parties.ledger.first_checkpoint import pin_first_checkpoint
+from parties.ledger.pin import LogPin
+from parties.node import open_node, serve_node
 from parties.runtime import pki, supervisor
 from parties.runtime.cli import (
     NodesOption,
@@ -18,9 +21,21 @@ from parties.runtime.cli import (
     resolve_topology,
 )
 from parties.runtime.state import StateDir, default_state_dir
+from parties.runtime.topology import Topology
 
 pki_app = typer.Typer(help="The federation CA and node certificates.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a single node in the foreground.", no_args_is_help=True)
+
+
+def init_federation(state: StateDir, topology: Topology, *, force: bool = False) -> LogPin:
+    """The CA, every node's key and certificate, and the log's first checkpoint pinned;
+    refused, before anything is written, where the operator already keeps a log."""
+    operator = log_node(topology)
+    if state.node(operator).db.exists():
+        raise LogAlreadyStarted(f"{state.node(operator).db} exists: the log's first "
+                                "checkpoint is pinned once, on a new federation")
+    pki.init_federation(state, topology, force=force)
+    return pin_first_checkpoint(open_node(state, topology, operator))
 
 
 @pki_app.command("init")
@@ -29,14 +44,17 @@ def pki_init(
     topology: TopologyOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
 ) -> None:
-    """Create the federation CA and a key + certificate for every node of the topology."""
+    """Create the federation CA and a key + certificate for every node of the topology, and
+    pin the log's first checkpoint in every node's directory."""
     _, topo = resolve_topology(state, topology)
     try:
-        pki.init_federation(StateDir(state), topo, force=force)
-    except pki.PkiError as exc:
+        pin = init_federation(StateDir(state), topo, force=force)
+    except (pki.PkiError, LogAlreadyStarted) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
-    console.print(f"CA and {len(topo.nodes)} node certificates written to {state}/")
+    console.print(f"CA and {len(topo.nodes)} node certificates written to {state}/; the "
+                  f"log's first checkpoint (root {pin.tree_head.root_hash[:16]}...) pinned "
+                  "in every node's directory")
 
 
 @pki_app.command("issue")
@@ -121,7 +139,7 @@ def up(
     path, topo = resolve_topology(state, topology)
     st = StateDir(state)
     if not st.ca.cert.exists():
-        pki.init_federation(st, topo)
+        init_federation(st, topo)
         console.print(f"created the federation CA and node certificates in {state}/")
     recorded = st.root / "topology.toml"
     if path.resolve() != recorded.resolve():

@@ -31,6 +31,7 @@ from governance.billing import statement
 from governance.consent import Consent, consent_signing_key, revoke_consent
 from governance.contracts import load_contract, parse_contract, sign_contract
 from governance.ledger import decode_leaf
+from governance.ledger.proofs import Receipt
 from governance.meters import sign_request
 from mpc.claim import ss_shares
 from mpc.claim.constants import VERDICT_COLUMNS
@@ -50,6 +51,8 @@ from parties.claims.api import (
 from parties.claims.cli import consumer_keys, issue_consents
 from parties.claims.client import ClaimBatchFailed, Client
 from parties.domains.api import LEVEL1_STEP, LIST_DOMAINS
+from parties.ledger.api import LogForked, ReceiptInvalid
+from parties.ledger.log_view import LogView
 from parties.runtime import supervisor
 from parties.runtime.cli import ExitCode
 from parties.runtime.client import NodeClient
@@ -399,7 +402,8 @@ def test_openapi_describes_the_product_with_typed_models(cf):
     ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     response = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(response["properties"]) == {"request_id", "mode", "claim_ids",
-                                           "operator_answer", "regulator_answer"}
+                                           "operator_answer", "regulator_answer",
+                                           "log_entry", "receipt"}
     assert response.get("additionalProperties") is False
     request_ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     request = doc["components"]["schemas"][request_ref.rsplit("/", 1)[1]]
@@ -587,6 +591,98 @@ def _payable_or_none(client: Client, part: pd.DataFrame, consents) -> list[str] 
         return list(client.check(part, consents, "ss")["payable"])
     except (RemoteError, ClaimBatchFailed):  # until the next gossip sees the clearing
         return None
+
+
+# -- receipts --------------------------------------------------------------------------------
+
+
+def _answered(cf: ClaimFed, rid: str, rows: slice = slice(30, 31)):
+    """A real answer of insurer-a's, not yet taken by its client (the adversary's material)."""
+    client = cf.clients["insurer-a"]
+    prepared = client.prepare(cf.part("insurer-a").iloc[rows], cf.consents["insurer-a"], "ss",
+                              rid)
+    client._prepared.pop(rid)
+    return client, prepared, client.send(prepared)
+
+
+def _forked_receipt(cf: ClaimFed, leaf: bytes, index: int) -> Receipt:
+    """The operator, with its own log key, shows `leaf` at `index` in a tree whose earlier
+    entries it rewrote: a checkpoint that verifies alone and contradicts the real log."""
+    from governance.ledger.checkpoint import checkpoint_text, note, origin_of, sign_line
+    from governance.ledger.merkle import MemoryTree, leaf_hash
+    from governance.ledger.proofs import join_path
+
+    key = load_signing_key(cf.fed.state, "operator")
+    with sqlite3.connect(cf.fed.state.node("operator").db) as conn:
+        leaves = [bytes(r[0]) for r in conn.execute(
+            "SELECT leaf FROM ledger_entries WHERE leaf_index < ? ORDER BY leaf_index",
+            (index,))]
+    leaves[0] = leaves[0].replace(b'"index":0}', b'"index":0} ')  # a rewritten history
+    tree = MemoryTree(leaf_hash(x) for x in [*leaves, leaf])
+    origin = origin_of("operator", key.public_key())
+    text = checkpoint_text(origin, tree.size, tree.root())
+    return Receipt(index=index, checkpoint=note(text, [sign_line(text, origin, key)]),
+                   inclusion=join_path(tree.inclusion_proof(index)))
+
+
+def test_every_answer_carries_a_receipt_that_ends_up_against_a_cosigned_checkpoint(cf):
+    client, prepared, response = _answered(cf, "receipt-honest")
+    view = client.log_view()
+    client.take_receipt(prepared, response)
+    logged = decode_leaf(response.log_entry)
+    assert logged.index == response.receipt.index
+    assert logged.entry.event.payload["data_user_signature"] == prepared.signature
+    assert len(response.receipt.model_dump_json()) <= 1536
+    assert view.confirm(timeout_s=60)  # the witnesses poll every 0.5 s
+    assert view.cosigned.tree_size > response.receipt.index
+    # kept on the insurer's side: a fresh client of the same insurer starts from it
+    again = LogView(view.path, client._http, "operator", *list(view_keys(cf)))
+    assert (again.largest, again.cosigned) == (view.largest, view.cosigned)
+
+
+def view_keys(cf: ClaimFed):
+    keys = federation_signing_keys(cf.fed.state, ["operator", "health-authority", "regulator"])
+    return keys["operator"], {w: keys[w] for w in ("health-authority", "regulator")}
+
+
+def test_a_receipt_for_another_entry_or_another_checkpoint_is_refused(cf):
+    """The serving node (or the log) hands the insurer a receipt that is not its answer's:
+    another request's entry and receipt, this entry under another entry's audit path, or
+    the audit path against a checkpoint of another size. Each is refused, the view stays."""
+    client, prepared, response = _answered(cf, "receipt-mine")
+    _, _, other = _answered(cf, "receipt-other", slice(31, 32))
+    view = client.log_view()
+    before = (view.largest, list(view.pending))
+    bigger = _answered(cf, "receipt-later", slice(32, 33))[2].receipt
+    forged = [
+        response.model_copy(update={"log_entry": other.log_entry, "receipt": other.receipt}),
+        response.model_copy(update={"receipt": other.receipt}),
+        response.model_copy(update={"receipt": response.receipt.model_copy(
+            update={"inclusion": other.receipt.inclusion})}),
+        response.model_copy(update={"receipt": response.receipt.model_copy(
+            update={"checkpoint": bigger.checkpoint})}),
+    ]
+    for tampered in forged:
+        with pytest.raises(ReceiptInvalid):
+            client.take_receipt(prepared, tampered)
+        assert (view.largest, view.pending) == before
+    client.take_receipt(prepared, response)  # the genuine one is taken
+
+
+def test_a_forked_checkpoint_on_the_next_query_is_refused(cf):
+    """The operator shows the insurer, on its next query, a checkpoint of a rewritten
+    history that carries this answer's entry: it verifies alone under the log's key, but the
+    log cannot prove it one history with the checkpoint the insurer kept: refused, typed."""
+    client, prepared, response = _answered(cf, "receipt-first")
+    client.take_receipt(prepared, response)
+    client, prepared, response = _answered(cf, "receipt-forked", slice(33, 34))
+    forked = _forked_receipt(cf, response.log_entry, response.receipt.index)
+    kept = client.log_view().largest
+    with pytest.raises(LogForked):
+        client.take_receipt(prepared, response.model_copy(update={"receipt": forked}))
+    assert client.log_view().largest == kept
+    assert json.loads(client.log_view().path.read_text())["largest"]  # the kept note stays
+    client.take_receipt(prepared, response)  # the genuine receipt is still taken
 
 
 # -- idempotency ---------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 import json
 import sqlite3
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from governance.ledger import make_event, public_key_hex, sign_event
+from governance.ledger.checkpoint import cosign_line
 from parties.ledger.api import (
     APPEND_ENTRIES,
     CHECKPOINT,
@@ -14,8 +16,11 @@ from parties.ledger.api import (
     POLL,
     WITNESSED_HEAD,
     EntryBatch,
+    LogAlreadyStarted,
 )
 from parties.ledger.client import append_entry, signed_entry
+from parties.ledger.first_checkpoint import pin_first_checkpoint
+from parties.ledger.pin import load_pin
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
@@ -33,6 +38,7 @@ def logged(tmp_path_factory):
         tmp_path_factory.mktemp("ledger"),
         nodes=["health-authority", "operator", "regulator", "insurer-a"],
     )
+    pin_first_checkpoint(open_node(fed.state, fed.topology, "operator"))  # as `pki init`
     fed.up()
     ha = open_node(fed.state, fed.topology, "health-authority")
     regulator = open_node(fed.state, fed.topology, "regulator")
@@ -52,7 +58,7 @@ def _cli(fed: Federation, *args: str):
 def test_verify_checks_entries_head_and_witnesses(logged):
     result = _cli(logged, "ledger", "verify")
     assert result.exit_code == 0, result.output
-    assert "log verified: 6 entries" in result.output
+    assert "log verified: 7 entries" in result.output  # log_started, then six
     assert "health-authority" in result.output and "regulator" in result.output
 
 
@@ -92,20 +98,76 @@ def test_a_node_cannot_append_another_nodes_entry(logged):
     assert refused.value.http_status == 403
 
 
-def test_inclusion_proof_checks_offline_with_the_pinned_log_key(logged, tmp_path):
+def test_a_proof_bundle_carries_its_cosigned_checkpoint_and_checks_offline(logged, tmp_path):
+    for node in ("regulator", "health-authority"):
+        with NodeClient(logged.state, logged.topology, node) as client:
+            client.call(node, POLL)
     bundle = tmp_path / "proof.json"
     result = _cli(logged, "ledger", "prove", "3", "--out", str(bundle))
     assert result.exit_code == 0, result.output
-    key = federation_signing_keys(logged.state, ["operator"])["operator"].hex()
-    checked = runner.invoke(app, ["ledger", "check-proof", str(bundle), "--log-key", key])
+    checked = _cli(logged, "ledger", "check-proof", str(bundle))
     assert checked.exit_code == 0, checked.output
     assert "entry 3 is in the log" in checked.output
+    assert "health-authority" in checked.output and "regulator" in checked.output
     doc = json.loads(bundle.read_text())
-    assert len(doc["proof"]) <= 1024
-    wrong_key = "00" * 31 + "01"
-    assert runner.invoke(
-        app, ["ledger", "check-proof", str(bundle), "--log-key", wrong_key]
-    ).exit_code == 1
+    # The adversary: the operator's bundle with a witness's cosignature line swapped for one
+    # by a key that is no witness's (an insurer's, under the witness's name).
+    insurer = open_node(logged.state, logged.topology, "insurer-a")
+    text, _, lines = doc["checkpoint"].partition("\n\n")
+    forged = [line for line in lines.splitlines() if not line.startswith("\u2014 regulator ")]
+    forged.append(cosign_line(text + "\n", "regulator", insurer.signing_key, 1).rstrip("\n"))
+    bundle.write_text(json.dumps({**doc, "checkpoint": text + "\n\n" + "\n".join(forged)
+                                  + "\n"}))
+    refused = _cli(logged, "ledger", "check-proof", str(bundle))
+    assert refused.exit_code == 1 and "regulator" in refused.output
+    # Another entry under the same proof.
+    bundle.write_text(json.dumps({**doc, "index": 2}))
+    assert _cli(logged, "ledger", "check-proof", str(bundle)).exit_code == 1
+
+
+def test_the_first_checkpoint_is_pinned_and_the_witnesses_start_from_it(logged):
+    pin = load_pin(logged.state.node("insurer-a"))
+    assert pin is not None and pin.tree_head.tree_size == 1
+    assert load_pin(logged.state.node("regulator")) == pin
+    for node in ("regulator", "health-authority"):
+        conn = sqlite3.connect(logged.state.node(node).db)
+        try:
+            first = conn.execute("SELECT tree_size, root_hash FROM witness_heads"
+                                 " ORDER BY tree_size LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        assert first == (1, pin.tree_head.root_hash)
+    with pytest.raises(LogAlreadyStarted):  # pinned once, on the empty log
+        pin_first_checkpoint(open_node(logged.state, logged.topology, "operator"))
+
+
+def test_a_log_rewritten_from_its_start_is_refused_by_a_witness_started_from_the_pin(
+        logged, tmp_path):
+    """The operator, with its own key, shows a witness with no history of its own (a new
+    one, or one whose store was lost) a log it rebuilt from the start, with a valid
+    consistency proof within that rebuilt log. Trusting the first head seen, the witness
+    would cosign it; started from the pin it refuses and records the fork."""
+    from governance.ledger import LogInconsistent, Witness
+    from governance.ledger.merkle import MemoryTree, leaf_hash
+    from governance.ledger.tree_head import sign_tree_head
+    from parties.ledger.pin import start_from_pin
+    from parties.runtime.pki import load_signing_key
+    from parties.runtime.store import connect
+
+    key = load_signing_key(logged.state, "operator")
+    forged = MemoryTree(leaf_hash(b"rebuilt entry %d" % i) for i in range(8))
+    head = sign_tree_head("operator", 8, forged.root(), int(time.time() * 1000), key)
+    regulator = load_signing_key(logged.state, "regulator")
+    def witness(db: str) -> Witness:
+        return Witness(connect(tmp_path / db, explicit_transactions=True), "regulator",
+                       regulator, {"operator": key.public_key()})
+
+    witness("tofu.db").cosign(head)  # trust on first use: the rebuilt log passes
+    pinned = witness("pinned.db")
+    start_from_pin(pinned, "operator", load_pin(logged.state.node("regulator")))
+    with pytest.raises(LogInconsistent):
+        pinned.cosign(head, forged.consistency_proof(1))
+    assert pinned.incidents()[0]["reason"].startswith("consistency proof fails")
 
 
 def _tamper(fed: Federation, how: str) -> None:

@@ -413,6 +413,15 @@ class MerkleLog:
             raise ProofUnavailable(f"no entry at index {index}")
         return bytes(row[0])
 
+    def index_of(self, signature: str) -> int:
+        """The index of the entry carrying `signature` (an entry is stored once)."""
+        row = self._conn.execute(
+            "SELECT leaf_index FROM ledger_signatures WHERE signature = ?", (signature,)
+        ).fetchone()
+        if row is None:
+            raise ProofUnavailable("no entry with that signature")
+        return int(row[0])
+
     def leaves(self, start: int = 0, end: int | None = None) -> list[bytes]:
         """Stored leaf bytes of [start, end), the input of `verify_log`."""
         end = self.size if end is None else end

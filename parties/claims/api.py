@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
+from governance.ledger.proofs import Receipt
 from governance.meters import request_document
 from mpc.claim.constants import DEFAULT_K, MAX_K, Mode
 from mpc.errors import MalformedInput, MpcError
@@ -206,6 +207,13 @@ class ClaimCheckResponse(BaseModel):
     regulator_answer: Base64Bytes | None = Field(
         None, description="ss: the regulator's result share; he: the verdict bits the "
         "regulator decrypted")
+    log_entry: Base64Bytes = Field(
+        description="the answer's `query_answered` entry as the log stores it (the Merkle "
+        "leaf), committed before the answer left")
+    receipt: Receipt = Field(
+        description="the entry's index and audit path against a checkpoint the log signed "
+        "(`governance.ledger.proofs`); the insurer proves it one history with the witnesses' "
+        "cosigned checkpoint (`parties.ledger.log_view`)")
 
 
 def body_digest(body: ClaimCheckRequest) -> str:

@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from governance.consent import Consent
+from governance.ledger import EntryInvalid, decode_leaf
 from governance.meters import sign_request
 from mpc.claim import OPERATOR, REGULATOR, SERVER, InsurerClaims, encode_claims, finish_verdicts
 from mpc.claim.constants import DEFAULT_K, MODES, VERDICT_COLUMNS
@@ -80,6 +81,9 @@ from parties.claims.api import (
 )
 from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
+from parties.ledger.api import WITNESS_ROLES, ReceiptInvalid, log_node
+from parties.ledger.log_view import VIEW_FILE, LogView
+from parties.ledger.pin import load_pin
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
@@ -184,6 +188,9 @@ class Client:
         self._check_secret: bytes | None = None
         self._request_id_key: bytes | None = None
         self._prepared: dict[str, _Prepared] = {}
+        self._log_view: LogView | None = None
+        self._regulator_key = b""
+        self.last_receipt_bytes = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -415,6 +422,44 @@ class Client:
         self.bytes_received += len(response.model_dump_json())
         return response
 
+    def log_view(self) -> LogView:
+        """This insurer's view of the log, kept in its node directory across clients."""
+        if self._log_view is None:
+            operator = log_node(self.topology)
+            witnesses = [n.name for role in WITNESS_ROLES
+                         for n in self.topology.nodes_with_role(role)]
+            keys = federation_signing_keys(self.state, [operator, *witnesses, self.regulator])
+            self._regulator_key = keys[self.regulator]
+            paths = self.state.node(self.insurer)
+            pin = load_pin(paths)
+            self._log_view = LogView(paths.root / VIEW_FILE, self._http, operator,
+                                     keys[operator], {w: keys[w] for w in witnesses},
+                                     None if pin is None else pin.checkpoint)
+        return self._log_view
+
+    def take_receipt(self, prepared: _Prepared, response: ClaimCheckResponse) -> None:
+        """Take an answer only with its meter in the log: the entry must be the regulator's
+        signed `query_answered` of this request (or, for a stored answer, of the request
+        that first asked it) for this insurer, its receipt must prove it in the log, one
+        history with every checkpoint seen before (`LogView.accept`), and the log's cosigned
+        checkpoint is fetched to settle earlier receipts (`LogView.refresh`)."""
+        try:
+            logged = decode_leaf(response.log_entry)
+        except EntryInvalid as exc:
+            raise ReceiptInvalid(f"the answer's log entry does not parse: {exc}") from None
+        event = logged.entry.event
+        own = response.request_id == prepared.log_id
+        view = self.log_view()
+        if (logged.index != response.receipt.index or event.kind != "query_answered"
+                or event.actor != self.regulator or event.request_id != response.request_id
+                or event.payload.get("party") != self.insurer
+                or (own and event.payload.get("data_user_signature") != prepared.signature)
+                or not logged.entry.signature_valid(self._regulator_key)):
+            raise ReceiptInvalid("the answer's log entry is not the meter of this request")
+        view.accept(response.receipt, response.log_entry)
+        view.refresh()
+        self.last_receipt_bytes = len(response.receipt.model_dump_json())
+
     def decode(self, prepared: _Prepared, response: ClaimCheckResponse) -> pd.DataFrame:
         """The verdicts a response decodes to (here, with the reply key and HE key).
 
@@ -462,7 +507,9 @@ class Client:
         token = current_request_id.set(self.log_id(request_id))
         try:
             prepared = self.prepare(claims, consents, mode, request_id)
-            verdicts = self.decode(prepared, self.send(prepared))
+            response = self.send(prepared)
+            self.take_receipt(prepared, response)
+            verdicts = self.decode(prepared, response)
         finally:
             current_request_id.reset(token)
         self._prepared.pop(request_id, None)

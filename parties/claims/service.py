@@ -65,6 +65,7 @@ from governance.consent import ConsentError, ConsentMissing
 from governance.contracts import ContractError, ContractTerms
 from governance.errors import GovernanceError
 from governance.ledger import SignedEntry
+from governance.ledger.proofs import ProofBundle, Receipt
 from governance.meters import meter_fields, request_signature_valid
 from mpc.claim.constants import CLAIM_SCENARIO, RECORD_COLUMNS, VERDICT_OUTPUTS
 from mpc.errors import MalformedInput, MpcError
@@ -104,7 +105,7 @@ from parties.claims.he_key import regulator_he_key
 from parties.claims.peers import node_client, operator_node
 from parties.claims.request_book import COMPONENT, MIGRATIONS, request_book
 from parties.claims.sessions import follower_host
-from parties.ledger.client import append_signed, signed_entry
+from parties.ledger.client import append_signed, receipt_of, signed_entry
 from parties.ledger.deferred import COMPONENT as DEFERRED_COMPONENT
 from parties.ledger.deferred import MIGRATIONS as DEFERRED_MIGRATIONS
 from parties.ledger.deferred import (
@@ -324,12 +325,6 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
             if follower is not None:
                 follower.forget(rid)
         compute_ms = round((time.perf_counter() - started) * 1000)
-        response = ClaimCheckResponse(
-            request_id=rid, mode=body.mode, claim_ids=[c.claim_id for c in body.claims],
-            operator_answer=base64.b64encode(answer),
-            regulator_answer=None if regulator_answer is None else base64.b64encode(
-                regulator_answer),
-        ).model_dump_json().encode()
         meter = {
             "contract_id": body.contract_id, "party": insurer,
             "records_touched": result.records_touched, "rows_returned": len(body.claims),
@@ -338,7 +333,15 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
             **meter_fields(CHECK.method, CHECK.path, digest, signature),
         }
         t2 = time.perf_counter()
-        log_before_release(ctx, rid, meter)
+        logged = log_before_release(ctx, rid, meter)
+        response = ClaimCheckResponse(
+            request_id=rid, mode=body.mode, claim_ids=[c.claim_id for c in body.claims],
+            operator_answer=base64.b64encode(answer),
+            regulator_answer=None if regulator_answer is None else base64.b64encode(
+                regulator_answer),
+            log_entry=logged.entry,
+            receipt=Receipt(**logged.model_dump(exclude={"entry"})),
+        ).model_dump_json().encode()
         book.answered(rid, response, question)
         status = "answered"
     finally:
@@ -352,18 +355,20 @@ def check_claims(ctx: NodeContext, insurer: str, body: ClaimCheckRequest,
     return response
 
 
-def log_before_release(ctx: NodeContext, rid: str, meter: dict[str, Any]) -> None:
-    """Commit the answer's meter (`query_answered`) to the log before the answer leaves.
+def log_before_release(ctx: NodeContext, rid: str, meter: dict[str, Any]) -> ProofBundle:
+    """Commit the answer's meter (`query_answered`) to the log before the answer leaves;
+    the entry as stored, with its receipt for the answer to carry.
 
-    When the log cannot take it within `LOG_BEFORE_RELEASE_S` the answer is withheld
-    (`AnswerNotLogged`; the caller gives back the quota): nothing left, so nothing is
-    billed, and a `query_withheld` entry (deferred until the log takes it) voids the meter
-    in case the slow append was committed after all.
+    When the log cannot take it (or give its receipt) within `LOG_BEFORE_RELEASE_S` the
+    answer is withheld (`AnswerNotLogged`; the caller gives back the quota): nothing left,
+    so nothing is billed, and a `query_withheld` entry (deferred until the log takes it)
+    voids the meter in case the slow append was committed after all.
     """
     entry = signed_entry(ctx, "query_answered", meter)
     request_book(ctx).metering(rid, entry.model_dump_json())
     try:
         append_signed(ctx, entry, timeout=LOG_BEFORE_RELEASE_S)
+        return receipt_of(ctx, entry, timeout=LOG_BEFORE_RELEASE_S)
     except Exception as exc:
         if not log_unavailable(exc):
             raise

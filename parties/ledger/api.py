@@ -10,7 +10,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, RootModel
 
-from governance.ledger import Cosignature, SignedEntry, SignedTreeHead, WitnessedHead
+from governance.ledger import (
+    Cosignature,
+    SignedEntry,
+    SignedTreeHead,
+    WitnessedHead,
+    register_event_kind,
+)
+from governance.ledger.proofs import ProofBundle
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Kind, Raw, Route
 from parties.runtime.topology import Role, Topology
@@ -19,6 +26,8 @@ LOG_NODE_ROLE = Role.OPERATOR
 WITNESS_ROLES = (Role.HEALTH_AUTHORITY, Role.REGULATOR)
 MAX_ENTRIES_PER_APPEND = 1000
 MAX_ENTRIES_PER_READ = 1000
+# The log's first entry, whose checkpoint is pinned at setup (`parties.ledger.pin`).
+LOG_STARTED = register_event_kind("log_started")
 
 
 class LedgerUnavailable(NodeError):
@@ -79,6 +88,12 @@ class LogUnderIncident(NodeError):
     http_status = 503
 
 
+class LogAlreadyStarted(NodeError):
+    """The log's first checkpoint is pinned once, on an empty log, at federation setup."""
+
+    http_status = 409
+
+
 class EntryRangeInvalid(NodeError):
     http_status = 400
 
@@ -90,13 +105,16 @@ class LeafRange(BaseModel):
     leaves: list[str]
 
 
-class InclusionProofBundle(BaseModel):
-    """What a third party needs to check one log entry offline."""
+class ReceiptInvalid(NodeError):
+    """A receipt does not prove its entry in the log (another entry, another checkpoint, a
+    bad signature or audit path): the answer it came with is not taken."""
 
-    proof: str  # compact JSON (`InclusionProof.to_json`)
-    entry: str  # the stored entry bytes (the Merkle leaf), base64
-    tree_head: SignedTreeHead
-    log_public_key: str
+    http_status = 502
+
+
+class LogForked(ReceiptInvalid):
+    """The log showed a checkpoint that is not one history with one it showed before (or
+    would not prove that it is): a fork, evidence against the operator."""
 
 
 # At the operator.
@@ -110,8 +128,13 @@ TREE_HEAD = Route("GET", "/v1/ledger/head", Kind.TRANSPARENCY, None, SignedTreeH
 # Query parameters `first` and `second`: the two tree sizes.
 CONSISTENCY = Route("GET", "/v1/ledger/consistency", Kind.TRANSPARENCY, None, ConsistencyProof,
                     tag="ledger")
+# Against the cosigned checkpoint (`CHECKPOINT`); 404 until one includes the entry.
 INCLUSION_PROOF = Route("GET", "/v1/ledger/proof/{index}", Kind.TRANSPARENCY, None,
-                        InclusionProofBundle, tag="ledger")
+                        ProofBundle, tag="ledger")
+# Query parameter `signature`: the entry's (hex); the entry and its receipt against the log's
+# latest size, signed by the log (the serving node's answer carries them).
+RECEIPT = Route("GET", "/v1/ledger/receipt", Kind.TRANSPARENCY, None, ProofBundle,
+                tag="ledger")
 # The largest head the most witnesses cosigned, as a C2SP checkpoint (text/plain) carrying
 # the log's signature and their cosignatures.
 CHECKPOINT = Route("GET", "/v1/ledger/checkpoint", Kind.TRANSPARENCY, None, Raw, tag="ledger")

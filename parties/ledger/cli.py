@@ -13,16 +13,15 @@ import typer
 from rich.console import Console
 
 from governance.ledger import (
-    InclusionProofInvalid,
     LedgerError,
     LogInconsistent,
     SignedTreeHead,
     TreeHeadInvalid,
-    check_inclusion_proof,
     verify_log,
 )
 from governance.ledger.checkpoint import origin_of, verify_checkpoint
 from governance.ledger.merkle import leaf_hash, root_hash, verify_consistency
+from governance.ledger.proofs import ProofBundle, verify_bundle
 from governance.ledger.verify import check_leaves, key_history_of
 from parties.ledger.api import (
     CHECKPOINT,
@@ -34,12 +33,12 @@ from parties.ledger.api import (
     WITNESS_INCIDENTS,
     WITNESS_ROLES,
     WITNESSED_HEAD,
-    InclusionProofBundle,
     WitnessIncident,
     log_node,
 )
 from parties.ledger.key_rotation import revoke_signing_key, rotate_signing_key
 from parties.ledger.operator_log import inclusion_bundle, latest_cosignatures
+from parties.ledger.pin import load_pin
 from parties.node import open_node
 from parties.runtime.cli import (
     ExitCode,
@@ -116,10 +115,14 @@ def verify(
     head = heads[-1]
     common = min(witnessed) if len(witnessed) == len(witnesses) and witnessed else None
     target = next((h for h in heads if h.tree_size == common), head)
+    # the first checkpoint, pinned at setup, must be a prefix of the history verified
+    pin = load_pin(st.node(operator))
+    pinned = [] if pin is None else [pin.tree_head]
     report = verify_log(
         leaves[: target.tree_size] if target is not head else leaves, target,
         [c for c in cosignatures if c.tree_size == target.tree_size], keys,
-        checkpoints=[h for h in heads if h.tree_size <= target.tree_size],
+        checkpoints=pinned + [h for h in heads if h.tree_size <= target.tree_size
+                              and h.tree_size not in {p.tree_size for p in pinned}],
         required_witnesses=witnesses,
     )
     latest = verify_log(leaves, head, [], keys, checkpoints=heads) if target is not head else None
@@ -168,8 +171,9 @@ def audit(
 
     The operator's cosigned C2SP checkpoint must carry the log's signature and every
     witness's cosignature; each witness's own latest head, asked of the witness itself,
-    must be one history with it; no witness may hold an open incident; and every entry
-    up to the checkpoint must verify and hash to its root.
+    must be one history with it and with the first checkpoint pinned at setup; no witness
+    may hold an open incident; and every entry up to the checkpoint must verify and hash to
+    its root.
     """
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
@@ -193,6 +197,11 @@ def audit(
             raise LogInconsistent(f"the entries do not hash to the checkpoint's root "
                                   f"({len(problems)} bad entries)")
         heads = [(checked.tree_size, checked.root)]
+        pin = load_pin(st.node(node))
+        if pin is not None:  # the first checkpoint, pinned at setup: the history extends it
+            first = verify_checkpoint(pin.checkpoint, checked.origin, keys[operator], {},
+                                      required=0)
+            heads.append((first.tree_size, first.root))
         for witness in witnesses:
             shown = client.call(witness, WITNESSED_HEAD)
             if shown is None or not (shown.head.signature_valid(keys[operator])
@@ -258,7 +267,8 @@ def prove(
     topology: TopologyOption = None,
     out: Annotated[Path | None, typer.Option(help="Write the proof bundle here.")] = None,
 ) -> None:
-    """Print an inclusion proof of ENTRY that a third party checks with `check-proof`."""
+    """Print ENTRY with its inclusion proof against the cosigned checkpoint (a proof bundle
+    that a third party checks with `check-proof`)."""
     _, topo = resolve_topology(state, topology)
     ctx = open_node(StateDir(state), topo, log_node(topo))
     with exit_on(Exception):
@@ -266,7 +276,7 @@ def prove(
     text = bundle.model_dump_json(indent=2)
     if out:
         out.write_text(text)
-        console.print(f"proof of entry {entry} written to {out} ({len(bundle.proof)} bytes)")
+        console.print(f"proof of entry {entry} written to {out} ({len(text)} bytes)")
     else:
         print(text)
 
@@ -274,25 +284,23 @@ def prove(
 @ledger_app.command("check-proof")
 def check_proof(
     bundle_file: Annotated[Path, typer.Argument(help="A bundle written by `cogov ledger prove`.")],
-    log_key: Annotated[
-        str | None,
-        typer.Option(help="The log's Ed25519 public key (hex), pinned by the checker. Default: "
-                     "the key in the bundle, which only proves self-consistency."),
-    ] = None,
+    state: StateOption = default_state_dir(),
+    topology: TopologyOption = None,
 ) -> None:
-    """Check an inclusion proof offline: needs only the bundle and the log's public key."""
+    """Check a proof bundle offline: the log's signature and every witness's cosignature on
+    its checkpoint, and the entry's audit path, with the CA-certified public keys only."""
+    _, topo = resolve_topology(state, topology)
+    operator = log_node(topo)
+    witnesses = [n.name for n in topo.nodes if n.role in WITNESS_ROLES]
     try:
-        bundle = InclusionProofBundle.model_validate_json(bundle_file.read_text())
-        index = check_inclusion_proof(bundle.proof, bundle.tree_head,
-                                      log_key or bundle.log_public_key,
-                                      leaf=base64.b64decode(bundle.entry))
-    except (InclusionProofInvalid, ValueError) as exc:
+        keys = federation_signing_keys(StateDir(state), [operator, *witnesses])
+        bundle = ProofBundle.model_validate_json(bundle_file.read_text())
+        _, checked = verify_bundle(bundle, origin_of(operator, keys[operator]), keys[operator],
+                                   {w: keys[w] for w in witnesses})
+    except (LedgerError, PkiError, ValueError) as exc:
         fail("proof rejected", str(exc), ExitCode.REFUSED, exc)
-    if log_key is None:
-        console.print("[yellow]no --log-key given: checked against the bundle's own key[/yellow]")
-    head = bundle.tree_head
-    console.print(f"[green]entry {index} is in the log of size {head.tree_size}[/green] "
-                  f"(root {head.root_hash[:16]}...)")
+    console.print(f"[green]entry {bundle.index} is in the log of size {checked.tree_size}"
+                  f"[/green] (checkpoint cosigned by {', '.join(sorted(checked.cosigned_at))})")
 
 
 @ledger_app.command("rotate-key")

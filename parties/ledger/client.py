@@ -10,14 +10,16 @@ import threading
 from typing import Any
 
 from governance.ledger import SignedEntry, make_event, sign_event
+from governance.ledger.proofs import ProofBundle
 from parties.ledger.api import (
     APPEND_ENTRIES,
     LOG_NODE_ROLE,
+    RECEIPT,
     EntriesAppended,
     EntryBatch,
     log_node,
 )
-from parties.ledger.operator_log import append_entries
+from parties.ledger.operator_log import append_entries, receipt
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
 from parties.runtime.node_log import current_request_id, new_request_id
@@ -59,6 +61,16 @@ def append_signed(ctx: NodeContext, entry: SignedEntry, timeout: float | None = 
         return append_entries(ctx, [entry])
     client = ctx.component(LogClients).client(timeout)
     return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
+
+
+def receipt_of(ctx: NodeContext, entry: SignedEntry, timeout: float | None = None
+               ) -> ProofBundle:
+    """`entry` as the log stores it, with its receipt (audit path against a checkpoint the
+    log signs at its latest size); the entry must be in the log."""
+    if ctx.spec.role == LOG_NODE_ROLE:
+        return receipt(ctx, entry.signature)
+    client = ctx.component(LogClients).client(timeout)
+    return client.call(log_node(ctx.topology), RECEIPT, query={"signature": entry.signature})
 
 
 def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:

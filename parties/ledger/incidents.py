@@ -9,6 +9,7 @@ import time
 
 from governance.ledger import Witness
 from parties.ledger.api import WITNESS_ROLES, LogUnderIncident, log_node
+from parties.ledger.pin import load_pin, start_from_pin
 from parties.runtime.context import NodeContext
 from parties.runtime.store import connect
 
@@ -17,9 +18,11 @@ def node_witness(ctx: NodeContext) -> Witness:
     def make() -> Witness:
         operator = log_node(ctx.topology)
         conn = connect(ctx.paths.db, explicit_transactions=True)
-        return Witness(
+        witness = Witness(
             conn, ctx.name, ctx.signing_key, {operator: ctx.signing_public_keys()[operator]}
         )
+        start_from_pin(witness, operator, load_pin(ctx.paths))
+        return witness
 
     return ctx.component(Witness, make)
 

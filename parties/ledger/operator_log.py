@@ -9,10 +9,11 @@ import os
 import sqlite3
 import threading
 
-from governance.ledger import Cosignature, MerkleLog, SignedEntry
+from governance.ledger import Cosignature, MerkleLog, ProofUnavailable, SignedEntry, SignedTreeHead
 from governance.ledger.checkpoint import checkpoint_text, note, origin_of, sign_line
+from governance.ledger.proofs import ProofBundle, join_path
 from governance.ledger.store import DEFAULT_MAX_SKEW_MS
-from parties.ledger.api import EntriesAppended, InclusionProofBundle
+from parties.ledger.api import EntriesAppended
 from parties.runtime.context import NodeContext
 from parties.runtime.store import connect
 
@@ -59,17 +60,40 @@ def append_entries(ctx: NodeContext, entries: list[SignedEntry]) -> EntriesAppen
     )
 
 
-def inclusion_bundle(ctx: NodeContext, index: int) -> InclusionProofBundle:
+def inclusion_bundle(ctx: NodeContext, index: int) -> ProofBundle:
+    """Entry `index` with its audit path against the cosigned checkpoint (`checkpoint_note`);
+    `ProofUnavailable` while no cosigned checkpoint includes it."""
+    size, cosignatures = _best_cosigned(ctx)
     holder = operator_log(ctx)
     with holder.lock:
         holder.log.sync()
-        head = holder.log.tree_head()
-        proof = holder.log.inclusion_proof(index, head.tree_size)
+        head = holder.log.tree_head(size)
+        if not 0 <= index < head.tree_size:
+            raise ProofUnavailable(f"entry {index} is in no cosigned checkpoint yet (the "
+                                   f"witnesses cosigned size {head.tree_size})")
+        path = holder.log.inclusion_proof(index, head.tree_size).path
         leaf = holder.log.leaf(index)
-    return InclusionProofBundle(
-        proof=proof.to_json(), entry=base64.b64encode(leaf).decode(), tree_head=head,
-        log_public_key=holder.log.public_key_hex,
-    )
+    return ProofBundle(index=index, checkpoint=signed_note(ctx, head, cosignatures),
+                       inclusion=join_path(path), entry=base64.b64encode(leaf).decode())
+
+
+def receipt(ctx: NodeContext, signature: str) -> ProofBundle:
+    """The entry carrying `signature` as stored, with its receipt: its audit path against a
+    checkpoint signed now at the log's size (cosigned too if the witnesses cosigned it)."""
+    holder = operator_log(ctx)
+    with holder.lock:
+        holder.log.sync()
+        index = holder.log.index_of(signature)
+        head = holder.log.tree_head()
+        path = holder.log.inclusion_proof(index, head.tree_size).path
+        leaf = holder.log.leaf(index)
+    with ctx.store.lock:
+        rows = ctx.store.conn.execute(
+            "SELECT cosignature FROM ledger_cosignatures WHERE tree_size = ? ORDER BY witness",
+            (head.tree_size,)).fetchall()
+    cosignatures = [Cosignature.model_validate_json(r[0]) for r in rows]
+    return ProofBundle(index=index, checkpoint=signed_note(ctx, head, cosignatures),
+                       inclusion=join_path(path), entry=base64.b64encode(leaf).decode())
 
 
 def keep_cosignature(ctx: NodeContext, cosignature: Cosignature) -> None:
@@ -90,10 +114,8 @@ def latest_cosignatures(conn: sqlite3.Connection) -> list[Cosignature]:
     return [Cosignature.model_validate_json(r[0]) for r in rows]
 
 
-def checkpoint_note(ctx: NodeContext) -> str:
-    """The C2SP checkpoint of the largest head that the most witnesses cosigned (the latest
-    head if none has been), signed by the log and carrying those witnesses' cosignatures."""
-    holder = operator_log(ctx)
+def _best_cosigned(ctx: NodeContext) -> tuple[int | None, list[Cosignature]]:
+    """The largest size that the most witnesses cosigned, with their cosignatures."""
     with ctx.store.lock:
         best = ctx.store.conn.execute(
             "SELECT tree_size FROM ledger_cosignatures GROUP BY tree_size"
@@ -101,12 +123,27 @@ def checkpoint_note(ctx: NodeContext) -> str:
         rows = [] if best is None else ctx.store.conn.execute(
             "SELECT cosignature FROM ledger_cosignatures WHERE tree_size = ? ORDER BY witness",
             (best[0],)).fetchall()
-    with holder.lock:
-        holder.log.sync()
-        head = holder.log.tree_head(None if best is None else best[0])
+    return (None if best is None else best[0],
+            [Cosignature.model_validate_json(r[0]) for r in rows])
+
+
+def signed_note(ctx: NodeContext, head: SignedTreeHead, cosignatures: list[Cosignature]
+                 ) -> str:
+    """The C2SP checkpoint of `head`, signed by the log, with the cosignatures of it."""
     origin = origin_of(ctx.name, ctx.signing_key.public_key())
     text = checkpoint_text(origin, head.tree_size, head.root)
-    cosignatures = [Cosignature.model_validate_json(r[0]) for r in rows]
     return note(text, [sign_line(text, origin, ctx.signing_key)] + [
         c.checkpoint_cosignature for c in cosignatures
-        if c.checkpoint_cosignature and c.root_hash == head.root_hash])
+        if c.checkpoint_cosignature and (c.tree_size, c.root_hash) == (head.tree_size,
+                                                                    head.root_hash)])
+
+
+def checkpoint_note(ctx: NodeContext) -> str:
+    """The C2SP checkpoint of the largest head that the most witnesses cosigned (the latest
+    head if none has been), signed by the log and carrying those witnesses' cosignatures."""
+    size, cosignatures = _best_cosigned(ctx)
+    holder = operator_log(ctx)
+    with holder.lock:
+        holder.log.sync()
+        head = holder.log.tree_head(size)
+    return signed_note(ctx, head, cosignatures)

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from governance.ledger import Cosignature, SignedTreeHead
+from governance.ledger.proofs import ProofBundle
 from parties.ledger.api import (
     APPEND_ENTRIES,
     CHECKPOINT,
@@ -26,13 +27,13 @@ from parties.ledger.api import (
     INCLUSION_PROOF,
     LOG_NODE_ROLE,
     MAX_ENTRIES_PER_READ,
+    RECEIPT,
     TREE_HEAD,
     ConsistencyProof,
     CosignatureKept,
     EntriesAppended,
     EntryBatch,
     EntryRangeInvalid,
-    InclusionProofBundle,
     LeafRange,
 )
 from parties.ledger.operator_log import (
@@ -43,6 +44,7 @@ from parties.ledger.operator_log import (
     inclusion_bundle,
     keep_cosignature,
     operator_log,
+    receipt,
 )
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
@@ -94,8 +96,15 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         return CosignatureKept(tree_size=body.tree_size)
 
     @mount(router, INCLUSION_PROOF)
-    def get_proof(index: int, caller: Caller) -> InclusionProofBundle:
+    def get_proof(index: int, caller: Caller) -> ProofBundle:
+        """Entry `index` with its audit path against the cosigned checkpoint."""
         return inclusion_bundle(ctx, index)
+
+    @mount(router, RECEIPT)
+    def get_receipt(signature: Annotated[str, Query(pattern=r"^[0-9a-f]{128}$")],
+                    caller: Caller) -> ProofBundle:
+        """The entry with this signature and its audit path against the log's latest size."""
+        return receipt(ctx, signature)
 
     @mount(router, CHECKPOINT)
     def get_checkpoint(caller: Caller) -> Response:
