@@ -82,6 +82,7 @@ from parties.claims.api import (
 )
 from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
+from parties.domains.commitment_book import CommitmentBook
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import NodeError, RemoteError
 from parties.runtime.node_log import REQUEST_ID_HEADER, current_request_id
@@ -181,6 +182,7 @@ class Client:
         self.regulator = self.topology.node_of(Role.REGULATOR)
         self._http = NodeClient(self.state, self.topology, insurer, timeout=timeout)
         self._tokens: dict[str, bytes] = {}
+        self._key_commitments: CommitmentBook | None = None
         self._commitments: dict[tuple[str, str], str] = {}
         self._operator_key: bytes | None = None
         self._he_public: Any = None
@@ -242,7 +244,10 @@ class Client:
 
         missing = list(dict.fromkeys(i for i in national_ids if i not in self._tokens))
         if missing:
-            for nid, token in zip(missing, domain_tokens(self._http, missing), strict=True):
+            if self._key_commitments is None:
+                self._key_commitments = CommitmentBook(self._http)
+            fetched = domain_tokens(self._http, missing, book=self._key_commitments)
+            for nid, token in zip(missing, fetched, strict=True):
                 self._tokens[nid] = token
         return [self._tokens[i] for i in national_ids]
 
