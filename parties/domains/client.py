@@ -20,7 +20,7 @@ from parties.domains.api import DEFAULT_SCENARIO, DOMAIN_TOKENS, MAX_POINTS, Opr
 from parties.domains.batch import sign_batch
 from parties.domains.commitment_book import CommitmentBook, verify_answer
 from parties.runtime.client import NodeClient
-from parties.runtime.node_log import current_request_id, new_request_id
+from parties.runtime.node_log import NodeLog, current_request_id, new_request_id
 from parties.runtime.pki import load_signing_key
 from parties.runtime.topology import Role
 
@@ -52,9 +52,9 @@ def domain_tokens(
             try:
                 evaluated = verify_answer(book, blinded, answer, scenario=scenario)
             except OprfProofInvalid as exc:
-                if client.log:
-                    client.log.event("oprf_proof_refused", batch_id=batch.batch_id,
-                                     points=len(blinded), error=str(exc))
+                log = client.log or NodeLog(client.state.node(client.me).log, client.me)
+                log.event("oprf_proof_refused", batch_id=batch.batch_id, points=len(blinded),
+                          error=str(exc))
                 raise
             tokens += xid.unblind(state, evaluated)
         return tokens
