@@ -119,13 +119,12 @@ def evaluate_signed_batch(ctx: NodeContext, batch: SignedBatch) -> EvaluatedBatc
             batch=batch, domain_step=domain_step, domain_commitment=committed.hex()))
     if len(level1_step.points) != len(batch.points):
         raise DomainError("the health authority returned the wrong number of points")
-    points = batch.points
     append_entry(ctx, OPRF_EVALUATED, {
         "data_user": batch.data_user, "domain": domain_id, "scenario": batch.scenario,
-        "points": len(points), "batch_id": batch.batch_id, "batch_digest": digest,
+        "points": len(batch.points), "batch_id": batch.batch_id, "batch_digest": digest,
     })
     ctx.log.event("oprf_evaluated", data_user=batch.data_user, domain=domain_id,
-                  points=len(points), batch_id=batch.batch_id)
+                  points=len(batch.points), batch_id=batch.batch_id)
     return EvaluatedBatch(domain_step=domain_step, level1_step=level1_step)
 
 
