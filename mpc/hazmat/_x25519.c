@@ -343,9 +343,11 @@ static const uint8_t SQRT_M486664[32] = {
 
 static int fe_equal(const fe f, const fe g) {
     uint8_t a[32], b[32];
+    uint8_t diff = 0;
     fe_tobytes(a, f);
     fe_tobytes(b, g);
-    return memcmp(a, b, 32) == 0;
+    for (int i = 0; i < 32; i++) diff |= a[i] ^ b[i];
+    return diff == 0;
 }
 
 static int fe_is_zero(const fe f) {
@@ -377,27 +379,30 @@ static void edwards_signed_one(uint8_t out[32], const uint8_t field[32]) {
     fe_mul(gx1, gx1, x1);
     fe_legendre(chi, gx1);
     fe_tobytes(buf, chi);
-    int square = !(buf[0] == 0xec && buf[31] == 0x7f);
-    for (int i = 1; i < 31 && !square; i++) square = buf[i] != 0xff;
+    int nonsquare = buf[0] == 0xec && buf[31] == 0x7f;
+    for (int i = 1; i < 31; i++) nonsquare &= buf[i] == 0xff;
+    int square = nonsquare ^ 1;
     fe_sub(x2, minus_a, x1);
     fe_mul_small_add(x2, x2, 1, zero);
     fe_add(gx2, x2, a);
     fe_mul(gx2, gx2, x2);
     gx2[0] += 1;
     fe_mul(gx2, gx2, x2);
-    const uint64_t *xm = square ? x1 : x2;
-    memcpy(gx, square ? gx1 : gx2, sizeof(fe));
+    /* branch-free selections: the field elements derive from a secret id's hash */
+    fe_cswap(x1, x2, (uint64_t)(square ^ 1));
+    fe_cswap(gx1, gx2, (uint64_t)(square ^ 1));
+    const uint64_t *xm = x1;
+    memcpy(gx, gx1, sizeof(fe));
     /* y = gx^((p+3)/8), times sqrt(-1) when that is not a root (p = 5 mod 8) */
     fe_pow_2_250_1(tmp, z11, gx);
     fe_sqn(tmp, tmp, 2);
     fe_mul(tmp, tmp, gx); /* gx^(2^252 - 3) */
     fe_mul(y, tmp, gx);
     fe_sq(y2, y);
-    if (!fe_equal(y2, gx)) {
-        fe_frombytes(root, SQRT_M1);
-        fe_mul(y, y, root);
-    }
-    int y_negated = fe_parity(y) != square; /* sgn0(y) = 1 exactly on the x1 branch */
+    fe_frombytes(root, SQRT_M1);
+    fe_mul(root, y, root);
+    fe_cswap(y, root, (uint64_t)(fe_equal(y2, gx) ^ 1));
+    int y_negated = fe_parity(y) ^ square; /* sgn0(y) = 1 exactly on the x1 branch */
     memcpy(out, field, 32);
     if (fe_is_zero(y)) return; /* RFC: x = 0 when yM = 0 */
     fe_invert(tmp, y);
