@@ -23,6 +23,7 @@ LATEST = RESULTS / "latest"
 SUITES: tuple[str, ...] = (
     "tokenize",
     "psi",
+    "stats",
     "ledger",
     "claim_engines",
     "claim_nodes",

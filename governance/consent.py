@@ -38,6 +38,7 @@ replay of a query is the node's concern.
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import uuid
@@ -508,6 +509,29 @@ class ConsentRegistry:
                     now.isoformat(),
                 ),
             )
+
+    def in_force(self, insurer: str, purpose: str, now: datetime, *, scenario: str,
+                 columns: Collection[str], outputs: Collection[str]) -> list[str]:
+        """Ids of the stored consents given to `insurer` that allow this use at `now`: in
+        their window, unrevoked, for `purpose` and `scenario`, with `columns` and `outputs`
+        in scope. Signatures were verified when each was stored."""
+        revoked = {cid: datetime.fromisoformat(at) for cid, at in self._conn.execute(
+            "SELECT r.consent_id, r.revoked_at FROM consent_revocations r JOIN consents c"
+            " ON c.consent_id = r.consent_id WHERE c.insurer = ?", (insurer,))}
+        found = []
+        for consent_id, document in self._conn.execute(
+                "SELECT consent_id, document FROM consents WHERE insurer = ? AND purpose = ?",
+                (insurer, purpose)):
+            terms = json.loads(document)["terms"]
+            if ((consent_id in revoked and revoked[consent_id] <= now)
+                    or not datetime.fromisoformat(terms["not_before"]) <= now
+                    < datetime.fromisoformat(terms["not_after"])
+                    or terms.get("scenario", CLAIM_SCENARIO) != scenario
+                    or not set(columns) <= set(terms["scope"]["columns"])
+                    or not set(outputs) <= set(terms["scope"]["outputs"])):
+                continue
+            found.append(consent_id)
+        return found
 
     def revoked_at(self, consent_id: str) -> datetime | None:
         row = self._conn.execute(

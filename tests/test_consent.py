@@ -225,3 +225,26 @@ def test_the_person_is_checked_after_the_document(registry, alice_key):
     registry.register(consent, ALICE_ID, NOW)
     with pytest.raises(ConsentScopeExceeded):
         _check(registry, consent, who=BOB_ID, columns=["not_in_scope"])
+
+
+def test_in_force_lists_only_consents_that_allow_the_use_now(registry, alice_key):
+    """What the statistic may count: in window, unrevoked, this insurer and purpose, scope."""
+    wide = {"columns": SCOPE["columns"], "outputs": (*SCOPE["outputs"], "statistic")}
+    allowed = _consent(alice_key, **wide)
+    narrow = _consent(alice_key)  # the check's scope only
+    other_purpose = _consent(alice_key, purpose="research", **wide)
+    other_insurer = _consent(alice_key, insurer="insurer-b", **wide)
+    revoked = _consent(alice_key, **wide)
+    later = _consent(alice_key, not_before=NOW + timedelta(days=1), **wide)
+    for consent in (allowed, narrow, other_purpose, other_insurer, revoked, later):
+        registry.register(consent, ALICE_ID, NOW)
+    registry.revoke(revoke_consent(revoked, alice_key, NOW), NOW)
+
+    def in_force(at):
+        return registry.in_force("insurer-a", "claim_settlement", at, scenario="claim_check",
+                                 columns=["amount_fen"], outputs=["statistic"])
+
+    assert in_force(NOW) == [allowed.consent_id]
+    assert sorted(in_force(NOW + timedelta(days=2))) == sorted(
+        [allowed.consent_id, later.consent_id])
+    assert in_force(NOW + timedelta(days=31)) == []  # all ended

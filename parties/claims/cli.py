@@ -38,17 +38,18 @@ from parties.claims.client import Client, verdicts_to_csv
 from parties.runtime.cli import StateOption, TopologyOption, console, exit_on, resolve_topology
 from parties.runtime.errors import NodeError
 from parties.runtime.state import StateDir, default_state_dir
+from parties.stats.api import STATISTIC
 
 claim_app = typer.Typer(help="The fast-claim check, as an insurer.", no_args_is_help=True)
 CONSENT_DAYS = 365
 
 
-def _issue_one(args: tuple[str, str, str, str, str, str]) -> str:
-    master_seed_hex, national_id, insurer, purpose, not_before, not_after = args
+def _issue_one(args: tuple[str, str, str, str, str, str, tuple[str, ...]]) -> str:
+    master_seed_hex, national_id, insurer, purpose, not_before, not_after, outputs = args
     consent = issue_consent(
         consent_signing_key(bytes.fromhex(master_seed_hex), insurer), national_id,
         insurer=insurer, purpose=purpose,
-        columns=RECORD_COLUMNS, outputs=VERDICT_OUTPUTS,
+        columns=RECORD_COLUMNS, outputs=outputs,
         not_before=datetime.fromisoformat(not_before), not_after=datetime.fromisoformat(not_after))
     return consent.model_dump_json()
 
@@ -56,8 +57,10 @@ def _issue_one(args: tuple[str, str, str, str, str, str]) -> str:
 def issue_consents(
     master_seeds: Mapping[str, str], national_ids: Iterable[str], insurer: str, *,
     purpose: str = "claim_settlement", days: int = CONSENT_DAYS, workers: int | None = None,
+    statistics: bool = False,
 ) -> dict[str, Consent]:
-    """What the consumers' apps do: each signs a consent for `insurer` (national id -> Consent).
+    """What the consumers' apps do: each signs a consent for `insurer` (national id -> Consent);
+    with `statistics`, its scope also lets the regulator's statistic count the claimant.
 
     `master_seeds` maps national id -> the consumer's master seed (hex); each consent is
     signed with the key derived from it for `insurer` alone. Issuing costs a scrypt per
@@ -68,8 +71,9 @@ def issue_consents(
     unknown = [i for i in ids if i not in master_seeds]
     if unknown:
         raise KeyError(f"no consumer key for {len(unknown)} claimants")
+    outputs = (*VERDICT_OUTPUTS, STATISTIC) if statistics else VERDICT_OUTPUTS
     jobs = [(master_seeds[i], i, insurer, purpose, (now - timedelta(hours=1)).isoformat(),
-             (now + timedelta(days=days)).isoformat()) for i in ids]
+             (now + timedelta(days=days)).isoformat(), outputs) for i in ids]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 8:
         with ProcessPoolExecutor(workers) as pool:
@@ -150,6 +154,9 @@ def check(
         help="Consents (JSON lines); issued from the consumer keys and saved here if absent."
     )] = None,
     data: Annotated[Path, typer.Option(help="Generated data directory.")] = Path("data"),
+    statistics: Annotated[bool, typer.Option(
+        help="Consents issued here also allow the regulator's statistic "
+             "(`cogov stats claimant-self-pay`) to count the claimant.")] = False,
     policies: Annotated[Path | None, typer.Option(
         help="The insurer's policies CSV (default <data>/policies.csv).")] = None,
     contract: Annotated[str | None, typer.Option(
@@ -182,7 +189,8 @@ def check(
             else:
                 with console.status(f"issuing {frame['national_id'].nunique():,} consents"):
                     given = issue_consents(consumer_keys(data / "consumer_keys.jsonl"),
-                                           frame["national_id"], insurer)
+                                           frame["national_id"], insurer,
+                                           statistics=statistics)
                 if consents is not None:
                     write_consents(consents, given)
             needed = {n: given[n] for n in frame["national_id"] if n in given}

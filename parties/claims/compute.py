@@ -45,6 +45,9 @@ from parties.claims.api import (
     refuse_unknown_hospitals,
     unframe,
 )
+from parties.claims.checked_claimants import COMPONENT as CHECKED_COMPONENT
+from parties.claims.checked_claimants import MIGRATIONS as CHECKED_MIGRATIONS
+from parties.claims.checked_claimants import record_checked
 from parties.claims.fingerprints import hospital_tag
 from parties.claims.sessions import leader_host, session_background
 from parties.claims.tables import SharedDomainTable, shared_domain_table
@@ -225,6 +228,10 @@ def compute(ctx: NodeContext, head: ComputeHead, envelope: bytes) -> tuple[Compu
     t2 = time.perf_counter()
     causes = _person_causes(head, table, token_bytes, consents)
     slots = _plan_or_refuse(ctx, head, table, token_bytes, hospitals, causes)
+    # Every claim's consent is now bound to its person: these are claimants the insurer
+    # really submitted with consent, the only ones a statistic may count.
+    record_checked(ctx, head.insurer, table.domain_id,
+                   zip(token_bytes, head.consent_of_claim, strict=True))
     started = time.perf_counter()
     he_answer = b""
     if head.mode == "plain":
@@ -281,6 +288,6 @@ OPERATOR_COMPUTE_SERVICE = Service(
     name="claims-compute",
     roles=(Role.OPERATOR,),
     routers=_operator_routes,
-    components=((HE_COMPONENT, HE_MIGRATIONS),),
+    components=((HE_COMPONENT, HE_MIGRATIONS), (CHECKED_COMPONENT, CHECKED_MIGRATIONS)),
     background=session_background(leader_host),
 )

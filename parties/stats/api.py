@@ -1,32 +1,39 @@
-"""The stats capability's contract: the regulator's statistics on private intersection-sum.
+"""The stats capability's contract: a regulator statistic with guards the querier cannot move.
 
-The example statistic: the total self-pay of an insurer's claimants at one hospital in
-one month (or a window of months), and how many of them were there. Nobody learns
-which claimants matched.
+The statistic: the total self-pay, at one hospital in a window of months, of an insurer's
+*checked claimants*, and how many they are, both released with discrete Laplace noise.
 
-    insurer (IdHolder on its claimants' shared-domain tokens, from the OPRF chain)
-      1. JoinRequest  --stats-->  regulator (checks the query and its policy)
-                                  --product-->  operator (ValueHolder on the tokens of
-                                  the insurer's shared domain whose visit is at the hospital
-                                  in the window, value = that person's self-pay, clipped)
-      2. JoinResponse <-- regulator <-- operator
-      3. insurer matches, enforces the minimum size, sums under the operator's ElGamal key
-         JoinOutcome  --stats-->  regulator (checks the size again)  --product--> operator
-      4. operator decrypts: IntersectionResult  -->  regulator (records it)  -->  insurer
+    insurer  --SelfPayRequest (contract, query, ε; signed)-->  regulator
+      regulator: contract in force with `claimant_self_pay` allowed, quota, the insurer's
+      ε budget (persistent accountant; the ε is spent here, before any data is touched),
+      the consents in force that the insurer registered for the contract's purpose
+               --OperatorSelfPay-->  operator
+      operator: the checked claimants with one of those consents (tokens it kept from the
+      claim checks it computed, `parties.claims.checked_claimants`) ∩ the people of the
+      insurer's shared domain with a visit at the hospital in the window; refuses when
+      fewer than `MIN_GROUP_SIZE`; else adds noise to the count and the clipped sum
+               <--ReleasedSelfPay (noised count, noised sum)--
+      regulator: meter `query_answered`, the answer book
+    insurer  <--StatsAnswer--
 
-The regulator is the consumer: it keeps every released answer (`ANSWERS`, its local
-administrator only) and appends `query_answered` to the log with ids, counters and the
-SHA-256 of the answer, not the statistic itself (every party reads the log). A refusal
-(intersection under the minimum, policy under the regulator's floor, a noisy query
-repeated, an unknown hospital, the operator's refusal) is logged as `query_refused`.
-When the insurer's `IdHolder` refuses (the released size is under the minimum) it
-reports the refusal, which the regulator logs and the operator forgets.
+Who learns what (semi-honest nodes; the insurer may send anything):
 
-Leakage, semi-honest parties (see `mpc.psi`): the insurer learns the number of the
-operator's rows and the exact intersection size; the operator learns the number of
-claimants, the released size and sum; the regulator learns what is released. A noisy
-answer for a (insurer, hospital, window) is released once: fresh noise on a repeat
-would let the regulator average it away.
+- the insurer names no person: its set is the claimants it submitted to real, consented,
+  person-bound claim checks. It learns the noised count and sum, or the one refusal
+  `StatisticNotReleased` (same status and message whether the group was too small, its
+  ε budget was spent or no consent was in force), never the true size. Each query, refused
+  or answered once it reached the data, spends its ε: there is no noiseless query and no
+  free repeat;
+- the operator learns the true size and sum: it holds both sets already (the visits it
+  circulates, the tokens it saw in the claim checks' envelopes), so it learns nothing
+  new; it is the party that enforces the minimum group size on the true size and draws
+  the noise (`parties.stats.noise`, from `secrets`);
+- the regulator learns the query, the consent ids in force (its own registry) and the
+  noised answer; the log carries ids, counters and the SHA-256 of the answer, never
+  the statistic, a size or the reason of a data-dependent refusal.
+
+No hospital volume is released: the old `operator_rows` (the operator's row count per
+window) is dropped; the noised count is the only size that leaves the operator.
 """
 
 from __future__ import annotations
@@ -34,34 +41,38 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from typing import Annotated, Literal
+from fractions import Fraction
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from governance.meters import request_document
 from mpc.claim.constants import CLAIM_SCENARIO
-from mpc.psi import IntersectionPolicy, IntersectionResult, JoinOutcome, JoinRequest, JoinResponse
 from parties.runtime.errors import NodeError
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role, Topology
 
 SCENARIO = CLAIM_SCENARIO
 STATISTIC = "claimant_self_pay"
-#: the regulator's floor on the minimum intersection size (refuse policies below it)
-MIN_INTERSECTION_FLOOR = IntersectionPolicy().min_intersection
-#: each claimant's self-pay over the window is clipped here (fen): it bounds the DP
-#: sensitivity and the ElGamal range
+#: what the statistic reads: a contract and a consent must allow these columns and output
+STATISTIC_COLUMNS = ("admission_date", "self_pay_fen")
+#: fewer checked claimants than this in the intersection and nothing is released; fixed
+#: here, enforced by the operator on the true size (the querier cannot choose it)
+MIN_GROUP_SIZE = 10
+#: each claimant's self-pay over the window is clipped here (fen): the sum's sensitivity
 DEFAULT_MAX_VALUE = 10_000_000
 MAX_VALUE_LIMIT = 100_000_000
-MAX_CLAIMANTS = 100_000
-EPSILON_RANGE = (0.01, 100.0)
+#: ε of one query, in thousandths (half for the count, half for the sum)
+EPSILON_MILLI_RANGE = (50, 2_000)
+#: the ε a data user may spend on statistics, over the federation's life, in thousandths
+EPSILON_BUDGET_MILLI = 10_000
+MAX_CONSENTS = 500_000
 MAX_WINDOW_MONTHS = 12
-#: a join's session closes this long after it opened (at the regulator and the operator)
-SESSION_TTL_S = 600.0
-SESSION_PATTERN = r"^[0-9a-f]{32}$"
-POINT_BYTES = 32
+NOT_RELEASED = "the statistic is not released"
 
 _MONTH = r"^(19|20)\d{2}-(0[1-9]|1[0-2])$"
 _NODE = r"^[a-z][a-z0-9-]{0,62}$"
+_CONTRACT = r"^[A-Za-z0-9._:-]{3,128}$"
 
 
 def regulator_node(topology: Topology) -> str:
@@ -85,24 +96,18 @@ class UnknownHospital(StatisticsRefused):
     http_status = 422
 
 
-class PolicyBelowFloor(StatisticsRefused):
-    """The query asks for a minimum intersection under the regulator's floor."""
+class StatisticNotReleased(StatisticsRefused):
+    """One refusal, one message, for every cause the querier must not tell apart.
 
+    Fewer than `MIN_GROUP_SIZE` checked claimants in the intersection (which no consent in
+    force also gives), and the insurer's ε budget spent: the first depends on people's
+    data, and a distinct answer for the second would tell a refusal for size apart from
+    it. The cause stays in the refusing node's log and refusal record (`log_detail`).
+    """
 
-class NoisyQueryRepeated(StatisticsRefused):
-    """A noisy answer for this insurer, hospital and window was already released."""
-
-    http_status = 409
-
-
-class UnknownSession(StatisticsRefused):
-    """No open session of this caller under that id (never opened, expired or finished)."""
-
-    http_status = 404
-
-
-class TooManySessions(StatisticsRefused):
-    http_status = 429
+    def __init__(self, cause: str = "") -> None:
+        super().__init__(NOT_RELEASED)
+        self.log_detail = cause or None
 
 
 # --- messages ----------------------------------------------------------------------------
@@ -143,56 +148,70 @@ class SelfPayQuery(BaseModel):
         return (dt.date(first // 12, first % 12 + 1, 1), dt.date(last // 12, last % 12 + 1, 1))
 
 
-class StatsJoin(BaseModel):
-    """Round 1, insurer -> regulator."""
+def _epsilon_milli(epsilon: float) -> int:
+    milli = round(epsilon * 1000)
+    low, high = EPSILON_MILLI_RANGE
+    if abs(epsilon * 1000 - milli) > 1e-6:
+        raise ValueError("epsilon is given in steps of 0.001")
+    if not low <= milli <= high:
+        raise ValueError(f"epsilon must be within {low / 1000:g}..{high / 1000:g}")
+    return milli
 
-    model_config = ConfigDict(extra="forbid")
 
+class SelfPayRequest(BaseModel):
+    """Insurer -> regulator: the statistic over its checked claimants. No ids, no size, no
+    noise: nothing the insurer sends names a person or moves a guard."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    contract_id: Annotated[str, Field(pattern=_CONTRACT)]
     query: SelfPayQuery
-    join: JoinRequest
+    epsilon: Annotated[float, Field(description="ε spent by this query (required)")]
+    max_value: Annotated[int, Field(ge=1, le=MAX_VALUE_LIMIT,
+                                    description="per-claimant clip of the self-pay, fen")] = \
+        DEFAULT_MAX_VALUE
+
+    @model_validator(mode="after")
+    def _epsilon_in_range(self) -> SelfPayRequest:
+        _epsilon_milli(self.epsilon)
+        return self
+
+    @property
+    def epsilon_milli(self) -> int:
+        return _epsilon_milli(self.epsilon)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical request: what the insurer's request signature covers."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
-class OperatorJoin(BaseModel):
-    """Round 1, regulator -> operator: the same, naming the authenticated insurer."""
+class OperatorSelfPay(BaseModel):
+    """Regulator -> operator: the query for the authenticated insurer, its ε (already
+    spent at the regulator) and the insurer's consents in force."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     insurer: Annotated[str, Field(pattern=_NODE)]
+    contract_id: Annotated[str, Field(pattern=_CONTRACT)]
     query: SelfPayQuery
-    join: JoinRequest
+    epsilon_milli: Annotated[int, Field(ge=EPSILON_MILLI_RANGE[0], le=EPSILON_MILLI_RANGE[1])]
+    max_value: Annotated[int, Field(ge=1, le=MAX_VALUE_LIMIT)]
+    consents_in_force: Annotated[list[Annotated[str, Field(max_length=128)]],
+                                 Field(max_length=MAX_CONSENTS)]
+
+    def epsilon_each(self) -> Fraction:
+        """The ε of each of the two released values (the count and the sum)."""
+        return Fraction(self.epsilon_milli, 2000)
 
 
-class GuardRefusal(BaseModel):
-    """The insurer's report that its IdHolder refused to release (size under the minimum)."""
+class ReleasedSelfPay(BaseModel):
+    """Operator -> regulator: the noised count and clipped sum, nothing else."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    reason: Literal["IntersectionTooSmall"] = "IntersectionTooSmall"
-
-
-class OperatorReveal(BaseModel):
-    """Round 3, regulator -> operator: the insurer's outcome of a session to decrypt."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    insurer: Annotated[str, Field(pattern=_NODE)]
-    outcome: JoinOutcome
-
-
-class OperatorAbandon(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    insurer: Annotated[str, Field(pattern=_NODE)]
-
-
-class Revealed(BaseModel):
-    result: IntersectionResult
-    operator_rows: int
-
-
-class Abandoned(BaseModel):
-    session: str
-    abandoned: bool
+    claimants: int
+    self_pay_fen: int
 
 
 class StatsAnswer(BaseModel):
@@ -200,16 +219,18 @@ class StatsAnswer(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    session: str
+    request_id: str
     statistic: Literal["claimant_self_pay"] = STATISTIC
     insurer: str
+    contract_id: str
     query: SelfPayQuery
-    policy: IntersectionPolicy
-    status: Literal["answered", "refused"]
-    result: IntersectionResult | None = None
-    reason: str | None = None
-    claimants: int
-    operator_rows: int | None = None
+    epsilon: float
+    max_value: int
+    min_group: int = MIN_GROUP_SIZE
+    claimants: int = Field(description="the noised number of checked claimants that matched")
+    self_pay_fen: int = Field(description="the noised sum of their clipped self-pay")
+    epsilon_spent: float = Field(description="the insurer's ε spent, this query included")
+    epsilon_budget: float
 
     def digest(self) -> str:
         """SHA-256 of the canonical answer: the log commits to it."""
@@ -217,28 +238,24 @@ class StatsAnswer(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def signed_self_pay(log_id: str, insurer: str, body: SelfPayRequest) -> dict[str, Any]:
+    """What the insurer signs for a statistic request known to the log as `log_id`."""
+    return request_document(SELF_PAY.method, SELF_PAY.path, log_id, body.digest(),
+                            body.contract_id, insurer, 1)
+
+
 # --- routes ------------------------------------------------------------------------------
 
 _INSURERS = (Role.INSURER,)
 _REGULATORS = (Role.REGULATOR,)
 
-# At the regulator, called by the insurer (path parameter `session`: the join's session).
-SELF_PAY_JOIN = Route("POST", "/v1/stats/claimant-self-pay", Kind.STATS, StatsJoin,
-                      JoinResponse, roles=_INSURERS, tag="statistics")
-SELF_PAY_OUTCOME = Route("POST", "/v1/stats/claimant-self-pay/{session}/outcome", Kind.STATS,
-                         JoinOutcome, StatsAnswer, roles=_INSURERS, tag="statistics")
-SELF_PAY_REFUSAL = Route("POST", "/v1/stats/claimant-self-pay/{session}/refusal", Kind.STATS,
-                         GuardRefusal, StatsAnswer, roles=_INSURERS, tag="statistics")
+# At the regulator, called by the insurer (header `X-Cogov-Request-Signature`).
+SELF_PAY = Route("POST", "/v1/stats/claimant-self-pay", Kind.STATS, SelfPayRequest,
+                 StatsAnswer, roles=_INSURERS, tag="statistics")
 # The regulator's own book of answers (query parameter `limit`).
 ANSWERS = Route("GET", "/v1/stats/answers", Kind.ADMIN, None, list[StatsAnswer],
                 tag="statistics")
 
 # At the operator, called by the regulator.
-OPERATOR_JOIN = Route("POST", "/v1/stats/operator/claimant-self-pay/join", Kind.PRODUCT,
-                      OperatorJoin, JoinResponse, roles=_REGULATORS, tag="statistics")
-OPERATOR_REVEAL = Route("POST", "/v1/stats/operator/claimant-self-pay/{session}/reveal",
-                        Kind.PRODUCT, OperatorReveal, Revealed, roles=_REGULATORS,
-                        tag="statistics")
-OPERATOR_ABANDON = Route("POST", "/v1/stats/operator/claimant-self-pay/{session}/abandon",
-                         Kind.PRODUCT, OperatorAbandon, Abandoned, roles=_REGULATORS,
-                         tag="statistics")
+OPERATOR_SELF_PAY = Route("POST", "/v1/stats/operator/claimant-self-pay", Kind.PRODUCT,
+                          OperatorSelfPay, ReleasedSelfPay, roles=_REGULATORS, tag="statistics")

@@ -1,32 +1,29 @@
-"""`cogov stats ...`: the regulator's statistics on private intersection-sum.
+"""`cogov stats ...`: the regulator's noised statistics over checked claimants.
 
-    cogov stats claimant-self-pay --insurer insurer-a --hospital hospital-2 --month 2026-03
-    cogov stats claimant-self-pay ... --through 2026-05 --epsilon 1 --max-value 2000000
+    cogov stats claimant-self-pay --insurer insurer-a --contract claim-check-insurer-a-2026 \\
+        --hospital hospital-2 --month 2026-03 --epsilon 1
+    cogov stats claimant-self-pay ... --through 2026-05 --max-value 2000000
     cogov stats answers                      # the regulator's book of released answers
 
-`claimant-self-pay` runs the insurer's side with the insurer's certificate (its claimants'
-national ids never leave it; they become shared-domain tokens through the blinded OPRF
-chain); the regulator relays, checks and records the answer, which it also returns here.
+`claimant-self-pay` sends one request signed with the insurer's node key and no ids: the
+statistic runs over the claimants the insurer submitted to consented claim checks; the
+operator draws the noise and refuses groups under the minimum; the regulator spends the
+ε from the insurer's budget, meters and records the answer, which it also returns here.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from mpc.errors import MpcError
 from parties.runtime.cli import (
-    ExitCode,
     StateOption,
     TopologyOption,
     exit_on,
-    fail,
     resolve_topology,
 )
 from parties.runtime.client import NodeClient
@@ -36,7 +33,6 @@ from parties.runtime.topology import Role
 from parties.stats.api import (
     ANSWERS,
     DEFAULT_MAX_VALUE,
-    MIN_INTERSECTION_FLOOR,
     SelfPayQuery,
     StatsAnswer,
     regulator_node,
@@ -48,59 +44,41 @@ stats_app = typer.Typer(help="Regulator statistics on private intersection-sum."
                         no_args_is_help=True)
 
 
-def claimant_ids(claims: Path, insurer: str) -> list[str]:
-    """The distinct national ids of `insurer`'s claimants in a claims CSV."""
-    frame = pd.read_csv(claims, dtype={"national_id": str, "insurer": str})
-    if "national_id" not in frame:
-        raise typer.BadParameter(f"{claims} has no national_id column")
-    if "insurer" in frame:
-        frame = frame[frame["insurer"] == insurer]
-    return list(dict.fromkeys(frame["national_id"].dropna()))
-
-
 def _answer_table(answers: list[StatsAnswer]) -> Table:
-    table = Table(title="claimants' self-pay (private intersection-sum)")
-    for column in ("session", "insurer", "hospital", "months", "status", "claimants",
-                   "size", "sum (fen)", "sum (yuan)", "noise"):
-        table.add_column(column, no_wrap=column in ("session", "months"))
+    table = Table(title="checked claimants' self-pay (noised by the operator)")
+    for column in ("request", "insurer", "hospital", "months", "claimants~", "sum~ (fen)",
+                   "sum~ (yuan)", "epsilon"):
+        table.add_column(column, no_wrap=column in ("request", "months"))
     for a in answers:
-        result = a.result
         months = a.query.month if a.query.through in (None, a.query.month) else \
             f"{a.query.month}..{a.query.through}"
-        noise = f"epsilon {a.policy.epsilon:g}" if a.policy.epsilon is not None else "none"
-        table.add_row(
-            a.session[:12], a.insurer, a.query.hospital, months,
-            a.status if a.reason is None else f"{a.status} ({a.reason})", f"{a.claimants:,}",
-            "" if result is None else f"{result.size:,}",
-            "" if result is None or result.sum is None else f"{result.sum:,}",
-            "" if result is None or result.sum is None else f"{result.sum / 100:,.2f}",
-            noise,
-        )
+        table.add_row(a.request_id[:15], a.insurer, a.query.hospital, months,
+                      f"{a.claimants:,}", f"{a.self_pay_fen:,}",
+                      f"{a.self_pay_fen / 100:,.2f}", f"{a.epsilon:g}")
     return table
 
 
 @stats_app.command("claimant-self-pay")
 def claimant_self_pay_cmd(
     insurer: Annotated[str, typer.Option(help="The insurer node (its certificate is used).")],
+    contract: Annotated[str, typer.Option(
+        help="The contract allowing the statistic, e.g. claim-check-insurer-a-2026.")],
     hospital: Annotated[str, typer.Option(help="The hospital, e.g. hospital-2.")],
     month: Annotated[str, typer.Option(help="Admission month, YYYY-MM.")],
+    epsilon: Annotated[float, typer.Option(
+        help="The ε this query spends of the insurer's budget (required; noise on count "
+             "and sum is drawn by the operator).")],
     through: Annotated[str | None, typer.Option(
         help="Last month of a window (YYYY-MM, default: --month).")] = None,
-    epsilon: Annotated[float | None, typer.Option(
-        help="Differential-privacy budget; noise on size and sum (default: exact).")] = None,
     max_value: Annotated[int, typer.Option(
         help="Each claimant's self-pay is clipped here (fen); it scales the noise.")
     ] = DEFAULT_MAX_VALUE,
-    min_intersection: Annotated[int, typer.Option(
-        help="Refuse below this many claimants (the regulator's floor applies).")
-    ] = MIN_INTERSECTION_FLOOR,
-    claims: Annotated[Path, typer.Option(help="The insurer's claims CSV.")] = Path(
-        "data/claims.csv"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     state: StateOption = default_state_dir(),
     topology: TopologyOption = None,
 ) -> None:
-    """Total self-pay of the insurer's claimants at a hospital in a month; nobody learns who."""
+    """Noised count and self-pay total of the insurer's checked, consented claimants at a
+    hospital in a window; the insurer names nobody."""
     _, topo = resolve_topology(state, topology)
     if not topo.has_node(insurer) or topo.node(insurer).role != Role.INSURER:
         raise typer.BadParameter(f"{insurer!r} is not an insurer of the topology")
@@ -108,22 +86,19 @@ def claimant_self_pay_cmd(
         query = SelfPayQuery(hospital=hospital, month=month, through=through)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    ids = claimant_ids(claims, insurer)
-    if not ids:
-        fail("no claimants", f"{insurer} has none in {claims}", ExitCode.REFUSED)
     started = time.perf_counter()
-    with exit_on(NodeError, MpcError, ValueError), \
-            NodeClient(StateDir(state), topo, insurer, timeout=300) as client, \
-            console.status(f"private intersection-sum over {len(ids):,} claimants"):
-        answer = claimant_self_pay(client, ids, query, epsilon=epsilon, max_value=max_value,
-                                   min_intersection=min_intersection)
+    with exit_on(NodeError, ValueError), \
+            NodeClient(StateDir(state), topo, insurer, timeout=300) as client:
+        answer = claimant_self_pay(client, contract, query, epsilon=epsilon,
+                                   max_value=max_value)
     seconds = time.perf_counter() - started
     if as_json:
         print(answer.model_dump_json())
         return
     console.print(_answer_table([answer]))
-    console.print(f"answered in {seconds:.2f} s; recorded by the regulator "
-                  f"(session {answer.session}, answer sha256 {answer.digest()[:16]}...)")
+    console.print(f"answered in {seconds:.2f} s; ε spent {answer.epsilon_spent:g} of "
+                  f"{answer.epsilon_budget:g}; recorded by the regulator "
+                  f"(answer sha256 {answer.digest()[:16]}...)")
 
 
 @stats_app.command("answers")

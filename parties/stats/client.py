@@ -1,58 +1,45 @@
-"""The insurer's side of the claimants' self-pay statistic.
+"""The insurer's side of the claimants' self-pay statistic: one signed request.
 
-The insurer's claimants' national ids never leave it: they become its shared-domain
-tokens through the blinded OPRF chain, and only keyed points of those tokens go out.
+The insurer sends no ids: the statistic runs over the claimants it submitted to consented
+claim checks, kept by the operator (`parties.claims.checked_claimants`).
 """
 
-from collections.abc import Sequence
-
-from mpc.errors import IntersectionTooSmall, MalformedInput
-from mpc.psi import IdHolder, IntersectionPolicy
-from parties.domains.client import domain_tokens
+from governance.meters import sign_request
+from parties.claims.api import REQUEST_SIGNATURE_HEADER
 from parties.runtime.client import NodeClient
+from parties.runtime.node_log import current_request_id
+from parties.runtime.pki import load_signing_key
+from parties.runtime.request_ids import new_log_id
 from parties.stats.api import (
     DEFAULT_MAX_VALUE,
-    MIN_INTERSECTION_FLOOR,
-    SCENARIO,
-    SELF_PAY_JOIN,
-    SELF_PAY_OUTCOME,
-    SELF_PAY_REFUSAL,
-    GuardRefusal,
+    SELF_PAY,
     SelfPayQuery,
+    SelfPayRequest,
     StatsAnswer,
-    StatsJoin,
     regulator_node,
+    signed_self_pay,
 )
 
 
-def claimant_self_pay(
-    client: NodeClient,
-    national_ids: Sequence[str],
-    query: SelfPayQuery,
-    *,
-    epsilon: float | None = None,
-    max_value: int = DEFAULT_MAX_VALUE,
-    min_intersection: int = MIN_INTERSECTION_FLOOR,
-) -> StatsAnswer:
-    """Run the statistic as the insurer holding `client`'s certificate; the regulator's answer.
+def self_pay_request(client: NodeClient, body: SelfPayRequest) -> tuple[str, str]:
+    """(log id, the insurer's signature) for sending `body` as `client`'s node."""
+    log_id = new_log_id()  # a log id is kept as is by the regulator (`request_ids`)
+    key = load_signing_key(client.state, client.me)
+    return log_id, sign_request(key, signed_self_pay(log_id, client.me, body))
 
-    Raises `IntersectionTooSmall` when the released size is under the minimum (the
-    refusal is reported to the regulator first), `RemoteError` for the nodes' refusals.
-    """
-    ids = list(dict.fromkeys(national_ids))
-    if not ids:
-        raise MalformedInput("no claimants")
-    policy = IntersectionPolicy(min_intersection=min_intersection, epsilon=epsilon,
-                                max_value=max_value)
-    tokens = domain_tokens(client, ids, scenario=SCENARIO)
-    holder = IdHolder(tokens, policy, with_sum=True)
-    regulator = regulator_node(client.topology)
-    session = {"session": holder.session}
-    response = client.call(regulator, SELF_PAY_JOIN,
-                           StatsJoin(query=query, join=holder.request()))
+
+def claimant_self_pay(client: NodeClient, contract_id: str, query: SelfPayQuery, *,
+                      epsilon: float, max_value: int = DEFAULT_MAX_VALUE) -> StatsAnswer:
+    """Ask the regulator for the statistic as the insurer holding `client`'s certificate.
+
+    Raises `RemoteError` for the nodes' refusals (`StatisticNotReleased` when the group is
+    too small, the ε budget is spent or no consent is in force: one refusal for all)."""
+    body = SelfPayRequest(contract_id=contract_id, query=query, epsilon=epsilon,
+                          max_value=max_value)
+    log_id, signature = self_pay_request(client, body)
+    token = current_request_id.set(log_id)
     try:
-        outcome = holder.finish(response)
-    except IntersectionTooSmall:
-        client.call(regulator, SELF_PAY_REFUSAL, GuardRefusal(), params=session)
-        raise
-    return client.call(regulator, SELF_PAY_OUTCOME, outcome, params=session)
+        return client.call(regulator_node(client.topology), SELF_PAY, body,
+                           headers={REQUEST_SIGNATURE_HEADER: signature})
+    finally:
+        current_request_id.reset(token)

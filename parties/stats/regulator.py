@@ -1,58 +1,63 @@
-"""The regulator's side of the claimants' self-pay statistic: checks, relay, the answer book.
+"""The regulator's side of the claimants' self-pay statistic: the gate, the ε accountant,
+the meter and the answer book.
 
-The regulator checks each query and its policy, relays the insurer's rounds to the
-operator (letting the operator's refusals through as they are), keeps every released or
-refused answer, and states each in the federation's log (`query_answered`,
-`query_refused`) without the statistic itself.
+For each request, in this order, before any data is touched: the insurer's signature
+over the request (its meter carries it); the contract is in force for this insurer with
+`claimant_self_pay` among its allowed outputs and the statistic's columns allowed, and
+the query fits its quota (`ContractBook.authorize`); the ε is spent in the insurer's
+persistent accountant (`stats_epsilon`). A query that would exceed the budget is refused
+before the contract is asked, and changes nothing; a retry of an answered request (same
+request id, same body) gets the stored answer and spends nothing. Then the regulator
+hands the operator the consents in force that the insurer registered for the contract's
+purpose, and the operator answers the noised statistic or the uniform
+`StatisticNotReleased`. A refusal from the data keeps its ε spent (a free refusal would
+let the insurer probe the group size without cost), and the contract's quota
+reservation stays: the query was asked.
+
+Refusals that the insurer must not tell apart (the group too small, the budget spent, no
+consent in force) are one `StatisticNotReleased`, same status and message; the log's
+`query_refused` names only that, the cause stays in this node's log. Answered queries are
+metered (`query_answered` with the insurer's request signature, `governance.meters`), so
+`governance.billing` bills them per query; `records_touched` is 0: a true count in the
+public log would undo the noise.
 """
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
-from pydantic import BaseModel
+from fastapi import APIRouter, Header
 
-from mpc.errors import IntersectionTooSmall, MalformedInput, ProtocolStateError
-from mpc.psi import IntersectionPolicy, JoinOutcome, JoinRequest, JoinResponse
+from governance.contracts import ContractError
+from governance.meters import meter_fields, request_signature_valid
+from parties.agreements.books import consent_registry, contract_book
+from parties.claims.api import REQUEST_SIGNATURE_HEADER, RequestIdReused, RequestSignatureInvalid
 from parties.ledger.client import append_entry
 from parties.ledger.incidents import refuse_under_incident
 from parties.runtime.access import Caller
-from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
-from parties.runtime.errors import NodeError, RemoteError
+from parties.runtime.errors import RemoteError
 from parties.runtime.mount import mount
+from parties.runtime.node_log import current_request_id
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 from parties.stats.api import (
     ANSWERS,
-    MAX_CLAIMANTS,
-    OPERATOR_ABANDON,
-    OPERATOR_JOIN,
-    OPERATOR_REVEAL,
-    POINT_BYTES,
+    EPSILON_BUDGET_MILLI,
+    OPERATOR_SELF_PAY,
     SCENARIO,
-    SELF_PAY_JOIN,
-    SELF_PAY_OUTCOME,
-    SELF_PAY_REFUSAL,
-    SESSION_PATTERN,
-    SESSION_TTL_S,
+    SELF_PAY,
     STATISTIC,
-    GuardRefusal,
-    NoisyQueryRepeated,
-    OperatorAbandon,
-    OperatorJoin,
-    OperatorReveal,
-    SelfPayQuery,
-    StatisticsRefused,
+    STATISTIC_COLUMNS,
+    OperatorSelfPay,
+    ReleasedSelfPay,
+    SelfPayRequest,
+    StatisticNotReleased,
     StatsAnswer,
-    StatsJoin,
     UnknownHospital,
-    UnknownSession,
     operator_node,
+    signed_self_pay,
 )
-from parties.stats.policy import check_policy
-
-SessionId = Annotated[str, Path(pattern=SESSION_PATTERN)]
 
 COMPONENT = "statistics"
 MIGRATIONS: tuple[str, ...] = (
@@ -61,245 +66,199 @@ MIGRATIONS: tuple[str, ...] = (
         session TEXT PRIMARY KEY,
         insurer TEXT NOT NULL,
         statistic TEXT NOT NULL,
-        query_key TEXT NOT NULL,       -- hospital/first/last month
-        query TEXT NOT NULL,           -- JSON SelfPayQuery
-        policy TEXT NOT NULL,          -- JSON IntersectionPolicy
+        query_key TEXT NOT NULL,
+        query TEXT NOT NULL,
+        policy TEXT NOT NULL,
         noisy INTEGER NOT NULL,
         claimants INTEGER NOT NULL,
-        status TEXT NOT NULL,          -- joined | answered | refused | failed
-        answer TEXT,                   -- JSON StatsAnswer once answered or refused
+        status TEXT NOT NULL,
+        answer TEXT,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
     );
     CREATE INDEX stats_sessions_query ON stats_sessions (insurer, statistic, query_key)
     """,
+    # The insurer-matched protocol is gone: its sessions (and their exact sizes) with it.
+    """
+    DROP TABLE stats_sessions;
+    CREATE TABLE stats_epsilon (       -- the ε accountant: one row per query that spent ε
+        request_id TEXT PRIMARY KEY,
+        data_user TEXT NOT NULL,
+        statistic TEXT NOT NULL,
+        epsilon_milli INTEGER NOT NULL,
+        body_sha256 TEXT NOT NULL,     -- the request it was spent for (retries match it)
+        spent_at REAL NOT NULL
+    );
+    CREATE INDEX stats_epsilon_by_user ON stats_epsilon (data_user);
+    CREATE TABLE stats_answers (       -- the released answers (this node's admin only)
+        request_id TEXT PRIMARY KEY REFERENCES stats_epsilon (request_id),
+        answer TEXT NOT NULL,
+        answered_at REAL NOT NULL
+    )
+    """,
 )
 
 
-def _query_key(query: SelfPayQuery) -> str:
-    return f"{query.hospital}/{query.month}/{query.last_month}"
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
-def _payload(insurer: str, query: SelfPayQuery, policy: IntersectionPolicy, session: str,
-             claimants: int, **more: Any) -> dict[str, Any]:
+def epsilon_spent_milli(ctx: NodeContext, data_user: str) -> int:
+    with ctx.store.lock:
+        return ctx.store.conn.execute(
+            "SELECT COALESCE(SUM(epsilon_milli), 0) FROM stats_epsilon WHERE data_user = ?",
+            (data_user,)).fetchone()[0]
+
+
+def stored_answer(ctx: NodeContext, rid: str, data_user: str, body_sha256: str
+                  ) -> StatsAnswer | None:
+    """The answer already released for this very request (a retry), or None for a new one.
+
+    A request id used for another request, or whose request was refused, is refused."""
+    with ctx.store.lock:
+        row = ctx.store.conn.execute(
+            "SELECT e.data_user, e.body_sha256, a.answer FROM stats_epsilon e LEFT JOIN"
+            " stats_answers a ON a.request_id = e.request_id WHERE e.request_id = ?",
+            (rid,)).fetchone()
+    if row is None:
+        return None
+    if row[0] != data_user or row[1] != body_sha256 or row[2] is None:
+        raise RequestIdReused(f"request id {rid} was already used; use a fresh id")
+    return StatsAnswer.model_validate_json(row[2])
+
+
+def spend_epsilon(ctx: NodeContext, rid: str, data_user: str, milli: int,
+                  body_sha256: str) -> int:
+    """Spend `milli` of `data_user`'s ε for request `rid`; the total spent after it.
+
+    Refused (`StatisticNotReleased`, nothing written) when it would exceed the budget."""
+    with ctx.store.lock, ctx.store.conn as conn:
+        if conn.execute("SELECT 1 FROM stats_epsilon WHERE request_id = ?",
+                        (rid,)).fetchone():
+            raise RequestIdReused(f"request id {rid} is being answered; use a fresh id")
+        spent = conn.execute(
+            "SELECT COALESCE(SUM(epsilon_milli), 0) FROM stats_epsilon WHERE data_user = ?",
+            (data_user,)).fetchone()[0]
+        if spent + milli > EPSILON_BUDGET_MILLI:
+            raise StatisticNotReleased("epsilon_budget_spent")
+        conn.execute("INSERT INTO stats_epsilon VALUES (?, ?, ?, ?, ?, ?)",
+                     (rid, data_user, STATISTIC, milli, body_sha256, time.time()))
+    return spent + milli
+
+
+def _refund_epsilon(ctx: NodeContext, rid: str) -> None:
+    with ctx.store.lock, ctx.store.conn as conn:
+        conn.execute("DELETE FROM stats_epsilon WHERE request_id = ?", (rid,))
+
+
+def _payload(insurer: str, body: SelfPayRequest) -> dict[str, Any]:
+    query = body.query
     return {
-        "statistic": STATISTIC, "party": insurer, "session": session, "scenario": SCENARIO,
-        "hospital": query.hospital, "first_month": query.month, "last_month": query.last_month,
-        "min_intersection": policy.min_intersection, "max_value_fen": policy.max_value,
-        "epsilon": None if policy.epsilon is None else repr(policy.epsilon),
-        "noisy": policy.epsilon is not None, "claimants": claimants, **more,
+        "statistic": STATISTIC, "party": insurer, "contract_id": body.contract_id,
+        "scenario": SCENARIO, "hospital": query.hospital, "first_month": query.month,
+        "last_month": query.last_month, "epsilon": repr(body.epsilon),
+        "max_value_fen": body.max_value,
     }
 
 
-def _log_refusal(ctx: NodeContext, payload: dict[str, Any], reason: str) -> None:
+def _log_refusal(ctx: NodeContext, payload: dict[str, Any], exc: Exception) -> None:
+    reason = type(exc).__name__
     try:
         append_entry(ctx, "query_refused", {**payload, "reason": reason})
-    except Exception as exc:  # the refusal stands even if the log is unreachable
-        ctx.log.event("refusal_not_logged", error=type(exc).__name__)
-    ctx.log.event("stats_refused", reason=reason, session=payload["session"],
-                  party=payload["party"])
+    except Exception as log_exc:  # the refusal stands even if the log is unreachable
+        ctx.log.event("refusal_not_logged", error=type(log_exc).__name__)
+    ctx.log.event("stats_refused", reason=reason, party=payload["party"],
+                  cause=getattr(exc, "log_detail", None))
 
 
-class _SessionRow(BaseModel):
-    session: str
-    insurer: str
-    query: SelfPayQuery
-    policy: IntersectionPolicy
-    claimants: int
-    status: str
-    updated_at: float
-
-
-def _session_row(ctx: NodeContext, session: str, insurer: str) -> _SessionRow:
-    with ctx.store.lock:
-        row = ctx.store.conn.execute(
-            "SELECT insurer, query, policy, claimants, status, updated_at FROM stats_sessions"
-            " WHERE session = ?", (session,)).fetchone()
-    if row is None or row[0] != insurer:
-        raise UnknownSession(f"no session {session} of {insurer}")
-    found = _SessionRow(session=session, insurer=row[0],
-                        query=SelfPayQuery.model_validate_json(row[1]),
-                        policy=IntersectionPolicy.model_validate_json(row[2]), claimants=row[3],
-                        status=row[4], updated_at=row[5])
-    if found.status != "joined":
-        raise ProtocolStateError(f"session {session} is {found.status}")
-    if found.updated_at < time.time() - SESSION_TTL_S:
-        raise UnknownSession(f"session {session} expired")
-    return found
-
-
-def _close(ctx: NodeContext, session: str, status: str, answer: StatsAnswer | None) -> None:
-    with ctx.store.lock, ctx.store.conn as conn:
-        conn.execute(
-            "UPDATE stats_sessions SET status = ?, answer = ?, updated_at = ? WHERE session = ?",
-            (status, answer.model_dump_json() if answer else None, time.time(), session))
-
-
-def regulator_join(ctx: NodeContext, insurer: str, body: StatsJoin) -> JoinResponse:
-    """Check the query, relay round 1 to the operator, open the session once it answered.
-
-    A refused join leaves no row behind (the refusal is in the log).
-    """
-    query, join = body.query, body.join
-    claimants = len(join.points) // POINT_BYTES
-    payload = _payload(insurer, query, join.policy, join.session, claimants)
+def regulator_self_pay(ctx: NodeContext, insurer: str, body: SelfPayRequest,
+                       signature: str | None) -> StatsAnswer:
+    """Check, spend ε, ask the operator, meter, record; the answer."""
+    refuse_under_incident(ctx)  # a log under incident answers nothing
+    rid = current_request_id.get() or ""
+    if signature is None or not request_signature_valid(
+            ctx.signing_public_keys()[insurer], signed_self_pay(rid, insurer, body), signature):
+        raise RequestSignatureInvalid(
+            f"sign the request with {insurer}'s node key ({REQUEST_SIGNATURE_HEADER})")
+    payload = _payload(insurer, body)
+    hospitals = {n.name for n in ctx.topology.nodes_with_role(Role.HOSPITAL)}
     try:
-        hospitals = {n.name for n in ctx.topology.nodes_with_role(Role.HOSPITAL)}
-        if query.hospital not in hospitals:
-            raise UnknownHospital(f"{query.hospital!r} is not a hospital of this federation")
-        check_policy(join.policy)
-        if not join.with_sum:
-            raise MalformedInput("this statistic is a sum")
-        if claimants > MAX_CLAIMANTS:
-            raise MalformedInput(f"at most {MAX_CLAIMANTS} claimants per query")
-        _open_session(ctx, insurer, query, join, claimants, check_only=True)
-    except (StatisticsRefused, MalformedInput, ProtocolStateError) as exc:
-        _log_refusal(ctx, payload, type(exc).__name__)
+        if body.query.hospital not in hospitals:
+            raise UnknownHospital(f"{body.query.hospital!r} is not a hospital of this federation")
+        stored = stored_answer(ctx, rid, insurer, body.digest())
+        if stored is not None:  # a retry: the same answer, no ε, no second meter
+            ctx.log.event("stats_replayed", party=insurer)
+            return stored
+        spent = spend_epsilon(ctx, rid, insurer, body.epsilon_milli, body.digest())
+        book = contract_book(ctx)
+        try:
+            book.authorize(body.contract_id, insurer, STATISTIC_COLUMNS, [STATISTIC], _now(), 1,
+                           request_id=rid)
+            terms = book.get(body.contract_id).terms
+        except ContractError:
+            _refund_epsilon(ctx, rid)  # refused on the documents: nothing was asked
+            raise
+    except (ContractError, StatisticNotReleased, UnknownHospital, RequestIdReused) as exc:
+        _log_refusal(ctx, payload, exc)
         raise
+    consents = consent_registry(ctx).in_force(
+        insurer, terms.purpose, _now(), scenario=terms.scenario, columns=STATISTIC_COLUMNS,
+        outputs=[STATISTIC])
     with ctx.client() as client:
         try:
-            response = client.call(operator_node(ctx.topology), OPERATOR_JOIN,
-                                   OperatorJoin(insurer=insurer, query=query, join=join))
+            released: ReleasedSelfPay = client.call(
+                operator_node(ctx.topology), OPERATOR_SELF_PAY, OperatorSelfPay(
+                    insurer=insurer, contract_id=body.contract_id, query=body.query,
+                    epsilon_milli=body.epsilon_milli, max_value=body.max_value,
+                    consents_in_force=consents))
         except RemoteError as exc:
-            # The operator's typed refusal (UnknownDomain, IntersectionTooSmall...) goes on as is.
-            _log_refusal(ctx, payload, exc.error)
+            _log_refusal(ctx, payload, exc)
+            if exc.error == StatisticNotReleased.__name__:
+                # The ε stays spent: the query reached the data (see the module's docstring).
+                raise StatisticNotReleased("refused by the operator") from None
+            _refund_epsilon(ctx, rid)  # refused on the documents, or not computed at all
             raise
-        try:
-            # Checked again: a concurrent noisy join of the same query may have come first.
-            _open_session(ctx, insurer, query, join, claimants, check_only=False)
-        except (StatisticsRefused, ProtocolStateError) as exc:
-            _abandon_at_operator(ctx, client, join.session, insurer)
-            _log_refusal(ctx, payload, type(exc).__name__)
-            raise
-    ctx.log.event("stats_relayed", party=insurer, session=join.session, claimants=claimants)
-    return response
-
-
-def _open_session(ctx: NodeContext, insurer: str, query: SelfPayQuery, join: JoinRequest,
-                  claimants: int, *, check_only: bool) -> None:
-    noisy = join.policy.epsilon is not None
-    key = _query_key(query)
-    now = time.time()
-    with ctx.store.lock, ctx.store.conn as conn:
-        if noisy:
-            # A released noisy answer (or refusal), or one on its way, spends the query.
-            spent = conn.execute(
-                "SELECT session FROM stats_sessions WHERE insurer = ? AND statistic = ? AND"
-                " query_key = ? AND noisy = 1 AND (status IN ('answered', 'refused') OR"
-                " (status = 'joined' AND updated_at >= ?))",
-                (insurer, STATISTIC, key, now - SESSION_TTL_S)).fetchone()
-            if spent:
-                raise NoisyQueryRepeated(
-                    f"a noisy {STATISTIC} for {insurer} at {key} was already released "
-                    f"(session {spent[0]}); a repeat would let its noise be averaged away")
-        if conn.execute("SELECT 1 FROM stats_sessions WHERE session = ?",
-                        (join.session,)).fetchone():
-            raise ProtocolStateError(f"session {join.session} was already used")
-        if check_only:
-            return
-        conn.execute(
-            "INSERT INTO stats_sessions (session, insurer, statistic, query_key, query, policy,"
-            " noisy, claimants, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'joined', ?, ?)",
-            (join.session, insurer, STATISTIC, key, query.model_dump_json(),
-             join.policy.model_dump_json(), int(noisy), claimants, now, now))
-
-
-def _abandon_at_operator(ctx: NodeContext, client: NodeClient, session: str,
-                         insurer: str) -> None:
-    try:
-        client.call(operator_node(ctx.topology), OPERATOR_ABANDON,
-                    OperatorAbandon(insurer=insurer), params={"session": session})
-    except NodeError as exc:  # its session expires anyway
-        ctx.log.event("stats_abandon_failed", session=session, error=type(exc).__name__)
-
-
-def regulator_outcome(
-    ctx: NodeContext, insurer: str, session: str, outcome: JoinOutcome
-) -> StatsAnswer:
-    """Check the released size, relay round 3, record and return the answer."""
-    if outcome.session != session:
-        raise ProtocolStateError("the outcome is for another session")
-    row = _session_row(ctx, session, insurer)
-    payload = _payload(insurer, row.query, row.policy, session, row.claimants)
-    with ctx.client() as client:
-        if outcome.size < row.policy.min_intersection:
-            _refuse_session(ctx, client, row, payload, "IntersectionTooSmall")
-            raise IntersectionTooSmall(
-                f"released size under the agreed minimum of {row.policy.min_intersection}")
-        try:
-            revealed = client.call(operator_node(ctx.topology), OPERATOR_REVEAL,
-                                   OperatorReveal(insurer=insurer, outcome=outcome),
-                                   params={"session": session})
-        except RemoteError as exc:
-            _close(ctx, session, "refused" if exc.http_status < 500 else "failed", None)
-            _log_refusal(ctx, payload, exc.error)
-            raise
-    answer = StatsAnswer(session=session, insurer=insurer, query=row.query, policy=row.policy,
-                         status="answered", result=revealed.result, claimants=row.claimants,
-                         operator_rows=revealed.operator_rows)
-    _close(ctx, session, "answered", answer)
+    answer = StatsAnswer(
+        request_id=rid, insurer=insurer, contract_id=body.contract_id, query=body.query,
+        epsilon=body.epsilon, max_value=body.max_value, claimants=released.claimants,
+        self_pay_fen=released.self_pay_fen, epsilon_spent=spent / 1000,
+        epsilon_budget=EPSILON_BUDGET_MILLI / 1000)
     append_entry(ctx, "query_answered", {
-        **payload, "operator_rows": revealed.operator_rows, "answer_sha256": answer.digest(),
+        **payload, "records_touched": 0, "rows_returned": 1, "compute_ms": 0,
+        "answer_sha256": answer.digest(),
+        **meter_fields(SELF_PAY.method, SELF_PAY.path, body.digest(), signature),
     })
-    ctx.log.event("stats_answered", party=insurer, session=session,
-                  noisy=revealed.result.noisy)
+    with ctx.store.lock, ctx.store.conn as conn:
+        conn.execute("INSERT INTO stats_answers VALUES (?, ?, ?)",
+                     (rid, answer.model_dump_json(), time.time()))
+    ctx.log.event("stats_answered", party=insurer, epsilon_spent_milli=spent)
     return answer
-
-
-def _refuse_session(ctx: NodeContext, client: NodeClient, row: _SessionRow,
-                    payload: dict[str, Any], reason: str) -> StatsAnswer:
-    answer = StatsAnswer(session=row.session, insurer=row.insurer, query=row.query,
-                         policy=row.policy, status="refused", reason=reason,
-                         claimants=row.claimants)
-    _close(ctx, row.session, "refused", answer)
-    _abandon_at_operator(ctx, client, row.session, row.insurer)
-    _log_refusal(ctx, payload, reason)
-    return answer
-
-
-def regulator_refusal(ctx: NodeContext, insurer: str, session: str,
-                      body: GuardRefusal) -> StatsAnswer:
-    """The insurer's IdHolder refused to release: record it, let the operator forget."""
-    row = _session_row(ctx, session, insurer)
-    payload = _payload(insurer, row.query, row.policy, session, row.claimants)
-    with ctx.client() as client:
-        return _refuse_session(ctx, client, row, payload, body.reason)
 
 
 def released_answers(ctx: NodeContext, limit: int = 100) -> list[StatsAnswer]:
     """The regulator's answer book, newest first."""
     with ctx.store.lock:
         rows = ctx.store.conn.execute(
-            "SELECT answer FROM stats_sessions WHERE answer IS NOT NULL"
-            " ORDER BY updated_at DESC LIMIT ?", (max(1, min(limit, 1000)),)).fetchall()
+            "SELECT answer FROM stats_answers ORDER BY answered_at DESC LIMIT ?",
+            (max(1, min(limit, 1000)),)).fetchall()
     return [StatsAnswer.model_validate_json(r[0]) for r in rows]
 
 
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
 
-    @mount(router, SELF_PAY_JOIN,
-           responses={403: {"description": "policy under the floor, or too small"},
-                      409: {"description": "noisy query repeated"}})
-    def post_join(body: StatsJoin, caller: Caller) -> JoinResponse:
-        """Round 1 of the claimants' self-pay statistic: the insurer's keyed claimants."""
-        refuse_under_incident(ctx)  # a log under incident answers nothing
-        return regulator_join(ctx, caller.name, body)
-
-    @mount(router, SELF_PAY_OUTCOME)
-    def post_outcome(session: SessionId, body: JoinOutcome, caller: Caller) -> StatsAnswer:
-        """Round 3: the released size and encrypted sum; returns the recorded answer."""
-        return regulator_outcome(ctx, caller.name, session, body)
-
-    @mount(router, SELF_PAY_REFUSAL)
-    def post_refusal(session: SessionId, body: GuardRefusal, caller: Caller) -> StatsAnswer:
-        """The insurer's guard refused to release: recorded as `query_refused`."""
-        return regulator_refusal(ctx, caller.name, session, body)
+    @mount(router, SELF_PAY,
+           responses={403: {"description": "not released (group, budget or consent), or "
+                                           "refused by the contract"}})
+    def post_self_pay(body: SelfPayRequest, caller: Caller, signature: Annotated[
+            str | None, Header(alias=REQUEST_SIGNATURE_HEADER)] = None) -> StatsAnswer:
+        """The claimants' self-pay statistic over the insurer's checked, consented claimants,
+        noised by the operator; spends the request's ε."""
+        return regulator_self_pay(ctx, caller.name, body, signature)
 
     @mount(router, ANSWERS)
     def get_answers(caller: Caller, limit: int = 100) -> list[StatsAnswer]:
-        """Released (and refused) statistics, newest first: the regulator's own view."""
+        """Released statistics, newest first: the regulator's own view."""
         return released_answers(ctx, limit)
 
     return [router]

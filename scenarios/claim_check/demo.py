@@ -9,8 +9,8 @@ order, so the demo is also the scenario's executable documentation:
  4. sign the contracts (consents: stage 6) `cogov contract sign|register`
  5. develop, validate, approve the package `cogov package libraries|test|submit|approve|run`
  6. claims in `ss` and `he` mode          `cogov claim check`
- 7. a regulator statistic by private      `cogov stats claimant-self-pay`
-    intersection-sum
+ 7. a noised regulator statistic over     `cogov stats claimant-self-pay`
+    the checked, consenting claimants
  8. federated training across hospitals   `cogov fl deploy`
  9. verdicts vs truth, bill, log check    `cogov billing statement`, `cogov ledger verify`
 10. stop the nodes                        `cogov down`
@@ -134,14 +134,15 @@ def _claims(run: DemoRun) -> None:
         for mode in ("ss", "he"):
             run.cogov("claim", "check", "--insurer", insurer, "--mode", mode,
                       "--data", str(run.data), "--out", str(run.out / f"{insurer}-{mode}.csv"),
-                      "--consents", str(run.out / f"consents-{insurer}.jsonl"))
+                      "--consents", str(run.out / f"consents-{insurer}.jsonl"), "--statistics")
 
 
 def _statistics(run: DemoRun) -> None:
-    # The generator's visits span 2024-07 .. 2026-03; a year keeps the group above k = 10.
-    run.cogov("stats", "claimant-self-pay", "--insurer", "insurer-a", "--hospital", "hospital-2",
-              "--month", "2025-04", "--through", "2026-03",
-              "--claims", str(run.data / "claims.csv"))
+    # The generator's visits span 2024-07 .. 2026-03; a year keeps the group above 10. The
+    # statistic counts the claimants checked in stage 6, whose consents allow it.
+    run.cogov("stats", "claimant-self-pay", "--insurer", "insurer-a",
+              "--contract", "claim-check-insurer-a-2026", "--hospital", "hospital-2",
+              "--month", "2025-04", "--through", "2026-03", "--epsilon", "1")
 
 
 def _federated(run: DemoRun) -> None:
@@ -220,7 +221,7 @@ def demo(
         run.stage("sign the contracts", lambda: _contracts(run))
         run.stage("develop, validate, approve the claim package", lambda: _package(run))
         run.stage("check claims in ss and he mode (with consents)", lambda: _claims(run))
-        run.stage("regulator statistics by private intersection-sum",
+        run.stage("a noised regulator statistic over the checked claimants",
                   lambda: _statistics(run))
         run.stage("train the claim-risk model federatedly", lambda: _federated(run))
         run.stage("verdicts, bills and the log", lambda: _summary(run))
