@@ -20,7 +20,6 @@ from parties.ledger.api import (
 from parties.ledger.operator_log import append_entries
 from parties.runtime.client import NodeClient
 from parties.runtime.context import NodeContext
-from parties.runtime.errors import NodeUnavailable
 from parties.runtime.node_log import current_request_id, new_request_id
 
 
@@ -59,12 +58,7 @@ def append_signed(ctx: NodeContext, entry: SignedEntry, timeout: float | None = 
     if ctx.spec.role == LOG_NODE_ROLE:
         return append_entries(ctx, [entry])
     client = ctx.component(LogClients).client(timeout)
-    try:
-        return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
-    except NodeUnavailable:
-        # A kept-alive connection the log closed as this request went out: the append is
-        # idempotent, so it is sent once more, on a fresh connection.
-        return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
+    return client.call(log_node(ctx.topology), APPEND_ENTRIES, EntryBatch([entry]))
 
 
 def append_entry(ctx: NodeContext, kind: str, payload: dict[str, Any]) -> EntriesAppended:
