@@ -16,6 +16,13 @@ class MalformedInput(MpcError):
     http_status = 422
 
 
+class HashVersionMismatch(MpcError):
+    """Stored xID state was derived with another hash-to-curve version than this build's:
+    old and new tokens would never match, so the state is refused, not mixed."""
+
+    http_status = 409
+
+
 class IntersectionTooSmall(MpcError):
     """A private-intersection result was refused: the intersection is below the agreed minimum."""
 

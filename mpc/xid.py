@@ -5,13 +5,24 @@ The verbs::
     P1  = tokenize(k1, ids)              # health authority: k1·H(id)
     T_d = rekey(k2[d], P1)               # operator: k2[d]·P1 = k2[d]·k1·H(id)
 
-    blinded, state = blind(ids)           # insurer: r·H(id), r fresh per id
-    step = evaluate_blinded(k1, blinded)  # health authority, sees only r·H(id)
-    step = evaluate_blinded(k2[d], step)  # operator
-    T_d  = unblind(state, step)           # insurer: r^-1·k2·k1·r·H(id) = T_d(id)
+    blinded, state = blind(ids)                    # insurer: B = r·H(id), r fresh per id
+    step, proof2 = evaluate_proven(k2[d], blinded)  # operator first: Z' = k2·B
+    out, proof1 = evaluate_proven(k1, step)        # health authority: Z = k1·Z'
+    T_d  = unblind(state, out)                     # insurer: r^-1·k1·k2·r·H(id) = T_d(id)
 
-H is a domain-separated hash to edwards25519's prime-order subgroup (the
-construction is documented in `mpc.hazmat.group`; DST `XID_DST`). Tokens are
+Each proven step carries an RFC 9497 batched DLEQ proof against the key's commitment
+k·G (`XidKey.commitment`, `mpc.voprf`). H is RFC 9380's hash_to_curve for
+edwards25519_XMD:SHA-512_ELL2_RO_, exactly (`mpc.hazmat.group`), with DST `XID_DST`.
+
+Hash version. Tokens made before `HASH_VERSION` 2 used a map that matched RFC 9380
+only up to the sign of each Elligator 2 image. Such tokens cannot be moved to the new
+hash by the rotation machinery: H_new(id) = s0·M(u0) + s1·M(u1) and H_old(id) =
+M(u0) + M(u1), with per-id signs s0, s1, so whenever s0 != s1 no scalar maps one to the
+other, and re-hashing needs the id, which the health authority no longer holds for
+consumer keys (it keeps only their p1). A store of the old version therefore starts a
+fresh tokenization epoch. Serialized keys carry the hash version their tokens were
+derived with, and loading a key of another version raises `HashVersionMismatch`, so a
+node never mixes old and new tokens silently. Tokens are
 32-byte point encodings. Every point a verb receives is checked by libsodium
 (canonical encoding, on the curve, in the prime-order subgroup, not the
 identity) and a bad one raises `MalformedInput` naming its index, before any
@@ -46,12 +57,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mpc.errors import MalformedInput
+from mpc import voprf
+from mpc.errors import HashVersionMismatch, MalformedInput
 from mpc.hazmat import group
 from mpc.hazmat.parallel import WorkerPool, run_chunked
 from mpc.ids import Ids, id_bytes
 
 __all__ = [
+    "HASH_VERSION",
     "XID_DST",
     "BlindingState",
     "WorkerPool",
@@ -59,6 +72,7 @@ __all__ = [
     "blind",
     "check_points",
     "evaluate_blinded",
+    "evaluate_proven",
     "hash_to_group",
     "rekey",
     "rotate_tokens",
@@ -66,12 +80,15 @@ __all__ = [
     "unblind",
 ]
 
-XID_DST = b"COGOV-XID-V01-CS01-with-edwards25519_XMD:SHA-512_ELL2_RO_"
+#: 2: RFC 9380 exactly (1: the sign-normalised map, see the module doc)
+HASH_VERSION = 2
+XID_DST = b"COGOV-XID-V02-CS01-with-edwards25519_XMD:SHA-512_ELL2_RO_"
 TOKEN_BYTES = group.POINT_BYTES
 
 Points = Sequence[bytes] | np.ndarray
 
-_KEY_MAGIC = b"CGXK\x01"
+_KEY_PREFIX = b"CGXK"
+_KEY_MAGIC = _KEY_PREFIX + bytes([HASH_VERSION])
 
 
 class XidKey:
@@ -105,8 +122,12 @@ class XidKey:
     @classmethod
     def from_bytes(cls, data: bytes) -> XidKey:
         head = len(_KEY_MAGIC)
-        if not isinstance(data, bytes | bytearray) or data[:head] != _KEY_MAGIC:
+        if not isinstance(data, bytes | bytearray) or data[: head - 1] != _KEY_PREFIX:
             raise MalformedInput("not a serialized xID key")
+        if data[head - 1] != HASH_VERSION:
+            raise HashVersionMismatch(
+                f"this xID key's tokens were derived with hash version {data[head - 1]}, this "
+                f"build hashes with version {HASH_VERSION}: start a fresh tokenization epoch")
         if len(data) < head + 5:
             raise MalformedInput("truncated xID key")
         version, kid_len = struct.unpack(">IB", data[head : head + 5])
@@ -118,6 +139,10 @@ class XidKey:
         except UnicodeDecodeError:
             raise MalformedInput("xID key id is not UTF-8") from None
         return cls(key_id, version, bytes(body[kid_len:]))
+
+    def commitment(self) -> bytes:
+        """k·G, the key's public commitment (published in the log, checked by the proofs)."""
+        return voprf.commitment(self._scalar)
 
     def __repr__(self) -> str:
         return f"XidKey(key_id={self.key_id!r}, version={self.version})"
@@ -179,6 +204,14 @@ def evaluate_blinded(key: XidKey, points: Points, *, pool: WorkerPool | None = N
     return _apply_scalar(key._scalar, _packed_points(points), pool)
 
 
+def evaluate_proven(
+    key: XidKey, points: Points, *, pool: WorkerPool | None = None
+) -> tuple[list[bytes], bytes]:
+    """`evaluate_blinded` with its RFC 9497 batched DLEQ proof against `key.commitment()`."""
+    outputs = evaluate_blinded(key, points, pool=pool)
+    return outputs, voprf.prove_hop(key._scalar, group.unpack(_packed_points(points)), outputs)
+
+
 def rotate_tokens(
     old: XidKey, new: XidKey, tokens: Points, *, pool: WorkerPool | None = None
 ) -> list[bytes]:
@@ -222,18 +255,13 @@ def unblind(state: BlindingState, points: Points, *, pool: WorkerPool | None = N
 
 
 def _tokenize_chunk(scalar: bytes, msgs: Sequence[bytes]) -> bytes:
-    mult = group.scalarmult
-    return b"".join([mult(scalar, group.hash_to_curve(m, XID_DST)) for m in msgs])
+    return group.scalarmult_many(scalar, group.hash_to_curve_many(msgs, XID_DST))
 
 
 def _blind_chunk(msgs: Sequence[bytes]) -> tuple[bytes, bytes]:
     rs = [group.random_scalar() for _ in msgs]
-    blinded = b"".join(
-        [
-            group.scalarmult(group.scalar_to_bytes(r), group.hash_to_curve(m, XID_DST))
-            for r, m in zip(rs, msgs, strict=True)
-        ]
-    )
+    blinded = group.scalarmult_pairs(b"".join(group.scalar_to_bytes(r) for r in rs),
+                                     group.hash_to_curve_many(msgs, XID_DST))
     inverses = b"".join(group.scalar_to_bytes(i) for i in group.invert_many(rs, group.GROUP_ORDER))
     return blinded, inverses
 

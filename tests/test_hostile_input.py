@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from governance.ledger.signing import sign_document
+from mpc.hazmat import group
 from mpc.hazmat.group import is_valid_point
 from parties.agreements.api import REGISTER_CONSENT
 from parties.claims.api import (
@@ -136,9 +137,14 @@ def _signed_points(fed: Federation, points: list[bytes]) -> dict:
 
 
 def test_refused_level1_request_writes_no_key(fed):
+    """A validly signed batch whose operator step carries a small-order point."""
+    step = {"key_id": "domain:dom-0000000000000000", "key_version": 1,
+            "points": ["00" * 32], "proof": "00" * 64}
+    body = {"batch": _signed_points(fed, [group.base_mult(5)]), "domain_step": step,
+            "domain_commitment": group.base_mult(7).hex()}
     with _unchanged(fed, "health-authority"):
         response = fed.callers.request("operator", "health-authority", "POST",
-                                       LEVEL1_STEP.path, json=_signed_points(fed, [bytes(32)]))
+                                       LEVEL1_STEP.path, json=body)
         _typed(response, "MalformedInput")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpc import psi, xid
-from mpc.errors import MalformedInput
+from mpc.errors import HashVersionMismatch, MalformedInput
 from mpc.hazmat import group
 from mpc.hazmat.parallel import MIN_PARALLEL_ITEMS
 from mpc.ids import id_bytes
@@ -45,29 +45,78 @@ def test_hash_to_field_matches_rfc9380_random_oracle_suite(vector):
 
 
 @pytest.mark.parametrize("vector", RFC["ro"]["vectors"], ids=lambda v: v["msg"][:8] or "empty")
-def test_map_equals_rfc9380_map_up_to_sign_and_hash_is_their_sum(vector):
+def test_hash_to_curve_equals_rfc9380_random_oracle_suite(vector):
+    """msg, u0, u1, Q0, Q1 and P of RFC 9380 J.5.1, exactly (sign included)."""
     dst = RFC["ro"]["dst"].encode()
     u0, u1 = group.hash_to_field(vector["msg"].encode(), dst, 2)
-    q0 = times_eight(encode_point(vector["Q0_x"], vector["Q0_y"]))
-    q1 = times_eight(encode_point(vector["Q1_x"], vector["Q1_y"]))
-    m0, m1 = group.map_to_curve(u0), group.map_to_curve(u1)
-    assert m0 in (q0, negate(q0))
-    assert m1 in (q1, negate(q1))
+    assert group.map_to_curve(u0) == times_eight(encode_point(vector["Q0_x"], vector["Q0_y"]))
+    assert group.map_to_curve(u1) == times_eight(encode_point(vector["Q1_x"], vector["Q1_y"]))
     h = group.hash_to_curve(vector["msg"].encode(), dst)
-    assert h == sodium.crypto_core_ed25519_add(m0, m1)
-    # The RFC's own P is 8·Q0 + 8·Q1: our reading of its vectors is right, and H differs
-    # from it only through the sign convention of each map.
-    assert sodium.crypto_core_ed25519_add(q0, q1) == encode_point(vector["P_x"], vector["P_y"])
+    assert h == encode_point(vector["P_x"], vector["P_y"])
     assert group.is_valid_point(h)
 
 
+def test_hash_to_curve_many_equals_one_by_one():
+    dst = RFC["ro"]["dst"].encode()
+    msgs = [v["msg"].encode() for v in RFC["ro"]["vectors"]] + [b"x" * 300, bytes(range(256))]
+    packed = group.hash_to_curve_many(msgs, dst)
+    assert group.unpack(packed) == [group.hash_to_curve(m, dst) for m in msgs]
+
+
 @pytest.mark.parametrize("vector", RFC["nu"]["vectors"], ids=lambda v: v["msg"][:8] or "empty")
-def test_encode_to_curve_matches_rfc9380_nonuniform_suite_up_to_sign(vector):
+def test_encode_to_curve_equals_rfc9380_nonuniform_suite(vector):
     dst = RFC["nu"]["dst"].encode()
     (u,) = group.hash_to_field(vector["msg"].encode(), dst, 1)
     assert u == int(vector["u0"], 16)
-    p = encode_point(vector["P_x"], vector["P_y"])
-    assert group.encode_to_curve(vector["msg"].encode(), dst) in (p, negate(p))
+    assert group.encode_to_curve(vector["msg"].encode(), dst) == encode_point(
+        vector["P_x"], vector["P_y"])
+
+
+P = group.FIELD_PRIME
+SQRT_M486664 = 6853475219497561581579357271197624642482790079785650197046958215289687604742
+
+
+def rfc9380_edwards_map(u: int) -> tuple[int, int]:
+    """RFC 9380 §6.7.1 + §6.8.2 in Python integers: the affine (x, y) of map_to_curve(u)."""
+    a = 486662
+    x1 = -a * pow(1 + 2 * u * u, -1, P) % P
+    gx1 = (x1**3 + a * x1 * x1 + x1) % P
+    square = pow(gx1, (P - 1) // 2, P) in (0, 1)
+    xm = x1 if square else (-x1 - a) % P
+    gx = (xm**3 + a * xm * xm + xm) % P
+    ym = pow(gx, (P + 3) // 8, P)
+    if ym * ym % P != gx:
+        ym = ym * pow(2, (P - 1) // 4, P) % P
+    if (ym & 1) != int(square):  # sgn0(y) = 1 on the x1 branch, 0 on the x2 branch
+        ym = P - ym
+    return SQRT_M486664 * xm * pow(ym, -1, P) % P, (xm - 1) * pow(xm + 1, -1, P) % P
+
+
+def test_map_equals_a_python_rfc9380_map_on_random_inputs():
+    """Both Elligator 2 branches and both signs, far beyond the five published vectors."""
+    assert SQRT_M486664**2 % P == -486664 % P and SQRT_M486664 % 2 == 0
+    seen = set()
+    for seed in range(200):
+        (u,) = group.hash_to_field(seed.to_bytes(4, "big"), b"map-check", 1)
+        x, y = rfc9380_edwards_map(u)
+        x1 = -486662 * pow(1 + 2 * u * u, -1, P) % P
+        square = pow((x1**3 + 486662 * x1 * x1 + x1) % P, (P - 1) // 2, P) == 1
+        seen.add((square, x & 1))
+        assert group.map_to_curve(u) == times_eight(encode_point(f"{x:x}", f"{y:x}"))
+    assert seen == {(True, 0), (True, 1), (False, 0), (False, 1)}
+
+
+def test_non_canonical_field_element_is_refused():
+    with pytest.raises(MalformedInput):
+        group.map_to_curve_many(group.FIELD_PRIME.to_bytes(32, "little"))
+
+
+def test_keys_of_the_old_hash_version_are_refused_not_mixed():
+    key = xid.XidKey.generate("k1")
+    data = key.to_bytes()
+    assert xid.XidKey.from_bytes(data) == key
+    with pytest.raises(HashVersionMismatch):
+        xid.XidKey.from_bytes(data[:4] + b"\x01" + data[5:])
 
 
 # ---------------------------------------------------------------- known-answer vectors

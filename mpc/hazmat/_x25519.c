@@ -28,6 +28,10 @@
  *       u-coordinate of RFC 9380 map_to_curve_elligator2 (curve25519, Z = 2),
  *       no cofactor clearing, canonical. Refuses a field element >= p with
  *       ValueError(index, reason).
+ *   edwards_sign_batch(fields) -> bytes
+ *       Each field element with bit 255 set to sgn0 of the x-coordinate of RFC 9380's
+ *       map_to_curve_elligator2_edwards25519 (portable only): the input of libsodium's
+ *       crypto_core_ed25519_from_uniform that yields the RFC's point, sign included.
  *   ifma_available() -> bool: whether the unsuffixed functions use IFMA.
  * The GIL is released while a batch is computed.
  */
@@ -319,6 +323,109 @@ static void elligator2_one(uint8_t out[32], const uint8_t field[32]) {
     fe_mul_small_add(x2, x2, 1, zero);   /* carried: x2 = -x1 - A */
     fe_cswap(x1, x2, (uint64_t)nonsquare);
     fe_tobytes(out, x1);
+}
+
+
+/*
+ * RFC 9380 section 6.8.2 (map_to_curve_elligator2_edwards25519) decides the sign of the
+ * edwards25519 x-coordinate: Montgomery y = sqrt(gx) with sgn0(y) = 1 on the x1 branch and
+ * 0 on the x2 branch, then x = sqrt(-486664) * xM / yM (the root with sgn0 = 0). libsodium's
+ * crypto_core_ed25519_from_uniform computes the same point up to that sign and takes the
+ * sign from bit 255 of its input; this writes the field element with that bit set to
+ * sgn0(x), so from_uniform returns RFC 9380's clear_cofactor(map_to_curve(u)) exactly.
+ */
+static const uint8_t SQRT_M1[32] = {
+    0xb0, 0xa0, 0x0e, 0x4a, 0x27, 0x1b, 0xee, 0xc4, 0x78, 0xe4, 0x2f, 0xad, 0x06, 0x18, 0x43, 0x2f,
+    0xa7, 0xd7, 0xfb, 0x3d, 0x99, 0x00, 0x4d, 0x2b, 0x0b, 0xdf, 0xc1, 0x4f, 0x80, 0x24, 0x83, 0x2b};
+static const uint8_t SQRT_M486664[32] = {
+    0x06, 0x7e, 0x45, 0xff, 0xaa, 0x04, 0x6e, 0xcc, 0x82, 0x1a, 0x7d, 0x4b, 0xd1, 0xd3, 0xa1, 0xc5,
+    0x7e, 0x4f, 0xfc, 0x03, 0xdc, 0x08, 0x7b, 0xd2, 0xbb, 0x06, 0xa0, 0x60, 0xf4, 0xed, 0x26, 0x0f};
+
+static int fe_equal(const fe f, const fe g) {
+    uint8_t a[32], b[32];
+    uint8_t diff = 0;
+    fe_tobytes(a, f);
+    fe_tobytes(b, g);
+    for (int i = 0; i < 32; i++) diff |= a[i] ^ b[i];
+    return diff == 0;
+}
+
+static int fe_is_zero(const fe f) {
+    static const fe zero = {0};
+    return fe_equal(f, zero);
+}
+
+static int fe_parity(const fe f) {
+    uint8_t a[32];
+    fe_tobytes(a, f);
+    return a[0] & 1;
+}
+
+static void edwards_signed_one(uint8_t out[32], const uint8_t field[32]) {
+    static const fe zero = {0}, a = {A_MONT};
+    fe t, d, x1, x2, gx1, gx2, gx, chi, minus_a, y, y2, root, c1, xe, tmp, z11;
+    uint8_t buf[32];
+    fe_frombytes(t, field);
+    fe_sub(minus_a, zero, a);
+    fe_sq(d, t);
+    fe_add(d, d, d);
+    d[0] += 1;
+    fe_invert(d, d);
+    fe_mul(x1, minus_a, d);
+    if (fe_is_zero(x1)) fe_mul_small_add(x1, zero, 0, minus_a);
+    fe_add(gx1, x1, a);
+    fe_mul(gx1, gx1, x1);
+    gx1[0] += 1;
+    fe_mul(gx1, gx1, x1);
+    fe_legendre(chi, gx1);
+    fe_tobytes(buf, chi);
+    int nonsquare = buf[0] == 0xec && buf[31] == 0x7f;
+    for (int i = 1; i < 31; i++) nonsquare &= buf[i] == 0xff;
+    int square = nonsquare ^ 1;
+    fe_sub(x2, minus_a, x1);
+    fe_mul_small_add(x2, x2, 1, zero);
+    fe_add(gx2, x2, a);
+    fe_mul(gx2, gx2, x2);
+    gx2[0] += 1;
+    fe_mul(gx2, gx2, x2);
+    /* branch-free selections: the field elements derive from a secret id's hash */
+    fe_cswap(x1, x2, (uint64_t)(square ^ 1));
+    fe_cswap(gx1, gx2, (uint64_t)(square ^ 1));
+    const uint64_t *xm = x1;
+    memcpy(gx, gx1, sizeof(fe));
+    /* y = gx^((p+3)/8), times sqrt(-1) when that is not a root (p = 5 mod 8) */
+    fe_pow_2_250_1(tmp, z11, gx);
+    fe_sqn(tmp, tmp, 2);
+    fe_mul(tmp, tmp, gx); /* gx^(2^252 - 3) */
+    fe_mul(y, tmp, gx);
+    fe_sq(y2, y);
+    fe_frombytes(root, SQRT_M1);
+    fe_mul(root, y, root);
+    fe_cswap(y, root, (uint64_t)(fe_equal(y2, gx) ^ 1));
+    int y_negated = fe_parity(y) ^ square; /* sgn0(y) = 1 exactly on the x1 branch */
+    memcpy(out, field, 32);
+    if (fe_is_zero(y)) return; /* RFC: x = 0 when yM = 0 */
+    fe_invert(tmp, y);
+    fe_frombytes(c1, SQRT_M486664);
+    fe_mul(xe, c1, tmp);
+    fe_mul(xe, xe, xm);
+    fe d1;
+    memcpy(d1, xm, sizeof(fe));
+    d1[0] += 1;
+    if (fe_is_zero(xe) || fe_is_zero(d1)) return; /* RFC: x = 0 when xM = -1 */
+    out[31] |= (uint8_t)((fe_parity(xe) ^ y_negated) << 7);
+}
+
+static int edwards_signed_run(uint8_t *out, const uint8_t *fields, Py_ssize_t n,
+                              Py_ssize_t *bad) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!is_canonical(fields + 32 * i)) {
+            *bad = i;
+            return NON_CANONICAL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) edwards_signed_one(out + 32 * i, fields + 32 * i);
+    return OK;
 }
 
 /* ------------------------------------------------------------------ IFMA, 8 lanes */
@@ -755,7 +862,15 @@ static PyObject *batch_x25519(PyObject *args, int ifma) {
     return result;
 }
 
-static PyObject *batch_elligator2(PyObject *args, int ifma) {
+typedef int (*field_runner)(uint8_t *, const uint8_t *, Py_ssize_t, int, Py_ssize_t *);
+
+static int edwards_signed_runner(uint8_t *out, const uint8_t *fields, Py_ssize_t n, int ifma,
+                                 Py_ssize_t *bad) {
+    (void)ifma;
+    return edwards_signed_run(out, fields, n, bad);
+}
+
+static PyObject *batch_fields(PyObject *args, int ifma, field_runner run) {
     Py_buffer fields;
     if (!PyArg_ParseTuple(args, "y*", &fields)) return NULL;
     PyObject *result = NULL;
@@ -766,7 +881,7 @@ static PyObject *batch_elligator2(PyObject *args, int ifma) {
         Py_ssize_t bad = 0;
         int reason;
         Py_BEGIN_ALLOW_THREADS
-        reason = elligator2_run(out, fields.buf, fields.len / 32, ifma, &bad);
+        reason = run(out, fields.buf, fields.len / 32, ifma, &bad);
         Py_END_ALLOW_THREADS
         if (reason != OK) {
             Py_CLEAR(result);
@@ -793,12 +908,17 @@ static PyObject *py_x25519_batch_portable(PyObject *self, PyObject *args) {
 
 static PyObject *py_elligator2_u_batch(PyObject *self, PyObject *args) {
     (void)self;
-    return batch_elligator2(args, use_ifma);
+    return batch_fields(args, use_ifma, elligator2_run);
 }
 
 static PyObject *py_elligator2_u_batch_portable(PyObject *self, PyObject *args) {
     (void)self;
-    return batch_elligator2(args, 0);
+    return batch_fields(args, 0, elligator2_run);
+}
+
+static PyObject *py_edwards_sign_batch(PyObject *self, PyObject *args) {
+    (void)self;
+    return batch_fields(args, 0, edwards_signed_runner);
 }
 
 static PyObject *py_ifma_available(PyObject *self, PyObject *unused) {
@@ -817,6 +937,9 @@ static PyMethodDef methods[] = {
      "clearing."},
     {"elligator2_u_batch_portable", py_elligator2_u_batch_portable, METH_VARARGS,
      "elligator2_u_batch on the portable path, whatever the CPU."},
+    {"edwards_sign_batch", py_edwards_sign_batch, METH_VARARGS,
+     "edwards_sign_batch(fields) -> bytes: each field element with bit 255 set to the sign "
+     "of RFC 9380's edwards25519 Elligator 2 x-coordinate (libsodium from_uniform input)."},
     {"ifma_available", py_ifma_available, METH_NOARGS,
      "Whether x25519_batch and elligator2_u_batch use the AVX-512 IFMA path."},
     {NULL, NULL, 0, NULL},

@@ -4,24 +4,21 @@ Points are 32-byte edwards25519 encodings; batches are "packed": the
 concatenation of n fixed-size items, so a million points is one 32 MB bytes
 object that pickles cheaply to a worker process.
 
-Hash to the group (used for xID tokens)::
+Hash to the group (used for xID tokens) is RFC 9380's `edwards25519_XMD:SHA-512_ELL2_RO_`,
+exactly, outputs and test vectors included::
 
     u0, u1 = hash_to_field(msg, count=2)      # RFC 9380 §5.2, expand_message_xmd SHA-512, L=48
-    H(msg) = map(u0) + map(u1)                  # map = libsodium crypto_core_ed25519_from_uniform
+    H(msg) = map(u0) + map(u1)                  # map = clear_cofactor(map_to_curve(u))
 
-`map` is Elligator 2 onto curve25519 followed by the birational map to
-edwards25519 and cofactor clearing (x 8), i.e. RFC 9380's `map_to_curve` and
-`clear_cofactor` for the edwards25519 suites. The one difference from RFC 9380
-is the sign: libsodium's `from_uniform` takes the sign of x from the top bit of
-its input (0 here), where RFC 9380 derives it from the square test. Each map
-output therefore equals RFC 9380's cofactor-cleared Q up to sign (the tests
-check this against the RFC's published u0, u1, Q0, Q1), and H is the RFC 9380
-random-oracle construction with a sign-normalised map: still two independent
-Elligator 2 images added, which is what the indifferentiability argument
-needs (the map is regular and invertible), but its outputs differ from the
-RFC's final P. `from_uniform` is used (not `from_hash`, which PyNaCl does not
-wrap and whose input layout changed between libsodium releases) because its
-semantics have been stable across libsodium versions.
+`map` is Elligator 2 onto curve25519, the RFC's rational map to edwards25519
+and cofactor clearing (x 8). libsodium's `crypto_core_ed25519_from_uniform`
+computes that point up to the sign of x, which it takes from bit 255 of its
+input (PyNaCl's libsodium does not export `from_string_ro`). The extension
+computes the RFC's sign (`edwards_sign_batch`: the Montgomery y with the
+RFC's sgn0 rule, then sgn0 of sqrt(-486664)·x/y, GIL released) and sets that
+bit, so libsodium returns the RFC's point. Before this, the bit was always 0
+and H matched the RFC only up to sign: `HASH_VERSION` names the construction
+tokens were derived with (`mpc.xid`).
 
 The PSI works on curve25519 u-coordinates instead, with the extension
 `mpc.hazmat._x25519` (batches of eight in AVX-512 IFMA lanes where the CPU has
@@ -99,25 +96,35 @@ def hash_to_field(msg: bytes, dst: bytes, count: int) -> list[int]:
     ]
 
 
-def hash_to_field_packed(msgs: Sequence[bytes], dst: bytes) -> bytes:
-    """`hash_to_field(m, dst, 1)` for every message, packed as 32-byte little-endian elements.
+def hash_to_field_packed(msgs: Sequence[bytes], dst: bytes, count: int = 1) -> bytes:
+    """`hash_to_field(m, dst, count)` for every message, packed as 32-byte little-endian
+    elements (`count` per message, in order).
 
-    expand_message_xmd for L = 48 needs one output block (b_1), and its first
-    SHA-512 block (Z_pad) is the same for every message: hashed once, copied.
+    expand_message_xmd's first SHA-512 block (Z_pad) is the same for every message: hashed
+    once, copied.
     """
     if len(dst) > 255:
         dst = hashlib.sha512(b"H2C-OVERSIZE-DST-" + dst).digest()
+    length = _FIELD_ELEMENT_BYTES * count
+    blocks = -(-length // _SHA512_OUT)
     dst_prime = dst + bytes([len(dst)])
-    b0_tail = _FIELD_ELEMENT_BYTES.to_bytes(2, "big") + b"\x00" + dst_prime
-    b1_tail = b"\x01" + dst_prime
+    b0_tail = length.to_bytes(2, "big") + b"\x00" + dst_prime
     z_pad = hashlib.sha512(bytes(_SHA512_BLOCK))
-    sha512, p = hashlib.sha512, FIELD_PRIME
+    sha512, p, step = hashlib.sha512, FIELD_PRIME, _FIELD_ELEMENT_BYTES
     out = []
     for m in msgs:
         h = z_pad.copy()
         h.update(m + b0_tail)
-        uniform = sha512(h.digest() + b1_tail).digest()[:_FIELD_ELEMENT_BYTES]
-        out.append((int.from_bytes(uniform, "big") % p).to_bytes(32, "little"))
+        b0 = h.digest()
+        bi = sha512(b0 + b"\x01" + dst_prime).digest()
+        uniform = bi
+        for i in range(2, blocks + 1):
+            mixed = bytes(x ^ y for x, y in zip(b0, bi, strict=True))
+            bi = sha512(mixed + bytes([i]) + dst_prime).digest()
+            uniform += bi
+        for j in range(count):
+            value = int.from_bytes(uniform[j * step : (j + 1) * step], "big") % p
+            out.append(value.to_bytes(32, "little"))
     return b"".join(out)
 
 
@@ -132,25 +139,39 @@ def elligator2_u_many(msgs: Sequence[bytes], dst: bytes) -> bytes:
     return _x25519.elligator2_u_batch(hash_to_field_packed(msgs, dst))
 
 
+def map_to_curve_many(fields: bytes) -> bytes:
+    """RFC 9380 clear_cofactor(map_to_curve(u)) for packed field elements, packed points."""
+    try:
+        signed = _x25519.edwards_sign_batch(fields)
+    except ValueError as err:
+        if len(err.args) != 2:
+            raise
+        raise MalformedInput(f"field element {err.args[0]}: {err.args[1]}") from None
+    from_uniform = _na.crypto_core_ed25519_from_uniform
+    return b"".join([from_uniform(signed[i : i + 32]) for i in range(0, len(signed), 32)])
+
+
 def map_to_curve(u: int) -> bytes:
-    """Elligator 2 image of field element `u`, cofactor cleared, x made even."""
-    return _na.crypto_core_ed25519_from_uniform(u.to_bytes(32, "little"))
+    """RFC 9380 clear_cofactor(map_to_curve(u)) of field element `u` on edwards25519."""
+    return map_to_curve_many(u.to_bytes(32, "little"))
 
 
 def hash_to_curve(msg: bytes, dst: bytes) -> bytes:
-    """Random-oracle hash of `msg` to the prime-order subgroup (see module doc)."""
-    u0, u1 = hash_to_field(msg, dst, 2)
-    return _na.crypto_core_ed25519_add(map_to_curve(u0), map_to_curve(u1))
+    """RFC 9380 hash_to_curve, suite edwards25519_XMD:SHA-512_ELL2_RO_."""
+    return hash_to_curve_many([msg], dst)
 
 
 def encode_to_curve(msg: bytes, dst: bytes) -> bytes:
-    """Single-map (RFC 9380 NU) encoding of `msg` to the prime-order subgroup."""
-    (u,) = hash_to_field(msg, dst, 1)
-    return map_to_curve(u)
+    """RFC 9380 encode_to_curve, suite edwards25519_XMD:SHA-512_ELL2_NU_."""
+    return map_to_curve_many(hash_to_field_packed([msg], dst))
 
 
 def hash_to_curve_many(msgs: Sequence[bytes], dst: bytes) -> bytes:
-    return b"".join([hash_to_curve(m, dst) for m in msgs])
+    """`hash_to_curve(m, dst)` for every message, packed."""
+    mapped = map_to_curve_many(hash_to_field_packed(msgs, dst, 2))
+    add_points = _na.crypto_core_ed25519_add
+    return b"".join([add_points(mapped[i : i + 32], mapped[i + 32 : i + 64])
+                     for i in range(0, len(mapped), 64)])
 
 
 # ---------------------------------------------------------------- scalars

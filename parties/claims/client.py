@@ -81,6 +81,7 @@ from parties.claims.api import (
 )
 from parties.claims.fingerprints import check_key, claim_digest, hospital_tag
 from parties.domains.client import domain_tokens
+from parties.domains.commitment_book import CommitmentBook
 from parties.ledger.api import WITNESS_ROLES, ReceiptInvalid, log_node
 from parties.ledger.log_view import VIEW_FILE, LogView
 from parties.ledger.pin import load_pin
@@ -183,6 +184,7 @@ class Client:
         self.regulator = self.topology.node_of(Role.REGULATOR)
         self._http = NodeClient(self.state, self.topology, insurer, timeout=timeout)
         self._tokens: dict[str, bytes] = {}
+        self._key_commitments: CommitmentBook | None = None
         self._operator_key: bytes | None = None
         self._he_public: Any = None
         self._check_secret: bytes | None = None
@@ -219,7 +221,10 @@ class Client:
 
         missing = list(dict.fromkeys(i for i in national_ids if i not in self._tokens))
         if missing:
-            for nid, token in zip(missing, domain_tokens(self._http, missing), strict=True):
+            if self._key_commitments is None:
+                self._key_commitments = CommitmentBook(self._http)
+            fetched = domain_tokens(self._http, missing, book=self._key_commitments)
+            for nid, token in zip(missing, fetched, strict=True):
                 self._tokens[nid] = token
         return [self._tokens[i] for i in national_ids]
 

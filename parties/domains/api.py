@@ -8,11 +8,14 @@ user reaches its tokens only through the blinded chain:
 
     insurer --DOMAIN_TOKENS--> regulator --EVALUATE--> operator --LEVEL1_STEP--> authority
 
-Every hop carries the insurer's `SignedBatch`: the blinded points signed with the insurer's
-node key together with the request id, a fresh batch id and an expiry. The authority
-applies k1 only to such a batch, once, within the insurer's daily id budget
-(`OPRF_BUDGETS`, `RESET_OPRF_BUDGET`), so neither relay can have k1 applied to points of
-its own choosing or name another data user.
+Every hop carries the insurer's `SignedBatch`: the blinded points B signed with the
+insurer's node key together with the request id, a fresh batch id and an expiry. The
+operator applies k2[d] first (Z' = k2[d]·B, with an RFC 9497 DLEQ proof); the authority
+applies k1 only to Z' of such a batch whose proof holds, once, within the insurer's daily
+id budget (`OPRF_BUDGETS`, `RESET_OPRF_BUDGET`), so neither relay can have k1 applied to
+points of its own choosing or name another data user. Both steps come back to the
+insurer with their proofs (`EvaluatedBatch`), checked against the key commitments k·G
+the key holders publish in the log (`KEY_COMMITTED_KIND`).
 
 k1 rotates at the health authority (`ROTATE_LEVEL1`), which streams the old -> new
 p1 mapping to the operator (`LEVEL1_MAPPING`) and commits it (`LEVEL1_COMMIT`).
@@ -39,6 +42,9 @@ Scenario = Annotated[str, Field(pattern=SCENARIO_PATTERN)]
 DataUser = Annotated[str, Field(pattern=DATA_USER_PATTERN)]
 HexPoint = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+HexProof = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+#: the log entry kind by which a key holder publishes k·G of an xID key version
+KEY_COMMITTED_KIND = "xid_key_committed"
 BatchId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
@@ -93,6 +99,13 @@ class OprfBudgetSpent(DomainError):
     administrator's reset."""
 
     http_status = 429
+
+
+class OprfProofInvalid(DomainError):
+    """A key holder's step does not carry a valid DLEQ proof against the key commitment
+    published in the log: its output is refused, never used or stored."""
+
+    http_status = 403
 
 
 class RotationRefused(GovernanceError):
@@ -167,12 +180,6 @@ class SharedDomainKeyRotated(BaseModel):
 # --- the OPRF chain -------------------------------------------------------------------------
 
 
-class BlindedPoints(BaseModel):
-    """Blinded points, as the authority's level-1 step returns them."""
-
-    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
-
-
 class SignedBatch(BaseModel):
     """An insurer's blinded points, signed by its node key (`parties.domains.batch`).
 
@@ -204,8 +211,34 @@ class OprfBudget(BaseModel):
     incidents: int
 
 
-class Points(BaseModel):
-    points: list[str]
+class ProvenStep(BaseModel):
+    """A key holder's step on a batch: k·P for every point, with the RFC 9497 batched DLEQ
+    proof (`mpc.voprf`) for the version of the key it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_id: Annotated[str, Field(min_length=1, max_length=255)]
+    key_version: Annotated[int, Field(ge=1)]
+    points: Annotated[list[HexPoint], Field(min_length=1, max_length=MAX_POINTS)]
+    proof: HexProof
+
+
+class Level1Request(BaseModel):
+    """The operator's request to the authority: the insurer's signed batch B, and the
+    operator's step Z' = k2[d]·B proven against `domain_commitment` = k2[d]·G."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch: SignedBatch
+    domain_step: ProvenStep
+    domain_commitment: HexPoint
+
+
+class EvaluatedBatch(BaseModel):
+    """What the insurer gets back: Z' = k2[d]·B and Z = k1·Z', each with its proof."""
+
+    domain_step: ProvenStep
+    level1_step: ProvenStep
 
 
 # --- rotation of k1 -------------------------------------------------------------------------
@@ -254,11 +287,11 @@ TRACE_LEAK = Route("POST", "/v1/domains/trace-leak", Kind.ADMIN, LeakedTokens, L
 ROTATE_DOMAIN_KEY = Route("POST", "/v1/domains/{domain_id}/rotate", Kind.ADMIN, None,
                           SharedDomainKeyRotated, tag="domains")
 
-DOMAIN_TOKENS = Route("POST", "/v1/oprf/domain-tokens", Kind.OPRF, SignedBatch, Points,
+DOMAIN_TOKENS = Route("POST", "/v1/oprf/domain-tokens", Kind.OPRF, SignedBatch, EvaluatedBatch,
                       roles=(Role.INSURER,), tag="oprf")
-EVALUATE = Route("POST", "/v1/oprf/evaluate", Kind.OPRF, SignedBatch, Points,
+EVALUATE = Route("POST", "/v1/oprf/evaluate", Kind.OPRF, SignedBatch, EvaluatedBatch,
                  roles=(Role.REGULATOR,), tag="oprf")
-LEVEL1_STEP = Route("POST", "/v1/oprf/level1", Kind.OPRF, SignedBatch, BlindedPoints,
+LEVEL1_STEP = Route("POST", "/v1/oprf/level1", Kind.OPRF, Level1Request, ProvenStep,
                     roles=(Role.OPERATOR,), tag="oprf")
 OPRF_BUDGETS = Route("GET", "/v1/oprf/budgets", Kind.ADMIN, None, list[OprfBudget],
                      tag="health authority")

@@ -15,7 +15,8 @@ token `T_d = k2[d]·p1`. A rotation therefore moves three places together:
    tokens from the new p1 with that shared domain's key. A refused commit changes
    nothing; a repeated commit returns the first result;
 4. the authority then moves its own p1 columns and replaces k1 by k1' in one
-   transaction, and logs `key_rotated`.
+   transaction, logs `key_rotated` and publishes the commitment k1'·G
+   (`parties.domains.commitments`).
 
 The operator sees pairs (k1·H, k1'·H): it can tell they belong to one person,
 which it knew from the visit refs, but not the ratio k1'·k1^-1 (a discrete log).
@@ -49,6 +50,7 @@ from parties.domains.api import (
     RekeyCommit,
     RotationRefused,
 )
+from parties.domains.commitments import publish_commitment
 from parties.domains.keys import K1_NAME, level1_lock, xid_pool
 from parties.domains.registry import bump_token_epochs, index_visits
 from parties.ledger.client import append_entry
@@ -179,6 +181,7 @@ def rotate_level1_key(
     })
     ctx.log.event("key_rotated", key_id=K1_NAME, old_version=current.version,
                   new_version=pending.version, persons=len(pairs))
+    publish_commitment(ctx, pending)
     return result
 
 

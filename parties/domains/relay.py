@@ -1,9 +1,10 @@
 """The regulator's step of the OPRF chain: it relays an authenticated insurer's signed
 batch of blinded points to the operator.
 
-    insurer: r·H(id), signed  ->  regulator (the caller must be the insurer who signed)
-             ->  operator (asks the health authority for k1, applies k2 of the signing
-                 insurer's shared domain)  ->  back;  insurer: r^-1·k2·k1·r·H(id) = T_d(id)
+    insurer: B = r·H(id), signed  ->  regulator (the caller must be the insurer who signed)
+             ->  operator (Z' = k2·B of the signing insurer's shared domain, then asks the
+                 health authority for Z = k1·Z'; both steps proven)  ->  back;
+    insurer: checks both proofs, r^-1·Z = k1·k2·H(id) = T_d(id)
 
 The regulator sees only blinded points and cannot name a data user: the batch names the
 insurer who signed it, and the regulator relays it only for that insurer's own mTLS
@@ -19,7 +20,7 @@ from parties.domains.api import (
     DOMAIN_TOKENS,
     EVALUATE,
     BatchSignatureInvalid,
-    Points,
+    EvaluatedBatch,
     SignedBatch,
 )
 from parties.domains.batch import insurer_keys, verify_batch
@@ -35,7 +36,7 @@ def _relay_routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
 
     @mount(router, DOMAIN_TOKENS)
-    def relay(body: SignedBatch, caller: Caller) -> Points:
+    def relay(body: SignedBatch, caller: Caller) -> EvaluatedBatch:
         """Relay the calling insurer's signed batch of blinded points to the operator."""
         if body.data_user != caller.name:
             ctx.log.event("oprf_refused", data_user=caller.name, named=body.data_user,

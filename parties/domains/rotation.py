@@ -4,7 +4,8 @@ The operator holds both versions of k2[d], so it moves every stored token of the
 shared domain to the new version in place: T' = (new·old^-1)·T (`mpc.xid.rotate_tokens`).
 The re-keyed tokens and the new sealed key are written in one SQLite
 transaction under the store lock (ingest and OPRF key reads wait), then
-`key_rotated` is logged. The old version is overwritten: tokens obtained before
+`key_rotated` is logged, and the new version's commitment k2[d]'·G is published
+(`parties.domains.commitments`). The old version is overwritten: tokens obtained before
 the rotation no longer match anything, which is the point of rotating, and a
 leak of such old tokens can no longer be traced to the shared domain.
 
@@ -16,6 +17,7 @@ from fastapi import APIRouter
 from governance.ledger.events import is_known_kind, register_event_kind
 from mpc import xid
 from parties.domains.api import ROTATE_DOMAIN_KEY, SharedDomainKeyRotated
+from parties.domains.commitments import publish_commitment
 from parties.domains.keys import domain_key_name, xid_pool
 from parties.domains.registry import bump_token_epochs, get_domain
 from parties.domains.service import DomainId
@@ -38,7 +40,7 @@ def rotate_domain_key(ctx: NodeContext, domain_id: str) -> SharedDomainKeyRotate
     """
     key_name = domain_key_name(domain_id)
     with ctx.store.lock:
-        get_domain(ctx, domain_id)
+        domain = get_domain(ctx, domain_id)
         old = ctx.secrets.xid_key(key_name)
         new = old.rotate()
         conn = ctx.store.conn
@@ -65,6 +67,8 @@ def rotate_domain_key(ctx: NodeContext, domain_id: str) -> SharedDomainKeyRotate
     })
     ctx.log.event("key_rotated", domain=domain_id, old_version=old.version,
                   new_version=new.version, tokens=len(rows))
+    publish_commitment(ctx, new, domain=domain_id, scenario=domain.scenario,
+                       data_user=domain.data_user)
     return result
 
 
