@@ -15,10 +15,12 @@ from parties.runtime.topology import Role, Topology
 
 SERVING_ROLE = Role.REGULATOR  # serves the product and owns it: it registers its contracts
 DATA_USER_ROLE = Role.INSURER
-# The roles whose node must be a party to (so sign) each scenario's product contract,
-# besides its data users: the product owner, the operator, the data provider.
+DATA_OWNER_ROLE = Role.HOSPITAL  # each data owner takes a share of every bill
+# The roles every node of which must be a party to (so sign) each scenario's product
+# contract, besides its data users: the product owner, the operator, the data provider
+# and the data owners (each hospital, whose records the product answers from).
 REQUIRED_SIGNATORY_ROLES: dict[str, tuple[Role, ...]] = {
-    "claim_check": (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY),
+    "claim_check": (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY, Role.HOSPITAL),
 }
 
 
@@ -29,12 +31,27 @@ class ContractSignatoriesMissing(ContractError):
     http_status = 400
 
 
+class DataOwnerShareMissing(ContractError):
+    """A data owner party of the contract is given no share of its revenue."""
+
+    http_status = 400
+
+
 def required_signatories(topology: Topology, scenario: str) -> set[str]:
-    """The nodes that must be parties to a product contract of `scenario`."""
+    """The nodes that must be parties to a product contract of `scenario`: every node of
+    each required role (a federation lacking one of the roles can make no such contract)."""
     roles = REQUIRED_SIGNATORY_ROLES.get(scenario)
     if roles is None:
         raise ContractSignatoriesMissing(f"no product contract is defined for {scenario!r}")
-    return {topology.node_of(role) for role in roles}
+    required = set()
+    for role in roles:
+        nodes = topology.nodes_with_role(role)
+        if not nodes:
+            raise ContractSignatoriesMissing(
+                f"a {scenario} contract needs a {role.value} node to sign it; the federation "
+                "has none")
+        required.update(n.name for n in nodes)
+    return required
 
 
 def serving_node(topology: Topology) -> str:

@@ -17,6 +17,7 @@ from governance.consent import Consent, ConsentMismatch, ConsentRevocation
 from governance.contracts import ContractBook, ContractTermination, SignedContract
 from parties.agreements.api import (
     CONTRACT,
+    DATA_OWNER_ROLE,
     DATA_USER_ROLE,
     REGISTER_CONSENT,
     REGISTER_CONTRACT,
@@ -24,6 +25,7 @@ from parties.agreements.api import (
     SERVING_ROLE,
     TERMINATE_CONTRACT,
     ContractSignatoriesMissing,
+    DataOwnerShareMissing,
     Registered,
     required_signatories,
 )
@@ -74,7 +76,8 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         """Register a contract with the signatures it carries; in force once all parties sign.
 
         Only the product owner registers, and a contract that leaves out a party its
-        scenario requires, or names a data user that is not a data user's node, is refused.
+        scenario requires (each hospital among them), gives a data owner no revenue share,
+        or names a data user that is not a data user's node, is refused.
         """
         _check_signatories(ctx, body)
         book = contract_book(ctx)
@@ -124,6 +127,13 @@ def _check_signatories(ctx: NodeContext, contract: SignedContract) -> None:
     if missing:
         raise ContractSignatoriesMissing(
             f"contract {terms.contract_id} must name {', '.join(missing)} as parties")
+    unpaid = sorted(p for p in terms.parties if ctx.topology.has_node(p)
+                    and ctx.topology.node(p).role == DATA_OWNER_ROLE
+                    and terms.revenue_split_bp.get(p, 0) == 0)
+    if unpaid:
+        raise DataOwnerShareMissing(
+            f"contract {terms.contract_id} gives data owners {', '.join(unpaid)} no revenue "
+            "share")
     strangers = sorted(u for u in terms.data_users
                        if not ctx.topology.has_node(u)
                        or ctx.topology.node(u).role != DATA_USER_ROLE)

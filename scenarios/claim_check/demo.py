@@ -30,6 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from governance.contracts import load_contract
 from governance.packages import package_hash
 from parties.runtime.state import StateDir
 from parties.runtime.supervisor import down
@@ -41,7 +42,6 @@ SCENARIO_DIR = Path(__file__).resolve().parent
 CONTRACTS = SCENARIO_DIR / "contracts"
 CLAIM_PACKAGE = SCENARIO_DIR / "claim_package"
 INSURERS = ("insurer-a", "insurer-b")
-CONTRACT_PARTIES = ("insurer", "regulator", "operator", "health-authority")
 
 
 class StageFailed(RuntimeError):
@@ -111,10 +111,10 @@ def _contracts(run: DemoRun) -> None:
         work = run.out / source.name
         shutil.copyfile(source, work)
         signed = work.with_name(work.stem + ".signed.json")
-        for party in CONTRACT_PARTIES:
-            node = insurer if party == "insurer" else party
-            run.cogov("contract", "sign", str(work if node == insurer else signed),
-                      "--as", node, "--out", str(signed))
+        # Every party signs, the data owners (each hospital) among them.
+        for n, party in enumerate(load_contract(source).parties):
+            run.cogov("contract", "sign", str(signed if n else work), "--as", party,
+                      "--out", str(signed))
         run.cogov("contract", "register", str(signed))
 
 
