@@ -18,7 +18,7 @@ from governance.contracts import ContractBook, ContractTermination, SignedContra
 from parties.agreements.api import (
     CONTRACT,
     DATA_OWNER_ROLE,
-    DATA_USER_ROLE,
+    DATA_USER_ROLES,
     REGISTER_CONSENT,
     REGISTER_CONTRACT,
     REVOKE_CONSENT,
@@ -134,12 +134,12 @@ def _check_signatories(ctx: NodeContext, contract: SignedContract) -> None:
         raise DataOwnerShareMissing(
             f"contract {terms.contract_id} gives data owners {', '.join(unpaid)} no revenue "
             "share")
+    user_role = DATA_USER_ROLES[terms.scenario]
     strangers = sorted(u for u in terms.data_users
-                       if not ctx.topology.has_node(u)
-                       or ctx.topology.node(u).role != DATA_USER_ROLE)
+                       if not ctx.topology.has_node(u) or ctx.topology.node(u).role != user_role)
     if strangers:
         raise ContractSignatoriesMissing(
-            f"data users must be {DATA_USER_ROLE.value} nodes: {', '.join(strangers)}")
+            f"data users must be {user_role.value} nodes: {', '.join(strangers)}")
 
 
 def _known(book: ContractBook, contract_id: str) -> bool:

@@ -6,7 +6,8 @@ order, so the demo is also the scenario's executable documentation:
  1. generate the hospital data            `cogov data generate`
  2. start the federation, govern, ingest  `cogov up`, `cogov admin ...`, `cogov govern ingest`
  3. create the insurer domains            `cogov domain create`
- 4. sign the contracts (consents: stage 6) `cogov contract sign|register`
+ 4. sign the contracts, hospitals too     `cogov contract sign|register`
+    (the claim checks', the package runs'; consents: stage 6)
  5. develop, validate, approve the package `cogov package libraries|test|submit|approve|run`
  6. claims in `ss` and `he` mode          `cogov claim check`
  7. a regulator statistic by private      `cogov stats claimant-self-pay`
@@ -41,6 +42,7 @@ console = Console()
 SCENARIO_DIR = Path(__file__).resolve().parent
 CONTRACTS = SCENARIO_DIR / "contracts"
 CLAIM_PACKAGE = SCENARIO_DIR / "claim_package"
+PACKAGE_CONTRACT = CONTRACTS / "package-run-claim-check.toml"  # the package's production runs
 INSURERS = ("insurer-a", "insurer-b")
 
 
@@ -106,8 +108,7 @@ def _domains(run: DemoRun) -> None:
 
 
 def _contracts(run: DemoRun) -> None:
-    for insurer in INSURERS:
-        source = CONTRACTS / f"claim-check-{insurer}.toml"
+    for source in [*(CONTRACTS / f"claim-check-{i}.toml" for i in INSURERS), PACKAGE_CONTRACT]:
         work = run.out / source.name
         shutil.copyfile(source, work)
         signed = work.with_name(work.stem + ".signed.json")
@@ -124,7 +125,8 @@ def _package(run: DemoRun) -> None:
     run.cogov("package", "submit", str(CLAIM_PACKAGE))
     digest = package_hash(CLAIM_PACKAGE)
     run.cogov("package", "approve", digest)
-    run.cogov("package", "run", digest, "--query", f"claims={run.data / 'claims.csv'}",
+    run.cogov("package", "run", digest, "--contract", load_contract(PACKAGE_CONTRACT).contract_id,
+              "--query", f"claims={run.data / 'claims.csv'}",
               "--query", f"policies={run.data / 'policies.csv'}")
     run.cogov("catalogue", "list")
 
@@ -190,6 +192,8 @@ def _summary(run: DemoRun) -> None:
     for insurer in INSURERS:
         run.cogov("billing", "statement", "--contract", f"claim-check-{insurer}-2026",
                   "--period", period)
+    run.cogov("billing", "statement", "--contract", load_contract(PACKAGE_CONTRACT).contract_id,
+              "--period", period)
     run.cogov("ledger", "verify")
     if disagreements:
         raise StageFailed(f"{disagreements} verdicts differ from the ground truth")
