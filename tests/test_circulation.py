@@ -39,11 +39,11 @@ from parties.ingest.api import (
 )
 from parties.ingest.authority import publish, visits_digest
 from parties.ingest.circulated import VISITS_TABLE
-from parties.ingest.circulation import seal_batch
+from parties.ingest.circulation import seal_batch, unregistered_holdings
 from parties.ingest.governed import governed_visits
 from parties.ingest.hospital import read_export
 from parties.ingest.registration import export_digest, sign_registration
-from parties.ledger.client import append_signed
+from parties.ledger.client import append_entry, append_signed
 from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.batch_routes import DIGEST_HEADER, digest, table_to_ipc
@@ -375,6 +375,23 @@ def test_each_export_is_registered_and_signed_by_its_hospital(ingested):
         raw = read_export(ingested.data / "raw" / next(
             p.name for p in (ingested.data / "raw").iterdir() if p.stem == hospital))
         assert payload["digest"] == export_digest(raw)
+
+
+def test_the_operator_holds_no_visits_their_hospital_did_not_register(ingested):
+    """The operator registers a publication only when each hospital's visits in it are
+    covered by that hospital's own signed registrations: visits of a hospital that
+    registered nothing, more visits than it registered, or a registration the authority
+    made out as itself in a hospital's name cover nothing."""
+    state, topology = ingested.fed.state, ingested.fed.topology
+    operator = open_node(state, topology, "operator")
+    held = {h: r.rows for h, r in ingested.exports.items()}
+    assert unregistered_holdings(operator, held) == []
+    assert unregistered_holdings(operator, {**held, "hospital-9": 1}) == ["hospital-9"]
+    assert unregistered_holdings(operator, {"hospital-2": 10**6}) == ["hospital-2"]
+    ha = open_node(state, topology, "health-authority")
+    append_entry(ha, ASSET_REGISTERED, {"dataset": "hospital_export", "owner": "hospital-9",
+                                        "rows": 5, "digest": "ef" * 32})
+    assert unregistered_holdings(operator, {"hospital-9": 1}) == ["hospital-9"]
 
 
 def _stage(ing: Ingested, hospital: str, table: pa.Table, stream: str) -> None:
