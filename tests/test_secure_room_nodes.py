@@ -406,7 +406,8 @@ def test_aggregate_groups_under_k_are_suppressed_in_production(room):
 def test_a_package_run_outside_its_contract_is_refused_logged_and_never_billed(room):
     """The developer runs an approved package on the authorized library under no contract,
     under a contract that does not name the package's output, under one the hospital has
-    not signed, and past a contract's daily quota of one run: each refused at the data
+    not signed, under one terminated at the serving node, and past a contract's daily
+    quota of one run: each refused at the data
     owner before a row is opened, logged (`package_run_refused`), no meter, nothing billed.
     The one run in force is metered by the owner (CPU it measured) and billed, the hospital
     taking its share."""
@@ -418,8 +419,11 @@ def test_a_package_run_outside_its_contract_is_refused_logged_and_never_billed(r
     room.contract("room-narrow-2026", ["package.claim-check"])
     room.contract("room-unsigned-2026", ["package.self-pay-by-diagnosis"], signers=3)
     room.contract("room-one-run-2026", ["package.self-pay-by-diagnosis"], runs_per_day=1)
+    room.contract("room-ended-2026", ["package.self-pay-by-diagnosis"])
+    room.cli("contract", "terminate", "room-ended-2026", "--as", "regulator")
     refused = {}
-    for contract_id in ("no-such-2026", "room-narrow-2026", "room-unsigned-2026"):
+    for contract_id in ("no-such-2026", "room-narrow-2026", "room-unsigned-2026",
+                        "room-ended-2026"):
         with pytest.raises(RemoteError) as error:
             room.run(sha, contract_id)
         refused[contract_id] = error.value.error
@@ -428,12 +432,14 @@ def test_a_package_run_outside_its_contract_is_refused_logged_and_never_billed(r
         room.run(sha, "room-one-run-2026")
     refused["past quota"] = over_quota.value.error
     assert refused == {"no-such-2026": "ContractUnknown", "room-narrow-2026": "OutputNotAllowed",
-                       "room-unsigned-2026": "ContractNotSigned", "past quota": "QuotaExceeded"}
+                       "room-unsigned-2026": "ContractNotSigned",
+                       "room-ended-2026": "ContractTerminated", "past quota": "QuotaExceeded"}
     logged = [(e.payload["contract_id"], e.payload["error"])
               for e in room.events("package_run_refused") if e.payload["package_sha256"] == sha]
     assert logged == [("no-such-2026", "ContractUnknown"),
                       ("room-narrow-2026", "OutputNotAllowed"),
                       ("room-unsigned-2026", "ContractNotSigned"),
+                      ("room-ended-2026", "ContractTerminated"),
                       ("room-one-run-2026", "QuotaExceeded")]
     meters = [e for e in room.events("package_run") if e.payload["package_sha256"] == sha
               and e.payload["contract_id"] != ROOM_CONTRACT]

@@ -9,9 +9,10 @@ A run is also a use of the data under contract, like a claim check: the requeste
 package-run contract (scenario `package_run`, registered at the serving node) that is in
 force, names the package's output (`package.<name>`) and allows the owner-table columns the
 package reads. The owner fetches it from the serving node, verifies every party's signature
-itself, and reserves the run against the contract's daily quota before a single authorized
-row is opened. The `package_run` meter, with the CPU and wall time this node measured, is
-logged before the output is released; the bill counts it (`governance.meters`).
+itself, looks in the log for its termination, and reserves the run against the contract's
+daily quota before a single authorized row is opened. The `package_run` meter, with the
+CPU and wall time this node measured, is logged before the output is released; the bill
+counts it (`governance.meters`).
 
 A production run reads the **authorized** library, built for that run in a temporary
 directory from the governed visits (pseudonymized under a fresh key, as the development
@@ -19,6 +20,7 @@ libraries are) and the requester's query tables, sealed to this node and tokeniz
 with k1. It never leaves the node; only the output the policy releases does.
 """
 
+import base64
 import json
 import os
 import tempfile
@@ -33,9 +35,11 @@ from fastapi import Path as PathParam
 from governance.contracts import (
     ContractError,
     ContractNotSigned,
+    ContractTerminated,
     ContractUnknown,
     OutputNotAllowed,
 )
+from governance.ledger import EventKind, decode_leaf
 from governance.packages import (
     PackageApproval,
     PackageError,
@@ -56,6 +60,7 @@ from parties.agreements.api import (
 from parties.agreements.books import contract_book
 from parties.domains.keys import level1_key
 from parties.ingest.governed import VISITS_TABLE
+from parties.ledger.api import ENTRIES, MAX_ENTRIES_PER_READ, log_node
 from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
@@ -264,6 +269,8 @@ def authorize_run(ctx: NodeContext, request: ProductionRunRequest, manifest: Pac
     missing = sorted(required_signatories(ctx.topology, terms.scenario) - set(terms.parties))
     if missing:
         raise ContractNotSigned(f"{terms.contract_id} lacks the parties {missing}")
+    if _terminated_in_log(ctx, terms.contract_id, serving):
+        raise ContractTerminated(f"{terms.contract_id} was terminated at the serving node")
     now = datetime.now(UTC)
     book = contract_book(ctx)
     book.register(contract, now)
@@ -272,6 +279,28 @@ def authorize_run(ctx: NodeContext, request: ProductionRunRequest, manifest: Pac
         rows = ctx.store.conn.execute(f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()[0]
     book.authorize(terms.contract_id, request.requester, columns,
                    [package_output(manifest.name)], now, rows, request_id=run_id)
+
+
+def _terminated_in_log(ctx: NodeContext, contract_id: str, serving: str) -> bool:
+    """Whether the log holds the serving node's `contract_terminated` entry for the contract.
+
+    Terminations are filed at the serving node, which logs them; the owner reads the whole
+    log through the transparency API (package runs are rare, the log is read in pages).
+    """
+    operator = log_node(ctx.topology)
+    start = 0
+    with ctx.client(LONG_CALL_S) as client:
+        while True:
+            page = client.call(operator, ENTRIES, query={
+                "start": start, "end": start + MAX_ENTRIES_PER_READ})
+            for leaf in page.leaves:
+                event = decode_leaf(base64.b64decode(leaf)).entry.event
+                if (event.kind == EventKind.CONTRACT_TERMINATED and event.actor == serving
+                        and event.payload.get("contract_id") == contract_id):
+                    return True
+            if len(page.leaves) < MAX_ENTRIES_PER_READ:
+                return False
+            start += len(page.leaves)
 
 
 def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionRun:
