@@ -12,13 +12,13 @@ entry against its actor's certified key.
 """
 
 import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
 
 from governance.classify import load_policy
 from governance.ledger import SignedEntry
-from governance.ledger.signing import canonical_json
 from parties.ingest.api import (
     ASSET_REGISTERED,
     ExportRegistrationInvalid,
@@ -31,24 +31,19 @@ DATASET = "hospital_export"
 
 
 def export_digest(table: pa.Table) -> str:
-    """SHA-256 (hex) over the export as sent: its column names, then each row in order.
+    """SHA-256 (hex) over the export as sent: for each column in order, its name and the
+    JSON of its values (dates and decimals as text).
 
-    Each line is the canonical JSON of one row (dates and decimals as text), so the
-    hospital and the authority compute it alike from the same rows, however batched.
+    Computed column by column over the whole table, so the hospital and the authority get
+    the same digest from the same rows however the transfer batched them.
     """
-    sha = hashlib.sha256(canonical_json(table.column_names) + b"\n")
-    for batch in table.to_batches(max_chunksize=10_000):
-        for row in batch.to_pylist():
-            sha.update(canonical_json({k: _text(v) for k, v in row.items()}) + b"\n")
+    sha = hashlib.sha256()
+    for name in table.column_names:
+        values = table.column(name).to_pylist()
+        sha.update(json.dumps(name).encode() + b":")
+        sha.update(json.dumps(values, default=str, ensure_ascii=False,
+                              separators=(",", ":")).encode() + b"\n")
     return sha.hexdigest()
-
-
-def _text(value: object) -> object:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)  # floats, dates, decimals: their text, never a float in canonical JSON
 
 
 def top_grade() -> str:
