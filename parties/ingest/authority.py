@@ -137,7 +137,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE ha_consumer_keys_by_insurer RENAME TO ha_consumer_keys
     """,
     # The log index of the hospital's signed registration of each export (-1: governed
-    # before hospitals signed their exports).
+    # before hospitals signed their exports, or relayed by an attempt that then failed).
     """
     ALTER TABLE ha_exports ADD COLUMN registration_index INTEGER NOT NULL DEFAULT -1
     """,
@@ -237,7 +237,9 @@ def _registered(ctx: NodeContext, hospital: str, stream: str, table: pa.Table,
         ctx.log.event("export_refused", hospital=hospital, stream=stream,
                       reason=type(exc).__name__, detail=str(exc))
         raise
-    return append_signed(ctx, registration).first_index
+    appended = append_signed(ctx, registration)
+    # An entry the log already holds (an earlier attempt relayed it) reports no index.
+    return appended.first_index if appended.count else -1
 
 
 def _govern_export(ctx: NodeContext, stream: str, batches: int,
