@@ -119,7 +119,7 @@ class GovernedExport(BaseModel):
     raw_grades: dict[str, str]  # raw column -> level
     grades: dict[str, str]  # common field -> level
     sealed_fields: list[str]
-    registration_index: int  # the log index of the hospital's signed registration
+    registration_index: int  # the log index of the hospital's signed registration (-1: unknown)
 
 
 class ExportResult(BaseModel):
