@@ -10,6 +10,12 @@ not make a meter true. A meter counts only when:
   `REQUEST_DOMAIN`); the serving node checks that signature before it serves, and copies
   it into the meter with the fields it covers.
 
+A `package_run` entry (a production run of an approved package, metered by the data
+owner that ran it) counts when the contract's serving node for package runs appended it
+for one of the contract's data users. Its CPU and wall time are measured by that node,
+never reported by the package; the requester does not sign its run requests, so such a
+meter rests on the serving node's word.
+
 Everything else naming the contract is an anomaly (`MeterAnomaly`): reported, never
 billed, never counted against a quota. A meter the serving node voided with a
 `query_withheld` entry (the answer was withheld because the log could not take its meter
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     from governance.contracts import ContractTerms
 
 REQUEST_DOMAIN = "cogov-request-v1"
+METER_KINDS = (EventKind.QUERY_ANSWERED, EventKind.PACKAGE_RUN)
 
 
 def request_document(method: str, path: str, request_id: str, body_sha256: str,
@@ -69,7 +76,7 @@ def meter_fields(method: str, path: str, body_sha256: str, signature: str) -> di
 
 
 class MeterAnomaly(BaseModel):
-    """A `query_answered` entry naming a contract that does not prove itself."""
+    """A meter naming a contract that does not prove itself."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -82,7 +89,7 @@ class MeterAnomaly(BaseModel):
 
 def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str,
                   history: KeyHistory) -> str | None:
-    """Why a `query_answered` entry of `terms`' contract must not be counted, or None
+    """Why a meter (`METER_KINDS`) of `terms`' contract must not be counted, or None
     (`history`: the federation's signing keys over the log's indices)."""
     event = log_entry.entry.event
     payload = event.payload
@@ -91,6 +98,8 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
     party = payload.get("party")
     if party not in terms.data_users:
         return f"party {party!r} is not a data user of the contract"
+    if event.kind == EventKind.PACKAGE_RUN:
+        return None
     method, path, body_sha256, signature = (
         payload.get(f) for f in ("method", "path", "body_sha256", "data_user_signature"))
     rows = payload.get("rows_returned")
@@ -109,7 +118,7 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
 
 def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving_node: str,
                 keys: Mapping[str, PublicKeyLike]) -> tuple[list[LogEntry], list[MeterAnomaly]]:
-    """(the contract's `query_answered` entries that prove themselves, every other one naming
+    """(the contract's meters (`METER_KINDS`) that prove themselves, every other one naming
     the contract as an anomaly), both in log order; meters the serving node voided are in
     neither."""
     log_entries = list(log_entries)
@@ -123,7 +132,7 @@ def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving
     anomalies: list[MeterAnomaly] = []
     for log_entry in log_entries:
         event = log_entry.entry.event
-        if (event.kind != EventKind.QUERY_ANSWERED
+        if (event.kind not in METER_KINDS
                 or event.payload.get("contract_id") != terms.contract_id
                 or log_entry.entry.signature in voided):
             continue

@@ -10,8 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from governance.billing import split_largest_remainder
 from governance.consent import issue_consent
 from governance.contracts import (
+    FULL_SPLIT_BP,
+    ContractNotSigned,
     ContractUnknown,
     SignedContract,
     load_contract,
@@ -24,7 +27,8 @@ from parties.agreements.api import CONTRACT as CONTRACT_ROUTE
 from parties.agreements.api import REGISTER_CONSENT, REGISTER_CONTRACT, TERMINATE_CONTRACT
 from parties.agreements.books import contract_book
 from parties.claims.api import CHECK
-from parties.ledger.client import append_entry
+from parties.ledger.api import APPEND_ENTRIES, EntryBatch
+from parties.ledger.client import append_entry, signed_entry
 from parties.ledger.deferred import (
     BOUND_ENV,
     append_or_defer,
@@ -46,7 +50,8 @@ runner = CliRunner()
 CONTRACT = Path(__file__).resolve().parents[1] / (
     "scenarios/claim_check/contracts/claim-check-insurer-a.toml"
 )
-NODES = ["health-authority", "operator", "regulator", "insurer-a", "insurer-b"]
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
+NODES = [*HOSPITALS, "health-authority", "operator", "regulator", "insurer-a", "insurer-b"]
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +74,55 @@ def _kinds(fed: Federation) -> list[str]:
 
 
 def test_contract_in_force_only_when_every_party_signed(fed, tmp_path):
+    """Signed by the insurer, the product owner, the operator and the authority, but not
+    by the hospitals whose data it sells, the contract is not in force: it authorizes no
+    query and is not logged as signed. Each hospital's signature completes it."""
     doc = tmp_path / "contract.toml"
     doc.write_text(CONTRACT.read_text())
-    for party in ("insurer-a", "regulator", "operator"):
+    for party in ("insurer-a", "regulator", "operator", "health-authority"):
         assert _cli(fed, "contract", "sign", str(doc), "--as", party).exit_code == 0
         doc = tmp_path / "contract.signed.json"
     partial = _cli(fed, "contract", "register", str(doc))
-    assert partial.exit_code == 0 and "awaiting health-authority" in partial.output
+    assert partial.exit_code == 0
+    assert "awaiting hospital-1, hospital-2, hospital-3" in partial.output, partial.output
     assert "contract_signed" not in _kinds(fed)
-    assert _cli(fed, "contract", "sign", str(doc), "--as", "health-authority").exit_code == 0
+    book = contract_book(open_node(fed.state, fed.topology, "regulator"))
+    with pytest.raises(ContractNotSigned, match="hospital-1"):
+        book.authorize("claim-check-insurer-a-2026", "insurer-a", ["admission_date"],
+                       ["visit_found"], datetime.now(UTC), 1)
+    for hospital in HOSPITALS:
+        assert _cli(fed, "contract", "sign", str(doc), "--as", hospital).exit_code == 0
     done = _cli(fed, "contract", "register", str(doc))
     assert "in force" in done.output, done.output
     assert _kinds(fed).count("contract_signed") == 1
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ("leave out hospital-2", "ContractSignatoriesMissing"),
+    ("give hospital-3 no share", "DataOwnerShareMissing"),
+])
+def test_a_contract_that_cuts_out_a_data_owner_is_refused(fed, change, error):
+    """The product owner and the other parties sign a contract that leaves a hospital out,
+    or names it but pays it nothing: refused before anything is stored, and recorded."""
+    base = load_contract(CONTRACT)
+    split = dict(base.revenue_split_bp)
+    if change.startswith("leave out"):
+        parties = tuple(p for p in base.parties if p != "hospital-2")
+        split["hospital-1"] += split.pop("hospital-2")
+    else:
+        parties = base.parties
+        split["hospital-1"] += split["hospital-3"]
+        split["hospital-3"] = 0
+    terms = base.model_copy(update={"contract_id": f"cut-{error}", "parties": parties,
+                                    "revenue_split_bp": split})
+    before = _refusals(fed, "regulator", error)
+    with NodeClient(fed.state, fed.topology, "regulator") as client, \
+            pytest.raises(RemoteError) as refused:
+        client.call("regulator", REGISTER_CONTRACT, _signed_by_all(fed, terms))
+    assert refused.value.error == error
+    assert _refusals(fed, "regulator", error) == before + 1
+    with pytest.raises(ContractUnknown):
+        contract_book(open_node(fed.state, fed.topology, "regulator")).get(terms.contract_id)
 
 
 def test_forged_party_signature_is_refused(fed):
@@ -260,16 +302,44 @@ def test_billing_statement_bills_only_meters_that_prove_themselves(fed):
     assert anomalies["rq-forged-by-regulator"]["reason"] == (
         "no data-user signature over the request")
     assert "bill_issued" in _kinds(fed)
+    # The data owners' shares come from the one honest meter alone, split as the contract
+    # declares, to the fen (largest remainder: no fen lost or invented by rounding).
+    terms = load_contract(CONTRACT)
+    weights = {"risk-reserve": terms.risk_reserve_bp * FULL_SPLIT_BP} | {
+        p: (FULL_SPLIT_BP - terms.risk_reserve_bp) * bp for p, bp in terms.revenue_split_bp.items()}
+    expected = split_largest_remainder(bill["total_fen"], weights)
+    shares = {s["party"]: s["amount_fen"] for s in bill["shares"]}
+    assert {h: shares[h] for h in HOSPITALS} == {h: expected[h] for h in HOSPITALS}
+    assert all(shares[h] > 0 for h in HOSPITALS)
+
+
+def test_a_hospital_cannot_put_a_meter_in_the_log(fed):
+    """A hospital, or the authority relaying for it, tries to log a meter that would bill
+    insurer-a (and so pay the hospital): the log takes from a hospital, through the
+    authority, only its signed data asset registrations."""
+    hospital = open_node(fed.state, fed.topology, "hospital-1")
+    entry = signed_entry(hospital, "query_answered", {
+        "contract_id": "claim-check-insurer-a-2026", "party": "insurer-a",
+        "records_touched": 10**6, "rows_returned": 10**6, "compute_ms": 1})
+    with NodeClient(fed.state, fed.topology, "hospital-1") as client, \
+            pytest.raises(RemoteError) as direct:
+        client.send("operator", APPEND_ENTRIES, json=EntryBatch([entry]).model_dump(mode="json"),
+                    check_flow=False)
+    assert direct.value.error == "FlowNotAllowed"
+    with NodeClient(fed.state, fed.topology, "health-authority") as client, \
+            pytest.raises(RemoteError) as relayed:
+        client.call("operator", APPEND_ENTRIES, EntryBatch([entry]))
+    assert relayed.value.error == "IdentityMismatch"
+    assert entry.signature not in {decode_leaf(leaf).entry.signature for leaf in
+                                   operator_log(open_node(fed.state, fed.topology, "operator")
+                                                ).log.leaves()}
 
 
 def test_termination_stops_the_contract(fed, tmp_path):
     doc = tmp_path / "c.toml"
     doc.write_text(CONTRACT.read_text().replace("claim-check-insurer-a-2026", "to-end-1"))
-    signed = SignedContract(terms=load_contract(doc))
-    for party in ("insurer-a", "regulator", "operator", "health-authority"):
-        signed = sign_contract(signed, party, load_signing_key(fed.state, party))
     with NodeClient(fed.state, fed.topology, "regulator") as client:
-        client.call("regulator", REGISTER_CONTRACT, signed)
+        client.call("regulator", REGISTER_CONTRACT, _signed_by_all(fed, load_contract(doc)))
     assert _cli(fed, "contract", "terminate", "to-end-1", "--as", "insurer-a").exit_code == 0
     book = contract_book(open_node(fed.state, fed.topology, "regulator"))
     assert book.terminated_at("to-end-1") is not None

@@ -487,7 +487,8 @@ def test_package_swapped_after_approval_is_refused_by_the_owner_node_and_logged(
     with NodeClient(fed.state, fed.topology, "operator") as client, \
             pytest.raises(RemoteError) as refused:
         client.call("health-authority", PRODUCTION_RUN,
-                    ProductionRunRequest(files=package_to_wire(swapped), requester="regulator"))
+                    ProductionRunRequest(files=package_to_wire(swapped), requester="regulator",
+                                         contract_id="package-run-claim-check-2026"))
     assert (refused.value.http_status, refused.value.error) == (409, "PackageHashMismatch")
     logged = [dict(decode_leaf(leaf).entry.event.payload)
               for kind, _, leaf in ledger_entries(fed) if kind == "package_run_refused"]

@@ -4,6 +4,7 @@ import io
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,7 +18,13 @@ from governance.billing import (
     split_largest_remainder,
     statement,
 )
-from governance.contracts import ContractTerms, QueryMeter, parse_contract, usage_from_log
+from governance.contracts import (
+    ContractTerms,
+    QueryMeter,
+    load_contract,
+    parse_contract,
+    usage_from_log,
+)
 from governance.ledger import LogEntry, MerkleLog, make_event, sign_event
 from governance.meters import meter_fields, request_document, sign_request
 from parties.claims.api import CHECK
@@ -354,3 +361,46 @@ def test_meters_are_checked_with_the_data_users_key_valid_at_their_index():
     assert bill.meters.queries == 2
     assert [(a.index, a.request_id) for a in bill.anomalies] == [(3, "q-stolen")]
     assert "signature does not sign" in bill.anomalies[0].reason
+
+
+SCENARIO_CONTRACT = (Path(__file__).resolve().parents[1]
+                     / "scenarios/claim_check/contracts/claim-check-insurer-a.toml")
+
+
+def _scenario_bill(*extra: LogEntry) -> Statement:
+    """insurer-a's scenario contract (hospitals among its parties) billed for one honest
+    check of 8 records in 2026-11: 50 + 8 x 2 + the 100,000 subscription = 100,066 fen."""
+    terms = load_contract(SCENARIO_CONTRACT)
+    cid = terms.contract_id
+    leaves = [LogEntry(0, _event("contract_signed", "s", _ms(2026, 10, 1), contract_id=cid)),
+              LogEntry(1, _answered("q-1", _ms(2026, 11, 3), records=8, contract_id=cid)),
+              *extra]
+    return _bill(terms, "2026-11", leaves)
+
+
+def test_data_owners_share_every_bill_to_the_fen():
+    """The rounding rule, worked by hand on the scenario contract: every part gets the floor
+    of its exact share of 100,066 fen (reserve 5 %, then the declared basis points of the
+    rest); the 4 fen left go one each to the largest fractional remainders, ties by name:
+    hospital-2 and hospital-3 (.72...), then health-authority and operator (.675; the
+    regulator's equal .675 loses the tie). Nothing is lost, nothing invented."""
+    bill = _scenario_bill()
+    assert bill.total_fen == 100_066
+    assert bill.risk_reserve_fen == 5003
+    assert {s.party: s.amount_fen for s in bill.shares} == {
+        "health-authority": 23_766, "operator": 23_766, "regulator": 23_765,
+        "hospital-1": 7928, "hospital-2": 7919, "hospital-3": 7919, "insurer-a": 0}
+    assert bill.risk_reserve_fen + sum(s.amount_fen for s in bill.shares) == bill.total_fen
+
+
+def test_a_data_owners_share_never_counts_a_meter_the_serving_node_did_not_sign():
+    """The health authority (a party, paid per bill) appends a meter for a check insurer-a
+    signed, to raise the bill the hospitals and it share: an anomaly, and every share,
+    the hospitals' included, is what the honest meter alone gives."""
+    cid = load_contract(SCENARIO_CONTRACT).contract_id
+    forged = LogEntry(2, _answered("q-2", _ms(2026, 11, 3), records=10**6, contract_id=cid,
+                                   actor="health-authority"))
+    honest, with_forgery = _scenario_bill(), _scenario_bill(forged)
+    assert with_forgery.shares == honest.shares and with_forgery.total_fen == 100_066
+    assert [a.index for a in with_forgery.anomalies] == [2]
+    assert "not by the serving node" in with_forgery.anomalies[0].reason

@@ -13,18 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from governance.ledger import decode_leaf, sign_event
+from governance.ledger.errors import EntrySignatureInvalid
 from governance.scan import _match_counts, scan_path
 from parties.domains.api import LEVEL1_STEP, LIST_DOMAINS
 from parties.ingest.api import (
+    ASSET_REGISTERED,
     CIRCULATION_SUMMARY,
     CIRCULATION_VISITS,
+    COMPLETE_EXPORT,
+    EXPORT_BATCHES,
     GOVERNANCE_SUMMARY,
     HOSPITAL_EXPORT,
     PUBLISH,
+    ExportComplete,
     ExportRequest,
     ExportResult,
     Publication,
@@ -32,12 +39,18 @@ from parties.ingest.api import (
 )
 from parties.ingest.authority import publish, visits_digest
 from parties.ingest.circulated import VISITS_TABLE
-from parties.ingest.circulation import seal_batch
+from parties.ingest.circulation import seal_batch, unregistered_holdings
 from parties.ingest.governed import governed_visits
+from parties.ingest.hospital import read_export
+from parties.ingest.registration import export_digest, sign_registration
+from parties.ledger.client import append_entry, append_signed
+from parties.ledger.operator_log import operator_log
 from parties.node import open_node
 from parties.runtime.batch_routes import DIGEST_HEADER, digest, table_to_ipc
+from parties.runtime.batches import send_batches
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.pki import load_signing_key
 from parties.runtime.routes import Kind
 from parties.runtime.sealing import sealing_public_key
 from scenarios.claim_check.generator import generate
@@ -340,6 +353,124 @@ def test_governance_events_are_in_the_log(ingested):
     counted = {(k, a): n for k, a, n in kinds}
     assert counted[("data_registered", "health-authority")] >= 3 + 1  # 3 exports, 1 publication
     assert counted[("data_registered", "operator")] >= 1
+
+
+def test_each_export_is_registered_and_signed_by_its_hospital(ingested):
+    """The log holds one data asset registration per export, signed by the hospital itself
+    (the log checks every entry against its actor's certified key), stating the owner,
+    grade, rows, digest and lineage the authority governed."""
+    ctx = open_node(ingested.fed.state, ingested.fed.topology, "operator")
+    entries = [decode_leaf(leaf) for leaf in operator_log(ctx).log.leaves()]
+    keys = ctx.signing_public_keys()
+    for hospital, result in ingested.exports.items():
+        governed = result.governed
+        registration = entries[governed.registration_index].entry
+        assert registration.event.kind == ASSET_REGISTERED
+        assert registration.event.actor == hospital and registration.signature_valid(
+            keys[hospital])
+        payload = registration.event.payload
+        assert payload["owner"] == hospital and payload["rows"] == result.rows == governed.rows
+        assert payload["stream"] == result.stream and payload["grade"] == "L4"
+        assert payload["source_sha256"].startswith(result.stream.removeprefix("x-"))
+        raw = read_export(ingested.data / "raw" / next(
+            p.name for p in (ingested.data / "raw").iterdir() if p.stem == hospital))
+        assert payload["digest"] == export_digest(raw)
+
+
+def test_the_operator_holds_no_visits_their_hospital_did_not_register(ingested):
+    """The operator registers a publication only when each hospital's visits in it are
+    covered by that hospital's own signed registrations: visits of a hospital that
+    registered nothing, more visits than it registered, or a registration the authority
+    made out as itself in a hospital's name cover nothing."""
+    state, topology = ingested.fed.state, ingested.fed.topology
+    operator = open_node(state, topology, "operator")
+    held = {h: r.rows for h, r in ingested.exports.items()}
+    assert unregistered_holdings(operator, held) == []
+    assert unregistered_holdings(operator, {**held, "hospital-9": 1}) == ["hospital-9"]
+    assert unregistered_holdings(operator, {"hospital-2": 10**6}) == ["hospital-2"]
+    ha = open_node(state, topology, "health-authority")
+    append_entry(ha, ASSET_REGISTERED, {"dataset": "hospital_export", "owner": "hospital-9",
+                                        "rows": 5, "digest": "ef" * 32})
+    assert unregistered_holdings(operator, {"hospital-9": 1}) == ["hospital-9"]
+
+
+def _stage(ing: Ingested, hospital: str, table: pa.Table, stream: str) -> None:
+    with ing.client(hospital) as client:
+        send_batches(client, "health-authority", EXPORT_BATCHES, stream, table, batch_rows=50)
+
+
+def _complete(ing: Ingested, sender: str, stream: str, rows: int, registration) -> RemoteError:
+    with ing.client(sender) as client, pytest.raises(RemoteError) as refused:
+        client.call("health-authority", COMPLETE_EXPORT,
+                    ExportComplete(batches=-(-rows // 50), rows=rows, registration=registration),
+                    params={"stream": stream})
+    return refused.value
+
+
+def _governed_state(ing: Ingested) -> tuple:
+    with sqlite3.connect(ing.db("health-authority")) as conn:
+        return (conn.execute("SELECT COUNT(*) FROM ha_exports").fetchone(),
+                conn.execute("SELECT COUNT(*) FROM ha_visits").fetchone())
+
+
+def test_an_export_without_its_hospitals_signed_registration_is_refused(ingested):
+    """Attacks on the data asset registration, each refused with a typed error and logged
+    (`export_refused`), governing nothing:
+
+    - the health authority, or the operator, makes out a registration in hospital-1's
+      name with its own key: the log refuses the entry, and the authority's check too;
+    - hospital-1 sends its rows under a registration hospital-2 signed;
+    - a registration whose signature is not the hospital's (zeroed);
+    - a registration whose digest or row count is not that of the rows that arrived
+      (rows altered, or one row dropped, after signing)."""
+    ing = ingested
+    raw_file = next(p for p in (ing.data / "raw").iterdir() if p.stem == "hospital-1")
+    table = read_export(raw_file).slice(0, 120)
+    stream = "x-" + "ab" * 16
+    _stage(ing, "hospital-1", table, stream)
+    state, topology = ing.fed.state, ing.fed.topology
+    hospital = open_node(state, topology, "hospital-1")
+    honest = sign_registration(hospital, stream, table, raw_file, "cd" * 32, "L4")
+
+    # Forged in hospital-1's name by the authority and by the operator, with their keys.
+    for forger in ("health-authority", "operator"):
+        forged = sign_event(honest.event, load_signing_key(state, forger))
+        ctx = open_node(state, topology, forger)
+        with pytest.raises((EntrySignatureInvalid, RemoteError)) as logged:
+            append_signed(ctx, forged)
+        if isinstance(logged.value, RemoteError):
+            assert logged.value.error == "EntrySignatureInvalid"
+        assert _complete(ing, "hospital-1", stream, 120, forged).error == (
+            "ExportRegistrationInvalid")
+    other = sign_registration(open_node(state, topology, "hospital-2"), stream, table,
+                              raw_file, "cd" * 32, "L4")
+    assert _complete(ing, "hospital-1", stream, 120, other).error == "ExportRegistrationInvalid"
+    zeroed = honest.model_copy(update={"signature": "0" * 128})
+    assert _complete(ing, "hospital-1", stream, 120, zeroed).error == "ExportRegistrationInvalid"
+    altered = table.set_column(0, table.column_names[0], pa.array(
+        ["tampered"] + [str(v) for v in table.column(0).to_pylist()[1:]]))
+    for signed_over in (altered, table.slice(0, 119)):
+        mismatched = sign_registration(hospital, stream, signed_over, raw_file, "cd" * 32, "L4")
+        refused = _complete(ing, "hospital-1", stream, 120, mismatched)
+        assert refused.error == "ExportRegistrationMismatch" and refused.http_status == 409
+    before = _governed_state(ing)
+    with ing.client("hospital-1") as client, pytest.raises(RemoteError) as unsigned:
+        client.send("health-authority", COMPLETE_EXPORT, params={"stream": stream},
+                    json={"batches": 3, "rows": 120})
+    assert unsigned.value.http_status == 422
+    assert _governed_state(ing) == before
+    with sqlite3.connect(ing.db("operator")) as conn:
+        refusals = conn.execute(
+            "SELECT COUNT(*) FROM ledger_entries WHERE kind = 'export_refused'").fetchone()[0]
+        forged_in_log = conn.execute(
+            "SELECT COUNT(*) FROM ledger_entries WHERE kind = ? AND actor = 'hospital-1' AND"
+            " request_id = ?", (ASSET_REGISTERED, honest.event.request_id)).fetchone()[0]
+    assert refusals == 6 and forged_in_log == 0
+    # The honest registration of the same rows governs them.
+    with ing.client("hospital-1") as client:
+        governed = client.call("health-authority", COMPLETE_EXPORT, ExportComplete(
+            batches=3, rows=120, registration=honest), params={"stream": stream})
+    assert governed.rows == 120 and governed.registration_index > 0
 
 
 @pytest.mark.slow

@@ -6,9 +6,11 @@ sample and test libraries; the regulator develops, submits to the operator's sec
 room; the authority approves and runs on its authorized data; the catalogue fills.
 """
 
+import json
 import shutil
 import sqlite3
 import textwrap
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,13 +18,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from governance.contracts import SignedContract, load_contract, sign_contract
 from governance.ledger import decode_leaf
 from governance.packages import package_hash
+from parties.agreements.api import REGISTER_CONTRACT
 from parties.ingest.api import HOSPITAL_EXPORT, ExportRequest
 from parties.ingest.governed import governed_visits
 from parties.node import open_node
 from parties.runtime.client import NodeClient
 from parties.runtime.errors import RemoteError
+from parties.runtime.pki import load_signing_key
 from parties.runtime.routes import Kind
 from parties.secure_room.api import (
     CATALOGUE,
@@ -106,9 +111,31 @@ def run(tables):
 """
 
 
+PACKAGE_CONTRACT = (Path(__file__).resolve().parents[1]
+                    / "scenarios/claim_check/contracts/package-run-claim-check.toml")
+ROOM_CONTRACT = "room-runs-2026"  # every production run of this module's packages
+
+
 class Room:
     def __init__(self, fed: Federation, data: Path, work: Path) -> None:
         self.fed, self.data, self.work = fed, data, work
+
+    def contract(self, contract_id: str, outputs: list[str], runs_per_day: int = 20,
+                 signers: int | None = None) -> None:
+        """Register a package-run contract between this federation's nodes (its one
+        hospital among them), signed by all (or by the first `signers`) of its parties."""
+        base = load_contract(PACKAGE_CONTRACT)
+        parties = ("regulator", "operator", "health-authority", "hospital-1")
+        terms = base.model_copy(update={
+            "contract_id": contract_id, "parties": parties, "allowed_outputs": tuple(outputs),
+            "quota": base.quota.model_copy(update={"queries_per_day": runs_per_day}),
+            "revenue_split_bp": {"health-authority": 4000, "operator": 3000,
+                                 "hospital-1": 3000, "regulator": 0}})
+        signed = SignedContract(terms=terms)
+        for party in parties[:signers]:
+            signed = sign_contract(signed, party, load_signing_key(self.fed.state, party))
+        with self.client("regulator") as client:
+            client.call("regulator", REGISTER_CONTRACT, signed)
 
     def client(self, node: str) -> NodeClient:
         return NodeClient(self.fed.state, self.fed.topology, node, timeout=600)
@@ -126,9 +153,10 @@ class Room:
             return client.call("operator", SUBMIT_PACKAGE,
                                PackageUpload(files=package_to_wire(package)))
 
-    def run(self, sha: str) -> CatalogueEntry:
+    def run(self, sha: str, contract_id: str = ROOM_CONTRACT) -> CatalogueEntry:
         with self.client("regulator") as client:
-            return client.call("operator", RUN_PACKAGE, RunRequest(), params={"sha256": sha})
+            return client.call("operator", RUN_PACKAGE, RunRequest(contract_id=contract_id),
+                               params={"sha256": sha})
 
     def events(self, kind: str) -> list:
         with sqlite3.connect(f"file:{self.fed.state.node('operator').db}?mode=ro",
@@ -162,6 +190,7 @@ def room(tmp_path_factory):
         with r.client("hospital-1") as client:
             client.call("hospital-1", HOSPITAL_EXPORT, ExportRequest(path=str(raw), batch_rows=200))
         r.built = r.cli("package", "libraries", "--sample-rows", "400", "--test-rows", "60")
+        r.contract(ROOM_CONTRACT, ["package.claim-check", "package.self-pay-by-diagnosis"])
         yield r
     finally:
         fed.down()
@@ -176,7 +205,8 @@ def approved_claim_check(room):
     sha = package_hash(package)
     assert sha in out and "sent to the data owner for review" in out
     with room.client("regulator") as client, pytest.raises(RemoteError) as refused:
-        client.call("operator", RUN_PACKAGE, RunRequest(), params={"sha256": sha})
+        client.call("operator", RUN_PACKAGE, RunRequest(contract_id=ROOM_CONTRACT),
+                    params={"sha256": sha})
     assert (refused.value.http_status, refused.value.error) == (403, "PackageNotApproved")
     assert [e.payload["error"] for e in room.events("package_run_refused")
             if e.payload["package_sha256"] == sha] == ["PackageNotApproved"]
@@ -249,10 +279,11 @@ def test_claim_check_submitted_validated_approved_run_and_catalogued(room, appro
 
     # The package also reads `policies`, which the owner does not hold: refused up front,
     # as malformed input (422, exit 2).
-    out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
-                   code=2)
+    out = room.cli("package", "run", sha, "--contract", ROOM_CONTRACT,
+                   "--query", f"claims={room.data / 'claims.csv'}", code=2)
     assert "QueryTablesInvalid" in out and "policies" in out
-    out = room.cli("package", "run", sha, "--query", f"claims={room.data / 'claims.csv'}",
+    out = room.cli("package", "run", sha, "--contract", ROOM_CONTRACT,
+                   "--query", f"claims={room.data / 'claims.csv'}",
                    "--query", f"policies={room.data / 'policies.csv'}", "--rows", "0")
     assert "catalogued as product" in out
     product = out.split("catalogued as product ")[1].split(":")[0]
@@ -277,6 +308,7 @@ def test_claim_check_submitted_validated_approved_run_and_catalogued(room, appro
     meter = runs[0].payload
     assert meter["output_sha256"] == entry.output_sha256 and meter["rows_returned"] == 30
     assert meter["records_touched"] > 400 and meter["party"] == "regulator"
+    assert meter["contract_id"] == ROOM_CONTRACT and meter["compute_ms"] > 0
     published = [e for e in room.events("product_published")
                  if e.payload["product_id"] == product]
     assert published and published[0].actor == "operator"
@@ -369,3 +401,63 @@ def test_aggregate_groups_under_k_are_suppressed_in_production(room):
     assert released == {code: (int(row.n), int(row.self_pay_fen))
                         for code, row in expected.iterrows()}
     assert all(n >= 10 for n, _ in released.values())
+
+
+def test_a_package_run_outside_its_contract_is_refused_logged_and_never_billed(room):
+    """The developer runs an approved package on the authorized library under no contract,
+    under a contract that does not name the package's output, under one the hospital has
+    not signed, under one terminated at the serving node, and past a contract's daily
+    quota of one run: each refused at the data
+    owner before a row is opened, logged (`package_run_refused`), no meter, nothing billed.
+    The one run in force is metered by the owner (CPU it measured) and billed, the hospital
+    taking its share."""
+    package = make_package(room.work / "aggregate-contracts", AGGREGATE_MANIFEST,
+                           AGGREGATE_CODE)
+    submission = room.submit(package)
+    sha = submission.package_sha256
+    room.cli("package", "approve", sha)
+    room.contract("room-narrow-2026", ["package.claim-check"])
+    room.contract("room-unsigned-2026", ["package.self-pay-by-diagnosis"], signers=3)
+    room.contract("room-one-run-2026", ["package.self-pay-by-diagnosis"], runs_per_day=1)
+    room.contract("room-ended-2026", ["package.self-pay-by-diagnosis"])
+    room.cli("contract", "terminate", "room-ended-2026", "--as", "regulator")
+    refused = {}
+    for contract_id in ("no-such-2026", "room-narrow-2026", "room-unsigned-2026",
+                        "room-ended-2026"):
+        with pytest.raises(RemoteError) as error:
+            room.run(sha, contract_id)
+        refused[contract_id] = error.value.error
+    entry = room.run(sha, "room-one-run-2026")
+    with pytest.raises(RemoteError) as over_quota:
+        room.run(sha, "room-one-run-2026")
+    refused["past quota"] = over_quota.value.error
+    assert refused == {"no-such-2026": "ContractUnknown", "room-narrow-2026": "OutputNotAllowed",
+                       "room-unsigned-2026": "ContractNotSigned",
+                       "room-ended-2026": "ContractTerminated", "past quota": "QuotaExceeded"}
+    logged = [(e.payload["contract_id"], e.payload["error"])
+              for e in room.events("package_run_refused") if e.payload["package_sha256"] == sha]
+    assert logged == [("no-such-2026", "ContractUnknown"),
+                      ("room-narrow-2026", "OutputNotAllowed"),
+                      ("room-unsigned-2026", "ContractNotSigned"),
+                      ("room-ended-2026", "ContractTerminated"),
+                      ("room-one-run-2026", "QuotaExceeded")]
+    meters = [e for e in room.events("package_run") if e.payload["package_sha256"] == sha
+              and e.payload["contract_id"] != ROOM_CONTRACT]
+    assert [(m.payload["contract_id"], m.payload["run_id"]) for m in meters] == [
+        ("room-one-run-2026", entry.product_id)]
+    assert meters[0].actor == "health-authority" and meters[0].payload["compute_ms"] > 0
+
+    period = datetime.now(UTC).astimezone(timezone(timedelta(hours=8))).strftime("%Y-%m")
+    bills = {}
+    for contract_id in ("room-one-run-2026", "room-narrow-2026", "room-unsigned-2026"):
+        bills[contract_id] = json.loads(room.cli("billing", "statement", "--contract",
+                                                 contract_id, "--period", period, "--json"))
+    one_run = bills["room-one-run-2026"]
+    assert one_run["meters"]["queries"] == 1 and one_run["total_fen"] == 20_000
+    assert not one_run["anomalies"]
+    shares = {s["party"]: s["amount_fen"] for s in one_run["shares"]}
+    assert shares["hospital-1"] == 5700 and shares["regulator"] == 0  # 30 % of 95 %
+    assert one_run["risk_reserve_fen"] + sum(shares.values()) == 20_000
+    for contract_id in ("room-narrow-2026", "room-unsigned-2026"):
+        assert bills[contract_id]["meters"]["queries"] == 0
+        assert bills[contract_id]["total_fen"] == 0

@@ -56,6 +56,7 @@ class EventKind(StrEnum):
     QUERY_ANSWERED = "query_answered"
     QUERY_REFUSED = "query_refused"
     QUERY_WITHHELD = "query_withheld"  # an answer withheld: its meter, if logged, is void
+    PACKAGE_RUN = "package_run"  # a production run of a package, metered by the data owner
     FLOW_REFUSED = "flow_refused"
     BILL_ISSUED = "bill_issued"
     KEY_DESTROYED = "key_destroyed"

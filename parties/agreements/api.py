@@ -14,11 +14,21 @@ from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role, Topology
 
 SERVING_ROLE = Role.REGULATOR  # serves the product and owns it: it registers its contracts
-DATA_USER_ROLE = Role.INSURER
-# The roles whose node must be a party to (so sign) each scenario's product contract,
-# besides its data users: the product owner, the operator, the data provider.
+DATA_OWNER_ROLE = Role.HOSPITAL  # each data owner takes a share of every bill
+PACKAGE_RUN_SCENARIO = "package_run"
+# Per scenario: the role of its data users, and of the node that serves it and appends its
+# meters. A claim check is answered by the regulator for an insurer; a package is run by
+# the data provider (the health authority) for the developer, the regulator.
+DATA_USER_ROLES: dict[str, Role] = {"claim_check": Role.INSURER,
+                                    PACKAGE_RUN_SCENARIO: Role.REGULATOR}
+METERING_ROLES: dict[str, Role] = {"claim_check": Role.REGULATOR,
+                                   PACKAGE_RUN_SCENARIO: Role.HEALTH_AUTHORITY}
+# The roles every node of which must be a party to (so sign) each scenario's product
+# contract, besides its data users: the product owner, the operator, the data provider
+# and the data owners (each hospital, whose records the product answers from).
 REQUIRED_SIGNATORY_ROLES: dict[str, tuple[Role, ...]] = {
-    "claim_check": (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY),
+    "claim_check": (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY, Role.HOSPITAL),
+    PACKAGE_RUN_SCENARIO: (Role.REGULATOR, Role.OPERATOR, Role.HEALTH_AUTHORITY, Role.HOSPITAL),
 }
 
 
@@ -29,17 +39,45 @@ class ContractSignatoriesMissing(ContractError):
     http_status = 400
 
 
+class DataOwnerShareMissing(ContractError):
+    """A data owner party of the contract is given no share of its revenue."""
+
+    http_status = 400
+
+
 def required_signatories(topology: Topology, scenario: str) -> set[str]:
-    """The nodes that must be parties to a product contract of `scenario`."""
+    """The nodes that must be parties to a product contract of `scenario`: every node of
+    each required role (a federation lacking one of the roles can make no such contract)."""
     roles = REQUIRED_SIGNATORY_ROLES.get(scenario)
     if roles is None:
         raise ContractSignatoriesMissing(f"no product contract is defined for {scenario!r}")
-    return {topology.node_of(role) for role in roles}
+    required = set()
+    for role in roles:
+        nodes = topology.nodes_with_role(role)
+        if not nodes:
+            raise ContractSignatoriesMissing(
+                f"a {scenario} contract needs a {role.value} node to sign it; the federation "
+                "has none")
+        required.update(n.name for n in nodes)
+    return required
 
 
 def serving_node(topology: Topology) -> str:
     """The node that keeps the federation's consents and contracts."""
     return topology.node_of(SERVING_ROLE)
+
+
+def metering_node(topology: Topology, scenario: str) -> str:
+    """The node that serves `scenario`'s contracts: the only one whose meters are billed."""
+    role = METERING_ROLES.get(scenario)
+    if role is None:
+        raise ContractSignatoriesMissing(f"no product contract is defined for {scenario!r}")
+    return topology.node_of(role)
+
+
+def package_output(package: str) -> str:
+    """The output a package-run contract allows for the package named `package`."""
+    return f"package.{package}"
 
 
 class Registered(BaseModel):

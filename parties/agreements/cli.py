@@ -25,6 +25,7 @@ from parties.agreements.api import (
     REGISTER_CONTRACT,
     REVOKE_CONSENT,
     TERMINATE_CONTRACT,
+    metering_node,
     serving_node,
 )
 from parties.ledger.api import log_node
@@ -173,8 +174,9 @@ def billing_statement(
 ) -> None:
     """The bill of CONTRACT for PERIOD from the log: lines, split, risk reserve (integer fen).
 
-    Only meters appended by the serving node and signed by the data user are billed; any
-    other `query_answered` entry naming the contract is listed as an anomaly (and the
+    Only meters appended by the node serving the contract's scenario (and, for claim
+    checks, signed by the data user) are billed; any other meter naming the contract is
+    listed as an anomaly (and the
     command exits 1 when there is one, after printing the statement)."""
     _, topo = resolve_topology(state, topology)
     st = StateDir(state)
@@ -182,12 +184,14 @@ def billing_statement(
     operator = log_node(topo)
     with exit_on(NodeError), NodeClient(st, topo, serving) as client:
         signed = client.call(serving, CONTRACT, params={"contract_id": contract})
+    with exit_on(ContractError):
+        metering = metering_node(topo, signed.terms.scenario)
     conn = sqlite3.connect(f"file:{st.node(operator).db}?mode=ro", uri=True)
     log_entries = [decode_leaf(bytes(r[0])) for r in
                    conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")]
     conn.close()
     with exit_on(ContractError, ValueError):
-        result = statement(signed.terms, period, log_entries, serving,
+        result = statement(signed.terms, period, log_entries, metering,
                            federation_signing_keys(st, [n.name for n in topo.nodes]))
     if issue:
         append_entry(open_node(st, topo, operator), "bill_issued", result.log_payload())

@@ -17,13 +17,15 @@ from governance.consent import Consent, ConsentMismatch, ConsentRevocation
 from governance.contracts import ContractBook, ContractTermination, SignedContract
 from parties.agreements.api import (
     CONTRACT,
-    DATA_USER_ROLE,
+    DATA_OWNER_ROLE,
+    DATA_USER_ROLES,
     REGISTER_CONSENT,
     REGISTER_CONTRACT,
     REVOKE_CONSENT,
     SERVING_ROLE,
     TERMINATE_CONTRACT,
     ContractSignatoriesMissing,
+    DataOwnerShareMissing,
     Registered,
     required_signatories,
 )
@@ -74,7 +76,8 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
         """Register a contract with the signatures it carries; in force once all parties sign.
 
         Only the product owner registers, and a contract that leaves out a party its
-        scenario requires, or names a data user that is not a data user's node, is refused.
+        scenario requires (each hospital among them), gives a data owner no revenue share,
+        or names a data user that is not a data user's node, is refused.
         """
         _check_signatories(ctx, body)
         book = contract_book(ctx)
@@ -124,12 +127,19 @@ def _check_signatories(ctx: NodeContext, contract: SignedContract) -> None:
     if missing:
         raise ContractSignatoriesMissing(
             f"contract {terms.contract_id} must name {', '.join(missing)} as parties")
+    unpaid = sorted(p for p in terms.parties if ctx.topology.has_node(p)
+                    and ctx.topology.node(p).role == DATA_OWNER_ROLE
+                    and terms.revenue_split_bp.get(p, 0) == 0)
+    if unpaid:
+        raise DataOwnerShareMissing(
+            f"contract {terms.contract_id} gives data owners {', '.join(unpaid)} no revenue "
+            "share")
+    user_role = DATA_USER_ROLES[terms.scenario]
     strangers = sorted(u for u in terms.data_users
-                       if not ctx.topology.has_node(u)
-                       or ctx.topology.node(u).role != DATA_USER_ROLE)
+                       if not ctx.topology.has_node(u) or ctx.topology.node(u).role != user_role)
     if strangers:
         raise ContractSignatoriesMissing(
-            f"data users must be {DATA_USER_ROLE.value} nodes: {', '.join(strangers)}")
+            f"data users must be {user_role.value} nodes: {', '.join(strangers)}")
 
 
 def _known(book: ContractBook, contract_id: str) -> bool:

@@ -22,6 +22,8 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from governance.errors import GovernanceError
+from governance.ledger import SignedEntry
+from governance.ledger.events import register_event_kind
 from parties.runtime.batch_routes import STREAM_PATTERN, batch_stream_routes
 from parties.runtime.routes import Kind, Route
 from parties.runtime.topology import Role
@@ -36,6 +38,12 @@ Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # The insurer a consent key serves: a node name. At the operator a key registered before
 # keys were per insurer arrives bound to no insurer ('') and opens no insurer's check.
 INSURER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+Grade = Annotated[str, Field(pattern=r"^L\d$")]
+
+# A hospital's signed data asset registration (`parties.ingest.registration`), and the
+# authority's record of an export it refused to govern.
+ASSET_REGISTERED = register_event_kind("data_asset_registered")
+EXPORT_REFUSED = register_event_kind("export_refused")
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -51,6 +59,19 @@ class AuthorityError(GovernanceError):
 
 class ExportIncomplete(AuthorityError):
     """Not every batch of the export has arrived (resend the missing ones)."""
+
+    http_status = 409
+
+
+class ExportRegistrationInvalid(AuthorityError):
+    """The export's registration is not its sender's: another owner, another signer, or not
+    a registration at all."""
+
+    http_status = 403
+
+
+class ExportRegistrationMismatch(AuthorityError):
+    """The export's signed registration states other rows, digest or stream than arrived."""
 
     http_status = 409
 
@@ -83,6 +104,8 @@ class ExportRequest(BaseModel):
     batch_rows: BatchRows = DEFAULT_BATCH_ROWS
     # The text encoding of a CSV or JSON-lines file; None detects UTF-8 (BOM or not), GB18030.
     encoding: EncodingName | None = None
+    # The grade the hospital registers its asset at; None: the policy's top grade.
+    grade: Grade | None = None
 
 
 class GovernedExport(BaseModel):
@@ -96,6 +119,7 @@ class GovernedExport(BaseModel):
     raw_grades: dict[str, str]  # raw column -> level
     grades: dict[str, str]  # common field -> level
     sealed_fields: list[str]
+    registration_index: int  # the log index of the hospital's signed registration (-1: unknown)
 
 
 class ExportResult(BaseModel):
@@ -114,6 +138,8 @@ class ExportResult(BaseModel):
 class ExportComplete(BaseModel):
     batches: Annotated[int, Field(ge=1, le=10**6)]
     rows: Annotated[int, Field(ge=0)]
+    # The hospital's signed `ASSET_REGISTERED` entry for this export.
+    registration: SignedEntry
 
 
 class HospitalDigest(BaseModel):

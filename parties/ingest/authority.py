@@ -3,7 +3,10 @@
 1. Hospitals send their raw exports in batches (`EXPORT_BATCHES`, kind `export`).
    Each batch is staged sealed whole (AES-256-GCM under the staging table's
    data key), so not even the staging holds a raw value in the clear.
-2. When an export is complete the authority governs it: asset scan,
+2. When an export is complete, and its hospital-signed registration states exactly
+   the rows that arrived (`parties.ingest.registration`; else it is refused and
+   `export_refused` logged), the authority relays the registration to the log and
+   governs the export: asset scan,
    classification and grading (policy file), standardization to the common
    model (overrides file), level-1 tokens P1 = k1·H(national id), an opaque
    `visit_ref` = HMAC(visit id), and encryption at rest of every field graded
@@ -32,6 +35,7 @@ from fastapi import APIRouter
 
 from governance.at_rest import Keyring, open_value, seal_value
 from governance.classify import classify_table, load_policy
+from governance.ledger import SignedEntry
 from governance.scan import scan_frame
 from governance.standardize import (
     COMMON_FIELDS,
@@ -49,6 +53,7 @@ from parties.ingest.api import (
     CONSUMER_KEYS,
     DEFAULT_BATCH_ROWS,
     EXPORT_BATCHES,
+    EXPORT_REFUSED,
     GOVERNANCE_SUMMARY,
     INSURER_NAME,
     LONG_CALL_S,
@@ -57,6 +62,8 @@ from parties.ingest.api import (
     AuthorityError,
     ExportComplete,
     ExportIncomplete,
+    ExportRegistrationInvalid,
+    ExportRegistrationMismatch,
     GovernanceSummary,
     GovernedExport,
     HospitalDigest,
@@ -73,7 +80,8 @@ from parties.ingest.circulation import (
     send_sealed_batches,
 )
 from parties.ingest.governed import DATA_FIELDS, VISITS_TABLE, governed_visits
-from parties.ledger.client import append_entry
+from parties.ingest.registration import check_registration
+from parties.ledger.client import append_entry, append_signed
 from parties.runtime import batches
 from parties.runtime.access import Caller
 from parties.runtime.batches import (
@@ -137,6 +145,11 @@ MIGRATIONS: tuple[str, ...] = (
         HAVING COUNT(DISTINCT p1) > 1);
     CREATE UNIQUE INDEX ha_consumer_keys_one_key_one_row ON ha_consumer_keys (public_key)
     """,
+    # The log index of the hospital's signed registration of each export (-1: governed
+    # before hospitals signed their exports, or relayed by an attempt that then failed).
+    """
+    ALTER TABLE ha_exports ADD COLUMN registration_index INTEGER NOT NULL DEFAULT -1
+    """,
 )
 CONSUMER_KEY_COLUMNS = ["insurer", "national_id", "public_key"]  # sorted
 
@@ -196,7 +209,7 @@ def _plain(value: Any) -> Any:
 # --- governing an export ------------------------------------------------------------------
 
 
-def _staged_frame(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pd.DataFrame]:
+def _staged_table(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pa.Table]:
     keyring = ctx.secrets.data_key_for(STAGING_TABLE)
     with ctx.store.lock:
         rows = ctx.store.conn.execute(
@@ -209,23 +222,45 @@ def _staged_frame(ctx: NodeContext, stream: str, batches: int) -> tuple[str, pd.
         raise ExportIncomplete(f"export {stream} lacks batches {missing[:20]}")
     tables = [ipc_to_table(open_value(bytes(s), keyring, STAGING_TABLE, "batch", f"{stream}/{i}"))
               for i, _h, s in rows]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return rows[0][1], table.to_pandas()
+    return rows[0][1], pa.concat_tables(tables, promote_options="permissive")
 
 
-def govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExport:
-    """Scan, classify, standardize, tokenize and seal a complete export; drop its staging."""
+def govern_export(ctx: NodeContext, stream: str, batches: int,
+                  registration: SignedEntry) -> GovernedExport:
+    """Check the hospital's registration of a complete export, relay it to the log, then
+    scan, classify, standardize, tokenize and seal the export; drop its staging."""
     with level1_lock(ctx):
-        return _govern_export(ctx, stream, batches)
+        return _govern_export(ctx, stream, batches, registration)
 
 
-def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExport:
+def _registered(ctx: NodeContext, hospital: str, stream: str, table: pa.Table,
+                registration: SignedEntry) -> int:
+    """The log index of `hospital`'s registration of `table`, after checking it; a refused
+    registration is logged (`EXPORT_REFUSED`) and governs nothing."""
+    name = stream.rsplit(":", 1)[-1]  # the hospital's name for it, without the staging prefix
+    try:
+        check_registration(ctx, registration, hospital, name, table)
+    except (ExportRegistrationInvalid, ExportRegistrationMismatch) as exc:
+        append_entry(ctx, EXPORT_REFUSED, {"owner": hospital, "stream": name,
+                                           "rows": table.num_rows, "reason": type(exc).__name__})
+        ctx.log.event("export_refused", hospital=hospital, stream=stream,
+                      reason=type(exc).__name__, detail=str(exc))
+        raise
+    appended = append_signed(ctx, registration)
+    # An entry the log already holds (an earlier attempt relayed it) reports no index.
+    return appended.first_index if appended.count else -1
+
+
+def _govern_export(ctx: NodeContext, stream: str, batches: int,
+                   registration: SignedEntry) -> GovernedExport:
     with ctx.store.lock:
         done = ctx.store.conn.execute(
             "SELECT stream FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
     if done:
         return exported(ctx, stream)
-    hospital, raw = _staged_frame(ctx, stream, batches)
+    hospital, table = _staged_table(ctx, stream, batches)
+    registration_index = _registered(ctx, hospital, stream, table, registration)
+    raw = table.to_pandas()
     policy = load_policy()
     profile = scan_frame(raw, hospital)
     # The scan's uniform sample profiles the columns for the schema matching too.
@@ -259,6 +294,7 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
         mapped={f: m.column for f, m in mapping.fields.items()},
         flagged={c.name: c.sensitive_type for c in profile.columns if c.sensitive_type},
         raw_grades=raw_grades, grades=grades, sealed_fields=sealed,
+        registration_index=registration_index,
     )
     columns = ("visit_id", "hospital_id", "visit_ref", "p1", *DATA_FIELDS, "export_stream")
     with ctx.store.lock, ctx.store.conn as conn:
@@ -269,15 +305,17 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
         conn.execute("DELETE FROM ha_staged_batches WHERE stream = ?", (stream,))
         conn.execute(
             "INSERT INTO ha_exports (stream, hospital_id, rows, persons, digest, mapping, scan,"
-            " grades, sealed_fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " grades, sealed_fields, registration_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (stream, hospital, result.rows, result.persons, digest,
              json.dumps(result.mapped, ensure_ascii=False), profile.model_dump_json(),
-             json.dumps({"raw": raw_grades, "common": grades}), json.dumps(sealed)),
+             json.dumps({"raw": raw_grades, "common": grades}), json.dumps(sealed),
+             registration_index),
         )
     append_entry(ctx, "data_registered", {
         "dataset": "hospital_export", "owner": hospital, "stream": stream, "rows": result.rows,
         "persons": result.persons, "digest": digest, "sealed_fields": sealed,
         "flagged_columns": len(result.flagged), "stage": "governed",
+        "registration_index": registration_index,
     })
     ctx.log.event("export_governed", hospital=hospital, stream=stream, rows=result.rows,
                   persons=result.persons)
@@ -287,11 +325,11 @@ def _govern_export(ctx: NodeContext, stream: str, batches: int) -> GovernedExpor
 def exported(ctx: NodeContext, stream: str) -> GovernedExport:
     with ctx.store.lock:
         row = ctx.store.conn.execute(
-            "SELECT hospital_id, rows, persons, digest, mapping, scan, grades, sealed_fields"
-            " FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
+            "SELECT hospital_id, rows, persons, digest, mapping, scan, grades, sealed_fields,"
+            " registration_index FROM ha_exports WHERE stream = ?", (stream,)).fetchone()
     if row is None:
         raise AuthorityError(f"no governed export {stream}")
-    hospital, rows, persons, digest, mapping, scan, grades, sealed = row
+    hospital, rows, persons, digest, mapping, scan, grades, sealed, registration_index = row
     profile = json.loads(scan)
     both = json.loads(grades)
     return GovernedExport(
@@ -300,6 +338,7 @@ def exported(ctx: NodeContext, stream: str) -> GovernedExport:
         flagged={c["name"]: c["sensitive_type"] for c in profile["columns"]
                  if c["sensitive_type"]},
         raw_grades=both["raw"], grades=both["common"], sealed_fields=json.loads(sealed),
+        registration_index=registration_index,
     )
 
 
@@ -477,7 +516,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
                 "SELECT 1 FROM ha_exports WHERE stream = ?", (key,)).fetchone()
         if not governed and staged != body.rows:
             raise ExportIncomplete(f"export {stream}: {staged} rows staged, {body.rows} announced")
-        return govern_export(ctx, key, body.batches)
+        return govern_export(ctx, key, body.batches, body.registration)
 
     @mount(router, GOVERNANCE_SUMMARY)
     def get_summary(caller: Caller) -> GovernanceSummary:

@@ -6,7 +6,9 @@ the hospital and the fields the claim check needs. Fields of the top grade
 travel sealed with AES-256-GCM under a per-batch data key, itself sealed
 (libsodium SealedBox) to the operator's X25519 key, which is derived from the
 operator's CA-certified Ed25519 signing key. The operator opens them and seals
-them again under its own keyring before they touch its store.
+them again under its own keyring before they touch its store. It registers a
+holding only when each hospital's visits in it are covered by that hospital's own
+signed data asset registrations in the log (`unregistered_holdings`).
 
 Each person's consent public keys, one per insurer, travel in a separate stream keyed
 by (p1, insurer) and land in `circ_persons`, never in a per-shared-domain table. A
@@ -43,6 +45,7 @@ from fastapi import APIRouter
 from governance.at_rest import seal_value
 from parties.domains.registry import index_visits
 from parties.ingest.api import (
+    ASSET_REGISTERED,
     CIRCULATION_PERSONS,
     CIRCULATION_SUMMARY,
     CIRCULATION_VISITS,
@@ -62,6 +65,7 @@ from parties.ingest.circulated import (
     read_visits,
 )
 from parties.ledger.client import append_entry
+from parties.ledger.operator_log import operator_log
 from parties.runtime import batches
 from parties.runtime.access import Caller
 from parties.runtime.batch_routes import BatchStream
@@ -321,6 +325,22 @@ def _apply_persons(stream: str) -> Callable[[sqlite3.Connection, pa.Table], int]
     return apply
 
 
+def unregistered_holdings(ctx: NodeContext, by_hospital: dict[str, int]) -> list[str]:
+    """The hospitals whose visits in `by_hospital` no registration of their own covers: fewer
+    rows registered in the log by the hospital itself (`ASSET_REGISTERED`, its actor the
+    owner) than are held as its visits."""
+    holder = operator_log(ctx)
+    registered: dict[str, int] = {}
+    with holder.lock:
+        holder.log.sync()
+        for log_entry in holder.log.entries(kind=ASSET_REGISTERED):
+            event = log_entry.entry.event
+            if event.payload.get("owner") == event.actor:
+                registered[event.actor] = (registered.get(event.actor, 0)
+                                           + int(event.payload.get("rows", 0)))
+    return sorted(h for h, rows in by_hospital.items() if rows > registered.get(h, 0))
+
+
 def circulation_summary(ctx: NodeContext) -> CirculationSummary:
     """Counts and digests of what the operator holds (opening every sealed field)."""
     frame = read_visits(ctx)
@@ -372,6 +392,11 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
             raise RegistrationMismatch(
                 f"operator holds {summary.persons} consumer keys, publisher says {body.persons}"
             )
+        unregistered = unregistered_holdings(ctx, summary.by_hospital)
+        if unregistered:
+            raise RegistrationMismatch(
+                f"visits of {', '.join(unregistered)} are not covered by their own signed "
+                "data asset registrations")
         with ctx.store.lock, ctx.store.conn as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO circ_registrations (stream, owner, rows, digest, persons,"

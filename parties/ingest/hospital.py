@@ -3,7 +3,9 @@
 The export is a resumable, idempotent batch transfer (`parties.runtime.batches`) named
 by the file's SHA-256: exporting the same file again sends nothing new, and an
 interrupted export resumes where it stopped. When every batch has arrived the
-hospital asks the authority to govern the export and returns what it reports.
+hospital signs its data asset registration (`parties.ingest.registration`: owner,
+grade, rows, digest, lineage) and asks the authority to govern the export under it;
+it returns what the authority reports.
 The hospital's local operator starts it through the admin route (the file
 path is on the hospital's own machine).
 """
@@ -26,6 +28,7 @@ from parties.ingest.api import (
     ExportRequest,
     ExportResult,
 )
+from parties.ingest.registration import sign_registration, top_grade
 from parties.runtime.access import Caller
 from parties.runtime.batches import send_batches
 from parties.runtime.client import NodeClient
@@ -35,13 +38,17 @@ from parties.runtime.service import Service
 from parties.runtime.topology import Role
 
 
-def file_stream_name(path: Path) -> str:
-    """The transfer name of an export: `x-` + the first 32 hex digits of the file's SHA-256."""
+def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             sha.update(block)
-    return f"x-{sha.hexdigest()[:32]}"
+    return sha.hexdigest()
+
+
+def file_stream_name(file_digest: str) -> str:
+    """The transfer name of an export: `x-` + the first 32 hex digits of the file's SHA-256."""
+    return f"x-{file_digest[:32]}"
 
 
 def read_export(path: Path, encoding: str | None = None) -> pa.Table:
@@ -57,18 +64,23 @@ def read_export(path: Path, encoding: str | None = None) -> pa.Table:
 
 
 def export_file(ctx: NodeContext, path: Path, *, batch_rows: int = DEFAULT_BATCH_ROWS,
-                encoding: str | None = None) -> ExportResult:
-    """Send the raw export at `path` to the health authority and have it governed."""
+                encoding: str | None = None, grade: str | None = None) -> ExportResult:
+    """Send the raw export at `path` to the health authority and have it governed under
+    this hospital's signed registration (at `grade`, by default the policy's top grade)."""
     if not path.is_file():
         raise ExportFileMissing(f"no export file at {path}")
-    stream = file_stream_name(path)
+    source_sha256 = file_sha256(path)
+    stream = file_stream_name(source_sha256)
     table = read_export(path, encoding)
+    registration = sign_registration(ctx, stream, table, path, source_sha256,
+                                     grade or top_grade())
     authority = ctx.topology.node_of(Role.HEALTH_AUTHORITY)
     with NodeClient(ctx.state, ctx.topology, ctx.name, log=ctx.log, timeout=LONG_CALL_S) as client:
         summary = send_batches(client, authority, EXPORT_BATCHES, stream, table,
                                batch_rows=batch_rows)
         governed = client.call(authority, COMPLETE_EXPORT,
-                               ExportComplete(batches=summary.batches, rows=table.num_rows),
+                               ExportComplete(batches=summary.batches, rows=table.num_rows,
+                                              registration=registration),
                                params={"stream": stream})
     ctx.log.event("exported", stream=stream, rows=table.num_rows, sent=summary.sent,
                   skipped=summary.skipped)
@@ -84,7 +96,7 @@ def _routes(ctx: NodeContext) -> list[APIRouter]:
     def post_export(body: ExportRequest, caller: Caller) -> ExportResult:
         """Export a raw file of this hospital to the health authority (its local operator only)."""
         return export_file(ctx, Path(body.path), batch_rows=body.batch_rows,
-                           encoding=body.encoding)
+                           encoding=body.encoding, grade=body.grade)
 
     return [router]
 

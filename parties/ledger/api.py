@@ -117,6 +117,13 @@ class LogForked(ReceiptInvalid):
     would not prove that it is): a fork, evidence against the operator."""
 
 
+# Entries a node appends on another's behalf, still signed by their actor: kind ->
+# (relaying role, actor role). Hospitals reach only the health authority, which relays
+# their signed data asset registrations (`parties.ingest.registration`).
+RELAYED_KINDS: dict[str, tuple[Role, Role]] = {
+    "data_asset_registered": (Role.HEALTH_AUTHORITY, Role.HOSPITAL),
+}
+
 # At the operator.
 APPEND_ENTRIES = Route("POST", "/v1/ledger/entries", Kind.LEDGER, EntryBatch, EntriesAppended,
                        roles=WITNESS_ROLES, tag="ledger")

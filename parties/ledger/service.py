@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Response
 
 from governance.ledger import Cosignature, SignedTreeHead
 from governance.ledger.proofs import ProofBundle
+from governance.ledger.events import LogEvent
 from parties.ledger.api import (
     APPEND_ENTRIES,
     CHECKPOINT,
@@ -28,6 +29,7 @@ from parties.ledger.api import (
     LOG_NODE_ROLE,
     MAX_ENTRIES_PER_READ,
     RECEIPT,
+    RELAYED_KINDS,
     TREE_HEAD,
     ConsistencyProof,
     CosignatureKept,
@@ -53,14 +55,23 @@ from parties.runtime.mount import mount
 from parties.runtime.service import Service
 
 
+def _relays(ctx: NodeContext, caller: Caller, event: LogEvent) -> bool:
+    """True when `caller` may relay `event`, signed by its actor (`RELAYED_KINDS`)."""
+    roles = RELAYED_KINDS.get(event.kind)
+    return (roles is not None and ctx.topology.has_node(event.actor)
+            and (ctx.topology.node(caller.name).role, ctx.topology.node(event.actor).role)
+            == roles)
+
+
 def _routes(ctx: NodeContext) -> list[APIRouter]:
     router = APIRouter()
 
     @mount(router, APPEND_ENTRIES)
     def post_entries(body: EntryBatch, caller: Caller) -> EntriesAppended:
-        """Append log entries signed by the calling node (one transaction, all or nothing)."""
+        """Append log entries signed by the calling node, or relayed by it as `RELAYED_KINDS`
+        allows (one transaction, all or nothing; the log checks every actor's signature)."""
         for entry in body.root:
-            if entry.event.actor != caller.name:
+            if entry.event.actor != caller.name and not _relays(ctx, caller, entry.event):
                 raise IdentityMismatch(
                     f"{caller.name} may append only its own entries, not {entry.event.actor}'s"
                 )

@@ -195,9 +195,14 @@ class Review(BaseModel):
     approval: PackageApproval | None = None
 
 
-class RunRequest(BaseModel):
-    """Query tables (the requester's inputs, e.g. claims) sealed to the data owner."""
+ContractId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{3,128}$")]
 
+
+class RunRequest(BaseModel):
+    """The package-run contract the run is made under (in force, naming the package's
+    output), and query tables (the requester's inputs, e.g. claims) sealed to the owner."""
+
+    contract_id: ContractId
     query: Annotated[dict[Annotated[str, Field(pattern=NAME_PATTERN)], str],
                      Field(max_length=8)] = Field(default_factory=dict)
 
@@ -206,6 +211,7 @@ class ProductionRunRequest(BaseModel):
     files: Annotated[list[WireFile], Field(min_length=1, max_length=MAX_PACKAGE_FILES)]
     query: dict[str, str] = Field(default_factory=dict)
     requester: str
+    contract_id: ContractId
 
 
 class ProductionRun(BaseModel):

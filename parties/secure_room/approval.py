@@ -5,15 +5,26 @@ with its node signing key (`package_approved` in the log), and runs only package
 content has the approved hash, in the sandbox, under the output policy; every run is
 metered in the log (`package_run`), every refusal logged (`package_run_refused`).
 
+A run is also a use of the data under contract, like a claim check: the requester names a
+package-run contract (scenario `package_run`, registered at the serving node) that is in
+force, names the package's output (`package.<name>`) and allows the owner-table columns the
+package reads. The owner fetches it from the serving node, verifies every party's signature
+itself, looks in the log for its termination, and reserves the run against the contract's
+daily quota before a single authorized row is opened. The `package_run` meter, with the
+CPU and wall time this node measured, is logged before the output is released; the bill
+counts it (`governance.meters`).
+
 A production run reads the **authorized** library, built for that run in a temporary
 directory from the governed visits (pseudonymized under a fresh key, as the development
 libraries are) and the requester's query tables, sealed to this node and tokenized here
 with k1. It never leaves the node; only the output the policy releases does.
 """
 
+import base64
 import json
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -21,25 +32,46 @@ import pandas as pd
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 
+from governance.contracts import (
+    ContractError,
+    ContractNotSigned,
+    ContractTerminated,
+    ContractUnknown,
+    OutputNotAllowed,
+)
+from governance.ledger import EventKind, decode_leaf
 from governance.packages import (
     PackageApproval,
     PackageError,
+    PackageManifest,
     approve_package,
     load_manifest,
     package_hash,
     verify_approval,
 )
 from mpc import xid
+from parties.agreements.api import (
+    CONTRACT,
+    PACKAGE_RUN_SCENARIO,
+    package_output,
+    required_signatories,
+    serving_node,
+)
+from parties.agreements.books import contract_book
 from parties.domains.keys import level1_key
+from parties.ingest.governed import VISITS_TABLE
+from parties.ledger.api import ENTRIES, MAX_ENTRIES_PER_READ, log_node
 from parties.ledger.client import append_entry
 from parties.runtime.access import Caller
 from parties.runtime.context import NodeContext
+from parties.runtime.errors import RemoteError
 from parties.runtime.mount import mount
 from parties.runtime.service import Service
 from parties.runtime.topology import Role
 from parties.secure_room.api import (
     APPROVE,
     BUILD_LIBRARIES,
+    LONG_CALL_S,
     MAX_PACKAGE_BYTES,
     MAX_PACKAGE_FILES,
     PRODUCTION_RUN,
@@ -215,6 +247,62 @@ def _authorized_library(ctx: NodeContext, directory: Path, query: dict[str, pd.D
     return len(tables["visits"])
 
 
+def authorize_run(ctx: NodeContext, request: ProductionRunRequest, manifest: PackageManifest,
+                  run_id: str) -> None:
+    """Reserve this run against its package-run contract, or raise a `ContractError`.
+
+    The contract comes from the serving node, which shows it only to its parties; this
+    node registers it in its own book, so every signature is verified here, and a serving
+    node that later shows other terms under the same id is refused (`ContractConflict`).
+    """
+    serving = serving_node(ctx.topology)
+    try:
+        with ctx.client(LONG_CALL_S) as client:
+            contract = client.call(serving, CONTRACT, params={"contract_id": request.contract_id})
+    except RemoteError as exc:
+        if exc.error == "ContractUnknown":
+            raise ContractUnknown(f"no contract {request.contract_id}") from None
+        raise
+    terms = contract.terms
+    if terms.scenario != PACKAGE_RUN_SCENARIO:
+        raise OutputNotAllowed(f"{terms.contract_id} is not a {PACKAGE_RUN_SCENARIO} contract")
+    missing = sorted(required_signatories(ctx.topology, terms.scenario) - set(terms.parties))
+    if missing:
+        raise ContractNotSigned(f"{terms.contract_id} lacks the parties {missing}")
+    if _terminated_in_log(ctx, terms.contract_id, serving):
+        raise ContractTerminated(f"{terms.contract_id} was terminated at the serving node")
+    now = datetime.now(UTC)
+    book = contract_book(ctx)
+    book.register(contract, now)
+    columns = sorted({c for i in manifest.inputs if i.dataset in OWNER_TABLES for c in i.columns})
+    with ctx.store.lock:
+        rows = ctx.store.conn.execute(f"SELECT COUNT(*) FROM {VISITS_TABLE}").fetchone()[0]
+    book.authorize(terms.contract_id, request.requester, columns,
+                   [package_output(manifest.name)], now, rows, request_id=run_id)
+
+
+def _terminated_in_log(ctx: NodeContext, contract_id: str, serving: str) -> bool:
+    """Whether the log holds the serving node's `contract_terminated` entry for the contract.
+
+    Terminations are filed at the serving node, which logs them; the owner reads the whole
+    log through the transparency API (package runs are rare, the log is read in pages).
+    """
+    operator = log_node(ctx.topology)
+    start = 0
+    with ctx.client(LONG_CALL_S) as client:
+        while True:
+            page = client.call(operator, ENTRIES, query={
+                "start": start, "end": start + MAX_ENTRIES_PER_READ})
+            for leaf in page.leaves:
+                event = decode_leaf(base64.b64decode(leaf)).entry.event
+                if (event.kind == EventKind.CONTRACT_TERMINATED and event.actor == serving
+                        and event.payload.get("contract_id") == contract_id):
+                    return True
+            if len(page.leaves) < MAX_ENTRIES_PER_READ:
+                return False
+            start += len(page.leaves)
+
+
 def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionRun:
     """Run a package on the authorized library if, and only if, its hash is approved."""
     # The room loads governance.synthetic (scipy, scikit-learn): only when a package runs.
@@ -243,10 +331,12 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
                                          "not hold: send them as query tables")
             query = {n: open_query_table(ctx.signing_key, ctx.name, n, s, sha)
                      for n, s in request.query.items()}
-        except (PackageError, QueryTablesInvalid) as exc:
+            authorize_run(ctx, request, manifest, run_id)  # last: a refused run spends no quota
+        except (PackageError, QueryTablesInvalid, ContractError) as exc:
             append_entry(ctx, PACKAGE_RUN_REFUSED, {
                 "run_id": run_id, "package": manifest.name, "version": manifest.version,
                 "package_sha256": sha, "requester": request.requester,
+                "contract_id": request.contract_id,
                 "error": type(exc).__name__, "library": "authorized",
             })
             ctx.log.event("package_run_refused", package=sha, error=type(exc).__name__)
@@ -271,6 +361,7 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
     append_entry(ctx, PACKAGE_RUN, {
         "run_id": run_id, "package": manifest.name, "version": manifest.version,
         "package_sha256": sha, "party": request.requester, "library": "authorized",
+        "contract_id": request.contract_id,
         "outcome": report.outcome, "accepted": report.accepted,
         "records_touched": rows_in, "rows_returned": rows_out,
         "suppressed_groups": report.suppressed_groups or 0,

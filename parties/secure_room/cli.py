@@ -280,6 +280,9 @@ def run_command(
     query: Annotated[list[str] | None, typer.Option(
         "--query", "-q", help="TABLE=FILE: a query table (CSV or Parquet) the package reads, "
         "sealed to the data owner; repeatable.")] = None,
+    contract: Annotated[str, typer.Option(
+        "--contract", help="The package-run contract (in force, naming the package's "
+        "output) the run is made under.")] = "",
     node: NodeOption = None,
     rows: RowsOption = 10,
     state: StateOption = default_state_dir(),
@@ -289,6 +292,9 @@ def run_command(
     _, topo = resolve_topology(state, topology)
     me = _acting(topo, node, Role.REGULATOR)
     owner = _one(topo, Role.HEALTH_AUTHORITY)
+    if not contract:
+        raise typer.BadParameter("a production run is made under a contract",
+                                 param_hint="--contract")
     with exit_on(GovernanceError, NodeError, OSError, ValueError):
         owner_key = federation_signing_keys(StateDir(state), [owner])[owner]
         sealed = {}
@@ -297,7 +303,7 @@ def run_command(
             if not name or not file:
                 raise typer.BadParameter(f"{item!r} is not TABLE=FILE", param_hint="--query")
             sealed[name] = seal_query_table(read_query_table(Path(file)), owner_key, sha256)
-        request = RunRequest(query=sealed)
+        request = RunRequest(contract_id=contract, query=sealed)
         with _client(state, topo, me) as client:
             entry = client.call(_one(topo, Role.OPERATOR), RUN_PACKAGE, request,
                                 params={"sha256": sha256})

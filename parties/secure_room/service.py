@@ -301,7 +301,7 @@ def run_in_production(ctx: NodeContext, sha256: str, request: RunRequest,
         raise PackageNotValidated(
             f"package {sha256} was not accepted on the test library ({sub.outcome})")
     body = ProductionRunRequest(files=_stored_files(ctx, sha256), query=request.query,
-                                requester=requester)
+                                requester=requester, contract_id=request.contract_id)
     owner = owner_node(ctx)
     with ctx.client(LONG_CALL_S) as client:
         answer = client.call(owner, PRODUCTION_RUN, body)

@@ -6,7 +6,8 @@ order, so the demo is also the scenario's executable documentation:
  1. generate the hospital data            `cogov data generate`
  2. start the federation, govern, ingest  `cogov up`, `cogov admin ...`, `cogov govern ingest`
  3. create the insurer domains            `cogov domain create`
- 4. sign the contracts (consents: stage 6) `cogov contract sign|register`
+ 4. sign the contracts, hospitals too     `cogov contract sign|register`
+    (the claim checks', the package runs'; consents: stage 6)
  5. develop, validate, approve the package `cogov package libraries|test|submit|approve|run`
  6. claims in `ss` and `he` mode          `cogov claim check`
  7. a noised regulator statistic over     `cogov stats claimant-self-pay`
@@ -30,6 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from governance.contracts import load_contract
 from governance.packages import package_hash
 from parties.runtime.state import StateDir
 from parties.runtime.supervisor import down
@@ -40,8 +42,8 @@ console = Console()
 SCENARIO_DIR = Path(__file__).resolve().parent
 CONTRACTS = SCENARIO_DIR / "contracts"
 CLAIM_PACKAGE = SCENARIO_DIR / "claim_package"
+PACKAGE_CONTRACT = CONTRACTS / "package-run-claim-check.toml"  # the package's production runs
 INSURERS = ("insurer-a", "insurer-b")
-CONTRACT_PARTIES = ("insurer", "regulator", "operator", "health-authority")
 
 
 class StageFailed(RuntimeError):
@@ -106,15 +108,14 @@ def _domains(run: DemoRun) -> None:
 
 
 def _contracts(run: DemoRun) -> None:
-    for insurer in INSURERS:
-        source = CONTRACTS / f"claim-check-{insurer}.toml"
+    for source in [*(CONTRACTS / f"claim-check-{i}.toml" for i in INSURERS), PACKAGE_CONTRACT]:
         work = run.out / source.name
         shutil.copyfile(source, work)
         signed = work.with_name(work.stem + ".signed.json")
-        for party in CONTRACT_PARTIES:
-            node = insurer if party == "insurer" else party
-            run.cogov("contract", "sign", str(work if node == insurer else signed),
-                      "--as", node, "--out", str(signed))
+        # Every party signs, the data owners (each hospital) among them.
+        for n, party in enumerate(load_contract(source).parties):
+            run.cogov("contract", "sign", str(signed if n else work), "--as", party,
+                      "--out", str(signed))
         run.cogov("contract", "register", str(signed))
 
 
@@ -124,7 +125,8 @@ def _package(run: DemoRun) -> None:
     run.cogov("package", "submit", str(CLAIM_PACKAGE))
     digest = package_hash(CLAIM_PACKAGE)
     run.cogov("package", "approve", digest)
-    run.cogov("package", "run", digest, "--query", f"claims={run.data / 'claims.csv'}",
+    run.cogov("package", "run", digest, "--contract", load_contract(PACKAGE_CONTRACT).contract_id,
+              "--query", f"claims={run.data / 'claims.csv'}",
               "--query", f"policies={run.data / 'policies.csv'}")
     run.cogov("catalogue", "list")
 
@@ -191,6 +193,8 @@ def _summary(run: DemoRun) -> None:
     for insurer in INSURERS:
         run.cogov("billing", "statement", "--contract", f"claim-check-{insurer}-2026",
                   "--period", period)
+    run.cogov("billing", "statement", "--contract", load_contract(PACKAGE_CONTRACT).contract_id,
+              "--period", period)
     run.cogov("ledger", "verify")
     if disagreements:
         raise StageFailed(f"{disagreements} verdicts differ from the ground truth")
