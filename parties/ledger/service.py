@@ -17,8 +17,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from governance.ledger import Cosignature, SignedTreeHead
-from governance.ledger.proofs import ProofBundle
 from governance.ledger.events import LogEvent
+from governance.ledger.proofs import ProofBundle
 from parties.ledger.api import (
     APPEND_ENTRIES,
     CHECKPOINT,
