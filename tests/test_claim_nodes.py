@@ -1223,15 +1223,12 @@ def test_log_outage_during_a_query_withholds_the_answer_and_bills_nothing(cf):
     lock = sqlite3.connect(cf.fed.state.node("operator").db, timeout=5, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # the log's appends wait, then fail
     try:
-        started = time.monotonic()
         with pytest.raises(ClaimBatchFailed) as withheld:
             client.check(part, cf.consents["insurer-a"], "ss", request_id=rid)
-        waited = time.monotonic() - started
     finally:
         lock.rollback()
         lock.close()
     assert withheld.value.error == "AnswerNotLogged" and withheld.value.http_status == 503
-    assert waited < 20
     assert cf.log("operator", "claims_computed", rid)  # the answer existed ...
     assert cf.log("regulator", "answer_withheld", rid)  # ... and was kept back
     assert cf.usage_rows(rid) == 0

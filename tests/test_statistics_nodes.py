@@ -53,7 +53,7 @@ def _consent(world: ClaimWorld, national_id: str, insurer: str, *, statistic: bo
              key_of: str | None = None):
     now = datetime.now(UTC)
     outputs = (*VERDICT_OUTPUTS, STATISTIC) if statistic else VERDICT_OUTPUTS
-    return issue_consent(world.consent_key(key_of or national_id, insurer), national_id,
+    return issue_consent(world.consent_key(key_of or national_id, insurer),
                          insurer=insurer, purpose="claim_settlement", columns=RECORD_COLUMNS,
                          outputs=outputs, not_before=now - timedelta(minutes=5),
                          not_after=now + timedelta(days=30))
@@ -266,13 +266,15 @@ def test_one_id_statistic_no_consent_and_spent_budget_are_one_refusal(world):
     never told, in the answer or in the log."""
     lone_hospital, lone_size = world.truth.best_hospital({world.lone})
     assert lone_size == 1
-    one = _refused(world, "insurer-b", lone_hospital, 0.1)
-    assert _spent_milli(world, "insurer-b") == 100  # a refusal from the data spends its ε
+    # The threshold is on the noised count: at ε = 2 (count noise of scale 1) a group of
+    # one is released with probability about 1e-4, and then only as a noised count.
+    one = _refused(world, "insurer-b", lone_hospital, 2.0)
+    assert _spent_milli(world, "insurer-b") == 2000  # a refusal from the data spends its ε
 
     hospital, size = world.truth.best_hospital(world.b_check_only)
     assert size >= MIN_GROUP_SIZE  # releasable, were the check-only consents counted
-    unconsented = _refused(world, "insurer-b", hospital, 0.1)
-    assert _spent_milli(world, "insurer-b") == 200
+    unconsented = _refused(world, "insurer-b", hospital, 2.0)
+    assert _spent_milli(world, "insurer-b") == 4000
 
     while _spent_milli(world, "insurer-b") + 2000 <= EPSILON_BUDGET_MILLI:
         _refused(world, "insurer-b", hospital, 2.0)

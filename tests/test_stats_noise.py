@@ -44,3 +44,26 @@ def test_sampler_refuses_bad_parameters():
         discrete_laplace(0, 1)
     with pytest.raises(ValueError):
         bernoulli_exp(Fraction(-1))
+
+
+def test_one_person_does_not_flip_a_refusal_into_a_release():
+    """rev15b's attack: with the minimum group size on the true size, a group of 9 was
+    always refused and one of 10 always released, so one person's visit showed through.
+    On the noised count both sizes are refused and released, at rates within e^ε of each
+    other (ε of the count = 1 here)."""
+    from parties.stats.api import MIN_GROUP_SIZE, StatisticNotReleased
+    from parties.stats.operator import noised_release
+
+    def release_rate(size: int) -> float:
+        released = 0
+        for _ in range(4000):
+            try:
+                noised_release([5] * size, 10, Fraction(1))
+                released += 1
+            except StatisticNotReleased:
+                pass
+        return released / 4000
+
+    below, at = release_rate(MIN_GROUP_SIZE - 1), release_rate(MIN_GROUP_SIZE)
+    assert 0 < below < at < 1
+    assert at / below < math.e * 1.2 and (1 - below) / (1 - at) < math.e * 1.2

@@ -2,12 +2,12 @@
 
 A claim reaches the operator's computation only after the regulator checked its consent
 document (registered, unrevoked, in its window, given to this insurer for the contract's
-purpose, about the claim's person by its commitment) and the operator checked that the
-consent is signed by the key the health authority delivered for the person behind the
-claim's token (`parties.claims.compute`). Each such claim's (insurer, shared-domain token,
-consent id) is kept here, so a statistic over "the insurer's claimants" runs over people
-who were really claimed for and who consented, never over ids the insurer picks: the
-insurer cannot add anyone without a real, consented, person-bound claim check.
+purpose) and the operator checked that the consent is signed by the key the health
+authority delivered for the person behind the claim's token (`parties.claims.compute`).
+Each such claim's (insurer, shared-domain token, consent id) is kept here, so a statistic
+over "the insurer's claimants" runs over people who were really claimed for and who
+consented, never over ids the insurer picks: the insurer cannot add anyone without a
+real, consented, person-bound claim check.
 
 The operator learns nothing new by keeping it: the tokens, consents and hospitals were in
 the sealed envelope it opened for the check. Rows name tokens of the insurer's shared
@@ -15,6 +15,7 @@ domain at the time of the check (`domain_id`); after a domain rotation they matc
 until the claimant is checked again.
 """
 
+import sqlite3
 import time
 from collections.abc import Iterable
 
@@ -37,13 +38,21 @@ MIGRATIONS: tuple[str, ...] = (
 
 def record_checked(ctx: NodeContext, insurer: str, domain_id: str,
                    claimants: Iterable[tuple[bytes, str]]) -> None:
-    """Keep (token, consent id) of each claim whose consent was checked against its person."""
+    """Keep (token, consent id) of each claim whose consent was checked against its person.
+
+    A store that cannot take the rows (locked, full) does not fail the claim check: the
+    claimants are then not counted by a statistic, which errs on the side of counting
+    fewer people, never more."""
     now = time.time()
-    with ctx.store.lock, ctx.store.conn as conn:
-        conn.executemany(
-            "INSERT INTO checked_claimants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
-            " SET checked_at = excluded.checked_at",
-            [(insurer, domain_id, token, consent_id, now) for token, consent_id in claimants])
+    rows = [(insurer, domain_id, token, consent_id, now) for token, consent_id in claimants]
+    try:
+        with ctx.store.lock, ctx.store.conn as conn:
+            conn.executemany(
+                "INSERT INTO checked_claimants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET checked_at = excluded.checked_at", rows)
+    except sqlite3.OperationalError as exc:
+        ctx.log.event("checked_claimants_not_kept", insurer=insurer, claims=len(rows),
+                      error=type(exc).__name__)
 
 
 def consented_tokens(ctx: NodeContext, insurer: str, domain_id: str,

@@ -31,6 +31,7 @@ cannot be tightened, is refused.
 """
 
 import os
+import sqlite3
 import stat
 import threading
 from pathlib import Path
@@ -84,7 +85,8 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # The node's files that hold secrets or personal data (relative to its directory).
 PRIVATE_FILES = ("kek.key", "kek.key.next", "admin.key", "keyring.json", "keyring.json.next",
-                 "node.db", "node.db-wal", "node.db-shm", "admin.session")
+                 "node.db", "node.db-wal", "node.db-shm", "admin.session", "signing.key",
+                 "tls.key", "totp.secret")
 
 
 def check_private_modes(root: Path) -> list[str]:
@@ -173,6 +175,7 @@ class NodeSecrets:
                 conn.execute("UPDATE kek_check SET sealed = ? WHERE id = 1",
                              (_seal_bytes(new, "kek_check", KEK_CHECK),))
             self._finish_rotation()
+            _truncate_wal(conn)
             self._kek = new
             self.keyring = (Keyring.load(self._keyring_path, new)
                             if self._keyring_path.exists() else Keyring(kek=new))
@@ -250,14 +253,23 @@ class NodeSecrets:
 
     def destroy_xid_key(self, name: str) -> None:
         """Overwrite key `name`'s sealed form; it can never be used again."""
-        with self._store.lock, self._store.conn as conn:
-            updated = conn.execute(
-                "UPDATE xid_keys SET sealed = NULL, destroyed_at = datetime('now')"
-                " WHERE name = ? AND destroyed_at IS NULL",
-                (name,),
-            ).rowcount
-            if not updated:
-                raise UnknownKey(f"no live key named {name!r}")
+        with self._store.lock:
+            with self._store.conn as conn:
+                updated = conn.execute(
+                    "UPDATE xid_keys SET sealed = NULL, destroyed_at = datetime('now')"
+                    " WHERE name = ? AND destroyed_at IS NULL",
+                    (name,),
+                ).rowcount
+                if not updated:
+                    raise UnknownKey(f"no live key named {name!r}")
+            _truncate_wal(conn)
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint and empty the WAL: `secure_delete` scrubs the database's pages, not the
+    older frames still in `node.db-wal`, where a destroyed or old-KEK sealing would linger
+    (rev15b). Best effort: a reader holding an old snapshot keeps the frames it needs."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _next(path: Path) -> Path:

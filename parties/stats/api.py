@@ -10,8 +10,9 @@ The statistic: the total self-pay, at one hospital in a window of months, of an 
                --OperatorSelfPay-->  operator
       operator: the checked claimants with one of those consents (tokens it kept from the
       claim checks it computed, `parties.claims.checked_claimants`) ∩ the people of the
-      insurer's shared domain with a visit at the hospital in the window; refuses when
-      fewer than `MIN_GROUP_SIZE`; else adds noise to the count and the clipped sum
+      insurer's shared domain with a visit at the hospital in the window; adds noise to
+      the count and the clipped sum; refuses when the noised count is under
+      `MIN_GROUP_SIZE`
                <--ReleasedSelfPay (noised count, noised sum)--
       regulator: meter `query_answered`, the answer book
     insurer  <--StatsAnswer--
@@ -26,8 +27,9 @@ Who learns what (semi-honest nodes; the insurer may send anything):
   free repeat;
 - the operator learns the true size and sum: it holds both sets already (the visits it
   circulates, the tokens it saw in the claim checks' envelopes), so it learns nothing
-  new; it is the party that enforces the minimum group size on the true size and draws
-  the noise (`parties.stats.noise`, from `secrets`);
+  new; it is the party that draws the noise and enforces the minimum group size on
+  the noised count (a threshold on the true size would let one person's presence flip
+  a refusal into a release, outside the noise) (`parties.stats.noise`, from `secrets`);
 - the regulator learns the query, the consent ids in force (its own registry) and the
   noised answer; the log carries ids, counters and the SHA-256 of the answer, never
   the statistic, a size or the reason of a data-dependent refusal.
@@ -56,8 +58,8 @@ SCENARIO = CLAIM_SCENARIO
 STATISTIC = "claimant_self_pay"
 #: what the statistic reads: a contract and a consent must allow these columns and output
 STATISTIC_COLUMNS = ("admission_date", "self_pay_fen")
-#: fewer checked claimants than this in the intersection and nothing is released; fixed
-#: here, enforced by the operator on the true size (the querier cannot choose it)
+#: a noised count of checked claimants under this and nothing is released; fixed here,
+#: enforced by the operator on the noised count (the querier cannot choose it)
 MIN_GROUP_SIZE = 10
 #: each claimant's self-pay over the window is clipped here (fen): the sum's sensitivity
 DEFAULT_MAX_VALUE = 10_000_000
@@ -99,10 +101,11 @@ class UnknownHospital(StatisticsRefused):
 class StatisticNotReleased(StatisticsRefused):
     """One refusal, one message, for every cause the querier must not tell apart.
 
-    Fewer than `MIN_GROUP_SIZE` checked claimants in the intersection (which no consent in
-    force also gives), and the insurer's ε budget spent: the first depends on people's
-    data, and a distinct answer for the second would tell a refusal for size apart from
-    it. The cause stays in the refusing node's log and refusal record (`log_detail`).
+    A noised count of checked claimants under `MIN_GROUP_SIZE` (which no consent in force
+    also gives, with high probability), and the insurer's ε budget spent: the first
+    depends on people's data, and a distinct answer for the second would tell a refusal
+    for size apart from it. The cause stays in the refusing node's log and refusal record
+    (`log_detail`).
     """
 
     def __init__(self, cause: str = "") -> None:

@@ -3,11 +3,14 @@
 The operator holds both sides of the intersection: the people of the insurer's shared
 domain with a visit at the hospital (the circulated visits and their domain tokens) and
 the insurer's checked claimants (`parties.claims.checked_claimants`, kept from the claim
-checks it computed). It intersects them in its own store, enforces the minimum group size
-on the true size, and releases only the count and the clipped sum, each with discrete
-Laplace noise it draws (`parties.stats.noise`). Nothing but those two noised integers
-leaves it; a too-small group is the uniform `StatisticNotReleased`.
+checks it computed). It intersects them in its own store, draws discrete Laplace noise
+for the count and the clipped sum (`parties.stats.noise`), and releases the two noised
+integers only when the noised count reaches the minimum group size; otherwise the
+uniform `StatisticNotReleased`. The refusal is a function of the noised count alone, so
+it is covered by the count's ε.
 """
+
+from fractions import Fraction
 
 from fastapi import APIRouter
 
@@ -68,9 +71,23 @@ def _tokens_of_visits(ctx: NodeContext, domain_id: str, refs: list[bytes]) -> di
     return found
 
 
+def noised_release(values: list[int], max_value: int, epsilon: Fraction) -> ReleasedSelfPay:
+    """The noised count and sum of `values` (each in [0, max_value]), or
+    `StatisticNotReleased` when the noised count is under `MIN_GROUP_SIZE`."""
+    released = ReleasedSelfPay(claimants=noised(len(values), 1, epsilon),
+                               self_pay_fen=noised(sum(values), max_value, epsilon))
+    # The threshold is applied to the noised count, never to the true one: a refusal is
+    # then a function of the released (DP) count alone, so whether one person moves the
+    # group across the threshold is covered by the same noise as the count itself.
+    if released.claimants < MIN_GROUP_SIZE:
+        raise StatisticNotReleased("group_too_small")
+    return released
+
+
 def release_self_pay(ctx: NodeContext, body: OperatorSelfPay) -> ReleasedSelfPay:
     """The noised count and clipped sum of the insurer's consented checked claimants with a
-    visit at the hospital in the window; `StatisticNotReleased` under `MIN_GROUP_SIZE`."""
+    visit at the hospital in the window; `StatisticNotReleased` when the noised count is
+    under `MIN_GROUP_SIZE`."""
     hospitals = {n.name for n in ctx.topology.nodes_with_role(Role.HOSPITAL)}
     if body.query.hospital not in hospitals:
         raise UnknownHospital(f"{body.query.hospital!r} is not a hospital of this federation")
@@ -78,12 +95,11 @@ def release_self_pay(ctx: NodeContext, body: OperatorSelfPay) -> ReleasedSelfPay
     claimants = consented_tokens(ctx, body.insurer, domain_id, body.consents_in_force)
     values = self_pay_by_token(ctx, domain_id, body.query, body.max_value)
     matched = [v for t, v in values.items() if t in claimants]
-    if len(matched) < MIN_GROUP_SIZE:
+    try:
+        released = noised_release(matched, body.max_value, body.epsilon_each())
+    except StatisticNotReleased:
         ctx.log.event("stats_not_released", insurer=body.insurer, cause="group_too_small")
-        raise StatisticNotReleased("group_too_small")
-    epsilon = body.epsilon_each()
-    released = ReleasedSelfPay(claimants=noised(len(matched), 1, epsilon),
-                               self_pay_fen=noised(sum(matched), body.max_value, epsilon))
+        raise
     ctx.log.event("stats_released", insurer=body.insurer, epsilon_milli=body.epsilon_milli)
     return released
 
