@@ -20,6 +20,9 @@ import time
 from collections.abc import Iterable
 
 from parties.runtime.context import NodeContext
+from parties.runtime.store import STORE_BUSY_MS
+
+_BUSY_MS = 250
 
 COMPONENT = "claims_checked_claimants"
 MIGRATIONS: tuple[str, ...] = (
@@ -45,14 +48,21 @@ def record_checked(ctx: NodeContext, insurer: str, domain_id: str,
     fewer people, never more."""
     now = time.time()
     rows = [(insurer, domain_id, token, consent_id, now) for token, consent_id in claimants]
-    try:
-        with ctx.store.lock, ctx.store.conn as conn:
-            conn.executemany(
-                "INSERT INTO checked_claimants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
-                " SET checked_at = excluded.checked_at", rows)
-    except sqlite3.OperationalError as exc:
-        ctx.log.event("checked_claimants_not_kept", insurer=insurer, claims=len(rows),
-                      error=type(exc).__name__)
+    with ctx.store.lock:
+        conn = ctx.store.conn
+        # On the claim check's path: wait briefly for a busy store, never the store's
+        # usual 30 s, so a log outage (the log shares the store) does not stall the check.
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+        try:
+            with conn:
+                conn.executemany(
+                    "INSERT INTO checked_claimants VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                    " SET checked_at = excluded.checked_at", rows)
+        except sqlite3.OperationalError as exc:
+            ctx.log.event("checked_claimants_not_kept", insurer=insurer, claims=len(rows),
+                          error=type(exc).__name__)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={STORE_BUSY_MS}")
 
 
 def consented_tokens(ctx: NodeContext, insurer: str, domain_id: str,

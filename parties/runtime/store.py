@@ -25,6 +25,9 @@ NODE_MIGRATIONS: tuple[str, ...] = (
 
 Component = tuple[str, Sequence[str]]
 
+#: how long a write waits for another writer before "database is locked"
+STORE_BUSY_MS = 30_000
+
 
 def connect(path: Path, *, explicit_transactions: bool = False) -> sqlite3.Connection:
     """Open the store with the settings every connection must share.
@@ -32,13 +35,14 @@ def connect(path: Path, *, explicit_transactions: bool = False) -> sqlite3.Conne
     With `explicit_transactions` the caller issues BEGIN/COMMIT itself (the
     ledger's `BEGIN IMMEDIATE`); otherwise `with conn:` wraps a transaction.
     """
-    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=STORE_BUSY_MS / 1000, check_same_thread=False,
+                           isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     # Overwrite deleted content, so destroyed keys and shredded rows do not linger.
     conn.execute("PRAGMA secure_delete=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={STORE_BUSY_MS}")
     if not explicit_transactions:
         conn.isolation_level = ""
     return conn
