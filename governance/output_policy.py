@@ -1,15 +1,20 @@
 """What an algorithm package's output may disclose.
 
-Four rules, applied to every output before anyone sees it:
+Five rules, applied to every output before anyone sees it:
 - the output has exactly the declared columns and types (a verdict, exactly its verdict
-  columns), amounts rounded to their declared tolerance and within their declared range;
+  columns), amounts rounded to their declared tolerance and, once rounded, within their
+  declared range;
+- its rows are released in a canonical order (a verdict by claim id, any other output by
+  all its columns), so the order the package wrote them in carries nothing;
 - a verdict has exactly one row per claim the room handed in, keyed by that claim's id,
   so it carries at most `PackageOutput.bits_per_claim` bits a claim;
 - aggregates over groups smaller than k (10 by default, or the manifest's higher floor)
   are suppressed: their rows are dropped and counted; the group's size is the smaller
   of the package's count and the size the caller measured on the inputs;
 - row-level output is refused unless the manifest declares it and the contract allows it,
-  and capped at the smaller of the two row counts they declare; without that, no output
+  and capped at the smaller of the two row counts they declare; any other model output is
+  capped at the caller's `model_max_rows` (the room: `MODEL_MAX_ROWS` on the authorized
+  library unless the signed approval raises it); without row-level, no output
   cell may carry an identifier value of the inputs: equal to it, embedded in text,
   reversed, hex or base64, padded, full-width or with zero-width characters, or as
   eleven or more of its digits in a number.
@@ -38,6 +43,8 @@ from governance.packages import (
     OutputColumn,
     PackageOutput,
 )
+
+MODEL_MAX_ROWS = 10  # a model output's rows on the authorized library, unless approved more
 
 
 class OutputRefused(GovernanceError):
@@ -93,19 +100,30 @@ def _is_date(value: object) -> bool:
     return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
 
 
+def _rounded(series: pd.Series, column: OutputColumn) -> pd.Series:
+    """Round to the tolerance (half to even); -0 becomes 0, one value, not two."""
+    if column.type == "float64":
+        if column.tolerance is not None:
+            step = float(column.tolerance)
+            series = (series / step).round() * step
+        return series + 0.0
+    if column.type != "decimal":
+        return series
+    quantum = Decimal(1).scaleb(-(column.scale or 0))
+    step = column.tolerance
+    if step is None:
+        return series.map(lambda v: (v + 0).quantize(quantum))
+    return series.map(lambda v: ((v / step).to_integral_value() * step + 0).quantize(quantum))
+
+
 def _released(series: pd.Series, column: OutputColumn) -> pd.Series:
-    """Refuse values out of the declared range; round to the tolerance (half to even)."""
+    """Round; refuse values that, rounded, fall outside the declared range."""
+    series = _rounded(series, column)
     if column.maximum is not None:
         top = column.maximum if column.type == "decimal" else float(column.maximum)
         if not series.map(lambda v: 0 <= v <= top).all():
             raise OutputSchemaMismatch(f"column '{column.name}': values outside [0, {top}]")
-    if column.tolerance is None:
-        return series
-    step = column.tolerance
-    if column.type == "float64":
-        return (series / float(step)).round() * float(step)
-    quantum = Decimal(1).scaleb(-(column.scale or 0))
-    return series.map(lambda v: ((v / step).to_integral_value() * step).quantize(quantum))
+    return series
 
 
 def _conform_column(series: pd.Series, column: OutputColumn) -> pd.Series:
@@ -278,11 +296,22 @@ def _refuse_unkeyed_verdict(table: pd.DataFrame, claim_ids: Collection[str] | No
         raise VerdictRowsMismatch("the verdict's rows are not one per input claim")
 
 
+def _canonical_order(table: pd.DataFrame, output: PackageOutput) -> pd.DataFrame:
+    """The rows sorted by the verdict key, or by every column: the package's order is lost.
+
+    Rows that sort equal are equal in every released cell (-0 is already 0), so the
+    stable sort leaves nothing of the package's order either.
+    """
+    keys = [VERDICT_KEY] if output.disclosure == "verdict" else list(table.columns)
+    return table.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
 def apply_output_policy(
     table: pd.DataFrame,
     output: PackageOutput,
     *,
     row_level_max_rows: int | None,
+    model_max_rows: int | None = None,
     k: int = DEFAULT_MIN_GROUP_SIZE,
     identifier_values: Collection[str] = (),
     group_sizes: pd.DataFrame | None = None,
@@ -296,7 +325,8 @@ def apply_output_policy(
     contain. `group_sizes`, for an aggregate, is the group sizes the caller computed
     from the inputs (key columns and `GROUP_SIZE`): a group is released only when both
     its own count and that size reach the floor. `claim_ids`, for a verdict, are the
-    claim ids of the input the caller handed the package.
+    claim ids of the input the caller handed the package. `model_max_rows` caps a model
+    output that is not row-level (None: no cap, for the synthetic libraries).
     """
     if output.row_level and row_level_max_rows is None:
         raise RowLevelOutputRefused("the manifest declares row-level output; the contract "
@@ -305,6 +335,9 @@ def apply_output_policy(
     if output.row_level and len(conformed) > min(row_level_max_rows,
                                                   output.max_rows or row_level_max_rows):
         raise RowCapExceeded("the row-level output has more rows than its cap")
+    if (output.disclosure == "model" and not output.row_level and model_max_rows is not None
+            and len(conformed) > model_max_rows):
+        raise RowCapExceeded("the model output has more rows than its cap")
     if output.disclosure == "verdict":
         _refuse_unkeyed_verdict(conformed, claim_ids)
     if not output.row_level:
@@ -318,5 +351,5 @@ def apply_output_policy(
             keep &= _measured_sizes(conformed, group_sizes) >= floor
         suppressed = int((~keep).sum())
         conformed = conformed[keep].reset_index(drop=True)
-    return PolicyResult(table=conformed, disclosure=output.disclosure, k=floor,
-                        suppressed_groups=suppressed)
+    return PolicyResult(table=_canonical_order(conformed, output),
+                        disclosure=output.disclosure, k=floor, suppressed_groups=suppressed)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from governance.output_policy import (
+    MODEL_MAX_ROWS,
     IdentifierInOutput,
     OutputSchemaMismatch,
     RowCapExceeded,
@@ -149,7 +150,7 @@ def test_amounts_are_released_at_the_declared_tolerance_and_range():
     assert result.table["payable"].tolist() == [Decimal("10.00"), Decimal("20.00"),
                                                 Decimal("20.00")]  # half to even
     assert coarse.bits_per_claim == pytest.approx(math.log2(11))
-    for bad in (Decimal("100.01"), Decimal("-1.00")):
+    for bad in (Decimal("105.01"), Decimal("-5.01")):  # rounded: 110 and -10
         with pytest.raises(OutputSchemaMismatch, match="outside"):
             apply_output_policy(table.assign(payable=[bad] * 3), coarse,
                                 row_level_max_rows=None, claim_ids={"C1", "C2", "C3"})
@@ -239,3 +240,63 @@ def test_ordinary_verdicts_and_aggregates_are_not_mistaken_for_identifiers():
                         claim_ids=set(verdict["claim_id"]))
     apply_output_policy(groups([12, 40]), aggregate_output(), row_level_max_rows=None,
                         identifier_values=[NATIONAL_ID, PHONE, *OTHER_IDS])
+
+
+def test_a_rounded_amount_stays_within_the_maximum_and_the_declared_values():
+    """rev19: rounding after the range check released 1200 under a maximum of 1000, a
+    third value where bits_per_claim counts two."""
+    out = PackageOutput(disclosure="verdict", columns=[
+        {"name": "claim_id", "type": "string"},
+        {"name": "payable", "type": "decimal", "scale": 2, "tolerance": "600",
+         "maximum": "1000.00"}])
+    assert out.bits_per_claim == 1.0
+    ids = {"a", "b", "c"}
+    table = pd.DataFrame({"claim_id": ["a", "b", "c"],
+                          "payable": [Decimal("0"), Decimal("600"), Decimal("1000.00")]})
+    with pytest.raises(OutputSchemaMismatch, match="outside"):
+        apply_output_policy(table, out, row_level_max_rows=None, claim_ids=ids)
+    for values in ([Decimal("-0.00"), Decimal("0.00"), Decimal("899.99")],
+                   [Decimal("-299"), Decimal("299.99"), Decimal("600")]):
+        released = apply_output_policy(table.assign(payable=values), out,
+                                       row_level_max_rows=None, claim_ids=ids)
+        assert {str(v) for v in released.table["payable"]} <= {"0.00", "600.00"}
+
+
+def test_rows_are_released_in_a_canonical_order():
+    """rev19: the package's row order would carry log2(n!) bits; every permutation of
+    the same rows is released as one table (-0.0 and 0.0 are one value)."""
+    ids = [f"C{i}" for i in range(8)]
+    verdicts = pd.DataFrame({"claim_id": ids, "visit_found": [i % 2 == 0 for i in range(8)],
+                             "payable": [Decimal(i) for i in range(8)]})
+    model = PackageOutput(disclosure="model", columns=[
+        {"name": "hospital", "type": "string"}, {"name": "beta", "type": "float64"},
+        {"name": "day", "type": "date"}])
+    rows = pd.DataFrame({"hospital": ["h2", "h1", "h1", "h2"], "beta": [0.0, 0.5, -0.0, 0.0],
+                         "day": [dt.date(2025, 1, d) for d in (3, 1, 2, 3)]})
+    released_verdicts, released_models = set(), set()
+    for seed in range(6):
+        shuffled = verdicts.sample(frac=1, random_state=seed)
+        got = apply_output_policy(shuffled, VERDICT, row_level_max_rows=None,
+                                  claim_ids=set(ids)).table
+        assert got["claim_id"].tolist() == ids
+        released_verdicts.add(got.to_json())
+        released_models.add(apply_output_policy(rows.sample(frac=1, random_state=seed),
+                                                model, row_level_max_rows=None).table.to_json())
+    assert len(released_verdicts) == len(released_models) == 1
+    assert '-0.0' not in released_models.pop()
+
+
+def test_a_model_output_is_capped_unless_its_caller_raises_the_cap():
+    """rev19: one row per visit passed as a "model"; the room caps it on the authorized
+    library at MODEL_MAX_ROWS or the cap the owner signed."""
+    model = PackageOutput(disclosure="model", columns=[{"name": "beta", "type": "float64"}])
+    rows = pd.DataFrame({"beta": [float(i) for i in range(MODEL_MAX_ROWS + 1)]})
+    with pytest.raises(RowCapExceeded):
+        apply_output_policy(rows, model, row_level_max_rows=None, model_max_rows=MODEL_MAX_ROWS)
+    assert len(apply_output_policy(rows[:MODEL_MAX_ROWS], model, row_level_max_rows=None,
+                                   model_max_rows=MODEL_MAX_ROWS).table) == MODEL_MAX_ROWS
+    assert len(apply_output_policy(rows, model, row_level_max_rows=None,
+                                   model_max_rows=50).table) == MODEL_MAX_ROWS + 1
+    # Aggregates keep their group floor, verdicts their one row per claim: not this cap.
+    assert len(apply_output_policy(groups([50] * 12), aggregate_output(),
+                                   row_level_max_rows=None, model_max_rows=1).table) == 12

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 
 from governance.packages import PackageNotApproved, approve_package, check_package
 from governance.synthetic import write_library
+from parties.secure_room.approval import power_of_two_class
 from parties.secure_room.cgroup import cgroup_version
 from parties.secure_room.cli import package_app as app
 from parties.secure_room.room import PackageRun, run_package
@@ -500,6 +501,68 @@ def test_a_lie_about_group_counts_does_not_release_a_small_group(tmp_path, libra
     assert run.report.suppressed_groups == 2
 
 
+# rev19: the package chooses how many groups get suppressed (invented keys measure 0), so
+# the count would carry log2(rows) bits of anything it read, under a clean-looking output.
+COUNT_CHANNEL = """\
+import pandas as pd
+
+
+def run(tables):
+    v = tables["visits"]
+    g = v.groupby("hospital_id", as_index=False).agg(n=("national_id", "size"))
+    secret = int(v["national_id"].iloc[37][-4:-1])
+    fake = pd.DataFrame({"hospital_id": [f"h-{i}" for i in range(secret)], "n": [10] * secret})
+    out = pd.concat([g, fake])
+    out["n"] = out["n"].astype("int64")
+    return out[["hospital_id", "n"]]
+"""
+
+
+def test_the_suppressed_group_count_stays_with_the_owner(tmp_path, libraries):
+    manifest = AUTHORIZED.replace('disclosure = "model"',
+                                  'disclosure = "aggregate"\ncount_column = "n"') + (
+        '\n[[output.columns]]\nname = "n"\ntype = "int64"\n')
+    pkg = make_package(tmp_path / "p", COUNT_CHANNEL, manifest)
+    owner = Ed25519PrivateKey.generate()
+    run = run_package(pkg, libraries["authorized"], limits=FAST,
+                      approval=approve_package(pkg, owner, "health-authority"),
+                      owner_public_key=owner.public_key())
+    assert run.report.outcome == "ok" and run.report.accepted, run.report
+    assert sorted(r["hospital_id"] for r in run.output) == ["hospital-1", "hospital-2"]
+    assert run.report.suppressed_groups is None
+    assert json.loads(developer_view(run))["report"]["suppressed_groups"] is None
+    # 37 invented groups and hospital-3's 4 visits: known to the node's log only.
+    assert run.diagnostics.suppressed_groups == 37 + 1
+
+
+# rev19: a package sets its cgroup peak memory at will; the public PACKAGE_RUN entry has
+# only its power-of-two class (as it has of CPU and wall time), not the KiB.
+MEMORY_CHANNEL = """\
+import pandas as pd
+
+
+def run(tables):
+    v = tables["visits"]
+    secret = int(v["national_id"].iloc[%d][-3:-1])
+    blob = bytearray((90 + 2 * secret) * 1024 * 1024)
+    for i in range(0, len(blob), 4096):
+        blob[i] = 1
+    return pd.DataFrame({"hospital_id": ["x"]})
+"""
+
+
+def test_the_published_peak_memory_is_a_coarse_class(tmp_path, libraries):
+    limits = SandboxLimits(cpu_seconds=20, memory_bytes=1024**3, wall_seconds=60)
+    peaks = {}
+    for row in (0, 17):   # secrets 00 and 17
+        pkg = make_package(tmp_path / f"p{row}", MEMORY_CHANNEL % row, NATIONAL_IDS)
+        run = run_package(pkg, libraries["sample"], limits=limits, static_checks=False)
+        assert run.report.outcome == "ok", run.report
+        peaks[row] = run.diagnostics.peak_memory_bytes // 1024
+    assert peaks[17] - peaks[0] >= 30 * 1024                  # the node's own figure differs
+    assert power_of_two_class(peaks[0]) == power_of_two_class(peaks[17])   # the public one not
+
+
 def test_outputs_over_the_row_cap_are_refused(tmp_path, libraries):
     code = """\
     import pandas as pd
@@ -642,7 +705,53 @@ def test_the_verdict_released_is_keyed_by_exactly_the_claims_handed_in(tmp_path,
     pkg = make_package(tmp_path / "p", code, VERDICT_MANIFEST.format(tolerance="0.01"))
     run = run_package(pkg, libraries["sample"], limits=FAST)
     assert run.report.outcome == "ok" and run.report.accepted, run.report
-    assert sorted(r["claim_id"] for r in run.output) == libraries["claim_ids"]
+    # Released in claim-id order, not in the (reversed) order the package wrote.
+    assert [r["claim_id"] for r in run.output] == libraries["claim_ids"]
+
+
+# rev19: with n claims, the order of a verdict's rows would carry log2(n!) bits (28.8 for
+# 12 claims), far beyond bits_per_claim. This package writes a person's birth date as a
+# permutation of the claim ids (a Lehmer code) in an otherwise honest-looking verdict.
+ORDER_CODE = """import pandas as pd
+from decimal import Decimal
+
+
+def run(tables):
+    claims = tables["claims"]
+    pool = sorted(claims["claim_id"])
+    secret = int(claims["national_id"].iloc[0][6:14])
+    order = []
+    for k in range(len(pool), 0, -1):
+        f = 1
+        for j in range(1, k):
+            f *= j
+        digit, secret = divmod(secret, f)
+        order.append(pool.pop(digit))
+    return pd.DataFrame({"claim_id": order, "visit_found": True,
+                         "payable": [Decimal("12.34")] * len(order)})
+"""
+
+
+def lehmer_decode(order: list[str]) -> int:
+    pool, secret = sorted(order), 0
+    for position, claim in enumerate(order):
+        digit = pool.index(claim)
+        pool.pop(digit)
+        secret += digit * math.factorial(len(order) - 1 - position)
+    return secret
+
+
+def test_the_verdict_row_order_carries_nothing(tmp_path, libraries):
+    pkg = make_package(tmp_path / "p", ORDER_CODE, VERDICT_MANIFEST.format(tolerance="0.01"))
+    owner = Ed25519PrivateKey.generate()
+    run = run_package(pkg, libraries["authorized"], limits=FAST,
+                      approval=approve_package(pkg, owner, "health-authority"),
+                      owner_public_key=owner.public_key())        # static gate on
+    assert run.report.outcome == "ok" and run.report.accepted, run.report
+    order = [r["claim_id"] for r in run.output]
+    birth = int(libraries["ids"][0][6:14])
+    assert 0 < birth < math.factorial(len(order))   # the permutation could hold it
+    assert order == libraries["claim_ids"] and lehmer_decode(order) == 0 != birth
 
 
 # --- 8. row-level output is capped by the contract the owner signed -------------------------
@@ -681,3 +790,66 @@ def test_row_level_output_is_capped_by_the_signed_approval(tmp_path, libraries):
         "RowLevelOutputRefused")
     assert run_package(pkg, libraries["sample"], limits=FAST,
                        row_level_max_rows=11).report.policy_decision == "RowCapExceeded"
+
+
+# rev19: a package that does not declare row_level would release one row per visit -- birth
+# date (from the national id), hospital, admission date, fee -- as a "model".
+PER_VISIT_MODEL = """\
+name = "rows"
+version = "0.1.0"
+entry_point = "main:run"
+
+[[inputs]]
+name = "visits"
+dataset = "visits"
+libraries = ["sample", "authorized"]
+columns = ["hospital_id", "national_id", "total_fen", "admission_date"]
+
+[output]
+disclosure = "model"
+
+[[output.columns]]
+name = "hospital_id"
+type = "string"
+
+[[output.columns]]
+name = "birth"
+type = "date"
+
+[[output.columns]]
+name = "admitted"
+type = "date"
+
+[[output.columns]]
+name = "fee"
+type = "int64"
+"""
+
+PER_VISIT_CODE = """\
+import datetime as dt
+import pandas as pd
+
+
+def run(tables):
+    v = tables["visits"]
+    birth = [dt.date(int(i[6:10]), int(i[10:12]), int(i[12:14])) for i in v["national_id"]]
+    return pd.DataFrame({"hospital_id": v["hospital_id"], "birth": birth,
+                         "admitted": v["admission_date"], "fee": v["total_fen"].astype("int64")})
+"""
+
+
+def test_per_visit_rows_do_not_pass_as_a_model(tmp_path, libraries):
+    pkg = make_package(tmp_path / "p", PER_VISIT_CODE, PER_VISIT_MODEL)
+    owner = Ed25519PrivateKey.generate()
+
+    def production(**cap):
+        return run_package(pkg, libraries["authorized"], limits=FAST,
+                           approval=approve_package(pkg, owner, "health-authority", **cap),
+                           owner_public_key=owner.public_key())
+
+    refused = production()            # an approval that signs no cap: MODEL_MAX_ROWS
+    assert (refused.report.outcome, refused.report.policy_decision, refused.output) == (
+        "output_refused", "RowCapExceeded", None)
+    # Only the owner's signature raises the cap, knowingly, to the rows it will release.
+    released = production(row_level_max_rows=69)
+    assert released.report.outcome == "ok" and len(released.output) == 69

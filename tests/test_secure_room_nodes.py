@@ -309,6 +309,11 @@ def test_claim_check_submitted_validated_approved_run_and_catalogued(room, appro
     assert meter["output_sha256"] == entry.output_sha256 and meter["rows_returned"] == 30
     assert meter["records_touched"] > 400 and meter["party"] == "regulator"
     assert meter["contract_id"] == ROOM_CONTRACT and meter["compute_ms"] > 0
+    # rev19: the public meter has power-of-two classes of what the package sets at will
+    # (CPU, wall, peak memory), never the suppressed-group count.
+    for figure in ("compute_ms", "wall_ms", "peak_memory_kib"):
+        assert meter[figure] > 0 and meter[figure] & (meter[figure] - 1) == 0, figure
+    assert "suppressed_groups" not in meter
     published = [e for e in room.events("product_published")
                  if e.payload["product_id"] == product]
     assert published and published[0].actor == "operator"
@@ -395,7 +400,13 @@ def test_aggregate_groups_under_k_are_suppressed_in_production(room):
                                                 self_pay_fen=("self_pay_fen", "sum"))
     small = groups[groups["n"] < 10]
     assert len(small) > 0 and len(groups) > len(small)
-    assert entry.suppressed_groups == len(small) == entry.report["suppressed_groups"]
+    # rev19: how many groups were suppressed is the package's to choose: the requester, the
+    # catalogue and the public log never see it.
+    assert entry.report["suppressed_groups"] is None
+    assert "suppressed_groups" not in entry.model_dump()
+    logged = [e.payload for e in room.events("package_run") + room.events("product_published")
+              if e.payload.get("run_id", e.payload.get("product_id")) == entry.product_id]
+    assert len(logged) == 2 and not any("suppressed_groups" in p for p in logged)
     released = {r["diagnosis_code"]: (r["n"], r["self_pay_fen"]) for r in entry.output}
     expected = groups[groups["n"] >= 10]
     assert released == {code: (int(row.n), int(row.self_pay_fen))

@@ -234,7 +234,6 @@ class CatalogueEntry(BaseModel):
     requester: str
     owner: str
     rows: int
-    suppressed_groups: int
     output_sha256: str
     published_at: str
     report: dict[str, Any] | None = None

@@ -303,6 +303,11 @@ def _terminated_in_log(ctx: NodeContext, contract_id: str, serving: str) -> bool
             start += len(page.leaves)
 
 
+def power_of_two_class(value: int) -> int:
+    """The smallest power of two at least `value` (0 stays 0): log2 of the range in bits."""
+    return 0 if value <= 0 else 1 << (value - 1).bit_length()
+
+
 def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionRun:
     """Run a package on the authorized library if, and only if, its hash is approved."""
     # The room loads governance.synthetic (scipy, scikit-learn): only when a package runs.
@@ -351,28 +356,34 @@ def run_approved(ctx: NodeContext, request: ProductionRunRequest) -> ProductionR
     output_sha = records_sha256(run.output)
     rows_out = len(run.output or [])
     wall_ms = int(measured.wall_seconds * 1000) if measured else 0
+    compute_ms = int(measured.cpu_seconds * 1000) if measured else 0
+    peak_kib = (measured.peak_memory_bytes or 0) // 1024 if measured else 0
+    suppressed = (measured.suppressed_groups or 0) if measured else 0
     with ctx.store.lock, ctx.store.conn as conn:
         conn.execute(
             "INSERT INTO pa_runs (run_id, sha256, requester, outcome, accepted, rows_in,"
             " rows_out, suppressed_groups, wall_ms, output_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (run_id, sha, request.requester, report.outcome, int(report.accepted), rows_in,
-             rows_out, report.suppressed_groups or 0, wall_ms, output_sha))
-    # The meter: a QueryMeter-shaped payload, so a contract can bill package runs.
+             rows_out, suppressed, wall_ms, output_sha))
+    # The meter: a QueryMeter-shaped payload, so a contract can bill package runs. The log
+    # is public and the package sets its own CPU time, wall time and peak memory: they
+    # go there as power-of-two classes only (rev19), the precise figures to this node's log.
     append_entry(ctx, PACKAGE_RUN, {
         "run_id": run_id, "package": manifest.name, "version": manifest.version,
         "package_sha256": sha, "party": request.requester, "library": "authorized",
         "contract_id": request.contract_id,
         "outcome": report.outcome, "accepted": report.accepted,
         "records_touched": rows_in, "rows_returned": rows_out,
-        "suppressed_groups": report.suppressed_groups or 0,
-        "compute_ms": int(measured.cpu_seconds * 1000) if measured else 0, "wall_ms": wall_ms,
-        "peak_memory_kib": (measured.peak_memory_bytes or 0) // 1024 if measured else 0,
+        "compute_ms": power_of_two_class(compute_ms),
+        "wall_ms": power_of_two_class(wall_ms),
+        "peak_memory_kib": power_of_two_class(peak_kib),
         "output_sha256": output_sha,
     })
     # The run's stderr and the policy's message name columns and may carry data: they
     # stay in this node's log; the requester gets the outcome and the policy's decision.
     ctx.log.event("package_run", package=sha, outcome=report.outcome, wall_ms=wall_ms,
-                  decision=report.policy_decision,
+                  compute_ms=compute_ms, peak_memory_kib=peak_kib,
+                  suppressed_groups=suppressed, decision=report.policy_decision,
                   exit_code=measured.exit_code if measured else None,
                   policy_message=measured.policy_message if measured else None,
                   stderr_tail=measured.stderr_tail if measured else None)

@@ -312,8 +312,7 @@ def run_command(
         console.print("[red]the production run was not accepted; nothing was catalogued[/red]")
         raise typer.Exit(int(ExitCode.REFUSED))
     console.print(f"catalogued as product {entry.product_id}: {entry.rows} rows, "
-                  f"{entry.suppressed_groups} groups suppressed, output sha256 "
-                  f"{entry.output_sha256}")
+                  f"output sha256 {entry.output_sha256}")
     _show_rows(entry.output, rows)
 
 
@@ -457,8 +456,7 @@ def catalogue_list(
         console.print("the catalogue is empty")
     for e in entries:
         console.print(f"{e.product_id} {e.name} {e.version} ({e.package_sha256[:16]})"
-                      f" from {e.owner}: {e.rows} rows, {e.suppressed_groups} groups "
-                      f"suppressed, published {e.published_at}")
+                      f" from {e.owner}: {e.rows} rows, published {e.published_at}")
 
 
 @catalogue_app.command("show")

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from governance.output_policy import (
     GROUP_SIZE,
+    MODEL_MAX_ROWS,
     OutputRefused,
     OutputSchemaMismatch,
     OutputUnreadable,
@@ -81,7 +82,8 @@ _PARSER_MEMORY_BYTES = 1024**3
 class ValidationReport(BaseModel):
     """What the secure room found: static findings, outcome codes, the policy's decision.
 
-    `exit_code` to `peak_memory_bytes` and `detail` are None on the authorized library.
+    `exit_code` to `peak_memory_bytes`, `detail` and `suppressed_groups` are None on the
+    authorized library: the package sets them at will, so each would be a channel.
     """
 
     package_name: str
@@ -122,6 +124,7 @@ class RunDiagnostics(BaseModel):
     oom_kills: int
     tasks_refused: int
     policy_message: str | None = None
+    suppressed_groups: int | None = None  # how many: a channel the package controls
 
 
 class PackageRun(BaseModel):
@@ -364,12 +367,13 @@ def run_package(
         if info.kind not in item.libraries:
             raise LibraryNotDeclared(
                 f"input '{item.name}' does not declare the '{info.kind}' library")
-    approved_hash = None
+    approved_hash, model_max_rows = None, None
     if info.kind == "authorized":
         if owner_public_key is None:
             raise PackageNotApproved("the authorized library needs the owner's approval and key")
         approved_hash = verify_approval(package_dir, approval, owner_public_key)
         row_level_max_rows = approval.row_level_max_rows
+        model_max_rows = row_level_max_rows or MODEL_MAX_ROWS
     findings = check_package(package_dir, manifest)
     with run_area(limits) as area:
         staged_hash = _stage_package(package_dir, area.pkg)
@@ -413,7 +417,8 @@ def run_package(
     if table is not None:
         try:
             result = apply_output_policy(
-                table, manifest.output, row_level_max_rows=row_level_max_rows, k=k,
+                table, manifest.output, row_level_max_rows=row_level_max_rows,
+                model_max_rows=model_max_rows, k=k,
                 identifier_values=identifiers, group_sizes=group_sizes, claim_ids=claim_ids)
         except OutputRefused as exc:
             decision = exc
@@ -438,5 +443,6 @@ def run_package(
         **fields, outcome="ok", accepted=not has_errors(findings), schema_ok=True,
         disclosure_ok=True, output_rows=len(result.table),
         bits_per_claim=manifest.output.bits_per_claim,
-        suppressed_groups=result.suppressed_groups, k=result.k)
+        suppressed_groups=None if production else result.suppressed_groups, k=result.k)
+    diagnostics.suppressed_groups = result.suppressed_groups
     return PackageRun(report=report, output=_records(result.table), diagnostics=diagnostics)

@@ -101,6 +101,8 @@ MIGRATIONS: tuple[str, ...] = (
         published_at TEXT NOT NULL DEFAULT (datetime('now'))
     )
     """,
+    # How many groups the policy suppressed is the package's to choose: a channel (rev19).
+    "ALTER TABLE sr_catalogue DROP COLUMN suppressed_groups",
 )
 
 
@@ -313,22 +315,21 @@ def run_in_production(ctx: NodeContext, sha256: str, request: RunRequest,
         return CatalogueEntry(
             product_id=answer.run_id, package_sha256=answer.package_sha256, name=sub.name,
             version=sub.version, library="authorized", requester=requester, owner=owner,
-            rows=0, suppressed_groups=0, output_sha256=answer.output_sha256,
+            rows=0, output_sha256=answer.output_sha256,
             published_at="", report=report, output=None)
     rows = len(answer.output)
-    suppressed = int(report.get("suppressed_groups") or 0)
     with ctx.store.lock, ctx.store.conn as conn:
         conn.execute(
             "INSERT OR REPLACE INTO sr_catalogue (product_id, package_sha256, name, version,"
-            " library, requester, owner, rows, suppressed_groups, output, output_sha256, report)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " library, requester, owner, rows, output, output_sha256, report)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (answer.run_id, answer.package_sha256, sub.name, sub.version, "authorized",
-             requester, owner, rows, suppressed, json.dumps(answer.output),
+             requester, owner, rows, json.dumps(answer.output),
              answer.output_sha256, json.dumps(report)))
     append_entry(ctx, PRODUCT_PUBLISHED, {
         "product_id": answer.run_id, "package": sub.name, "version": sub.version,
         "package_sha256": answer.package_sha256, "output_sha256": answer.output_sha256,
-        "rows": rows, "suppressed_groups": suppressed, "owner": owner, "requester": requester,
+        "rows": rows, "owner": owner, "requester": requester,
     })
     return catalogue_entry(ctx, answer.run_id)
 
@@ -344,16 +345,16 @@ def catalogue_entry(ctx: NodeContext, product_id: str, *, full: bool = True) -> 
     with ctx.store.lock:
         row = ctx.store.conn.execute(
             "SELECT product_id, package_sha256, name, version, library, requester, owner, rows,"
-            " suppressed_groups, output_sha256, published_at, report, output FROM sr_catalogue"
+            " output_sha256, published_at, report, output FROM sr_catalogue"
             " WHERE product_id = ?", (product_id,)).fetchone()
     if row is None:
         raise ProductUnknown(f"no product {product_id!r} in the catalogue")
     entry = CatalogueEntry(
         product_id=row[0], package_sha256=row[1], name=row[2], version=row[3], library=row[4],
-        requester=row[5], owner=row[6], rows=row[7], suppressed_groups=row[8],
-        output_sha256=row[9], published_at=row[10])
+        requester=row[5], owner=row[6], rows=row[7], output_sha256=row[8],
+        published_at=row[9])
     if full:
-        entry.report, entry.output = json.loads(row[11]), json.loads(row[12])
+        entry.report, entry.output = json.loads(row[10]), json.loads(row[11])
     return entry
 
 
