@@ -26,6 +26,7 @@ from governance.ledger.errors import (
 from governance.ledger.events import (
     ENTRY_PREFIX,
     LogEntry,
+    LogEvent,
     SignedEntry,
     decode_leaf,
     encode_leaf_parts,
@@ -250,20 +251,22 @@ class MerkleLog:
 
     # -- writing -------------------------------------------------------------------
 
-    def _checked_event_bytes(self, entry: SignedEntry, integrated_ms: int) -> bytes:
-        """The event's canonical bytes, once its kind, actor and claimed time are checked."""
+    def _checked_event_bytes(self, entry: SignedEntry) -> bytes:
+        """The event's canonical bytes, once its kind and actor are checked."""
         document = entry.event.document()
         # Re-validate: model_copy(update=...) elsewhere could have skipped the guards.
         event = validate_event(document)
         if event.actor not in self._actor_keys:
             raise UnknownActor(f"no public key for actor {event.actor!r}")
+        return canonical_json(document)
+
+    def _check_skew(self, event: LogEvent, integrated_ms: int) -> None:
         skew = event.timestamp_ms - integrated_ms
         if abs(skew) > self.max_skew_ms:
             raise TimestampSkewed(
                 f"entry by {event.actor!r} (request {event.request_id}) claims a time "
                 f"{abs(skew) // 1000} s {'ahead of' if skew > 0 else 'behind'} the log's clock "
                 f"(at most {self.max_skew_ms // 1000} s)")
-        return canonical_json(document)
 
     def _admit(self, history: KeyHistory, index: int, entry: SignedEntry, canonical: bytes
                ) -> None:
@@ -311,7 +314,7 @@ class MerkleLog:
             # The log's own clock, never running backwards: it dates the batch and the head.
             now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
             integrated = max(now, self._last_integrated_ms)
-            event_bytes = [self._checked_event_bytes(entry, integrated) for entry in entries]
+            event_bytes = [self._checked_event_bytes(entry) for entry in entries]
             history = self._history.copy()
             compact = self._compact.copy()
             first = compact.size
@@ -322,6 +325,9 @@ class MerkleLog:
                     raise EntrySignatureInvalid("one signature over two events in a batch")
                 if entry.signature in seen or self._is_stored(entry, canonical):
                     continue
+                # After the stored check: a retry of a stored entry is a duplicate however
+                # old its claimed time, never a refusal that gets it re-signed and stored twice.
+                self._check_skew(entry.event, integrated)
                 self._admit(history, first + len(fresh), entry, canonical)
                 seen[entry.signature] = canonical
                 fresh.append((entry, canonical))
