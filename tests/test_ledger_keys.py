@@ -360,3 +360,20 @@ def test_an_entry_kept_through_a_long_outage_is_redated_not_lost(tmp_path):
     assert logged.entry.event.payload["deferred_from_ms"] == old
     assert logged.entry.signature != kept.signature
     assert abs(logged.entry.event.timestamp_ms - logged.integrated_ms) < log.max_skew_ms
+
+
+def test_one_early_clock_reading_neither_advances_past_wall_time_nor_freezes_the_log(world):
+    """rev16 L1: a batch dated an hour ahead of wall time is refused (the log's clock does
+    not advance past now + skew); a batch once dated ahead (a clock stepped back since)
+    refuses no honest entry made after it."""
+    wall = time.time_ns() // 1_000_000
+    before = world.log.leaves()
+    with pytest.raises(TimestampSkewed, match="ahead of wall time"):
+        world.log.append([world.entry(world.old, at=wall + 3_600_000)],
+                         timestamp_ms=wall + 3_600_000)
+    assert world.log.leaves() == before
+    world.log.append([world.entry(world.old, at=world.clock + 3_600_000)],
+                     timestamp_ms=world.clock + 3_600_000)  # ahead of the next reading
+    honest = world.entry(world.old, at=world.clock + 60_000)
+    index = world.log.append([honest], timestamp_ms=world.clock + 60_000).first_index
+    assert decode_leaf(world.log.leaf(index)).integrated_ms == world.clock + 3_600_000
