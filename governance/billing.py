@@ -26,7 +26,7 @@ from governance.contracts import FULL_SPLIT_BP, ContractTerms, QueryMeter
 from governance.errors import GovernanceError
 from governance.ledger.events import EventKind, LogEntry, sha256_hex
 from governance.ledger.signing import PublicKeyLike, canonical_json
-from governance.meters import MeterAnomaly, sort_meters
+from governance.meters import MeterAnomaly, meter_identity, sort_meters
 
 RISK_RESERVE = "risk-reserve"
 
@@ -185,8 +185,8 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
               serving_node: str, keys: Mapping[str, PublicKeyLike]) -> Statement:
     """The contract's statement for `period` ('YYYY-MM', contract time zone) from log entries.
 
-    Billed: each distinct request answered (`query_answered`, deduplicated by
-    request id over the whole log, billed in the month the log integrated its first
+    Billed: each distinct request answered or package run (deduplicated by
+    `meter_identity` over the whole log, billed in the month the log integrated its first
     meter) at the per-query and per-record prices, when its meter proves
     itself (appended by `serving_node`, signed by the data user: `keys` are the
     federation's public signing keys), and the monthly subscription if the
@@ -209,7 +209,7 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
             terminated.append((log_entry.index, _moment(log_entry)))
     # Deduplicated over the whole log, not the month: a request is billed once, in the
     # month its first meter was integrated, however far apart its duplicates are.
-    answered: dict[str, list[tuple[LogEntry, QueryMeter]]] = {}
+    answered: dict[tuple[str, str], list[tuple[LogEntry, QueryMeter]]] = {}
     for log_entry in meters:
         try:
             meter = QueryMeter.model_validate(log_entry.entry.event.payload)
@@ -217,7 +217,7 @@ def statement(contract: ContractTerms, period: str, log_entries: Iterable[LogEnt
             field = ".".join(str(p) for p in exc.errors()[0]["loc"])
             raise MeteringError(
                 f"entry {log_entry.index}: meter field {field} invalid") from None
-        answered.setdefault(log_entry.entry.event.request_id, []).append((log_entry, meter))
+        answered.setdefault(meter_identity(log_entry), []).append((log_entry, meter))
 
     lines: list[BillLine] = []
     meters = Meters()

@@ -39,7 +39,7 @@ from governance.ledger.signing import (
     verify_document,
 )
 from governance.ledger.transactions import write_transaction
-from governance.meters import MeterAnomaly, sort_meters
+from governance.meters import MeterAnomaly, meter_identity, sort_meters
 from governance.migrations import apply_migrations
 
 if TYPE_CHECKING:
@@ -411,12 +411,12 @@ def usage_from_log(
     `anomalies`."""
     meters, anomalies = sort_meters(log_entries, terms, serving_node, keys)
     queries = rows = 0
-    counted: set[str] = set()
+    counted: set[tuple[str, str]] = set()
     for log_entry in meters:
         event = log_entry.entry.event
-        if event.payload.get("party") != party or event.request_id in counted:
+        if event.payload.get("party") != party or meter_identity(log_entry) in counted:
             continue
-        counted.add(event.request_id)
+        counted.add(meter_identity(log_entry))
         moment = datetime.fromtimestamp(log_entry.time_ms / 1000, tz=UTC)  # the log's time
         if terms.day_of(moment) == day:
             queries += 1

@@ -3,7 +3,9 @@
 Any node can append a `query_answered` entry naming any contract, so the log alone does
 not make a meter true. A meter counts only when:
 
-- the contract's serving node appended it (the entry's actor), and
+- the contract's serving node appended it (the entry's actor) and signed it, with its
+  key valid at the meter's log index (so a stored meter edited afterwards is an
+  anomaly), and
 - it carries the data user's signature over the request it meters: the data user signs,
   before sending, the request's method, path, log request id, body digest, contract, its
   own name and the number of rows it asks for (`request_document`, domain
@@ -39,7 +41,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from governance.ledger.events import EventKind, LogEntry
-from governance.ledger.key_history import KEY_KINDS, KeyHistory, derive_key_history
+from governance.ledger.key_history import (
+    KEY_KINDS,
+    KeyHistory,
+    derive_key_history,
+    entry_problem,
+)
 from governance.ledger.signing import PublicKeyLike, sign_document, verify_document
 
 if TYPE_CHECKING:
@@ -95,10 +102,17 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
     payload = event.payload
     if event.actor != serving_node:
         return f"appended by {event.actor}, not by the serving node {serving_node}"
+    # The serving node's own signature covers what the data user's does not
+    # (`records_touched`, `compute_ms`): a stored meter edited afterwards fails here.
+    problem = entry_problem(history, log_entry.index, log_entry.entry)
+    if problem is not None:
+        return f"the meter's own signature: {problem}"
     party = payload.get("party")
     if party not in terms.data_users:
         return f"party {party!r} is not a data user of the contract"
     if event.kind == EventKind.PACKAGE_RUN:
+        if not isinstance(payload.get("run_id"), str):
+            return "a package run names its run_id"
         return None
     method, path, body_sha256, signature = (
         payload.get(f) for f in ("method", "path", "body_sha256", "data_user_signature"))
@@ -114,6 +128,20 @@ def meter_problem(log_entry: LogEntry, terms: "ContractTerms", serving_node: str
     if not request_signature_valid(key, document, signature):
         return "the data user's signature does not sign this request"
     return None
+
+
+def meter_identity(log_entry: LogEntry) -> tuple[str, str]:
+    """What makes two meters the same billable event (a retry's second meter).
+
+    A claim meter: its request id, which the data user's signature covers and the serving
+    node answers once. A package run: the serving node's own run id (a fresh nonce per
+    run), never the request id, which derives from a header the data user chooses and
+    would let it have many runs billed as one.
+    """
+    event = log_entry.entry.event
+    if event.kind == EventKind.PACKAGE_RUN:
+        return EventKind.PACKAGE_RUN, str(event.payload["run_id"])
+    return event.kind, event.request_id
 
 
 def sort_meters(log_entries: Iterable[LogEntry], terms: "ContractTerms", serving_node: str,

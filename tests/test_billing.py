@@ -404,3 +404,109 @@ def test_a_data_owners_share_never_counts_a_meter_the_serving_node_did_not_sign(
     assert with_forgery.shares == honest.shares and with_forgery.total_fen == 100_066
     assert [a.index for a in with_forgery.anomalies] == [2]
     assert "not by the serving node" in with_forgery.anomalies[0].reason
+
+
+def test_a_meter_edited_in_the_store_is_an_anomaly_never_billed(tmp_path):
+    """rev16 H1: the operator rewrites `records_touched` in a stored meter leaf (the data
+    user's signature does not cover it): the serving node's own signature no longer
+    verifies, so the bill reports the meter and counts nothing of it."""
+    from governance.ledger import decode_leaf, encode_leaf
+    from governance.ledger.events import LogEvent, SignedEntry
+
+    conn = sqlite3.connect(tmp_path / "log.db")
+    log = MerkleLog(conn, "operator", Ed25519PrivateKey.generate(), {"regulator": KEY.public_key()})
+    at = _ms(2026, 11, 3)
+    log.append([_event("contract_signed", "s", at, contract_id=CID)], timestamp_ms=at)
+    log.append([_answered("q-1", at + 1, records=3)], timestamp_ms=at + 1)
+
+    def bill() -> Statement:  # raw leaves from the operator's db, as `agreements bill` reads
+        rows = conn.execute("SELECT leaf FROM ledger_entries ORDER BY leaf_index")
+        return _bill(_terms(), "2026-11", [decode_leaf(bytes(r[0])) for r in rows])
+
+    honest = bill()
+    assert (honest.meters.records_touched, honest.anomalies) == (3, ())
+    leaf = decode_leaf(log.leaf(1))
+    document = leaf.entry.event.document()
+    document["payload"]["records_touched"] = 3_000_000
+    edited = SignedEntry(event=LogEvent.model_validate(document), signature=leaf.entry.signature)
+    conn.execute("UPDATE ledger_entries SET leaf = ? WHERE leaf_index = 1",
+                 (encode_leaf(1, edited, leaf.integrated_ms),))
+    tampered = bill()
+    assert tampered.meters.queries == 0 and tampered.meters.records_touched == 0
+    assert tampered.total_fen == honest.total_fen - 150 - 3 * 20
+    assert [a.index for a in tampered.anomalies] == [1]
+    assert "the meter's own signature" in tampered.anomalies[0].reason
+
+
+def test_a_data_user_cannot_revoke_its_way_out_of_its_bill():
+    """rev16 H2: insurer-a rotates, then revokes its old key from index 0 to make every
+    meter it signed an anomaly. The log refuses the revocation, and a verifier given it
+    anyway (spliced in by a colluding operator) still bills every meter."""
+    from governance.ledger import rotation_entry
+    from governance.ledger.errors import KeyEntryInvalid
+    from governance.ledger.key_history import revocation_entry
+
+    log = MerkleLog(sqlite3.connect(":memory:"), "operator", Ed25519PrivateKey.generate(),
+                    {"regulator": KEY.public_key(), "insurer-a": INSURER_KEY.public_key()})
+    at = _ms(2026, 11, 3)
+    log.append([_event("contract_signed", "sign-1", _ms(2026, 10, 1), contract_id=CID)],
+               timestamp_ms=_ms(2026, 10, 1))
+    for i in range(5):
+        log.append([_answered(f"q-{i}", at + i, records=1000)], timestamp_ms=at + i)
+    before = _bill(_terms(), "2026-11", list(log.entries()))
+    assert before.meters.queries == 5
+    new_key, later = Ed25519PrivateKey.generate(), _ms(2026, 12, 2)
+    rotation = log.append([rotation_entry("insurer-a", INSURER_KEY, new_key, "rot-1", later)],
+                          timestamp_ms=later).first_index
+    revocation = revocation_entry("insurer-a", new_key, INSURER_KEY.public_key(), 0, "rev-1",
+                                  later + 1)
+    with pytest.raises(KeyEntryInvalid, match="before the rotation entry"):
+        log.append([revocation], timestamp_ms=later + 1)
+    spliced = [*log.entries(), LogEntry(rotation + 1, revocation)]
+    after = _bill(_terms(), "2026-11", spliced)
+    assert after.meters == before.meters and after.total_fen == before.total_fen
+    assert after.anomalies == ()
+
+
+def test_a_garbage_rotation_leaves_a_data_users_meters_billable():
+    """rev16 H3: one rotation "by" insurer-a made with two keys the operator holds, at the
+    log's tail, does not re-root insurer-a's chain: its meters stay billable."""
+    from governance.ledger import rotation_entry
+
+    at = _ms(2026, 11, 3)
+    entries = [LogEntry(i, _answered(f"q-{i}", at + i, records=100)) for i in range(3)]
+    honest = _bill(_terms(), "2026-11", entries)
+    garbage = rotation_entry("insurer-a", Ed25519PrivateKey.generate(),
+                             Ed25519PrivateKey.generate(), "rot-x", at + 10)
+    after = _bill(_terms(), "2026-11", [*entries, LogEntry(3, garbage)])
+    assert after.meters.queries == honest.meters.queries == 3
+    assert after.total_fen == honest.total_fen
+
+
+def _package_run(run_id: str, request_id: str, at_ms: int, key: Ed25519PrivateKey):
+    return sign_event(make_event("package_run", "health-authority", request_id, {
+        "run_id": run_id, "package": "p", "version": "1", "package_sha256": "0" * 64,
+        "party": "regulator", "library": "authorized", "contract_id": CID, "outcome": "ok",
+        "accepted": True, "records_touched": 1000, "rows_returned": 5, "suppressed_groups": 0,
+        "compute_ms": 100, "wall_ms": 100, "peak_memory_kib": 1, "output_sha256": "0" * 64},
+        timestamp_ms=at_ms), key)
+
+
+def test_package_runs_under_one_client_request_id_are_each_billed():
+    """rev16 M3: the regulator (the package data user) sends every production run with the
+    same X-Request-ID, so every `package_run` meter carries one request id: each run (its
+    own run id, the data owner's nonce) is billed; a retried meter of one run is not."""
+    owner = Ed25519PrivateKey.generate()
+    terms = _terms(data_users=["regulator"], parties=["operator", "regulator", "health-authority"],
+                   termination={"notice_days": 30, "may_terminate": ["regulator"]})
+    keys = {**KEYS, "health-authority": owner.public_key()}
+    at = _ms(2026, 11, 3)
+    entries = [LogEntry(i, _package_run(f"{i:032x}", "same-header", at + i, owner))
+               for i in range(10)]
+    retried = LogEntry(10, _package_run(f"{9:032x}", "same-header", at + 20, owner))
+    bill = statement(terms, "2026-11", [*entries, retried], "health-authority", keys)
+    assert (bill.meters.queries, bill.meters.records_touched) == (10, 10_000)
+    assert bill.anomalies == ()
+    day = datetime.fromtimestamp(at / 1000, UTC).astimezone(terms.timezone).date()
+    usage = usage_from_log([*entries, retried], terms, "regulator", day, "health-authority", keys)
+    assert usage.queries == 10

@@ -157,19 +157,74 @@ def test_a_rotated_out_key_signs_nothing_after_its_end(world):
 
 
 def test_a_revocation_bounds_a_compromised_keys_entries(world):
-    """The old key leaked before entry 1: after rotating, the node revokes it from there on,
-    and entry 1 (signed by the thief, or the node, no one can tell) no longer verifies."""
+    """The old key leaked: after rotating, the node revokes it from its rotation on, and an
+    entry signed with it after that (a thief's, spliced in by the operator) is reported."""
     index = _rotate(world)
-    world.append(revocation_entry("health-authority", world.new, world.old.public_key(), 1,
-                                  "revoke-1", world.clock + 1000))
-    report = world.verify()
-    assert report.bad_entries == [1], report.summary()
+    world.append(revocation_entry("health-authority", world.new, world.old.public_key(),
+                                  index, "revoke-1", world.clock + 1000))
+    stale = world.entry(world.old)
+    leaves = world.log.leaves()
+    leaves.append(encode_leaf(len(leaves), stale, world.clock))
+    report = verify_log(leaves, _forged_log(world, leaves), [], world.public())
+    assert report.bad_entries == [len(leaves) - 1], report.summary()
     assert "outside its validity" in str(report.problems[0])
-    assert index not in report.bad_entries  # the rotation stands: the new key signed it
     # a node cannot revoke its current key (it would lose the log), nor a stranger's key
     with pytest.raises(KeyEntryInvalid, match="earlier key"):
         world.append(revocation_entry("health-authority", world.new, world.new.public_key(),
                                       0, "revoke-2", world.clock))
+
+
+@pytest.mark.parametrize("invalid_from", [0, 1])
+def test_a_revocation_cannot_void_entries_made_while_the_key_was_current(world, invalid_from):
+    """rev16 H2: the node (or a thief with its current key) rotates, then revokes the old key
+    from before the rotation, to erase entries (its meters) the old key signed while
+    current. Refused; the operator splicing it in anyway changes no earlier verdict."""
+    index = _rotate(world)
+    reaching_back = revocation_entry("health-authority", world.new, world.old.public_key(),
+                                     invalid_from, "revoke-1", world.clock + 1000)
+    with pytest.raises(KeyEntryInvalid, match="before the rotation entry"):
+        world.append(reaching_back)
+    assert world.log.size == index + 1
+    leaves = world.log.leaves()
+    leaves.append(encode_leaf(len(leaves), reaching_back, world.clock))
+    report = verify_log(leaves, _forged_log(world, leaves), [], world.public())
+    assert report.bad_entries == [len(leaves) - 1], report.summary()
+    assert "before the rotation entry" in str(report.problems[0])
+
+
+def test_a_garbage_rotation_never_re_roots_a_nodes_chain(world):
+    """rev16 H3: the operator (its log code modified to skip the key check) appends one
+    rotation "by" health-authority made with two keys of its own. It is reported; every
+    earlier entry still verifies, and after a restart the node's real key still appends."""
+    mine, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    garbage = rotation_entry("health-authority", mine, other, "rotate-x", world.clock)
+    leaves = world.log.leaves()
+    leaves.append(encode_leaf(len(leaves), garbage, world.clock))
+    report = verify_log(leaves, _forged_log(world, leaves), [], world.public())
+    assert report.bad_entries == [2], report.summary()
+    assert "key entry refused" in str(report.problems[0])
+    # written into the store, then the log restarts from it
+    skip_check = MerkleLog._admit
+    try:
+        MerkleLog._admit = lambda *args, **kwargs: None
+        world.append(garbage)
+    finally:
+        MerkleLog._admit = skip_check
+    world.log = world.open(world.certified)
+    assert 2 in world.log.key_history.refused
+    assert world.append(world.entry(world.old)).first_index == 3
+    assert world.verify().bad_entries == [2]
+
+
+def test_a_retry_of_a_stored_entry_after_the_skew_bound_is_a_duplicate(world):
+    """rev16 L2: a stored entry retried (lost response) beyond the skew bound is skipped,
+    not refused `TimestampSkewed` (which had the deferred queue re-sign and store it twice)."""
+    entry = world.entry(world.old)
+    world.append(entry)
+    world.clock += 10 * 60_000
+    result = world.append(entry)
+    assert (result.count, result.duplicates) == (0, 1)
+    assert world.log.size == 3
 
 
 def test_reissuing_a_certificate_with_a_fresh_key_breaks_the_chain_visibly(world):
@@ -305,3 +360,20 @@ def test_an_entry_kept_through_a_long_outage_is_redated_not_lost(tmp_path):
     assert logged.entry.event.payload["deferred_from_ms"] == old
     assert logged.entry.signature != kept.signature
     assert abs(logged.entry.event.timestamp_ms - logged.integrated_ms) < log.max_skew_ms
+
+
+def test_one_early_clock_reading_neither_advances_past_wall_time_nor_freezes_the_log(world):
+    """rev16 L1: a batch dated an hour ahead of wall time is refused (the log's clock does
+    not advance past now + skew); a batch once dated ahead (a clock stepped back since)
+    refuses no honest entry made after it."""
+    wall = time.time_ns() // 1_000_000
+    before = world.log.leaves()
+    with pytest.raises(TimestampSkewed, match="ahead of wall time"):
+        world.log.append([world.entry(world.old, at=wall + 3_600_000)],
+                         timestamp_ms=wall + 3_600_000)
+    assert world.log.leaves() == before
+    world.log.append([world.entry(world.old, at=world.clock + 3_600_000)],
+                     timestamp_ms=world.clock + 3_600_000)  # ahead of the next reading
+    honest = world.entry(world.old, at=world.clock + 60_000)
+    index = world.log.append([honest], timestamp_ms=world.clock + 60_000).first_index
+    assert decode_leaf(world.log.leaf(index)).integrated_ms == world.clock + 3_600_000

@@ -4,11 +4,16 @@ A node's first key is certified by the federation CA (its node certificate carri
 The node changes keys in the log itself: a `signing_key_rotated` entry is signed by the
 old key (the log entry's signature) and by the new one (over a rotation statement in the
 payload), so the chain is linked in both directions and any certified key of the chain
-anchors every key of it. A `signing_key_revoked` entry, signed by the node's current key,
-ends an earlier key's validity at an index (after a compromise): entries signed with that
-key from there on are refused and reported. Renewing a TLS certificate changes no signing
-key. The history is derived from the log plus the certified keys alone (public material),
-so the log, `verify_log`, billing and a third party all judge an entry the same way.
+anchors every key of it. A node's first key is its certified key, or, when the certificate
+carries a later key of the chain, the key reached by following valid rotations back from
+it; a rotation that is not signed by the node's current key is refused and changes no key
+(it never re-roots the chain). A `signing_key_revoked` entry, signed by the node's current
+key, ends an earlier key's validity at an index no earlier than the rotation entry that
+retired that key: a revocation bounds what a stolen retired key signs, and cannot void
+entries made while that key was the node's current one (its meters stay billable).
+Renewing a TLS certificate changes no signing key. The history is derived from the log
+plus the certified keys alone (public material), so the log, `verify_log`, billing and a
+third party all judge an entry the same way.
 """
 
 from collections.abc import Iterable, Mapping
@@ -79,6 +84,7 @@ class KeySpan:
     key: bytes
     start: int
     end: int | None = None
+    retired_at: int | None = None  # the index of the rotation entry that retired the key
 
     def covers(self, index: int) -> bool:
         return self.start <= index and (self.end is None or index < self.end)
@@ -108,7 +114,7 @@ class KeyHistory:
 
     def copy(self) -> "KeyHistory":
         return KeyHistory(
-            spans={name: [KeySpan(s.key, s.start, s.end) for s in spans]
+            spans={name: [KeySpan(s.key, s.start, s.end, s.retired_at) for s in spans]
                    for name, spans in self.spans.items()},
             links=set(self.links), refused=dict(self.refused), certified=dict(self.certified))
 
@@ -175,6 +181,7 @@ class KeyHistory:
         if not verify_document(new_bytes, ROTATION_DOMAIN, statement, signature):
             return "the new key did not sign the rotation"
         spans[-1].end = index + 1  # the rotation entry is the old key's last
+        spans[-1].retired_at = index
         spans.append(KeySpan(new_bytes, index + 1))
         return None
 
@@ -186,8 +193,11 @@ def _revoke(spans: list[KeySpan], payload: Mapping[str, Any]) -> str | None:
     span = next((s for s in spans[:-1] if s.key.hex() == revoked), None)
     if span is None:
         return "revoked_key is not an earlier key of this node (rotate the current one first)"
-    if invalid_from < span.start:
-        return f"invalid_from {invalid_from} is before the key's first entry {span.start}"
+    if span.retired_at is None or invalid_from < span.retired_at:
+        # Before its rotation the key was the node's current one: voiding those entries
+        # would let a node (or a thief holding its current key) erase its own meters.
+        return (f"invalid_from {invalid_from} is before the rotation entry "
+                f"{span.retired_at} that retired the key")
     span.end = invalid_from if span.end is None else min(span.end, invalid_from)
     return None
 
@@ -196,19 +206,12 @@ def derive_key_history(key_entries: Iterable[LogEntry],
                        certified: Mapping[str, PublicKeyLike]) -> KeyHistory:
     """The key history from the log's key entries (in log order) and the certified keys.
 
-    A node's first key is the old key of its first rotation, or its certified key when it
-    never rotated; the chain must contain the certified key (`KeyHistory.anchored`).
+    A node's first key comes from its certified key (`_first_key`), never from a rotation
+    entry alone; the chain must contain the certified key (`KeyHistory.anchored`).
     """
     key_entries = sorted(key_entries, key=lambda e: e.index)
-    genesis: dict[str, bytes] = {}
-    for log_entry in key_entries:
-        event = log_entry.entry.event
-        old = event.payload.get("old_key")
-        if event.kind == SIGNING_KEY_ROTATED and event.actor not in genesis:
-            try:
-                genesis[event.actor] = public_key_bytes(old)  # type: ignore[arg-type]
-            except (ValueError, TypeError):
-                continue
+    genesis = {name: _first_key(key_entries, name, public_key_bytes(key))
+               for name, key in certified.items()}
     history = KeyHistory.start(certified, genesis)
     for log_entry in key_entries:
         history.apply(log_entry.index, log_entry.entry)
@@ -218,6 +221,35 @@ def derive_key_history(key_entries: Iterable[LogEntry],
             history.links.discard(index)
             history.refused[index] = f"no key in {actor}'s chain is its certified key"
     return history
+
+
+def _first_key(key_entries: list[LogEntry], actor: str, certified: bytes) -> bytes:
+    """`actor`'s first key: from its certified key, step back over each rotation (latest
+    first) whose new key is the key reached so far and that both its keys signed.
+
+    Each step is vouched for by a key the certified one leads to, so an entry that key
+    never signed (a rotation the operator made with two keys of its own) cannot move the
+    root; forward, `KeyHistory.apply` then refuses it.
+    """
+    key = certified
+    for log_entry in reversed(key_entries):
+        entry = log_entry.entry
+        event, payload = entry.event, entry.event.payload
+        if (event.kind != SIGNING_KEY_ROTATED or event.actor != actor
+                or payload.get("new_key") != key.hex()):
+            continue
+        try:
+            old = public_key_bytes(payload.get("old_key"))  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            continue
+        if not entry.signature_valid(old):
+            continue
+        statement = rotation_statement(actor, old.hex(), key.hex(), event.request_id)
+        signature = payload.get("new_key_signature")
+        if isinstance(signature, str) and verify_document(key, ROTATION_DOMAIN, statement,
+                                                          signature):
+            key = old
+    return key
 
 
 def entry_problem(history: KeyHistory, index: int, entry: SignedEntry) -> str | None:

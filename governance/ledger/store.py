@@ -26,6 +26,7 @@ from governance.ledger.errors import (
 from governance.ledger.events import (
     ENTRY_PREFIX,
     LogEntry,
+    LogEvent,
     SignedEntry,
     decode_leaf,
     encode_leaf_parts,
@@ -250,20 +251,24 @@ class MerkleLog:
 
     # -- writing -------------------------------------------------------------------
 
-    def _checked_event_bytes(self, entry: SignedEntry, integrated_ms: int) -> bytes:
-        """The event's canonical bytes, once its kind, actor and claimed time are checked."""
+    def _checked_event_bytes(self, entry: SignedEntry) -> bytes:
+        """The event's canonical bytes, once its kind and actor are checked."""
         document = entry.event.document()
         # Re-validate: model_copy(update=...) elsewhere could have skipped the guards.
         event = validate_event(document)
         if event.actor not in self._actor_keys:
             raise UnknownActor(f"no public key for actor {event.actor!r}")
-        skew = event.timestamp_ms - integrated_ms
+        return canonical_json(document)
+
+    def _check_skew(self, event: LogEvent, now_ms: int) -> None:
+        """Measured against this batch's clock reading, not the never-backwards clock: an
+        earlier batch dated ahead (a clock stepped back since) refuses no honest entry."""
+        skew = event.timestamp_ms - now_ms
         if abs(skew) > self.max_skew_ms:
             raise TimestampSkewed(
                 f"entry by {event.actor!r} (request {event.request_id}) claims a time "
                 f"{abs(skew) // 1000} s {'ahead of' if skew > 0 else 'behind'} the log's clock "
                 f"(at most {self.max_skew_ms // 1000} s)")
-        return canonical_json(document)
 
     def _admit(self, history: KeyHistory, index: int, entry: SignedEntry, canonical: bytes
                ) -> None:
@@ -302,16 +307,24 @@ class MerkleLog:
 
         Entries already in the log (same signature) are skipped, so a retried or
         replayed batch adds nothing; `AppendResult.duplicates` counts them. `timestamp_ms`
-        sets the log's clock for this batch (default: now); it never runs backwards.
+        sets the log's clock for this batch (default: now; never more than the skew bound
+        ahead of wall time); it never runs backwards.
         """
         if not entries:
             raise ValueError("empty batch")
         with write_transaction(self._conn):
             self.sync()  # another connection may have appended since we loaded
             # The log's own clock, never running backwards: it dates the batch and the head.
-            now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+            wall = time.time_ns() // 1_000_000
+            now = wall if timestamp_ms is None else timestamp_ms
+            if now > wall + self.max_skew_ms:
+                # Advancing the clock past wall time would refuse every honest entry until
+                # real time catches up (one early reading freezes the log).
+                raise TimestampSkewed(
+                    f"the log's clock reading is {(now - wall) // 1000} s ahead of wall time "
+                    f"(at most {self.max_skew_ms // 1000} s)")
             integrated = max(now, self._last_integrated_ms)
-            event_bytes = [self._checked_event_bytes(entry, integrated) for entry in entries]
+            event_bytes = [self._checked_event_bytes(entry) for entry in entries]
             history = self._history.copy()
             compact = self._compact.copy()
             first = compact.size
@@ -322,6 +335,9 @@ class MerkleLog:
                     raise EntrySignatureInvalid("one signature over two events in a batch")
                 if entry.signature in seen or self._is_stored(entry, canonical):
                     continue
+                # After the stored check: a retry of a stored entry is a duplicate however
+                # old its claimed time, never a refusal that gets it re-signed and stored twice.
+                self._check_skew(entry.event, now)
                 self._admit(history, first + len(fresh), entry, canonical)
                 seen[entry.signature] = canonical
                 fresh.append((entry, canonical))

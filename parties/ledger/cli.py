@@ -324,12 +324,14 @@ def revoke_key(
     node: Annotated[str, typer.Option(help="The node revoking one of its earlier keys.")],
     key: Annotated[str, typer.Option(help="The earlier signing public key (hex).")],
     invalid_from: Annotated[int, typer.Option(help="First log index the key no longer "
-                                                   "signs validly (from the compromise).")],
+                                                   "signs validly (no earlier than the "
+                                                   "rotation entry that retired it).")],
     state: StateOption = default_state_dir(),
     topology: TopologyOption = None,
 ) -> None:
     """Bound an earlier signing key's validity after a compromise (`signing_key_revoked`):
-    entries it signed from INVALID_FROM on fail verification."""
+    entries it signed from INVALID_FROM on fail verification. INVALID_FROM may not precede
+    the rotation that retired the key: what it signed while current stays valid."""
     _, topo = resolve_topology(state, topology)
     with exit_on(NodeError, LedgerError, PkiError):
         done = revoke_signing_key(StateDir(state), topo, node, key, invalid_from)
